@@ -1,0 +1,72 @@
+"""The interface every bucket backend implements, and the checks every one of them applies.
+
+Items on the wire are plain dicts: files are {"type": "file", "path", "size", "xet_hash", "mtime"},
+folders {"type": "directory", "path"}. Paths are bucket-relative, '/'-separated, validated on the way in.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from ..protocol import ErrorCode
+
+
+class BackendError(Exception):
+    """An error the server reports to the client with a code (the client maps codes to typed exceptions)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+def validate_remote_path(path: Any, *, allow_root: bool = False) -> str:
+    """Reject what could escape a bucket or a local root: absolute paths, '..', backslashes, NUL, empties."""
+    if not isinstance(path, str):
+        raise BackendError(ErrorCode.BAD_REQUEST, f"remote path must be a string, got {type(path).__name__}")
+    if path == "" and allow_root:
+        return path
+    if (
+        not path
+        or len(path) > 1024
+        or path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
+        raise BackendError(ErrorCode.BAD_REQUEST, f"unsafe remote path {path!r}")
+    return path
+
+
+class Backend(abc.ABC):
+    """One bucket. Methods are called concurrently from the server's connection threads."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """{"id", "private", "size", "total_files"}; BUCKET_NOT_FOUND when it does not exist."""
+
+    @abc.abstractmethod
+    def create(self, *, private: bool | None) -> dict[str, Any]:
+        """Create the bucket if missing (exists-ok); {"created": bool, "url": str}."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+        """Files (and, when not recursive, folders) strictly under the folder `prefix` ("" for the root)."""
+
+    @abc.abstractmethod
+    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The files among `paths` that exist; missing ones are left out."""
+
+    @abc.abstractmethod
+    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+        """Download [{"path", "local_path", "size"?, "xet_hash"?}]; {"files": n, "bytes": n}."""
+
+    @abc.abstractmethod
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+        """Apply copies, then adds, then deletes.
+
+        add: [{"dest", "local_path"} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}] copies
+        within the bucket (server-side by hash where the backend can). Returns counts.
+        """

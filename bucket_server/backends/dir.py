@@ -1,0 +1,174 @@
+"""A directory used as a bucket: a mounted bucket, a shared filesystem (FSx, EFS, NFS), or the embedded default.
+
+Every write lands atomically: written to `.incoming/` under the bucket root (same filesystem), then renamed
+over its destination, so a reader on another host never sees half a file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..protocol import ErrorCode
+from .base import Backend, BackendError, validate_remote_path
+
+INCOMING = ".incoming"
+
+
+def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Copy the bytes of a regular file; a symlink or anything else is refused, never followed."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is a symlink: refused") from None
+        raise
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
+        with open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            return dst.tell()
+
+
+class DirBackend(Backend):
+    def __init__(self, root: str) -> None:
+        if not os.path.isabs(root):
+            raise BackendError(ErrorCode.BAD_REQUEST, f"directory bucket must be an absolute path, got {root!r}")
+        self.root = Path(root)
+
+    # -------------------------------------------------------------------------------- helpers
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise BackendError(
+                ErrorCode.BUCKET_NOT_FOUND,
+                f"directory bucket {self.root} does not exist (create it with `neuron-cache create {self.root}`)",
+            )
+
+    def _local(self, path: str) -> Path:
+        return self.root / validate_remote_path(path)
+
+    def _file_item(self, path: str, info: os.stat_result) -> dict[str, Any]:
+        return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime}
+
+    def _stat_file(self, path: str) -> os.stat_result | None:
+        try:
+            info = os.stat(self._local(path), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return info if stat.S_ISREG(info.st_mode) else None
+
+    def _incoming(self) -> Path:
+        incoming = self.root / INCOMING
+        incoming.mkdir(exist_ok=True)
+        return incoming / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _install(self, tmp: Path, dest: str) -> None:
+        target = self._local(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+
+    # ------------------------------------------------------------------------------ interface
+    def info(self) -> dict[str, Any]:
+        self._require_root()
+        size = files = 0
+        for item in self._walk(""):
+            size += item["size"]
+            files += 1
+        return {"id": str(self.root), "private": True, "size": size, "total_files": files}
+
+    def create(self, *, private: bool | None) -> dict[str, Any]:
+        existed = self.root.is_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        return {"created": not existed, "url": str(self.root)}
+
+    def _walk(self, prefix: str):
+        base = self.root / prefix if prefix else self.root
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            if rel_dir == ".":
+                dirnames[:] = [name for name in dirnames if name != INCOMING]
+            dirnames.sort()
+            for name in sorted(filenames):
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+                try:
+                    info = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield self._file_item(rel, info)
+
+    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+        self._require_root()
+        prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
+        if recursive:
+            return list(self._walk(prefix))
+        base = self.root / prefix if prefix else self.root
+        items: list[dict[str, Any]] = []
+        try:
+            entries = sorted(os.scandir(base), key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            if not prefix and entry.name == INCOMING:
+                continue
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                items.append({"type": "directory", "path": rel})
+            elif stat.S_ISREG(info.st_mode):
+                items.append(self._file_item(rel, info))
+        return items
+
+    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        self._require_root()
+        found = []
+        for path in paths:
+            info = self._stat_file(validate_remote_path(path))
+            if info is not None:
+                found.append(self._file_item(path, info))
+        return found
+
+    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+        self._require_root()
+        total = 0
+        for item in files:
+            source = self._local(item["path"])
+            dest = Path(item["local_path"])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                total += copy_regular_file(source, dest)
+            except FileNotFoundError:
+                raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}") from None
+        return {"files": len(files), "bytes": total}
+
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+        self._require_root()
+        for item in copy:
+            source = self._local(item["src"])
+            if self._stat_file(item["src"]) is None:
+                raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.root}")
+            tmp = self._incoming()
+            try:
+                os.link(source, tmp)
+            except OSError:  # filesystems without hard links (some mounts): copy the bytes
+                copy_regular_file(source, tmp)
+            self._install(tmp, item["dest"])
+        for item in add:
+            tmp = self._incoming()
+            try:
+                if "local_path" in item:
+                    copy_regular_file(item["local_path"], tmp)
+                else:
+                    tmp.write_bytes(str(item.get("content", "")).encode("utf-8"))
+                self._install(tmp, item["dest"])
+            finally:
+                tmp.unlink(missing_ok=True)
+        for path in delete:
+            self._local(path).unlink(missing_ok=True)
+        return {"added": len(add), "copied": len(copy), "deleted": len(delete)}

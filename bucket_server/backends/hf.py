@@ -1,0 +1,206 @@
+"""A Hub bucket through `huggingface_hub.HfApi` (>=1.5): the only code of the project that touches the network.
+
+The token comes with each request (the calling client's HF_TOKEN or stored token): one server serves every
+process of the user, whatever token each holds. It is passed to HfApi per call, never logged or stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from typing import Any
+
+from ..protocol import ErrorCode
+from .base import Backend, BackendError, validate_remote_path
+
+_configure_lock = threading.Lock()
+_configured = False
+
+
+def configure_client_retries(*, max_retries: int, max_wait: float) -> None:
+    """Bound huggingface_hub's built-in retries (five, about 23 s by default).
+
+    The cache is best effort: a dead or throttling endpoint must cost the user's run seconds, not minutes.
+    This process belongs to the bucket server alone, so changing the library's defaults here is deliberate.
+    """
+    global _configured
+    with _configure_lock:
+        if _configured:
+            return
+        from huggingface_hub.utils import _http
+
+        defaults = dict(_http.http_backoff.__kwdefaults__ or {})
+        if "max_retries" in defaults:
+            defaults.update(max_retries=max_retries, base_wait_time=min(0.5, max_wait), max_wait_time=max_wait)
+            _http.http_backoff.__kwdefaults__ = defaults
+        _configured = True
+
+
+def _status_of(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def map_exception(exc: BaseException, what: str) -> BackendError:
+    """huggingface_hub / hf_xet / network exceptions -> an error code. Checked by type and status, not text."""
+    import huggingface_hub.errors as hf_errors
+
+    bucket_not_found = getattr(hf_errors, "BucketNotFoundError", None)
+    if bucket_not_found is not None and isinstance(exc, bucket_not_found):
+        return BackendError(ErrorCode.BUCKET_NOT_FOUND, f"{what}: bucket not found (or private and the token cannot see it)")
+    if isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())):
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: HF_HUB_OFFLINE is set", retryable=False)
+    status = _status_of(exc)
+    if isinstance(exc, getattr(hf_errors, "RepositoryNotFoundError", ())) and status in (None, 404):
+        return BackendError(ErrorCode.BUCKET_NOT_FOUND, f"{what}: bucket not found (or private and the token cannot see it)")
+    if isinstance(exc, getattr(hf_errors, "EntryNotFoundError", ())):
+        return BackendError(ErrorCode.NOT_FOUND, f"{what}: file not found in the bucket")
+    if status == 401:
+        return BackendError(ErrorCode.UNAUTHORIZED, f"{what}: 401 Unauthorized (no token or an invalid one; set HF_TOKEN)")
+    if status == 403:
+        return BackendError(ErrorCode.FORBIDDEN, f"{what}: 403 Forbidden (the token lacks permission for this bucket)")
+    if status == 404:
+        return BackendError(ErrorCode.BUCKET_NOT_FOUND, f"{what}: 404 Not Found")
+    if status is not None and (status == 408 or status == 429 or status >= 500):
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: HTTP {status} from the Hub", retryable=True)
+    if isinstance(exc, getattr(hf_errors, "BucketBatchError", ())):
+        failures = getattr(exc, "failures", None) or []
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: {len(failures)} bucket operation(s) failed", retryable=True)
+    if status is not None:
+        return BackendError(ErrorCode.BAD_REQUEST, f"{what}: HTTP {status} from the Hub")
+    if isinstance(exc, FileNotFoundError):
+        return BackendError(ErrorCode.NOT_FOUND, f"{what}: local file missing: {exc.filename}")
+    if isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH)
+    ):
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: {type(exc).__name__}: {exc}", retryable=True)
+    module = type(exc).__module__.split(".", 1)[0]
+    if module in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):  # transport errors of the HTTP stack
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: {type(exc).__name__}: {exc}", retryable=True)
+    return BackendError(ErrorCode.INTERNAL, f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _require_regular_file(path: str) -> None:
+    """Uploads read regular files only: a symlink could point anywhere (outside the cache) and is refused."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise BackendError(ErrorCode.NOT_FOUND, f"local file {path} to upload is missing") from None
+    if not stat.S_ISREG(mode):
+        raise BackendError(ErrorCode.BAD_REQUEST, f"local file {path} is not a regular file (symlinks are never uploaded)")
+
+
+def _file_item(bucket_file: Any) -> dict[str, Any]:
+    mtime = getattr(bucket_file, "mtime", None)
+    return {
+        "type": "file",
+        "path": bucket_file.path,
+        "size": bucket_file.size,
+        "xet_hash": bucket_file.xet_hash,
+        "mtime": mtime.timestamp() if mtime is not None else None,
+    }
+
+
+class HfBackend(Backend):
+    def __init__(self, api: Any, bucket_id: str, token: str | None) -> None:
+        self.api = api
+        self.bucket_id = bucket_id
+        self.token: str | bool = token or False  # False: send no token (not even a stored one)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, token=self.token, **kwargs)
+        except BackendError:
+            raise
+        except Exception as exc:  # every failure becomes a coded error; the server logs the traceback
+            raise map_exception(exc, f"{what} {self.bucket_id}") from exc
+
+    def info(self) -> dict[str, Any]:
+        info = self._call("bucket info", self.api.bucket_info, self.bucket_id)
+        return {"id": info.id, "private": info.private, "size": info.size, "total_files": info.total_files}
+
+    def create(self, *, private: bool | None) -> dict[str, Any]:
+        try:
+            self.api.bucket_info(self.bucket_id, token=self.token)
+            return {"created": False, "url": f"{self.api.endpoint}/buckets/{self.bucket_id}"}
+        except Exception as exc:
+            mapped = map_exception(exc, f"create {self.bucket_id}")
+            if mapped.code != ErrorCode.BUCKET_NOT_FOUND:
+                raise mapped from exc
+        url = self._call("create", self.api.create_bucket, self.bucket_id, private=private, exist_ok=True)
+        return {"created": True, "url": str(getattr(url, "url", url))}
+
+    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+        prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
+        folder = f"{prefix}/" if prefix else ""
+
+        def run() -> list[dict[str, Any]]:
+            items = []
+            # The server matches prefixes lexically ("logs" also matches "logs.json"): keep what is inside.
+            for item in self.api.list_bucket_tree(self.bucket_id, prefix or None, recursive=recursive, token=self.token):
+                if not item.path.startswith(folder):
+                    continue
+                if not recursive and "/" in item.path[len(folder) :]:
+                    continue
+                if item.type == "file":
+                    items.append(_file_item(item))
+                else:
+                    items.append({"type": "directory", "path": item.path})
+            return items
+
+        try:
+            return run()
+        except Exception as exc:
+            mapped = map_exception(exc, f"list {self.bucket_id}/{prefix}")
+            if mapped.code == ErrorCode.NOT_FOUND:  # a folder nobody wrote to yet: empty, not an error
+                return []
+            raise mapped from exc
+
+    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        for path in paths:
+            validate_remote_path(path)
+        if not paths:
+            return []
+        try:
+            return [_file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)]
+        except Exception as exc:
+            raise map_exception(exc, f"paths-info {self.bucket_id}") from exc
+
+    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+        from huggingface_hub import BucketFile
+
+        pairs = []
+        for item in files:
+            path = validate_remote_path(item["path"])
+            if item.get("xet_hash") and item.get("size") is not None:
+                remote: Any = BucketFile(type="file", path=path, size=int(item["size"]), xetHash=item["xet_hash"])
+            else:
+                remote = path
+            pairs.append((remote, item["local_path"]))
+        self._call("download from", self.api.download_bucket_files, self.bucket_id, pairs, raise_on_missing_files=True)
+        return {"files": len(files), "bytes": sum(int(item.get("size") or 0) for item in files)}
+
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+        copy_ops = []
+        if copy:
+            missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]
+            hashes = {item["path"]: item["xet_hash"] for item in self.paths_info(missing)} if missing else {}
+            for item in copy:
+                xet_hash = item.get("xet_hash") or hashes.get(item["src"])
+                if not xet_hash:
+                    raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.bucket_id}")
+                copy_ops.append(("bucket", self.bucket_id, xet_hash, validate_remote_path(item["dest"])))
+        add_ops: list[tuple[Any, str]] = []
+        for item in add:
+            dest = validate_remote_path(item["dest"])
+            if "local_path" in item:
+                source = item["local_path"]
+                _require_regular_file(source)
+            else:
+                source = str(item.get("content", "")).encode("utf-8")
+            add_ops.append((source, dest))
+        delete_ops = [validate_remote_path(path) for path in delete]
+        self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=add_ops, copy=copy_ops, delete=delete_ops)
+        return {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}

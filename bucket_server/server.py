@@ -1,0 +1,272 @@
+"""The bucket server process: a Unix socket, length-prefixed JSON frames, one thread per connection.
+
+One server per user, host and endpoint (the socket path encodes them; the client starts it under a file
+lock). It exits after `idle_timeout` seconds with no connection open and no request running, so its idle
+timer can never fire in the middle of a transfer. Bucket tokens arrive with each request and never reach
+the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import PROTOCOL_VERSION
+from .backends import Backend, BackendError
+from .protocol import ErrorCode, FrameError, read_frame, write_frame
+
+log = logging.getLogger("bucket_server")
+SERVER_VERSION = "0.1.0"
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+@dataclass
+class Activity:
+    """Connections open and requests running: the server is idle only when both are zero."""
+
+    connections: int = 0
+    requests: int = 0
+    last_change: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def change(self, connections: int = 0, requests: int = 0) -> None:
+        with self.lock:
+            self.connections += connections
+            self.requests += requests
+            self.last_change = time.monotonic()
+
+    def idle_for(self) -> float:
+        with self.lock:
+            if self.connections or self.requests:
+                return 0.0
+            return time.monotonic() - self.last_change
+
+
+class BucketServer:
+    def __init__(self, socket_path: str, endpoint: str, idle_timeout: float) -> None:
+        self.socket_path = socket_path
+        self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
+        self.activity = Activity()
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self._hf_api: Any = None
+        self._api_lock = threading.Lock()
+        self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "hello": self.op_hello,
+            "status": self.op_status,
+            "shutdown": self.op_shutdown,
+            "info": lambda req: self.backend(req).info(),
+            "create": lambda req: self.backend(req).create(private=req["args"].get("private")),
+            "list": lambda req: self.backend(req).list(
+                str(req["args"].get("prefix", "")), recursive=bool(req["args"].get("recursive", True))
+            ),
+            "paths_info": lambda req: self.backend(req).paths_info(list(req["args"]["paths"])),
+            "download": lambda req: self.backend(req).download(list(req["args"]["files"])),
+            "batch": lambda req: self.backend(req).batch(
+                add=list(req["args"].get("add", [])),
+                copy=list(req["args"].get("copy", [])),
+                delete=list(req["args"].get("delete", [])),
+            ),
+        }
+
+    # ------------------------------------------------------------------------------ backends
+    def hf_api(self) -> Any:
+        with self._api_lock:
+            if self._hf_api is None:
+                try:
+                    from huggingface_hub import HfApi
+                except ImportError as exc:
+                    raise BackendError(ErrorCode.INTERNAL, f"huggingface_hub is not installed in the server environment: {exc}") from None
+                from .backends.hf import configure_client_retries
+
+                configure_client_retries(
+                    max_retries=int(os.environ.get("NEURON_CACHE_HTTP_RETRIES", "2")),
+                    max_wait=float(os.environ.get("NEURON_CACHE_HTTP_MAX_WAIT", "2")),
+                )
+                self._hf_api = HfApi(endpoint=self.endpoint)
+            return self._hf_api
+
+    def backend(self, request: dict[str, Any]) -> Backend:
+        bucket = request.get("bucket")
+        if not isinstance(bucket, dict) or not isinstance(bucket.get("location"), str):
+            raise BackendError(ErrorCode.BAD_REQUEST, "request names no bucket")
+        kind, location = bucket.get("kind"), bucket["location"]
+        if kind == "dir":
+            from .backends.dir import DirBackend
+
+            return DirBackend(location)
+        if kind == "hf":
+            from .backends.hf import HfBackend
+
+            token = (request.get("auth") or {}).get("token")
+            return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None)
+        raise BackendError(ErrorCode.BAD_REQUEST, f"unknown bucket kind {kind!r}")
+
+    # ------------------------------------------------------------------------------ server ops
+    def op_hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        wanted = request["args"].get("protocol")
+        if wanted != PROTOCOL_VERSION:
+            raise BackendError(
+                ErrorCode.PROTOCOL_MISMATCH, f"server speaks protocol {PROTOCOL_VERSION}, client asked for {wanted}"
+            )
+        return self.op_status(request)
+
+    def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            from importlib.metadata import version
+
+            hub_version = version("huggingface_hub")
+        except Exception:
+            hub_version = None
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "server_version": SERVER_VERSION,
+            "pid": os.getpid(),
+            "socket": self.socket_path,
+            "endpoint": self.endpoint,
+            "python": sys.executable,
+            "huggingface_hub": hub_version,
+            "uptime": time.time() - self.started,
+            "idle_timeout": self.idle_timeout,
+            "connections": self.activity.connections,
+        }
+
+    def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.stopping.set()
+        return {"stopping": True}
+
+    # ------------------------------------------------------------------------------ connections
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        request_id = request.get("id")
+        op = request.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        started = time.monotonic()
+        try:
+            if handler is None:
+                raise BackendError(ErrorCode.BAD_REQUEST, f"unknown operation {op!r}")
+            if not isinstance(request.get("args", {}), dict):
+                raise BackendError(ErrorCode.BAD_REQUEST, "args must be an object")
+            request.setdefault("args", {})
+            result = handler(request)
+            log.info("%s ok in %.3fs", op, time.monotonic() - started)
+            return {"id": request_id, "ok": True, "result": result}
+        except BackendError as exc:
+            log.info("%s failed in %.3fs: %s: %s", op, time.monotonic() - started, exc.code.value, exc.message)
+            if exc.__cause__ is not None:
+                log.debug("cause: %s", "".join(traceback.format_exception(exc.__cause__)))
+            return {"id": request_id, "ok": False, "error": {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}}
+        except (KeyError, TypeError, ValueError) as exc:
+            log.info("%s bad request: %r", op, exc)
+            return {"id": request_id, "ok": False, "error": {"code": ErrorCode.BAD_REQUEST.value, "message": f"bad arguments for {op}: {exc!r}", "retryable": False}}
+        except Exception as exc:
+            log.error("%s crashed: %s", op, traceback.format_exc())
+            return {"id": request_id, "ok": False, "error": {"code": ErrorCode.INTERNAL.value, "message": f"{op}: {type(exc).__name__}: {exc}", "retryable": False}}
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        self.activity.change(connections=1)
+        try:
+            uid = peer_uid(conn)
+            if uid is not None and uid != os.getuid():
+                log.warning("refused a connection from uid %s", uid)
+                return
+            while not self.stopping.is_set():
+                try:
+                    request = read_frame(conn)
+                except FrameError as exc:
+                    log.info("dropping a connection: %s", exc)
+                    try:
+                        write_frame(conn, {"id": None, "ok": False, "error": {"code": ErrorCode.BAD_REQUEST.value, "message": str(exc), "retryable": False}})
+                    except OSError:
+                        pass
+                    return
+                if request is None:
+                    return
+                self.activity.change(requests=1)
+                try:
+                    response = self.handle(request)
+                finally:
+                    self.activity.change(requests=-1)
+                write_frame(conn, response)
+        except OSError as exc:
+            log.info("connection ended: %s", exc)
+        finally:
+            conn.close()
+            self.activity.change(connections=-1)
+
+    def bind(self) -> socket.socket:
+        """Bind under a temporary name, listen, then rename into place: a client never finds a socket file
+        that does not yet accept connections."""
+        tmp = f"{self.socket_path}.{os.getpid()}.tmp"
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            sock.bind(tmp)
+        finally:
+            os.umask(old_umask)
+        sock.listen(128)
+        os.replace(tmp, self.socket_path)
+        return sock
+
+    def serve_forever(self) -> None:
+        sock = self.bind()
+        bound_inode = os.stat(self.socket_path).st_ino
+        sock.settimeout(0.25)
+        log.info("serving %s on %s (pid %d, idle timeout %ss)", self.endpoint, self.socket_path, os.getpid(), self.idle_timeout)
+        try:
+            while not self.stopping.is_set():
+                if self.activity.idle_for() > self.idle_timeout:
+                    log.info("idle for %ss: exiting", self.idle_timeout)
+                    break
+                try:
+                    conn, _ = sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    log.error("accept failed: %s", exc)
+                    time.sleep(0.1)
+                    continue
+                conn.settimeout(None)
+                threading.Thread(target=self.serve_connection, args=(conn,), daemon=True).start()
+        finally:
+            sock.close()
+            try:  # remove the socket only if it is still ours (a newer server may have replaced it)
+                if os.stat(self.socket_path).st_ino == bound_inode:
+                    os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bucket_server", description="optimum-neuron-cache bucket server")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--idle-timeout", type=float, default=300.0)
+    parser.add_argument("--log-level", default=os.environ.get("NEURON_CACHE_SERVER_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    # huggingface_hub reads these at import: no telemetry, no progress bars on a log file.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["HF_ENDPOINT"] = args.endpoint
+    BucketServer(args.socket, args.endpoint, args.idle_timeout).serve_forever()
+    return 0

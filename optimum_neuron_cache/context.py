@@ -1,0 +1,207 @@
+"""`hub_neuronx_cache`: fetch a model's compiled entries on enter, publish the new ones on exit. Best effort.
+
+Bad input (a malformed model id, bucket name or compiler version) raises before the body runs. Anything the
+bucket does wrong costs one warning line and the body runs as if there were no bucket; after the first
+remote failure the run stops talking to the bucket, and entries it could not publish are retried next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import remote_layout as layout
+from .buckets import BucketRef, embedded_default, resolve_bucket
+from .client import BucketClient
+from .errors import NeuronCacheError
+from .fetch import FetchPlan, Fetcher, plan_from_model_area, plan_todo_fill, resolve_model_area, todo_probe_paths
+from .host_state import HostState
+from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
+from .neuron_sdk import resolve_compiler_version
+from .records import make_record
+from .sync import SyncPlan, execute_sync, plan_sync
+
+log = logging.getLogger("optimum_neuron_cache")
+
+
+@dataclass
+class CacheRun:
+    """What one `hub_neuronx_cache` block did: read it inside the block (fetch) or after it (sync)."""
+
+    model_id: str | None
+    task: str
+    compiler_version: str
+    bucket: str
+    cache_dir: Path | None
+    #: False when bucket sync is off for this run (s3:// root, --no_cache): the body still runs.
+    enabled: bool = True
+    #: Entry keys (`neuronxcc-<ver>/MODULE_...`) installed on enter.
+    fetched: list[str] = field(default_factory=list)
+    #: Entry keys published on exit.
+    synced: list[str] = field(default_factory=list)
+    #: Entry keys that became complete during the block (compiled here, or by another process of the host).
+    compiled: list[str] = field(default_factory=list)
+    #: Export record written on exit, as a bucket path.
+    record: str | None = None
+    #: One line per problem met (each was also logged as a warning).
+    warnings: list[str] = field(default_factory=list)
+    #: Requests sent to the bucket server by this run.
+    requests: int = 0
+    bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
+
+
+class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function, as in optimum-neuron
+    """Wrap a compile call or a training run with the bucket cache.
+
+        with hub_neuronx_cache("meta-llama/Llama-3.2-1B", task="text-generation", export_config=cfg) as run:
+            compile_the_model()
+        print(run.fetched, run.synced)
+
+    model_id: a Hub model id or a local model directory (keyed by content); None syncs the flat area only.
+    export_config: a JSON-able dict (batch size, sequence length, tensor parallel size, dtype, target...);
+    when given, an export record is written so `lookup` can find this configuration.
+    """
+
+    def __init__(self, model_id: str | os.PathLike[str] | None = None, task: str | None = None,
+                 export_config: Mapping[str, Any] | None = None, *, compiler_version: str | None = None,
+                 bucket: str | BucketRef | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self._model = layout.model_ref(model_id) if model_id is not None else None
+        self._task = layout.task_name(task)
+        self._export_config = dict(export_config) if export_config is not None else None
+        self._bucket = resolve_bucket(bucket)
+        self._root = resolve_cache_root(cache_dir)
+        self._version = resolve_compiler_version(compiler_version)
+        self.run = CacheRun(
+            model_id=self._model.model_id if self._model else None, task=self._task, compiler_version=self._version,
+            bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
+        )
+        self._client: BucketClient | None = None
+        self._remote_ok = True
+        self._area: str | None = None
+        self._area_modules: set[str] = set()
+        self._area_records: set[str] = set()
+        self._before: dict[str, EntryState] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+    def _warn(self, message: str) -> None:
+        self.run.warnings.append(message)
+        log.warning("optimum-neuron-cache: %s", message)
+
+    def _remote_failed(self, stage: str, exc: BaseException) -> None:
+        self._remote_ok = False
+        self._warn(f"{stage} skipped, bucket {self._bucket}: {exc} (the run goes on without the bucket)")
+
+    def _entries(self) -> list[LocalEntry]:
+        assert self._root.path is not None
+        return scan_entries(self._root.path, self._version)
+
+    def _count_requests(self) -> None:
+        if self._client is not None:
+            self.run.requests = self._client.requests
+
+    # -------------------------------------------------------------------------------- enter
+    def __enter__(self) -> CacheRun:
+        if self._root.path is None:
+            self._warn(f"bucket sync is off: {self._root.disabled_reason}")
+            return self.run
+        root = self._root.path
+        try:
+            HostState(root).remove_stale_temp_dirs()
+        except OSError:
+            pass
+        local = {entry.name: entry for entry in self._entries()}
+        self._before = {name: entry.state for name, entry in local.items()}
+        try:
+            self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
+            self._fetch(root, local)
+        except (NeuronCacheError, OSError) as exc:
+            self._remote_failed("fetch", exc)
+        except Exception as exc:  # a bug of ours must never stop the user's compile
+            self._remote_failed("fetch", RuntimeError(f"{type(exc).__name__}: {exc}"))
+        self._count_requests()
+        return self.run
+
+    def _fetch(self, root: Path, local: dict[str, LocalEntry]) -> None:
+        assert self._client is not None
+        if self._model is not None:
+            self._area, listing = resolve_model_area(self._client, self._version, self._model.folder, self._task)
+            plan = plan_from_model_area(self._version, self._area, listing, local)
+            self._area_modules, self._area_records = plan.remote_modules, plan.records
+        else:
+            plan = FetchPlan(self._version)
+        planned = {item.module for item in plan.items}
+        todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in planned]
+        if todo:
+            plan_todo_fill(plan, todo, self._client.paths_info(todo_probe_paths(self._version, todo)))
+        result = Fetcher(self._client, root, self._version).execute(plan)
+        prefix = layout.version_prefix(self._version)
+        self.run.fetched = [f"{prefix}/{module}" for module in result.fetched]
+        self.run.bytes_downloaded = result.bytes
+        for module, why in result.skipped:
+            self._warn(f"entry {prefix}/{module} not fetched: {why}")
+
+    # --------------------------------------------------------------------------------- exit
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if self._root.path is None:
+            return False
+        try:
+            self._sync(self._root.path)
+        except (NeuronCacheError, OSError) as error:
+            self._warn(f"sync failed, bucket {self._bucket}: {error} (entries stay local and are retried next run)")
+        except Exception as error:  # a bug of ours must never mask or replace the body's outcome
+            self._warn(f"sync failed unexpectedly: {type(error).__name__}: {error}")
+        self._count_requests()
+        return False  # the body's exception, if any, propagates unchanged
+
+    def _pending_key(self) -> str:
+        folder = self._model.folder if self._model else "_flat"
+        return f"{layout.version_prefix(self._version)}/{folder}/{self._task}"
+
+    def _sync(self, root: Path) -> None:
+        state = HostState(root)
+        entries = {entry.name: entry for entry in self._entries()}
+        fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        new = {name for name, entry in entries.items()
+               if entry.state.publishable and not self._before.get(name, EntryState.INCOMPLETE).publishable and name not in fetched}
+        self.run.compiled = [f"{layout.version_prefix(self._version)}/{name}" for name in sorted(new)]
+        key = self._pending_key()
+        pending = state.pending(key)
+        candidates = [entries[name] for name in sorted(new | pending) if name in entries and entries[name].state.publishable]
+        record = None
+        if self._model is not None and self._export_config is not None:
+            modules = sorted(set(self._area_modules) | fetched | new)
+            record = make_record(self._model.model_id, self._task, self._version, self._export_config, modules)
+        area = self._area
+        record_path = None
+        if record is not None and area is not None:
+            record_path = f"{area}/{layout.EXPORTS_DIR}/{record.record_id}.json"
+            if f"{record.record_id}.json" in self._area_records and not new:
+                record = None  # this configuration is recorded already and nothing new was compiled
+        if not candidates and record is None:
+            return
+        if not self._remote_ok or self._client is None:
+            state.update_pending(key, add={entry.name for entry in candidates})
+            if candidates:
+                self._warn(f"{len(candidates)} new entries not published (the bucket failed earlier in this run); retried next run")
+            return
+        try:
+            if candidates and self._bucket == embedded_default():
+                self._client.create()  # the embedded default is made on first use; real buckets never are
+            plan = plan_sync(self._client, candidates, area, self._area_modules)
+            plan.record, plan.record_path = record, record_path if record is not None else None
+            result = execute_sync(self._client, state, plan) if not plan.empty else None
+        except (NeuronCacheError, OSError):
+            state.update_pending(key, add={entry.name for entry in candidates})
+            raise
+        published = set(result.published) if result else set()
+        state.update_pending(key, remove={entry.name for entry in candidates} - {name for name, _ in (result.skipped if result else [])})
+        prefix = layout.version_prefix(self._version)
+        self.run.synced = [f"{prefix}/{name}" for name in sorted(published)]
+        self.run.bytes_uploaded = result.bytes_uploaded if result else 0
+        self.run.record = result.record_path if result else None

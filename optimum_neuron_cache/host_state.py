@@ -1,0 +1,117 @@
+"""What this project keeps inside the cache root, beside libneuronxla's folders (under `.optimum-neuron-cache/`).
+
+- `locks/`: per-entry file locks, node-wide. They are flock locks (filelock), released by the kernel when
+  their holder dies, so a killed process never blocks anyone: liveness, not age.
+- `tmp/<host>.<pid>.<random>/`: downloads in progress, on the cache's filesystem so an entry is renamed into place
+  whole. Left over by a killed process, they are removed by the next run.
+- `pending/`: entries that a run could not publish (network down, bucket unreachable), retried next time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+
+from .local_cache import STATE_DIR_NAME, version_dir_name
+
+ENV_LOCK_TIMEOUT = "NEURON_CACHE_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 600.0
+
+
+def lock_timeout() -> float:
+    return float(os.environ.get(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT))
+
+
+class HostState:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.base = root / STATE_DIR_NAME
+
+    # ---------------------------------------------------------------------------------- locks
+    def entry_lock(self, compiler_version: str, module: str, purpose: str) -> FileLock:
+        """The node-wide lock of one entry for `purpose` ("fetch" or "publish")."""
+        folder = self.base / "locks" / version_dir_name(compiler_version)
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(folder / f"{module}.{purpose}.lock")
+
+    def journal_lock(self) -> FileLock:
+        self.base.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.base / "pending.lock")
+
+    # ------------------------------------------------------------------------------- temp dirs
+    @contextlib.contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A private folder on the cache's filesystem, removed on exit whatever happens."""
+        path = self.base / "tmp" / f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def remove_stale_temp_dirs(self) -> int:
+        """Remove this host's temp folders whose owning process is gone (killed mid-download).
+
+        Folders of other hosts (a cache root on a shared filesystem) are left alone: their pids mean nothing here.
+        """
+        removed = 0
+        host = socket.gethostname()
+        try:
+            items = list((self.base / "tmp").iterdir())
+        except FileNotFoundError:
+            return 0
+        for item in items:
+            owner, _, rest = item.name.rpartition(".")[0].rpartition(".")
+            if owner == host and rest.isdigit() and not _pid_alive(int(rest)):
+                shutil.rmtree(item, ignore_errors=True)
+                removed += 1
+        return removed
+
+    # --------------------------------------------------------------------------------- journal
+    def _journal_path(self) -> Path:
+        return self.base / "pending.json"
+
+    def _read_journal(self) -> dict[str, list[str]]:
+        try:
+            data = json.loads(self._journal_path().read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(key): [str(item) for item in value] for key, value in data.items() if isinstance(value, list)}
+
+    def _write_journal(self, data: dict[str, list[str]]) -> None:
+        path = self._journal_path()
+        tmp = path.with_name(f"pending.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({key: sorted(set(value)) for key, value in data.items() if value}, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def pending(self, key: str) -> set[str]:
+        """Entries (MODULE names) still to publish for `key` (`<version>/<model folder>/<task>`)."""
+        with self.journal_lock():
+            return set(self._read_journal().get(key, []))
+
+    def update_pending(self, key: str, add: set[str] = frozenset(), remove: set[str] = frozenset()) -> None:
+        with self.journal_lock():
+            data = self._read_journal()
+            current = (set(data.get(key, [])) | set(add)) - set(remove)
+            if current == set(data.get(key, [])):
+                return
+            data[key] = sorted(current)
+            self._write_journal(data)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,230 @@
+"""The local Neuron compile cache, as libneuronxla lays it out: where it is and what each entry is.
+
+Reads the disk only: no network, no writes. Layout and states are described in docs/architecture.md:
+`<root>/neuronxcc-<version>/MODULE_<hlo key>+<flags hash>/` holding the HLO, the flags, the NEFF and markers.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import shlex
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigurationError
+from .neuron_sdk import writes_done_marker
+
+DEFAULT_CACHE_ROOT = "/var/tmp/neuron-compile-cache"
+ENV_CC_FLAGS = "NEURON_CC_FLAGS"
+ENV_CACHE_URL = "NEURON_COMPILE_CACHE_URL"
+
+#: Where this project keeps its own bookkeeping (locks, temporary downloads) inside the cache root.
+#: A dot folder: libneuronxla only looks at `neuronxcc-*` folders, and hf-mount users never sync it.
+STATE_DIR_NAME = ".optimum-neuron-cache"
+
+VERSION_DIR_PREFIX = "neuronxcc-"
+DONE = "model.done"
+NEFF = "model.neff"
+LOG = "model.log"
+HLO_FILES = ("model.hlo_module.pb", "model.hlo.pb")
+FLAGS_FILES = ("compile_flags.json", "compile_flags.txt")
+LOCK_SUFFIX = ".lock"
+
+#: MODULE_<hlo key>+<flags hash>. Both halves are opaque (read, never recomputed) but must be plain
+#: alphanumerics: a name that is not is noise (or an attack), never an entry.
+_MODULE_RE = re.compile(r"^MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+$")
+_VERSION_DIR_RE = re.compile(r"^neuronxcc-(\d+\.\d+\.\d+(?:\.\d+)?(?:\+[0-9A-Za-z]+)?)$")
+
+
+def is_module_name(name: str) -> bool:
+    return bool(_MODULE_RE.match(name))
+
+
+def version_from_dir_name(name: str) -> str | None:
+    match = _VERSION_DIR_RE.match(name)
+    return match.group(1) if match else None
+
+
+def version_dir_name(compiler_version: str) -> str:
+    return f"{VERSION_DIR_PREFIX}{compiler_version}"
+
+
+# --------------------------------------------------------------------------------------------- root
+
+
+@dataclass(frozen=True)
+class CacheRoot:
+    """The cache root libneuronxla would use, or why bucket sync cannot use it."""
+
+    url: str
+    #: The local directory, or None when the root is not a local path (s3://) or caching is off.
+    path: Path | None
+    #: Why sync is off (one line for the user), None when `path` is usable.
+    disabled_reason: str | None = None
+    #: Where the root came from: "argument", "--cache_dir in NEURON_CC_FLAGS", ... (for messages).
+    source: str = "default"
+
+
+def _cache_dir_from_flags(flags: list[str]) -> str | None:
+    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
+    found = None
+    for index, token in enumerate(flags):
+        if token.startswith("--cache_dir="):
+            found = token.split("=", 1)[1]
+        elif token == "--cache_dir" and index + 1 < len(flags):
+            found = flags[index + 1]
+    return found
+
+
+def split_flags(value: str) -> list[str]:
+    """NEURON_CC_FLAGS as tokens; a string shlex cannot parse (an odd quote) falls back to whitespace."""
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
+def resolve_cache_root(cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> CacheRoot:
+    """Resolve the root with libneuronxla's precedence.
+
+    1. `cache_dir` given by the caller (an override of this API, not of libneuronxla: the caller is then
+       responsible for passing the same root to the compiler), 2. `--cache_dir` in NEURON_CC_FLAGS,
+    3. NEURON_COMPILE_CACHE_URL, 4. /var/tmp/neuron-compile-cache. `--no_cache` or an s3:// root turns bucket
+    sync off: it is reported through `disabled_reason`, never mistaken for a path.
+    """
+    env = os.environ if environ is None else environ
+    flags = split_flags(env.get(ENV_CC_FLAGS, ""))
+    if "--no_cache" in flags:
+        return CacheRoot(
+            url="", path=None, source=f"--no_cache in {ENV_CC_FLAGS}",
+            disabled_reason=f"--no_cache is set in {ENV_CC_FLAGS}: the compiler caches nothing, so there is nothing to fetch or sync",
+        )
+    if cache_dir is not None:
+        url, source = os.fspath(cache_dir), "argument"
+    elif (from_flags := _cache_dir_from_flags(flags)) is not None:
+        url, source = from_flags, f"--cache_dir in {ENV_CC_FLAGS}"
+    elif env.get(ENV_CACHE_URL):
+        url, source = env[ENV_CACHE_URL], ENV_CACHE_URL
+    else:
+        url, source = DEFAULT_CACHE_ROOT, "default"
+    if not url.strip():
+        raise ConfigurationError(f"the compile cache dir from {source} is empty: set it to a local directory")
+    if "://" in url and not url.startswith("file://"):
+        scheme = url.split("://", 1)[0]
+        return CacheRoot(
+            url=url, path=None, source=source,
+            disabled_reason=(
+                f"the compile cache is {url} ({source}), which libneuronxla serves itself ({scheme}://); "
+                "bucket sync needs a local cache dir"
+            ),
+        )
+    local = url[len("file://") :] if url.startswith("file://") else url
+    return CacheRoot(url=url, path=Path(local).expanduser().absolute(), source=source)
+
+
+# ------------------------------------------------------------------------------------------ entries
+
+
+class EntryState(str, enum.Enum):
+    SUCCESS = "success"
+    LEGACY_SUCCESS = "legacy_success"  # compilers up to 2.14: a NEFF and no marker
+    FAILED = "failed"  # a cached compile failure (model.log), replayed by libneuronxla
+    LOCKED = "locked"  # a compile in progress, or a stale lock left by a killed one
+    TODO = "todo"  # HLO and flags only: what neuron_parallel_compile's extraction leaves
+    INCOMPLETE = "incomplete"  # anything else: an interrupted compile or a partial copy
+
+    @property
+    def publishable(self) -> bool:
+        return self in (EntryState.SUCCESS, EntryState.LEGACY_SUCCESS)
+
+
+def read_entry_files(path: Path) -> dict[str, int]:
+    """Regular files directly inside an entry, name -> size. Symlinks and folders are ignored, never followed."""
+    files: dict[str, int] = {}
+    try:
+        with os.scandir(path) as it:
+            for item in it:
+                try:
+                    info = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    files[item.name] = info.st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return files
+
+
+def classify(files: Mapping[str, int], compiler_version: str) -> EntryState:
+    """The state libneuronxla would see for an entry holding `files` (see docs/architecture.md)."""
+    names = set(files)
+    if any(name.endswith(LOCK_SUFFIX) for name in names):
+        return EntryState.LOCKED
+    if DONE in names and NEFF in names:
+        return EntryState.SUCCESS
+    if LOG in names:
+        return EntryState.FAILED
+    if NEFF in names and DONE not in names and not writes_done_marker(compiler_version):
+        return EntryState.LEGACY_SUCCESS
+    if names & set(HLO_FILES) and names & set(FLAGS_FILES) and NEFF not in names and DONE not in names:
+        return EntryState.TODO
+    return EntryState.INCOMPLETE
+
+
+@dataclass(frozen=True)
+class LocalEntry:
+    """One MODULE directory of the local cache."""
+
+    compiler_version: str
+    name: str  # MODULE_<hlo key>+<flags hash>
+    path: Path
+    state: EntryState
+    files: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """`neuronxcc-<version>/MODULE_...`: the entry's path relative to the root, and in the flat area."""
+        return f"{version_dir_name(self.compiler_version)}/{self.name}"
+
+
+def read_entry(path: Path, compiler_version: str) -> LocalEntry:
+    files = read_entry_files(path)
+    return LocalEntry(compiler_version, path.name, path, classify(files, compiler_version), files)
+
+
+def iter_version_dirs(root: Path) -> Iterator[tuple[str, Path]]:
+    """(version, folder) for every `neuronxcc-<version>` folder under the root; other names are noise."""
+    try:
+        with os.scandir(root) as it:
+            items = sorted(it, key=lambda item: item.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for item in items:
+        version = version_from_dir_name(item.name)
+        if version and item.is_dir(follow_symlinks=False):
+            yield version, Path(item.path)
+
+
+def scan_entries(root: Path, compiler_version: str | None = None) -> list[LocalEntry]:
+    """Every MODULE entry under the root (of one compiler version, or all), sorted by key.
+
+    Tolerates what else lives there: the root `lock` file, `0_REGISTRY/`, `MODULE_x` folders without `+`
+    (whole traced models), legacy `USER_neuroncc-*` folders, stray files, symlinks.
+    """
+    entries: list[LocalEntry] = []
+    for version, version_path in iter_version_dirs(root):
+        if compiler_version is not None and version != compiler_version:
+            continue
+        try:
+            with os.scandir(version_path) as it:
+                items = sorted(it, key=lambda item: item.name)
+        except OSError:
+            continue
+        for item in items:
+            if is_module_name(item.name) and item.is_dir(follow_symlinks=False):
+                entries.append(read_entry(Path(item.path), version))
+    return entries

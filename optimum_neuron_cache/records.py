@@ -1,0 +1,82 @@
+"""Export records: what a later user needs to judge whether a cached compile matches theirs.
+
+One JSON file per (export config, compile flags) under the model's `exports/` folder. The flags are
+NEURON_CC_FLAGS without wrapper flags (which never reach the compiler), so a lookup never claims a match
+that was compiled with other flags.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import __version__
+from .local_cache import ENV_CC_FLAGS, split_flags
+
+RECORD_SCHEMA = 1
+#: libneuronxla's own flags: consumed by its wrapper, never passed to neuronx-cc, never in the flags hash.
+_WRAPPER_FLAGS_WITH_VALUE = ("--cache_dir", "--log_level")
+_WRAPPER_FLAGS = ("--no_cache", "--retry_failed_compilation")
+
+
+def compiler_flags(environ: Mapping[str, str] | None = None) -> list[str]:
+    """NEURON_CC_FLAGS as the compiler sees them: wrapper flags removed."""
+    env = os.environ if environ is None else environ
+    tokens = split_flags(env.get(ENV_CC_FLAGS, ""))
+    kept: list[str] = []
+    skip_next = False
+    for token in tokens:
+        if skip_next:
+            skip_next = False
+            continue
+        if token in _WRAPPER_FLAGS or any(token.startswith(flag + "=") for flag in _WRAPPER_FLAGS_WITH_VALUE):
+            continue
+        if token in _WRAPPER_FLAGS_WITH_VALUE:
+            skip_next = True
+            continue
+        kept.append(token)
+    return kept
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-safe and order-independent: the same config always gives the same record id."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    model_id: str
+    task: str
+    compiler_version: str
+    export_config: dict[str, Any]
+    compile_flags: list[str]
+    modules: list[str] = field(default_factory=list)
+    package_version: str = __version__
+    created_at: str = ""
+    schema: int = RECORD_SCHEMA
+
+    @property
+    def record_id(self) -> str:
+        key = json.dumps({"export_config": self.export_config, "compile_flags": self.compile_flags}, sort_keys=True)
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1) + "\n"
+
+
+def make_record(model_id: str, task: str, compiler_version: str, export_config: Mapping[str, Any],
+                modules: list[str], environ: Mapping[str, str] | None = None) -> ExportRecord:
+    return ExportRecord(
+        model_id=model_id,
+        task=task,
+        compiler_version=compiler_version,
+        export_config=_canonical(dict(export_config)),
+        compile_flags=compiler_flags(environ),
+        modules=sorted(set(modules)),
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )

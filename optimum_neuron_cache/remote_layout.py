@@ -1,0 +1,192 @@
+"""The bucket layout contract, in one place, as pure functions.
+
+    neuronxcc-<ver>/MODULE_<key>/<file>                                    flat area: the local cache tree, as is
+    neuronxcc-<ver>/models/<org>--<name>/<task>/MODULE_<key>/<file>        per-model area
+    neuronxcc-<ver>/models/<org>--<name>/<task>/exports/<record id>.json   export records, for lookup
+
+Other tools (hf-mount users, optimum-neuron) rely on these paths: change them only with a migration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigurationError, InvalidModelIdError
+from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
+from .neuron_sdk import writes_done_marker
+
+#: The only files that may ever leave the machine. Logs, locks and anything else stay local.
+PUBLISHABLE_FILES = frozenset(
+    {
+        "model.neff",
+        "model.done",
+        "model.hlo_module.pb",
+        "model.hlo.pb",
+        "compile_flags.json",
+        "compile_flags.txt",
+        "wrapped_neff.hlo",
+    }
+)
+
+MODELS_DIR = "models"
+EXPORTS_DIR = "exports"
+DEFAULT_TASK = "default"
+
+# Hub repo names: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
+_HUB_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
+_TASK_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_RECORD_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def is_publishable(filename: str) -> bool:
+    return filename in PUBLISHABLE_FILES
+
+
+def commit_file(files: Iterable[str], compiler_version: str) -> str:
+    """The file whose presence vouches for an entry, hence published last: `model.done`, or for compilers
+    up to 2.14 (which write no marker) the NEFF itself."""
+    return DONE if DONE in set(files) or writes_done_marker(compiler_version) else NEFF
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the bucket names it."""
+
+    #: What the user passed (a Hub id, or a local directory).
+    model_id: str
+    #: The folder under `models/`: `<org>--<name>`, `<name>`, or `local--<dir>-<content hash>`.
+    folder: str
+    is_local: bool = False
+
+
+def _check_hub_part(part: str, model_id: str) -> None:
+    if not _HUB_NAME_RE.match(part) or "--" in part or ".." in part:
+        raise InvalidModelIdError(
+            f"model id {model_id!r} is not a Hub model id (`org/name` of letters, digits, '-', '_', '.') "
+            "nor an existing local directory"
+        )
+
+
+def _local_model_folder(path: Path) -> str:
+    """Key a local model directory by content: its folder name plus a hash of its config.json.
+
+    Two copies of the same checkpoint share entries; two different checkpoints in folders of the same name
+    do not. Without a config.json, the hash covers the sorted names and sizes of its files.
+    """
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    else:
+        for item in sorted(path.iterdir()):
+            if item.is_file():
+                digest.update(f"{item.name}\0{item.stat().st_size}\n".encode())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name).strip("-.") or "model"
+    name = re.sub(r"-{2,}", "-", name)[:64]
+    return f"local--{name}-{digest.hexdigest()[:12]}"
+
+
+def model_ref(model_id: str | os.PathLike[str]) -> ModelRef:
+    """Validate a model id and give its bucket folder. Local directories are keyed by content."""
+    text = os.fspath(model_id)
+    path = Path(text).expanduser()
+    if text and path.is_dir():  # as transformers' from_pretrained does: an existing directory is local
+        return ModelRef(model_id=str(path.resolve()), folder=_local_model_folder(path.resolve()), is_local=True)
+    parts = text.split("/")
+    if not text or len(parts) > 2:
+        raise InvalidModelIdError(
+            f"model id {text!r} is not a Hub model id (`org/name`) nor an existing local directory"
+        )
+    for part in parts:
+        _check_hub_part(part, text)
+    return ModelRef(model_id=text, folder="--".join(parts))
+
+
+def reuse_casing(folder: str, existing: Iterable[str]) -> str:
+    """Model ids are case-insensitive on the Hub: reuse the casing the bucket already has for `folder`."""
+    wanted = folder.lower()
+    matches = sorted(name for name in existing if name.lower() == wanted)
+    if folder in matches:
+        return folder
+    return matches[0] if matches else folder
+
+
+def task_name(task: str | None) -> str:
+    if task is None or task == "":
+        return DEFAULT_TASK
+    if not _TASK_RE.match(task):
+        raise ConfigurationError(
+            f"task {task!r} is not a task name (lowercase letters, digits, '-', '_', '.'; e.g. text-generation)"
+        )
+    return task
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def version_prefix(compiler_version: str) -> str:
+    return version_dir_name(compiler_version)
+
+
+def flat_entry_prefix(compiler_version: str, module: str) -> str:
+    return f"{version_prefix(compiler_version)}/{module}"
+
+
+def models_prefix(compiler_version: str) -> str:
+    return f"{version_prefix(compiler_version)}/{MODELS_DIR}"
+
+
+def model_area_prefix(compiler_version: str, folder: str, task: str) -> str:
+    return f"{models_prefix(compiler_version)}/{folder}/{task}"
+
+
+def model_entry_prefix(compiler_version: str, folder: str, task: str, module: str) -> str:
+    return f"{model_area_prefix(compiler_version, folder, task)}/{module}"
+
+
+def exports_prefix(compiler_version: str, folder: str, task: str) -> str:
+    return f"{model_area_prefix(compiler_version, folder, task)}/{EXPORTS_DIR}"
+
+
+def export_record_path(compiler_version: str, folder: str, task: str, record_id: str) -> str:
+    if not _RECORD_ID_RE.match(record_id):
+        raise ValueError(f"bad export record id {record_id!r}")
+    return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"
+
+
+@dataclass(frozen=True)
+class AreaFile:
+    """A file of an entry, found in a listing of the flat or a per-model area."""
+
+    module: str
+    filename: str
+
+
+def parse_area_path(path: str, area_prefix: str) -> AreaFile | None:
+    """`<area_prefix>/MODULE_x/<file>` -> AreaFile, or None for anything else (exports, noise, unsafe names).
+
+    Remote paths are untrusted: only `MODULE_<alnum>+<alnum>/<allow-listed file>` is accepted, so nothing
+    like `..`, an absolute path or a backslash can ever become a local path.
+    """
+    if not path.startswith(area_prefix + "/"):
+        return None
+    rest = path[len(area_prefix) + 1 :].split("/")
+    if len(rest) != 2:
+        return None
+    module, filename = rest
+    if not is_module_name(module) or not is_publishable(filename):
+        return None
+    return AreaFile(module, filename)
+
+
+def parse_version_prefix(name: str) -> str | None:
+    """The compiler version of a top-level `neuronxcc-<ver>` folder of the bucket."""
+    return version_from_dir_name(name)

@@ -1,0 +1,166 @@
+"""A stand-in for neuronx-cc behind libneuronxla: writes cache entries exactly as real ones look on disk.
+
+The Neuron SDK is not installable here (PyPI only has placeholders), so tests, the quick start and the
+benchmarks compile with this. It follows libneuronxla's protocol (2.15 and newer): a hit when `model.done`
+exists, a replayed failure when `model.log` exists, else take `<hlo>.lock`, write HLO and flags, "compile",
+write `model.neff`, then `model.done`, then drop the lock. Older compilers: `compile_flags.txt`, no marker,
+and up to 2.12 `model.hlo.pb`. Names: `MODULE_<hlo key>+<first 8 hex of md5(flags file)>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .local_cache import DONE, LOG, NEFF, version_dir_name
+from .neuron_sdk import version_tuple, writes_done_marker
+
+
+class CompileFailed(RuntimeError):
+    """The (simulated) compiler failed, or replayed a cached failure."""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A graph to compile: its serialized HLO and the compiler flags in force."""
+
+    hlo: bytes
+    flags: tuple[str, ...] = ()
+    #: Size of the NEFF the compile produces (bytes); default: a few times the HLO.
+    neff_size: int | None = None
+    #: Extra NxD artifact, written when > 0.
+    wrapped_neff_size: int = 0
+
+    @property
+    def hlo_key(self) -> str:
+        """A decimal unsigned 64-bit key, like the torch-xla / PJRT path's."""
+        return str(int.from_bytes(hashlib.sha256(self.hlo).digest()[:8], "big"))
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    path: Path
+    hit: bool
+    seconds: float = 0.0
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def hlo_file_name(version: str) -> str:
+    return "model.hlo.pb" if version_tuple(version)[:2] <= (2, 12) else "model.hlo_module.pb"
+
+
+def flags_file(version: str, flags: tuple[str, ...]) -> tuple[str, bytes]:
+    if writes_done_marker(version):
+        return "compile_flags.json", json.dumps(list(flags)).encode()
+    return "compile_flags.txt", " ".join(flags).encode()
+
+
+def module_name(version: str, graph: Graph) -> str:
+    _, flags_bytes = flags_file(version, graph.flags)
+    return f"MODULE_{graph.hlo_key}+{hashlib.md5(flags_bytes).hexdigest()[:8]}"
+
+
+def _neff_bytes(graph: Graph) -> bytes:
+    """Deterministic for a graph and its flags: two hosts compiling the same graph get the same NEFF."""
+    size = graph.neff_size if graph.neff_size is not None else max(1024, 3 * len(graph.hlo))
+    seed = hashlib.sha256(graph.hlo + b"\0" + "\0".join(graph.flags).encode()).digest()
+    return b"NEFF" + random.Random(seed).randbytes(max(0, size - 4))
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def entry_path(root: Path, version: str, graph: Graph) -> Path:
+    return Path(root) / version_dir_name(version) / module_name(version, graph)
+
+
+def compile_graph(root: str | os.PathLike[str], version: str, graph: Graph, *, outcome: str = "success",
+                  seconds: float = 0.0) -> CompileResult:
+    """Compile `graph` into the cache at `root`, as libneuronxla + neuronx-cc would.
+
+    outcome: "success"; "failed" (leaves a cached failure); "crash" (killed mid-compile: a stale lock, no
+    NEFF); "todo" (extraction only, as `neuron_parallel_compile --command extract`). `seconds` simulates
+    the compile's duration (the lock is held meanwhile).
+    """
+    started = time.monotonic()
+    path = entry_path(Path(root), version, graph)
+    hlo_name = hlo_file_name(version)
+    lock = path / f"{hlo_name}.lock"
+    files_now = set(os.listdir(path)) if path.is_dir() else set()
+    if DONE in files_now or (not writes_done_marker(version) and NEFF in files_now and LOG not in files_now and not lock.exists()):
+        return CompileResult(path, hit=True, files=_sizes(path))
+    if LOG in files_now:
+        raise CompileFailed(f"cached failed compilation at {path} (use --retry_failed_compilation)")
+    path.mkdir(parents=True, exist_ok=True)
+    _write(lock, b"")
+    flags_name, flags_bytes = flags_file(version, graph.flags)
+    _write(path / hlo_name, graph.hlo)
+    _write(path / flags_name, flags_bytes)
+    if outcome == "todo":
+        lock.unlink()
+        return CompileResult(path, hit=False, files=_sizes(path))
+    if seconds:
+        time.sleep(seconds)
+    if outcome == "crash":
+        return CompileResult(path, hit=False, files=_sizes(path))  # the lock stays: the process "died"
+    if outcome == "failed":
+        _write(path / LOG, b"ERROR: neuronx-cc failed: simulated compiler error\n")
+        if version_tuple(version)[:2] <= (2, 12):
+            _write(path / NEFF, b"ERROR")
+        lock.unlink()
+        raise CompileFailed(f"compilation failed for {path.name}")
+    if outcome != "success":
+        raise ValueError(f"unknown outcome {outcome!r}")
+    _write(path / NEFF, _neff_bytes(graph))
+    if graph.wrapped_neff_size:
+        _write(path / "wrapped_neff.hlo", random.Random(graph.hlo_key).randbytes(graph.wrapped_neff_size))
+    if writes_done_marker(version):
+        _write(path / DONE, b"")
+    lock.unlink()
+    return CompileResult(path, hit=False, seconds=time.monotonic() - started, files=_sizes(path))
+
+
+def _sizes(path: Path) -> dict[str, int]:
+    return {item.name: item.stat().st_size for item in path.iterdir() if item.is_file()}
+
+
+def make_graphs(count: int, *, seed: str = "model", hlo_size: int = 4096, neff_size: int | None = None,
+                flags: tuple[str, ...] = ("--target=trn1",)) -> list[Graph]:
+    """`count` distinct graphs of a model (deterministic for a seed): what one export or training run compiles."""
+    graphs = []
+    for index in range(count):
+        rng = random.Random(f"{seed}:{index}")
+        graphs.append(Graph(hlo=f"HloModule {seed}.{index}\n".encode() + rng.randbytes(hlo_size), flags=flags, neff_size=neff_size))
+    return graphs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Simulated neuronx-cc: compile N graphs of a model into a cache dir")
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--compiler-version", required=True)
+    parser.add_argument("--model", default="model", help="seed naming the model's graphs")
+    parser.add_argument("--graphs", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=0.0, help="simulated compile time per graph")
+    parser.add_argument("--outcome", default="success", choices=["success", "failed", "crash", "todo"])
+    args = parser.parse_args(argv)
+    for graph in make_graphs(args.graphs, seed=args.model):
+        try:
+            result = compile_graph(args.cache_dir, args.compiler_version, graph, outcome=args.outcome, seconds=args.seconds)
+        except CompileFailed as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            return 1
+        print(("HIT " if result.hit else "COMPILED ") + str(result.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

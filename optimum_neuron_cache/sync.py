@@ -1,0 +1,147 @@
+"""Sync: plan which local success entries the bucket lacks, then publish them, content before commit file.
+
+Planning asks the bucket about the entries' commit files with one paths-info (never a listing). Publishing
+runs in three batches so that a reader never finds a commit file whose content is missing:
+  1. upload the content files to the flat area;
+  2. copy them to the model's area (server-side, by hash) and add the flat area's commit files;
+  3. add the model area's commit files, then the export record.
+Only allow-listed files of success entries ever leave the machine; a node-wide lock per entry makes many
+ranks exiting at once publish each entry once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from filelock import Timeout
+
+from . import remote_layout as layout
+from .client import BucketClient
+from .host_state import HostState
+from .local_cache import LocalEntry
+from .records import ExportRecord
+
+log = logging.getLogger("optimum_neuron_cache")
+
+
+@dataclass(frozen=True)
+class PublishItem:
+    entry: LocalEntry
+    to_flat: bool
+    #: The model's area prefix to publish to, or None (no model, or it already holds the entry).
+    to_model: str | None
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(name for name in self.entry.files if layout.is_publishable(name))
+
+    @property
+    def commit(self) -> str:
+        return layout.commit_file(self.entry.files, self.entry.compiler_version)
+
+
+@dataclass
+class SyncPlan:
+    items: list[PublishItem] = field(default_factory=list)
+    record: ExportRecord | None = None
+    record_path: str | None = None
+
+    @property
+    def bytes_to_upload(self) -> int:
+        return sum(item.entry.files[name] for item in self.items if item.to_flat for name in item.files)
+
+    @property
+    def empty(self) -> bool:
+        return not self.items and self.record is None
+
+
+@dataclass
+class SyncResult:
+    published: list[str] = field(default_factory=list)  # MODULE names this process published
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    record_path: str | None = None
+    bytes_uploaded: int = 0
+
+
+def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: str | None,
+              known_in_model_area: set[str] = frozenset()) -> SyncPlan:
+    """Which of `entries` (success entries) the flat area and the model's area lack, by one paths-info on
+    their commit files. Entries the model's listing already showed complete are not asked about."""
+    candidates = [entry for entry in entries if entry.state.publishable]
+    probes: dict[str, tuple[LocalEntry, str]] = {}
+    for entry in candidates:
+        commit = layout.commit_file(entry.files, entry.compiler_version)
+        probes[f"{layout.flat_entry_prefix(entry.compiler_version, entry.name)}/{commit}"] = (entry, "flat")
+        if model_area and entry.name not in known_in_model_area:
+            probes[f"{model_area}/{entry.name}/{commit}"] = (entry, "model")
+    present = {item["path"] for item in client.paths_info(list(probes))} if probes else set()
+    plan = SyncPlan()
+    for entry in candidates:
+        commit = layout.commit_file(entry.files, entry.compiler_version)
+        flat_path = f"{layout.flat_entry_prefix(entry.compiler_version, entry.name)}/{commit}"
+        model_missing = bool(model_area) and entry.name not in known_in_model_area and f"{model_area}/{entry.name}/{commit}" not in present
+        flat_missing = flat_path not in present
+        if flat_missing or model_missing:
+            plan.items.append(PublishItem(entry, flat_missing, model_area if model_missing else None))
+    return plan
+
+
+def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan) -> SyncResult:
+    result = SyncResult()
+    locks = []
+    items: list[PublishItem] = []
+    try:
+        for item in plan.items:
+            lock = state.entry_lock(item.entry.compiler_version, item.entry.name, "publish")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # another process of this host is publishing it right now
+                result.skipped.append((item.entry.name, "being published by another process on this host"))
+                continue
+            locks.append(lock)
+            items.append(item)
+        _publish(client, items, result)
+        if plan.record is not None and plan.record_path is not None:
+            client.batch(add=[{"dest": plan.record_path, "content": plan.record.to_json()}])
+            result.record_path = plan.record_path
+    finally:
+        for lock in locks:
+            lock.release()
+    return result
+
+
+def _flat(item: PublishItem, name: str) -> str:
+    return f"{layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name)}/{name}"
+
+
+def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult) -> None:
+    if not items:
+        return
+    content: list[dict[str, Any]] = []
+    for item in items:
+        if item.to_flat:
+            for name in item.files:
+                if name != item.commit:
+                    content.append({"dest": _flat(item, name), "local_path": str(item.entry.path / name)})
+                    result.bytes_uploaded += item.entry.files[name]
+    if content:
+        client.batch(add=content)
+    copies: list[dict[str, Any]] = []
+    flat_commits: list[dict[str, Any]] = []
+    for item in items:
+        if item.to_model:
+            copies.extend({"src": _flat(item, name), "dest": f"{item.to_model}/{item.entry.name}/{name}"}
+                          for name in item.files if name != item.commit)
+        if item.to_flat:
+            flat_commits.append({"dest": _flat(item, item.commit), "local_path": str(item.entry.path / item.commit)})
+            result.bytes_uploaded += item.entry.files[item.commit]
+    if copies or flat_commits:
+        client.batch(copy=copies, add=flat_commits)
+    model_commits = [{"dest": f"{item.to_model}/{item.entry.name}/{item.commit}", "local_path": str(item.entry.path / item.commit)}
+                     for item in items if item.to_model]
+    if model_commits:
+        client.batch(add=model_commits)
+    result.published.extend(item.entry.name for item in items)
