@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,60 @@ class _Connection:
         self.address.socket_path.unlink(missing_ok=True)
 
 
-_connections: dict[Path, _Connection] = {}
+#: One connection per (socket, pid): a deliberate cache, so the handshake is paid once per process.
+#: The pid is part of the key so that a fork()ed child never shares its parent's socket.
+_connections: dict[tuple[Path, int], _Connection] = {}
 _connections_lock = threading.Lock()
 
 
 def _connection(environ: Mapping[str, str]) -> _Connection:
     address = server_address(environ)
+    key = (address.socket_path, os.getpid())
     with _connections_lock:
-        pid_key = Path(f"{address.socket_path}#{os.getpid()}")  # never share a socket across fork()
-        conn = _connections.get(pid_key)
+        conn = _connections.get(key)
         if conn is None:
-            conn = _connections[pid_key] = _Connection(address, dict(environ))
+            conn = _connections[key] = _Connection(address, dict(environ))
         return conn
+
+
+def running_server(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """Status of the bucket server for this user, host and endpoint, without starting one (None: not running)."""
+    env = dict(os.environ if environ is None else environ)
+    address = server_address(env)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(str(address.socket_path))
+        write_frame(sock, {"id": 1, "op": "status", "args": {}})
+        reply = read_frame(sock)
+    except (OSError, FrameError):
+        return None
+    finally:
+        sock.close()
+    return reply.get("result") if reply and reply.get("ok") else None
+
+
+def stop_server(environ: Mapping[str, str] | None = None, timeout: float = 10.0) -> bool:
+    """Ask the running server to exit and wait until its socket is gone. False if none was running."""
+    env = dict(os.environ if environ is None else environ)
+    address = server_address(env)
+    with _connections_lock:
+        for key in [key for key in _connections if key[0] == address.socket_path]:
+            _connections.pop(key).close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(str(address.socket_path))
+        write_frame(sock, {"id": 1, "op": "shutdown", "args": {}})
+        read_frame(sock)
+    except (OSError, FrameError):
+        return False
+    finally:
+        sock.close()
+    deadline = time.monotonic() + timeout
+    while address.socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
 
 
 class BucketClient:

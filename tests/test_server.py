@@ -1,0 +1,230 @@
+"""The bucket server over its real Unix socket: start once, handshake, survive bad frames, idle exit, restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bucket_server.protocol import read_frame, write_frame
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient, running_server, stop_server
+from optimum_neuron_cache.errors import BucketNotFoundError, RemoteInvalidDataError
+from optimum_neuron_cache.server_launcher import server_address
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _dir_client(tmp_path: Path) -> BucketClient:
+    bucket = tmp_path / "bucket"
+    bucket.mkdir(exist_ok=True)
+    return BucketClient(BucketRef("dir", str(bucket)))
+
+
+def _raw(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_handshake_status_and_private_socket_dir(tmp_path):
+    client = _dir_client(tmp_path)
+    assert client.list("") == []
+    status = client.server_status()
+    address = server_address()
+    assert status["protocol"] == 1 and status["pid"] > 0 and status["socket"] == str(address.socket_path)
+    mode = stat.S_IMODE(address.socket_path.parent.stat().st_mode)
+    assert mode == 0o700
+    assert running_server()["pid"] == status["pid"]
+
+
+def test_dir_backend_operations_through_the_server(tmp_path):
+    client = _dir_client(tmp_path)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(70_000))
+    client.batch(add=[{"dest": "a/b/file.bin", "local_path": str(src)}, {"dest": "a/marker", "content": ""}])
+    client.batch(copy=[{"src": "a/b/file.bin", "dest": "c/file.bin"}])
+    assert {item["path"]: item["size"] for item in client.list("", recursive=True)} == {
+        "a/b/file.bin": 70_000, "a/marker": 0, "c/file.bin": 70_000,
+    }
+    assert [item["path"] for item in client.list("a", recursive=False)] == ["a/b", "a/marker"]
+    assert [item["path"] for item in client.paths_info(["a/marker", "missing/x"])] == ["a/marker"]
+    out = tmp_path / "out" / "file.bin"
+    client.download([{"path": "c/file.bin", "local_path": str(out), "size": 70_000}])
+    assert out.read_bytes() == src.read_bytes()
+    client.batch(delete=["c/file.bin"])
+    assert client.paths_info(["c/file.bin"]) == []
+    assert not (tmp_path / "bucket" / ".incoming").exists() or not any((tmp_path / "bucket" / ".incoming").iterdir())
+
+
+def test_unsafe_paths_and_symlinks_are_refused(tmp_path):
+    client = _dir_client(tmp_path)
+    for bad in ("../escape", "/abs/path", "a\\b", "a//b", "a/./b"):
+        with pytest.raises(RemoteInvalidDataError):
+            client.batch(add=[{"dest": bad, "content": "x"}])
+    secret = tmp_path / "secret"
+    secret.write_text("do not upload")
+    link = tmp_path / "link"
+    link.symlink_to(secret)
+    with pytest.raises(RemoteInvalidDataError):
+        client.batch(add=[{"dest": "x/link", "local_path": str(link)}])
+    assert client.list("", recursive=True) == []
+
+
+def test_missing_directory_bucket_is_a_typed_error(tmp_path):
+    client = BucketClient(BucketRef("dir", str(tmp_path / "nope")))
+    with pytest.raises(BucketNotFoundError, match="neuron-cache create"):
+        client.list("")
+
+
+def test_bad_frames_do_not_crash_the_server(tmp_path):
+    client = _dir_client(tmp_path)
+    pid = client.server_status()["pid"]
+    path = server_address().socket_path
+    # Not JSON.
+    sock = _raw(path)
+    sock.sendall(struct.pack(">I", 5) + b"hello")
+    reply = read_frame(sock)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    sock.close()
+    # An absurd length.
+    sock = _raw(path)
+    sock.sendall(struct.pack(">I", 0xFFFFFFFF))
+    assert read_frame(sock)["error"]["code"] == "bad_request"
+    sock.close()
+    # Hanging up mid-frame.
+    sock = _raw(path)
+    sock.sendall(struct.pack(">I", 100) + b'{"op":')
+    sock.close()
+    # An unknown operation, then a good one on the same connection.
+    sock = _raw(path)
+    write_frame(sock, {"id": 7, "op": "format_disk", "args": {}})
+    assert read_frame(sock) == {"id": 7, "ok": False, "error": {"code": "bad_request", "message": "unknown operation 'format_disk'", "retryable": False}}
+    write_frame(sock, {"id": 8, "op": "status", "args": {}})
+    assert read_frame(sock)["result"]["pid"] == pid
+    sock.close()
+    assert client.server_status()["pid"] == pid
+
+
+_START = """
+import sys
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.buckets import BucketRef
+print(BucketClient(BucketRef("dir", sys.argv[1])).server_status()["pid"])
+"""
+
+
+def test_many_processes_starting_at_once_get_one_server(tmp_path):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", _START, str(bucket)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(int(os.environ.get("NEURON_CACHE_TEST_STARTERS", "12")))]
+    pids = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(pids) == 1
+    servers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_server_of(p, server_address().socket_path)]
+    assert [p.name for p in servers] == list(pids)
+
+
+def _is_server_of(proc: Path, socket_path: Path) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"boot.py") for arg in cmdline) and str(socket_path).encode() in cmdline
+
+
+def test_killed_server_is_restarted_and_the_request_retried(tmp_path):
+    client = _dir_client(tmp_path)
+    first = client.server_status()["pid"]
+    os.kill(first, signal.SIGKILL)
+    assert _wait_gone(first)
+    assert client.list("") == []  # the stale socket is replaced, the idempotent request retried
+    assert client.server_status()["pid"] != first
+
+
+def test_stale_socket_file_is_replaced(tmp_path):
+    path = server_address().socket_path
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # a socket file nobody listens on: what a killed server leaves
+    assert _dir_client(tmp_path).list("") == []
+
+
+def test_idle_server_exits_but_never_while_a_client_is_connected(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURON_CACHE_SERVER_IDLE_TIMEOUT", "1")
+    client = _dir_client(tmp_path)
+    pid = client.server_status()["pid"]
+    time.sleep(2.0)  # the client's connection is still open: no idle exit
+    assert client.server_status()["pid"] == pid
+    stop_server_connections_only = server_address().socket_path
+    from optimum_neuron_cache import client as client_module
+
+    for key in [k for k in client_module._connections if k[0] == stop_server_connections_only]:
+        client_module._connections.pop(key).close()
+    assert _wait_gone(pid, timeout=10)
+    assert not server_address().socket_path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_other_users_cannot_talk_to_the_server(tmp_path):
+    client = _dir_client(tmp_path)
+    client.server_status()
+    path = server_address().socket_path
+    code = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('denied'); sys.exit(0)\n"
+        "print('connected')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30).stdout
+    assert out.strip() == "denied"
+    # Even with the directory opened up, the server checks the peer's uid and hangs up.
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o777)
+    try:
+        code2 = (
+            "import os, socket, struct, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+            "body = b'{\"id\":1,\"op\":\"status\",\"args\":{}}'\n"
+            "s.sendall(struct.pack('>I', len(body)) + body)\n"
+            "try:\n    data = s.recv(4)\nexcept ConnectionResetError:\n    data = b''\n"
+            "print('reply' if data else 'hung up')\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code2, str(path)], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "hung up", out.stderr
+    finally:
+        os.chmod(path.parent, 0o700)
+    assert client.server_status()["pid"] > 0
+
+
+def test_stop_server(tmp_path):
+    client = _dir_client(tmp_path)
+    pid = client.server_status()["pid"]
+    assert stop_server() is True
+    assert _wait_gone(pid)
+    assert running_server() is None
+    assert stop_server() is False
