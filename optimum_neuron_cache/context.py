@@ -95,7 +95,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
 
     def _remote_failed(self, stage: str, exc: BaseException) -> None:
         self._remote_ok = False
-        self._warn(f"{stage} skipped, bucket {self._bucket}: {exc} (the run goes on without the bucket)")
+        self._warn(f"{stage} skipped, bucket {self._bucket}: {exc} (the run goes on without the bucket; "
+                   "what it compiles is published by a later run)")
 
     def _entries(self) -> list[LocalEntry]:
         assert self._root.path is not None
@@ -187,8 +188,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return
         if not self._remote_ok or self._client is None:
             state.update_pending(key, add={entry.name for entry in candidates})
-            if candidates:
-                self._warn(f"{len(candidates)} new entries not published (the bucket failed earlier in this run); retried next run")
+            log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))
             return
         try:
             if candidates and self._bucket == embedded_default():

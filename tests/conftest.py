@@ -30,7 +30,10 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
         monkeypatch.delenv(name, raising=False)
     # Unix socket paths must stay short (108 bytes): the runtime dir gets its own short temp dir.
     runtime = Path(tempfile.mkdtemp(prefix="onc-"))
+    # uv keeps its own cache where the user has it (moving XDG_CACHE_HOME must not make every test cold).
+    uv_cache = os.environ.get("UV_CACHE_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv")
     settings = {
+        "UV_CACHE_DIR": uv_cache,
         "HF_HOME": str(tmp_path / "hf_home"),
         "XDG_CACHE_HOME": str(tmp_path / "xdg_cache"),
         "HF_XET_CACHE": str(tmp_path / "xet_cache"),
