@@ -18,7 +18,7 @@ from typing import Any
 from . import remote_layout as layout
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
-from .errors import NeuronCacheError
+from .errors import BucketNotFoundError, NeuronCacheError
 from .fetch import FetchPlan, Fetcher, plan_from_model_area, plan_todo_fill, resolve_model_area, todo_probe_paths
 from .host_state import HostState
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
@@ -107,6 +107,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self.run.requests = self._client.requests
 
     # -------------------------------------------------------------------------------- enter
+    def _is_embedded_default(self) -> bool:
+        return self._bucket == embedded_default()
+
     def __enter__(self) -> CacheRun:
         if self._root.path is None:
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
@@ -118,9 +121,15 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             pass
         local = {entry.name: entry for entry in self._entries()}
         self._before = {name: entry.state for name, entry in local.items()}
+        if self._model is not None:  # the casing the bucket already has replaces this once it is listed
+            self._area = layout.model_area_prefix(self._version, self._model.folder, self._task)
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             self._fetch(root, local)
+        except BucketNotFoundError as exc:
+            if not self._is_embedded_default():
+                self._remote_failed("fetch", exc)
+            # else: the embedded default is made by the first sync; until then it is simply empty
         except (NeuronCacheError, OSError) as exc:
             self._remote_failed("fetch", exc)
         except Exception as exc:  # a bug of ours must never stop the user's compile
@@ -191,7 +200,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))
             return
         try:
-            if candidates and self._bucket == embedded_default():
+            if candidates and self._is_embedded_default():
                 self._client.create()  # the embedded default is made on first use; real buckets never are
             plan = plan_sync(self._client, candidates, area, self._area_modules)
             plan.record, plan.record_path = record, record_path if record is not None else None

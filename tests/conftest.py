@@ -61,7 +61,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     try:
         yield emulator
     finally:
-        stop_server()  # the server holds the emulator's local:// Xet store open: stop it first
+        stop_server()  # before the emulator goes: no transfer may be left running against its local:// store
         emulator.stop()
 
 

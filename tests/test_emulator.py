@@ -1,7 +1,7 @@
 """End-to-end tests of the Hub bucket emulator with the REAL huggingface_hub and the REAL hf_xet.
 
-Each test gets its own emulator and data dir (hf_xet lets only one process use a local:// directory; this pytest
-process is the only client here).
+Each test gets its own emulator and data dir. hf_xet refuses transfers from two processes overlapping in time on
+one local:// directory ("Database already open"); this pytest process is the only client here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ pytest.importorskip("hf_xet")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 from huggingface_hub import HfApi, constants  # noqa: E402
+from huggingface_hub.utils import (  # noqa: E402
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 from huggingface_hub.errors import (  # noqa: E402
     BucketBatchError,
     BucketNotFoundError,
@@ -48,7 +53,13 @@ def _isolated_hf_env(tmp_path_factory):
         mp.delenv("HF_ENDPOINT", raising=False)
         mp.setattr(constants, "HF_HUB_OFFLINE", False)
         mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        yield
+        bars_were_disabled = are_progress_bars_disabled()
+        disable_progress_bars()
+        try:
+            yield
+        finally:
+            if not bars_were_disabled:
+                enable_progress_bars()
 
 
 @pytest.fixture
@@ -154,6 +165,18 @@ def test_paths_info_leaves_missing_out(api, bucket):
     api.batch_bucket_files(bucket, add=[(b"a", "a.txt"), (b"", "empty")])
     infos = list(api.get_bucket_paths_info(bucket, ["a.txt", "missing.txt", "empty", "dir/missing"]))
     assert [(i.path, i.size) for i in infos] == [("a.txt", 1), ("empty", 0)]
+
+
+def test_paths_needing_quoting(api, bucket, tmp_path):
+    odd = "dir with space/é+%2F#?.txt"
+    api.batch_bucket_files(bucket, add=[(b"odd", odd)])
+    assert [f.path for f in api.list_bucket_tree(bucket, "dir with space/", recursive=True)] == [odd]
+    assert [f.path for f in api.get_bucket_paths_info(bucket, [odd])] == [odd]
+    assert api.get_bucket_file_metadata(bucket, odd).size == 3
+    with pytest.raises(EntryNotFoundError):
+        api.get_bucket_file_metadata(bucket, "dir with space/ñope")
+    api.download_bucket_files(bucket, [(odd, tmp_path / "odd")])
+    assert (tmp_path / "odd").read_bytes() == b"odd"
 
 
 def test_download_byte_identical(api, emulator, bucket, tmp_path):
@@ -374,3 +397,19 @@ def test_command_line(tmp_path):
 def test_hash_text_form():
     raw = bytes(range(32))
     assert hash_to_hex(raw) == "0706050403020100" "0f0e0d0c0b0a0908" "1716151413121110" "1f1e1d1c1b1a1918"
+
+
+def test_stop_closes_keepalive_connections_and_restart_keeps_port(tmp_path):
+    emu = HubEmulator(tmp_path / "hub").start()
+    try:
+        api = HfApi(endpoint=emu.endpoint, token="t")
+        bucket = api.create_bucket("me/down").bucket_id
+        endpoint = emu.endpoint
+        emu.stop()
+        with pytest.raises(Exception):  # the pooled keep-alive connection must not keep being served
+            api.bucket_info(bucket)
+        emu.start()
+        assert emu.endpoint == endpoint
+        assert api.bucket_info(bucket).id == bucket
+    finally:
+        emu.stop()

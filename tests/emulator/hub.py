@@ -44,9 +44,11 @@ State (buckets and their files ``path -> {size, xetHash, mtime, uploadedAt}``) l
 atomically to ``<data_dir>/hub_state.json`` after each mutation, so a new emulator on the same ``data_dir`` sees
 the same buckets (and, via ``<data_dir>/cas``, the same bytes).
 
-hf_xet caveat: a process that has used a ``local://`` directory keeps its database open until every XetSession
-of that process is dropped; another process using the same directory meanwhile fails with "Database already
-open". So only one client process at a time per emulator data_dir.
+hf_xet caveat (1.8.0): in ``local://`` mode each upload commit / download group opens a redb database in the
+directory and holds its lock until that object is dropped (HfApi drops it when the call returns; threads of one
+process share it fine). A transfer from ANOTHER process overlapping in time fails with ``RuntimeError: ... Database
+already open. Cannot acquire lock.`` So: one emulator data_dir per concurrently transferring process, or a lock
+around transfers. The emulator itself never opens that database (it only reads ``*.mdb`` shard files).
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ class _Server(ThreadingHTTPServer):
         with self.sockets_lock:
             self.open_sockets.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:  # quiet: no traceback on stderr per connection
+        logger.debug("hub emulator: connection error from %s", client_address, exc_info=True)
 
     def close_open_connections(self) -> None:
         with self.sockets_lock:
@@ -409,7 +414,7 @@ class HubEmulator:
             raise HttpError(401, "Invalid or missing credentials")
         return caller.user
 
-    def _xet_token(self, endpoint: str) -> tuple[dict[str, Any], dict[str, str]]:
+    def _xet_token(self) -> tuple[dict[str, Any], dict[str, str]]:
         exp = int(time.time()) + XET_TOKEN_TTL
         cas_url = f"local://{self.cas_dir}"
         token = "xet_" + secrets.token_hex(8)
@@ -605,7 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers.setdefault("Content-Type", "application/json")
         headers.setdefault("Content-Length", str(len(body)))
         for k, v in headers.items():
-            self.send_header(k, v)
+            self.send_header(k, str(v).encode("ascii", "backslashreplace").decode("ascii"))
         self.end_headers()
         if body and not head:
             self.wfile.write(body)
@@ -745,7 +750,7 @@ class _Handler(BaseHTTPRequestHandler):
                 bucket = emu._get_bucket(caller, bucket_id)
                 if token_kind == "xet-write-token":
                     emu._require_write(caller, bucket.namespace)
-            data, headers = emu._xet_token(self._endpoint())
+            data, headers = emu._xet_token()
             self._send_json(200, data, headers)
             return
 
