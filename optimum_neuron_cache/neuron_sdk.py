@@ -8,6 +8,7 @@ catches that, so the package works (with an explicit compiler version) where the
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -65,13 +66,20 @@ def validate_compiler_version(version: str, *, source: str) -> str:
 def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str] | None = None) -> str:
     """The neuronx-cc version whose cache entries to fetch and publish.
 
-    An explicit argument wins (warming a cache for another machine is legitimate); then the installed
-    compiler's `neuronxcc.__version__`; then NEURON_CC_VERSION. Never guessed from the cache's folders.
+    An explicit argument wins (warming a cache for another fleet is legitimate; a mismatch with the installed
+    compiler is warned about); then the installed compiler's `neuronxcc.__version__`; then NEURON_CC_VERSION.
+    Never guessed from the cache's folders.
     """
     env = os.environ if environ is None else environ
-    if explicit:
-        return validate_compiler_version(explicit, source="the compiler_version argument")
     installed = sdk_info().neuronx_cc
+    if explicit:
+        version = validate_compiler_version(explicit, source="the compiler_version argument")
+        if installed and version != installed:
+            logging.getLogger("optimum_neuron_cache").warning(
+                "optimum-neuron-cache: compiler_version %s differs from the installed neuronx-cc %s: its entries "
+                "live in neuronxcc-%s, which this compiler does not read", version, installed, version,
+            )
+        return version
     if installed:
         return validate_compiler_version(installed, source="neuronxcc.__version__")
     from_env = env.get(ENV_COMPILER_VERSION)
