@@ -37,6 +37,25 @@ def peer_uid(conn: socket.socket) -> int | None:
     return uid
 
 
+def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Callable[[int, int], None]:
+    """Progress frames for a request that asked for them: {"id", "progress": {"done", "total"}}, at most
+    ten a second (plus the last one), written under the connection's lock (backends report from threads)."""
+    last = [0.0]
+
+    def emit(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.1 and done < total:
+            return
+        last[0] = now
+        try:
+            with write_lock:
+                write_frame(conn, {"id": request_id, "progress": {"done": int(done), "total": int(total)}})
+        except OSError:
+            pass  # the client went away; the request finishes and its reply fails to send
+
+    return emit
+
+
 @dataclass
 class Activity:
     """Connections open and requests running: the server is idle only when both are zero."""
@@ -79,11 +98,12 @@ class BucketServer:
                 str(req["args"].get("prefix", "")), recursive=bool(req["args"].get("recursive", True))
             ),
             "paths_info": lambda req: self.backend(req).paths_info(list(req["args"]["paths"])),
-            "download": lambda req: self.backend(req).download(list(req["args"]["files"])),
+            "download": lambda req: self.backend(req).download(list(req["args"]["files"]), progress=req.get("_emit")),
             "batch": lambda req: self.backend(req).batch(
                 add=list(req["args"].get("add", [])),
                 copy=list(req["args"].get("copy", [])),
                 delete=list(req["args"].get("delete", [])),
+                progress=req.get("_emit"),
             ),
         }
 
@@ -147,6 +167,7 @@ class BucketServer:
             "uptime": time.time() - self.started,
             "idle_timeout": self.idle_timeout,
             "connections": self.activity.connections,
+            "requests": self.activity.requests,
         }
 
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +186,7 @@ class BucketServer:
             if not isinstance(request.get("args", {}), dict):
                 raise BackendError(ErrorCode.BAD_REQUEST, "args must be an object")
             request.setdefault("args", {})
+            request.setdefault("_emit", None)
             result = handler(request)
             log.info("%s ok in %.3fs", op, time.monotonic() - started)
             return {"id": request_id, "ok": True, "result": result}
@@ -182,6 +204,7 @@ class BucketServer:
 
     def serve_connection(self, conn: socket.socket) -> None:
         self.activity.change(connections=1)
+        write_lock = threading.Lock()
         try:
             uid = peer_uid(conn)
             if uid is not None and uid != os.getuid():
@@ -199,12 +222,15 @@ class BucketServer:
                     return
                 if request is None:
                     return
+                if request.get("progress"):
+                    request["_emit"] = _progress_emitter(conn, request.get("id"), write_lock)
                 self.activity.change(requests=1)
                 try:
                     response = self.handle(request)
                 finally:
                     self.activity.change(requests=-1)
-                write_frame(conn, response)
+                with write_lock:
+                    write_frame(conn, response)
         except OSError as exc:
             log.info("connection ended: %s", exc)
         finally:

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from .errors import (
 from .server_launcher import ServerAddress, ensure_server, server_address
 
 ENV_REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
+#: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
+ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
 IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch"})
 
@@ -96,17 +98,24 @@ class _Connection:
             raise ServerError(f"bucket server handshake failed: {error.get('message')}")
         self.server_info = reply["result"]
 
-    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _exchange(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         assert self.sock is not None
         self.next_id += 1
         message["id"] = self.next_id
+        if progress is not None:
+            message["progress"] = True
         write_frame(self.sock, message)
-        reply = read_frame(self.sock)
-        if reply is None:
-            raise ConnectionResetError("the bucket server closed the connection")
-        if reply.get("id") != message["id"]:
-            raise FrameError("reply does not match the request")
-        return reply
+        while True:
+            reply = read_frame(self.sock)
+            if reply is None:
+                raise ConnectionResetError("the bucket server closed the connection")
+            if reply.get("id") != message["id"]:
+                raise FrameError("reply does not match the request")
+            if "progress" in reply and "ok" not in reply:
+                if progress is not None:
+                    progress(int(reply["progress"].get("done", 0)), int(reply["progress"].get("total", 0)))
+                continue
+            return reply
 
     def close(self) -> None:
         if self.sock is not None:
@@ -115,14 +124,14 @@ class _Connection:
             finally:
                 self.sock = None
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    def request(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         attempts = 2 if message["op"] in IDEMPOTENT else 1
         with self.lock:
             for attempt in range(attempts):
                 try:
                     if self.sock is None:
                         self._connect()
-                    return self._exchange(dict(message))
+                    return self._exchange(dict(message), progress)
                 except ProtocolMismatchError:
                     self._replace_server()
                     if attempt + 1 == attempts:
@@ -131,6 +140,10 @@ class _Connection:
                     self.close()
                     if attempt + 1 == attempts:
                         raise ServerError(f"lost the bucket server ({type(exc).__name__}: {exc}); log: {self.address.log_path}") from None
+                except BaseException:
+                    # Interrupted (Ctrl-C) mid-request: the rest of the reply would desynchronize the stream.
+                    self.close()
+                    raise
         raise AssertionError("unreachable")
 
     def _replace_server(self) -> None:
@@ -217,12 +230,12 @@ class BucketClient:
         #: Requests sent by this client: the figure benchmarks and "cheap when warm" are judged by.
         self.requests = 0
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, *, progress: ProgressCallback | None = None, **args: Any) -> Any:
         message: dict[str, Any] = {"op": op, "args": args, "bucket": self.bucket.to_wire()}
         if self._token:
             message["auth"] = {"token": self._token}
         self.requests += 1
-        reply = _connection(self.environ).request(message)
+        reply = _connection(self.environ).request(message, progress)
         if reply.get("ok"):
             return reply.get("result")
         error = reply.get("error") or {}
@@ -245,12 +258,12 @@ class BucketClient:
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         return self.call("paths_info", paths=paths) if paths else []
 
-    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.call("download", files=files)
+    def download(self, files: list[dict[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        return self.call("download", files=files, progress=progress)
 
     def batch(self, *, add: list[dict[str, Any]] | None = None, copy: list[dict[str, Any]] | None = None,
-              delete: list[str] | None = None) -> dict[str, Any]:
-        return self.call("batch", add=add or [], copy=copy or [], delete=delete or [])
+              delete: list[str] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        return self.call("batch", add=add or [], copy=copy or [], delete=delete or [], progress=progress)
 
     def server_status(self) -> dict[str, Any]:
         return self.call("status")

@@ -18,8 +18,8 @@ from typing import Any
 from . import remote_layout as layout
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
-from .errors import BucketNotFoundError, NeuronCacheError
-from .fetch import FetchPlan, Fetcher, plan_from_model_area, plan_todo_fill, resolve_model_area, todo_probe_paths
+from .errors import NeuronCacheError
+from .fetch import fetch_model
 from .host_state import HostState
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
@@ -121,40 +121,24 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             pass
         local = {entry.name: entry for entry in self._entries()}
         self._before = {name: entry.state for name, entry in local.items()}
-        if self._model is not None:  # the casing the bucket already has replaces this once it is listed
-            self._area = layout.model_area_prefix(self._version, self._model.folder, self._task)
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
-            self._fetch(root, local)
-        except BucketNotFoundError as exc:
-            if not self._is_embedded_default():
-                self._remote_failed("fetch", exc)
-            # else: the embedded default is made by the first sync; until then it is simply empty
+            fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
+                                  self._task, local, missing_bucket_is_empty=self._is_embedded_default())
         except (NeuronCacheError, OSError) as exc:
             self._remote_failed("fetch", exc)
         except Exception as exc:  # a bug of ours must never stop the user's compile
             self._remote_failed("fetch", RuntimeError(f"{type(exc).__name__}: {exc}"))
+        else:
+            self._area = fetched.area
+            self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.records
+            prefix = layout.version_prefix(self._version)
+            self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
+            self.run.bytes_downloaded = fetched.result.bytes
+            for module, why in fetched.result.skipped:
+                self._warn(f"entry {prefix}/{module} not fetched: {why}")
         self._count_requests()
         return self.run
-
-    def _fetch(self, root: Path, local: dict[str, LocalEntry]) -> None:
-        assert self._client is not None
-        if self._model is not None:
-            self._area, listing = resolve_model_area(self._client, self._version, self._model.folder, self._task)
-            plan = plan_from_model_area(self._version, self._area, listing, local)
-            self._area_modules, self._area_records = plan.remote_modules, plan.records
-        else:
-            plan = FetchPlan(self._version)
-        planned = {item.module for item in plan.items}
-        todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in planned]
-        if todo:
-            plan_todo_fill(plan, todo, self._client.paths_info(todo_probe_paths(self._version, todo)))
-        result = Fetcher(self._client, root, self._version).execute(plan)
-        prefix = layout.version_prefix(self._version)
-        self.run.fetched = [f"{prefix}/{module}" for module in result.fetched]
-        self.run.bytes_downloaded = result.bytes
-        for module, why in result.skipped:
-            self._warn(f"entry {prefix}/{module} not fetched: {why}")
 
     # --------------------------------------------------------------------------------- exit
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from filelock import Timeout
 
 from . import remote_layout as layout
-from .client import BucketClient
+from .errors import BucketNotFoundError
+from .client import BucketClient, ProgressCallback
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 
@@ -193,7 +194,7 @@ class Fetcher:
     def target(self, module: str) -> Path:
         return self.root / version_dir_name(self.version) / module
 
-    def execute(self, plan: FetchPlan) -> FetchResult:
+    def execute(self, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
         result = FetchResult()
         if not plan.items:
             return result
@@ -207,7 +208,7 @@ class Fetcher:
                     held.append(item)
                 except Timeout:
                     waiting.append(item)
-            self._download_and_install(held, result)
+            self._download_and_install(held, result, progress)
             for lock in (locks[item.module] for item in held):
                 lock.release()
             held = []
@@ -224,13 +225,13 @@ class Fetcher:
                 # The holder may have failed: whatever is still missing, this process fetches itself.
                 again = [item for item in held if _still_needed(item, self.target(item.module), self.version)]
                 result.installed_by_others.extend(item.module for item in held if item not in again)
-                self._download_and_install(again, result)
+                self._download_and_install(again, result, progress)
         finally:
             for item in held:
                 locks[item.module].release()
         return result
 
-    def _download_and_install(self, items: list[FetchItem], result: FetchResult) -> None:
+    def _download_and_install(self, items: list[FetchItem], result: FetchResult, progress: ProgressCallback | None) -> None:
         todo = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
         result.installed_by_others.extend(item.module for item in items if item not in todo)
         if not todo:
@@ -242,7 +243,7 @@ class Fetcher:
                 for remote in item.files:
                     requests.append({"path": remote.path, "local_path": str(tmp / item.module / remote.filename),
                                      "size": remote.size, "xet_hash": remote.xet_hash})
-            self.client.download(requests)
+            self.client.download(requests, progress=progress)
             for item in todo:
                 staged = tmp / item.module
                 problem = _verify(item, staged)
@@ -276,3 +277,38 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
         return area, []
     area = layout.model_area_prefix(compiler_version, cased, task)
     return area, client.list(area, recursive=True)
+
+
+@dataclass
+class ModelFetch:
+    """What fetching a model's entries found and did."""
+
+    #: The model's area in the bucket (with the casing the bucket has), None without a model.
+    area: str | None
+    plan: FetchPlan
+    result: FetchResult
+
+
+def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_folder: str | None, task: str,
+                local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
+                progress: ProgressCallback | None = None) -> ModelFetch:
+    """Install the model's entries the local cache lacks, and fill local todo entries from the flat area.
+
+    Requests: one listing of the model's area (three when the casing differs from the bucket's), one
+    paths-info when there are todo entries, one download.
+    """
+    area = layout.model_area_prefix(compiler_version, model_folder, task) if model_folder else None
+    listing: list[dict[str, Any]] = []
+    if model_folder is not None:
+        try:
+            area, listing = resolve_model_area(client, compiler_version, model_folder, task)
+        except BucketNotFoundError:
+            if not missing_bucket_is_empty:
+                raise
+            return ModelFetch(area, FetchPlan(compiler_version), FetchResult())
+    plan = plan_from_model_area(compiler_version, area, listing, local) if area else FetchPlan(compiler_version)
+    planned = {item.module for item in plan.items}
+    todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in planned]
+    if todo:
+        plan_todo_fill(plan, todo, client.paths_info(todo_probe_paths(compiler_version, todo)))
+    return ModelFetch(area, plan, Fetcher(client, root, compiler_version).execute(plan, progress))

@@ -171,8 +171,8 @@ def test_a_truncated_remote_file_is_never_installed(tmp_path, version, caplog):
 
     real_download = fetch_module.BucketClient.download
 
-    def truncating_download(self, files):
-        result = real_download(self, files)
+    def truncating_download(self, files, **kwargs):
+        result = real_download(self, files, **kwargs)
         for item in files:
             if item["path"].endswith("model.neff"):
                 Path(item["local_path"]).write_bytes(b"short")

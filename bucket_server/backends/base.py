@@ -7,9 +7,16 @@ folders {"type": "directory", "path"}. Paths are bucket-relative, '/'-separated,
 from __future__ import annotations
 
 import abc
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol import ErrorCode
+
+
+#: progress(done_bytes, total_bytes), called from any thread.
+Progress = Callable[[int, int], None]
 
 
 class BackendError(Exception):
@@ -60,13 +67,53 @@ class Backend(abc.ABC):
         """The files among `paths` that exist; missing ones are left out."""
 
     @abc.abstractmethod
-    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
         """Download [{"path", "local_path", "size"?, "xet_hash"?}]; {"files": n, "bytes": n}."""
 
     @abc.abstractmethod
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
+              progress: Progress | None = None) -> dict[str, Any]:
         """Apply copies, then adds, then deletes.
 
         add: [{"dest", "local_path"} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}] copies
         within the bucket (server-side by hash where the backend can). Returns counts.
         """
+
+
+class FileSizeWatcher:
+    """Report a transfer's progress by watching the sizes of the files it writes (for transfers whose
+    library gives no progress callback). Use as a context manager around the transfer."""
+
+    def __init__(self, paths: list[str], total: int, progress: Progress | None, interval: float = 0.2) -> None:
+        self.paths = paths
+        self.total = total
+        self.progress = progress
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _done(self) -> int:
+        done = 0
+        for path in self.paths:
+            try:
+                done += os.stat(path).st_size
+            except OSError:
+                pass
+        return min(done, self.total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.progress(self._done(), self.total)
+
+    def __enter__(self) -> "FileSizeWatcher":
+        if self.progress is not None:
+            self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if exc[0] is None:
+                self.progress(self.total, self.total)

@@ -11,16 +11,18 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, validate_remote_path
+from .base import Backend, BackendError, Progress, validate_remote_path
 
 INCOMING = ".incoming"
 
 
-def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str],
+                      on_bytes: Callable[[int], None] | None = None) -> int:
     """Copy the bytes of a regular file; a symlink or anything else is refused, never followed."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
@@ -32,8 +34,34 @@ def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[st
         if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
             raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
         with open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+            if on_bytes is None:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    on_bytes(len(chunk))
             return dst.tell()
+
+
+def _local_size(item: dict[str, Any]) -> int:
+    try:
+        return os.lstat(item["local_path"]).st_size if "local_path" in item else 0
+    except OSError:
+        return 0
+
+
+class _Counter:
+    """Bytes moved so far, reported to a progress callback."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 class DirBackend(Backend):
@@ -134,21 +162,24 @@ class DirBackend(Backend):
                 found.append(self._file_item(path, info))
         return found
 
-    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
         self._require_root()
+        counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
         total = 0
         for item in files:
             source = self._local(item["path"])
             dest = Path(item["local_path"])
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                total += copy_regular_file(source, dest)
+                total += copy_regular_file(source, dest, counter.add if progress else None)
             except FileNotFoundError:
                 raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}") from None
         return {"files": len(files), "bytes": total}
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
+              progress: Progress | None = None) -> dict[str, Any]:
         self._require_root()
+        counter = _Counter(progress, sum(_local_size(item) for item in add))
         for item in copy:
             source = self._local(item["src"])
             if self._stat_file(item["src"]) is None:
@@ -163,7 +194,7 @@ class DirBackend(Backend):
             tmp = self._incoming()
             try:
                 if "local_path" in item:
-                    copy_regular_file(item["local_path"], tmp)
+                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None)
                 else:
                     tmp.write_bytes(str(item.get("content", "")).encode("utf-8"))
                 self._install(tmp, item["dest"])

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, validate_remote_path
+from .base import Backend, BackendError, FileSizeWatcher, Progress, validate_remote_path
 
 _configure_lock = threading.Lock()
 _configured = False
@@ -92,6 +92,21 @@ def _require_regular_file(path: str) -> None:
         raise BackendError(ErrorCode.BAD_REQUEST, f"local file {path} is not a regular file (symlinks are never uploaded)")
 
 
+PROGRESS_CHUNK = 64 * 1024 * 1024
+
+
+def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list[tuple[Any, int]]]:
+    chunks: list[list[tuple[Any, int]]] = [[]]
+    filled = 0
+    for item, size in zip(items, sizes):
+        if chunks[-1] and filled + size > limit:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append((item, size))
+        filled += size
+    return chunks
+
+
 def _file_item(bucket_file: Any) -> dict[str, Any]:
     mtime = getattr(bucket_file, "mtime", None)
     return {
@@ -168,7 +183,7 @@ class HfBackend(Backend):
         except Exception as exc:
             raise map_exception(exc, f"paths-info {self.bucket_id}") from exc
 
-    def download(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
         from huggingface_hub import BucketFile
 
         pairs = []
@@ -179,10 +194,14 @@ class HfBackend(Backend):
             else:
                 remote = path
             pairs.append((remote, item["local_path"]))
-        self._call("download from", self.api.download_bucket_files, self.bucket_id, pairs, raise_on_missing_files=True)
-        return {"files": len(files), "bytes": sum(int(item.get("size") or 0) for item in files)}
+        total = sum(int(item.get("size") or 0) for item in files)
+        # hf_xet writes the destination files as it goes: their sizes are the progress.
+        with FileSizeWatcher([str(item["local_path"]) for item in files], total, progress):
+            self._call("download from", self.api.download_bucket_files, self.bucket_id, pairs, raise_on_missing_files=True)
+        return {"files": len(files), "bytes": total}
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str]) -> dict[str, Any]:
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
+              progress: Progress | None = None) -> dict[str, Any]:
         copy_ops = []
         if copy:
             missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]
@@ -202,5 +221,18 @@ class HfBackend(Backend):
                 source = str(item.get("content", "")).encode("utf-8")
             add_ops.append((source, dest))
         delete_ops = [validate_remote_path(path) for path in delete]
-        self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=add_ops, copy=copy_ops, delete=delete_ops)
+        if progress is None or len(add_ops) <= 1:
+            self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=add_ops, copy=copy_ops, delete=delete_ops)
+        else:
+            # HfApi reports no upload progress to its caller: when progress is asked for, upload in chunks of
+            # about PROGRESS_CHUNK bytes (several Hub commits instead of one) and report after each.
+            sizes = [len(src) if isinstance(src, bytes) else os.path.getsize(src) for src, _ in add_ops]
+            total, done = sum(sizes), 0
+            self._call("batch on", self.api.batch_bucket_files, self.bucket_id, copy=copy_ops)
+            for chunk in _chunks_by_size(add_ops, sizes, PROGRESS_CHUNK):
+                self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=[op for op, _ in chunk])
+                done += sum(size for _, size in chunk)
+                progress(done, total)
+            if delete_ops:
+                self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
         return {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
