@@ -63,6 +63,8 @@ class Activity:
     connections: int = 0
     requests: int = 0
     last_change: float = field(default_factory=time.monotonic)
+    #: When the last bucket operation finished (status queries do not count): what `server status` calls idle.
+    last_operation: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def change(self, connections: int = 0, requests: int = 0) -> None:
@@ -168,6 +170,7 @@ class BucketServer:
             "idle_timeout": self.idle_timeout,
             "connections": self.activity.connections,
             "requests": self.activity.requests,
+            "idle_for": time.monotonic() - self.activity.last_operation,
         }
 
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +232,8 @@ class BucketServer:
                     response = self.handle(request)
                 finally:
                     self.activity.change(requests=-1)
+                    if request.get("op") not in ("status", "hello"):
+                        self.activity.last_operation = time.monotonic()
                 with write_lock:
                     write_frame(conn, response)
         except OSError as exc:

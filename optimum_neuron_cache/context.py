@@ -135,7 +135,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
-            for module, why in fetched.result.skipped:
+            for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
         self._count_requests()
         return self.run

@@ -66,7 +66,8 @@ class FetchPlan:
 class FetchResult:
     fetched: list[str] = field(default_factory=list)  # MODULE names installed by this process
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (module, why): the remote copy failed a check
     bytes: int = 0
 
 
@@ -217,8 +218,8 @@ class Fetcher:
                 try:
                     locks[item.module].acquire(timeout=max(0.0, deadline - time.monotonic()))
                 except Timeout:
-                    result.skipped.append((item.module, f"another process held its lock for over {lock_timeout():.0f}s "
-                                           "(set NEURON_CACHE_LOCK_TIMEOUT to wait longer)"))
+                    result.failed.append((item.module, f"another process held its lock for over {lock_timeout():.0f}s "
+                                          "(set NEURON_CACHE_LOCK_TIMEOUT to wait longer)"))
                     continue
                 held.append(item)
             if held:
@@ -249,7 +250,7 @@ class Fetcher:
                 problem = _verify(item, staged)
                 if problem:
                     log.warning("optimum-neuron-cache: not installing %s/%s: %s", version_dir_name(self.version), item.module, problem)
-                    result.skipped.append((item.module, problem))
+                    result.failed.append((item.module, problem))
                     continue
                 target = self.target(item.module)
                 installed = _install_fill(item, staged, target, self.version) if item.fill else _install_whole(staged, target)

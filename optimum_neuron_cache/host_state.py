@@ -63,17 +63,21 @@ class HostState:
         Folders of other hosts (a cache root on a shared filesystem) are left alone: their pids mean nothing here.
         """
         removed = 0
-        host = socket.gethostname()
         try:
             items = list((self.base / "tmp").iterdir())
         except FileNotFoundError:
             return 0
         for item in items:
-            owner, _, rest = item.name.rpartition(".")[0].rpartition(".")
-            if owner == host and rest.isdigit() and not _pid_alive(int(rest)):
+            if self.is_stale_temp_dir(item):
                 shutil.rmtree(item, ignore_errors=True)
                 removed += 1
         return removed
+
+    @staticmethod
+    def is_stale_temp_dir(path: Path) -> bool:
+        """A temp folder of this host whose process is gone."""
+        owner, _, pid = path.name.rpartition(".")[0].rpartition(".")
+        return owner == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
     # --------------------------------------------------------------------------------- journal
     def _journal_path(self) -> Path:

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 
 from . import remote_layout as layout
-from .client import BucketClient
+from .client import BucketClient, ProgressCallback
 from .host_state import HostState
-from .local_cache import LocalEntry
+from .local_cache import LocalEntry, scan_entries
 from .records import ExportRecord
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -89,7 +90,7 @@ def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: s
     return plan
 
 
-def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan) -> SyncResult:
+def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progress: ProgressCallback | None = None) -> SyncResult:
     result = SyncResult()
     locks = []
     items: list[PublishItem] = []
@@ -103,7 +104,7 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan) -> Sync
                 continue
             locks.append(lock)
             items.append(item)
-        _publish(client, items, result)
+        _publish(client, items, result, progress)
         if plan.record is not None and plan.record_path is not None:
             client.batch(add=[{"dest": plan.record_path, "content": plan.record.to_json()}])
             result.record_path = plan.record_path
@@ -117,7 +118,7 @@ def _flat(item: PublishItem, name: str) -> str:
     return f"{layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name)}/{name}"
 
 
-def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult) -> None:
+def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None) -> None:
     if not items:
         return
     content: list[dict[str, Any]] = []
@@ -128,7 +129,7 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult)
                     content.append({"dest": _flat(item, name), "local_path": str(item.entry.path / name)})
                     result.bytes_uploaded += item.entry.files[name]
     if content:
-        client.batch(add=content)
+        client.batch(add=content, progress=progress)
     copies: list[dict[str, Any]] = []
     flat_commits: list[dict[str, Any]] = []
     for item in items:
@@ -145,3 +146,34 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult)
     if model_commits:
         client.batch(add=model_commits)
     result.published.extend(item.entry.name for item in items)
+
+
+@dataclass
+class VersionSync:
+    compiler_version: str
+    plan: SyncPlan
+    result: SyncResult | None = None
+
+
+def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None = None, model_folder: str | None = None,
+               task: str = layout.DEFAULT_TASK, dry_run: bool = False, progress: ProgressCallback | None = None) -> list[VersionSync]:
+    """Publish every local success entry the bucket lacks (the explicit push of CI jobs and
+    neuron_parallel_compile users): to the flat area, and to a model's area when one is named."""
+    by_version: dict[str, list[LocalEntry]] = {}
+    for entry in scan_entries(root, compiler_version):
+        if entry.state.publishable:
+            by_version.setdefault(entry.compiler_version, []).append(entry)
+    state = HostState(root)
+    report = []
+    for version, entries in sorted(by_version.items()):
+        area = None
+        if model_folder is not None:
+            models = layout.models_prefix(version)
+            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
+            area = layout.model_area_prefix(version, layout.reuse_casing(model_folder, folders), task)
+        plan = plan_sync(client, entries, area)
+        sync = VersionSync(version, plan)
+        if not dry_run and plan.items:
+            sync.result = execute_sync(client, state, plan, progress)
+        report.append(sync)
+    return report

@@ -1,0 +1,368 @@
+"""`neuron-cache`: the cache at the terminal (also `python -m optimum_neuron_cache`).
+
+Exit codes: 0 success, 1 the operation failed, 2 bad usage (including a malformed bucket id, model id or
+compiler version). Errors are one line on stderr; `--debug` adds the traceback. Progress bars (bytes and
+rates) appear on fetch and sync when stderr is a terminal, unless `--quiet`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from . import __version__
+from . import remote_layout as layout
+from .buckets import parse_bucket, resolve_bucket, save_bucket, setting_path
+from .client import BucketClient, ProgressCallback, running_server, stop_server
+from .errors import ConfigurationError, NeuronCacheError
+from .fetch import fetch_model
+from .host_state import HostState
+from .inventory import bucket_inventory
+from .local_cache import CacheRoot, resolve_cache_root, scan_entries, version_dir_name
+from .lookup import lookup_cache
+from .maintenance import cache_status, execute_cleanup, plan_cleanup
+from .neuron_sdk import resolve_compiler_version, sdk_info
+from .sync import sync_cache
+
+log = logging.getLogger("optimum_neuron_cache")
+
+
+def size(count: int) -> str:
+    return tqdm.format_sizeof(count, suffix="B", divisor=1024)
+
+
+class Output:
+    """Where the CLI writes: results on stdout; progress on stderr, only for a terminal."""
+
+    def __init__(self, quiet: bool, debug: bool) -> None:
+        self.quiet = quiet
+        self.debug = debug
+
+    def progress(self, description: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
+        if self.quiet or not sys.stderr.isatty():
+            return None, lambda: None
+        bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False, total=0)
+
+        def update(done: int, total: int) -> None:
+            if total and bar.total != total:
+                bar.total = total
+            bar.update(max(0, done - bar.n))
+
+        return update, bar.close
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message)
+
+
+class CacheGroup(click.Group):
+    """Turns the project's errors into one line and an exit code; Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NeuronCacheError as exc:
+            if ctx.find_object(Output) and ctx.find_object(Output).debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2 if isinstance(exc, ConfigurationError) else 1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing partial was left in the cache", err=True)
+            ctx.exit(130)
+
+
+def _root(cache_dir: str | None) -> Path:
+    root: CacheRoot = resolve_cache_root(cache_dir)
+    if root.path is None:
+        raise ConfigurationError(f"bucket sync is off: {root.disabled_reason}")
+    return root.path
+
+
+bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NAME or a directory (default: NEURON_CACHE_BUCKET, `set`, the embedded default).")
+cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
+version_option = click.option("--compiler-version", help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
+task_option = click.option("--task", "-t", default=None, help="The task (default: `default`).")
+
+
+@click.group(cls=CacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no informational output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(__version__, prog_name="neuron-cache")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
+    """Share AWS Neuron compile artifacts through Hugging Face Storage Buckets."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    ctx.obj = Output(quiet, debug)
+
+
+# ---------------------------------------------------------------------------------------- buckets
+
+
+@cli.command()
+@click.argument("bucket")
+@click.option("--private", is_flag=True, help="Create a private Hub bucket.")
+@click.pass_obj
+def create(out: Output, bucket: str, private: bool) -> None:
+    """Create BUCKET (a Hub bucket or a directory; exists-ok) and make it the default."""
+    ref = parse_bucket(bucket)
+    result = BucketClient(ref).create(private=private or None)
+    click.echo(f"{'created' if result.get('created') else 'exists'}: {ref}")
+    save_bucket(ref)
+    click.echo(f"default bucket: {ref} (saved in {setting_path()})")
+
+
+@cli.command(name="set")
+@click.argument("bucket", required=False)
+@click.option("--unset", is_flag=True, help="Forget the saved default bucket.")
+def set_(bucket: str | None, unset: bool) -> None:
+    """Save BUCKET as the default bucket (or forget it with --unset)."""
+    if unset == bool(bucket):
+        raise click.UsageError("give a BUCKET, or --unset")
+    if unset:
+        save_bucket(None)
+        click.echo(f"default bucket unset; now: {resolve_bucket(None)}")
+        return
+    ref = parse_bucket(bucket or "")
+    path = save_bucket(ref)
+    click.echo(f"default bucket: {ref} (saved in {path})")
+
+
+# ------------------------------------------------------------------------------------ fetch, sync
+
+
+@cli.command()
+@click.argument("model_id")
+@task_option
+@cache_dir_option
+@bucket_option
+@version_option
+@click.pass_obj
+def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None, compiler_version: str | None) -> None:
+    """Warm the local compile cache with MODEL_ID's entries from the bucket."""
+    model = layout.model_ref(model_id)
+    task_name = layout.task_name(task)
+    root = _root(cache_dir)
+    version = resolve_compiler_version(compiler_version)
+    ref = resolve_bucket(bucket)
+    client = BucketClient(ref)
+    HostState(root).remove_stale_temp_dirs()
+    local = {entry.name: entry for entry in scan_entries(root, version)}
+    progress, close = out.progress("fetch")
+    try:
+        fetched = fetch_model(client, root, version, model.folder, task_name, local, progress=progress)
+    finally:
+        close()
+    result = fetched.result
+    target = root / version_dir_name(version)
+    if not fetched.plan.remote_modules and not fetched.plan.items:
+        out.info(f"nothing to fetch: {ref} holds no entries for {model.model_id} ({task_name}) under neuronxcc-{version}")
+    else:
+        present = len(fetched.plan.remote_modules) - len(fetched.plan.items)
+        out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
+                 f"{present + len(result.installed_by_others)} already present")
+    for module, why in result.failed:
+        click.echo(f"warning: {module} not fetched: {why}", err=True)
+    if result.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@cache_dir_option
+@bucket_option
+@version_option
+@click.option("--model", "model_id", help="Also publish to this model's area.")
+@task_option
+@click.option("--dry-run", is_flag=True, help="Show what would be published.")
+@click.pass_obj
+def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_version: str | None, model_id: str | None,
+         task: str | None, dry_run: bool) -> None:
+    """Publish every local success entry the bucket lacks."""
+    if task and not model_id:
+        raise click.UsageError("--task goes with --model")
+    model = layout.model_ref(model_id) if model_id else None
+    task_name = layout.task_name(task)
+    root = _root(cache_dir)
+    ref = resolve_bucket(bucket)
+    client = BucketClient(ref)
+    progress, close = (None, lambda: None) if dry_run else out.progress("sync")
+    try:
+        report = sync_cache(client, root, compiler_version=compiler_version, model_folder=model.folder if model else None,
+                            task=task_name, dry_run=dry_run, progress=progress)
+    finally:
+        close()
+    total_entries = total_bytes = 0
+    for version_sync in report:
+        plan = version_sync.plan
+        for item in plan.items:
+            where = " + ".join(["flat"] * item.to_flat + ([item.to_model.split("/models/", 1)[1]] if item.to_model else []))
+            out.info(f"{'would publish' if dry_run else 'published'} neuronxcc-{version_sync.compiler_version}/{item.entry.name} -> {where}")
+        total_entries += len(plan.items)
+        total_bytes += plan.bytes_to_upload
+    verb = "would publish" if dry_run else "published"
+    out.info(f"{verb} {total_entries} entries ({size(total_bytes)}) to {ref}" if total_entries else f"nothing to publish: {ref} has every success entry of {root}")
+
+
+# ------------------------------------------------------------------------------------ lookup, ls
+
+
+@cli.command()
+@click.argument("model_id")
+@task_option
+@version_option
+@click.option("--all-versions", is_flag=True, help="Every compiler version in the bucket.")
+@click.option("--target", "--instance-type", "target", help="e.g. trn1, trn2, inf2.")
+@click.option("--batch-size", type=int)
+@click.option("--sequence-length", type=int)
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", type=int)
+@click.option("--dtype", help="e.g. bf16, fp16.")
+@bucket_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lookup(model_id: str, task: str | None, compiler_version: str | None, all_versions: bool, target: str | None,
+           batch_size: int | None, sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None,
+           bucket: str | None, as_json: bool) -> None:
+    """List the cached export configurations of MODEL_ID, with the compile flags of each."""
+    if compiler_version and all_versions:
+        raise click.UsageError("--compiler-version and --all-versions exclude each other")
+    records = lookup_cache(model_id, task, compiler_version=compiler_version, all_versions=all_versions, bucket=bucket,
+                           target=target, batch_size=batch_size, sequence_length=sequence_length,
+                           tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+    if as_json:
+        click.echo(json.dumps([record.to_dict() for record in records], indent=1))
+        return
+    if not records:
+        click.echo(f"no cached configuration of {model_id} matches")
+        return
+    for record in records:
+        config = " ".join(f"{key}={value}" for key, value in sorted(record.export_config.items()))
+        click.echo(f"neuronxcc-{record.compiler_version}  {record.task}  {config}")
+        click.echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  created: {record.created_at}")
+
+
+@cli.command(name="ls")
+@version_option
+@click.option("--model", "model_id", help="Only this model.")
+@bucket_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls(compiler_version: str | None, model_id: str | None, bucket: str | None, as_json: bool) -> None:
+    """What the bucket holds, by compiler version and model: entries and sizes."""
+    model = layout.model_ref(model_id) if model_id else None
+    ref = resolve_bucket(bucket)
+    inventory = bucket_inventory(BucketClient(ref), compiler_version=compiler_version, model_folder=model.folder if model else None)
+    if as_json:
+        click.echo(json.dumps([asdict(area) for area in inventory.areas], indent=1))
+        return
+    if not inventory.areas:
+        click.echo(f"{ref} holds no entries" + (f" for {model_id}" if model_id else ""))
+        return
+    rows = [("COMPILER", "AREA", "ENTRIES", "SIZE", "RECORDS")]
+    for area in inventory.areas:
+        entries = f"{area.entries}" + (f" (+{area.incomplete} incomplete)" if area.incomplete else "")
+        rows.append((area.compiler_version, area.area or "(flat)", entries, size(area.bytes), str(area.records) if area.area else "-"))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+# --------------------------------------------------------------------------------- status, cleanup
+
+
+@cli.command()
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(cache_dir: str | None, as_json: bool) -> None:
+    """The local compile cache: entries by state, sizes, compiler versions, Neuron SDK."""
+    root = resolve_cache_root(cache_dir)
+    versions = cache_status(root.path) if root.path else []
+    sdk = sdk_info()
+    if as_json:
+        click.echo(json.dumps({
+            "cache_dir": str(root.path) if root.path else root.url, "source": root.source, "sync_disabled": root.disabled_reason,
+            "versions": [{"compiler_version": v.compiler_version, "states": dict(v.states), "bytes": v.bytes} for v in versions],
+            "sdk": asdict(sdk), "bucket": str(resolve_bucket(None)),
+        }, indent=1))
+        return
+    click.echo(f"cache dir: {root.path or root.url} ({root.source})")
+    if root.disabled_reason:
+        click.echo(f"bucket sync: off ({root.disabled_reason})")
+    click.echo(f"bucket: {resolve_bucket(None)}")
+    click.echo("neuron sdk: " + ", ".join(f"{name} {value or 'not installed'}" for name, value in
+                                          (("neuronx-cc", sdk.neuronx_cc), ("libneuronxla", sdk.libneuronxla), ("torch-neuronx", sdk.torch_neuronx))))
+    if not versions:
+        click.echo("no entries")
+        return
+    states = ("success", "legacy_success", "failed", "locked", "todo", "incomplete")
+    rows = [("COMPILER", *[state.upper() for state in states], "SIZE")]
+    for version in versions:
+        rows.append((version.compiler_version, *[str(version.states.get(state, 0)) for state in states], size(version.bytes)))
+    _table(rows)
+
+
+@cli.command()
+@cache_dir_option
+@click.option("--failed", is_flag=True, help="Remove cached compile failures.")
+@click.option("--locks", is_flag=True, help="Remove stale locks (refused while neuronx-cc runs).")
+@click.option("--old-versions", is_flag=True, help="Remove entries of other compiler versions than --compiler-version.")
+@version_option
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool, compiler_version: str | None, dry_run: bool) -> None:
+    """Remove poisoned entries, stale locks and leftover downloads (default: --failed --locks)."""
+    if not (failed or locks or old_versions):
+        failed = locks = True
+    keep = resolve_compiler_version(compiler_version) if old_versions else None
+    root = _root(cache_dir)
+    plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep)
+    for message in plan.refused:
+        click.echo(f"warning: {message}", err=True)
+    for removal in plan.removals:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
+    freed = plan.bytes if dry_run else execute_cleanup(plan)
+    click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {len(plan.removals)} removals" if plan.removals else "nothing to clean up")
+    if plan.refused:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------ server
+
+
+@cli.group()
+def server() -> None:
+    """The bucket server of this user, host and endpoint."""
+
+
+@server.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def server_status(as_json: bool) -> None:
+    """Show the running server (pid, socket, version, idle time)."""
+    info = running_server()
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    if info is None:
+        click.echo("no bucket server is running (one starts on demand)")
+        return
+    click.echo(f"pid: {info['pid']}\nsocket: {info['socket']}\nendpoint: {info['endpoint']}\n"
+               f"version: {info['server_version']} (protocol {info['protocol']}, huggingface_hub {info['huggingface_hub']})\n"
+               f"python: {info['python']}\nuptime: {info['uptime']:.0f}s\nidle: {info['idle_for']:.0f}s (exits after {info['idle_timeout']:.0f}s idle)\n"
+               f"connections: {info['connections'] - 1}")
+
+
+@server.command(name="stop")
+def server_stop() -> None:
+    """Stop the running server (the next request starts a new one)."""
+    click.echo("stopped the bucket server" if stop_server() else "no bucket server was running")
+
+
+def main() -> None:
+    cli(prog_name="neuron-cache")

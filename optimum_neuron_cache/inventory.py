@@ -1,0 +1,88 @@
+"""What a bucket holds, by compiler version and area (flat, or model and task): for `neuron-cache ls`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import remote_layout as layout
+from .client import BucketClient
+from .fetch import RemoteFile, complete_remote_entry
+from .local_cache import is_module_name, version_from_dir_name
+
+
+@dataclass
+class AreaSummary:
+    compiler_version: str
+    #: "" for the flat area, else `<model folder>/<task>`.
+    area: str
+    entries: int = 0
+    incomplete: int = 0
+    bytes: int = 0
+    records: int = 0
+
+
+@dataclass
+class Inventory:
+    areas: list[AreaSummary] = field(default_factory=list)
+
+    @property
+    def versions(self) -> list[str]:
+        return sorted({area.compiler_version for area in self.areas})
+
+
+def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
+    """Group one version's recursive listing into areas; entries count only when complete."""
+    prefix = layout.version_prefix(version) + "/"
+    modules: dict[tuple[str, str], dict[str, RemoteFile]] = {}
+    records: dict[str, int] = {}
+    for item in listing:
+        path = str(item.get("path", ""))
+        if item.get("type", "file") != "file" or not path.startswith(prefix):
+            continue
+        parts = path[len(prefix):].split("/")
+        if len(parts) == 2 and is_module_name(parts[0]):
+            area, module, name = "", parts[0], parts[1]
+        elif len(parts) == 5 and parts[0] == layout.MODELS_DIR and is_module_name(parts[3]):
+            area, module, name = f"{parts[1]}/{parts[2]}", parts[3], parts[4]
+        elif len(parts) == 5 and parts[0] == layout.MODELS_DIR and parts[3] == layout.EXPORTS_DIR:
+            records[f"{parts[1]}/{parts[2]}"] = records.get(f"{parts[1]}/{parts[2]}", 0) + 1
+            continue
+        else:
+            continue
+        if layout.is_publishable(name):
+            modules.setdefault((area, module), {})[name] = RemoteFile(name, path, int(item.get("size") or 0), item.get("xet_hash"))
+    summaries: dict[str, AreaSummary] = {}
+    for (area, _module), files in modules.items():
+        summary = summaries.setdefault(area, AreaSummary(version, area))
+        if complete_remote_entry(files, version):
+            summary.entries += 1
+            summary.bytes += sum(f.size for f in files.values())
+        else:
+            summary.incomplete += 1
+    for area, count in records.items():
+        summaries.setdefault(area, AreaSummary(version, area)).records = count
+    return sorted(summaries.values(), key=lambda s: (s.area != "", s.area.lower()))
+
+
+def bucket_inventory(client: BucketClient, *, compiler_version: str | None = None, model_folder: str | None = None) -> Inventory:
+    """One listing per compiler version (of the model's folder only, with `model_folder`)."""
+    if compiler_version:
+        versions = [compiler_version]
+    else:
+        versions = sorted(v for v in (version_from_dir_name(item["path"]) for item in client.list("", recursive=False)
+                                      if item.get("type") == "directory") if v)
+    inventory = Inventory()
+    for version in versions:
+        if model_folder:
+            models = layout.models_prefix(version)
+            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
+            cased = layout.reuse_casing(model_folder, folders)
+            if cased not in folders:
+                continue
+            listing = client.list(f"{models}/{cased}", recursive=True)
+        else:
+            listing = client.list(layout.version_prefix(version), recursive=True)
+        inventory.areas += summarize(version, listing)
+    return inventory

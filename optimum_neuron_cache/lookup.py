@@ -1,0 +1,191 @@
+"""Lookup: which export configurations of a model were compiled already, from the export records.
+
+Cheap by construction: for one model, task and compiler version it costs one listing of the `exports/`
+folder and one download of the records (a listing of `models/` more when the casing differs), whatever the
+size of the bucket. Results are memoized in-process, keyed by bucket, endpoint, a fingerprint of the token
+(never the token) and the query; failed lookups are not memoized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import remote_layout as layout
+from .buckets import BucketRef, resolve_bucket
+from .client import BucketClient, read_token
+from .errors import CompilerVersionError
+from .local_cache import version_from_dir_name
+from .neuron_sdk import resolve_compiler_version
+from .server_launcher import hub_endpoint
+
+log = logging.getLogger("optimum_neuron_cache")
+
+#: Records are small JSON files; anything larger is not a record and is never downloaded.
+MAX_RECORD_BYTES = 1024 * 1024
+
+#: Filter name -> the export-config keys that carry it (exporters name them differently).
+FILTER_KEYS: dict[str, tuple[str, ...]] = {
+    "target": ("target", "instance_type"),
+    "batch_size": ("batch_size",),
+    "sequence_length": ("sequence_length", "max_length", "seq_len"),
+    "tensor_parallel_size": ("tensor_parallel_size", "tp_degree", "num_cores"),
+    "dtype": ("dtype", "auto_cast_type", "torch_dtype"),
+}
+
+
+@dataclass(frozen=True)
+class CachedExport:
+    """One export record found in the bucket."""
+
+    model_id: str
+    task: str
+    compiler_version: str
+    export_config: dict[str, Any]
+    compile_flags: list[str]
+    modules: list[str] = field(default_factory=list)
+    created_at: str = ""
+    package_version: str = ""
+    #: Where the record lives in the bucket.
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def matches(self, filters: Mapping[str, Any]) -> bool:
+        for name, wanted in filters.items():
+            if wanted is None:
+                continue
+            keys = FILTER_KEYS.get(name, (name,))
+            values = [self.export_config[key] for key in keys if key in self.export_config]
+            if not any(_same(value, wanted) for value in values):
+                return False
+        return True
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    try:
+        return int(value) == int(wanted)
+    except (TypeError, ValueError):
+        return str(value).strip().lower() == str(wanted).strip().lower()
+
+
+def parse_record(text: str, path: str) -> CachedExport | None:
+    """A record, or None (with a warning) when it is not one: buckets hold whatever someone put there."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("export_config"), dict):
+            raise ValueError("not an export record")
+        flags = data.get("compile_flags", [])
+        modules = data.get("modules", [])
+        if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+            raise ValueError("compile_flags is not a list of strings")
+        if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
+            raise ValueError("modules is not a list of MODULE names")
+        return CachedExport(
+            model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
+            export_config=data["export_config"], compile_flags=flags, modules=modules,
+            created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
+        return None
+
+
+_memo: dict[tuple[Any, ...], list[CachedExport]] = {}
+_memo_lock = threading.Lock()
+
+
+def clear_lookup_cache() -> None:
+    with _memo_lock:
+        _memo.clear()
+
+
+def _token_fingerprint(bucket: BucketRef) -> str | None:
+    token = read_token() if bucket.kind == "hf" else None
+    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else None
+
+
+def _children(client: BucketClient, prefix: str) -> list[str]:
+    return [item["path"].rsplit("/", 1)[-1] for item in client.list(prefix, recursive=False) if item.get("type") == "directory"]
+
+
+def _versions(client: BucketClient, compiler_version: str | None, all_versions: bool) -> list[str]:
+    if compiler_version and not all_versions:
+        return [compiler_version]
+    return sorted(v for v in (version_from_dir_name(name) for name in _children(client, "")) if v)
+
+
+def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[str]) -> list[str]:
+    paths: list[str] = []
+    for task in tasks:
+        listing = client.list(layout.exports_prefix(version, folder, task), recursive=False)
+        paths += [item["path"] for item in listing if item.get("type") == "file" and item["path"].endswith(".json")
+                  and 0 < int(item.get("size") or 0) <= MAX_RECORD_BYTES]
+    return paths
+
+
+def _read_records(client: BucketClient, version: str, folder: str, tasks: list[str] | None) -> list[CachedExport]:
+    """Records of one model under one compiler version: exports listings, then one download of them all.
+    When the exact casing finds nothing, `models/` is listed once for the casing the bucket has."""
+    models = layout.models_prefix(version)
+    if tasks is None:
+        task_names = _children(client, f"{models}/{folder}")
+        if not task_names:
+            cased = layout.reuse_casing(folder, _children(client, models))
+            if cased == folder:
+                return []
+            folder, task_names = cased, _children(client, f"{models}/{cased}")
+        paths = _export_paths(client, version, folder, task_names)
+    else:
+        paths = _export_paths(client, version, folder, tasks)
+        if not paths:
+            cased = layout.reuse_casing(folder, _children(client, models))
+            if cased != folder:
+                paths = _export_paths(client, version, cased, tasks)
+    if not paths:
+        return []
+    with tempfile.TemporaryDirectory(prefix="neuron-cache-lookup-") as tmp:
+        files = [{"path": path, "local_path": str(Path(tmp) / f"{index}.json")} for index, path in enumerate(paths)]
+        client.download(files)
+        records = [parse_record(Path(item["local_path"]).read_text(encoding="utf-8", errors="replace"), item["path"])
+                   for item in files]
+    return [record for record in records if record is not None]
+
+
+def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: str | None = None,
+                 all_versions: bool = False, bucket: str | BucketRef | None = None, client: BucketClient | None = None,
+                 **filters: Any) -> list[CachedExport]:
+    """Cached export configurations of `model_id`, newest first.
+
+    compiler_version: default the installed compiler's (or NEURON_CC_VERSION); when none is known, or with
+    all_versions=True, every version in the bucket. filters: target, batch_size, sequence_length,
+    tensor_parallel_size, dtype (matched against the names exporters use), or any export-config key.
+    """
+    ref = bucket if isinstance(bucket, BucketRef) else resolve_bucket(bucket)
+    model = layout.model_ref(model_id)
+    tasks = [layout.task_name(task)] if task else None
+    if compiler_version is None and not all_versions:
+        try:
+            compiler_version = resolve_compiler_version(None)
+        except CompilerVersionError:
+            all_versions = True
+    key = (str(ref), hub_endpoint(), _token_fingerprint(ref), model.folder.lower(), tuple(tasks or ()), compiler_version, all_versions)
+    with _memo_lock:
+        cached = _memo.get(key)
+    if cached is None:
+        client = client or BucketClient(ref)
+        cached = []
+        for version in _versions(client, compiler_version, all_versions):
+            cached += _read_records(client, version, model.folder, tasks)
+        cached.sort(key=lambda record: record.created_at, reverse=True)
+        with _memo_lock:
+            _memo[key] = cached
+    return [record for record in cached if record.matches(filters)]

@@ -1,0 +1,116 @@
+"""The local cache seen from the terminal: what it holds (`status`) and removing what hurts (`cleanup`).
+
+Cleanup removes cached failures (libneuronxla replays them until --retry_failed_compilation), stale locks
+(libneuronxla waits on them with no timeout) and leftover downloads. Locks are touched only when no
+neuronx-cc process runs on this host: a live compile's lock is not stale.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .host_state import HostState
+from .local_cache import LOCK_SUFFIX, STATE_DIR_NAME, EntryState, iter_version_dirs, scan_entries
+
+
+@dataclass
+class VersionStatus:
+    compiler_version: str
+    states: Counter[str] = field(default_factory=Counter)
+    bytes: int = 0
+
+
+def cache_status(root: Path) -> list[VersionStatus]:
+    by_version: dict[str, VersionStatus] = {}
+    for entry in scan_entries(root):
+        status = by_version.setdefault(entry.compiler_version, VersionStatus(entry.compiler_version))
+        status.states[entry.state.value] += 1
+        status.bytes += sum(entry.files.values())
+    for version, _ in iter_version_dirs(root):
+        by_version.setdefault(version, VersionStatus(version))
+    return [by_version[v] for v in sorted(by_version)]
+
+
+def running_compilers() -> list[int]:
+    """Pids of neuronx-cc processes on this host (Linux /proc; the Neuron SDK is Linux-only)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")[:3]
+        except OSError:
+            continue
+        if any(os.path.basename(arg.decode(errors="replace")) in ("neuronx-cc", "neuronxcc") for arg in argv if arg):
+            pids.append(int(proc.name))
+    return pids
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    reason: str
+    bytes: int
+
+
+@dataclass
+class CleanupPlan:
+    removals: list[Removal] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(removal.bytes for removal in self.removals)
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def plan_cleanup(root: Path, *, failed: bool, locks: bool, old_versions: bool, keep_version: str | None) -> CleanupPlan:
+    plan = CleanupPlan()
+    compilers = running_compilers() if locks else []
+    if locks and compilers:
+        plan.refused.append(f"stale locks left alone: neuronx-cc is running on this host (pid {', '.join(map(str, compilers))})")
+    for entry in scan_entries(root):
+        if old_versions and keep_version and entry.compiler_version != keep_version:
+            continue  # the whole version folder goes below
+        if failed and entry.state is EntryState.FAILED:
+            plan.removals.append(Removal(entry.path, "failed compile (cached failure)", sum(entry.files.values())))
+        elif locks and not compilers and entry.state is EntryState.LOCKED:
+            for name in sorted(entry.files):
+                if name.endswith(LOCK_SUFFIX):
+                    plan.removals.append(Removal(entry.path / name, "stale lock", entry.files[name]))
+    if old_versions and keep_version:
+        for version, path in iter_version_dirs(root):
+            if version != keep_version:
+                plan.removals.append(Removal(path, f"other compiler version than {keep_version}", _tree_size(path)))
+    tmp = root / STATE_DIR_NAME / "tmp"
+    state = HostState(root)
+    for path in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if state.is_stale_temp_dir(path):
+            plan.removals.append(Removal(path, "leftover download of a dead process", _tree_size(path)))
+    return plan
+
+
+def execute_cleanup(plan: CleanupPlan) -> int:
+    """Remove what the plan lists; returns the bytes freed."""
+    freed = 0
+    for removal in plan.removals:
+        if removal.path.is_dir() and not removal.path.is_symlink():
+            shutil.rmtree(removal.path, ignore_errors=True)
+        else:
+            removal.path.unlink(missing_ok=True)
+        freed += removal.bytes
+    return freed

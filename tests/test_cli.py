@@ -1,0 +1,271 @@
+"""`neuron-cache`, every command, through the real bucket server, on the emulator (hf) and a directory bucket."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef, read_saved_bucket
+from optimum_neuron_cache.cli import cli
+from optimum_neuron_cache.client import BucketClient, running_server
+from optimum_neuron_cache.local_cache import EntryState, scan_entries
+from optimum_neuron_cache.lookup import clear_lookup_cache
+from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == code, (result.output, result.stderr if hasattr(result, "stderr") else "")
+    return result.output
+
+
+@pytest.fixture(params=["hf", "dir"])
+def bucket(request, tmp_path) -> str:
+    clear_lookup_cache()
+    if request.param == "hf":
+        request.getfixturevalue("hub")
+        return "hf://buckets/test-org/cli-cache"
+    return str(tmp_path / "dir-bucket")
+
+
+def test_create_and_set(bucket):
+    out = run("create", bucket)
+    assert out.startswith("created: ") and "default bucket:" in out
+    assert read_saved_bucket() is not None
+    assert run("create", bucket).startswith("exists: ")  # exists-ok
+    assert "default bucket unset" in run("set", "--unset")
+    assert read_saved_bucket() is None
+    run("set", bucket)
+    assert read_saved_bucket() is not None
+    run("set", code=2)  # neither a bucket nor --unset
+
+
+def test_sync_fetch_ls_and_status(tmp_path, bucket, version):
+    run("create", bucket)
+    a, b = tmp_path / "A", tmp_path / "B"
+    for graph in make_graphs(3, seed="cli"):
+        compile_graph(a, version, graph)
+    with pytest.raises(CompileFailed):
+        compile_graph(a, version, make_graphs(1, seed="bad")[0], outcome="failed")
+    out = run("sync", "--cache-dir", str(a), "--model", "Org/CLI-Model", "--task", "text-generation", "--dry-run")
+    assert out.count("would publish neuronxcc-") == 3 and "-> flat + Org--CLI-Model/text-generation" in out
+    assert BucketClient(_ref(bucket)).list("", recursive=True) == []  # a dry run changes nothing
+    out = run("sync", "--cache-dir", str(a), "--model", "Org/CLI-Model", "--task", "text-generation")
+    assert "published 3 entries" in out
+    assert "nothing to publish" in run("sync", "--cache-dir", str(a))
+
+    out = run("ls")
+    assert f"{version}  (flat)" in out and "Org--CLI-Model/text-generation  3" in out
+    listing = json.loads(run("ls", "--json", "--model", "org/cli-model"))
+    assert [(row["area"], row["entries"]) for row in listing] == [("Org--CLI-Model/text-generation", 3)]
+
+    out = run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
+    assert out.startswith("fetched 3 entries")
+    assert [e.state for e in scan_entries(b, version)] == [EntryState.SUCCESS] * 3
+    assert "fetched 0 entries" in run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
+    assert "nothing to fetch" in run("fetch", "org/other", "--cache-dir", str(b), "--compiler-version", version)
+
+    status = json.loads(run("status", "--cache-dir", str(a), "--json"))
+    assert status["versions"] == [{"compiler_version": version, "states": {"success": 3, "failed": 1}, "bytes": status["versions"][0]["bytes"]}]
+    assert "neuronx-cc not installed" in run("status", "--cache-dir", str(a))
+
+
+def _ref(bucket: str) -> BucketRef:
+    from optimum_neuron_cache.buckets import parse_bucket
+
+    return parse_bucket(bucket)
+
+
+def test_lookup_lists_records_and_filters(tmp_path, bucket, version, monkeypatch):
+    run("create", bucket)
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--model-type=transformer --cache_dir=/x")
+    for batch in (1, 4):
+        config = {"batch_size": batch, "sequence_length": 2048, "tensor_parallel_size": 2, "auto_cast_type": "bf16", "target": "trn1"}
+        with hub_neuronx_cache("Org/Look", "text-generation", config, compiler_version=version, cache_dir=tmp_path / "A"):
+            compile_graph(tmp_path / "A", version, make_graphs(1, seed=f"look-{batch}")[0])
+    records = json.loads(run("lookup", "org/look", "--compiler-version", version, "--json"))
+    assert sorted(r["export_config"]["batch_size"] for r in records) == [1, 4]
+    assert all(r["compile_flags"] == ["--model-type=transformer"] and r["model_id"] == "Org/Look" for r in records)
+    clear_lookup_cache()
+    only = json.loads(run("lookup", "org/look", "--all-versions", "--batch-size", "4", "--dtype", "BF16", "--target", "trn1", "--json"))
+    assert [r["export_config"]["batch_size"] for r in only] == [4]
+    assert json.loads(run("lookup", "org/look", "--compiler-version", version, "--sequence-length", "4096", "--json")) == []
+    out = run("lookup", "Org/Look", "--task", "text-generation", "--compiler-version", version)
+    assert "batch_size=1" in out and "flags: --model-type=transformer" in out
+    assert "no cached configuration" in run("lookup", "org/absent", "--compiler-version", version)
+
+
+def test_lookup_costs_an_exports_listing_and_one_download_and_is_memoized(tmp_path, version):
+    from optimum_neuron_cache.lookup import lookup_cache
+
+    bucket = BucketRef("dir", str(tmp_path / "b"))
+    BucketClient(bucket).create()
+    with hub_neuronx_cache("org/m", "text-generation", {"batch_size": 1}, compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A"):
+        compile_graph(tmp_path / "A", version, make_graphs(1)[0])
+    for other in range(20):  # a bigger bucket does not cost lookup more
+        with hub_neuronx_cache(f"org/other-{other}", None, {"batch_size": 1}, compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A"):
+            pass
+    clear_lookup_cache()
+    client = BucketClient(bucket)
+    assert len(lookup_cache("org/m", "text-generation", compiler_version=version, client=client)) == 1
+    assert client.requests == 2
+    assert len(lookup_cache("org/m", "text-generation", compiler_version=version, client=client, batch_size=1)) == 1
+    assert client.requests == 2  # memoized
+
+
+def test_malformed_records_are_ignored_with_a_warning(tmp_path, version):
+    bucket = BucketRef("dir", str(tmp_path / "b"))
+    BucketClient(bucket).create()
+    exports = Path(bucket.location) / f"neuronxcc-{version}/models/org--m/default/exports"
+    exports.mkdir(parents=True)
+    (exports / "0123456789abcdef.json").write_text("{not json")
+    (exports / "fedcba9876543210.json").write_text(json.dumps({"model_id": "org/m", "task": "default", "compiler_version": version,
+                                                                "export_config": {}, "compile_flags": "oops"}))
+    result = CliRunner().invoke(cli, ["lookup", "org/m", "--bucket", bucket.location, "--compiler-version", version])
+    assert result.exit_code == 0 and "no cached configuration" in result.output
+
+
+def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(tmp_path, version):
+    root = tmp_path / "cache"
+    ok, bad, crashed = make_graphs(3, seed="cleanup")
+    compile_graph(root, version, ok)
+    with pytest.raises(CompileFailed):
+        compile_graph(root, version, bad, outcome="failed")
+    compile_graph(root, version, crashed, outcome="crash")
+    compile_graph(root, "2.19.1.0+abc", ok)
+    out = run("cleanup", "--cache-dir", str(root), "--dry-run")
+    assert "would remove" in out and "failed compile" in out and "stale lock" in out
+    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.FAILED, EntryState.LOCKED}
+    # A running neuronx-cc: its lock may be live, so locks are left alone (exit 1), failures still go.
+    fake = tmp_path / "bin" / "neuronx-cc"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    proc = subprocess.Popen([str(fake)])
+    try:
+        time.sleep(0.2)
+        result = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root)])
+        assert result.exit_code == 1 and "neuronx-cc is running" in result.output
+    finally:
+        proc.kill()
+        proc.wait()
+    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.LOCKED}
+    run("cleanup", "--cache-dir", str(root), "--locks")
+    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.TODO}
+    run("cleanup", "--cache-dir", str(root), "--old-versions", "--compiler-version", version)
+    assert [v.name for v in root.iterdir() if v.name.startswith("neuronxcc-")] == [f"neuronxcc-{version}"]
+    assert "nothing to clean up" in run("cleanup", "--cache-dir", str(root))
+
+
+def test_server_status_and_stop(tmp_path):
+    assert "no bucket server is running" in run("server", "status")
+    run("create", str(tmp_path / "b"))
+    out = run("server", "status")
+    assert "pid: " in out and "socket: " in out and "protocol 1" in out and "idle: " in out
+    assert run("server", "stop").strip() == "stopped the bucket server"
+    assert running_server() is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fetch", "not a/model/id", "--compiler-version", "2.21.33363.0"], "is not a Hub model id"),
+        (["fetch", "org/m"], "cannot tell the neuronx-cc version"),
+        (["fetch", "org/m", "--compiler-version", "latest"], "not a neuronx-cc version"),
+        (["create", "s3://nope/x"], "unsupported scheme"),
+        (["lookup", "org/m", "--bucket", "just-a-name"], "is not a Hub bucket id"),
+        (["sync", "--task", "x"], "--task goes with --model"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_remote_failure_is_one_line_and_exit_1(tmp_path):
+    result = CliRunner().invoke(cli, ["ls", "--bucket", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: directory bucket") and result.output.count("\n") == 1
+    result = CliRunner().invoke(cli, ["--debug", "ls", "--bucket", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and result.exception is not None  # --debug lets the traceback through
+
+
+def _cli_process(args: list[str], **kwargs) -> list[str]:
+    return [sys.executable, "-m", "optimum_neuron_cache", *args]
+
+
+def test_progress_bars_on_a_terminal_and_plain_output_otherwise(tmp_path, version):
+    bucket = tmp_path / "b"
+    run("create", str(bucket))
+    graph = make_graphs(1, seed="big", neff_size=64 * 1024 * 1024)[0]
+    compile_graph(tmp_path / "A", version, graph)
+    run("sync", "--cache-dir", str(tmp_path / "A"), "--model", "org/big")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    args = _cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version])
+    pid, fd = pty.fork()
+    if pid == 0:  # the child runs the CLI on a terminal of 40x120 (a pty starts with no size)
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.execve(args[0], args, env)
+    output = b""
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], 60)
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "fetched 1 entries" in text
+    assert "B/s" in text  # a tqdm bar with a rate was drawn
+    # Not a terminal: plain lines only.
+    plain = subprocess.run(_cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "C"), "--compiler-version", version]),
+                           env=env, capture_output=True, text=True, check=True)
+    assert plain.stderr == "" and plain.stdout.startswith("fetched 1 entries")
+    quiet = subprocess.run(_cli_process(["-q", "fetch", "org/big", "--cache-dir", str(tmp_path / "D"), "--compiler-version", version]),
+                           env=env, capture_output=True, text=True, check=True)
+    assert quiet.stdout == ""
+
+
+def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
+    run("create", "test/ctrlc")
+    for graph in make_graphs(2, seed="ctrl-c"):
+        compile_graph(tmp_path / "A", version, graph)
+    run("sync", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "A"), "--model", "org/m")
+    hub.add_fault("HEAD", r"/resolve/", 0, delay=5.0, times=None)  # the transfer hangs: the user presses Ctrl-C
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_cli_process(["fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"),
+                                          "--compiler-version", version]), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while hub.requests.count("HEAD", r"/resolve/") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    assert scan_entries(tmp_path / "B", version) == []
+    hub.clear_faults()
+    # The next run heals: leftovers of the interrupted one are cleaned, the entries fetched.
+    assert run("fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version).startswith("fetched 2 entries")
+    assert not any((tmp_path / "B" / ".optimum-neuron-cache" / "tmp").iterdir())
