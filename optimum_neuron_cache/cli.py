@@ -36,7 +36,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 
 def size(count: int) -> str:
-    return tqdm.format_sizeof(count, suffix="B", divisor=1024)
+    return tqdm.format_sizeof(count, suffix="B", divisor=1000)
 
 
 class Output:
@@ -49,7 +49,7 @@ class Output:
     def progress(self, description: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
         if self.quiet or not sys.stderr.isatty():
             return None, lambda: None
-        bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False, total=0)
+        bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, leave=False, total=0)
 
         def update(done: int, total: int) -> None:
             if total and bar.total != total:

@@ -169,7 +169,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         candidates = [entries[name] for name in sorted(new | pending) if name in entries and entries[name].state.publishable]
         record = None
         if self._model is not None and self._export_config is not None:
-            modules = sorted(set(self._area_modules) | fetched | new)
+            # The graphs this configuration compiled; a run that compiled nothing (all hits) cannot tell which
+            # of the model's entries it used, so its record names all of them.
+            modules = sorted(new) if new else sorted(set(self._area_modules) | fetched)
             record = make_record(self._model.model_id, self._task, self._version, self._export_config, modules)
         area = self._area
         record_path = None
