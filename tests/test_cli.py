@@ -269,3 +269,25 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
     # The next run heals: leftovers of the interrupted one are cleaned, the entries fetched.
     assert run("fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version).startswith("fetched 2 entries")
     assert not any((tmp_path / "B" / ".optimum-neuron-cache" / "tmp").iterdir())
+
+
+def test_missing_bucket_and_read_only_token_are_one_line_errors(tmp_path, monkeypatch, version):
+    from optimum_neuron_cache.client import stop_server
+    from tests.emulator import HubEmulator, TokenInfo
+
+    emulator = HubEmulator(tmp_path / "hub", tokens={"hf_writer": TokenInfo("team"), "hf_reader": TokenInfo("team", write=False)})
+    emulator.start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+    try:
+        monkeypatch.setenv("HF_TOKEN", "hf_writer")
+        run("create", "team/cache")
+        result = CliRunner().invoke(cli, ["ls", "--bucket", "team/absent"])
+        assert result.exit_code == 1 and result.output.count("\n") == 1 and "bucket not found" in result.output
+        compile_graph(tmp_path / "A", version, make_graphs(1)[0])
+        monkeypatch.setenv("HF_TOKEN", "hf_reader")
+        result = CliRunner().invoke(cli, ["sync", "--bucket", "team/cache", "--cache-dir", str(tmp_path / "A")])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "403 Forbidden" in result.output and "hf_reader" not in result.output, result.output  # never the token
+    finally:
+        stop_server()
+        emulator.stop()
