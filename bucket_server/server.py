@@ -56,6 +56,35 @@ def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threadin
     return emit
 
 
+HEARTBEAT_INTERVAL = 5.0
+
+
+class _Heartbeat:
+    """While a request runs, a frame {"id", "heartbeat": true} every few seconds: the client tells a long
+    transfer from a hung server by these, and gives up on a server that sends nothing for a while."""
+
+    def __init__(self, conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> None:
+        self.conn, self.request_id, self.write_lock = conn, request_id, write_lock
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_INTERVAL):
+            try:
+                with self.write_lock:
+                    write_frame(self.conn, {"id": self.request_id, "heartbeat": True})
+            except OSError:
+                return
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 @dataclass
 class Activity:
     """Connections open and requests running: the server is idle only when both are zero."""
@@ -89,6 +118,7 @@ class BucketServer:
         self.started = time.time()
         self.stopping = threading.Event()
         self._hf_api: Any = None
+        self._policy: Any = None
         self._api_lock = threading.Lock()
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "hello": self.op_hello,
@@ -117,12 +147,10 @@ class BucketServer:
                     from huggingface_hub import HfApi
                 except ImportError as exc:
                     raise BackendError(ErrorCode.INTERNAL, f"huggingface_hub is not installed in the server environment: {exc}") from None
-                from .backends.hf import configure_client_retries
+                from .backends.hf import RetryPolicy, configure_http
 
-                configure_client_retries(
-                    max_retries=int(os.environ.get("NEURON_CACHE_HTTP_RETRIES", "2")),
-                    max_wait=float(os.environ.get("NEURON_CACHE_HTTP_MAX_WAIT", "2")),
-                )
+                self._policy = RetryPolicy.from_env()
+                configure_http(self._policy)
                 self._hf_api = HfApi(endpoint=self.endpoint)
             return self._hf_api
 
@@ -139,7 +167,7 @@ class BucketServer:
             from .backends.hf import HfBackend
 
             token = (request.get("auth") or {}).get("token")
-            return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None)
+            return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None, self._policy)
         raise BackendError(ErrorCode.BAD_REQUEST, f"unknown bucket kind {kind!r}")
 
     # ------------------------------------------------------------------------------ server ops
@@ -228,8 +256,10 @@ class BucketServer:
                 if request.get("progress"):
                     request["_emit"] = _progress_emitter(conn, request.get("id"), write_lock)
                 self.activity.change(requests=1)
+                heartbeat = _Heartbeat(conn, request.get("id"), write_lock)
                 try:
-                    response = self.handle(request)
+                    with heartbeat:
+                        response = self.handle(request)
                 finally:
                     self.activity.change(requests=-1)
                     if request.get("op") not in ("status", "hello"):
@@ -298,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     # huggingface_hub reads these at import: no telemetry, no progress bars on a log file.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # hf_xet retries its own requests for about 105 s by default: bound them like every other request.
+    os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", os.environ.get("NEURON_CACHE_XET_RETRY_DURATION", "20s"))
     os.environ["HF_ENDPOINT"] = args.endpoint
     BucketServer(args.socket, args.endpoint, args.idle_timeout).serve_forever()
     return 0

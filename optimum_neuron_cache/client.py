@@ -77,7 +77,8 @@ class _Connection:
         self.sock: socket.socket | None = None
         self.server_info: dict[str, Any] = {}
         self.next_id = 0
-        self.timeout = float(environ.get(ENV_REQUEST_TIMEOUT, "600"))
+        #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
+        self.timeout = float(environ.get(ENV_REQUEST_TIMEOUT, "60"))
 
     def _connect(self) -> None:
         ensure_server(self.address, self.environ)
@@ -111,8 +112,8 @@ class _Connection:
                 raise ConnectionResetError("the bucket server closed the connection")
             if reply.get("id") != message["id"]:
                 raise FrameError("reply does not match the request")
-            if "progress" in reply and "ok" not in reply:
-                if progress is not None:
+            if "ok" not in reply:  # a heartbeat or a progress frame: the request is still running
+                if progress is not None and isinstance(reply.get("progress"), dict):
                     progress(int(reply["progress"].get("done", 0)), int(reply["progress"].get("total", 0)))
                 continue
             return reply

@@ -30,6 +30,8 @@ ENV_SERVER_MODE = "NEURON_CACHE_SERVER_MODE"  # auto | uv | current
 ENV_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
 ENV_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
 HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
+#: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers, tenacity for retries.
+SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.1", "tenacity>=8.2")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Never handed to the server's environment: the token travels per request (never in argv or environ of a
 #: long-lived process), and PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one.
@@ -83,7 +85,8 @@ def _current_has_bucket_client() -> bool:
     metadata (importing them here could load the very version we must stay away from)."""
     try:
         version = importlib.metadata.version("huggingface_hub")
-        importlib.metadata.version("hf_xet")
+        for name in SERVER_REQUIREMENTS[1:]:
+            importlib.metadata.version(name.split(">")[0].split("=")[0])
     except importlib.metadata.PackageNotFoundError:
         return False
     try:
@@ -111,8 +114,8 @@ def server_command(address: ServerAddress, environ: Mapping[str, str] | None = N
         raise ServerStartError(f"cannot find the uv binary to start the bucket server ({exc}): pip install uv") from None
     # --python: reuse this interpreter as the base (no Python download); --isolated/--no-project: ignore any
     # project or user environment around us.
-    return [uv, "run", "--isolated", "--no-project", "--quiet", "--python", sys.executable,
-            "--with", HUB_REQUIREMENT, "--with", "hf_xet>=1.1", "python", "-s", *args]
+    withs = [arg for requirement in SERVER_REQUIREMENTS for arg in ("--with", requirement)]
+    return [uv, "run", "--isolated", "--no-project", "--quiet", "--python", sys.executable, *withs, "python", "-s", *args]
 
 
 def can_connect(path: Path) -> bool:

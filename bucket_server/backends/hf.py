@@ -7,24 +7,46 @@ process of the user, whatever token each holds. It is passed to HfApi per call, 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, validate_remote_path
 
+log = logging.getLogger("bucket_server")
+
 _configure_lock = threading.Lock()
 _configured = False
 
 
-def configure_client_retries(*, max_retries: int, max_wait: float) -> None:
-    """Bound huggingface_hub's built-in retries (five, about 23 s by default).
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Our retries replace huggingface_hub's (five tries, about 23 s, and an unbounded wait on Retry-After):
+    exponential backoff with jitter, Retry-After honoured only within the budget, all within `budget` seconds.
+    The cache is best effort: a dead or throttling endpoint must cost the user's run seconds, not minutes."""
 
-    The cache is best effort: a dead or throttling endpoint must cost the user's run seconds, not minutes.
-    This process belongs to the bucket server alone, so changing the library's defaults here is deliberate.
-    """
+    budget: float = 10.0
+    attempts: int = 4
+    timeout: float = 15.0
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        return cls(
+            budget=float(os.environ.get("NEURON_CACHE_RETRY_BUDGET", cls.budget)),
+            attempts=int(os.environ.get("NEURON_CACHE_RETRY_ATTEMPTS", cls.attempts)),
+            timeout=float(os.environ.get("NEURON_CACHE_HTTP_TIMEOUT", cls.timeout)),
+        )
+
+
+def configure_http(policy: RetryPolicy) -> None:
+    """Turn off huggingface_hub's own retries and give its HTTP client timeouts (it has none by default, so a
+    blackholed endpoint would hang for ever). This process belongs to the bucket server alone, so changing the
+    library's process-wide defaults here is deliberate."""
     global _configured
     with _configure_lock:
         if _configured:
@@ -33,9 +55,64 @@ def configure_client_retries(*, max_retries: int, max_wait: float) -> None:
 
         defaults = dict(_http.http_backoff.__kwdefaults__ or {})
         if "max_retries" in defaults:
-            defaults.update(max_retries=max_retries, base_wait_time=min(0.5, max_wait), max_wait_time=max_wait)
-            _http.http_backoff.__kwdefaults__ = defaults
+            _http.http_backoff.__kwdefaults__ = {**defaults, "max_retries": 0}
+        default_factory = getattr(_http, "default_client_factory", None)
+        set_factory = getattr(_http, "set_client_factory", None)
+        if default_factory is not None and set_factory is not None:
+
+            def client_factory():
+                client = default_factory()
+                client.timeout = type(client.timeout)(policy.timeout, connect=min(5.0, policy.timeout))
+                return client
+
+            set_factory(client_factory)
+        else:
+            log.warning("this huggingface_hub has no set_client_factory: Hub requests keep its default timeouts")
         _configured = True
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
+    """Run `fn`, retrying retryable failures (network, timeout, 408/429/5xx) within the policy's budget;
+    any failure left is raised as a coded BackendError."""
+    import tenacity
+
+    def should_retry(state: tenacity.RetryCallState) -> bool:
+        if not state.outcome or not state.outcome.failed:
+            return False
+        exc = state.outcome.exception()
+        if isinstance(exc, BackendError) or not map_exception(exc, what).retryable:
+            return False
+        wait = _retry_after(exc)
+        return wait is None or state.seconds_since_start + wait <= policy.budget
+
+    backoff = tenacity.wait_exponential_jitter(initial=0.5, max=4.0, jitter=0.5)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = _retry_after(exc) if exc is not None else None
+        return after if after is not None else backoff(state)
+
+    try:
+        for attempt in tenacity.Retrying(
+            retry=should_retry, wait=wait, reraise=True,
+            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.budget),
+            before_sleep=lambda state: log.info("%s: retrying after %s", what, type(state.outcome.exception()).__name__),
+        ):
+            with attempt:
+                return fn()
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise map_exception(exc, what) from exc
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -119,18 +196,16 @@ def _file_item(bucket_file: Any) -> dict[str, Any]:
 
 
 class HfBackend(Backend):
-    def __init__(self, api: Any, bucket_id: str, token: str | None) -> None:
+    def __init__(self, api: Any, bucket_id: str, token: str | None, policy: RetryPolicy | None = None) -> None:
         self.api = api
         self.bucket_id = bucket_id
         self.token: str | bool = token or False  # False: send no token (not even a stored one)
+        self.policy = policy or RetryPolicy()
 
     def _call(self, what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, token=self.token, **kwargs)
-        except BackendError:
-            raise
-        except Exception as exc:  # every failure becomes a coded error; the server logs the traceback
-            raise map_exception(exc, f"{what} {self.bucket_id}") from exc
+        """Every operation is idempotent (adds overwrite with the same bytes, copies and deletes repeat):
+        all are retried within the policy, and every failure left becomes a coded error."""
+        return with_retries(self.policy, f"{what} {self.bucket_id}", lambda: fn(*args, token=self.token, **kwargs))
 
     def info(self) -> dict[str, Any]:
         info = self._call("bucket info", self.api.bucket_info, self.bucket_id)
@@ -138,12 +213,11 @@ class HfBackend(Backend):
 
     def create(self, *, private: bool | None) -> dict[str, Any]:
         try:
-            self.api.bucket_info(self.bucket_id, token=self.token)
+            self._call("create", self.api.bucket_info, self.bucket_id)
             return {"created": False, "url": f"{self.api.endpoint}/buckets/{self.bucket_id}"}
-        except Exception as exc:
-            mapped = map_exception(exc, f"create {self.bucket_id}")
-            if mapped.code != ErrorCode.BUCKET_NOT_FOUND:
-                raise mapped from exc
+        except BackendError as exc:
+            if exc.code != ErrorCode.BUCKET_NOT_FOUND:
+                raise
         url = self._call("create", self.api.create_bucket, self.bucket_id, private=private, exist_ok=True)
         return {"created": True, "url": str(getattr(url, "url", url))}
 
@@ -166,22 +240,19 @@ class HfBackend(Backend):
             return items
 
         try:
-            return run()
-        except Exception as exc:
-            mapped = map_exception(exc, f"list {self.bucket_id}/{prefix}")
-            if mapped.code == ErrorCode.NOT_FOUND:  # a folder nobody wrote to yet: empty, not an error
+            return with_retries(self.policy, f"list {self.bucket_id}/{prefix}", run)
+        except BackendError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:  # a folder nobody wrote to yet: empty, not an error
                 return []
-            raise mapped from exc
+            raise
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         for path in paths:
             validate_remote_path(path)
         if not paths:
             return []
-        try:
-            return [_file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)]
-        except Exception as exc:
-            raise map_exception(exc, f"paths-info {self.bucket_id}") from exc
+        return with_retries(self.policy, f"paths-info {self.bucket_id}", lambda: [
+            _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)])
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
         from huggingface_hub import BucketFile
