@@ -9,7 +9,6 @@ Per-entry node-wide locks make 32 ranks download each file once: the others wait
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -20,13 +19,10 @@ from typing import Any, Literal
 from filelock import Timeout
 
 from . import remote_layout as layout
-from .errors import BucketNotFoundError
+from .errors import BucketNotFoundError, RemoteError
 from .client import BucketClient, ProgressCallback
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
-
-log = logging.getLogger("optimum_neuron_cache")
-
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -232,24 +228,54 @@ class Fetcher:
                 locks[item.module].release()
         return result
 
+    @staticmethod
+    def _requests(items: list[FetchItem], tmp: Path) -> list[dict[str, Any]]:
+        return [{"path": remote.path, "local_path": str(tmp / item.module / remote.filename), "size": remote.size,
+                 "xet_hash": remote.xet_hash} for item in items for remote in item.files]
+
+    def _download(self, items: list[FetchItem], tmp: Path, result: FetchResult, progress: ProgressCallback | None) -> list[FetchItem]:
+        """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
+        must not cost the others: retry entry by entry, giving up after two failures in a row (then the
+        bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
+        try:
+            self.client.download(self._requests(items, tmp), progress=progress)
+            return items
+        except RemoteError as exc:
+            if len(items) == 1:
+                raise
+            first_error = exc
+        downloaded: list[FetchItem] = []
+        failures_in_a_row = 0
+        for index, item in enumerate(items):
+            if failures_in_a_row >= 2:
+                result.failed.extend((other.module, "not tried: the bucket failed twice in a row") for other in items[index:])
+                break
+            try:
+                self.client.download(self._requests([item], tmp))
+            except RemoteError as exc:
+                failures_in_a_row += 1
+                result.failed.append((item.module, f"download failed: {exc}"))
+                continue
+            failures_in_a_row = 0
+            downloaded.append(item)
+        if not downloaded:
+            result.failed.clear()
+            raise first_error
+        return downloaded
+
     def _download_and_install(self, items: list[FetchItem], result: FetchResult, progress: ProgressCallback | None) -> None:
         todo = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
         result.installed_by_others.extend(item.module for item in items if item not in todo)
         if not todo:
             return
         with self.state.temp_dir() as tmp:
-            requests = []
             for item in todo:
                 (tmp / item.module).mkdir()
-                for remote in item.files:
-                    requests.append({"path": remote.path, "local_path": str(tmp / item.module / remote.filename),
-                                     "size": remote.size, "xet_hash": remote.xet_hash})
-            self.client.download(requests, progress=progress)
-            for item in todo:
+            downloaded = self._download(todo, tmp, result, progress)
+            for item in downloaded:
                 staged = tmp / item.module
                 problem = _verify(item, staged)
                 if problem:
-                    log.warning("optimum-neuron-cache: not installing %s/%s: %s", version_dir_name(self.version), item.module, problem)
                     result.failed.append((item.module, problem))
                     continue
                 target = self.target(item.module)

@@ -60,9 +60,20 @@ def configure_http(policy: RetryPolicy) -> None:
         set_factory = getattr(_http, "set_client_factory", None)
         if default_factory is not None and set_factory is not None:
 
+            bounded = {"connect": min(5.0, policy.timeout), "read": policy.timeout, "write": policy.timeout, "pool": policy.timeout}
+
+            def bound_timeout(request: Any) -> None:
+                # Some calls pass timeout=None explicitly (pagination does), which overrides a client default:
+                # give every request without a timeout ours, just before it is sent.
+                current = request.extensions.get("timeout")
+                if not isinstance(current, dict) or all(value is None for value in current.values()):
+                    request.extensions["timeout"] = dict(bounded)
+
             def client_factory():
                 client = default_factory()
-                client.timeout = type(client.timeout)(policy.timeout, connect=min(5.0, policy.timeout))
+                hooks = dict(client.event_hooks)
+                hooks["request"] = [*hooks.get("request", []), bound_timeout]
+                client.event_hooks = hooks
                 return client
 
             set_factory(client_factory)
