@@ -70,6 +70,7 @@ def test_dir_backend_operations_through_the_server(tmp_path):
     assert [item["path"] for item in client.list("a", recursive=False)] == ["a/b", "a/marker"]
     assert [item["path"] for item in client.paths_info(["a/marker", "missing/x"])] == ["a/marker"]
     out = tmp_path / "out" / "file.bin"
+    out.parent.mkdir()
     client.download([{"path": "c/file.bin", "local_path": str(out), "size": 70_000}])
     assert out.read_bytes() == src.read_bytes()
     client.batch(delete=["c/file.bin"])
@@ -210,8 +211,8 @@ def test_other_users_cannot_talk_to_the_server(tmp_path):
             "os.setgid(65534); os.setuid(65534)\n"
             "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
             "body = b'{\"id\":1,\"op\":\"status\",\"args\":{}}'\n"
-            "s.sendall(struct.pack('>I', len(body)) + body)\n"
-            "try:\n    data = s.recv(4)\nexcept ConnectionResetError:\n    data = b''\n"
+            "try:\n    s.sendall(struct.pack('>I', len(body)) + body)\n    data = s.recv(4)\n"
+            "except (BrokenPipeError, ConnectionResetError):\n    data = b''\n"
             "print('reply' if data else 'hung up')\n"
         )
         out = subprocess.run([sys.executable, "-c", code2, str(path)], capture_output=True, text=True, timeout=30)
@@ -228,3 +229,73 @@ def test_stop_server(tmp_path):
     assert _wait_gone(pid)
     assert running_server() is None
     assert stop_server() is False
+
+
+def _fake_server(path: Path, answer) -> tuple[socket.socket, "threading.Thread"]:
+    """A stand-in on the server's socket: `answer(request)` returns a reply dict, or None to stay silent."""
+    import threading
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                while (request := read_frame(conn)) is not None:
+                    reply = answer(request)
+                    if reply is not None:
+                        write_frame(conn, reply)
+                    if request.get("op") == "shutdown":
+                        listener.close()
+                        path.unlink(missing_ok=True)
+                        return
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_server_of_another_protocol_is_replaced(tmp_path):
+    path = server_address().socket_path
+
+    def old_server(request):
+        if request.get("op") == "shutdown":
+            return {"id": request.get("id"), "ok": True, "result": {"stopping": True}}
+        return {"id": request.get("id"), "ok": False, "error": {"code": "protocol_mismatch", "message": "server speaks protocol 0"}}
+
+    _, thread = _fake_server(path, old_server)
+    client = _dir_client(tmp_path)
+    assert client.list("") == []  # the old server was asked to stop, and ours started
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert client.server_status()["protocol"] == 1
+
+
+def test_a_hung_server_does_not_hang_the_client(tmp_path, monkeypatch):
+    import threading
+
+    from optimum_neuron_cache.errors import ServerError
+
+    monkeypatch.setenv("NEURON_CACHE_REQUEST_TIMEOUT", "1")
+    listener, _ = _fake_server(server_address().socket_path, lambda request: None)  # reads, never answers
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(_call_and_catch(tmp_path, ServerError)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    listener.close()
+    assert not worker.is_alive() and outcome == ["ServerError"]
+
+
+def _call_and_catch(tmp_path: Path, error: type[Exception]) -> str:
+    try:
+        _dir_client(tmp_path).list("")
+    except error as exc:
+        return type(exc).__name__
+    return "no error"

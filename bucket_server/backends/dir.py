@@ -168,12 +168,13 @@ class DirBackend(Backend):
         total = 0
         for item in files:
             source = self._local(item["path"])
-            dest = Path(item["local_path"])
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
+            if self._stat_file(item["path"]) is None:
+                raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
             try:
                 total += copy_regular_file(source, dest, counter.add if progress else None)
             except FileNotFoundError:
-                raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}") from None
+                raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
         return {"files": len(files), "bytes": total}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],

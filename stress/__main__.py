@@ -1,0 +1,102 @@
+"""python -m stress [--ranks 32] [--hosts 4] [--fetch-trials 50] [--sync-trials 50] [--json out.json]
+
+Runs every stress scenario on the dir backend (and the hf backend through the local Hub emulator with
+--hf), in an isolated environment under a temp dir, and prints one row per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from stress import scenarios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m stress")
+    parser.add_argument("--ranks", type=int, default=32)
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--fetch-trials", type=int, default=50)
+    parser.add_argument("--sync-trials", type=int, default=50)
+    parser.add_argument("--hf", action="store_true", help="also run against the local Hub emulator (Xet over HTTP)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="neuron-cache-stress-"))
+    os.environ.update({
+        "HF_HOME": str(work / "hf_home"), "XDG_CACHE_HOME": str(work / "xdg"), "HF_XET_CACHE": str(work / "xet"),
+        "NEURON_CACHE_RUNTIME_DIR": str(work / "rt"), "HF_HUB_DISABLE_TELEMETRY": "1",
+        "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", str(Path.home() / ".cache" / "uv")),
+    })
+    results = []
+    backends = ["dir"] + (["hf"] if args.hf else [])
+    try:
+        for backend in backends:
+            with _bucket(backend, work) as (bucket, bucket_for):
+                for name, run in (
+                    ("ranks", lambda w: scenarios.ranks_on_one_host(w, bucket, args.ranks)),
+                    ("hosts", lambda w: scenarios.hosts_syncing_the_same_entries(w, bucket_for("hosts"), args.hosts)),
+                    ("fetch", lambda w: scenarios.crash_fetch(w, bucket_for("fetch"), args.fetch_trials)),
+                    ("sync", lambda w: scenarios.crash_sync(w, args.sync_trials, bucket_for=lambda t: bucket_for(f"sync-{t}"))),
+                ):
+                    started = time.monotonic()
+                    figures = run(work / f"{backend}-{name}")
+                    row = {"backend": backend, **asdict(figures), "seconds": round(time.monotonic() - started, 1)}
+                    results.append(row)
+                    print(f"{backend:4} {figures.scenario:40} trials {figures.trials:3}  failures {figures.failures}  "
+                          f"bytes {figures.bytes_transferred}/{figures.bytes_needed}  {row['seconds']}s", flush=True)
+                    for note in figures.notes[:5]:
+                        print(f"     {note}")
+    finally:
+        from optimum_neuron_cache.client import stop_server
+
+        stop_server()
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 1 if any(row["failures"] for row in results) else 0
+
+
+class _bucket:
+    """A dir bucket, or a Hub bucket on a fresh emulator (Xet over HTTP, so many processes transfer at once)."""
+
+    def __init__(self, backend: str, work: Path) -> None:
+        self.backend, self.work, self.emulator = backend, work, None
+
+    def __enter__(self):
+        if self.backend == "dir":
+            def bucket_for(name: str) -> str:
+                path = self.work / "buckets" / name
+                path.mkdir(parents=True, exist_ok=True)
+                return str(path)
+            return bucket_for("main"), bucket_for
+        from optimum_neuron_cache.buckets import BucketRef
+        from optimum_neuron_cache.client import BucketClient
+        from tests.emulator import HubEmulator
+
+        self.emulator = HubEmulator(self.work / "hub", xet="http").start()
+        os.environ["HF_ENDPOINT"] = self.emulator.endpoint
+
+        def bucket_for(name: str) -> str:
+            BucketClient(BucketRef("hf", f"stress/{name}")).create()
+            return f"stress/{name}"
+        return bucket_for("main"), bucket_for
+
+    def __exit__(self, *exc) -> None:
+        if self.emulator is not None:
+            from optimum_neuron_cache.client import stop_server
+
+            stop_server()
+            self.emulator.stop()
+            os.environ.pop("HF_ENDPOINT", None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
