@@ -4,12 +4,15 @@
   their holder dies, so a killed process never blocks anyone: liveness, not age.
 - `tmp/<host>.<pid>.<random>/`: downloads in progress, on the cache's filesystem so an entry is renamed into place
   whole. Left over by a killed process, they are removed by the next run.
-- `pending/`: entries that a run could not publish (network down, bucket unreachable), retried next time.
+- `pending.json`: entries that a run could not publish (network down, bucket unreachable), retried next time.
+- `published/`: when this host last published each entry destination, so that ranks exiting together
+  publish each entry once even when one plans before another finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +48,27 @@ class HostState:
     def journal_lock(self) -> FileLock:
         self.base.mkdir(parents=True, exist_ok=True)
         return FileLock(self.base / "pending.lock")
+
+    # ------------------------------------------------------------------------------ publications
+    def _published_marker(self, bucket: str, destination: str) -> Path:
+        key = hashlib.sha256(f"{bucket}\0{destination}".encode()).hexdigest()[:32]
+        return self.base / "published" / key
+
+    def mark_published(self, bucket: str, destinations: list[str]) -> None:
+        """Note that this host just published these entry destinations (bucket folders)."""
+        for destination in destinations:
+            marker = self._published_marker(bucket, destination)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            os.utime(marker)
+
+    def published_since(self, bucket: str, destination: str, since: float) -> bool:
+        """Whether a process of this host published `destination` after `since` (a time.time() value).
+        Only a recent publication counts: the bucket itself stays the truth for anything older."""
+        try:
+            return self._published_marker(bucket, destination).stat().st_mtime >= since
+        except FileNotFoundError:
+            return False
 
     # ------------------------------------------------------------------------------- temp dirs
     @contextlib.contextmanager

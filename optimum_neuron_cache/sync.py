@@ -11,7 +11,9 @@ ranks exiting at once publish each entry once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,10 @@ class SyncPlan:
     items: list[PublishItem] = field(default_factory=list)
     record: ExportRecord | None = None
     record_path: str | None = None
+    #: The bucket, and when the bucket was asked (before the paths-info): a publication of the same entry by
+    #: another process of this host after that instant makes ours redundant.
+    bucket: str = ""
+    planned_at: float = field(default_factory=time.time)
 
     @property
     def bytes_to_upload(self) -> int:
@@ -71,6 +77,7 @@ def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: s
               known_in_model_area: set[str] = frozenset()) -> SyncPlan:
     """Which of `entries` (success entries) the flat area and the model's area lack, by one paths-info on
     their commit files. Entries the model's listing already showed complete are not asked about."""
+    planned_at = time.time()
     candidates = [entry for entry in entries if entry.state.publishable]
     probes: dict[str, tuple[LocalEntry, str]] = {}
     for entry in candidates:
@@ -79,7 +86,7 @@ def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: s
         if model_area and entry.name not in known_in_model_area:
             probes[f"{model_area}/{entry.name}/{commit}"] = (entry, "model")
     present = {item["path"] for item in client.paths_info(list(probes))} if probes else set()
-    plan = SyncPlan()
+    plan = SyncPlan(bucket=str(client.bucket), planned_at=planned_at)
     for entry in candidates:
         commit = layout.commit_file(entry.files, entry.compiler_version)
         flat_path = f"{layout.flat_entry_prefix(entry.compiler_version, entry.name)}/{commit}"
@@ -103,8 +110,17 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
                 result.skipped.append((item.entry.name, "being published by another process on this host"))
                 continue
             locks.append(lock)
-            items.append(item)
+            # Another process of this host may have published it between our paths-info and our lock.
+            flat = item.to_flat and not state.published_since(plan.bucket, _flat(item, ""), plan.planned_at)
+            model = item.to_model if item.to_model and not state.published_since(
+                plan.bucket, f"{item.to_model}/{item.entry.name}/", plan.planned_at) else None
+            if not flat and not model:
+                result.skipped.append((item.entry.name, "published by another process on this host meanwhile"))
+                continue
+            items.append(dataclasses.replace(item, to_flat=flat, to_model=model))
         _publish(client, items, result, progress)
+        state.mark_published(plan.bucket, [_flat(item, "") for item in items if item.to_flat]
+                             + [f"{item.to_model}/{item.entry.name}/" for item in items if item.to_model])
         if plan.record is not None and plan.record_path is not None:
             client.batch(add=[{"dest": plan.record_path, "content": plan.record.to_json()}])
             result.record_path = plan.record_path

@@ -66,3 +66,42 @@ def test_kill_9_during_fetch_never_leaves_a_bad_hit_and_heals(tmp_path, bucket_f
 def test_kill_9_during_sync_never_commits_missing_content_and_heals(tmp_path, bucket_for):
     _ok(scenarios.crash_sync(tmp_path, TRIALS, graphs=4, neff_size=3_000_000, window=0.6,
                              bucket_for=lambda trial: bucket_for(f"sync-{trial}")))
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_held_too_long_is_a_clear_warning_and_a_killed_holder_blocks_nobody(tmp_path, version, monkeypatch):
+    import subprocess
+    import sys
+
+    from optimum_neuron_cache import hub_neuronx_cache
+    from optimum_neuron_cache.host_state import HostState
+    from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
+        compile_graph(tmp_path / "A", version, make_graphs(1)[0])
+    module = run.synced[0].rsplit("/", 1)[1]
+    lock = HostState(tmp_path / "B").entry_lock(version, module, "fetch").lock_file
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"  # another rank is "downloading" this entry
+    monkeypatch.setenv("NEURON_CACHE_LOCK_TIMEOUT", "1")
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as waited:
+        pass
+    assert waited.fetched == [] and len(waited.warnings) == 1
+    assert "held its lock for over 1s" in waited.warnings[0] and "NEURON_CACHE_LOCK_TIMEOUT" in waited.warnings[0]
+    holder.kill()  # kill -9: the kernel drops its flock, so nobody waits for a dead process
+    holder.wait()
+    monkeypatch.setenv("NEURON_CACHE_LOCK_TIMEOUT", "600")
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as after:
+        pass
+    assert [key.rsplit("/", 1)[1] for key in after.fetched] == [module]
