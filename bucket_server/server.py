@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # hf_xet retries its own requests for about 105 s by default: bound them like every other request.
-    os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", os.environ.get("NEURON_CACHE_XET_RETRY_DURATION", "20s"))
+    os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", os.environ.get("NEURON_CACHE_XET_RETRY_DURATION", "10s"))
     os.environ["HF_ENDPOINT"] = args.endpoint
     BucketServer(args.socket, args.endpoint, args.idle_timeout).serve_forever()
     return 0

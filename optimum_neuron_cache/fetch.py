@@ -30,6 +30,8 @@ class RemoteFile:
     path: str
     size: int
     xet_hash: str | None
+    #: What the bytes must hash to (`xet:<hex>` or `sha256:<hex>`); the server checks it before handing over.
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def _group_by_module(listing: Iterable[Mapping[str, Any]], area_prefix: str) -> 
         size = item.get("size")
         if not isinstance(size, int) or size < 0:
             continue
-        modules.setdefault(parsed.module, {})[parsed.filename] = RemoteFile(parsed.filename, item["path"], size, item.get("xet_hash"))
+        modules.setdefault(parsed.module, {})[parsed.filename] = RemoteFile(
+            parsed.filename, item["path"], size, item.get("xet_hash"), item.get("digest"))
     return modules
 
 
@@ -231,15 +234,28 @@ class Fetcher:
     @staticmethod
     def _requests(items: list[FetchItem], tmp: Path) -> list[dict[str, Any]]:
         return [{"path": remote.path, "local_path": str(tmp / item.module / remote.filename), "size": remote.size,
-                 "xet_hash": remote.xet_hash} for item in items for remote in item.files]
+                 "xet_hash": remote.xet_hash, "digest": remote.digest} for item in items for remote in item.files]
+
+    @staticmethod
+    def _reject_unverified(items: list[FetchItem], reply: dict[str, Any], result: FetchResult) -> list[FetchItem]:
+        """Drop the items with a file the server found corrupt (it removed that file): never installed."""
+        bad = {str(failure.get("path")): str(failure.get("reason")) for failure in (reply or {}).get("failed", [])}
+        kept = []
+        for item in items:
+            problems = [f"{remote.filename} {bad[remote.path]}" for remote in item.files if remote.path in bad]
+            if problems:
+                result.failed.append((item.module, "; ".join(problems)))
+            else:
+                kept.append(item)
+        return kept
 
     def _download(self, items: list[FetchItem], tmp: Path, result: FetchResult, progress: ProgressCallback | None) -> list[FetchItem]:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
         try:
-            self.client.download(self._requests(items, tmp), progress=progress)
-            return items
+            reply = self.client.download(self._requests(items, tmp), progress=progress)
+            return self._reject_unverified(items, reply, result)
         except RemoteError as exc:
             if len(items) == 1:
                 raise
@@ -251,13 +267,13 @@ class Fetcher:
                 result.failed.extend((other.module, "not tried: the bucket failed twice in a row") for other in items[index:])
                 break
             try:
-                self.client.download(self._requests([item], tmp))
+                reply = self.client.download(self._requests([item], tmp))
             except RemoteError as exc:
                 failures_in_a_row += 1
                 result.failed.append((item.module, f"download failed: {exc}"))
                 continue
             failures_in_a_row = 0
-            downloaded.append(item)
+            downloaded += self._reject_unverified([item], reply, result)
         if not downloaded:
             result.failed.clear()
             raise first_error

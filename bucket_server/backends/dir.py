@@ -7,6 +7,7 @@ over its destination, so a reader on another host never sees half a file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -16,14 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
+from ..digests import sha256_file as sha256_of
 from .base import Backend, BackendError, Progress, validate_remote_path
 
 INCOMING = ".incoming"
+#: sha256 of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
+#: "<sha256> <size> <mtime_ns>" (stale, hence ignored, when the file was replaced by another tool).
+DIGESTS = ".digests"
+HIDDEN = (INCOMING, DIGESTS)
 
 
 def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str],
-                      on_bytes: Callable[[int], None] | None = None) -> int:
-    """Copy the bytes of a regular file; a symlink or anything else is refused, never followed."""
+                      on_bytes: Callable[[int], None] | None = None, digest: Any = None, limit: int | None = None) -> int:
+    """Copy the bytes of a regular file; a symlink or anything else is refused, never followed.
+
+    digest: a hashlib object fed with the bytes on the way (no second read). limit: stop after this many
+    bytes plus one (a file far larger than announced is not copied whole)."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -34,13 +43,20 @@ def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[st
         if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
             raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
         with open(dest, "wb") as dst:
-            if on_bytes is None:
+            if on_bytes is None and digest is None and limit is None:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            else:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+                return dst.tell()
+            copied = 0
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+                copied += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+                if on_bytes is not None:
                     on_bytes(len(chunk))
-            return dst.tell()
+                if limit is not None and copied > limit:
+                    break
+            return copied
 
 
 def _local_size(item: dict[str, Any]) -> int:
@@ -82,7 +98,28 @@ class DirBackend(Backend):
         return self.root / validate_remote_path(path)
 
     def _file_item(self, path: str, info: os.stat_result) -> dict[str, Any]:
-        return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime}
+        return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime,
+                "digest": self._read_digest(path, info)}
+
+    def _digest_path(self, path: str) -> Path:
+        return self.root / DIGESTS / validate_remote_path(path)
+
+    def _read_digest(self, path: str, info: os.stat_result) -> str | None:
+        try:
+            value, size, mtime_ns = self._digest_path(path).read_text().split()
+        except (OSError, ValueError):
+            return None
+        if int(size) != info.st_size or int(mtime_ns) != info.st_mtime_ns:
+            return None
+        return f"sha256:{value}"
+
+    def _write_digest(self, path: str, sha256: str) -> None:
+        info = os.stat(self._local(path), follow_symlinks=False)
+        target = self._digest_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._incoming()
+        tmp.write_text(f"{sha256} {info.st_size} {info.st_mtime_ns}\n")
+        os.replace(tmp, target)
 
     def _stat_file(self, path: str) -> os.stat_result | None:
         try:
@@ -120,7 +157,7 @@ class DirBackend(Backend):
         for dirpath, dirnames, filenames in os.walk(base):
             rel_dir = os.path.relpath(dirpath, self.root)
             if rel_dir == ".":
-                dirnames[:] = [name for name in dirnames if name != INCOMING]
+                dirnames[:] = [name for name in dirnames if name not in HIDDEN]
             dirnames.sort()
             for name in sorted(filenames):
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
@@ -143,7 +180,7 @@ class DirBackend(Backend):
         except (FileNotFoundError, NotADirectoryError):
             return []
         for entry in entries:
-            if not prefix and entry.name == INCOMING:
+            if not prefix and entry.name in HIDDEN:
                 continue
             rel = f"{prefix}/{entry.name}" if prefix else entry.name
             info = entry.stat(follow_symlinks=False)
@@ -163,19 +200,34 @@ class DirBackend(Backend):
         return found
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
+        """Copy each file out, hashing it on the way when a digest is expected; a file whose bytes do not
+        match (or that is far larger than announced) is removed and reported, never left for the client."""
         self._require_root()
         counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
         total = 0
+        failed = []
         for item in files:
             source = self._local(item["path"])
             dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
             if self._stat_file(item["path"]) is None:
                 raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
+            expected = item.get("digest")
+            sha = hashlib.sha256() if isinstance(expected, str) and expected.startswith("sha256:") else None
+            limit = int(item["size"]) if item.get("size") is not None else None
             try:
-                total += copy_regular_file(source, dest, counter.add if progress else None)
+                copied = copy_regular_file(source, dest, counter.add if progress else None, digest=sha, limit=limit)
             except FileNotFoundError:
                 raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
-        return {"files": len(files), "bytes": total}
+            total += copied
+            if limit is not None and copied > limit:
+                reason = f"larger than the {limit} bytes listed"
+            elif sha is not None and f"sha256:{sha.hexdigest()}" != expected:
+                reason = f"content does not match its sha256 (expected {expected[7:19]}…, got {sha.hexdigest()[:12]}…)"
+            else:
+                continue
+            dest.unlink(missing_ok=True)
+            failed.append({"path": item["path"], "reason": reason})
+        return {"files": len(files), "bytes": total, "failed": failed}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
@@ -185,22 +237,32 @@ class DirBackend(Backend):
             source = self._local(item["src"])
             if self._stat_file(item["src"]) is None:
                 raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.root}")
+            info = self._stat_file(item["src"])
+            digest = self._read_digest(item["src"], info) if info else None
             tmp = self._incoming()
             try:
                 os.link(source, tmp)
             except OSError:  # filesystems without hard links (some mounts): copy the bytes
                 copy_regular_file(source, tmp)
             self._install(tmp, item["dest"])
+            if digest is None:
+                digest = f"sha256:{sha256_of(self._local(item['dest']))}"
+            self._write_digest(item["dest"], digest.split(":", 1)[1])
         for item in add:
             tmp = self._incoming()
+            sha = hashlib.sha256()
             try:
                 if "local_path" in item:
-                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None)
+                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None, digest=sha)
                 else:
-                    tmp.write_bytes(str(item.get("content", "")).encode("utf-8"))
+                    data = str(item.get("content", "")).encode("utf-8")
+                    tmp.write_bytes(data)
+                    sha.update(data)
                 self._install(tmp, item["dest"])
             finally:
                 tmp.unlink(missing_ok=True)
+            self._write_digest(item["dest"], sha.hexdigest())
         for path in delete:
             self._local(path).unlink(missing_ok=True)
+            self._digest_path(path).unlink(missing_ok=True)
         return {"added": len(add), "copied": len(copy), "deleted": len(delete)}

@@ -13,8 +13,10 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..digests import mismatches
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, validate_remote_path
 
@@ -203,6 +205,7 @@ def _file_item(bucket_file: Any) -> dict[str, Any]:
         "size": bucket_file.size,
         "xet_hash": bucket_file.xet_hash,
         "mtime": mtime.timestamp() if mtime is not None else None,
+        "digest": f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
     }
 
 
@@ -280,7 +283,16 @@ class HfBackend(Backend):
         # hf_xet writes the destination files as it goes: their sizes are the progress.
         with FileSizeWatcher([str(item["local_path"]) for item in files], total, progress):
             self._call("download from", self.api.download_bucket_files, self.bucket_id, pairs, raise_on_missing_files=True)
-        return {"files": len(files), "bytes": total}
+        # Verified bytes: recompute each file's Xet hash from what landed on disk.
+        expected = [(str(item["local_path"]), item["digest"]) for item in files if item.get("digest")]
+        problems = mismatches(expected)
+        failed = []
+        for item in files:
+            reason = problems.get(str(item["local_path"]))
+            if reason:
+                Path(item["local_path"]).unlink(missing_ok=True)
+                failed.append({"path": item["path"], "reason": reason})
+        return {"files": len(files), "bytes": total, "failed": failed}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""Verified bytes: a fetched file becomes visible only after its content matches what the bucket says it is
+(the Xet hash a Hub bucket lists; the sha256 a directory bucket recorded at publish time)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient, stop_server
+from optimum_neuron_cache.local_cache import scan_entries
+from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from tests.invariants import local_violations, reference_entries
+
+
+def _publish(tmp_path: Path, bucket, version: str, graphs: int = 2) -> list[str]:
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
+        for graph in make_graphs(graphs, seed="verified", neff_size=300_000):
+            compile_graph(tmp_path / "A", version, graph)
+    return [key.rsplit("/", 1)[1] for key in run.synced]
+
+
+def _flip_byte_keeping_size_and_mtime(path: Path, offset: int) -> None:
+    info = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_directory_buckets_record_digests_and_a_flipped_byte_never_reaches_the_cache(tmp_path, version):
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    modules = _publish(tmp_path, bucket, version)
+    listing = BucketClient(bucket).list(f"neuronxcc-{version}", recursive=True)
+    assert listing and all(str(item["digest"]).startswith("sha256:") for item in listing)  # published with digests
+    bad = Path(bucket.location) / f"neuronxcc-{version}/models/org--v/default/{modules[0]}/model.neff"
+    _flip_byte_keeping_size_and_mtime(bad, 1000)  # bit rot, or a tampered share: same size, same mtime
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        hit = [compile_graph(tmp_path / "B", version, graph).hit for graph in make_graphs(2, seed="verified", neff_size=300_000)]
+    assert [key.rsplit("/", 1)[1] for key in run.fetched] == [modules[1]]
+    assert len(run.warnings) == 1 and modules[0] in run.warnings[0] and "model.neff" in run.warnings[0]
+    assert "sha256" in run.warnings[0]
+    assert sorted(hit) == [False, True]  # the corrupt entry compiled as a miss, the other a hit
+    assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
+
+
+def _xorbs(cas: Path) -> list[Path]:
+    return [p for p in cas.rglob("*") if p.is_file() and "xorb" in str(p.relative_to(cas)).lower() and p.stat().st_size > 100_000]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_hub_buckets_verify_the_xet_hash_of_what_landed(tmp_path, hub, version, damage, monkeypatch):
+    monkeypatch.setenv("NEURON_CACHE_XET_RETRY_DURATION", "1s")  # damaged storage: retrying cannot help
+    monkeypatch.setenv("NEURON_CACHE_RETRY_BUDGET", "2")
+    BucketClient(BucketRef("hf", "test/verified")).create()
+    modules = _publish(tmp_path, "test/verified", version)
+    stop_server()  # a fresh server: no chunk cached in memory from the upload
+    xorbs = _xorbs(hub.cas_dir)
+    assert xorbs, sorted(str(p) for p in hub.cas_dir.rglob("*"))
+    for xorb in xorbs:  # damage what the storage serves
+        if damage == "flip":
+            _flip_byte_keeping_size_and_mtime(xorb, xorb.stat().st_size // 2)
+        else:
+            with open(xorb, "r+b") as handle:
+                handle.truncate(xorb.stat().st_size // 2)
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket="test/verified", cache_dir=tmp_path / "B") as run:
+        pass
+    # Every damaged file is caught (by our Xet hash check, or by hf_xet failing the transfer); only intact
+    # entries are installed, and the user is told in one line per problem.
+    assert len(run.fetched) < len(modules) and run.warnings
+    assert all(len(w.splitlines()) == 1 for w in run.warnings)
+    if damage == "flip":
+        assert any("does not match its Xet hash" in w for w in run.warnings)
+    assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
+    assert {e.name for e in scan_entries(tmp_path / "B", version)} == {k.rsplit("/", 1)[1] for k in run.fetched}
