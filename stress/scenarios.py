@@ -147,6 +147,18 @@ def _kill_at_random(command: list[str], rng: random.Random, window: float, kill_
         except ProcessLookupError:
             pass
     proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in victims[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server is not our child: wait until it is really gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and ") Z " not in stat.read_text()
 
 
 def crash_fetch(workdir: Path, bucket: str, trials: int, seed: int = 0, graphs: int = 5, neff_size: int = 4_000_000,
