@@ -27,7 +27,10 @@ from .fetch import fetch_model
 from .host_state import HostState
 from .inventory import bucket_inventory
 from .local_cache import CacheRoot, resolve_cache_root, scan_entries, version_dir_name
-from .lookup import lookup_cache
+from .explain import differences, why_nothing
+from .lookup import FILTER_KEYS, lookup_cache
+from .records import compiler_flags
+from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
 from .neuron_sdk import resolve_compiler_version, sdk_info
 from .sync import sync_cache
@@ -162,8 +165,9 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         close()
     result = fetched.result
     target = root / version_dir_name(version)
+    record_run(Stats(fetches=1, hits=len(result.fetched), bytes_downloaded=result.bytes))
     if not fetched.plan.remote_modules and not fetched.plan.items:
-        out.info(f"nothing to fetch: {ref} holds no entries for {model.model_id} ({task_name}) under neuronxcc-{version}")
+        out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task_name, model.model_id)}")
     else:
         present = len(fetched.plan.remote_modules) - len(fetched.plan.items)
         out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
@@ -208,6 +212,95 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
         total_bytes += plan.bytes_to_upload
     verb = "would publish" if dry_run else "published"
     out.info(f"{verb} {total_entries} entries ({size(total_bytes)}) to {ref}" if total_entries else f"nothing to publish: {ref} has every success entry of {root}")
+
+
+@cli.command()
+@click.argument("model_id")
+@task_option
+@version_option
+@click.option("--target", "--instance-type", "target", help="e.g. trn1, trn2, inf2.")
+@click.option("--batch-size", type=int)
+@click.option("--sequence-length", type=int)
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", type=int)
+@click.option("--dtype", help="e.g. bf16, fp16 (compared with auto_cast_type / torch_dtype / dtype).")
+@click.option("--config", "config_json", help="The whole export config as JSON (fields above override it).")
+@bucket_option
+def explain(model_id: str, task: str | None, compiler_version: str | None, target: str | None, batch_size: int | None,
+            sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None, config_json: str | None,
+            bucket: str | None) -> None:
+    """Why MODEL_ID would miss: this machine's compiler, flags and export config against the nearest records."""
+    try:
+        version = resolve_compiler_version(compiler_version)
+    except ConfigurationError:
+        version = None  # no SDK here: compare everything else, across every version in the bucket
+    try:
+        config = json.loads(config_json) if config_json else {}
+    except ValueError as exc:
+        raise click.BadParameter(f"--config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise click.BadParameter("--config must be a JSON object")
+    stated = {"target": target, "batch_size": batch_size, "sequence_length": sequence_length,
+              "tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
+    records = lookup_cache(model_id, task, compiler_version=version, all_versions=version is None, bucket=bucket)
+    if version is not None and not records:
+        records = lookup_cache(model_id, task, all_versions=True, bucket=bucket)
+    flags = compiler_flags()
+    click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
+               f"flags {' '.join(flags) or '(none)'}")
+    if not records:
+        click.echo(f"no export records of {model_id} in {resolve_bucket(bucket)}: nothing was published for it with an export config")
+        return
+    comparisons = []
+    for record in records:
+        wanted = dict(config)
+        for name, value in stated.items():
+            if value is not None:
+                keys = [key for key in FILTER_KEYS[name] if key in record.export_config] or [FILTER_KEYS[name][0]]
+                wanted[keys[0]] = value
+        comparisons.append((differences(record, version, flags, wanted), record))
+    comparisons.sort(key=lambda item: (len(item[0]), item[1].created_at))
+    for diffs, record in comparisons[:3]:
+        config_text = " ".join(f"{k}={v}" for k, v in sorted(record.export_config.items()))
+        click.echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} {record.task} {config_text}")
+        for diff in diffs:
+            click.echo(f"    {diff}")
+
+
+@cli.command(name="stats")
+@click.option("--zero", is_flag=True, help="Reset the figures.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def stats_command(zero: bool, as_json: bool) -> None:
+    """This host's figures: fetches, hits, misses, publishes, bytes, time saved, remote errors."""
+    if zero:
+        zero_stats()
+        click.echo(f"stats reset ({stats_path()})")
+        return
+    last, total = read_stats()
+    if as_json:
+        click.echo(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1))
+        return
+    rows = [("", "LAST RUN", "TOTAL")]
+    for name, label in (("fetches", "fetches"), ("hits", "hits (entries from the bucket)"),
+                        ("misses", "misses (compiled here)"), ("publishes", "published"),
+                        ("bytes_downloaded", "downloaded"), ("bytes_uploaded", "uploaded"),
+                        ("seconds_saved", "compile time saved"), ("remote_errors", "remote errors")):
+        values = [getattr(last, name), getattr(total, name)]
+        if name.startswith("bytes"):
+            cells = [size(int(v)) for v in values]
+        elif name == "seconds_saved":
+            cells = [_duration(v) for v in values]
+        else:
+            cells = [str(int(v)) for v in values]
+        rows.append((label, *cells))
+    _table(rows)
+    if total.hits_without_duration:
+        click.echo(f"({total.hits_without_duration} hits had no recorded compile time and are not counted in the time saved)")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ------------------------------------------------------------------------------------ lookup, ls

@@ -23,7 +23,10 @@ from .fetch import fetch_model
 from .host_state import HostState
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
-from .records import make_record
+from .explain import nearest, why_nothing
+from .lookup import read_records
+from .records import compile_seconds, compiler_flags, make_record
+from .stats import Stats, record_run
 from .sync import SyncPlan, execute_sync, plan_sync
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -50,10 +53,14 @@ class CacheRun:
     record: str | None = None
     #: One line per problem met (each was also logged as a warning).
     warnings: list[str] = field(default_factory=list)
+    #: Why graphs were (or will be) compiled here rather than fetched, one line each (also logged at INFO).
+    miss_reasons: list[str] = field(default_factory=list)
     #: Requests sent to the bucket server by this run.
     requests: int = 0
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
+    #: This run's figures, as added to the host's totals (`neuron-cache stats`); final after the block.
+    stats: Stats = field(default_factory=Stats)
 
 
 class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function, as in optimum-neuron
@@ -93,8 +100,13 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self.run.warnings.append(message)
         log.warning("optimum-neuron-cache: %s", message)
 
+    def _miss(self, reason: str) -> None:
+        self.run.miss_reasons.append(reason)
+        log.info("optimum-neuron-cache: miss: %s", reason)
+
     def _remote_failed(self, stage: str, exc: BaseException) -> None:
         self._remote_ok = False
+        self.run.stats.remote_errors += 1
         self._warn(f"{stage} skipped, bucket {self._bucket}: {exc} (the run goes on without the bucket; "
                    "what it compiles is published by a later run)")
 
@@ -137,8 +149,33 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self.run.bytes_downloaded = fetched.result.bytes
             for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
+            self._explain_enter(fetched.result.fetched)
+        self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
+
+    def _records(self) -> list:
+        """The model's export records (one download; only ever on a miss or after a fetch)."""
+        if self._client is None or self._area is None or not self._area_records:
+            return []
+        paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
+        return read_records(self._client, paths)
+
+    def _explain_enter(self, fetched: list[str]) -> None:
+        """After a fetch: the time the hits save, and why there was nothing to fetch. Best effort."""
+        assert self._client is not None
+        try:
+            if fetched:
+                durations: dict[str, float] = {}
+                for record in self._records():
+                    durations.update(record.compile_seconds)
+                known = [durations[name] for name in fetched if name in durations]
+                self.run.stats.seconds_saved = float(sum(known))
+                self.run.stats.hits_without_duration = len(fetched) - len(known)
+            if self._model is not None and not self._area_modules:
+                self._miss(why_nothing(self._client, self._version, self._model.folder, self._task, self._model.model_id))
+        except (NeuronCacheError, OSError) as exc:
+            log.debug("optimum-neuron-cache: could not explain the fetch: %s", exc)
 
     # --------------------------------------------------------------------------------- exit
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
@@ -147,15 +184,44 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         try:
             self._sync(self._root.path)
         except (NeuronCacheError, OSError) as error:
+            self.run.stats.remote_errors += 1
             self._warn(f"sync failed, bucket {self._bucket}: {error} (entries stay local and are retried next run)")
         except Exception as error:  # a bug of ours must never mask or replace the body's outcome
             self._warn(f"sync failed unexpectedly: {type(error).__name__}: {error}")
         self._count_requests()
+        stats = self.run.stats
+        stats.hits, stats.misses, stats.publishes = len(self.run.fetched), len(self.run.compiled), len(self.run.synced)
+        stats.bytes_downloaded, stats.bytes_uploaded = self.run.bytes_downloaded, self.run.bytes_uploaded
+        record_run(stats)
         return False  # the body's exception, if any, propagates unchanged
 
     def _pending_key(self) -> str:
         folder = self._model.folder if self._model else "_flat"
         return f"{layout.version_prefix(self._version)}/{folder}/{self._task}"
+
+    def _explain_misses(self, new: set[str]) -> None:
+        """Graphs were compiled here although the bucket holds entries of this model: say which record was
+        nearest and how it differs, or which entries a record of this very configuration lacked."""
+        if not self._area_records:
+            return
+        try:
+            records = self._records()
+        except (NeuronCacheError, OSError) as exc:
+            log.debug("optimum-neuron-cache: could not read the export records: %s", exc)
+            return
+        flags = compiler_flags()
+        mine = make_record(self._model.model_id, self._task, self._version, self._export_config or {}, []) \
+            if self._export_config is not None else None
+        same = [r for r in records if mine is not None and r.path.endswith(f"/{mine.record_id}.json")]
+        if same:
+            missing = sorted(set(same[0].modules) - set(self._area_modules))
+            self._miss(f"the record of this configuration lists {len(same[0].modules)} entries, the bucket held "
+                       f"{len(same[0].modules) - len(missing)}; compiled {len(new)} here")
+            return
+        best = nearest(records, self._version, flags, self._export_config)
+        if best and best[0].differences:
+            self._miss(f"compiled {len(new)} graphs here: no record matches; nearest differs in "
+                       + "; ".join(best[0].differences))
 
     def _sync(self, root: Path) -> None:
         state = HostState(root)
@@ -164,6 +230,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         new = {name for name, entry in entries.items()
                if entry.state.publishable and not self._before.get(name, EntryState.INCOMPLETE).publishable and name not in fetched}
         self.run.compiled = [f"{layout.version_prefix(self._version)}/{name}" for name in sorted(new)]
+        log.debug("optimum-neuron-cache: hits (fetched) %s; misses (compiled here) %s", sorted(fetched), sorted(new))
+        if new and self._remote_ok and self._model is not None:
+            self._explain_misses(new)
         key = self._pending_key()
         pending = state.pending(key)
         candidates = [entries[name] for name in sorted(new | pending) if name in entries and entries[name].state.publishable]
@@ -172,7 +241,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             # The graphs this configuration compiled; a run that compiled nothing (all hits) cannot tell which
             # of the model's entries it used, so its record names all of them.
             modules = sorted(new) if new else sorted(set(self._area_modules) | fetched)
-            record = make_record(self._model.model_id, self._task, self._version, self._export_config, modules)
+            seconds = {name: s for name in new if (s := compile_seconds(entries[name].path)) is not None}
+            record = make_record(self._model.model_id, self._task, self._version, self._export_config, modules,
+                                 compile_seconds=seconds)
         area = self._area
         record_path = None
         if record is not None and area is not None:

@@ -51,6 +51,7 @@ class CachedExport:
     export_config: dict[str, Any]
     compile_flags: list[str]
     modules: list[str] = field(default_factory=list)
+    compile_seconds: dict[str, float] = field(default_factory=dict)
     created_at: str = ""
     package_version: str = ""
     #: Where the record lives in the bucket.
@@ -89,9 +90,12 @@ def parse_record(text: str, path: str) -> CachedExport | None:
             raise ValueError("compile_flags is not a list of strings")
         if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
             raise ValueError("modules is not a list of MODULE names")
+        seconds = data.get("compile_seconds", {})
+        if not (isinstance(seconds, dict) and all(isinstance(v, (int, float)) for v in seconds.values())):
+            seconds = {}
         return CachedExport(
             model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
-            export_config=data["export_config"], compile_flags=flags, modules=modules,
+            export_config=data["export_config"], compile_flags=flags, modules=modules, compile_seconds=seconds,
             created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
         )
     except (ValueError, KeyError, TypeError) as exc:
@@ -150,13 +154,18 @@ def _read_records(client: BucketClient, version: str, folder: str, tasks: list[s
             cased = layout.reuse_casing(folder, _children(client, models))
             if cased != folder:
                 paths = _export_paths(client, version, cased, tasks)
+    return read_records(client, paths)
+
+
+def read_records(client: BucketClient, paths: list[str]) -> list[CachedExport]:
+    """Download and parse export records, all in one request; malformed ones are skipped with a warning."""
     if not paths:
         return []
-    with tempfile.TemporaryDirectory(prefix="neuron-cache-lookup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="neuron-cache-records-") as tmp:
         files = [{"path": path, "local_path": str(Path(tmp) / f"{index}.json")} for index, path in enumerate(paths)]
         client.download(files)
         records = [parse_record(Path(item["local_path"]).read_text(encoding="utf-8", errors="replace"), item["path"])
-                   for item in files]
+                   for item in files if Path(item["local_path"]).exists()]
     return [record for record in records if record is not None]
 
 

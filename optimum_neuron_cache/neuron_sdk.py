@@ -67,11 +67,15 @@ def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str
     """The neuronx-cc version whose cache entries to fetch and publish.
 
     An explicit argument wins (warming a cache for another fleet is legitimate; a mismatch with the installed
-    compiler is warned about); then the installed compiler's `neuronxcc.__version__`; then NEURON_CC_VERSION.
+    compiler is warned about); then the installed compiler's `neuronxcc.__version__` (or the version libneuronxla
+    reports, when neuronxcc itself does not import); then NEURON_CC_VERSION.
     Never guessed from the cache's folders.
     """
     env = os.environ if environ is None else environ
     installed = sdk_info().neuronx_cc
+    if not installed:  # libneuronxla without an importable neuronxcc may still say which compiler it drives
+        lib = libneuronxla_info()
+        installed = lib.compiler_version if lib else None
     if explicit:
         version = validate_compiler_version(explicit, source="the compiler_version argument")
         if installed and version != installed:
@@ -99,3 +103,161 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def writes_done_marker(version: str) -> bool:
     """Compilers 2.15 and newer write `model.done` last; older ones have no marker."""
     return version_tuple(version)[:2] >= (2, 15)
+
+
+# ------------------------------------------------------------------------------------ libneuronxla
+#
+# libneuronxla is what actually reads and writes the compile cache (its `neuron_cc_wrapper` calls
+# `neuronx-cc`). When it is installed, it is the authority on two things this package otherwise derives:
+# the cache root (`libneuronxla.neuron_cc_cache.CacheUrl.get_cache_url()`) and the compiler version whose
+# `neuronxcc-<version>` folder it uses. Everything below is read duck-typed and best effort: an SDK that
+# moved an attribute costs a `None`, never an exception.
+
+#: `neuronx-cc --version` prints e.g. "NeuronX Compiler version 2.21.33363.0+82129205".
+_VERSION_IN_TEXT_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+(?:\+[0-9a-zA-Z]+)?)")
+
+
+@dataclass(frozen=True)
+class LibneuronxlaInfo:
+    """What an installed libneuronxla says (None fields: it could not be read)."""
+
+    version: str | None
+    #: The compile cache root libneuronxla resolves (a path, or an s3:// URL).
+    cache_url: str | None
+    #: The neuronx-cc version libneuronxla compiles with, hence its `neuronxcc-<version>` folder.
+    compiler_version: str | None
+    #: Where `compiler_version` came from ("libneuronxla", "neuronxcc"), or None.
+    compiler_version_source: str | None = None
+    #: What could not be read, one line (None when everything was).
+    problem: str | None = None
+
+
+def _valid_version(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if value.startswith("neuronxcc-"):
+        value = value[len("neuronxcc-") :]
+    return value if _VERSION_RE.match(value) else None
+
+
+def _libneuronxla_cache_url(cache_module: object) -> str | None:
+    cache_url_cls = getattr(cache_module, "CacheUrl", None)
+    get_cache_url = getattr(cache_url_cls, "get_cache_url", None)
+    if not callable(get_cache_url):
+        return None
+    url = get_cache_url()
+    for attribute in ("url", "cache_url", "path"):
+        value = getattr(url, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return str(url) if isinstance(url, str) and url else None
+
+
+def _libneuronxla_compiler_version(modules: list[object]) -> str | None:
+    """The compiler version libneuronxla itself reports, through whichever helper this SDK release has."""
+    for module in modules:
+        for name in ("get_neuronxcc_version", "get_compiler_version", "neuronxcc_version", "compiler_version"):
+            value = getattr(module, name, None)
+            try:
+                value = value() if callable(value) else value
+            except Exception:
+                continue
+            version = _valid_version(value)
+            if version:
+                return version
+    return None
+
+
+@lru_cache(maxsize=1)
+def libneuronxla_info() -> LibneuronxlaInfo | None:
+    """libneuronxla's view of the cache, or None when it is absent (or PyPI's placeholder)."""
+    try:
+        package = importlib.import_module("libneuronxla")
+    except Exception:
+        return None
+    problems = []
+    version = getattr(package, "__version__", None)
+    try:
+        cache_module = importlib.import_module("libneuronxla.neuron_cc_cache")
+    except Exception as exc:
+        cache_module = None
+        problems.append(f"libneuronxla.neuron_cc_cache does not import ({type(exc).__name__})")
+    cache_url = None
+    if cache_module is not None:
+        try:
+            cache_url = _libneuronxla_cache_url(cache_module)
+        except Exception as exc:
+            problems.append(f"CacheUrl.get_cache_url() failed ({type(exc).__name__}: {exc})")
+        if cache_url is None and not problems:
+            problems.append("this libneuronxla has no CacheUrl.get_cache_url()")
+    compiler_version = _libneuronxla_compiler_version([m for m in (cache_module, package) if m is not None])
+    source = "libneuronxla" if compiler_version else None
+    if compiler_version is None and sdk_info().neuronx_cc:
+        compiler_version, source = _valid_version(sdk_info().neuronx_cc), "neuronxcc"
+    return LibneuronxlaInfo(
+        version=str(version) if version else None, cache_url=cache_url, compiler_version=compiler_version,
+        compiler_version_source=source, problem="; ".join(problems) or None,
+    )
+
+
+def neuronx_cc_version() -> str | None:
+    """`neuronxcc.__version__` alone (cheap: does not import torch-neuronx, unlike `sdk_info()`)."""
+    return _valid_version(_module_version("neuronxcc"))
+
+
+def parse_compiler_version_output(text: str) -> str | None:
+    """The version in what `neuronx-cc --version` prints, or None."""
+    match = _VERSION_IN_TEXT_RE.search(text)
+    return _valid_version(match.group(1)) if match else None
+
+
+def probe_compiler_version(executable: str, timeout: float = 60.0) -> str | None:
+    """Run `<executable> --version` and read the version it prints (None on any failure)."""
+    import subprocess
+
+    try:
+        done = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_compiler_version_output(done.stdout + "\n" + done.stderr)
+
+
+def sdk_summary(cache_root: str | None = None) -> dict[str, object]:
+    """Everything `neuron-cache status` reports about the SDK, JSON-able.
+
+    `cache_root` is the root this package resolved; when libneuronxla resolves another one, `root_mismatch`
+    says so (the two must agree, or fetched entries land where the compiler never looks).
+    """
+    info = sdk_info()
+    lib = libneuronxla_info()
+    summary: dict[str, object] = {
+        "neuronx_cc": info.neuronx_cc, "libneuronxla": info.libneuronxla, "torch_neuronx": info.torch_neuronx,
+        "libneuronxla_cache_url": lib.cache_url if lib else None,
+        "libneuronxla_compiler_version": lib.compiler_version if lib else None,
+        "libneuronxla_problem": lib.problem if lib else None,
+        "root_mismatch": False,
+    }
+    if lib and lib.cache_url and cache_root is not None:
+        theirs = lib.cache_url[len("file://"):] if lib.cache_url.startswith("file://") else lib.cache_url
+        if "://" in theirs:
+            summary["root_mismatch"] = True
+        else:
+            summary["root_mismatch"] = os.path.abspath(os.path.expanduser(theirs)) != os.path.abspath(cache_root)
+    return summary
+
+
+def format_sdk_summary(summary: dict[str, object], cache_root: str | None = None) -> list[str]:
+    """Human lines for `neuron-cache status`."""
+    lines = ["neuron sdk: " + ", ".join(f"{label} {summary.get(key) or 'not installed'}" for label, key in
+                                         (("neuronx-cc", "neuronx_cc"), ("libneuronxla", "libneuronxla"), ("torch-neuronx", "torch_neuronx")))]
+    if summary.get("libneuronxla"):
+        url = summary.get("libneuronxla_cache_url") or "unknown"
+        version = summary.get("libneuronxla_compiler_version") or "unknown"
+        line = f"libneuronxla: cache {url}, compiler {version}"
+        if summary.get("root_mismatch"):
+            line += f" (differs from the cache dir used here, {cache_root}: pass cache_dir= or set NEURON_COMPILE_CACHE_URL)"
+        lines.append(line)
+        if summary.get("libneuronxla_problem"):
+            lines.append(f"libneuronxla: {summary['libneuronxla_problem']}")
+    return lines

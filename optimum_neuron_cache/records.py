@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -56,6 +57,8 @@ class ExportRecord:
     export_config: dict[str, Any]
     compile_flags: list[str]
     modules: list[str] = field(default_factory=list)
+    #: How long each module took to compile here (seconds), where the files tell: what a hit saves.
+    compile_seconds: dict[str, float] = field(default_factory=dict)
     package_version: str = __version__
     created_at: str = ""
     schema: int = RECORD_SCHEMA
@@ -70,7 +73,8 @@ class ExportRecord:
 
 
 def make_record(model_id: str, task: str, compiler_version: str, export_config: Mapping[str, Any],
-                modules: list[str], environ: Mapping[str, str] | None = None) -> ExportRecord:
+                modules: list[str], environ: Mapping[str, str] | None = None,
+                compile_seconds: Mapping[str, float] | None = None) -> ExportRecord:
     return ExportRecord(
         model_id=model_id,
         task=task,
@@ -78,5 +82,17 @@ def make_record(model_id: str, task: str, compiler_version: str, export_config: 
         export_config=_canonical(dict(export_config)),
         compile_flags=compiler_flags(environ),
         modules=sorted(set(modules)),
+        compile_seconds={name: round(seconds, 3) for name, seconds in sorted((compile_seconds or {}).items())},
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def compile_seconds(entry_path: Path) -> float | None:
+    """How long the compile of an entry took, read from its files: libneuronxla writes the HLO and flags
+    before compiling and the NEFF (then model.done) after, so the gap between their times is the compile."""
+    try:
+        started = min(os.stat(entry_path / name).st_mtime for name in os.listdir(entry_path) if name.startswith("model.hlo"))
+        finished = max(os.stat(entry_path / name).st_mtime for name in ("model.neff", "model.done") if (entry_path / name).exists())
+    except (OSError, ValueError):
+        return None
+    return max(0.0, finished - started)

@@ -1,0 +1,73 @@
+"""Why a compile missed: compare what this machine compiles (compiler version, flags in force, export config)
+with what the bucket holds, field by field. Used by `neuron-cache explain`, `fetch` and the context manager.
+
+Every line here costs requests only on the miss path: a warm run never pays for an explanation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import remote_layout as layout
+from .client import BucketClient
+from .local_cache import version_from_dir_name
+from .lookup import CachedExport
+
+#: Versions looked at when telling "entries exist only for other compiler versions" (bounded cost).
+MAX_VERSIONS_PROBED = 20
+
+
+@dataclass(frozen=True)
+class Comparison:
+    record: CachedExport
+    differences: list[str]
+
+
+def differences(record: CachedExport, compiler_version: str | None, flags: Sequence[str] | None,
+                export_config: Mapping[str, Any] | None) -> list[str]:
+    """Field by field, how `record` differs from this machine's compile. Fields this machine does not state
+    (None) are not compared."""
+    diffs = []
+    if compiler_version is not None and record.compiler_version != compiler_version:
+        diffs.append(f"compiler version: bucket {record.compiler_version}, here {compiler_version}")
+    if flags is not None and list(record.compile_flags) != list(flags):
+        only_bucket = [flag for flag in record.compile_flags if flag not in flags]
+        only_here = [flag for flag in flags if flag not in record.compile_flags]
+        detail = ", ".join(part for part in (f"bucket only: {' '.join(only_bucket)}" if only_bucket else "",
+                                             f"here only: {' '.join(only_here)}" if only_here else "") if part)
+        diffs.append(f"compile flags: {detail or 'same flags in another order'}")
+    for key, here in sorted((export_config or {}).items()):
+        there = record.export_config.get(key, "<absent>")
+        if str(there).lower() != str(here).lower():
+            diffs.append(f"{key}: bucket {there}, here {here}")
+    return diffs
+
+
+def nearest(records: Sequence[CachedExport], compiler_version: str | None, flags: Sequence[str] | None,
+            export_config: Mapping[str, Any] | None, limit: int = 3) -> list[Comparison]:
+    compared = [Comparison(record, differences(record, compiler_version, flags, export_config)) for record in records]
+    return sorted(compared, key=lambda c: (len(c.differences), c.record.created_at))[:limit]
+
+
+def _folders(client: BucketClient, prefix: str) -> list[str]:
+    return [item["path"].rsplit("/", 1)[-1] for item in client.list(prefix, recursive=False) if item.get("type") == "directory"]
+
+
+def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: str, model_id: str) -> str:
+    """One line: why the model's area under this compiler version holds nothing."""
+    wanted = folder.lower()
+    tasks_here = []
+    here = [name for name in _folders(client, layout.models_prefix(compiler_version)) if name.lower() == wanted]
+    if here:
+        tasks_here = _folders(client, f"{layout.models_prefix(compiler_version)}/{here[0]}")
+    if tasks_here:
+        return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(sorted(tasks_here))}"
+    versions = sorted(v for v in (version_from_dir_name(name) for name in _folders(client, "")) if v and v != compiler_version)
+    others = [v for v in versions[-MAX_VERSIONS_PROBED:]
+              if any(name.lower() == wanted for name in _folders(client, layout.models_prefix(v)))]
+    if others:
+        return (f"entries for {model_id} exist only for other compiler versions: {', '.join(others)} "
+                f"(this one is {compiler_version})")
+    return f"no entries for {model_id} under any compiler version in this bucket"

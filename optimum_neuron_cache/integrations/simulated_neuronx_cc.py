@@ -1,0 +1,246 @@
+"""Stand-ins for the Neuron SDK's executables, for tests, examples and demos (no SDK, no hardware).
+
+- `compiler_main`: a `neuronx-cc` command line. `neuronx-cc compile --framework=XLA <in>.hlo_module.pb
+  --output <out>.neff [flags] [--verbose=35]` writes a NEFF that depends only on the HLO and the flags
+  (the same bytes `simulated_compiler` writes for the same graph); `neuronx-cc --version` prints the
+  version. `install_simulated_compiler(dir)` puts it on disk as an executable named `neuronx-cc`.
+- `jit_compile`: what libneuronxla's `neuron_cc_wrapper` does for one graph: a hit when the entry has
+  `model.done`; else take the lock, write HLO and flags into the entry, call `neuronx-cc` through PATH on
+  `model.MODULE_<key>+<hash>.hlo_module.pb` in a work dir, copy the NEFF in, write `model.done`, drop the
+  lock (a failure leaves `model.log`). With NEURON_EXTRACT_GRAPHS_ONLY=1 it only writes HLO and flags.
+- `parallel_compile_main`: a `neuron_parallel_compile` command line (`--command extract|compile|all`).
+- `train_main`: a "training script" that JIT-compiles the graphs of a model through `jit_compile`.
+
+Knobs for tests (environment): SIMULATED_NEURONX_CC_LOG (a file: one line per real compile),
+SIMULATED_NEURONX_CC_FAIL (1: every compile fails; else fail inputs whose name contains it),
+SIMULATED_NEURONX_CC_SECONDS (compile time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..local_cache import DONE, LOG, NEFF, EntryState, read_entry, resolve_cache_root, scan_entries, version_dir_name
+from ..neuron_sdk import ENV_COMPILER_VERSION, resolve_compiler_version, writes_done_marker
+from ..simulated_compiler import Graph, _neff_bytes, flags_file, hlo_file_name, make_graphs, module_name
+
+DEFAULT_VERSION = "2.21.33363.0+82129205"
+ENV_LOG = "SIMULATED_NEURONX_CC_LOG"
+ENV_FAIL = "SIMULATED_NEURONX_CC_FAIL"
+ENV_SECONDS = "SIMULATED_NEURONX_CC_SECONDS"
+ENV_EXTRACT_ONLY = "NEURON_EXTRACT_GRAPHS_ONLY"
+
+
+# ------------------------------------------------------------------------------------- neuronx-cc
+
+
+def _compile_flags(argv: list[str]) -> tuple[str | None, str | None, str | None, list[str]]:
+    """(framework, input, output, compile flags) of a `neuronx-cc compile` command line."""
+    framework = source = output = None
+    flags: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "compile":
+            continue
+        if token == "--output":
+            output = next(tokens, None)
+        elif token.startswith("--output="):
+            output = token.split("=", 1)[1]
+        elif token == "--framework":
+            framework = next(tokens, None)
+        elif token.startswith("--framework="):
+            framework = token.split("=", 1)[1]
+        elif token.startswith("--verbose"):
+            continue
+        elif token.startswith("-"):
+            flags.append(token)
+        elif source is None:
+            source = token
+    return framework, source, output, flags
+
+
+def compiler_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--version" in argv:
+        print(f"NeuronX Compiler version {os.environ.get(ENV_COMPILER_VERSION) or DEFAULT_VERSION}\n\nPython version {sys.version.split()[0]}")
+        return 0
+    if "compile" not in argv:
+        print("usage: neuronx-cc compile --framework XLA <model> --output <neff> [options]", file=sys.stderr)
+        return 2
+    framework, source, output, flags = _compile_flags(argv)
+    if framework != "XLA" or not source or not output:
+        print(f"neuronx-cc: error: expected --framework XLA, an input and --output (got {argv})", file=sys.stderr)
+        return 2
+    try:
+        hlo = Path(source).read_bytes()
+    except OSError as exc:
+        print(f"neuronx-cc: error: cannot read {source}: {exc}", file=sys.stderr)
+        return 2
+    if os.environ.get(ENV_LOG):
+        with open(os.environ[ENV_LOG], "a", encoding="utf-8") as handle:
+            handle.write(f"{Path(source).name}\n")
+    if os.environ.get(ENV_SECONDS):
+        time.sleep(float(os.environ[ENV_SECONDS]))
+    fail = os.environ.get(ENV_FAIL, "")
+    if fail and (fail == "1" or fail in Path(source).name):
+        print(f"ERROR 70: simulated compiler failure on {Path(source).name}", file=sys.stderr)
+        print("Compiler status ERROR")
+        return 70
+    Path(output).write_bytes(_neff_bytes(Graph(hlo=hlo, flags=tuple(flags))))
+    print("Compiler status PASS")
+    return 0
+
+
+def write_launcher(path: Path, module: str, function: str, python: str | None = None) -> Path:
+    """An executable script at `path` running `module.function()` with this interpreter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"#!{python or sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
+                   encoding="utf-8")
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def install_simulated_compiler(directory: str | os.PathLike[str], name: str = "neuronx-cc") -> Path:
+    """Put the simulated compiler in `directory` as an executable named `neuronx-cc`."""
+    return write_launcher(Path(directory) / name, __name__, "compiler_main")
+
+
+def install_simulated_parallel_compile(directory: str | os.PathLike[str], name: str = "neuron_parallel_compile") -> Path:
+    return write_launcher(Path(directory) / name, __name__, "parallel_compile_main")
+
+
+# ----------------------------------------------------------------------------- libneuronxla's wrapper
+
+
+class SimulatedCompileError(RuntimeError):
+    """The compiler failed (the entry now holds model.log), or a cached failure was replayed."""
+
+
+@dataclass(frozen=True)
+class JitResult:
+    module: str
+    path: Path
+    #: True when the entry was complete already (libneuronxla's "Using a cached neff").
+    hit: bool
+    #: False with NEURON_EXTRACT_GRAPHS_ONLY=1: HLO and flags only.
+    compiled: bool
+
+
+def jit_compile(root: str | os.PathLike[str], version: str, graph: Graph, *, compiler: str = "neuronx-cc",
+                env: dict[str, str] | None = None) -> JitResult:
+    """Compile one graph into the cache at `root` as libneuronxla does, calling `compiler` through PATH."""
+    env = dict(os.environ if env is None else env)
+    module = module_name(version, graph)
+    path = Path(root) / version_dir_name(version) / module
+    hlo_name = hlo_file_name(version)
+    entry = read_entry(path, version)
+    if entry.state.publishable:
+        return JitResult(module, path, hit=True, compiled=False)
+    if entry.state is EntryState.FAILED:
+        raise SimulatedCompileError(f"cached failed compilation at {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / f"{hlo_name}.lock"
+    lock.write_bytes(b"")
+    try:
+        flags_name, flags_bytes = flags_file(version, graph.flags)
+        if not (path / hlo_name).exists():
+            (path / hlo_name).write_bytes(graph.hlo)
+            (path / flags_name).write_bytes(flags_bytes)
+        if env.get(ENV_EXTRACT_ONLY) == "1":
+            return JitResult(module, path, hit=False, compiled=False)
+        with tempfile.TemporaryDirectory(prefix="neuroncc_compile_workdir-") as workdir:
+            suffix = "hlo.pb" if hlo_name == "model.hlo.pb" else "hlo_module.pb"
+            source = Path(workdir) / f"model.{module}.{suffix}"
+            output = Path(workdir) / f"model.{module}.neff"
+            source.write_bytes(graph.hlo)
+            command = [compiler, "compile", "--framework=XLA", str(source), "--output", str(output), *graph.flags, "--verbose=35"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0 or not output.is_file():
+                (path / LOG).write_text(f"compiler exited {done.returncode}\n{done.stderr}", encoding="utf-8")
+                raise SimulatedCompileError(f"compilation failed for {module} (exit {done.returncode}): {done.stderr.strip()}")
+            shutil.copyfile(output, path / NEFF)
+        if writes_done_marker(version):
+            (path / DONE).write_bytes(b"")
+        return JitResult(module, path, hit=False, compiled=True)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _env_root_and_version() -> tuple[Path, str]:
+    root = resolve_cache_root()
+    if root.path is None:
+        raise SystemExit(f"simulated libneuronxla: {root.disabled_reason}")
+    return root.path, resolve_compiler_version(None)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """A training script's compiles: `--seed S --graphs N` (the graphs of `make_graphs(N, seed=S)`)."""
+    parser = argparse.ArgumentParser(description="simulated training run: JIT-compiles a model's graphs")
+    parser.add_argument("--seed", action="append", required=True, help="graph seed (repeatable: seed:count)")
+    args = parser.parse_args(argv)
+    root, version = _env_root_and_version()
+    failed = 0
+    for spec in args.seed:
+        seed, _, count = spec.partition(":")
+        for graph in make_graphs(int(count or 2), seed=seed):
+            try:
+                result = jit_compile(root, version, graph)
+            except SimulatedCompileError as exc:
+                print(f"FAILED {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print(("HIT " if result.hit else "COMPILED " if result.compiled else "EXTRACTED ") + result.module)
+    return 1 if failed else 0
+
+
+def parallel_compile_main(argv: list[str] | None = None) -> int:
+    """`neuron_parallel_compile [--command extract|compile|all] <command...>`, simulated."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = "all"
+    if argv[:1] == ["--command"] and len(argv) > 1:
+        command, argv = argv[1], argv[2:]
+    elif argv and argv[0].startswith("--command="):
+        command, argv = argv[0].split("=", 1)[1], argv[1:]
+    if command in ("extract", "all"):
+        if not argv:
+            print("neuron_parallel_compile: give the training command", file=sys.stderr)
+            return 2
+        code = subprocess.run(argv, env={**os.environ, ENV_EXTRACT_ONLY: "1"}, check=False).returncode
+        if code != 0:
+            return code
+    if command in ("compile", "all"):
+        root, version = _env_root_and_version()
+        env = {k: v for k, v in os.environ.items() if k != ENV_EXTRACT_ONLY}
+        failed = 0
+        for entry in scan_entries(root, version):
+            if entry.state is not EntryState.TODO:
+                continue
+            hlo = next((entry.path / name).read_bytes() for name in ("model.hlo_module.pb", "model.hlo.pb") if name in entry.files)
+            flags_path = entry.path / ("compile_flags.json" if "compile_flags.json" in entry.files else "compile_flags.txt")
+            raw = flags_path.read_text(encoding="utf-8")
+            flags = tuple(json.loads(raw)) if flags_path.suffix == ".json" else tuple(raw.split())
+            try:
+                jit_compile(root, version, Graph(hlo=hlo, flags=flags), env=env)
+            except SimulatedCompileError as exc:
+                print(f"FAILED {exc}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
+    if command not in ("extract", "compile", "all"):
+        print(f"neuron_parallel_compile: unknown command {command!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

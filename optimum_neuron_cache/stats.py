@@ -1,0 +1,90 @@
+"""Honest stats for this host: what the cache fetched, compiled, published and saved, per run and in total.
+
+Kept in one small JSON file under the user's cache dir, updated under a file lock so that concurrent
+processes add up instead of overwriting each other. `neuron-cache stats` shows it; `stats --zero` resets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from filelock import FileLock
+
+from .buckets import user_cache_dir
+
+
+@dataclass
+class Stats:
+    #: Context runs and CLI fetches that asked the bucket for entries.
+    fetches: int = 0
+    #: Entries the bucket served (installed instead of compiled).
+    hits: int = 0
+    #: Entries compiled here (not in the local cache nor the bucket).
+    misses: int = 0
+    #: Entries this host published.
+    publishes: int = 0
+    bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
+    #: Compile time the hits saved, from the compile durations recorded in export records (where known).
+    seconds_saved: float = 0.0
+    #: Hits whose compile duration is unknown (not counted in seconds_saved).
+    hits_without_duration: int = 0
+    #: Remote failures met (each cost a warning line).
+    remote_errors: int = 0
+
+    def add(self, other: "Stats") -> "Stats":
+        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Stats)})
+
+    @classmethod
+    def from_dict(cls, data: object) -> "Stats":
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for name, value in data.items():
+            if name in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[name] = float(value) if name == "seconds_saved" else int(value)
+        return cls(**values)
+
+
+def stats_path() -> Path:
+    return user_cache_dir() / "stats.json"
+
+
+def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
+    """(last run, total)."""
+    path = path or stats_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return Stats(), Stats()
+    return Stats.from_dict(data.get("last_run")), Stats.from_dict(data.get("total"))
+
+
+def _write(path: Path, last: Stats, total: Stats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_run(run: Stats, path: Path | None = None) -> None:
+    """Add one run's figures to the total, under the lock; never fails the caller."""
+    path = path or stats_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=10):
+            _, total = read_stats(path)
+            _write(path, run, total.add(run))
+    except Exception:  # stats are a convenience: a read-only home or a stuck lock must not break a compile
+        pass
+
+
+def zero_stats(path: Path | None = None) -> None:
+    path = path or stats_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=10):
+        _write(path, Stats(), Stats())

@@ -1,0 +1,136 @@
+"""Explained misses, `neuron-cache explain`, and honest stats that add up across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.cli import cli
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.lookup import clear_lookup_cache
+from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.stats import Stats, read_stats, record_run
+
+REPO = Path(__file__).resolve().parent.parent
+OTHER = "2.19.8089.0+8ab9f450"
+CONFIG = {"batch_size": 1, "sequence_length": 1024, "auto_cast_type": "bf16"}
+
+
+@pytest.fixture
+def bucket(tmp_path) -> BucketRef:
+    clear_lookup_cache()
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    return ref
+
+
+def publish(tmp_path, bucket, version, *, model="org/m", task=None, config=CONFIG, graphs=2, seed="insight", seconds=0.0):
+    cache = tmp_path / f"pub-{version}-{task}-{seed}"
+    with hub_neuronx_cache(model, task, config, compiler_version=version, bucket=bucket, cache_dir=cache) as run:
+        for graph in make_graphs(graphs, seed=seed):
+            compile_graph(cache, version, graph, seconds=seconds)
+    return run
+
+
+def test_no_entries_at_all(tmp_path, bucket, version):
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert run.miss_reasons == ["no entries for org/m under any compiler version in this bucket"]
+
+
+def test_entries_only_for_other_compiler_versions(tmp_path, bucket, version):
+    publish(tmp_path, bucket, OTHER)
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert run.miss_reasons == [f"entries for org/m exist only for other compiler versions: {OTHER} (this one is {version})"]
+
+
+def test_entries_only_for_other_tasks(tmp_path, bucket, version):
+    publish(tmp_path, bucket, version, task="feature-extraction")
+    with hub_neuronx_cache("Org/M", "text-generation", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert run.miss_reasons == ["no entries for Org/M task text-generation; the bucket has it for other tasks: feature-extraction"]
+
+
+def test_other_export_config_and_flags_are_named(tmp_path, bucket, version, monkeypatch):
+    monkeypatch.setenv("NEURON_CC_FLAGS", "-O1")
+    publish(tmp_path, bucket, version)
+    monkeypatch.setenv("NEURON_CC_FLAGS", "-O2 --cache_dir=/somewhere")  # wrapper flags never count
+    cache = tmp_path / "B"
+    with hub_neuronx_cache("org/m", None, {**CONFIG, "batch_size": 4}, compiler_version=version, bucket=bucket, cache_dir=cache) as run:
+        for graph in make_graphs(1, seed="batch-4"):
+            compile_graph(cache, version, graph)
+    assert run.miss_reasons == ["compiled 1 graphs here: no record matches; nearest differs in "
+                                "compile flags: bucket only: -O1, here only: -O2; batch_size: bucket 1, here 4"]
+
+
+def test_a_record_promising_more_entries_than_the_bucket_holds(tmp_path, bucket, version):
+    published = publish(tmp_path, bucket, version)
+    gone = published.synced[0].rsplit("/", 1)[1]
+    BucketClient(bucket).batch(delete=[item["path"] for item in BucketClient(bucket).list("", recursive=True)
+                                       if f"/models/org--m/default/{gone}/" in item["path"]])
+    cache = tmp_path / "B"
+    with hub_neuronx_cache("org/m", None, CONFIG, compiler_version=version, bucket=bucket, cache_dir=cache) as run:
+        for graph in make_graphs(2, seed="insight"):
+            compile_graph(cache, version, graph)
+    assert len(run.fetched) == 1 and len(run.compiled) == 1
+    assert run.miss_reasons == ["the record of this configuration lists 2 entries, the bucket held 1; compiled 1 here"]
+
+
+def test_explain_compares_field_by_field(tmp_path, bucket, version, monkeypatch):
+    monkeypatch.setenv("NEURON_CC_FLAGS", "-O1")
+    publish(tmp_path, bucket, version)
+    publish(tmp_path, bucket, version, config={**CONFIG, "batch_size": 8}, seed="b8")
+    monkeypatch.setenv("NEURON_CC_FLAGS", "-O1")
+    out = CliRunner().invoke(cli, ["explain", "org/m", "--bucket", bucket.location, "--compiler-version", version,
+                                   "--batch-size", "8", "--dtype", "fp16"]).output
+    lines = out.splitlines()
+    assert lines[0] == f"here: compiler {version}; flags -O1"
+    assert lines[1].startswith(f"1 difference(s): neuronxcc-{version} default auto_cast_type=bf16 batch_size=8")
+    assert lines[2] == "    auto_cast_type: bucket bf16, here fp16"
+    out = CliRunner().invoke(cli, ["explain", "org/m", "--bucket", bucket.location, "--compiler-version", OTHER, "--batch-size", "1"]).output
+    assert "compiler version: bucket " in out and f"here {OTHER}" in out
+    assert "no export records of org/none" in CliRunner().invoke(cli, ["explain", "org/none", "--bucket", bucket.location,
+                                                                       "--compiler-version", version]).output
+
+
+def test_stats_of_a_run_and_the_time_its_hits_saved(tmp_path, bucket, version):
+    published = publish(tmp_path, bucket, version, seconds=0.3)
+    assert published.stats.misses == 2 and published.stats.publishes == 2
+    with hub_neuronx_cache("org/m", None, CONFIG, compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert run.stats.hits == 2 and run.stats.misses == 0 and run.stats.fetches == 1
+    assert run.stats.seconds_saved >= 0.6 and run.stats.hits_without_duration == 0
+    last, total = read_stats()
+    assert last.hits == 2 and total.hits == 2 and total.misses == 2 and total.publishes == 2
+    assert total.bytes_downloaded == run.bytes_downloaded > 0
+    out = CliRunner().invoke(cli, ["stats"]).output
+    assert "hits (entries from the bucket)" in out and "compile time saved" in out
+    CliRunner().invoke(cli, ["stats", "--zero"])
+    assert read_stats()[1] == Stats()
+
+
+ADD = """
+import sys
+from optimum_neuron_cache.stats import Stats, record_run
+for _ in range(int(sys.argv[1])):
+    record_run(Stats(fetches=1, hits=2, misses=1, seconds_saved=0.5, bytes_downloaded=10))
+"""
+
+
+def test_stats_add_up_across_concurrent_processes(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", ADD, "25"], env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(6)]
+    assert [proc.wait(timeout=120) for proc in procs] == [0] * 6
+    _, total = read_stats()
+    assert (total.fetches, total.hits, total.misses, total.bytes_downloaded) == (150, 300, 150, 1500)
+    assert total.seconds_saved == pytest.approx(75.0)
+    data = json.loads(CliRunner().invoke(cli, ["stats", "--json"]).output)
+    assert data["total"]["hits"] == 300
