@@ -1,6 +1,7 @@
 """Run the Hub bucket emulator in the foreground.
 
-    python -m tests.emulator --data DIR [--host H] [--port N] [--page-size N] [--token TOKEN=USER[:ro]] ...
+    python -m tests.emulator --data DIR [--host H] [--port N] [--page-size N] [--xet local|http]
+                             [--token TOKEN=USER[:ro]] ...
 
 The first stdout line is the endpoint (``http://127.0.0.1:PORT``); the process serves until SIGINT / SIGTERM.
 Without ``--token`` every caller is accepted as user "emulator" with write access.
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .hub import HubEmulator, TokenInfo
+from .hub import XET_MODES, HubEmulator, TokenInfo
 
 
 def _parse_token(spec: str) -> tuple[str, TokenInfo]:
@@ -32,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument(
+        "--xet", choices=XET_MODES, default=None, help="Xet storage: a local:// dir (default) or the HTTP CAS"
+    )
     parser.add_argument("--token", action="append", type=_parse_token, default=None, metavar="TOKEN=USER[:ro]")
     args = parser.parse_args(argv)
 
     tokens = dict(args.token) if args.token else None
-    emulator = HubEmulator(args.data, host=args.host, port=args.port, page_size=args.page_size, tokens=tokens)
+    emulator = HubEmulator(
+        args.data, host=args.host, port=args.port, page_size=args.page_size, tokens=tokens, xet=args.xet
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

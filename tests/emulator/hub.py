@@ -1,10 +1,17 @@
 """A local emulator of the Hugging Face Hub *bucket* HTTP API (stdlib only).
 
-The REAL ``huggingface_hub`` (``HfApi(endpoint=emulator.endpoint)``) and the REAL ``hf_xet`` run against it end to
-end with no network: the Xet token endpoints answer ``casUrl = local://<data_dir>/cas``, so hf_xet keeps xorbs and
-shards in that directory, and the emulator reads file sizes back from the shards (see ``xet_shards.py``).
+The REAL ``huggingface_hub`` (``HfApi(endpoint=emulator.endpoint)``) and the REAL ``hf_xet`` run against it end
+to end with no network. Where the file bytes live is the ``xet`` option (default ``"local"``; the
+``HUB_EMULATOR_XET`` environment variable changes the default, e.g. ``HUB_EMULATOR_XET=http pytest``):
 
-Endpoints (as sent and parsed by huggingface_hub 2.4.0)::
+``xet="local"``  the Xet token endpoints answer ``casUrl = local://<data_dir>/cas``: hf_xet keeps xorbs and
+                 shards in that directory itself and the emulator reads file sizes back from the shards (see
+                 ``xet_shards.py``). One transferring process at a time (see the caveat at the end).
+``xet="http"``   the emulator also serves the Xet CAS HTTP API at ``casUrl = <endpoint>/cas/<store id>``
+                 (``emulator.cas_url``), storing xorbs and shards under ``<data_dir>/cas`` (see ``xet_cas.py``).
+                 Any number of processes may upload and download at the same instant; data survives a restart.
+
+Hub endpoints (as sent and parsed by huggingface_hub 2.4.0)::
 
     POST   /api/buckets/{ns}/{name}                create (body {"visibility": "private"|"public"}); ns "me" = caller
     GET    /api/buckets/{ns}/{name}                info {id, private, createdAt, size, totalFiles}
@@ -19,6 +26,30 @@ Endpoints (as sent and parsed by huggingface_hub 2.4.0)::
     GET    /buckets/{id}/resolve/{path}            same headers, EMPTY body (content is only served through Xet)
     GET    /api/whoami-v2                          {"type": "user", "name": ...}
 
+Xet CAS endpoints in HTTP mode, relative to ``cas_url`` (Xet spec, hub-docs ``docs/xet/api.md``; the first group
+is what hf_xet 1.8.0 calls)::
+
+    GET    /v1/chunks/{prefix}/{chunk}             global dedup query: always 404 (no global dedup here)
+    POST   /v1/xorb-grants/{prefix}/{xorb}         direct-upload grant: 404, so hf_xet uploads through the CAS
+    POST   /v1/xorbs/{prefix}/{xorb}               upload a xorb -> {"was_inserted"}; 400 if malformed
+    POST   /v2/shards                              register files -> NDJSON frames ending {"type": "result"}; 400 if
+                                                   a term points at a missing xorb or past its chunks
+    GET    /v2/reconstructions/{file}              {offset_into_first_range, terms, xorbs: {xorb: [{url, ranges}]}}
+                                                   Range: bytes=a-b|a-|-n -> the covering whole chunks; 416 past end
+    GET    /transfer/xorb/{prefix}/{xorb}?sig      presigned fetch URL (no token), Range -> 206, several ranges ->
+                                                   multipart/byteranges (what hf_xet sends when multi-range fetching
+                                                   is on); 403 on a bad or expired signature
+    POST   /v1/shards                              register files -> {"result": 1 new | 0 known}
+    GET    /v1/reconstructions/{file}              V1 shape: fetch_info {xorb: [{range, url, url_range}]}
+    GET    /v1/reconstructions?file_id=..          batch (whole files): {files, fetch_info}
+    HEAD   /v1/xorbs/{prefix}/{xorb}               200 / 404
+    HEAD   /v1/files/{file}                        Content-Length = file size
+    POST   /v1/telemetry                           accepted and dropped
+
+CAS auth: bearer tokens minted by the token endpoints (HMAC-signed, scope read|write, ``xet_token_ttl``): 401
+without / with a forged or expired token, 403 for a read token on an upload. Fetch URLs expire after
+``fetch_url_ttl`` seconds. The signing key is ``<data_dir>/xet_signing.key``: tokens and URLs survive a restart.
+
 Errors: unknown bucket -> 404 ``X-Error-Code: RepoNotFound`` (huggingface_hub raises ``BucketNotFoundError`` on
 /api/buckets/ URLs); missing file on resolve -> 404 ``X-Error-Code: EntryNotFound``.
 
@@ -28,27 +59,39 @@ token gets 401 on any write and 401 ``X-Error-Code: RepoNotFound`` on private bu
 a valid token outside the bucket's namespace gets 404 RepoNotFound on private buckets and 403 on writes; a
 read-only token gets 403 on create / delete / batch / xet-write-token.
 
-Test hooks:
-    ``emulator.requests``        thread-safe log of ``(method, path)`` (path without query string, still
-                                 percent-encoded); ``.count(method=None, path_regex=None)``; cleared by
-                                 ``emulator.reset_counts()``.
-    ``emulator.add_fault(method, path_regex, status, *, times=1, headers=None, delay=0.0, body=None)``
+Test hooks (they cover the CAS endpoints too; CAS paths start with ``/cas/<store id>/``):
+    ``emulator.requests``        thread-safe log of the requests: iterating gives ``(method, path)`` (path without
+                                 query string, still percent-encoded); ``.count(method=None, path_regex=None)``;
+                                 ``.records(...)`` gives ``RequestRecord(method, path, bytes_in, status,
+                                 bytes_out, range)``; ``.bytes_in(...)`` / ``.bytes_out(...)`` sum request / response
+                                 body bytes, e.g. ``bytes_in("POST", "/v1/xorbs/")`` = xorb bytes uploaded.
+                                 Cleared by ``emulator.reset_counts()``.
+    ``emulator.add_fault(method, path_regex, status, *, times=1, headers=None, delay=0.0, body=None,
+                         truncate=None, bandwidth=None)``
                                  the next ``times`` requests (``None`` = every request) whose method matches
                                  (``None`` = any) and whose path (with query) matches ``re.search(path_regex)``
                                  are answered with ``status`` after sleeping ``delay`` s; ``status == 0`` means
-                                 sleep ``delay`` s then answer normally. The request body is always read first.
+                                 sleep ``delay`` s then answer normally. ``truncate=N``: send the headers (full
+                                 Content-Length) and only N body bytes, then drop the connection. ``bandwidth=B``:
+                                 send the body at about B bytes/s. The request body is always read first.
+                                 E.g. ``add_fault("GET", "/transfer/xorb/", 500)``, or a slow service:
+                                 ``add_fault(None, "^/cas/", 0, times=None, delay=0.05, bandwidth=50e6)``.
     ``emulator.clear_faults()``
     ``emulator.errors``          tracebacks of unexpected exceptions in handlers (answered as 500).
+    ``emulator.cas``             the ``CasStore`` (HTTP mode) or None.
 
 State (buckets and their files ``path -> {size, xetHash, mtime, uploadedAt}``) lives in memory and is written
 atomically to ``<data_dir>/hub_state.json`` after each mutation, so a new emulator on the same ``data_dir`` sees
-the same buckets (and, via ``<data_dir>/cas``, the same bytes).
+the same buckets (and, via ``<data_dir>/cas``, the same bytes). Keep one mode per data_dir: the two modes store
+bytes differently.
 
-hf_xet caveat (1.8.0): in ``local://`` mode each upload commit / download group opens a redb database in the
+hf_xet caveat (1.8.0), local mode only: each upload commit / download group opens a redb database in the
 directory and holds its lock until that object is dropped (HfApi drops it when the call returns; threads of one
 process share it fine). A transfer from ANOTHER process overlapping in time fails with ``RuntimeError: ... Database
-already open. Cannot acquire lock.`` So: one emulator data_dir per concurrently transferring process, or a lock
-around transfers. The emulator itself never opens that database (it only reads ``*.mdb`` shard files).
+already open. Cannot acquire lock.`` So in local mode: one emulator data_dir per concurrently transferring
+process, or a lock around transfers; or use HTTP mode. The emulator itself never opens that database.
+
+hf_xet config note: it reads its ``HF_XET_*`` settings once per process (durations need a unit: ``"10s"``).
 """
 
 from __future__ import annotations
@@ -70,15 +113,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from .xet_cas import HEX64, CasError, CasStore, parse_range_header
 from .xet_shards import ShardIndex
 
-__all__ = ["HubEmulator", "TokenInfo", "RequestLog", "Fault"]
+__all__ = ["HubEmulator", "TokenInfo", "RequestLog", "RequestRecord", "Fault", "XET_MODES"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "hub_state.json"
 ANONYMOUS_USER = "emulator"
 XET_TOKEN_TTL = 3600
+FETCH_URL_TTL = 3600
+XET_MODES = ("local", "http")
+DEFAULT_XET_MODE = "local"
+XET_MODE_ENV = "HUB_EMULATOR_XET"  # overrides the default mode, e.g. to run a whole test suite in HTTP mode
+CAS_PREFIX = "/cas"  # casUrl = <endpoint>/cas/<store id> in HTTP mode
+_IO_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -103,34 +153,67 @@ class Fault:
     headers: dict[str, str]
     delay: float
     body: bytes | None
+    truncate: int | None = None
+    bandwidth: float | None = None
+
+
+@dataclass
+class RequestRecord:
+    """One request: ``status`` and ``bytes_out`` (response body bytes actually written) fill in as it is answered."""
+
+    method: str
+    path: str
+    bytes_in: int = 0
+    status: int = 0
+    bytes_out: int = 0
+    range: str | None = None  # the request's Range header
 
 
 class RequestLog:
-    """Thread-safe list of ``(method, path)`` seen by the emulator."""
+    """Thread-safe list of the requests seen by the emulator.
+
+    Iterating / indexing / ``snapshot()`` give ``(method, path)`` tuples; ``records()`` gives ``RequestRecord``s
+    with status and body sizes, summed by ``bytes_in()`` / ``bytes_out()``.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: list[tuple[str, str]] = []
+        self._items: list[RequestRecord] = []
 
-    def append(self, item: tuple[str, str]) -> None:
+    def append(self, item: tuple[str, str] | RequestRecord) -> RequestRecord:
+        record = item if isinstance(item, RequestRecord) else RequestRecord(item[0], item[1])
         with self._lock:
-            self._items.append(item)
+            self._items.append(record)
+        return record
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
 
+    def records(self, method: str | None = None, path_regex: str | None = None) -> list[RequestRecord]:
+        pattern = re.compile(path_regex) if path_regex is not None else None
+        with self._lock:
+            items = list(self._items)
+        return [
+            r
+            for r in items
+            if (method is None or r.method == method.upper()) and (pattern is None or pattern.search(r.path))
+        ]
+
     def snapshot(self) -> list[tuple[str, str]]:
         with self._lock:
-            return list(self._items)
+            return [(r.method, r.path) for r in self._items]
 
     def count(self, method: str | None = None, path_regex: str | None = None) -> int:
-        pattern = re.compile(path_regex) if path_regex is not None else None
-        return sum(
-            1
-            for m, p in self.snapshot()
-            if (method is None or m == method.upper()) and (pattern is None or pattern.search(p))
-        )
+        return len(self.records(method, path_regex))
+
+    def bytes_in(self, method: str | None = None, path_regex: str | None = None) -> int:
+        """Request body bytes received by the matching requests."""
+        return sum(r.bytes_in for r in self.records(method, path_regex))
+
+    def bytes_out(self, method: str | None = None, path_regex: str | None = None) -> int:
+        """Response body bytes sent for the matching requests."""
+        return sum(r.bytes_out for r in self.records(method, path_regex))
 
     def __len__(self) -> int:
         with self._lock:
@@ -204,6 +287,8 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
 
+    request_queue_size = 1024  # many client processes connect at once; the default backlog (5) drops SYNs
+
     def __init__(self, address, handler, emulator: HubEmulator):
         self.emulator = emulator
         self.open_sockets: set[socket.socket] = set()
@@ -244,7 +329,14 @@ class HubEmulator:
         port: int = 0,
         page_size: int = 1000,
         tokens: dict[str, TokenInfo] | None = None,
+        xet: str | None = None,
+        xet_token_ttl: int = XET_TOKEN_TTL,
+        fetch_url_ttl: int = FETCH_URL_TTL,
     ):
+        if xet is None:
+            xet = os.environ.get(XET_MODE_ENV) or DEFAULT_XET_MODE
+        if xet not in XET_MODES:
+            raise ValueError(f"xet must be one of {XET_MODES}, got {xet!r}")
         self.data_dir = Path(data_dir).absolute()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.cas_dir = self.data_dir / "cas"
@@ -253,9 +345,16 @@ class HubEmulator:
         self.port = port
         self.page_size = page_size
         self.tokens = tokens
+        self.xet = xet
+        self.xet_token_ttl = xet_token_ttl
+        self.fetch_url_ttl = fetch_url_ttl
         self.requests = RequestLog()
         self.errors: list[str] = []
-        self.shards = ShardIndex(self.cas_dir)
+        # File sizes for batch addFile: parsed from hf_xet's local:// shards, or from the shards uploaded over HTTP.
+        self.cas: CasStore | None = None
+        if xet == "http":
+            self.cas = CasStore(self.cas_dir, key_path=self.data_dir / "xet_signing.key")
+        self.shards: ShardIndex | CasStore = self.cas if self.cas is not None else ShardIndex(self.cas_dir)
         self._faults: list[Fault] = []
         self._faults_lock = threading.Lock()
         self._lock = threading.RLock()
@@ -270,6 +369,13 @@ class HubEmulator:
         if self._server is None:
             raise RuntimeError("emulator not started")
         return f"http://{self.host}:{self._server.server_address[1]}"
+
+    @property
+    def cas_url(self) -> str:
+        """What the Xet token endpoints answer as ``casUrl``."""
+        if self.cas is None:
+            return f"local://{self.cas_dir}"
+        return f"{self.endpoint}{CAS_PREFIX}/{self.cas.store_id}"
 
     @property
     def state_file(self) -> Path:
@@ -317,6 +423,8 @@ class HubEmulator:
         headers: dict[str, str] | None = None,
         delay: float = 0.0,
         body: bytes | None = None,
+        truncate: int | None = None,
+        bandwidth: float | None = None,
     ) -> Fault:
         fault = Fault(
             method=method.upper() if method else None,
@@ -326,6 +434,8 @@ class HubEmulator:
             headers=dict(headers or {}),
             delay=delay,
             body=body,
+            truncate=truncate,
+            bandwidth=bandwidth,
         )
         with self._faults_lock:
             self._faults.append(fault)
@@ -414,10 +524,13 @@ class HubEmulator:
             raise HttpError(401, "Invalid or missing credentials")
         return caller.user
 
-    def _xet_token(self) -> tuple[dict[str, Any], dict[str, str]]:
-        exp = int(time.time()) + XET_TOKEN_TTL
-        cas_url = f"local://{self.cas_dir}"
-        token = "xet_" + secrets.token_hex(8)
+    def _xet_token(self, write: bool) -> tuple[dict[str, Any], dict[str, str]]:
+        cas_url = self.cas_url
+        if self.cas is not None:
+            token, exp = self.cas.issue_token(write, self.xet_token_ttl)
+        else:
+            exp = int(time.time()) + self.xet_token_ttl
+            token = "xet_" + secrets.token_hex(8)
         body = {"accessToken": token, "exp": exp, "casUrl": cas_url}
         headers = {"X-Xet-Cas-Url": cas_url, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)}
         return body, headers
@@ -578,6 +691,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
     server_version = "HubEmulator/1.0"
+    _record = RequestRecord("", "")  # replaced per request in _dispatch
+    _fault: Fault | None = None
 
     def log_message(self, format: str, *args) -> None:  # quiet
         logger.debug("%s - %s", self.address_string(), format % args)
@@ -605,15 +720,41 @@ class _Handler(BaseHTTPRequestHandler):
         return b""
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head=False) -> None:
-        self.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", "application/json")
         headers.setdefault("Content-Length", str(len(body)))
+        self._start_response(status, headers)
+        if body and not head:
+            self._write_body(body)
+
+    def _start_response(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, str(v).encode("ascii", "backslashreplace").decode("ascii"))
         self.end_headers()
-        if body and not head:
-            self.wfile.write(body)
+        self._record.status = status
+
+    def _write_body(self, data: bytes | memoryview) -> None:
+        """Write response body bytes, applying the active fault's ``truncate`` / ``bandwidth``."""
+        view = memoryview(data)
+        fault = self._fault
+        if fault is not None and fault.truncate is not None:
+            room = max(0, fault.truncate - self._record.bytes_out)
+            if room < len(view):
+                if room:
+                    self.wfile.write(view[:room])
+                    self._record.bytes_out += room
+                raise _CutConnection
+        if fault is not None and fault.bandwidth:
+            piece = max(1, min(len(view), int(fault.bandwidth / 20) or 1))
+            for start in range(0, len(view), piece):
+                part = view[start : start + piece]
+                self.wfile.write(part)
+                self._record.bytes_out += len(part)
+                time.sleep(len(part) / fault.bandwidth)
+            return
+        self.wfile.write(view)
+        self._record.bytes_out += len(view)
 
     def _send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(data).encode(), headers)
@@ -648,10 +789,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()  # always, even on errors: keeps keep-alive connections in sync
         target = self.path
         split = urlsplit(target)
-        self.emulator.requests.append((method, split.path))
+        self._record = self.emulator.requests.append(
+            RequestRecord(method, split.path, bytes_in=len(body), range=self.headers.get("Range"))
+        )
+        self._fault = None
         head = method == "HEAD"
         try:
-            fault = self.emulator._take_fault(method, target)
+            fault = self._fault = self.emulator._take_fault(method, target)
             if fault is not None:
                 if fault.delay:
                     time.sleep(fault.delay)
@@ -659,15 +803,23 @@ class _Handler(BaseHTTPRequestHandler):
                     payload = fault.body if fault.body is not None else json.dumps({"error": "injected fault"}).encode()
                     self._send(fault.status, payload, fault.headers, head=head)
                     return
-            self._route(method, split.path, parse_qs(split.query), body, head)
+            if split.path.startswith(CAS_PREFIX + "/"):
+                self._route_cas(method, split.path[len(CAS_PREFIX) :], parse_qs(split.query), body, head)
+            else:
+                self._route(method, split.path, parse_qs(split.query), body, head)
         except HttpError as err:
             self._send_error(err, head=head)
+        except _CutConnection:
+            self._cut_connection()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:
             tb = traceback.format_exc()
             self.emulator.errors.append(tb)
             logger.error("hub emulator: unexpected error on %s %s\n%s", method, target, tb)
+            if self._record.status:  # headers already out: a second response would corrupt the stream
+                self._cut_connection()
+                return
             try:
                 self._send_error(HttpError(500, "internal emulator error"), head=head)
             except OSError:
@@ -750,11 +902,202 @@ class _Handler(BaseHTTPRequestHandler):
                 bucket = emu._get_bucket(caller, bucket_id)
                 if token_kind == "xet-write-token":
                     emu._require_write(caller, bucket.namespace)
-            data, headers = emu._xet_token()
+            data, headers = emu._xet_token(write=token_kind == "xet-write-token")
             self._send_json(200, data, headers)
             return
 
         raise HttpError(404, f"No route for {method} {path}")
+
+    def _cut_connection(self) -> None:
+        """Drop the connection mid-body (truncation fault): the client sees fewer bytes than Content-Length."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- Xet CAS (HTTP mode)
+    def _route_cas(self, method: str, sub: str, query: dict[str, list[str]], body: bytes, head: bool) -> None:
+        cas = self.emulator.cas
+        store_id, _, rest = sub[1:].partition("/")
+        if cas is None or store_id != cas.store_id:
+            raise HttpError(404, f"No Xet CAS at {CAS_PREFIX}/{store_id} (xet={self.emulator.xet!r})")
+        try:
+            self._route_cas_inner(cas, method, "/" + rest, query, body, head)
+        except CasError as e:
+            headers = {"X-Error-Message": e.message, "Content-Type": "text/plain"}
+            self._send(e.status, e.message.encode(), headers, head=head)
+
+    def _route_cas_inner(self, cas: CasStore, method, sub, query, body, head) -> None:
+        auth = self.headers.get("Authorization")
+
+        m = re.match(r"^/transfer/xorb/([^/]+)/([0-9a-f]{64})$", sub)
+        if m and method in ("GET", "HEAD"):  # presigned URL: no token, signature in the query string
+            cas.check_fetch(m[2], query)
+            self._send_xorb(cas, m[2], head)
+            return
+
+        m = re.match(r"^/v1/xorbs/([^/]+)/([^/]+)$", sub)
+        if m:
+            xorb_hash = _hex64(m[2])
+            if method == "POST":
+                cas.check_token(auth, write=True)
+                self._send_json(200, {"was_inserted": cas.put_xorb(xorb_hash, body)})
+                return
+            if method == "HEAD":
+                cas.check_token(auth, write=False)
+                self._send(200 if cas.has_xorb(xorb_hash) else 404, b"", {"Content-Length": "0"}, head=True)
+                return
+
+        if sub == "/v1/shards" and method == "POST":
+            cas.check_token(auth, write=True)
+            self._send_json(200, {"result": 1 if cas.put_shard(body) else 0})  # 1 = SyncPerformed, 0 = Exists
+            return
+
+        if sub == "/v2/shards" and method == "POST":  # same, answered as NDJSON progress frames
+            cas.check_token(auth, write=True)
+            cas.put_shard(body)  # validation errors are plain 400s, before any frame
+            frames = [
+                {"type": "validating", "verified": 1, "total": 1},
+                {"type": "committing", "stage": "syncing"},
+                {"type": "result"},
+            ]
+            payload = b"".join(json.dumps(f).encode() + b"\n" for f in frames)
+            self._send(200, payload, {"Content-Type": "application/x-ndjson"})
+            return
+
+        m = re.match(r"^/v([12])/reconstructions/([^/]+)$", sub)
+        if m and method == "GET":
+            cas.check_token(auth, write=False)
+            offset, terms = cas.reconstruct(_hex64(m[2]), self.headers.get("Range"))
+            self._send_json(200, self._reconstruction_json(cas, offset, terms, version=int(m[1])))
+            return
+
+        if sub in ("/v1/reconstructions", "/reconstructions") and method == "GET":  # batch, whole files
+            cas.check_token(auth, write=False)
+            files, all_terms = {}, []
+            for file_hash in dict.fromkeys(_hex64(h) for h in query.get("file_id", [])):
+                _, terms = cas.reconstruct(file_hash, None)
+                files[file_hash] = [self._term_json(t) for t in terms]
+                all_terms.extend(terms)
+            fetch = self._reconstruction_json(cas, 0, all_terms, version=1)["fetch_info"]
+            self._send_json(200, {"files": files, "fetch_info": fetch})
+            return
+
+        if re.match(r"^/v1/chunks/[^/]+/[^/]+$", sub) and method == "GET":
+            cas.check_token(auth, write=False)  # global dedup: never a match here
+            raise CasError(404, "chunk not tracked by global deduplication")
+
+        m = re.match(r"^/v1/files/([^/]+)$", sub)
+        if m and method == "HEAD":
+            cas.check_token(auth, write=False)
+            size = cas.size_of(_hex64(m[1]))
+            if size is None:
+                raise CasError(404, "file not found")
+            self._send(200, b"", {"Content-Length": str(size)}, head=True)
+            return
+
+        if sub == "/v1/telemetry" and method == "POST":
+            self._send_json(200, {})
+            return
+
+        raise CasError(404, f"No CAS route for {method} {sub}")
+
+    @staticmethod
+    def _term_json(term: tuple[str, int, int, int]) -> dict[str, Any]:
+        xorb_hash, start, end, unpacked = term
+        return {"hash": xorb_hash, "unpacked_length": unpacked, "range": {"start": start, "end": end}}
+
+    def _reconstruction_json(self, cas: CasStore, offset: int, terms, *, version: int) -> dict[str, Any]:
+        base = f"{self.emulator.cas_url}/transfer/xorb/default"
+        ttl = self.emulator.fetch_url_ttl
+        fetch = cas.fetch_ranges(terms)
+        out: dict[str, Any] = {"offset_into_first_range": offset, "terms": [self._term_json(t) for t in terms]}
+        if version == 1:  # one presigned URL + byte range per merged chunk range
+            out["fetch_info"] = {
+                x: [
+                    {
+                        "range": {"start": a, "end": b},
+                        "url": f"{base}/{x}?{cas.sign_fetch(x, ttl)}",
+                        "url_range": {"start": bs, "end": be},
+                    }
+                    for a, b, bs, be in spans
+                ]
+                for x, spans in fetch.items()
+            }
+        else:  # v2: one URL per xorb carrying every range (the client sends them as one multi-range request)
+            out["xorbs"] = {
+                x: [
+                    {
+                        "url": f"{base}/{x}?{cas.sign_fetch(x, ttl)}",
+                        "ranges": [
+                            {"chunks": {"start": a, "end": b}, "bytes": {"start": bs, "end": be}}
+                            for a, b, bs, be in spans
+                        ],
+                    }
+                ]
+                for x, spans in fetch.items()
+            }
+        return out
+
+    def _send_xorb(self, cas: CasStore, xorb_hash: str, head: bool) -> None:
+        """Serve stored xorb bytes with RFC 7233 ranges (one range: 206; several: multipart/byteranges)."""
+        path = cas.xorb_path(xorb_hash)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise CasError(404, f"xorb {xorb_hash} not found") from None
+        with f:
+            length = os.fstat(f.fileno()).st_size
+            try:
+                ranges = parse_range_header(self.headers.get("Range"), length)
+            except CasError as e:
+                self._send(416, e.message.encode(), {"Content-Range": f"bytes */{length}", "Content-Type": "text/plain"})
+                return
+            octet = "application/octet-stream"
+            if ranges is None:
+                self._start_response(200, {"Content-Type": octet, "Content-Length": str(length), "Accept-Ranges": "bytes"})
+                parts = [(None, 0, length)]
+            elif len(ranges) == 1:
+                (start, end), = ranges
+                headers = {"Content-Type": octet, "Content-Length": str(end - start)}
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
+                self._start_response(206, headers)
+                parts = [(None, start, end)]
+            else:
+                boundary = "xet_emulator_" + secrets.token_hex(8)
+                parts = []
+                total = 0
+                for start, end in ranges:
+                    preamble = (
+                        f"--{boundary}\r\nContent-Type: {octet}\r\n"
+                        f"Content-Range: bytes {start}-{end - 1}/{length}\r\n\r\n"
+                    ).encode()
+                    parts.append((preamble, start, end))
+                    total += len(preamble) + (end - start) + 2
+                closing = f"--{boundary}--\r\n".encode()
+                total += len(closing)
+                self._start_response(
+                    206, {"Content-Type": f"multipart/byteranges; boundary={boundary}", "Content-Length": str(total)}
+                )
+            if head:
+                return
+            for preamble, start, end in parts:
+                if preamble is not None:
+                    self._write_body(preamble)
+                f.seek(start)
+                pos = start
+                while pos < end:
+                    piece = f.read(min(_IO_PIECE, end - pos))
+                    if not piece:
+                        raise _CutConnection  # the file shrank under us: never send a short body silently
+                    self._write_body(piece)
+                    pos += len(piece)
+                if preamble is not None:
+                    self._write_body(b"\r\n")
+            if len(parts) > 1:
+                self._write_body(closing)
 
     def _send_tree(self, caller, bucket_id, rest, prefix, recursive, cursor) -> None:
         emu = self.emulator
@@ -771,6 +1114,16 @@ class _Handler(BaseHTTPRequestHandler):
             )
             headers["Link"] = f'<{next_url}>; rel="next"'
         self._send_json(200, page, headers)
+
+
+class _CutConnection(Exception):
+    """Raised to abandon a response mid-body and drop the connection."""
+
+
+def _hex64(value: str) -> str:
+    if not HEX64.match(value):
+        raise CasError(400, f"malformed hash {value!r}: expected 64 lowercase hex characters")
+    return value
 
 
 def _encode_cursor(item: dict) -> str:

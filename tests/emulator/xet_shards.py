@@ -15,7 +15,10 @@ Format (MDB shard, from the Xet spec ``spec/shard.md`` in huggingface/xet-core, 
                                      u32 unpacked_segment_bytes, u32 chunk_start, u32 chunk_end
       FileVerificationEntry    48 B  x num_entries   if file_flags & 0x80000000
       FileMetadataExt          48 B  x 1             if file_flags & 0x40000000
-    CAS info, footer                 (not needed here)
+    CAS info     repeated until a bookend (read by ``parse_shard_full`` for the HTTP CAS):
+      CASChunkSequenceHeader   48 B  xorb_hash[32], u32 flags, u32 num_entries, u32 bytes_in_xorb, u32 bytes_on_disk
+      CASChunkSequenceEntry    48 B  x num_entries: chunk_hash[32], u32 byte_start, u32 unpacked_bytes, 8 B unused
+    footer                           (not needed here; absent from uploaded shards)
 
 A file's size is the sum of its entries' ``unpacked_segment_bytes``. A 0-byte file has the all-zero hash and
 zero entries (hf_xet still records it in the shard).
@@ -29,9 +32,19 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EMPTY_FILE_HASH", "ShardIndex", "hash_to_hex", "parse_shard", "parse_shard_file"]
+__all__ = [
+    "EMPTY_FILE_HASH",
+    "ParsedShard",
+    "ShardFormatError",
+    "ShardIndex",
+    "hash_to_hex",
+    "parse_shard",
+    "parse_shard_file",
+    "parse_shard_full",
+]
 
 #: Xet hash that hf_xet reports for a 0-byte file.
 EMPTY_FILE_HASH = "0" * 64
@@ -86,6 +99,70 @@ def parse_shard(data: bytes) -> dict[str, int]:
             offset += _ENTRY * num_entries
         if flags & _FLAG_METADATA_EXT:
             offset += _ENTRY
+
+
+@dataclass
+class ParsedShard:
+    """Everything the HTTP CAS needs from an uploaded shard.
+
+    ``files``: file hash -> terms ``[(xorb_hash, unpacked_bytes, chunk_start, chunk_end), ...]`` (end exclusive).
+    ``xorbs``: xorb hash -> ``[(chunk_hash, unpacked_bytes), ...]`` from the CAS info section (the xorbs this
+    upload created; often empty when everything was deduplicated).
+    """
+
+    files: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    xorbs: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+def parse_shard_full(data: bytes) -> ParsedShard:
+    """Parse the file info AND the CAS info sections of a shard (with or without its footer)."""
+    if len(data) < 2 * _ENTRY or not data.startswith(_TAG_PREFIX):
+        raise ShardFormatError("missing MDB shard header")
+    (version,) = struct.unpack_from("<Q", data, 32)
+    if version != _HEADER_VERSION:
+        raise ShardFormatError(f"unsupported shard header version {version}")
+    parsed = ParsedShard()
+    offset = _ENTRY
+    while True:  # file info section
+        if offset + _ENTRY > len(data):
+            raise ShardFormatError("file info section not terminated (truncated shard?)")
+        file_hash = data[offset : offset + 32]
+        if file_hash == _BOOKEND:
+            offset += _ENTRY
+            break
+        flags, num_entries = struct.unpack_from("<II", data, offset + 32)
+        end = offset + _ENTRY * (1 + num_entries)
+        if end > len(data):
+            raise ShardFormatError("file entry runs past the end of the shard")
+        terms = []
+        for entry in range(offset + _ENTRY, end, _ENTRY):
+            _cas_flags, unpacked, start, stop = struct.unpack_from("<IIII", data, entry + 32)
+            if stop <= start:
+                raise ShardFormatError("empty or inverted chunk range in a file term")
+            terms.append((hash_to_hex(data[entry : entry + 32]), unpacked, start, stop))
+        parsed.files[hash_to_hex(file_hash)] = terms
+        offset = end
+        if flags & _FLAG_VERIFICATION:
+            offset += _ENTRY * num_entries
+        if flags & _FLAG_METADATA_EXT:
+            offset += _ENTRY
+    while True:  # CAS info section
+        if offset + _ENTRY > len(data):
+            if offset == len(data):  # tolerate a shard cut right after the file info bookend
+                return parsed
+            raise ShardFormatError("CAS info section not terminated (truncated shard?)")
+        xorb_hash = data[offset : offset + 32]
+        if xorb_hash == _BOOKEND:
+            return parsed
+        (num_entries,) = struct.unpack_from("<I", data, offset + 36)
+        end = offset + _ENTRY * (1 + num_entries)
+        if end > len(data):
+            raise ShardFormatError("CAS entry runs past the end of the shard")
+        parsed.xorbs[hash_to_hex(xorb_hash)] = [
+            (hash_to_hex(data[e : e + 32]), struct.unpack_from("<I", data, e + 36)[0])
+            for e in range(offset + _ENTRY, end, _ENTRY)
+        ]
+        offset = end
 
 
 def parse_shard_file(path: str | os.PathLike) -> dict[str, int]:
