@@ -33,6 +33,7 @@ from .errors import (
 from .server_launcher import ServerAddress, ensure_server, server_address
 
 ENV_REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
+CONNECT_ATTEMPTS = 4
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
@@ -81,6 +82,20 @@ class _Connection:
         self.timeout = float(environ.get(ENV_REQUEST_TIMEOUT, "60"))
 
     def _connect(self) -> None:
+        """Connect and shake hands. A server that is dying (killed, but its socket not yet closed by the
+        kernel) can still accept a connection and then reset it: that is a failed start, not a failed
+        request, so connecting is tried a few times, each time through ensure_server."""
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                self._connect_once()
+                return
+            except (ConnectionError, FrameError):
+                self.close()
+                if attempt + 1 == CONNECT_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _connect_once(self) -> None:
         ensure_server(self.address, self.environ)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)

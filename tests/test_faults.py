@@ -122,13 +122,20 @@ def test_a_dead_server_mid_request_is_restarted_and_the_request_retried(tmp_path
     import os
     import signal
     import threading
-
-    from optimum_neuron_cache.client import running_server
+    import time
 
     client = BucketClient(BucketRef("hf", BUCKET))
-    pid = running_server()["pid"] if running_server() else client.server_status()["pid"]
-    hub.add_fault("GET", TREE, 0, delay=2.0)  # the request is in flight when the server dies
-    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    pid = client.server_status()["pid"]
+    hub.add_fault("GET", TREE, 0, delay=3.0)  # the request is in flight when the server dies
+
+    def kill_when_in_flight() -> None:
+        while hub.requests.count("GET", TREE) == 0:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_in_flight, daemon=True)
+    killer.start()
     assert len(client.list("neuronxcc-" + version, recursive=True)) > 0
+    killer.join(timeout=10)
     assert client.server_status()["pid"] != pid
     stop_server()

@@ -1,0 +1,52 @@
+"""Benchmark sizes: the default run, the CI smoke run, and command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .workload import Sizes
+
+BACKENDS = ("hf", "dir")
+
+
+@dataclass(frozen=True)
+class Config:
+    sizes: Sizes = field(default_factory=Sizes)
+    #: Models in the bucket for the fetch / sync / no-op figures (the issue: "when the bucket holds 50 models").
+    models: int = 50
+    #: Bucket sizes (models) for the lookup figure.
+    lookup_models: tuple[int, ...] = (1, 50, 500)
+    #: Processes entering at once with a cold cache.
+    procs: int = 32
+    #: Repetitions of the figures that move data (medians over them).
+    reps: int = 3
+    #: Repetitions of the millisecond figures (no-op, second sync, lookup).
+    fast_reps: int = 20
+    #: How the cold server is started: "uv" (an isolated env: what users get) and/or "current".
+    cold_modes: tuple[str, ...] = ("uv", "current")
+    backends: tuple[str, ...] = BACKENDS
+    #: Xet storage of the Hub emulator: "http" (its HTTP CAS: bytes travel over HTTP as on the Hub, and the
+    #: emulator counts the bytes it serves) or "local" (hf_xet's local:// store, read from disk).
+    xet: str = "http"
+    smoke: bool = False
+
+
+DEFAULT = Config()
+
+SMOKE = Config(
+    sizes=Sizes(entries=3, neff_median=40_000, neff_sigma=0.5, neff_min=8_000, neff_max=200_000, hlo_min=10_000,
+                hlo_max=40_000, failed=1, locked=1, other_entries_min=2, other_entries_max=4, pool=3, versions=2, records=2),
+    models=3,
+    lookup_models=(1, 3),
+    procs=4,
+    reps=1,
+    fast_reps=1,
+    cold_modes=("current",),
+    smoke=True,
+)
+
+
+def with_overrides(config: Config, **overrides: object) -> Config:
+    sizes = {key: value for key, value in overrides.items() if key in Sizes.__dataclass_fields__ and value is not None}
+    rest = {key: value for key, value in overrides.items() if key in Config.__dataclass_fields__ and value is not None}
+    return replace(config, sizes=replace(config.sizes, **sizes), **rest)

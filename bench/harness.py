@@ -1,0 +1,254 @@
+"""Plumbing: an isolated environment, Hub emulators, bucket servers, timers and counters.
+
+Everything lives under one temporary directory and on loopback. The environment is isolated as in
+tests/conftest.py: HF_HOME, XDG_CACHE_HOME and the Xet cache under the temp dir, a short runtime dir for the
+server's Unix socket, no token, and uv's own cache left where the user has it (so "uv cache warm" is true).
+Every emulator and bucket server started here is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimum_neuron_cache import client as client_module
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient, running_server, stop_server
+
+_CLEARED = (
+    "NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL", "NEURON_CACHE_BUCKET", "NEURON_CC_VERSION",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN_PATH",
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchEnv:
+    """os.environ and temp dirs for one benchmark run; restores everything on exit."""
+
+    def __init__(self, keep: bool = False, nodelay: bool = True) -> None:
+        self.keep = keep
+        self.nodelay = nodelay
+        self.root = Path(tempfile.mkdtemp(prefix="onc-bench-"))
+        self.runtime = Path(tempfile.mkdtemp(prefix="onb-"))  # short: Unix socket paths hold 108 bytes
+        self._saved: dict[str, str] | None = None
+        self._emulators: list[Any] = []
+        self._endpoints: set[str] = set()
+
+    def __enter__(self) -> BenchEnv:
+        self._saved = dict(os.environ)
+        for name in _CLEARED:
+            os.environ.pop(name, None)
+        uv_cache = os.environ.get("UV_CACHE_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv")
+        os.environ.update({
+            "UV_CACHE_DIR": uv_cache,
+            "HF_HOME": str(self.root / "hf_home"),
+            "XDG_CACHE_HOME": str(self.root / "xdg_cache"),
+            "HF_XET_CACHE": str(self.root / "xet_cache"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+            "NEURON_CACHE_RUNTIME_DIR": str(self.runtime),
+            "NEURON_CACHE_SERVER_MODE": "current",
+            "NEURON_CACHE_SERVER_IDLE_TIMEOUT": "120",
+            "NEURON_CACHE_LOCK_TIMEOUT": "120",
+        })
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for endpoint in sorted(self._endpoints):
+            stop_server({**os.environ, "HF_ENDPOINT": endpoint})
+        if "HF_ENDPOINT" not in os.environ:
+            stop_server()
+        for emulator in self._emulators:
+            emulator.stop()
+        if self._saved is not None:
+            os.environ.clear()
+            os.environ.update(self._saved)
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def path(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ----------------------------------------------------------------------------- emulators
+    def start_emulator(self, data_dir: Path, xet: str = "http") -> Any:
+        from tests.emulator import HubEmulator
+
+        if self.nodelay:
+            no_nagle()
+        try:
+            emulator = HubEmulator(data_dir, xet=xet)
+        except TypeError:  # an emulator without Xet modes: local:// only
+            if xet != "local":
+                raise
+            emulator = HubEmulator(data_dir)
+        emulator.start()
+        self._emulators.append(emulator)
+        return emulator
+
+    def use(self, emulator: Any | None) -> None:
+        """Point HF_ENDPOINT (hence the bucket server) at `emulator`, or at no Hub for dir buckets."""
+        if emulator is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = emulator.endpoint
+            self._endpoints.add(emulator.endpoint)
+
+    def stop_emulator(self, emulator: Any) -> None:
+        """Stop its bucket server first: no transfer may be left running against its local:// store."""
+        stop_server({**os.environ, "HF_ENDPOINT": emulator.endpoint})
+        self._endpoints.discard(emulator.endpoint)
+        emulator.stop()
+        self._emulators.remove(emulator)
+
+
+def no_nagle() -> None:
+    """Answer the emulator's HTTP requests with TCP_NODELAY.
+
+    The emulator's handler writes a response's headers and its body in two sends; with Nagle's algorithm on,
+    the second waits for the client's delayed ACK: every request costs 40 ms on loopback, which no real Hub
+    front end does. (Proposed upstream as `_Handler.disable_nagle_algorithm = True` in tests/emulator/hub.py;
+    `--emulator-nagle` keeps the emulator as it is.)"""
+    from tests.emulator import hub
+
+    hub._Handler.disable_nagle_algorithm = True
+
+
+class DownloadCounter:
+    """Bytes this process asks bucket servers to download (sum of the requested files' sizes)."""
+
+    total = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        original = BucketClient.download
+
+        def counting(self, files, **kwargs):
+            cls.total += sum(int(item.get("size") or 0) for item in files)
+            return original(self, files, **kwargs)
+
+        BucketClient.download = counting
+        cls._installed = True
+
+
+def drop_connections() -> None:
+    """Close this process's cached connections to bucket servers: the next request connects and shakes hands
+    again, as a new process would (the server keeps running)."""
+    with client_module._connections_lock:
+        for conn in client_module._connections.values():
+            conn.close()
+        client_module._connections.clear()
+
+
+def server_pid() -> int | None:
+    status = running_server()
+    return int(status["pid"]) if status else None
+
+
+def proc_io(pid: int | str = "self") -> dict[str, int]:
+    """/proc/<pid>/io: rchar/wchar count every byte read or written through syscalls (files and sockets)."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return {}
+    return {key: int(value) for key, value in (line.split(": ") for line in text.splitlines() if ": " in line)}
+
+
+def proc_cpu(pid: int | str = "self") -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def io_delta(before: dict[str, int], after: dict[str, int], key: str = "wchar") -> int | None:
+    if key not in before or key not in after:
+        return None
+    return after[key] - before[key]
+
+
+def cas_bytes(emulator: Any) -> int:
+    """Bytes of the xorbs (the data) the emulator's Xet store holds: what uploads added."""
+    from .workload import tree_bytes
+
+    for xorbs in (emulator.cas_dir / "xorbs", emulator.cas_dir / "xet" / "xorbs" / "xorbs"):  # HTTP CAS, local://
+        if xorbs.is_dir():
+            return tree_bytes(xorbs)
+    return tree_bytes(emulator.cas_dir, skip=("shard-cache", "shard-session"))
+
+
+# ------------------------------------------------------------------------------------ measures
+
+
+@dataclass
+class Sample:
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def timed(fn: Callable[[], dict[str, Any] | None]) -> Sample:
+    gc.collect()
+    started = time.perf_counter()
+    extra = fn() or {}
+    return Sample(time.perf_counter() - started, extra)
+
+
+def summarize(samples: list[Sample], **fixed: Any) -> dict[str, Any]:
+    """Median time over the samples, and for each counter the median too (they are usually constant)."""
+    out: dict[str, Any] = {"median_s": statistics.median(s.seconds for s in samples), "samples_s": [round(s.seconds, 6) for s in samples]}
+    keys = sorted({key for s in samples for key in s.extra})
+    for key in keys:
+        values = [s.extra[key] for s in samples if s.extra.get(key) is not None]
+        if values and all(isinstance(v, (int, float)) for v in values):
+            median = statistics.median(values)
+            out[key] = int(median) if all(isinstance(v, int) for v in values) and float(median).is_integer() else median
+        elif values:
+            out[key] = values[-1]
+    out.update(fixed)
+    return out
+
+
+@contextmanager
+def hub_requests(emulator: Any | None) -> Iterator[dict[str, int]]:
+    """Counts the HTTP requests the emulator saw inside the block (into the yielded dict, key 'hub_requests')."""
+    box: dict[str, int] = {}
+    log = emulator.requests if emulator is not None else None
+    served = getattr(log, "bytes_out", None)  # the emulator's HTTP CAS mode counts the bytes it serves
+    before = len(log) if log is not None else 0
+    out_before = served() if served is not None else 0
+    try:
+        yield box
+    finally:
+        if log is not None:
+            box["hub_requests"] = len(log) - before
+            if served is not None and getattr(emulator, "xet", "local") != "local":
+                box["hub_bytes_out"] = served() - out_before
+
+
+def ensure_bucket(ref: BucketRef) -> None:
+    BucketClient(ref).create()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

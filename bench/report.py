@@ -1,0 +1,105 @@
+"""Print the results as tables (Markdown, so they paste into docs/performance.md as they are)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _bytes(count: float | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{int(count)} B"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _counts(stats: dict[str, Any]) -> str:
+    server = stats.get("requests")
+    hub = stats.get("hub_requests")
+    return f"{server if server is not None else '-'} / {hub if hub is not None else '-'}"
+
+
+def _moved(stats: dict[str, Any]) -> str:
+    for key in ("bytes_transferred", "bytes_stored", "bytes_uploaded"):
+        if stats.get(key) is not None:
+            return _bytes(stats[key])
+    return "-"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def figures_table(figures: list[dict[str, Any]]) -> str:
+    lines = [_row(["figure", "method", "median", "ratio", "requests (server / Hub)", "bytes moved", "bytes needed",
+                   "Hub bytes out"]),
+             _row(["---"] * 8)]
+    for fig in figures:
+        if "by_models" in fig:
+            continue
+        ours = fig["ours"]
+        lines.append(_row([f"**{fig['id']}**", "ours" + (f" ({ours['server_mode']})" if ours.get("server_mode") else ""),
+                           _time(ours.get("median_s")), "", _counts(ours), _moved(ours), _bytes(ours.get("bytes_needed")),
+                           _bytes(ours.get("hub_bytes_out"))]))
+        for name, stats in fig["baselines"].items():
+            value = next((v for k, v in fig["ratios"].items() if name in k), None)
+            key = next((k for k in fig["ratios"] if name in k), "")
+            lines.append(_row(["", name, _time(stats.get("median_s")), f"{_ratio(value)} ({key})" if key else "",
+                               _counts(stats), _moved(stats), _bytes(stats.get("bytes_needed")), _bytes(stats.get("hub_bytes_out"))]))
+    return "\n".join(lines)
+
+
+def lookup_table(fig: dict[str, Any]) -> str:
+    sizes = list(fig["by_models"])
+    methods = [m for m in fig["by_models"][sizes[0]] if m != "emulator_list"]
+    emulator = any("emulator_list" in fig["by_models"][size] for size in sizes)
+    lines = [_row([f"{fig['id']} (models in bucket)", *[f"{m}: median" for m in methods], *[f"{m}: requests (server / Hub)" for m in methods],
+                   *(["emulator's own listing time: one version / all versions"] if emulator else [])]),
+             _row(["---"] * (1 + 2 * len(methods) + emulator))]
+    for size in sizes:
+        row = fig["by_models"][size]
+        lines.append(_row([size, *[_time(row[m].get("median_s")) for m in methods], *[_counts(row[m]) for m in methods],
+                           *([f"{_time(row.get('emulator_list', {}).get('one_version_s'))} / "
+                              f"{_time(row.get('emulator_list', {}).get('all_versions_s'))}"] if emulator else [])]))
+    return "\n".join(lines)
+
+
+def targets_table(figures: list[dict[str, Any]]) -> str:
+    lines = [_row(["figure", "target", "value", "met"]), _row(["---"] * 4)]
+    for fig in figures:
+        for item in fig["targets"]:
+            value = item["value"]
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            lines.append(_row([fig["id"], item["text"], shown, "yes" if item["met"] else "**MISSED**"]))
+    return "\n".join(lines)
+
+
+def render(results: dict[str, Any]) -> str:
+    figures = results["figures"]
+    env = results.get("environment", {})
+    header = (f"{results.get('command', '')}: {env.get('cpus')} CPUs, load average {env.get('load_average_at_start')} at start, "
+              f"{env.get('load_average')} at end; huggingface_hub {env.get('huggingface_hub')}, hf_xet {env.get('hf_xet')}; "
+              f"Hub emulator Xet mode {results.get('config', {}).get('xet')}")
+    load = max((env.get("load_average_at_start") or [0])[:1] + (env.get("load_average") or [0])[:1])
+    if env.get("cpus") and load > env["cpus"]:
+        header += f"\n**Warning: the machine was busy (load {load} on {env['cpus']} CPUs): timings are not trustworthy.**"
+    parts = [header, figures_table(figures)]
+    for fig in figures:
+        if "by_models" in fig:
+            parts.append(lookup_table(fig))
+    parts.append(targets_table(figures))
+    problems = [(fig["id"], check) for fig in figures for check in fig["checks"]]
+    if problems:
+        parts.append("Checks that failed:\n" + "\n".join(f"- {fid}: {check}" for fid, check in problems))
+    notes = [(fig["id"], fig["notes"]) for fig in figures if fig.get("notes")]
+    if notes:
+        parts.append("Notes:\n" + "\n".join(f"- {fid}: {note}" for fid, note in notes))
+    return "\n\n".join(parts)

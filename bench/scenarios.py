@@ -1,0 +1,885 @@
+"""The figures: each measures this project and its baselines in the same run, on the same data.
+
+A figure is a dict: {"id", "backend", "title", "ours": stats, "baselines": {name: stats}, "ratios": {name: x},
+"targets": [{"text", "met", "value"}], "checks": [problems], "notes"}. Stats hold the median time over the
+repetitions ("median_s", "samples_s") and counters: "requests" (to the bucket server, counted by
+BucketClient), "hub_requests" (HTTP requests the Hub emulator saw), byte counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache import remote_layout as layout
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient, stop_server
+from optimum_neuron_cache.local_cache import scan_entries, version_dir_name
+from optimum_neuron_cache.records import make_record
+
+from . import lookup as lookups
+from .config import Config
+from .harness import (
+    REPO_ROOT,
+    BenchEnv,
+    DownloadCounter,
+    Sample,
+    cas_bytes,
+    drop_connections,
+    hub_requests,
+    io_delta,
+    proc_cpu,
+    proc_io,
+    server_pid,
+    summarize,
+    timed,
+)
+from .workload import (
+    PUBLISHED_FILES,
+    TARGET_MODEL,
+    TASK,
+    OtherEntry,
+    compile_into,
+    compiler_versions,
+    export_config,
+    link_tree,
+    other_entries,
+    other_entry_paths,
+    other_record_paths,
+    populate_dir_bucket,
+    publishable_bytes,
+)
+
+BUCKET_ID = "bench-org/neuron-cache"
+
+
+def figure(fid: str, backend: str, title: str, ours: dict[str, Any], baselines: dict[str, dict[str, Any]] | None = None,
+           ratios: dict[str, float | None] | None = None, targets: list[dict[str, Any]] | None = None,
+           checks: list[str] | None = None, notes: str = "") -> dict[str, Any]:
+    return {"id": fid, "backend": backend, "title": title, "ours": ours, "baselines": baselines or {},
+            "ratios": {key: (round(value, 4) if value is not None else None) for key, value in (ratios or {}).items()},
+            "targets": targets or [], "checks": checks or [], "notes": notes}
+
+
+def target(text: str, met: bool, value: Any) -> dict[str, Any]:
+    return {"text": text, "met": bool(met), "value": value}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# ------------------------------------------------------------------------------------ the world
+
+
+@dataclass
+class World:
+    """The data every figure uses: the benchmarked model's published cache, and buckets of several sizes."""
+
+    env: BenchEnv
+    cfg: Config
+    versions: list[str]
+    pool_root: Path
+    pool_modules: list[str]
+    record_source: Path
+    target_modules: list[str] = field(default_factory=list)
+    target_bytes: int = 0
+    hf_base: Path | None = None
+    dir_base: Path | None = None
+    others: dict[int, list[OtherEntry]] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.versions[0]
+
+    @property
+    def flat_dir(self) -> str:
+        return version_dir_name(self.version)
+
+
+def build_world(env: BenchEnv, cfg: Config, log) -> World:
+    sizes = cfg.sizes
+    versions = compiler_versions(sizes.versions)
+    pool_root = env.path("pool")
+    pool_sizes = replace(sizes, neff_median=max(sizes.neff_min, int(sizes.neff_median * sizes.other_neff_scale)))
+    compile_into(pool_root, versions[0], pool_sizes, sizes_seed="pool", content_seed="pool", count=sizes.pool, noise=False)
+    pool_modules = [entry.name for entry in scan_entries(pool_root, versions[0])]
+    record_source = env.root / "pool-record.json"
+    record_source.write_text(make_record("bench-org/other", TASK, versions[0], export_config(0), pool_modules[:4]).to_json())
+    world = World(env, cfg, versions, pool_root, pool_modules, record_source)
+    for models in sorted({cfg.models, *cfg.lookup_models}):
+        world.others[models] = other_entries(models, sizes, pool_modules)
+    if "hf" in cfg.backends:
+        log("building the Hub buckets (emulator)")
+        _build_hf(world)
+    if "dir" in cfg.backends:
+        log("building the directory buckets")
+        _build_dir(world)
+    return world
+
+
+def _publish_target(world: World, ref: BucketRef, cache: Path) -> None:
+    """Publish the benchmarked model with this project: entries, flat + model areas, one record per config."""
+    sizes = world.cfg.sizes
+    for index in range(sizes.records):
+        with hub_neuronx_cache(TARGET_MODEL, TASK, export_config(index), compiler_version=world.version, bucket=ref,
+                               cache_dir=cache) as run:
+            if index == 0:
+                compile_into(cache, world.version, sizes, sizes_seed="target", content_seed="target")
+        if run.warnings:
+            raise RuntimeError(f"publishing the benchmarked model failed: {run.warnings}")
+    modules = sorted(entry.name for entry in scan_entries(cache, world.version) if entry.state.publishable)
+    world.target_modules, world.target_bytes = modules, publishable_bytes(cache, world.version)
+    for version in world.versions[1:]:  # the model was compiled with older SDKs too: a few entries, one record
+        with hub_neuronx_cache(TARGET_MODEL, TASK, export_config(0), compiler_version=version, bucket=ref, cache_dir=cache) as run:
+            compile_into(cache, version, replace(sizes, neff_median=sizes.neff_min), sizes_seed=f"old-{version}",
+                         content_seed=f"old-{version}", count=2, noise=False)
+        if run.warnings:
+            raise RuntimeError(f"publishing the benchmarked model failed: {run.warnings}")
+
+
+def _build_hf(world: World) -> None:
+    from huggingface_hub import HfApi
+
+    env = world.env
+    data = env.root / "hub-base"
+    emulator = start_emulator(env, data, world.cfg)
+    env.use(emulator)
+    ref = BucketRef("hf", BUCKET_ID)
+    BucketClient(ref).create()
+    api = HfApi(endpoint=emulator.endpoint)
+    adds = [(str(world.pool_root / world.flat_dir / module / name), f"pool/{module}/{name}")
+            for module in world.pool_modules for name in PUBLISHED_FILES]
+    api.batch_bucket_files(BUCKET_ID, add=adds + [(str(world.record_source), "pool/record.json")])
+    _publish_target(world, ref, env.path("published-hf"))
+    env.stop_emulator(emulator)
+    world.hf_base = data
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    """Xorbs are immutable: hard-link them. Everything else (hf_xet's redb database, shards) is copied."""
+    if Path(source).parent.name == "xorbs" and not source.endswith(".redb"):
+        os.link(source, dest)
+    else:
+        shutil.copy2(source, dest)
+
+
+def hf_data_dir(world: World, models: int) -> Path:
+    """An emulator data dir whose bucket holds the benchmarked model among `models - 1` others (made once).
+
+    The other models' entries are added to the emulator's state file as server-side copies by hash of the
+    pool's files (exactly what `batch(copy=...)` records: size and Xet hash), which is representative and
+    fast; copies through the API cost O(files) each in the emulator (see docs/performance.md)."""
+    assert world.hf_base is not None
+    data = world.env.root / f"hub-{models}"
+    if data.exists():
+        return data
+    data.mkdir()
+    shutil.copytree(world.hf_base / "cas", data / "cas", copy_function=_link_or_copy)
+    for extra in world.hf_base.glob("*.key"):  # the HTTP CAS's signing key
+        shutil.copy2(extra, data / extra.name)
+    state = json.loads((world.hf_base / "hub_state.json").read_text())
+    bucket = next(b for b in state["buckets"] if b["id"] == BUCKET_ID)
+    files: dict[str, dict[str, Any]] = bucket["files"]
+    pool = {path: files.pop(path) for path in [p for p in files if p.startswith("pool/")]}
+    now = time.time()
+
+    def copy_of(path: str) -> dict[str, Any]:
+        source = pool[path]
+        return {"size": source["size"], "xetHash": source["xetHash"], "mtime": source["mtime"], "uploadedAt": now}
+
+    entries = world.others[models]
+    for entry in entries:
+        module = world.pool_modules[entry.pool_index]
+        for path, name in other_entry_paths(entry):
+            files[path] = copy_of(f"pool/{module}/{name}")
+    for path in other_record_paths(entries):
+        files[path] = copy_of("pool/record.json")
+    (data / "hub_state.json").write_text(json.dumps(state))
+    return data
+
+
+def _build_dir(world: World) -> None:
+    env = world.env
+    base = env.root / "dir-base"
+    env.use(None)
+    ref = BucketRef("dir", str(base))
+    BucketClient(ref).create()
+    _publish_target(world, ref, env.path("published-dir"))
+    world.dir_base = base
+
+
+def dir_bucket(world: World, models: int) -> Path:
+    assert world.dir_base is not None
+    path = world.env.root / f"dir-{models}"
+    if not path.exists():
+        link_tree(world.dir_base, path)
+        populate_dir_bucket(path, world.pool_root, world.version, world.others[models], world.pool_modules, world.record_source)
+    return path
+
+
+def start_emulator(env: BenchEnv, data: Path, cfg: Config) -> Any:
+    return env.start_emulator(data, cfg.xet)
+
+
+# ------------------------------------------------------------------------------------ sites
+
+
+class Site:
+    """One backend with a bucket of `models` models, its bucket server started and warm."""
+
+    def __init__(self, world: World, backend: str, models: int) -> None:
+        self.world, self.backend, self.models = world, backend, models
+        self.emulator = None
+        self.api = None
+        if backend == "hf":
+            self.emulator = start_emulator(world.env, hf_data_dir(world, models), world.cfg)
+            world.env.use(self.emulator)
+            self.ref = BucketRef("hf", BUCKET_ID)
+            from huggingface_hub import HfApi
+
+            self.api = HfApi(endpoint=self.emulator.endpoint)
+        else:
+            world.env.use(None)
+            self.root = dir_bucket(world, models)
+            self.ref = BucketRef("dir", str(self.root))
+        self.warm()
+
+    def warm(self) -> None:
+        """Start the server and let it load what a first request loads (huggingface_hub for the hf backend)."""
+        BucketClient(self.ref).list(layout.model_area_prefix(self.world.version, "warm-up", TASK))
+        self.pid = server_pid()
+
+    def close(self) -> None:
+        if self.emulator is not None:
+            self.world.env.stop_emulator(self.emulator)
+        else:
+            stop_server()
+
+    def hub(self):
+        return hub_requests(self.emulator)
+
+    def server_io(self) -> dict[str, int]:
+        return proc_io(self.pid) if self.pid else {}
+
+    def area(self) -> str:
+        return layout.model_area_prefix(self.world.version, layout.model_ref(TARGET_MODEL).folder, TASK)
+
+    def target_files(self) -> list[dict[str, Any]]:
+        """The files a cold cache needs: the target's entries in its model area (path, size, xet_hash)."""
+        area = self.area()
+        return [item for item in BucketClient(self.ref).list(area, recursive=True) if layout.parse_area_path(item["path"], area)]
+
+    def context(self, cache: Path, model: str = TARGET_MODEL, config: dict[str, Any] | None = None) -> hub_neuronx_cache:
+        return hub_neuronx_cache(model, TASK, config, compiler_version=self.world.version, bucket=self.ref, cache_dir=cache)
+
+
+def fresh(env: BenchEnv, name: str) -> Path:
+    path = env.root / "scratch" / name
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def local_target(cache: Path, flat_dir: str, remote_path: str, area: str) -> Path:
+    parsed = layout.parse_area_path(remote_path, area)
+    assert parsed is not None
+    return cache / flat_dir / parsed.module / parsed.filename
+
+
+# ------------------------------------------------------------------------------------ fetch
+
+
+def fetch_cold(site: Site) -> dict[str, Any]:
+    """Fetch the model's entries into a cold cache; against one direct download of exactly those files
+    (hf), `hf buckets sync` of the version prefix (hf), a plain copy of the same bytes (dir)."""
+    world, env, cfg = site.world, site.world.env, site.world.cfg
+    needed = world.target_bytes
+    files = site.target_files()
+    area = site.area()
+    checks: list[str] = []
+
+    def ours() -> Sample:
+        cache = fresh(env, "fetch-ours")
+        DownloadCounter.install()
+        asked = DownloadCounter.total
+
+        def run_it() -> dict[str, Any]:
+            with site.hub() as box, site.context(cache) as run:
+                pass
+            return {"requests": run.requests, **box, "_run": run}
+
+        sample = timed(run_it)
+        run = sample.extra.pop("_run")
+        sample.extra["bytes_transferred"] = DownloadCounter.total - asked
+        if sorted(Path(key).name for key in run.fetched) != world.target_modules or run.warnings:
+            checks.append(f"ours fetched {len(run.fetched)}/{len(world.target_modules)} entries, warnings {run.warnings}")
+        return sample
+
+    baselines: dict[str, dict[str, Any]] = {}
+    ours_samples = []
+    direct_samples: list[Sample] = []
+    sync_samples: list[Sample] = []
+    copy_samples: list[Sample] = []
+    verified_samples: list[Sample] = []
+    for _ in range(cfg.reps):  # interleaved, so that drifts hit every method alike
+        ours_samples.append(ours())
+        if site.backend == "hf":
+            direct_samples.append(_direct_download(site, files, area))
+            sync_samples.append(_hf_sync_down(site))
+        else:
+            copy_samples.append(_plain_copy_down(site, files, area))
+            verified_samples.append(_plain_copy_down(site, files, area, verify=True))
+    ours_stats = summarize(ours_samples, bytes_needed=needed)
+    ratios: dict[str, float | None] = {}
+    targets = []
+    if site.backend == "hf":
+        baselines["direct_download"] = summarize(direct_samples, bytes_needed=needed)
+        baselines["hf_buckets_sync"] = summarize(sync_samples)
+        ratios["ours/direct_download"] = ratio(ours_stats["median_s"], baselines["direct_download"]["median_s"])
+        ratios["hf_buckets_sync/ours"] = ratio(baselines["hf_buckets_sync"]["median_s"], ours_stats["median_s"])
+        value = ratios["ours/direct_download"]
+        targets.append(target("within 10% of the direct download (ours/direct <= 1.10)", value is not None and value <= 1.10, value))
+        value = ratios["hf_buckets_sync/ours"]
+        targets.append(target(f"at least 3x faster than `hf buckets sync` ({site.models} models in the bucket)",
+                              value is not None and value >= 3.0, value))
+    else:
+        baselines["plain_copy"] = summarize(copy_samples, bytes_needed=needed)
+        baselines["verified_copy"] = summarize(verified_samples, bytes_needed=needed)
+        ratios["ours/plain_copy"] = ratio(ours_stats["median_s"], baselines["plain_copy"]["median_s"])
+        ratios["ours/verified_copy"] = ratio(ours_stats["median_s"], baselines["verified_copy"]["median_s"])
+        value = ratios["ours/plain_copy"]
+        targets.append(target("within 10% of a plain copy (ours/copy <= 1.10)", value is not None and value <= 1.10, value))
+    moved = ours_stats.get("bytes_transferred")
+    if moved is not None and moved < needed:
+        checks.append(f"ours transferred {moved} bytes, fewer than the {needed} needed")
+    return figure(f"{site.backend}.fetch_cold", site.backend,
+                  f"fetch {len(world.target_modules)} entries ({needed / 1e6:.1f} MB) into a cold cache, {site.models} models in the bucket",
+                  ours_stats, baselines, ratios, targets, checks)
+
+
+def _direct_download(site: Site, files: list[dict[str, Any]], area: str) -> Sample:
+    from huggingface_hub import BucketFile
+
+    dest = fresh(site.world.env, "fetch-direct")
+    pairs = [(BucketFile(type="file", path=item["path"], size=item["size"], xetHash=item["xet_hash"]),
+              local_target(dest, site.world.flat_dir, item["path"], area)) for item in files]
+    io0 = proc_io()
+
+    def run_it() -> dict[str, Any]:
+        with site.hub() as box:
+            for folder in {str(local.parent) for _, local in pairs}:  # as the user's download would
+                os.makedirs(folder, exist_ok=True)
+            site.api.download_bucket_files(BUCKET_ID, [(remote, str(local)) for remote, local in pairs])
+        return dict(box)
+
+    sample = timed(run_it)
+    sample.extra["bytes_transferred"] = io_delta(io0, proc_io())
+    return sample
+
+
+def _hf_sync_down(site: Site) -> Sample:
+    """`hf buckets sync hf://buckets/<id>/neuronxcc-<ver> <cache>/neuronxcc-<ver> --exclude 'models/*'
+    --ignore-times`: the flat area (the local cache tree, as is), with the flags a careful user would pass."""
+    dest = fresh(site.world.env, "fetch-hfsync")
+    io0 = proc_io()
+
+    def run_it() -> dict[str, Any]:
+        with site.hub() as box:
+            plan = site.api.sync_bucket(f"hf://buckets/{BUCKET_ID}/{site.world.flat_dir}", str(dest / site.world.flat_dir),
+                                        exclude=["models/*"], ignore_times=True, quiet=True)
+        return {**box, "files": plan.summary().get("downloads")}
+
+    sample = timed(run_it)
+    sample.extra["bytes_transferred"] = io_delta(io0, proc_io())
+    return sample
+
+
+def _plain_copy_down(site: Site, files: list[dict[str, Any]], area: str, verify: bool = False) -> Sample:
+    """`cp -r` of the entries (folders, then bytes through sendfile); with `verify`, the limit of a verified
+    copy instead: one pass that copies and hashes (sha256) every file, as the dir backend checks digests."""
+    dest = fresh(site.world.env, "fetch-copy")
+    pairs = [(site.root / item["path"], local_target(dest, site.world.flat_dir, item["path"], area)) for item in files]
+    io0 = proc_io()
+
+    def run_it() -> None:
+        for folder in {str(local.parent) for _, local in pairs}:
+            os.makedirs(folder, exist_ok=True)
+        for source, local in pairs:
+            if not verify:
+                shutil.copyfile(source, local)
+                continue
+            digest = hashlib.sha256()
+            with open(source, "rb") as src, open(local, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+
+    sample = timed(run_it)
+    sample.extra["bytes_transferred"] = io_delta(io0, proc_io())
+    return sample
+
+
+# ------------------------------------------------------------------------------------- sync
+
+
+def sync_figures(site: Site) -> list[dict[str, Any]]:
+    """Sync a finished compile (a new model's entries, with failed and killed compiles mixed in), then sync
+    again with nothing new. Every repetition publishes fresh bytes (a new model), for every method."""
+    world, env, cfg = site.world, site.world.env, site.world.cfg
+    sizes = cfg.sizes
+    checks: list[str] = []
+    first: dict[str, list[Sample]] = {"ours": [], "hf_buckets_sync": [], "direct_upload": [], "plain_copy": []}
+    again: dict[str, list[Sample]] = {"ours": [], "hf_buckets_sync": [], "copy_if_size_differs": []}
+    needed_bytes = []
+    for rep in range(cfg.reps):
+        # --- ours: enter (untimed), compile inside the block, time the exit; then a second run
+        cache = fresh(env, f"sync-ours-{rep}")
+        model = f"bench-org/job-{os.getpid()}-{rep:03d}"
+        context = site.context(cache, model, export_config(0))
+        run = context.__enter__()
+        compile_into(cache, world.version, sizes, sizes_seed="job", content_seed=f"ours-{rep}")
+        needed = publishable_bytes(cache, world.version)
+        needed_bytes.append(needed)
+        before = run.requests
+        stored0, io0 = _stored(site), site.server_io()
+
+        def exit_it(context=context, run=run, before=before) -> dict[str, Any]:
+            with site.hub() as box:
+                context.__exit__(None, None, None)
+            return {"requests": run.requests - before, **box, "bytes_uploaded": run.bytes_uploaded}
+
+        sample = timed(exit_it)
+        sample.extra["bytes_stored"] = _stored(site) - stored0 if site.backend == "hf" else io_delta(io0, site.server_io())
+        first["ours"].append(sample)
+        if len(run.synced) != sizes.entries or run.warnings or not run.record:
+            checks.append(f"ours synced {len(run.synced)}/{sizes.entries} entries, record {run.record}, warnings {run.warnings}")
+        # second run over the same cache: nothing new
+        context = site.context(cache, model, export_config(0))
+        drop_connections()
+        run2 = context.__enter__()
+        enter_requests = run2.requests
+        stored0, io0 = _stored(site), site.server_io()
+
+        def again_it(context=context, run2=run2, enter_requests=enter_requests) -> dict[str, Any]:
+            with site.hub() as box:
+                context.__exit__(None, None, None)
+            return {"requests": run2.requests, "exit_requests": run2.requests - enter_requests, **box,
+                    "bytes_uploaded": run2.bytes_uploaded}
+
+        sample = timed(again_it)
+        sample.extra["bytes_stored"] = _stored(site) - stored0 if site.backend == "hf" else io_delta(io0, site.server_io())
+        again["ours"].append(sample)
+        if run2.fetched or run2.synced or run2.warnings:
+            checks.append(f"second run fetched {len(run2.fetched)}, synced {len(run2.synced)}, warnings {run2.warnings}")
+        # --- baselines, on a cache of the same sizes and fresh bytes
+        if site.backend == "hf":
+            cache = fresh(env, f"sync-hfsync-{rep}")
+            compile_into(cache, world.version, sizes, sizes_seed="job", content_seed=f"hfsync-{rep}")
+            first["hf_buckets_sync"].append(_hf_sync_up(site, cache))
+            again["hf_buckets_sync"].append(_hf_sync_up(site, cache))
+            cache = fresh(env, f"sync-direct-{rep}")
+            compile_into(cache, world.version, sizes, sizes_seed="job", content_seed=f"direct-{rep}")
+            first["direct_upload"].append(_direct_upload(site, cache))
+        else:
+            cache = fresh(env, f"sync-copy-{rep}")
+            compile_into(cache, world.version, sizes, sizes_seed="job", content_seed=f"copy-{rep}")
+            first["plain_copy"].append(_plain_copy_up(site, cache, only_missing=False))
+            again["copy_if_size_differs"].append(_plain_copy_up(site, cache, only_missing=True))
+    needed = needed_bytes[0] if needed_bytes else 0
+    ours = summarize(first["ours"], bytes_needed=needed)
+    baselines = {name: summarize(samples, bytes_needed=needed) for name, samples in first.items() if samples and name != "ours"}
+    ratios = {f"{name}/ours" if name == "hf_buckets_sync" else f"ours/{name}":
+              (ratio(stats["median_s"], ours["median_s"]) if name == "hf_buckets_sync" else ratio(ours["median_s"], stats["median_s"]))
+              for name, stats in baselines.items()}
+    title = (f"sync a finished compile: {sizes.entries} new entries ({needed / 1e6:.1f} MB) + {sizes.failed} failed + "
+             f"{sizes.locked} locked, {site.models} models in the bucket")
+    notes = ("ours publishes the flat area, the model's area (server-side copies) and an export record; "
+             "`hf buckets sync` uploads the flat tree as is, failed entries, logs and lock files included")
+    sync_fig = figure(f"{site.backend}.sync_new", site.backend, title, ours, baselines, ratios, [], checks, notes)
+
+    ours2 = summarize(again["ours"])
+    baselines2 = {name: summarize(samples) for name, samples in again.items() if samples and name != "ours"}
+    ratios2 = {f"{name}/ours": ratio(stats["median_s"], ours2["median_s"]) for name, stats in baselines2.items()}
+    stored = ours2.get("bytes_stored") or 0
+    targets = [
+        target("a second sync transfers 0 bytes", ours2.get("bytes_uploaded", 0) == 0 and stored == 0, stored),
+        target("with at most 2 requests (enter + exit)", ours2.get("requests", 99) <= 2, ours2.get("requests")),
+    ]
+    again_fig = figure(f"{site.backend}.sync_again", site.backend, "sync again with nothing new (exit timed; requests of the whole run)",
+                       ours2, baselines2, ratios2, targets, [])
+    return [sync_fig, again_fig]
+
+
+def _stored(site: Site) -> int:
+    return cas_bytes(site.emulator) if site.emulator is not None else 0
+
+
+def _hf_sync_up(site: Site, cache: Path) -> Sample:
+    """`hf buckets sync <cache>/neuronxcc-<ver> hf://buckets/<id>/neuronxcc-<ver> --ignore-times`."""
+    stored0 = _stored(site)
+
+    def run_it() -> dict[str, Any]:
+        with site.hub() as box:
+            plan = site.api.sync_bucket(str(cache / site.world.flat_dir), f"hf://buckets/{BUCKET_ID}/{site.world.flat_dir}",
+                                        exclude=["models/*"], ignore_times=True, quiet=True)
+        return {**box, "files": plan.summary().get("uploads")}
+
+    sample = timed(run_it)
+    sample.extra["bytes_stored"] = _stored(site) - stored0
+    return sample
+
+
+def _publishable(cache: Path, version: str) -> list[tuple[Path, str]]:
+    return [(entry.path / name, f"{version_dir_name(version)}/{entry.name}/{name}")
+            for entry in scan_entries(cache, version) if entry.state.publishable
+            for name in sorted(entry.files) if layout.is_publishable(name)]
+
+
+def _direct_upload(site: Site, cache: Path) -> Sample:
+    """The transfer limit of an upload: one batch of exactly the files to publish, to the flat area."""
+    adds = [(str(local), remote) for local, remote in _publishable(cache, site.world.version)]
+    stored0 = _stored(site)
+
+    def run_it() -> dict[str, Any]:
+        with site.hub() as box:
+            site.api.batch_bucket_files(BUCKET_ID, add=adds)
+        return dict(box)
+
+    sample = timed(run_it)
+    sample.extra["bytes_stored"] = _stored(site) - stored0
+    return sample
+
+
+def _plain_copy_up(site: Site, cache: Path, *, only_missing: bool) -> Sample:
+    pairs = [(local, site.root / remote) for local, remote in _publishable(cache, site.world.version)]
+    io0 = proc_io()
+
+    def run_it() -> None:
+        for folder in {str(dest.parent) for _, dest in pairs}:
+            os.makedirs(folder, exist_ok=True)
+        for source, dest in pairs:
+            if only_missing:
+                try:
+                    if os.stat(dest).st_size == os.stat(source).st_size:
+                        continue
+                except FileNotFoundError:
+                    pass
+            shutil.copyfile(source, dest)
+
+    sample = timed(run_it)
+    sample.extra["bytes_stored"] = io_delta(io0, proc_io())
+    return sample
+
+
+# --------------------------------------------------------------------------------- no-op runs
+
+
+def _warm_cache(site: Site) -> Path:
+    cache = fresh(site.world.env, f"warm-{site.backend}")
+    with site.context(cache) as run:
+        pass
+    assert len(run.fetched) == len(site.world.target_modules), run.warnings
+    return cache
+
+
+def noop_warm(site: Site) -> dict[str, Any]:
+    """Enter + exit with nothing to fetch or sync, the server already running (each repetition connects anew,
+    as a new process would)."""
+    world, cfg = site.world, site.world.cfg
+    cache = _warm_cache(site)
+    checks: list[str] = []
+
+    def ours() -> dict[str, Any]:
+        with site.hub() as box:
+            with site.context(cache, config=export_config(0)) as run:
+                pass
+        if run.fetched or run.synced or run.warnings:
+            checks.append(f"no-op run fetched {len(run.fetched)}, synced {len(run.synced)}, warnings {run.warnings}")
+        return {"requests": run.requests, **box}
+
+    samples = []
+    for _ in range(cfg.fast_reps):
+        drop_connections()
+        samples.append(timed(ours))
+    stats = summarize(samples)
+    baselines: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float | None] = {}
+    if site.backend == "hf":
+        mirror = site.world.env.root / "mirror"
+        if not mirror.exists():
+            site.api.sync_bucket(f"hf://buckets/{BUCKET_ID}/{world.flat_dir}", str(mirror / world.flat_dir),
+                                 exclude=["models/*"], ignore_times=True, quiet=True)
+
+        def both_ways() -> dict[str, Any]:
+            with site.hub() as box:
+                down = site.api.sync_bucket(f"hf://buckets/{BUCKET_ID}/{world.flat_dir}", str(mirror / world.flat_dir),
+                                            exclude=["models/*"], ignore_times=True, quiet=True)
+                up = site.api.sync_bucket(str(mirror / world.flat_dir), f"hf://buckets/{BUCKET_ID}/{world.flat_dir}",
+                                          exclude=["models/*"], ignore_times=True, quiet=True)
+            return {**box, "files": down.summary().get("downloads", 0) + up.summary().get("uploads", 0)}
+
+        baselines["hf_buckets_sync"] = summarize([timed(both_ways) for _ in range(cfg.reps)])
+        ratios["hf_buckets_sync/ours"] = ratio(baselines["hf_buckets_sync"]["median_s"], stats["median_s"])
+    targets = [
+        target("warm no-op enter + exit under 20 ms (median)", stats["median_s"] < 0.020, round(stats["median_s"] * 1000, 2)),
+        target("at most 2 requests to the server", stats.get("requests", 99) <= 2, stats.get("requests")),
+    ]
+    return figure(f"{site.backend}.noop_warm", site.backend,
+                  f"enter + exit, nothing to fetch or sync, server running ({len(world.target_modules)} entries local, {site.models} models in the bucket)",
+                  stats, baselines, ratios, targets, checks,
+                  "baseline: `hf buckets sync` down then up, nothing new, --ignore-times" if site.backend == "hf" else "")
+
+
+def noop_cold_server(site: Site) -> dict[str, Any]:
+    """Enter + exit with nothing to fetch or sync and no server running: the first request starts it.
+    Mode "uv": an isolated environment made by uv (its cache warm), what users get; "current": this
+    interpreter. Baseline: the `hf buckets sync` CLI down then up (a fresh process, like a new job)."""
+    world, cfg = site.world, site.world.cfg
+    cache = _warm_cache(site)
+    checks: list[str] = []
+    modes: dict[str, dict[str, Any]] = {}
+    saved_mode = os.environ.get("NEURON_CACHE_SERVER_MODE")
+    try:
+        for mode in cfg.cold_modes:
+            os.environ["NEURON_CACHE_SERVER_MODE"] = mode
+            stop_server()
+            with site.context(cache, config=export_config(0)):  # warms uv's cache for this mode (untimed)
+                pass
+            samples = []
+            for _ in range(cfg.reps):
+                stop_server()
+
+                def ours(mode: str = mode) -> dict[str, Any]:
+                    with site.hub() as box, site.context(cache, config=export_config(0)) as run:
+                        pass
+                    if run.fetched or run.synced or run.warnings:
+                        checks.append(f"cold run ({mode}) fetched {len(run.fetched)}, synced {len(run.synced)}, warnings {run.warnings}")
+                    return {"requests": run.requests, **box}
+
+                samples.append(timed(ours))
+            modes[mode] = summarize(samples, server_mode=mode)
+    finally:
+        if saved_mode is None:
+            os.environ.pop("NEURON_CACHE_SERVER_MODE", None)
+        else:
+            os.environ["NEURON_CACHE_SERVER_MODE"] = saved_mode
+        stop_server()
+        site.warm()
+    main_mode = cfg.cold_modes[0]
+    ours_stats = modes[main_mode]
+    notes = ""
+    baselines = {f"ours_{mode}": stats for mode, stats in modes.items() if mode != main_mode}
+    ratios: dict[str, float | None] = {}
+    if site.backend == "hf":
+        mirror = world.env.root / "mirror-cli"
+        if not mirror.exists():
+            site.api.sync_bucket(f"hf://buckets/{BUCKET_ID}/{world.flat_dir}", str(mirror / world.flat_dir),
+                                 exclude=["models/*"], ignore_times=True, quiet=True)
+        hf = Path(sys.executable).with_name("hf")
+        remote = f"hf://buckets/{BUCKET_ID}/{world.flat_dir}"
+        commands = [[str(hf), "buckets", "sync", remote, str(mirror / world.flat_dir), "--exclude", "models/*", "--ignore-times"],
+                    [str(hf), "buckets", "sync", str(mirror / world.flat_dir), remote, "--exclude", "models/*", "--ignore-times"]]
+
+        def cli() -> dict[str, Any]:
+            with site.hub() as box:
+                for command in commands:
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+            return dict(box)
+
+        if hf.exists():
+            baselines["hf_buckets_sync_cli"] = summarize([timed(cli) for _ in range(cfg.reps)])
+            ratios["hf_buckets_sync_cli/ours"] = ratio(baselines["hf_buckets_sync_cli"]["median_s"], ours_stats["median_s"])
+        else:
+            notes = f"no `hf` CLI next to {sys.executable}: the CLI baseline was skipped"
+    targets = [target(f"cold server start: enter + exit under 1 s ({main_mode} mode)", ours_stats["median_s"] < 1.0,
+                      round(ours_stats["median_s"], 3))]
+    return figure(f"{site.backend}.noop_cold_server", site.backend,
+                  f"enter + exit, nothing to fetch or sync, server not running ({main_mode} mode, uv cache warm)",
+                  ours_stats, baselines, ratios, targets, checks, notes)
+
+
+# --------------------------------------------------------------------------------- concurrency
+
+
+def concurrent(site: Site) -> dict[str, Any]:
+    """N processes enter at once with a cold cache (one cache dir, as ranks of one host): bytes transferred
+    against bytes needed, and wall time (start signal to the last exit) against one process."""
+    world, cfg = site.world, site.world.cfg
+    checks: list[str] = []
+    results: dict[int, list[Sample]] = {1: [], cfg.procs: []}
+    for _ in range(cfg.reps):
+        for procs in (1, cfg.procs):
+            results[procs].append(_ranks(site, procs, checks))
+    one = summarize(results[1], bytes_needed=world.target_bytes)
+    many = summarize(results[cfg.procs], bytes_needed=world.target_bytes)
+    wall = ratio(many["median_s"], one["median_s"])
+    moved = many.get("bytes_transferred")
+    bytes_ratio = ratio(moved, world.target_bytes)
+    targets = [
+        target("bytes transferred equal bytes needed", moved == world.target_bytes, bytes_ratio),
+        target("wall time within 1.2x of one process", wall is not None and wall <= 1.2, wall),
+    ]
+    return figure(f"{site.backend}.concurrent", site.backend,
+                  f"{cfg.procs} processes enter at once, cold cache ({len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB)",
+                  many, {"one_process": one}, {"ours/one_process": wall, "bytes_transferred/bytes_needed": bytes_ratio},
+                  targets, checks)
+
+
+def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
+    world = site.world
+    cache = fresh(world.env, f"ranks-{procs}")
+    spec = json.dumps({"model": TARGET_MODEL, "task": TASK, "version": world.version, "bucket": str(site.ref), "cache_dir": str(cache)})
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    workers = [subprocess.Popen([sys.executable, "-m", "bench.worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, cwd=str(REPO_ROOT), env=env) for _ in range(procs)]
+    try:
+        for worker in workers:
+            line = worker.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"worker failed to start: {line!r}")
+        io0 = site.server_io()
+        cpu0 = proc_cpu(site.pid) if site.pid else None
+        with site.hub() as box:
+            started = time.monotonic()
+            for worker in workers:
+                worker.stdin.write("\n")
+                worker.stdin.flush()
+            reports = [json.loads(worker.stdout.readline()) for worker in workers]
+            for worker in workers:
+                worker.wait(timeout=300)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    io1 = site.server_io()
+    cpu1 = proc_cpu(site.pid) if site.pid else None
+    ended = max(report["end"] for report in reports)
+    installed = sum(report["fetched"] for report in reports)
+    entries = [entry for entry in scan_entries(cache, world.version) if entry.state.publishable]
+    if installed != len(world.target_modules) or len(entries) != len(world.target_modules):
+        checks.append(f"{procs} ranks installed {installed} entries, the cache holds {len(entries)}, expected {len(world.target_modules)}")
+    for report in reports:
+        if report["warnings"]:
+            checks.append(f"a rank warned: {report['warnings']}")
+    return Sample(ended - started, {
+        "requests": sum(report["requests"] for report in reports), **box,
+        "bytes_transferred": sum(report["bytes_requested"] for report in reports),
+        "server_bytes_written": io_delta(io0, io1),
+        # where the time goes on a small machine: CPU of the ranks (after the start signal) and of the server
+        "ranks_cpu_s": round(sum(report.get("cpu", 0.0) for report in reports), 4),
+        "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None,
+    })
+
+
+# ------------------------------------------------------------------------------------- lookup
+
+
+def lookup_figure(world: World, backend: str, log) -> dict[str, Any]:
+    """Lookup latency and requests as the bucket grows: the model's export records, for its compiler version
+    (what an exporter asks) and across all versions; against listing the whole tree."""
+    cfg = world.cfg
+    checks: list[str] = []
+    per_size: dict[str, dict[str, Any]] = {}
+    use_library = lookups.LOOKUP_CACHE is not None
+    for models in cfg.lookup_models:
+        log(f"  lookup, {backend}, {models} models")
+        site = Site(world, backend, models)
+        try:
+            row: dict[str, Any] = {}
+            every = cfg.sizes.records + len(world.versions) - 1  # records of the model in every version
+            naive_reps = 1 if models >= 200 else cfg.reps  # listing a 500-model bucket whole takes tens of seconds
+            for name, fn, reps, expected in (
+                    ("ours_one_version", lambda c, s=site: _ours_lookup(world, s, c, all_versions=False), cfg.fast_reps, cfg.sizes.records),
+                    ("ours_all_versions", lambda c, s=site: _ours_lookup(world, s, c, all_versions=True), cfg.fast_reps, every),
+                    ("naive_list_all", lambda c: lookups.naive_lookup(c, TARGET_MODEL, TASK), naive_reps, every)):
+                samples = []
+                for _ in range(reps):
+                    drop_connections()
+                    client = BucketClient(site.ref)
+
+                    def run_it(client=client, fn=fn, site=site) -> dict[str, Any]:
+                        with site.hub() as box:
+                            found = fn(client)
+                        return {"requests": client.requests, **box, "records": len(found)}
+
+                    samples.append(timed(run_it))
+                row[name] = summarize(samples)
+                if row[name].get("records") != expected:
+                    checks.append(f"{name} at {models} models found {row[name].get('records')} records, expected {expected}")
+            if site.emulator is not None:
+                row["emulator_list"] = _emulator_list_time(world, site, cfg.fast_reps)
+            per_size[str(models)] = row
+        finally:
+            site.close()
+    sizes = [str(m) for m in cfg.lookup_models]
+    small, large = per_size[sizes[0]], per_size[sizes[-1]]
+    ratios: dict[str, float | None] = {}
+    targets = []
+    for name in ("ours_one_version", "ours_all_versions"):
+        times = [per_size[s][name]["median_s"] for s in sizes]
+        ratios[f"{name}: time {sizes[-1]}/{sizes[0]} models"] = ratio(large[name]["median_s"], small[name]["median_s"])
+        flat_requests = len({per_size[s][name].get("requests") for s in sizes}) == 1
+        growth = max(times) / min(times) if min(times) else 99.0
+        # flat: the slowest bucket size within 1.25x of the fastest, or within 5 ms of it (millisecond noise)
+        flat_time = growth <= 1.25 or max(times) - min(times) <= 0.005
+        targets.append(target(f"{name}: requests flat from {sizes[0]} to {sizes[-1]} models",
+                              flat_requests, [per_size[s][name].get("requests") for s in sizes]))
+        targets.append(target(f"{name}: time flat from {sizes[0]} to {sizes[-1]} models (max/min <= 1.25x or +5 ms)",
+                              flat_time, round(growth, 3)))
+    for size in sizes:
+        ratios[f"naive/ours_one_version at {size} models"] = ratio(per_size[size]["naive_list_all"]["median_s"],
+                                                                    per_size[size]["ours_one_version"]["median_s"])
+    notes = ("lookup_cache from optimum_neuron_cache.lookup (memo cleared each repetition)" if use_library
+             else "interim lookup over the remote layout (bench/lookup.py): lookup_cache not available yet")
+    return {"id": f"{backend}.lookup", "backend": backend,
+            "title": f"lookup of one model's export records as the bucket grows ({', '.join(sizes)} models, {len(world.versions)} compiler versions)",
+            "ours": per_size[sizes[-1]]["ours_one_version"], "by_models": per_size, "baselines": {},
+            "ratios": {key: (round(value, 4) if value is not None else None) for key, value in ratios.items()},
+            "targets": targets, "checks": checks, "notes": notes}
+
+
+def _emulator_list_time(world: World, site: Site, reps: int) -> dict[str, Any]:
+    """Diagnostic: the emulator's own time to answer the listings a lookup makes (its handler, called
+    in-process): one exports listing for one version; the root plus every version's exports for all versions.
+    The emulator scans every path of the bucket for each listing, a cost an indexed store does not have."""
+    op_tree = getattr(site.emulator, "op_tree", None)
+    if op_tree is None:
+        return {}
+    folder = layout.model_ref(TARGET_MODEL).folder
+    one = [layout.exports_prefix(world.version, folder, TASK)]
+    every = [""] + [layout.exports_prefix(version, folder, TASK) for version in world.versions]
+
+    def listings(prefixes: list[str]) -> float:
+        started = time.perf_counter()
+        for prefix in prefixes:
+            op_tree(None, BUCKET_ID, prefix, False)
+        return time.perf_counter() - started
+
+    runs = max(3, reps)
+    return {"one_version_s": statistics.median(listings(one) for _ in range(runs)),
+            "all_versions_s": statistics.median(listings(every) for _ in range(runs))}
+
+
+def _ours_lookup(world: World, site: Site, client: BucketClient, *, all_versions: bool) -> list[Any]:
+    if lookups.LOOKUP_CACHE is not None:
+        from optimum_neuron_cache.lookup import clear_lookup_cache
+
+        clear_lookup_cache()
+        return lookups.LOOKUP_CACHE(TARGET_MODEL, TASK, compiler_version=None if all_versions else world.version,
+                                    all_versions=all_versions, bucket=site.ref, client=client)
+    # TODO(lookup): interim, until lookup_cache lands (see bench/lookup.py)
+    records = lookups.interim_lookup(client, TARGET_MODEL, TASK)
+    return records if all_versions else [r for r in records if r.get("compiler_version") == world.version]

@@ -1,0 +1,490 @@
+"""A `neuronx-cc` in front of the real one: on a local miss, the bucket's flat area is asked for the exact MODULE.
+
+libneuronxla's wrapper calls the compiler by name, through PATH, once per graph that its local cache lacks:
+
+    neuronx-cc compile --framework=XLA <workdir>/model.MODULE_<hlo key>+<flags hash>.hlo_module.pb \\
+        --output <workdir>/model.MODULE_<hlo key>+<flags hash>.neff --target=trn1 ... --verbose=35
+
+The MODULE name in those file names is the cache key. Put this shim first on PATH
+(`install_compiler_shim(dir)` then `PATH=dir:$PATH`, or `compiler_shim_on_path()` in-process) and each call:
+
+1. looks up `neuronxcc-<ver>/MODULE_.../` in the bucket's flat area (one paths-info request);
+2. if the entry is complete there (its NEFF and its commit file), downloads the NEFF, checks its size
+   against the listing, and renames it onto `--output`: the compiler is never run, and libneuronxla
+   installs the NEFF into its cache as if it had compiled it;
+3. else runs the real compiler, unchanged (same arguments, stdin/stdout/stderr, exit code), and when it
+   succeeds publishes the entry to the flat area: the HLO and flags libneuronxla put in its cache entry,
+   the new NEFF, then `model.done`, content before commit file.
+
+This gives hits across models that share graphs, which no per-model fetch can.
+
+Safety:
+- anything the shim does not recognize exactly (`--version`, other frameworks, no MODULE-named input, an
+  output that is not a `.neff` named after the same MODULE, a remote entry with `wrapped_neff.hlo`, whose
+  destination the command line does not say) goes to the real compiler untouched, by `exec`;
+- the real compiler is the first `neuronx-cc` on PATH that is not a shim (or NEURON_CACHE_REAL_COMPILER),
+  and it runs with the shim's directories removed from PATH and NEURON_CACHE_SHIM_INSIDE=1 set, so
+  nothing can recurse;
+- the bucket being unreachable costs one warning line and the compile runs as without the shim; a host-wide
+  note then makes the following calls skip the bucket for NEURON_CACHE_SHIM_BACKOFF seconds (default 300);
+- `--output` appears only whole (temp file in the same folder, size check, rename); nothing is ever written
+  into the compile cache by the shim: libneuronxla stays the only writer of its entries.
+
+Environment: NEURON_CACHE_SHIM=0 makes the shim a pure pass-through; NEURON_CACHE_SHIM_PUBLISH=0 turns
+publishing off. The bucket, cache dir and compiler version resolve as everywhere else (NEURON_CACHE_BUCKET,
+NEURON_CC_FLAGS / NEURON_COMPILE_CACHE_URL, the installed neuronx-cc or NEURON_CC_VERSION).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SHIM_MARKER = "optimum-neuron-cache compiler shim"
+COMPILER_NAME = "neuronx-cc"
+ENV_INSIDE = "NEURON_CACHE_SHIM_INSIDE"
+ENV_REAL = "NEURON_CACHE_REAL_COMPILER"
+ENV_SHIM = "NEURON_CACHE_SHIM"
+ENV_PUBLISH = "NEURON_CACHE_SHIM_PUBLISH"
+ENV_BACKOFF = "NEURON_CACHE_SHIM_BACKOFF"
+_OFF = ("0", "false", "no", "off")
+
+_INPUT_RE = re.compile(r"(MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+)\.(hlo_module\.pb|hlo\.pb)$")
+
+
+def _say(message: str) -> None:
+    print(f"optimum-neuron-cache: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ installation
+
+
+def _shim_script(python: str) -> str:
+    return (f"#!{python}\n# {SHIM_MARKER}: looks compiled graphs up in the bucket before running the real neuronx-cc\n"
+            "import sys\nfrom optimum_neuron_cache.integrations.compiler_shim import main\nsys.exit(main())\n")
+
+
+def install_compiler_shim(directory: str | os.PathLike[str], python: str | None = None) -> Path:
+    """Write the shim as `<directory>/neuronx-cc` (atomically); put `directory` first on PATH to use it."""
+    path = Path(directory).expanduser().absolute() / COMPILER_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{COMPILER_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(_shim_script(python or sys.executable), encoding="utf-8")
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def enable_compiler_shim(directory: str | os.PathLike[str] | None = None) -> Path:
+    """Install the shim and put it first on this process's PATH (children, e.g. libneuronxla's wrapper,
+    inherit it). Returns the shim's path. With no directory, a private temp directory is used."""
+    folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="neuron-cache-shim-"))
+    shim = install_compiler_shim(folder)
+    entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry and Path(entry).absolute() != shim.parent]
+    os.environ["PATH"] = os.pathsep.join([str(shim.parent), *entries])
+    return shim
+
+
+@contextlib.contextmanager
+def compiler_shim_on_path(directory: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+    """`enable_compiler_shim` for the length of a block; PATH is restored afterwards."""
+    previous = os.environ.get("PATH")
+    try:
+        yield enable_compiler_shim(directory)
+    finally:
+        if previous is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = previous
+
+
+def is_shim(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return SHIM_MARKER.encode() in handle.read(4096)
+    except OSError:
+        return False
+
+
+def find_real_compiler(environ: Mapping[str, str], me: str | None = None) -> tuple[str | None, list[str]]:
+    """(the real neuronx-cc, the PATH entries holding shims). NEURON_CACHE_REAL_COMPILER wins when it is
+    not a shim itself; else the first `neuronx-cc` on PATH that is neither this script nor a shim."""
+    me_real = os.path.realpath(me) if me else None
+    shim_dirs: list[str] = []
+    found = None
+    for entry in environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(entry or ".", COMPILER_NAME)
+        if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+            continue
+        if (me_real and os.path.realpath(candidate) == me_real) or is_shim(candidate):
+            shim_dirs.append(entry)
+            continue
+        if found is None:
+            found = candidate
+    explicit = environ.get(ENV_REAL, "").strip()
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK) and not is_shim(explicit):
+            return explicit, shim_dirs
+        _say(f"{ENV_REAL}={explicit} is not an executable compiler; using PATH")
+    return found, shim_dirs
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    """A `neuronx-cc compile` call of libneuronxla's, for one cache entry."""
+
+    module: str
+    #: The HLO file the compiler was given, and its name in a cache entry (`model.hlo_module.pb`).
+    hlo_path: Path
+    hlo_name: str
+    output: Path
+
+
+def parse_compile_request(argv: list[str]) -> CompileRequest | None:
+    """The request, when the command line is exactly libneuronxla's compile of one MODULE; else None."""
+    if "compile" not in argv:
+        return None
+    framework = output = None
+    inputs: list[tuple[str, re.Match[str]]] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in ("--output", "--framework") and index + 1 < len(argv):
+            value = argv[index + 1]
+            if token == "--output":
+                output = value
+            else:
+                framework = value
+            index += 2
+            continue
+        if token.startswith("--output="):
+            output = token.split("=", 1)[1]
+        elif token.startswith("--framework="):
+            framework = token.split("=", 1)[1]
+        elif not token.startswith("-"):
+            match = _INPUT_RE.search(os.path.basename(token))
+            if match:
+                inputs.append((token, match))
+        index += 1
+    if (framework or "").upper() != "XLA" or output is None or len(inputs) != 1:
+        return None
+    source, match = inputs[0]
+    module = match.group(1)
+    out_name = os.path.basename(output)
+    if not out_name.endswith(".neff") or module not in out_name or not os.path.isfile(source):
+        return None
+    return CompileRequest(module=module, hlo_path=Path(source), hlo_name=f"model.{match.group(2)}", output=Path(output))
+
+
+# ------------------------------------------------------------------------------------ the bucket side
+
+
+class _Shim:
+    def __init__(self, request: CompileRequest, environ: Mapping[str, str], real: str) -> None:
+        from ..local_cache import resolve_cache_root
+
+        self.request = request
+        self.env = environ
+        self.real = real
+        root = resolve_cache_root(None, environ)
+        self.root = root.path
+        self.version = self._compiler_version()
+
+    # -- which compiler version's folder this compile belongs to
+    def _compiler_version(self) -> str | None:
+        from ..local_cache import iter_version_dirs
+        from ..neuron_sdk import ENV_COMPILER_VERSION, neuronx_cc_version, validate_compiler_version
+
+        if self.root is not None:  # libneuronxla made the entry (and holds its lock) before calling us
+            owners = [version for version, folder in iter_version_dirs(self.root) if (folder / self.request.module).is_dir()]
+            if len(owners) == 1:
+                return owners[0]
+        version = neuronx_cc_version()
+        if version:
+            return version
+        if self.env.get(ENV_COMPILER_VERSION):
+            try:
+                return validate_compiler_version(self.env[ENV_COMPILER_VERSION], source=ENV_COMPILER_VERSION)
+            except ValueError:
+                return None
+        return self._probed_version()
+
+    def _probed_version(self) -> str | None:
+        """`<real compiler> --version`, remembered per compiler binary (it takes seconds)."""
+        from ..neuron_sdk import probe_compiler_version
+
+        try:
+            info = os.stat(self.real)
+        except OSError:
+            return None
+        key = hashlib.sha256(f"{os.path.realpath(self.real)}\0{info.st_mtime_ns}\0{info.st_size}".encode()).hexdigest()[:24]
+        memo = self._state_dir() / "compiler-versions.json"
+        known = _read_json(memo)
+        if isinstance(known.get(key), str):
+            return known[key]
+        version = probe_compiler_version(self.real)
+        if version:
+            _write_json(memo, {**known, key: version})
+        return version
+
+    def _state_dir(self) -> Path:
+        from ..local_cache import STATE_DIR_NAME
+
+        base = self.root / STATE_DIR_NAME / "shim" if self.root else Path(tempfile.gettempdir()) / f"optimum-neuron-cache-shim-{os.getuid()}"
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+
+    # -- the host-wide "bucket is down" note
+    def _breaker(self, bucket: str) -> Path:
+        return self._state_dir() / f"down-{hashlib.sha256(bucket.encode()).hexdigest()[:16]}"
+
+    def bucket_down(self, bucket: str) -> bool:
+        try:
+            age = time.time() - self._breaker(bucket).stat().st_mtime
+        except OSError:
+            return False
+        return age < float(self.env.get(ENV_BACKOFF, "300"))
+
+    def note_down(self, bucket: str) -> None:
+        with contextlib.suppress(OSError):
+            self._breaker(bucket).touch()
+
+    # -- lookup
+    def try_install(self) -> bool:
+        """Install the NEFF from the flat area onto --output. True on a hit; False to compile."""
+        from .. import remote_layout as layout
+        from ..buckets import embedded_default, resolve_bucket
+        from ..client import BucketClient
+        from ..errors import BucketNotFoundError, NeuronCacheError
+        from ..fetch import complete_remote_entry
+
+        if self.version is None:
+            return False
+        bucket = resolve_bucket(None, self.env)
+        if self.bucket_down(str(bucket)):
+            return False
+        prefix = layout.flat_entry_prefix(self.version, self.request.module)
+        try:
+            client = BucketClient(bucket, self.env)
+            info = client.paths_info([f"{prefix}/{name}" for name in sorted(layout.PUBLISHABLE_FILES)])
+        except BucketNotFoundError:
+            if bucket != embedded_default(self.env):
+                _say(f"bucket {bucket} not found; compiling")
+            return False
+        except (NeuronCacheError, OSError) as exc:
+            self.note_down(str(bucket))
+            _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.env.get(ENV_BACKOFF, '300')}s)")
+            return False
+        files = {}
+        for item in info:
+            parsed = layout.parse_area_path(str(item.get("path", "")), layout.version_prefix(self.version))
+            if parsed is not None and parsed.module == self.request.module and isinstance(item.get("size"), int):
+                files[parsed.filename] = item
+        if not complete_remote_entry(files, self.version):
+            return False
+        if "wrapped_neff.hlo" in files:
+            return False  # the compile would also have to produce it, and the command line does not say where
+        remote_hlo = files.get(self.request.hlo_name)
+        if remote_hlo is not None and remote_hlo["size"] != self.request.hlo_path.stat().st_size:
+            _say(f"{self.request.module} in {bucket} has another HLO than this compile's; compiling")
+            return False
+        neff = files["model.neff"]
+        output = self.request.output
+        staging = Path(tempfile.mkdtemp(prefix=".neuron-cache-", dir=output.parent))
+        try:
+            staged = staging / "model.neff"
+            try:
+                client.download([{"path": neff["path"], "local_path": str(staged), "size": neff["size"],
+                                  "xet_hash": neff.get("xet_hash"), "digest": neff.get("digest")}])
+            except (NeuronCacheError, OSError) as exc:
+                self.note_down(str(bucket))
+                _say(f"download of {prefix}/model.neff failed: {exc}; compiling")
+                return False
+            try:
+                size = os.lstat(staged).st_size
+            except OSError:
+                size = -1
+            if size != neff["size"]:
+                _say(f"{prefix}/model.neff has {size} bytes, the bucket lists {neff['size']}; compiling")
+                return False
+            os.replace(staged, output)
+        finally:
+            for leftover in staging.iterdir() if staging.exists() else []:
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+        _say(f"{self.request.module}: cached NEFF from {bucket} (neuronxcc-{self.version}), no compile")
+        return True
+
+    # -- publish
+    def publish(self) -> None:
+        """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done."""
+        import shutil
+
+        from .. import remote_layout as layout
+        from ..buckets import embedded_default, resolve_bucket
+        from ..client import BucketClient
+        from ..errors import NeuronCacheError
+        from ..host_state import HostState
+        from ..local_cache import FLAGS_FILES, read_entry, version_dir_name
+        from ..neuron_sdk import writes_done_marker
+        from ..sync import execute_sync, plan_sync
+
+        if self.version is None or self.root is None or not self.request.output.is_file():
+            return
+        entry_dir = self.root / version_dir_name(self.version) / self.request.module
+        flags = [name for name in FLAGS_FILES if (entry_dir / name).is_file() and not (entry_dir / name).is_symlink()]
+        if not flags:
+            return  # not libneuronxla's layout: the cache is published by the next context or `neuron-cache sync`
+        bucket = resolve_bucket(None, self.env)
+        if self.bucket_down(str(bucket)):
+            self._queue()
+            return
+        state = HostState(self.root)
+        try:
+            with state.temp_dir() as tmp:
+                staged = tmp / self.request.module
+                staged.mkdir()
+                hlo = entry_dir / self.request.hlo_name
+                shutil.copyfile(hlo if hlo.is_file() and not hlo.is_symlink() else self.request.hlo_path, staged / self.request.hlo_name)
+                shutil.copyfile(entry_dir / flags[0], staged / flags[0])
+                shutil.copyfile(self.request.output, staged / "model.neff")
+                if writes_done_marker(self.version):
+                    (staged / "model.done").write_bytes(b"")
+                entry = read_entry(staged, self.version)
+                if not entry.state.publishable:
+                    return
+                client = BucketClient(bucket, self.env)
+                if bucket == embedded_default(self.env):
+                    client.create()
+                plan = plan_sync(client, [entry], None)
+                if not plan.empty:
+                    result = execute_sync(client, state, plan)
+                    if result.published:
+                        _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
+        except (NeuronCacheError, OSError) as exc:
+            self.note_down(str(bucket))
+            self._queue()
+            _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (queued for the next run)")
+
+    def _queue(self) -> None:
+        """Note the entry in the pending journal of flat-only runs: `hub_neuronx_cache(None)` publishes it."""
+        from .. import remote_layout as layout
+        from ..host_state import HostState
+
+        assert self.root is not None and self.version is not None
+        with contextlib.suppress(OSError):
+            HostState(self.root).update_pending(f"{layout.version_prefix(self.version)}/_flat/{layout.DEFAULT_TASK}",
+                                                add={self.request.module})
+
+
+# --------------------------------------------------------------------------------------- the command
+
+
+def _child_env(environ: Mapping[str, str], shim_dirs: list[str]) -> dict[str, str]:
+    env = dict(environ)
+    drop = {os.path.realpath(entry or ".") for entry in shim_dirs}
+    env["PATH"] = os.pathsep.join(entry for entry in environ.get("PATH", "").split(os.pathsep)
+                                  if os.path.realpath(entry or ".") not in drop)
+    env[ENV_INSIDE] = "1"
+    return env
+
+
+def _run(real: str, argv: list[str], env: dict[str, str]) -> int:
+    """Run the real compiler as a child (stdio inherited), forwarding SIGTERM/SIGINT; its exit code."""
+    process = subprocess.Popen([real, *argv], env=env)
+    previous = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            process.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = dict(os.environ)
+    real, shim_dirs = find_real_compiler(env, sys.argv[0] if sys.argv and sys.argv[0] else None)
+    if real is None:
+        _say(f"no real {COMPILER_NAME} found on PATH after the shim (install the Neuron SDK, or set {ENV_REAL})")
+        return 127
+    child_env = _child_env(env, shim_dirs)
+    request = None
+    if not env.get(ENV_INSIDE) and env.get(ENV_SHIM, "1").strip().lower() not in _OFF:
+        request = parse_compile_request(argv)
+    if request is None:  # not ours to handle: become the real compiler (exit code, signals, stdio all preserved)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(real, [real, *argv], child_env)
+    shim = None
+    try:
+        shim = _Shim(request, env, real)
+        if shim.try_install():
+            return 0
+    except Exception as exc:  # our bug must never cost the compile
+        _say(f"lookup failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
+    code = _run(real, argv, child_env)
+    if code == 0 and shim is not None and env.get(ENV_PUBLISH, "1").strip().lower() not in _OFF:
+        try:
+            shim.publish()
+        except Exception as exc:
+            _say(f"publication failed unexpectedly ({type(exc).__name__}: {exc})")
+    return code
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def install_main(argv: list[str] | None = None) -> int:
+    """`python -m optimum_neuron_cache.integrations.compiler_shim DIR`: install the shim, print the PATH line."""
+    parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.compiler_shim",
+                                     description="Install the neuronx-cc shim that looks compiled graphs up in the bucket.")
+    parser.add_argument("directory", help="where to write the `neuronx-cc` shim (put it first on PATH)")
+    args = parser.parse_args(argv)
+    shim = install_compiler_shim(args.directory)
+    real, _ = find_real_compiler({**os.environ, "PATH": os.pathsep.join(
+        e for e in os.environ.get("PATH", "").split(os.pathsep) if os.path.realpath(e or ".") != str(shim.parent))}, str(shim))
+    print(f"installed {shim}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), file=sys.stderr)
+    print(f'export PATH="{shim.parent}:$PATH"')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(install_main())

@@ -1,0 +1,180 @@
+"""`neuron_parallel_compile` with the bucket cache: fetch before, hits during, publish after.
+
+`neuron_parallel_compile <train command>` runs a short trial of the training script that only extracts
+the graphs (leaving *todo* entries: HLO and flags, no NEFF), then compiles them in parallel into the local
+cache. The cache joins in three places:
+
+1. **Before extraction**: the model's entries are fetched (`hub_neuronx_cache` enter). Graphs already in
+   the bucket for this model are then complete locally, and are not compiled again.
+2. **Between extraction and compilation**: todo entries are filled from the bucket's flat area, so graphs
+   compiled for *other* models are not compiled again either. With one `neuron_parallel_compile` call the
+   two phases are not separable from outside, so the compiler shim (compiler_shim.py) does it instead: it is
+   put first on PATH for the command, and looks each graph up in the flat area before compiling it. With
+   explicit phases (`extract_command=` and `compile_command=`), `fill_todo_entries` runs between them.
+3. **After the parallel compile**: the entries that became complete are published, to the flat area and the
+   model's area, with an export record (`hub_neuronx_cache` exit).
+
+    python -m optimum_neuron_cache.integrations.parallel_compile run --model meta-llama/Llama-3.2-1B \\
+        -- neuron_parallel_compile torchrun --nproc_per_node=32 train.py --max_steps 10
+
+Run it once per host (neuron_parallel_compile starts the ranks itself). docs/integrations.md has the same
+flow step by step with `neuron-cache` commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import remote_layout as layout
+from ..buckets import BucketRef, embedded_default, resolve_bucket
+from ..client import BucketClient
+from ..context import CacheRun, hub_neuronx_cache
+from ..errors import BucketNotFoundError, NeuronCacheError
+from ..fetch import fetch_model
+from ..local_cache import EntryState, resolve_cache_root, scan_entries
+from ..neuron_sdk import resolve_compiler_version
+from .compiler_shim import install_compiler_shim
+
+
+@dataclass
+class FillResult:
+    """What `fill_todo_entries` did."""
+
+    #: Todo entries found locally, and those completed from the flat area (`neuronxcc-<ver>/MODULE_...`).
+    todo: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                      compiler_version: str | None = None) -> FillResult:
+    """Complete the local todo entries (extracted, not compiled) whose graphs the bucket's flat area holds.
+
+    One paths-info and one download, whatever the number of entries; each entry gets its missing files
+    hard-linked in, commit file last, only if it is still a todo entry. Best effort: a remote failure is
+    one warning in the result, never an exception. Bad input (bucket name, version) raises.
+    """
+    ref = resolve_bucket(bucket)
+    version = resolve_compiler_version(compiler_version)
+    root = resolve_cache_root(cache_dir)
+    result = FillResult()
+    if root.path is None:
+        result.warnings.append(f"bucket sync is off: {root.disabled_reason}")
+        return result
+    local = {entry.name: entry for entry in scan_entries(root.path, version)}
+    prefix = layout.version_prefix(version)
+    result.todo = [f"{prefix}/{name}" for name, entry in sorted(local.items()) if entry.state is EntryState.TODO]
+    if not result.todo:
+        return result
+    try:
+        fetched = fetch_model(BucketClient(ref), root.path, version, None, layout.DEFAULT_TASK, local)
+    except BucketNotFoundError as exc:
+        if ref != embedded_default():
+            result.warnings.append(f"todo entries not filled, bucket {ref}: {exc}")
+        return result
+    except (NeuronCacheError, OSError) as exc:
+        result.warnings.append(f"todo entries not filled, bucket {ref}: {exc} (they are compiled here)")
+        return result
+    result.filled = [f"{prefix}/{module}" for module in fetched.result.fetched]
+    result.warnings.extend(f"entry {prefix}/{module} not filled: {why}" for module, why in fetched.result.failed)
+    return result
+
+
+@dataclass
+class ParallelCompileReport:
+    returncode: int
+    #: The cache run around the command: fetched (step 1), compiled, synced and record (step 3).
+    run: CacheRun
+    #: Step 2 with explicit phases (None otherwise: the shim filled graphs as they came).
+    fill: FillResult | None = None
+
+
+def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str | os.PathLike[str] | None = None,
+                         task: str | None = "training", export_config: Mapping[str, Any] | None = None,
+                         bucket: str | BucketRef | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                         compiler_version: str | None = None, shim: bool = True,
+                         extract_command: Sequence[str] | None = None, compile_command: Sequence[str] | None = None,
+                         env: Mapping[str, str] | None = None) -> ParallelCompileReport:
+    """Run `command` (e.g. `neuron_parallel_compile torchrun ... train.py`) inside the bucket cache.
+
+    Either `command` (one call; with `shim=True` the compiler shim does step 2 graph by graph) or both
+    `extract_command` and `compile_command` (step 2 runs between them). The commands' exit code is returned
+    in the report; the cache never changes it.
+    """
+    if (command is None) == (extract_command is None and compile_command is None):
+        raise ValueError("give either command, or both extract_command and compile_command")
+    if command is None and (extract_command is None or compile_command is None):
+        raise ValueError("extract_command and compile_command go together")
+    base_env = dict(os.environ if env is None else env)
+    fill = None
+    with hub_neuronx_cache(model_id, task, export_config, compiler_version=compiler_version, bucket=bucket,
+                           cache_dir=cache_dir) as run:
+        # The command (libneuronxla, the shim) must use the cache dir, bucket and compiler this run uses.
+        if cache_dir is not None and run.cache_dir is not None:
+            base_env["NEURON_COMPILE_CACHE_URL"] = str(run.cache_dir)
+        base_env.setdefault("NEURON_CC_VERSION", run.compiler_version)
+        if command is not None:
+            if shim and run.enabled:
+                with tempfile.TemporaryDirectory(prefix="neuron-cache-shim-") as folder:
+                    shim_path = install_compiler_shim(folder)
+                    child_env = {**base_env, "PATH": f"{shim_path.parent}{os.pathsep}{base_env.get('PATH', '')}",
+                                 "NEURON_CACHE_BUCKET": run.bucket}
+                    code = subprocess.run(list(command), env=child_env, check=False).returncode
+            else:
+                code = subprocess.run(list(command), env=base_env, check=False).returncode
+        else:
+            assert extract_command is not None and compile_command is not None
+            code = subprocess.run(list(extract_command), env=base_env, check=False).returncode
+            if code == 0:
+                fill = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=run.compiler_version)
+                code = subprocess.run(list(compile_command), env=base_env, check=False).returncode
+    return ParallelCompileReport(returncode=code, run=run, fill=fill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.parallel_compile",
+                                     description="neuron_parallel_compile with the bucket cache")
+    commands = parser.add_subparsers(dest="action", required=True)
+    run_parser = commands.add_parser("run", help="fetch, run the command (shim on PATH), publish")
+    run_parser.add_argument("--model", dest="model_id", help="Hub model id or local model directory (default: flat area only)")
+    run_parser.add_argument("--task", default="training")
+    run_parser.add_argument("--export-config", type=json.loads, default=None,
+                            help='JSON, e.g. \'{"batch_size": 1, "sequence_length": 2048}\': writes an export record')
+    run_parser.add_argument("--no-shim", action="store_true", help="do not put the compiler shim on PATH")
+    fill_parser = commands.add_parser("fill-todo", help="complete extracted (todo) entries from the flat area")
+    for sub in (run_parser, fill_parser):
+        sub.add_argument("--bucket")
+        sub.add_argument("--cache-dir")
+        sub.add_argument("--compiler-version")
+    run_parser.add_argument("command", nargs=argparse.REMAINDER, help="-- neuron_parallel_compile ...")
+    args = parser.parse_args(argv)
+    if args.action == "fill-todo":
+        result = fill_todo_entries(bucket=args.bucket, cache_dir=args.cache_dir, compiler_version=args.compiler_version)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --, e.g. -- neuron_parallel_compile torchrun ... train.py")
+    if args.export_config is not None and not isinstance(args.export_config, dict):
+        parser.error("--export-config must be a JSON object")
+    report = run_parallel_compile(command, model_id=args.model_id, task=args.task, export_config=args.export_config,
+                                  bucket=args.bucket,
+                                  cache_dir=args.cache_dir, compiler_version=args.compiler_version, shim=not args.no_shim)
+    run = report.run
+    print(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
+          + (f", record {run.record}" if run.record else ""), file=sys.stderr)
+    return report.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

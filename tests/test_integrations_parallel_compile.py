@@ -1,0 +1,132 @@
+"""neuron_parallel_compile flows: fetch before extraction, todo entries filled from the flat area, publish after.
+
+`neuron_parallel_compile` is the simulated one (extract with NEURON_EXTRACT_GRAPHS_ONLY=1, then compile every
+todo entry through `neuronx-cc` on PATH); the training command JIT-compiles a model's graphs as libneuronxla.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.integrations.parallel_compile import fill_todo_entries, run_parallel_compile
+from optimum_neuron_cache.integrations.simulated_neuronx_cc import (
+    install_simulated_compiler,
+    install_simulated_parallel_compile,
+    jit_compile,
+)
+from optimum_neuron_cache.local_cache import EntryState, scan_entries
+from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+
+TRAIN = [sys.executable, "-m", "optimum_neuron_cache.integrations.simulated_neuronx_cc"]
+
+
+@pytest.fixture
+def bucket(tmp_path) -> BucketRef:
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    return ref
+
+
+@pytest.fixture
+def sdk(tmp_path, monkeypatch, version) -> Path:
+    """neuronx-cc and neuron_parallel_compile (simulated) on PATH; returns the compile log."""
+    install_simulated_compiler(tmp_path / "sdk")
+    install_simulated_parallel_compile(tmp_path / "sdk")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'sdk'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SIMULATED_NEURONX_CC_LOG", str(tmp_path / "compiles.log"))
+    monkeypatch.setenv("NEURON_CC_VERSION", version)
+    return tmp_path / "compiles.log"
+
+
+def compiled(log: Path) -> int:
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def another_model_published_the_shared_graphs(tmp_path: Path, bucket: BucketRef, version: str) -> None:
+    with hub_neuronx_cache("org/other-model", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "other") as run:
+        for graph in make_graphs(2, seed="shared"):
+            compile_graph(tmp_path / "other", version, graph)
+    assert len(run.synced) == 2
+
+
+def test_one_neuron_parallel_compile_call_fetches_hits_through_the_shim_and_publishes(tmp_path, bucket, version, sdk):
+    another_model_published_the_shared_graphs(tmp_path, bucket, version)
+    command = ["neuron_parallel_compile", *TRAIN, "--seed", "shared:2", "--seed", "own:1"]
+    report = run_parallel_compile(command, model_id="org/b", export_config={"batch_size": 1}, bucket=bucket,
+                                  cache_dir=tmp_path / "B", compiler_version=version)
+    assert report.returncode == 0
+    assert compiled(sdk) == 1  # the two graphs of the other model came from the flat area
+    assert {e.state for e in scan_entries(tmp_path / "B", version)} == {EntryState.SUCCESS}
+    run = report.run
+    assert run.fetched == [] and len(run.compiled) == 3 and len(run.synced) == 3 and run.record
+    # Another host of the same job: the per-model fetch before extraction makes everything local.
+    report = run_parallel_compile(command, model_id="org/b", export_config={"batch_size": 1}, bucket=bucket,
+                                  cache_dir=tmp_path / "C", compiler_version=version)
+    assert report.returncode == 0 and compiled(sdk) == 1
+    assert len(report.run.fetched) == 3 and report.run.compiled == [] and report.run.synced == []
+
+
+def test_explicit_phases_fill_todo_entries_between_extraction_and_compilation(tmp_path, bucket, version, sdk):
+    another_model_published_the_shared_graphs(tmp_path, bucket, version)
+    train = [*TRAIN, "--seed", "shared:2", "--seed", "d-own:1"]
+    report = run_parallel_compile(extract_command=["neuron_parallel_compile", "--command", "extract", *train],
+                                  compile_command=["neuron_parallel_compile", "--command", "compile", *train],
+                                  model_id="org/d", bucket=bucket, cache_dir=tmp_path / "D", compiler_version=version,
+                                  shim=False)
+    assert report.returncode == 0 and compiled(sdk) == 1
+    assert report.fill is not None and len(report.fill.todo) == 3 and len(report.fill.filled) == 2
+    assert len(report.run.synced) == 3
+
+
+def test_a_failing_command_keeps_its_exit_code_and_what_compiled_is_published(tmp_path, bucket, version, sdk, monkeypatch):
+    monkeypatch.setenv("SIMULATED_NEURONX_CC_FAIL", make_graphs_module("e-bad", version))
+    report = run_parallel_compile(["neuron_parallel_compile", *TRAIN, "--seed", "e-good:1", "--seed", "e-bad:1"],
+                                  model_id="org/e", bucket=bucket, cache_dir=tmp_path / "E", compiler_version=version)
+    assert report.returncode == 1
+    states = sorted(e.state.value for e in scan_entries(tmp_path / "E", version))
+    assert states == ["failed", "success"]
+    assert len(report.run.synced) == 1  # the failed entry never leaves the machine
+
+
+def make_graphs_module(seed: str, version: str) -> str:
+    from optimum_neuron_cache.simulated_compiler import module_name
+
+    return module_name(version, make_graphs(1, seed=seed)[0])
+
+
+def test_fill_todo_on_its_own_and_from_the_command_line(tmp_path, bucket, version, sdk, monkeypatch):
+    another_model_published_the_shared_graphs(tmp_path, bucket, version)
+    env = {**os.environ, "NEURON_EXTRACT_GRAPHS_ONLY": "1"}
+    for graph in [*make_graphs(2, seed="shared"), *make_graphs(1, seed="f-own")]:
+        jit_compile(tmp_path / "F", version, graph, env=env)
+    assert {e.state for e in scan_entries(tmp_path / "F", version)} == {EntryState.TODO}
+    done = subprocess.run([sys.executable, "-m", "optimum_neuron_cache.integrations.parallel_compile", "fill-todo",
+                           "--bucket", str(bucket), "--cache-dir", str(tmp_path / "F"), "--compiler-version", version],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "filled 2 of 3 todo entries from the flat area"
+    assert sorted(e.state.value for e in scan_entries(tmp_path / "F", version)) == ["success", "success", "todo"]
+    again = fill_todo_entries(bucket=bucket, cache_dir=tmp_path / "F", compiler_version=version)
+    assert len(again.todo) == 1 and again.filled == [] and again.warnings == []
+
+
+def test_the_run_command_line(tmp_path, bucket, version, sdk):
+    done = subprocess.run([sys.executable, "-m", "optimum_neuron_cache.integrations.parallel_compile", "run", "--model",
+                           "org/cli", "--bucket", str(bucket), "--cache-dir", str(tmp_path / "G"), "--compiler-version", version,
+                           "--export-config", '{"batch_size": 1}', "--", "neuron_parallel_compile", *TRAIN, "--seed", "g:2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fetched 0, compiled 2, published 2, record neuronxcc-" in done.stderr
+    listing = {item["path"] for item in BucketClient(bucket).list(f"neuronxcc-{version}/models/org--cli/training/exports")}
+    assert len(listing) == 1
+    record = tmp_path / "r.json"
+    BucketClient(bucket).download([{"path": listing.pop(), "local_path": str(record)}])
+    assert json.loads(record.read_text())["task"] == "training"
