@@ -87,8 +87,9 @@ class BenchEnv:
     def start_emulator(self, data_dir: Path, xet: str = "http") -> Any:
         from tests.emulator import HubEmulator
 
-        if self.nodelay:
-            no_nagle()
+        from tests.emulator import hub
+
+        hub._Handler.disable_nagle_algorithm = self.nodelay  # --emulator-nagle measures the 40 ms per request
         try:
             emulator = HubEmulator(data_dir, xet=xet)
         except TypeError:  # an emulator without Xet modes: local:// only
@@ -113,18 +114,6 @@ class BenchEnv:
         self._endpoints.discard(emulator.endpoint)
         emulator.stop()
         self._emulators.remove(emulator)
-
-
-def no_nagle() -> None:
-    """Answer the emulator's HTTP requests with TCP_NODELAY.
-
-    The emulator's handler writes a response's headers and its body in two sends; with Nagle's algorithm on,
-    the second waits for the client's delayed ACK: every request costs 40 ms on loopback, which no real Hub
-    front end does. (Proposed upstream as `_Handler.disable_nagle_algorithm = True` in tests/emulator/hub.py;
-    `--emulator-nagle` keeps the emulator as it is.)"""
-    from tests.emulator import hub
-
-    hub._Handler.disable_nagle_algorithm = True
 
 
 class DownloadCounter:

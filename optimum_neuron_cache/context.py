@@ -142,6 +142,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         except Exception as exc:  # a bug of ours must never stop the user's compile
             self._remote_failed("fetch", RuntimeError(f"{type(exc).__name__}: {exc}"))
         else:
+            for module in fetched.result.installed_by_others:  # complete before our body ran: not compiled by it
+                self._before[module] = EntryState.SUCCESS
             self._area = fetched.area
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.records
             prefix = layout.version_prefix(self._version)

@@ -214,18 +214,24 @@ class Fetcher:
             held = []
             deadline = time.monotonic() + lock_timeout()
             for item in waiting:
+                # Most of the time the holder installs the entry: then there is nothing to wait for, and
+                # waiters do not pass every lock along one by one.
+                if not _still_needed(item, self.target(item.module), self.version):
+                    result.installed_by_others.append(item.module)
+                    continue
                 try:
-                    locks[item.module].acquire(timeout=max(0.0, deadline - time.monotonic()))
+                    locks[item.module].acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.01)
                 except Timeout:
                     result.failed.append((item.module, f"another process held its lock for over {lock_timeout():.0f}s "
                                           "(set NEURON_CACHE_LOCK_TIMEOUT to wait longer)"))
                     continue
-                held.append(item)
+                if not _still_needed(item, self.target(item.module), self.version):
+                    locks[item.module].release()
+                    result.installed_by_others.append(item.module)
+                    continue
+                held.append(item)  # the holder failed: this process fetches it itself
             if held:
-                # The holder may have failed: whatever is still missing, this process fetches itself.
-                again = [item for item in held if _still_needed(item, self.target(item.module), self.version)]
-                result.installed_by_others.extend(item.module for item in held if item not in again)
-                self._download_and_install(again, result, progress)
+                self._download_and_install(held, result, progress)
         finally:
             for item in held:
                 locks[item.module].release()
