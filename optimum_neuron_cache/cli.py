@@ -32,7 +32,7 @@ from .lookup import FILTER_KEYS, lookup_cache
 from .records import compiler_flags
 from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
-from .neuron_sdk import resolve_compiler_version, sdk_info
+from .neuron_sdk import format_sdk_summary, resolve_compiler_version, sdk_summary
 from .sync import sync_cache
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -378,20 +378,20 @@ def status(cache_dir: str | None, as_json: bool) -> None:
     """The local compile cache: entries by state, sizes, compiler versions, Neuron SDK."""
     root = resolve_cache_root(cache_dir)
     versions = cache_status(root.path) if root.path else []
-    sdk = sdk_info()
+    sdk = sdk_summary(str(root.path) if root.path else None)
     if as_json:
         click.echo(json.dumps({
             "cache_dir": str(root.path) if root.path else root.url, "source": root.source, "sync_disabled": root.disabled_reason,
             "versions": [{"compiler_version": v.compiler_version, "states": dict(v.states), "bytes": v.bytes} for v in versions],
-            "sdk": asdict(sdk), "bucket": str(resolve_bucket(None)),
+            "sdk": sdk, "bucket": str(resolve_bucket(None)),
         }, indent=1))
         return
     click.echo(f"cache dir: {root.path or root.url} ({root.source})")
     if root.disabled_reason:
         click.echo(f"bucket sync: off ({root.disabled_reason})")
     click.echo(f"bucket: {resolve_bucket(None)}")
-    click.echo("neuron sdk: " + ", ".join(f"{name} {value or 'not installed'}" for name, value in
-                                          (("neuronx-cc", sdk.neuronx_cc), ("libneuronxla", sdk.libneuronxla), ("torch-neuronx", sdk.torch_neuronx))))
+    for line in format_sdk_summary(sdk, str(root.path) if root.path else None):
+        click.echo(line)
     if not versions:
         click.echo("no entries")
         return
