@@ -151,7 +151,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self.run.bytes_downloaded = fetched.result.bytes
             for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
-            self._explain_enter(fetched.result.fetched)
+            self._explain_enter(fetched.result.fetched, fetched.result.records)
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
@@ -163,13 +163,14 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
         return read_records(self._client, paths)
 
-    def _explain_enter(self, fetched: list[str]) -> None:
-        """After a fetch: the time the hits save, and why there was nothing to fetch. Best effort."""
+    def _explain_enter(self, fetched: list[str], records: list) -> None:
+        """After a fetch: the time the hits save (from the records read with the entries), and why there was
+        nothing to fetch. Best effort."""
         assert self._client is not None
         try:
             if fetched:
                 durations: dict[str, float] = {}
-                for record in self._records():
+                for record in records:
                     durations.update(record.compile_seconds)
                 known = [durations[name] for name in fetched if name in durations]
                 self.run.stats.seconds_saved = float(sum(known))

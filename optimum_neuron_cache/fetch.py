@@ -20,6 +20,7 @@ from filelock import Timeout
 
 from . import remote_layout as layout
 from .errors import BucketNotFoundError, RemoteError
+from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
 from .client import BucketClient, ProgressCallback
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
@@ -54,6 +55,9 @@ class FetchPlan:
     remote_modules: set[str] = field(default_factory=set)
     #: Export record files present in the model's area (file names).
     records: set[str] = field(default_factory=set)
+    #: The records' bucket paths (small JSON, under the size cap): fetched along with the entries, in the
+    #: same request, for what they tell about the entries (compile durations).
+    record_files: list[RemoteFile] = field(default_factory=list)
 
     @property
     def bytes_needed(self) -> int:
@@ -66,6 +70,8 @@ class FetchResult:
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (module, why): the remote copy failed a check
+    #: The model's export records, read in the same request as the entries (when entries were downloaded).
+    records: list[CachedExport] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -102,6 +108,8 @@ def plan_from_model_area(compiler_version: str, area_prefix: str, listing: list[
         path = str(item.get("path", ""))
         if path.startswith(f"{area_prefix}/{exports}/") and path.endswith(".json"):
             plan.records.add(path.rsplit("/", 1)[1])
+            if 0 < int(item.get("size") or 0) <= MAX_RECORD_BYTES:
+                plan.record_files.append(RemoteFile(path.rsplit("/", 1)[1], path, int(item["size"]), item.get("xet_hash"), item.get("digest")))
     for module, files in sorted(_group_by_module(listing, area_prefix).items()):
         if not complete_remote_entry(files, compiler_version):
             continue
@@ -186,6 +194,7 @@ def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> 
 
 class Fetcher:
     def __init__(self, client: BucketClient, root: Path, compiler_version: str) -> None:
+        self._record_files: list[RemoteFile] = []
         self.client = client
         self.root = root
         self.version = compiler_version
@@ -196,6 +205,7 @@ class Fetcher:
 
     def execute(self, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
         result = FetchResult()
+        self._record_files = plan.record_files
         if not plan.items:
             return result
         locks = {item.module: self.state.entry_lock(self.version, item.module, "fetch") for item in plan.items}
@@ -259,8 +269,17 @@ class Fetcher:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
+        records = [{"path": remote.path, "local_path": str(tmp / f"record-{index}.json"), "size": remote.size,
+                    "xet_hash": remote.xet_hash, "digest": remote.digest} for index, remote in enumerate(self._record_files)]
+        self._record_files = []  # read once, with the first download
         try:
-            reply = self.client.download(self._requests(items, tmp), progress=progress)
+            reply = self.client.download(self._requests(items, tmp) + records, progress=progress)
+            for record in records:
+                local = Path(record["local_path"])
+                if local.exists():
+                    parsed = parse_record(local.read_text(encoding="utf-8", errors="replace"), record["path"])
+                    if parsed is not None:
+                        result.records.append(parsed)
             return self._reject_unverified(items, reply, result)
         except RemoteError as exc:
             if len(items) == 1:
