@@ -40,8 +40,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cold-modes", type=_names, help="server start modes for the cold figure: uv,current")
     parser.add_argument("--backends", type=_names, help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--only", type=_names, help=f"subset of the figure groups: {','.join(FIGURES)}")
-    parser.add_argument("--experiment", type=_names, default=(),
-                        help="measure with proposed core fixes applied as patches: lock-convoy,uv-offline,installed-by-others (bench/experiments.py)")
     parser.add_argument("--xet", choices=("local", "http"), help="the Hub emulator's Xet storage (default http)")
     parser.add_argument("--emulator-nagle", action="store_true",
                         help="leave Nagle's algorithm on in the Hub emulator (40 ms per request; see docs/performance.md)")
@@ -85,11 +83,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     figures: list[dict[str, Any]] = []
     with BenchEnv(keep=args.keep, nodelay=not args.emulator_nagle) as env:
         log(f"temp dir {env.root}")
-        if args.experiment:
-            from .experiments import apply
-
-            apply(args.experiment)
-            log(f"experiments applied: {', '.join(args.experiment)}")
         world = sc.build_world(env, cfg, log)
         log(f"benchmarked model: {len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB")
         for backend in cfg.backends:
@@ -119,7 +112,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "smoke": cfg.smoke,
-        "experiments": list(args.experiment),
         "config": {**asdict(cfg), "sizes": asdict(cfg.sizes)},
         "environment": {**environment(), "load_average_at_start": load_before},
         "seconds": round(time.monotonic() - started, 1),

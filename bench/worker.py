@@ -15,9 +15,6 @@ import time
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    from .experiments import apply_from_env
-
-    apply_from_env()
     from optimum_neuron_cache import hub_neuronx_cache
     from optimum_neuron_cache.client import BucketClient
 
