@@ -116,8 +116,14 @@ class BenchEnv:
         self._emulators.remove(emulator)
 
 
+def entry_bytes(files: list[dict]) -> int:
+    """Bytes of cache-entry files among a download's files. Export records (small JSON read along with the
+    entries, for their compile durations) are metadata, not bytes the compile needs: not counted."""
+    return sum(int(item.get("size") or 0) for item in files if "/exports/" not in str(item.get("path", "")))
+
+
 class DownloadCounter:
-    """Bytes this process asks bucket servers to download (sum of the requested files' sizes)."""
+    """Bytes of entries this process asks bucket servers to download (see entry_bytes)."""
 
     total = 0
     _installed = False
@@ -129,7 +135,7 @@ class DownloadCounter:
         original = BucketClient.download
 
         def counting(self, files, **kwargs):
-            cls.total += sum(int(item.get("size") or 0) for item in files)
+            cls.total += entry_bytes(files)
             return original(self, files, **kwargs)
 
         BucketClient.download = counting

@@ -15,6 +15,7 @@ import time
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    from bench.harness import entry_bytes
     from optimum_neuron_cache import hub_neuronx_cache
     from optimum_neuron_cache.client import BucketClient
 
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
     original = BucketClient.download
 
     def counting_download(self, files, **kwargs):  # the bytes this rank asks the server for
-        requested[0] += sum(int(item.get("size") or 0) for item in files)
+        requested[0] += entry_bytes(files)
         return original(self, files, **kwargs)
 
     BucketClient.download = counting_download
