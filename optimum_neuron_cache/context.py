@@ -95,6 +95,27 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
 
+    # ------------------------------------------------------------------------- public state
+    @property
+    def export_config(self) -> dict[str, Any] | None:
+        """The export config the record will carry; settable inside the block (exporters often know it
+        only after compiling)."""
+        return self._export_config
+
+    @export_config.setter
+    def export_config(self, value: Mapping[str, Any] | None) -> None:
+        self._export_config = dict(value) if value is not None else None
+
+    @property
+    def remote_ok(self) -> bool:
+        """False once the bucket failed in this run: the run no longer talks to it."""
+        return self._remote_ok
+
+    @property
+    def model_area(self) -> str | None:
+        """The model's area in the bucket, with the casing the bucket has (known after enter)."""
+        return self._area
+
     # ------------------------------------------------------------------------------ helpers
     def _warn(self, message: str) -> None:
         self.run.warnings.append(message)

@@ -137,8 +137,8 @@ def hub_neuronx_cache(*args: Any, entry: Any = None, cache_repo_id: str | Bucket
             yield context
         finally:
             # optimum-neuron lets the block set the config once it is known (after compiling).
-            if context.export_config != config and hasattr(core, "_export_config"):
-                core._export_config = dict(context.export_config) if context.export_config is not None else None
+            if context.export_config != config:
+                core.export_config = context.export_config
 
 
 def synchronize_hub_cache(cache_path: str | os.PathLike[str] | None = None, cache_repo_id: str | BucketRef | None = None,

@@ -222,7 +222,7 @@ class TrainingCacheSession:
 
     def _core_remote_ok(self) -> bool:
         # After a remote failure the core context stops talking to the bucket; so do checkpoints.
-        return bool(getattr(self._ctx, "_remote_ok", True)) and not self._checkpoint_failed
+        return self._ctx.remote_ok and not self._checkpoint_failed
 
     def _publish_new(self) -> None:
         if not self._core_remote_ok():
@@ -238,7 +238,7 @@ class TrainingCacheSession:
             bucket = resolve_bucket(run.bucket) if isinstance(run.bucket, str) else run.bucket
             client = BucketClient(bucket)
             # The model's area with the casing the bucket has, as found on enter (None: flat area only).
-            area = getattr(self._ctx, "_area", None) if self._model_folder else None
+            area = self._ctx.model_area if self._model_folder else None
             if area is None and self._model_folder:
                 area = layout.model_area_prefix(run.compiler_version, self._model_folder, run.task)
             if bucket == embedded_default():
