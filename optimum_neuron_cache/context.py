@@ -27,7 +27,7 @@ from .explain import nearest, why_nothing
 from .lookup import read_records
 from .records import compile_seconds, compiler_flags, make_record
 from .stats import Stats, record_run
-from .sync import SyncPlan, execute_sync, plan_sync
+from .sync import execute_sync, plan_sync
 
 log = logging.getLogger("optimum_neuron_cache")
 

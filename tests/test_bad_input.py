@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
@@ -71,7 +69,7 @@ def test_non_utf8_names_in_the_cache_are_tolerated(tmp_path, version):
 def test_a_remote_file_far_larger_than_its_listing_is_not_installed(tmp_path, version):
     bucket = BucketRef("dir", str(tmp_path / "bucket"))
     BucketClient(bucket).create()
-    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A"):
         compile_graph(tmp_path / "A", version, make_graphs(1)[0])
     from optimum_neuron_cache import fetch as fetch_module
 

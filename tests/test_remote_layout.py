@@ -67,7 +67,7 @@ def test_only_allow_listed_files_of_modules_parse_from_an_area():
         f"{area}/MODULE_1+abc/sub/model.neff",
         f"{area}/exports/abc.json",
         f"{area}/MODULE_1+a\\b/model.neff",
-        f"other/MODULE_1+abc/model.neff",
+        "other/MODULE_1+abc/model.neff",
     ]:
         assert layout.parse_area_path(path, area) is None, path
 

@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -231,10 +232,8 @@ def test_stop_server(tmp_path):
     assert stop_server() is False
 
 
-def _fake_server(path: Path, answer) -> tuple[socket.socket, "threading.Thread"]:
+def _fake_server(path: Path, answer) -> tuple[socket.socket, threading.Thread]:
     """A stand-in on the server's socket: `answer(request)` returns a reply dict, or None to stay silent."""
-    import threading
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(8)
@@ -279,8 +278,6 @@ def test_a_server_of_another_protocol_is_replaced(tmp_path):
 
 
 def test_a_hung_server_does_not_hang_the_client(tmp_path, monkeypatch):
-    import threading
-
     from optimum_neuron_cache.errors import ServerError
 
     monkeypatch.setenv("NEURON_CACHE_REQUEST_TIMEOUT", "1")
