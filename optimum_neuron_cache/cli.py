@@ -202,6 +202,9 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
                             task=task_name, dry_run=dry_run, progress=progress)
     finally:
         close()
+    if not dry_run:
+        record_run(Stats(publishes=sum(len(v.result.published) for v in report if v.result),
+                         bytes_uploaded=sum(v.result.bytes_uploaded for v in report if v.result)))
     total_entries = total_bytes = 0
     for version_sync in report:
         plan = version_sync.plan
