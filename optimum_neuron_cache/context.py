@@ -236,7 +236,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         flags = compiler_flags()
         mine = make_record(self._model.model_id, self._task, self._version, self._export_config or {}, []) \
             if self._export_config is not None else None
-        same = [r for r in records if mine is not None and r.path.endswith(f"/{mine.record_id}.json")]
+        same = [r for r in records if mine is not None and r.record_id == mine.record_id]
         if same:
             missing = sorted(set(same[0].modules) - set(self._area_modules))
             self._miss(f"the record of this configuration lists {len(same[0].modules)} entries, the bucket held "

@@ -24,6 +24,7 @@ from .client import BucketClient, read_token
 from .errors import CompilerVersionError
 from .local_cache import version_from_dir_name
 from .neuron_sdk import resolve_compiler_version
+from .records import ExportRecord
 from .server_launcher import hub_endpoint
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -42,19 +43,9 @@ FILTER_KEYS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class CachedExport:
-    """One export record found in the bucket."""
+class CachedExport(ExportRecord):
+    """An export record found in the bucket, and where it lives there."""
 
-    model_id: str
-    task: str
-    compiler_version: str
-    export_config: dict[str, Any]
-    compile_flags: list[str]
-    modules: list[str] = field(default_factory=list)
-    compile_seconds: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-    package_version: str = ""
-    #: Where the record lives in the bucket.
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class CleanupPlan:
         return sum(removal.bytes for removal in self.removals)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under `path` (symlinks not followed)."""
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
@@ -95,12 +96,12 @@ def plan_cleanup(root: Path, *, failed: bool, locks: bool, old_versions: bool, k
     if old_versions and keep_version:
         for version, path in iter_version_dirs(root):
             if version != keep_version:
-                plan.removals.append(Removal(path, f"other compiler version than {keep_version}", _tree_size(path)))
+                plan.removals.append(Removal(path, f"other compiler version than {keep_version}", tree_size(path)))
     tmp = root / STATE_DIR_NAME / "tmp"
     state = HostState(root)
     for path in sorted(tmp.iterdir()) if tmp.is_dir() else []:
         if state.is_stale_temp_dir(path):
-            plan.removals.append(Removal(path, "leftover download of a dead process", _tree_size(path)))
+            plan.removals.append(Removal(path, "leftover download of a dead process", tree_size(path)))
     return plan
 
 
