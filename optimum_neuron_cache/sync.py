@@ -118,11 +118,12 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
                 result.skipped.append((item.entry.name, "published by another process on this host meanwhile"))
                 continue
             items.append(dataclasses.replace(item, to_flat=flat, to_model=model))
-        _publish(client, items, result, progress)
+        record = ({"dest": plan.record_path, "content": plan.record.to_json()}
+                  if plan.record is not None and plan.record_path is not None else None)
+        _publish(client, items, result, progress, record)
         state.mark_published(plan.bucket, [_flat(item, "") for item in items if item.to_flat]
                              + [f"{item.to_model}/{item.entry.name}/" for item in items if item.to_model])
-        if plan.record is not None and plan.record_path is not None:
-            client.batch(add=[{"dest": plan.record_path, "content": plan.record.to_json()}])
+        if record is not None:
             result.record_path = plan.record_path
     finally:
         for lock in locks:
@@ -134,8 +135,13 @@ def _flat(item: PublishItem, name: str) -> str:
     return f"{layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name)}/{name}"
 
 
-def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None) -> None:
+def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None,
+             record: dict[str, Any] | None = None) -> None:
+    """The three batches (content; copies and flat commit files; model commit files), the export record riding
+    with the last one: a record only names entries, and readers install an entry only once it is committed."""
     if not items:
+        if record is not None:
+            client.batch(add=[record])
         return
     content: list[dict[str, Any]] = []
     for item in items:
@@ -159,8 +165,9 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
         client.batch(copy=copies, add=flat_commits)
     model_commits = [{"dest": f"{item.to_model}/{item.entry.name}/{item.commit}", "local_path": str(item.entry.path / item.commit)}
                      for item in items if item.to_model]
-    if model_commits:
-        client.batch(add=model_commits)
+    last = model_commits + ([record] if record is not None else [])
+    if last:
+        client.batch(add=last)
     result.published.extend(item.entry.name for item in items)
 
 
