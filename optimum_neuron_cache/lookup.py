@@ -127,9 +127,9 @@ def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[s
     return paths
 
 
-def _read_records(client: BucketClient, version: str, folder: str, tasks: list[str] | None) -> list[CachedExport]:
-    """Records of one model under one compiler version: exports listings, then one download of them all.
-    When the exact casing finds nothing, `models/` is listed once for the casing the bucket has."""
+def _record_paths(client: BucketClient, version: str, folder: str, tasks: list[str] | None) -> list[str]:
+    """Where the model's records are under one compiler version (listings only). When the exact casing finds
+    nothing, `models/` is listed once for the casing the bucket has."""
     models = layout.models_prefix(version)
     if tasks is None:
         task_names = _children(client, f"{models}/{folder}")
@@ -138,14 +138,13 @@ def _read_records(client: BucketClient, version: str, folder: str, tasks: list[s
             if cased == folder:
                 return []
             folder, task_names = cased, _children(client, f"{models}/{cased}")
-        paths = _export_paths(client, version, folder, task_names)
-    else:
-        paths = _export_paths(client, version, folder, tasks)
-        if not paths:
-            cased = layout.reuse_casing(folder, _children(client, models))
-            if cased != folder:
-                paths = _export_paths(client, version, cased, tasks)
-    return read_records(client, paths)
+        return _export_paths(client, version, folder, task_names)
+    paths = _export_paths(client, version, folder, tasks)
+    if not paths:
+        cased = layout.reuse_casing(folder, _children(client, models))
+        if cased != folder:
+            paths = _export_paths(client, version, cased, tasks)
+    return paths
 
 
 def read_records(client: BucketClient, paths: list[str]) -> list[CachedExport]:
@@ -182,9 +181,9 @@ def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: st
         cached = _memo.get(key)
     if cached is None:
         client = client or BucketClient(ref)
-        cached = []
-        for version in _versions(client, compiler_version, all_versions):
-            cached += _read_records(client, version, model.folder, tasks)
+        paths = [path for version in _versions(client, compiler_version, all_versions)
+                 for path in _record_paths(client, version, model.folder, tasks)]
+        cached = read_records(client, paths)  # every version's records in one download
         cached.sort(key=lambda record: record.created_at, reverse=True)
         with _memo_lock:
             _memo[key] = cached
