@@ -24,7 +24,7 @@ from .host_state import HostState
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
 from .explain import nearest, why_nothing
-from .lookup import read_records
+from .lookup import CachedExport, read_records
 from .records import compile_seconds, compiler_flags, make_record
 from .stats import Stats, record_run
 from .sync import execute_sync, plan_sync
@@ -94,6 +94,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area_modules: set[str] = set()
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
+        self._records_read: list[CachedExport] = []
 
     # ------------------------------------------------------------------------- public state
     @property
@@ -167,6 +168,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._before[module] = EntryState.SUCCESS
             self._area = fetched.area
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.records
+            self._records_read = fetched.result.records
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
@@ -177,14 +179,17 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._count_requests()
         return self.run
 
-    def _records(self) -> list:
-        """The model's export records (one download; only ever on a miss or after a fetch)."""
+    def _records(self) -> list[CachedExport]:
+        """The model's export records: those the fetch read along with the entries, else one download (only
+        ever on the miss path)."""
+        if self._records_read:
+            return self._records_read
         if self._client is None or self._area is None or not self._area_records:
             return []
         paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
         return read_records(self._client, paths)
 
-    def _explain_enter(self, fetched: list[str], records: list) -> None:
+    def _explain_enter(self, fetched: list[str], records: list[CachedExport]) -> None:
         """After a fetch: the time the hits save (from the records read with the entries), and why there was
         nothing to fetch. Best effort."""
         assert self._client is not None
