@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -192,9 +192,14 @@ def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> 
     return True
 
 
+def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
+    """One file of a download request: size and hash let the server skip a metadata request and verify."""
+    return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
+            "digest": remote.digest}
+
+
 class Fetcher:
     def __init__(self, client: BucketClient, root: Path, compiler_version: str) -> None:
-        self._record_files: list[RemoteFile] = []
         self.client = client
         self.root = root
         self.version = compiler_version
@@ -205,7 +210,6 @@ class Fetcher:
 
     def execute(self, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
         result = FetchResult()
-        self._record_files = plan.record_files
         if not plan.items:
             return result
         locks = {item.module: self.state.entry_lock(self.version, item.module, "fetch") for item in plan.items}
@@ -218,7 +222,8 @@ class Fetcher:
                     held.append(item)
                 except Timeout:
                     waiting.append(item)
-            self._download_and_install(held, result, progress)
+            # The model's export records ride along with the first download (one request, no extra session).
+            self._download_and_install(held, result, progress, plan.record_files)
             for lock in (locks[item.module] for item in held):
                 lock.release()
             held = []
@@ -249,8 +254,7 @@ class Fetcher:
 
     @staticmethod
     def _requests(items: list[FetchItem], tmp: Path) -> list[dict[str, Any]]:
-        return [{"path": remote.path, "local_path": str(tmp / item.module / remote.filename), "size": remote.size,
-                 "xet_hash": remote.xet_hash, "digest": remote.digest} for item in items for remote in item.files]
+        return [_request(remote, tmp / item.module / remote.filename) for item in items for remote in item.files]
 
     @staticmethod
     def _reject_unverified(items: list[FetchItem], reply: dict[str, Any], result: FetchResult) -> list[FetchItem]:
@@ -265,13 +269,12 @@ class Fetcher:
                 kept.append(item)
         return kept
 
-    def _download(self, items: list[FetchItem], tmp: Path, result: FetchResult, progress: ProgressCallback | None) -> list[FetchItem]:
+    def _download(self, items: list[FetchItem], tmp: Path, result: FetchResult, progress: ProgressCallback | None,
+                  record_files: Sequence[RemoteFile] = ()) -> list[FetchItem]:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
-        records = [{"path": remote.path, "local_path": str(tmp / f"record-{index}.json"), "size": remote.size,
-                    "xet_hash": remote.xet_hash, "digest": remote.digest} for index, remote in enumerate(self._record_files)]
-        self._record_files = []  # read once, with the first download
+        records = [_request(remote, tmp / f"record-{index}.json") for index, remote in enumerate(record_files)]
         try:
             reply = self.client.download(self._requests(items, tmp) + records, progress=progress)
             for record in records:
@@ -304,7 +307,8 @@ class Fetcher:
             raise first_error
         return downloaded
 
-    def _download_and_install(self, items: list[FetchItem], result: FetchResult, progress: ProgressCallback | None) -> None:
+    def _download_and_install(self, items: list[FetchItem], result: FetchResult, progress: ProgressCallback | None,
+                              record_files: Sequence[RemoteFile] = ()) -> None:
         todo = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
         result.installed_by_others.extend(item.module for item in items if item not in todo)
         if not todo:
@@ -312,7 +316,7 @@ class Fetcher:
         with self.state.temp_dir() as tmp:
             for item in todo:
                 (tmp / item.module).mkdir()
-            downloaded = self._download(todo, tmp, result, progress)
+            downloaded = self._download(todo, tmp, result, progress, record_files)
             for item in downloaded:
                 staged = tmp / item.module
                 problem = _verify(item, staged)
