@@ -182,12 +182,12 @@ def io_delta(before: dict[str, int], after: dict[str, int], key: str = "wchar") 
 
 def cas_bytes(emulator: Any) -> int:
     """Bytes of the xorbs (the data) the emulator's Xet store holds: what uploads added."""
-    from .workload import tree_bytes
+    from optimum_neuron_cache.maintenance import tree_size
 
     for xorbs in (emulator.cas_dir / "xorbs", emulator.cas_dir / "xet" / "xorbs" / "xorbs"):  # HTTP CAS, local://
         if xorbs.is_dir():
-            return tree_bytes(xorbs)
-    return tree_bytes(emulator.cas_dir, skip=("shard-cache", "shard-session"))
+            return tree_size(xorbs)
+    return tree_size(emulator.cas_dir, skip=("shard-cache", "shard-session"))
 
 
 # ------------------------------------------------------------------------------------ measures

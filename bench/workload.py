@@ -190,15 +190,3 @@ def populate_dir_bucket(bucket: Path, pool_root: Path, pool_version: str, entrie
 def link_tree(source: Path, dest: Path) -> None:
     """A copy of `source` at `dest` made of hard links (immutable content: buckets, Xet stores)."""
     shutil.copytree(source, dest, copy_function=os.link)
-
-
-def tree_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [name for name in dirnames if name not in skip]
-        for name in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total

@@ -67,10 +67,11 @@ class CleanupPlan:
         return sum(removal.bytes for removal in self.removals)
 
 
-def tree_size(path: Path) -> int:
-    """Bytes of the regular files under `path` (symlinks not followed)."""
+def tree_size(path: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `path` (symlinks not followed), leaving out folders named in `skip`."""
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
+    for dirpath, dirnames, files in os.walk(path):
+        dirnames[:] = [name for name in dirnames if name not in skip]
         for name in files:
             try:
                 total += os.lstat(os.path.join(dirpath, name)).st_size
