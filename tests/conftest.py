@@ -65,6 +65,22 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         emulator.stop()
 
 
+@pytest.fixture(params=["hf", "dir"])
+def bucket(request, tmp_path: Path):
+    """A created bucket of each backend: a Hub bucket on the emulator, and a directory. Modules that need
+    another kind of bucket define their own `bucket` fixture, which takes precedence."""
+    from optimum_neuron_cache.buckets import BucketRef
+    from optimum_neuron_cache.client import BucketClient
+
+    if request.param == "hf":
+        request.getfixturevalue("hub")
+        ref = BucketRef("hf", "test-org/neuron-cache")
+    else:
+        ref = BucketRef("dir", str(tmp_path / "dir-bucket"))
+    BucketClient(ref).create()
+    return ref
+
+
 @pytest.fixture
 def version() -> str:
     return COMPILER_VERSION

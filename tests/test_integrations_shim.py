@@ -35,17 +35,6 @@ from optimum_neuron_cache.remote_layout import PUBLISHABLE_FILES
 from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
 
 
-@pytest.fixture(params=["dir", "hf"])
-def bucket(request, tmp_path) -> BucketRef:
-    if request.param == "hf":
-        request.getfixturevalue("hub")
-        ref = BucketRef("hf", "test-org/shim-cache")
-    else:
-        ref = BucketRef("dir", str(tmp_path / "dir-bucket"))
-    BucketClient(ref).create()
-    return ref
-
-
 @pytest.fixture
 def toolchain(tmp_path, monkeypatch, version):
     """A real (simulated) neuronx-cc on PATH, and the shim in front of it; returns the compile log."""

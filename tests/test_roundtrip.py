@@ -22,17 +22,6 @@ from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph
 EXPORT_CONFIG = {"batch_size": 1, "sequence_length": 128, "tensor_parallel_size": 2, "auto_cast_type": "bf16", "target": "trn1"}
 
 
-@pytest.fixture(params=["hf", "dir"])
-def bucket(request, tmp_path) -> BucketRef:
-    if request.param == "hf":
-        request.getfixturevalue("hub")
-        ref = BucketRef("hf", "test-org/neuron-cache")
-    else:
-        ref = BucketRef("dir", str(tmp_path / "dir-bucket"))
-    BucketClient(ref).create()
-    return ref
-
-
 def remote_paths(bucket: BucketRef) -> dict[str, int]:
     return {item["path"]: item["size"] for item in BucketClient(bucket).list("", recursive=True)}
 
