@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int, help="processes entering at once")
     parser.add_argument("--neff-median", type=int, help="median NEFF size in bytes")
     parser.add_argument("--neff-max", type=int, help="largest NEFF in bytes")
+    parser.add_argument("--verify-reps", type=int, help="repetitions of each side of the verification-cost figure")
+    parser.add_argument("--link-rate", type=float, help="bytes/s of the link in hf.verify_cost_link (default 250e6)")
     parser.add_argument("--cold-modes", type=_names, help="server start modes for the cold figure: uv,current")
     parser.add_argument("--backends", type=_names, help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--only", type=_names, help=f"subset of the figure groups: {','.join(FIGURES)}")
@@ -66,7 +68,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     base = SMOKE if args.smoke else DEFAULT
     cfg = with_overrides(base, reps=args.reps, fast_reps=args.fast_reps, entries=args.entries, models=args.models,
                          lookup_models=args.lookup_models, procs=args.procs, neff_median=args.neff_median,
-                         neff_max=args.neff_max, cold_modes=args.cold_modes, backends=args.backends, xet=args.xet)
+                         neff_max=args.neff_max, verify_reps=args.verify_reps, link_rate=args.link_rate,
+                         cold_modes=args.cold_modes, backends=args.backends, xet=args.xet)
     groups = args.only or tuple(FIGURES)
     unknown = set(groups) - set(FIGURES)
     if unknown:
@@ -86,7 +89,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         world = sc.build_world(env, cfg, log)
         log(f"benchmarked model: {len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB")
         for backend in cfg.backends:
-            site_groups = [g for g in ("fetch", "sync", "noop", "cold", "concurrent") if g in groups]
+            site_groups = [g for g in ("fetch", "verify", "sync", "noop", "cold", "concurrent") if g in groups]
             if site_groups:
                 if backend == "dir":
                     site_groups = [g for g in site_groups if g != "cold"]
@@ -96,6 +99,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                         log(f"{backend}: {group}")
                         if group == "fetch":
                             figures.append(sc.fetch_cold(site))
+                        elif group == "verify":
+                            figures.append(sc.verify_cost(site))
+                            if backend == "hf":
+                                figures.append(sc.verify_cost(site, cfg.link_rate))
                         elif group == "sync":
                             figures.extend(sc.sync_figures(site))
                         elif group == "noop":

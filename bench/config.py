@@ -22,6 +22,11 @@ class Config:
     reps: int = 3
     #: Repetitions of the millisecond figures (no-op, second sync, lookup).
     fast_reps: int = 20
+    #: Repetitions of each side of the verification-cost figure (a ratio near 1 needs more than `reps`).
+    verify_reps: int = 9
+    #: The link (bytes/s) of the second hf verification-cost figure: 250 MB/s, 2 Gbit/s, a Hub download
+    #: as a cloud machine sees it.
+    link_rate: float = 250e6
     #: How the cold server is started: "uv" (an isolated env: what users get) and/or "current".
     cold_modes: tuple[str, ...] = ("uv", "current")
     backends: tuple[str, ...] = BACKENDS
@@ -41,6 +46,7 @@ SMOKE = Config(
     procs=4,
     reps=1,
     fast_reps=1,
+    verify_reps=1,
     cold_modes=("current",),
     smoke=True,
 )

@@ -369,6 +369,60 @@ def fetch_cold(site: Site) -> dict[str, Any]:
                   ours_stats, baselines, ratios, targets, checks)
 
 
+def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
+    """What verified bytes cost: a cold fetch against the same fetch with NEURON_CACHE_VERIFY=0 (no digest
+    checked), interleaved, alternating which goes first. On the Hub, optionally through a link of
+    `link_rate` bytes/s shared by every transfer (loopback has no bandwidth of its own)."""
+    world, env, cfg = site.world, site.world.env, site.world.cfg
+    checks: list[str] = []
+
+    def one(verify: bool) -> Sample:
+        cache = fresh(env, "verify-cost")
+        previous = os.environ.get("NEURON_CACHE_VERIFY")
+        os.environ["NEURON_CACHE_VERIFY"] = "1" if verify else "0"
+        try:
+            def run_it() -> dict[str, Any]:
+                with site.hub() as box, site.context(cache) as run:
+                    pass
+                return {"requests": run.requests, **box, "_run": run}
+
+            sample = timed(run_it)
+        finally:
+            if previous is None:
+                os.environ.pop("NEURON_CACHE_VERIFY", None)
+            else:
+                os.environ["NEURON_CACHE_VERIFY"] = previous
+        run = sample.extra.pop("_run")
+        if sorted(Path(key).name for key in run.fetched) != world.target_modules or run.warnings:
+            checks.append(f"{'verified' if verify else 'unverified'} fetch got {len(run.fetched)}/"
+                          f"{len(world.target_modules)} entries, warnings {run.warnings}")
+        return sample
+
+    if link_rate is not None:
+        from tests.emulator import Link
+
+        site.emulator.link = Link(link_rate)
+    samples: dict[bool, list[Sample]] = {True: [], False: []}
+    try:
+        for rep in range(cfg.verify_reps):
+            for verify in ((True, False) if rep % 2 == 0 else (False, True)):
+                samples[verify].append(one(verify))
+    finally:
+        if site.emulator is not None:
+            site.emulator.link = None
+    needed = world.target_bytes
+    ours = summarize(samples[True], bytes_needed=needed)
+    base = summarize(samples[False], bytes_needed=needed)
+    value = ratio(ours["median_s"], base["median_s"])
+    where = f"through a {link_rate / 1e6:.0f} MB/s link" if link_rate else ("over loopback" if site.backend == "hf" else "local disk")
+    fid = f"{site.backend}.verify_cost" + ("_link" if link_rate else "")
+    return figure(fid, site.backend, f"cold fetch of {len(world.target_modules)} entries ({needed / 1e6:.1f} MB), "
+                  f"verified against unverified, {where}",
+                  ours, {"unverified": base}, {"ours/unverified": value},
+                  [target(f"verification adds at most 5% to fetch time, {where} (verified/unverified <= 1.05)",
+                          value is not None and value <= 1.05, value)], checks)
+
+
 def _direct_download(site: Site, files: list[dict[str, Any]], area: str) -> Sample:
     from huggingface_hub import BucketFile
 

@@ -25,13 +25,17 @@ from .client import BucketClient, ProgressCallback
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 
+ENV_VERIFY = "NEURON_CACHE_VERIFY"
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     filename: str
     path: str
     size: int
     xet_hash: str | None
-    #: What the bytes must hash to (`xet:<hex>` or `sha256:<hex>`); the server checks it before handing over.
+    #: What the bytes must hash to (`xet:<hex>`, `blake3:<hex>` or `sha256:<hex>`); the server checks it
+    #: before handing the file over.
     digest: str | None = None
 
 
@@ -192,10 +196,17 @@ def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> 
     return True
 
 
+def verification_enabled() -> bool:
+    """Downloads are checked against their digests unless NEURON_CACHE_VERIFY=0 (as Bazel's
+    --remote_verify_downloads): for measuring what the check costs, never for everyday use."""
+    return os.environ.get(ENV_VERIFY, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
-    """One file of a download request: size and hash let the server skip a metadata request and verify."""
+    """One file of a download request: size and hash let the server skip a metadata request, the digest
+    is what the server checks the bytes against (no digest, no check)."""
     return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
-            "digest": remote.digest}
+            "digest": remote.digest if verification_enabled() else None}
 
 
 class Fetcher:

@@ -30,8 +30,10 @@ ENV_SERVER_MODE = "NEURON_CACHE_SERVER_MODE"  # auto | uv | current
 ENV_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
 ENV_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
 HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
-#: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers, tenacity for retries.
-SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.1", "tenacity>=8.2")
+#: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers (1.2 and newer chunk
+#: as the Hub does, so the Xet hashes of what it uploads can be recomputed from the bytes), tenacity for
+#: retries, blake3 for the digests of directory buckets.
+SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.2", "tenacity>=8.2", "blake3>=1.0")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Never handed to the server's environment: the token travels per request (never in argv or environ of a
 #: long-lived process), and PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one.

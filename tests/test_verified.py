@@ -1,5 +1,5 @@
 """Verified bytes: a fetched file becomes visible only after its content matches what the bucket says it is
-(the Xet hash a Hub bucket lists; the sha256 a directory bucket recorded at publish time)."""
+(the Xet hash a Hub bucket lists; the BLAKE3 digest a directory bucket recorded at publish time)."""
 
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def test_directory_buckets_record_digests_and_a_flipped_byte_never_reaches_the_c
     BucketClient(bucket).create()
     modules = _publish(tmp_path, bucket, version)
     listing = BucketClient(bucket).list(f"neuronxcc-{version}", recursive=True)
-    assert listing and all(str(item["digest"]).startswith("sha256:") for item in listing)  # published with digests
+    assert listing and all(str(item["digest"]).startswith("blake3:") for item in listing)  # published with digests
     bad = Path(bucket.location) / f"neuronxcc-{version}/models/org--v/default/{modules[0]}/model.neff"
     _flip_byte_keeping_size_and_mtime(bad, 1000)  # bit rot, or a tampered share: same size, same mtime
     with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
         hit = [compile_graph(tmp_path / "B", version, graph).hit for graph in make_graphs(2, seed="verified", neff_size=300_000)]
     assert [key.rsplit("/", 1)[1] for key in run.fetched] == [modules[1]]
     assert len(run.warnings) == 1 and modules[0] in run.warnings[0] and "model.neff" in run.warnings[0]
-    assert "sha256" in run.warnings[0]
+    assert "BLAKE3" in run.warnings[0]
     assert sorted(hit) == [False, True]  # the corrupt entry compiled as a miss, the other a hit
     assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
 

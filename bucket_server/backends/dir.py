@@ -7,32 +7,32 @@ over its destination, so a reader on another host never sees half a file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import shutil
 import stat
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
-from ..digests import sha256_file as sha256_of
+from ..digests import Verifier, file_digest, publish_algorithm
 from .base import Backend, BackendError, Progress, validate_remote_path
 
 INCOMING = ".incoming"
-#: sha256 of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
-#: "<sha256> <size> <mtime_ns>" (stale, hence ignored, when the file was replaced by another tool).
+#: The digest of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
+#: "<algorithm>:<hex> <size> <mtime_ns>" (stale, hence ignored, when the file was replaced by another tool).
+#: Sidecars written before BLAKE3 hold a bare sha256 hex: "<sha256> <size> <mtime_ns>".
 DIGESTS = ".digests"
 HIDDEN = (INCOMING, DIGESTS)
 
 
 def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str],
-                      on_bytes: Callable[[int], None] | None = None, digest: Any = None, limit: int | None = None) -> int:
+                      on_bytes: Callable[[int], None] | None = None, limit: int | None = None) -> int:
     """Copy the bytes of a regular file; a symlink or anything else is refused, never followed.
 
-    digest: a hashlib object fed with the bytes on the way (no second read). limit: stop after this many
-    bytes plus one (a file far larger than announced is not copied whole)."""
+    The bytes move inside the kernel (sendfile) where it can, never through Python. limit: stop after this
+    many bytes plus one (a file far larger than announced is not copied whole)."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -43,20 +43,38 @@ def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[st
         if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
             raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
         with open(dest, "wb") as dst:
-            if on_bytes is None and digest is None and limit is None:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                return dst.tell()
+            wanted = limit + 1 if limit is not None else None
             copied = 0
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-                copied += len(chunk)
-                if digest is not None:
-                    digest.update(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-                if limit is not None and copied > limit:
+            while wanted is None or copied < wanted:
+                step = COPY_STEP if wanted is None else min(COPY_STEP, wanted - copied)
+                moved = _copy_step(src, dst, copied, step)
+                if not moved:
                     break
+                copied += moved
+                if on_bytes is not None:
+                    on_bytes(moved)
             return copied
+
+
+COPY_STEP = 16 << 20
+
+
+def _copy_step(src: Any, dst: Any, offset: int, count: int) -> int:
+    """Up to `count` bytes from `offset`: sendfile between files (Linux), else a read and a write."""
+    if _SENDFILE_FILES:
+        try:
+            return os.sendfile(dst.fileno(), src.fileno(), offset, count)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK):
+                raise
+    src.seek(offset)
+    data = src.read(count)
+    dst.write(data)
+    dst.flush()
+    return len(data)
+
+
+_SENDFILE_FILES = sys.platform.startswith("linux") and hasattr(os, "sendfile")
 
 
 def _local_size(item: dict[str, Any]) -> int:
@@ -111,14 +129,14 @@ class DirBackend(Backend):
             return None
         if int(size) != info.st_size or int(mtime_ns) != info.st_mtime_ns:
             return None
-        return f"sha256:{value}"
+        return value if ":" in value else f"sha256:{value}"
 
-    def _write_digest(self, path: str, sha256: str) -> None:
+    def _write_digest(self, path: str, digest: str) -> None:
         info = os.stat(self._local(path), follow_symlinks=False)
         target = self._digest_path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._incoming()
-        tmp.write_text(f"{sha256} {info.st_size} {info.st_mtime_ns}\n")
+        tmp.write_text(f"{digest} {info.st_size} {info.st_mtime_ns}\n")
         os.replace(tmp, target)
 
     def _stat_file(self, path: str) -> os.stat_result | None:
@@ -200,39 +218,45 @@ class DirBackend(Backend):
         return found
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        """Copy each file out, hashing it on the way when a digest is expected; a file whose bytes do not
-        match (or that is far larger than announced) is removed and reported, never left for the client."""
+        """Copy each file out; while the next one copies, the last one is checked against its digest. A file
+        whose bytes do not match (or that is far larger than announced) is removed and reported, never left
+        for the client."""
         self._require_root()
         counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
+        verifier = Verifier()
         total = 0
         failed = []
+        try:
+            for item in files:
+                source = self._local(item["path"])
+                dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
+                if self._stat_file(item["path"]) is None:
+                    raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
+                limit = int(item["size"]) if item.get("size") is not None else None
+                try:
+                    copied = copy_regular_file(source, dest, counter.add if progress else None, limit=limit)
+                except FileNotFoundError:
+                    raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
+                total += copied
+                if limit is not None and copied > limit:
+                    dest.unlink(missing_ok=True)
+                    failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
+                else:
+                    verifier.submit(str(dest), item.get("digest"))
+        finally:
+            problems = verifier.finish()
         for item in files:
-            source = self._local(item["path"])
-            dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
-            if self._stat_file(item["path"]) is None:
-                raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
-            expected = item.get("digest")
-            sha = hashlib.sha256() if isinstance(expected, str) and expected.startswith("sha256:") else None
-            limit = int(item["size"]) if item.get("size") is not None else None
-            try:
-                copied = copy_regular_file(source, dest, counter.add if progress else None, digest=sha, limit=limit)
-            except FileNotFoundError:
-                raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
-            total += copied
-            if limit is not None and copied > limit:
-                reason = f"larger than the {limit} bytes listed"
-            elif sha is not None and f"sha256:{sha.hexdigest()}" != expected:
-                reason = f"content does not match its sha256 (expected {expected[7:19]}…, got {sha.hexdigest()[:12]}…)"
-            else:
-                continue
-            dest.unlink(missing_ok=True)
-            failed.append({"path": item["path"], "reason": reason})
+            reason = problems.get(str(item["local_path"]))
+            if reason:
+                Path(item["local_path"]).unlink(missing_ok=True)
+                failed.append({"path": item["path"], "reason": reason})
         return {"files": len(files), "bytes": total, "failed": failed}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
         self._require_root()
         counter = _Counter(progress, sum(_local_size(item) for item in add))
+        algorithm = publish_algorithm()
         for item in copy:
             source = self._local(item["src"])
             if self._stat_file(item["src"]) is None:
@@ -246,22 +270,20 @@ class DirBackend(Backend):
                 copy_regular_file(source, tmp)
             self._install(tmp, item["dest"])
             if digest is None:
-                digest = f"sha256:{sha256_of(self._local(item['dest']))}"
-            self._write_digest(item["dest"], digest.split(":", 1)[1])
+                digest = file_digest(self._local(item["dest"]), algorithm)
+            self._write_digest(item["dest"], digest)
         for item in add:
             tmp = self._incoming()
-            sha = hashlib.sha256()
             try:
                 if "local_path" in item:
-                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None, digest=sha)
+                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None)
                 else:
-                    data = str(item.get("content", "")).encode("utf-8")
-                    tmp.write_bytes(data)
-                    sha.update(data)
+                    tmp.write_bytes(str(item.get("content", "")).encode("utf-8"))
+                digest = file_digest(tmp, algorithm)  # of the bytes that land, read back from the page cache
                 self._install(tmp, item["dest"])
             finally:
                 tmp.unlink(missing_ok=True)
-            self._write_digest(item["dest"], sha.hexdigest())
+            self._write_digest(item["dest"], digest)
         for path in delete:
             self._local(path).unlink(missing_ok=True)
             self._digest_path(path).unlink(missing_ok=True)

@@ -12,11 +12,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..digests import mismatches
+from ..digests import Verifier
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, validate_remote_path
 
@@ -183,6 +184,22 @@ def _require_regular_file(path: str) -> None:
 
 
 PROGRESS_CHUNK = 64 * 1024 * 1024
+#: Threads that wait on a download's files (each blocks in hf_xet, without the GIL, until its file lands).
+JOINERS = 16
+
+_session_lock = threading.Lock()
+_session: Any = None
+
+
+def _xet_session() -> Any:
+    """One hf_xet session (runtime and connection pool) for the server's life: a deliberate cache."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            import hf_xet
+
+            _session = hf_xet.XetSession()
+        return _session
 
 
 def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list[tuple[Any, int]]]:
@@ -269,30 +286,87 @@ class HfBackend(Backend):
             _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)])
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        from huggingface_hub import BucketFile
-
-        pairs = []
-        for item in files:
-            path = validate_remote_path(item["path"])
-            if item.get("xet_hash") and item.get("size") is not None:
-                remote: Any = BucketFile(type="file", path=path, size=int(item["size"]), xetHash=item["xet_hash"])
-            else:
-                remote = path
-            pairs.append((remote, item["local_path"]))
-        total = sum(int(item.get("size") or 0) for item in files)
+        """Download the files; each one's Xet hash is recomputed from what landed on disk, as soon as it
+        lands, while the others still transfer. A file that does not match is removed and reported."""
+        items = self._with_xet_info([dict(item, path=validate_remote_path(item["path"])) for item in files])
+        total = sum(int(item.get("size") or 0) for item in items)
         # hf_xet writes the destination files as it goes: their sizes are the progress.
-        with FileSizeWatcher([str(item["local_path"]) for item in files], total, progress):
-            self._call("download from", self.api.download_bucket_files, self.bucket_id, pairs, raise_on_missing_files=True)
-        # Verified bytes: recompute each file's Xet hash from what landed on disk.
-        expected = [(str(item["local_path"]), item["digest"]) for item in files if item.get("digest")]
-        problems = mismatches(expected)
+        with FileSizeWatcher([str(item["local_path"]) for item in items], total, progress):
+            problems = with_retries(self.policy, f"download from {self.bucket_id}", lambda: self._download_verified(items))
         failed = []
-        for item in files:
+        for item in items:
             reason = problems.get(str(item["local_path"]))
             if reason:
                 Path(item["local_path"]).unlink(missing_ok=True)
                 failed.append({"path": item["path"], "reason": reason})
-        return {"files": len(files), "bytes": total, "failed": failed}
+        return {"files": len(items), "bytes": total, "failed": failed}
+
+    def _with_xet_info(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every file with its Xet hash and size (clients send them from their listing; ask for the rest)."""
+        unknown = [item["path"] for item in items if not (item.get("xet_hash") and item.get("size") is not None)]
+        if not unknown:
+            return items
+        known = {info["path"]: info for info in self.paths_info(unknown)}
+        missing = [path for path in unknown if path not in known]
+        if missing:
+            raise BackendError(ErrorCode.NOT_FOUND, f"download from {self.bucket_id}: {len(missing)} file(s) not in the "
+                                                    f"bucket: {', '.join(missing[:3])}")
+        return [item if item["path"] not in known else
+                {**item, "xet_hash": known[item["path"]]["xet_hash"], "size": known[item["path"]]["size"],
+                 "digest": item.get("digest") or known[item["path"]]["digest"]} for item in items]
+
+    def _download_verified(self, items: list[dict[str, Any]]) -> dict[str, str]:
+        """One attempt: local path -> why it does not match its digest."""
+        import hf_xet
+        from huggingface_hub import BucketFile
+
+        verifier = Verifier()
+        try:
+            if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
+                # An older hf_xet: one call for all, then every hash (no per-file completion to overlap with).
+                pairs = [(BucketFile(type="file", path=item["path"], size=int(item["size"]), xetHash=item["xet_hash"]),
+                          item["local_path"]) for item in items]
+                self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
+                for item in items:
+                    verifier.submit(str(item["local_path"]), item.get("digest"))
+            else:
+                self._download_each(items, verifier)
+        finally:
+            problems = verifier.finish()
+        return problems
+
+    def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> None:
+        """The transfer as huggingface_hub's download_bucket_files makes it (one Xet download group), but
+        each file is handed to the verifier the moment it is complete."""
+        import hf_xet
+        from huggingface_hub.utils import build_hf_headers
+
+        for item in items:
+            if int(item["size"]) == 0:  # nothing to transfer
+                Path(item["local_path"]).write_bytes(b"")
+                verifier.submit(str(item["local_path"]), item.get("digest"))
+        transfers = [item for item in items if int(item["size"]) > 0]
+        if not transfers:
+            return
+        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0]["path"], token=self.token)
+        headers = build_hf_headers(token=self.token)
+        with _xet_session().new_file_download_group(
+            token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
+            custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
+        ) as group:
+            handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
+                                                 str(item["local_path"])): item for item in transfers}
+            # A task reads as running until it is joined, failed or not: join each on its own thread (the
+            # join releases the GIL) and take them in the order they finish.
+            with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
+                joined = {joiners.submit(handle.result): item for handle, item in handles.items()}
+                try:
+                    for future in as_completed(joined):
+                        future.result()  # the file is whole and closed (raises if its transfer failed)
+                        verifier.submit(str(joined[future]["local_path"]), joined[future].get("digest"))
+                except BaseException:
+                    group.abort()  # the other transfers stop, and their joins return
+                    raise
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:

@@ -77,6 +77,10 @@ Test hooks (they cover the CAS endpoints too; CAS paths start with ``/cas/<store
                                  E.g. ``add_fault("GET", "/transfer/xorb/", 500)``, or a slow service:
                                  ``add_fault(None, "^/cas/", 0, times=None, delay=0.05, bandwidth=50e6)``.
     ``emulator.clear_faults()``
+    ``emulator.link = Link(rate)``
+                                 a network link of ``rate`` bytes/s that every response body crosses, shared by
+                                 all connections (loopback has no bandwidth of its own: this gives transfers the
+                                 speed of a real download). ``None`` (default) = loopback speed.
     ``emulator.errors``          tracebacks of unexpected exceptions in handlers (answered as 500).
     ``emulator.cas``             the ``CasStore`` (HTTP mode) or None.
 
@@ -129,6 +133,7 @@ DEFAULT_XET_MODE = "local"
 XET_MODE_ENV = "HUB_EMULATOR_XET"  # overrides the default mode, e.g. to run a whole test suite in HTTP mode
 CAS_PREFIX = "/cas"  # casUrl = <endpoint>/cas/<store id> in HTTP mode
 _IO_PIECE = 1 << 20
+LINK_PIECE = 256 << 10  # bytes per turn on a Link: fine enough that concurrent responses interleave
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,25 @@ class Fault:
     body: bytes | None
     truncate: int | None = None
     bandwidth: float | None = None
+
+
+class Link:
+    """A link of `rate` bytes/s shared by every response: each piece of a body waits its turn on it."""
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"a link rate is positive bytes/s, got {rate}")
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def cross(self, size: int) -> None:
+        """Sleep until `size` more bytes have crossed the link."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + size / self.rate
+            arrival = self._free_at
+        time.sleep(max(0.0, arrival - now))
 
 
 @dataclass
@@ -357,6 +381,7 @@ class HubEmulator:
         self.shards: ShardIndex | CasStore = self.cas if self.cas is not None else ShardIndex(self.cas_dir)
         self._faults: list[Fault] = []
         self._faults_lock = threading.Lock()
+        self.link: Link | None = None
         self._lock = threading.RLock()
         self._buckets: dict[str, _Bucket] = {}
         self._server: _Server | None = None
@@ -755,6 +780,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(part)
                 self._record.bytes_out += len(part)
                 time.sleep(len(part) / fault.bandwidth)
+            return
+        link = self.emulator.link
+        if link is not None:
+            for start in range(0, len(view), LINK_PIECE):
+                part = view[start : start + LINK_PIECE]
+                link.cross(len(part))
+                self.wfile.write(part)
+                self._record.bytes_out += len(part)
             return
         self.wfile.write(view)
         self._record.bytes_out += len(view)
