@@ -79,3 +79,40 @@ def test_hub_buckets_verify_the_xet_hash_of_what_landed(tmp_path, hub, version, 
         assert any("does not match its Xet hash" in w for w in run.warnings)
     assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
     assert {e.name for e in scan_entries(tmp_path / "B", version)} == {k.rsplit("/", 1)[1] for k in run.fetched}
+
+
+def test_sidecars_from_before_blake3_still_verify(tmp_path, version):
+    """Directory buckets published before BLAKE3 hold bare sha256 sidecars: still checked, both ways."""
+    import hashlib
+
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    modules = _publish(tmp_path, bucket, version)
+    root = Path(bucket.location)
+    area = f"neuronxcc-{version}/models/org--v/default"
+    for module in modules:  # rewrite every sidecar of the model area in the old format
+        for data in (root / area / module).iterdir():
+            sidecar = root / ".digests" / area / module / data.name
+            _, size, mtime_ns = sidecar.read_text().split()
+            sidecar.write_text(f"{hashlib.sha256(data.read_bytes()).hexdigest()} {size} {mtime_ns}\n")
+    listing = BucketClient(bucket).list(area, recursive=True)
+    assert listing and all(str(item["digest"]).startswith("sha256:") for item in listing)
+    _flip_byte_keeping_size_and_mtime(root / area / modules[0] / "model.neff", 1000)
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert [key.rsplit("/", 1)[1] for key in run.fetched] == [modules[1]]
+    assert len(run.warnings) == 1 and modules[0] in run.warnings[0] and "sha256" in run.warnings[0]
+
+
+def test_verification_can_be_turned_off_for_measuring(tmp_path, version, monkeypatch):
+    """NEURON_CACHE_VERIFY=0 (what the benchmark compares against) sends no digest: sizes alone are checked,
+    so a flipped byte goes through. Everyday runs never set it."""
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    modules = _publish(tmp_path, bucket, version)
+    bad = Path(bucket.location) / f"neuronxcc-{version}/models/org--v/default/{modules[0]}/model.neff"
+    _flip_byte_keeping_size_and_mtime(bad, 1000)
+    monkeypatch.setenv("NEURON_CACHE_VERIFY", "0")
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert sorted(key.rsplit("/", 1)[1] for key in run.fetched) == sorted(modules) and run.warnings == []

@@ -227,7 +227,8 @@ class DirBackend(Backend):
         total = 0
         failed = []
         try:
-            for item in files:
+            # Largest first: while each copies, the one before is hashed; the last hash, left to wait for, is small.
+            for item in sorted(files, key=lambda item: -int(item.get("size") or 0)):
                 source = self._local(item["path"])
                 dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
                 if self._stat_file(item["path"]) is None:

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -321,6 +322,7 @@ class HfBackend(Backend):
         from huggingface_hub import BucketFile
 
         verifier = Verifier()
+        started = time.perf_counter()
         try:
             if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
                 # An older hf_xet: one call for all, then every hash (no per-file completion to overlap with).
@@ -332,7 +334,10 @@ class HfBackend(Backend):
             else:
                 self._download_each(items, verifier)
         finally:
+            landed = time.perf_counter()
             problems = verifier.finish()
+            log.info("downloaded %d files in %.3f s, then waited %.3f s for the last hashes", len(items),
+                     landed - started, time.perf_counter() - landed)
         return problems
 
     def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> None:
@@ -354,8 +359,10 @@ class HfBackend(Backend):
             token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
             custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
         ) as group:
+            # Largest first: the big files land early, and what is left to hash when the transfer ends is small.
             handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
-                                                 str(item["local_path"])): item for item in transfers}
+                                                 str(item["local_path"])): item
+                       for item in sorted(transfers, key=lambda item: -int(item["size"]))}
             # A task reads as running until it is joined, failed or not: join each on its own thread (the
             # join releases the GIL) and take them in the order they finish.
             with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
