@@ -333,11 +333,13 @@ class HfBackend(Backend):
                     verifier.submit(str(item["local_path"]), item.get("digest"))
             else:
                 self._download_each(items, verifier)
-        finally:
-            landed = time.perf_counter()
-            problems = verifier.finish()
-            log.info("downloaded %d files in %.3f s, then waited %.3f s for the last hashes", len(items),
-                     landed - started, time.perf_counter() - landed)
+        except BaseException:
+            verifier.finish()
+            raise
+        landed = time.perf_counter()
+        problems = verifier.finish()
+        log.info("downloaded %d files in %.3f s, then waited %.3f s for the last hashes", len(items),
+                 landed - started, time.perf_counter() - landed)
         return problems
 
     def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> None:
