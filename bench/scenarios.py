@@ -303,36 +303,18 @@ def local_target(cache: Path, flat_dir: str, remote_path: str, area: str) -> Pat
 def fetch_cold(site: Site) -> dict[str, Any]:
     """Fetch the model's entries into a cold cache; against one direct download of exactly those files
     (hf), `hf buckets sync` of the version prefix (hf), a plain copy of the same bytes (dir)."""
-    world, env, cfg = site.world, site.world.env, site.world.cfg
+    world, cfg = site.world, site.world.cfg
     needed = world.target_bytes
     files = site.target_files()
     area = site.area()
     checks: list[str] = []
-
-    def ours() -> Sample:
-        cache = fresh(env, "fetch-ours")
-        DownloadCounter.install()
-        asked = DownloadCounter.total
-
-        def run_it() -> dict[str, Any]:
-            with site.hub() as box, site.context(cache) as run:
-                pass
-            return {"requests": run.requests, **box, "_run": run}
-
-        sample = timed(run_it)
-        run = sample.extra.pop("_run")
-        sample.extra["bytes_transferred"] = DownloadCounter.total - asked
-        if sorted(Path(key).name for key in run.fetched) != world.target_modules or run.warnings:
-            checks.append(f"ours fetched {len(run.fetched)}/{len(world.target_modules)} entries, warnings {run.warnings}")
-        return sample
-
     baselines: dict[str, dict[str, Any]] = {}
     ours_samples = []
     direct_samples: list[Sample] = []
     sync_samples: list[Sample] = []
     copy_samples: list[Sample] = []
     for _ in range(cfg.reps):  # interleaved, so that drifts hit every method alike
-        ours_samples.append(ours())
+        ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
         if site.backend == "hf":
             direct_samples.append(_direct_download(site, files, area))
             sync_samples.append(_hf_sync_down(site))
@@ -364,34 +346,44 @@ def fetch_cold(site: Site) -> dict[str, Any]:
                   ours_stats, baselines, ratios, targets, checks)
 
 
+def _cold_fetch(site: Site, scratch: str, label: str, checks: list[str]) -> Sample:
+    """One timed `with hub_neuronx_cache(...): pass` into an empty cache, with the bytes it asked for; a
+    fetch that missed any of the target's entries, or warned, is added to `checks`."""
+    world = site.world
+    cache = fresh(world.env, scratch)
+    DownloadCounter.install()
+    asked = DownloadCounter.total
+
+    def run_it() -> dict[str, Any]:
+        with site.hub() as box, site.context(cache) as run:
+            pass
+        return {"requests": run.requests, **box, "_run": run}
+
+    sample = timed(run_it)
+    run = sample.extra.pop("_run")
+    sample.extra["bytes_transferred"] = DownloadCounter.total - asked
+    if sorted(Path(key).name for key in run.fetched) != world.target_modules or run.warnings:
+        checks.append(f"{label} fetched {len(run.fetched)}/{len(world.target_modules)} entries, warnings {run.warnings}")
+    return sample
+
+
 def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
     """What verified bytes cost: a cold fetch against the same fetch with NEURON_CACHE_VERIFY=0 (no digest
     checked), interleaved, alternating which goes first. On the Hub, optionally through a link of
     `link_rate` bytes/s shared by every transfer (loopback has no bandwidth of its own)."""
-    world, env, cfg = site.world, site.world.env, site.world.cfg
+    world, cfg = site.world, site.world.cfg
     checks: list[str] = []
 
     def one(verify: bool) -> Sample:
-        cache = fresh(env, "verify-cost")
         previous = os.environ.get("NEURON_CACHE_VERIFY")
         os.environ["NEURON_CACHE_VERIFY"] = "1" if verify else "0"
         try:
-            def run_it() -> dict[str, Any]:
-                with site.hub() as box, site.context(cache) as run:
-                    pass
-                return {"requests": run.requests, **box, "_run": run}
-
-            sample = timed(run_it)
+            return _cold_fetch(site, "verify-cost", "verified" if verify else "unverified", checks)
         finally:
             if previous is None:
                 os.environ.pop("NEURON_CACHE_VERIFY", None)
             else:
                 os.environ["NEURON_CACHE_VERIFY"] = previous
-        run = sample.extra.pop("_run")
-        if sorted(Path(key).name for key in run.fetched) != world.target_modules or run.warnings:
-            checks.append(f"{'verified' if verify else 'unverified'} fetch got {len(run.fetched)}/"
-                          f"{len(world.target_modules)} entries, warnings {run.warnings}")
-        return sample
 
     if link_rate is not None:
         from tests.emulator import Link

@@ -60,8 +60,8 @@ def xet_hashes(paths: Sequence[str]) -> list[str]:
     return [info.hash for info in hf_xet.hash_files(list(paths))]
 
 
-def _describe(algorithm: str) -> str:
-    return {"xet": "Xet hash", "blake3": "BLAKE3 digest", "sha256": "sha256"}[algorithm]
+#: How a mismatch names each algorithm to the user.
+_NAMES = {"xet": "Xet hash", "blake3": "BLAKE3 digest", "sha256": "sha256"}
 
 
 def mismatches(files: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -92,7 +92,7 @@ def mismatches(files: Sequence[tuple[str, str]]) -> dict[str, str]:
         for path, expected in pairs:
             got = actual[path]
             if got != expected:
-                problems[path] = (f"content does not match its {_describe(algorithm)} "
+                problems[path] = (f"content does not match its {_NAMES[algorithm]} "
                                   f"(expected {expected[:12]}…, got {got[:12]}…)")
     return problems
 

@@ -10,6 +10,7 @@ import abc
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
@@ -78,6 +79,18 @@ class Backend(abc.ABC):
         add: [{"dest", "local_path"} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}] copies
         within the bucket (server-side by hash where the backend can). Returns counts.
         """
+
+
+def reject_mismatched(files: list[dict[str, Any]], problems: dict[str, str]) -> list[dict[str, Any]]:
+    """Delete each downloaded file the verifier found wrong (local path -> why), so the client never sees
+    it; the failures to report, as [{"path", "reason"}]."""
+    failed = []
+    for item in files:
+        reason = problems.get(str(item["local_path"]))
+        if reason:
+            Path(item["local_path"]).unlink(missing_ok=True)
+            failed.append({"path": item["path"], "reason": reason})
+    return failed
 
 
 class FileSizeWatcher:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..protocol import ErrorCode
 from ..digests import Verifier, file_digest, publish_algorithm
-from .base import Backend, BackendError, Progress, validate_remote_path
+from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
 
 INCOMING = ".incoming"
 #: The digest of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
@@ -246,12 +246,7 @@ class DirBackend(Backend):
                     verifier.submit(str(dest), item.get("digest"))
         finally:
             problems = verifier.finish()
-        for item in files:
-            reason = problems.get(str(item["local_path"]))
-            if reason:
-                Path(item["local_path"]).unlink(missing_ok=True)
-                failed.append({"path": item["path"], "reason": reason})
-        return {"files": len(files), "bytes": total, "failed": failed}
+        return {"files": len(files), "bytes": total, "failed": failed + reject_mismatched(files, problems)}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:

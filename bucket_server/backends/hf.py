@@ -20,7 +20,7 @@ from typing import Any
 
 from ..digests import Verifier
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, FileSizeWatcher, Progress, validate_remote_path
+from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
 
 log = logging.getLogger("bucket_server")
 
@@ -294,13 +294,7 @@ class HfBackend(Backend):
         # hf_xet writes the destination files as it goes: their sizes are the progress.
         with FileSizeWatcher([str(item["local_path"]) for item in items], total, progress):
             problems = with_retries(self.policy, f"download from {self.bucket_id}", lambda: self._download_verified(items))
-        failed = []
-        for item in items:
-            reason = problems.get(str(item["local_path"]))
-            if reason:
-                Path(item["local_path"]).unlink(missing_ok=True)
-                failed.append({"path": item["path"], "reason": reason})
-        return {"files": len(items), "bytes": total, "failed": failed}
+        return {"files": len(items), "bytes": total, "failed": reject_mismatched(items, problems)}
 
     def _with_xet_info(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every file with its Xet hash and size (clients send them from their listing; ask for the rest)."""
