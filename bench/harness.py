@@ -74,7 +74,10 @@ class BenchEnv:
         if self._saved is not None:
             os.environ.clear()
             os.environ.update(self._saved)
-        if not self.keep:
+        if self.keep:  # the server logs live in the runtime dir: keep them with the rest
+            for log in self.runtime.glob("server-*.log"):
+                shutil.copy2(log, self.root / log.name)
+        else:
             shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.runtime, ignore_errors=True)
 

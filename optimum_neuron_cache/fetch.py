@@ -285,7 +285,9 @@ class Fetcher:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
-        records = [_request(remote, tmp / f"record-{index}.json") for index, remote in enumerate(record_files)]
+        # The records are also digest manifests: the server checks files whose Xet hash they bind by BLAKE3.
+        records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": verification_enabled()}
+                   for index, remote in enumerate(record_files)]
         try:
             reply = self.client.download(self._requests(items, tmp) + records, progress=progress)
             for record in records:

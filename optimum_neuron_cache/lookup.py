@@ -84,9 +84,13 @@ def parse_record(text: str, path: str) -> CachedExport | None:
         seconds = data.get("compile_seconds", {})
         if not (isinstance(seconds, dict) and all(isinstance(v, (int, float)) for v in seconds.values())):
             seconds = {}
+        digests = data.get("digests", {})  # checked where it is used: by the bucket server
+        if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+            digests = {}
         return CachedExport(
             model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
             export_config=data["export_config"], compile_flags=flags, modules=modules, compile_seconds=seconds,
+            digests=digests,
             created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
         )
     except (ValueError, KeyError, TypeError) as exc:

@@ -59,6 +59,9 @@ class ExportRecord:
     modules: list[str] = field(default_factory=list)
     #: How long each module took to compile here (seconds), where the files tell: what a hit saves.
     compile_seconds: dict[str, float] = field(default_factory=dict)
+    #: Xet hash -> `blake3:<hex>` of the files this run uploaded, recorded at publish time: a reader's bucket
+    #: server checks a download of that content by BLAKE3 (about 5x cheaper than recomputing the Xet hash).
+    digests: dict[str, str] = field(default_factory=dict)
     package_version: str = __version__
     created_at: str = ""
     schema: int = RECORD_SCHEMA

@@ -5,6 +5,9 @@ runs in three batches so that a reader never finds a commit file whose content i
   1. upload the content files to the flat area;
   2. copy them to the model's area (server-side, by hash) and add the flat area's commit files;
   3. add the model area's commit files, then the export record.
+The export record binds the Xet hash of each content file uploaded in 1 to its BLAKE3 digest (the server
+describes what it uploaded): a reader's bucket server checks those files by BLAKE3, several times cheaper
+than recomputing a Xet hash.
 Only allow-listed files of success entries ever leave the machine; a node-wide lock per entry makes many
 ranks exiting at once publish each entry once.
 """
@@ -118,8 +121,7 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
                 result.skipped.append((item.entry.name, "published by another process on this host meanwhile"))
                 continue
             items.append(dataclasses.replace(item, to_flat=flat, to_model=model))
-        record = ({"dest": plan.record_path, "content": plan.record.to_json()}
-                  if plan.record is not None and plan.record_path is not None else None)
+        record = (plan.record, plan.record_path) if plan.record is not None and plan.record_path is not None else None
         _publish(client, items, result, progress, record)
         state.mark_published(plan.bucket, [_flat(item, "") for item in items if item.to_flat]
                              + [f"{item.to_model}/{item.entry.name}/" for item in items if item.to_model])
@@ -136,28 +138,34 @@ def _flat(item: PublishItem, name: str) -> str:
 
 
 def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None,
-             record: dict[str, Any] | None = None) -> None:
+             record: tuple[ExportRecord, str] | None = None) -> None:
     """The three batches (content; copies and flat commit files; model commit files), the export record riding
     with the last one: a record only names entries, and readers install an entry only once it is committed."""
     if not items:
         if record is not None:
-            client.batch(add=[record])
+            client.batch(add=[_record_item(*record, {})])
         return
     content: list[dict[str, Any]] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
                 if name != item.commit:
-                    content.append({"dest": _flat(item, name), "local_path": str(item.entry.path / name)})
+                    content.append({"dest": _flat(item, name), "local_path": str(item.entry.path / name),
+                                    **({"describe": True} if record is not None else {})})
                     result.bytes_uploaded += item.entry.files[name]
+    described: dict[str, Any] = {}
     if content:
-        client.batch(add=content, progress=progress)
+        described = (client.batch(add=content, progress=progress) or {}).get("described") or {}
     copies: list[dict[str, Any]] = []
     flat_commits: list[dict[str, Any]] = []
     for item in items:
         if item.to_model:
-            copies.extend({"src": _flat(item, name), "dest": f"{item.to_model}/{item.entry.name}/{name}"}
-                          for name in item.files if name != item.commit)
+            for name in item.files:
+                if name != item.commit:
+                    src = _flat(item, name)
+                    xet_hash = (described.get(src) or {}).get("xet_hash")  # the server need not look it up
+                    copies.append({"src": src, "dest": f"{item.to_model}/{item.entry.name}/{name}",
+                                   **({"xet_hash": xet_hash} if xet_hash else {})})
         if item.to_flat:
             flat_commits.append({"dest": _flat(item, item.commit), "local_path": str(item.entry.path / item.commit)})
             result.bytes_uploaded += item.entry.files[item.commit]
@@ -165,10 +173,19 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
         client.batch(copy=copies, add=flat_commits)
     model_commits = [{"dest": f"{item.to_model}/{item.entry.name}/{item.commit}", "local_path": str(item.entry.path / item.commit)}
                      for item in items if item.to_model]
-    last = model_commits + ([record] if record is not None else [])
+    last = model_commits + ([_record_item(*record, described)] if record is not None else [])
     if last:
         client.batch(add=last)
     result.published.extend(item.entry.name for item in items)
+
+
+def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:
+    """The export record as a batch add, with the digests the server recorded for the files it uploaded."""
+    digests = {info["xet_hash"]: info["digest"] for info in described.values()
+               if isinstance(info, dict) and info.get("xet_hash") and info.get("digest")}
+    if digests:
+        record = dataclasses.replace(record, digests=dict(sorted(digests.items())))
+    return {"dest": path, "content": record.to_json()}
 
 
 @dataclass

@@ -69,15 +69,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        """Download [{"path", "local_path", "size"?, "xet_hash"?}]; {"files": n, "bytes": n}."""
+        """Download [{"path", "local_path", "size"?, "xet_hash"?, "digest"?, "manifest"?}]; {"files": n,
+        "bytes": n, "failed": [{"path", "reason"}]}. Each file with a digest is checked against it (a
+        manifest's binding for its Xet hash first, see digests.py); one that fails is deleted and listed."""
 
     @abc.abstractmethod
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
         """Apply copies, then adds, then deletes.
 
-        add: [{"dest", "local_path"} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}] copies
-        within the bucket (server-side by hash where the backend can). Returns counts.
+        add: [{"dest", "local_path", "describe"?} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}]
+        copies within the bucket (server-side by hash where the backend can). Returns counts, and for the
+        added files asked to be described, "described": {dest: {"xet_hash", "digest"}}: what a manifest
+        records for them.
         """
 
 

@@ -7,9 +7,11 @@ over its destination, so a reader on another host never sees half a file.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 from ..protocol import ErrorCode
 from ..digests import Verifier, file_digest, publish_algorithm
 from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
+
+log = logging.getLogger("bucket_server")
 
 INCOMING = ".incoming"
 #: The digest of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
@@ -223,12 +227,14 @@ class DirBackend(Backend):
         for the client."""
         self._require_root()
         counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
-        verifier = Verifier()
+        verifier = Verifier(manifests=[str(item["local_path"]) for item in files if item.get("manifest")])
+        started = time.perf_counter()
         total = 0
         failed = []
         try:
-            # Largest first: while each copies, the one before is hashed; the last hash, left to wait for, is small.
-            for item in sorted(files, key=lambda item: -int(item.get("size") or 0)):
+            # Manifests first (the other checks wait for them), then largest first: while each copies, the one
+            # before is hashed; the last hash, left to wait for, is small.
+            for item in sorted(files, key=lambda item: (not item.get("manifest"), -int(item.get("size") or 0))):
                 source = self._local(item["path"])
                 dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
                 if self._stat_file(item["path"]) is None:
@@ -245,7 +251,9 @@ class DirBackend(Backend):
                 else:
                     verifier.submit(str(dest), item.get("digest"))
         finally:
+            copied_in = time.perf_counter() - started
             problems = verifier.finish()
+        log.info("copied %d files in %.3f s, %s", len(files), copied_in, verifier.summary())
         return {"files": len(files), "bytes": total, "failed": failed + reject_mismatched(files, problems)}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
@@ -268,6 +276,7 @@ class DirBackend(Backend):
             if digest is None:
                 digest = file_digest(self._local(item["dest"]), algorithm)
             self._write_digest(item["dest"], digest)
+        described: dict[str, dict[str, Any]] = {}
         for item in add:
             tmp = self._incoming()
             try:
@@ -280,7 +289,12 @@ class DirBackend(Backend):
             finally:
                 tmp.unlink(missing_ok=True)
             self._write_digest(item["dest"], digest)
+            if item.get("describe") and "local_path" in item:
+                described[item["dest"]] = {"xet_hash": None, "digest": digest}
         for path in delete:
             self._local(path).unlink(missing_ok=True)
             self._digest_path(path).unlink(missing_ok=True)
-        return {"added": len(add), "copied": len(copy), "deleted": len(delete)}
+        reply: dict[str, Any] = {"added": len(add), "copied": len(copy), "deleted": len(delete)}
+        if described:
+            reply["described"] = described
+        return reply

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..digests import Verifier
+from ..digests import Verifier, file_digest, publish_algorithm
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
 
@@ -287,8 +287,9 @@ class HfBackend(Backend):
             _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)])
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        """Download the files; each one's Xet hash is recomputed from what landed on disk, as soon as it
-        lands, while the others still transfer. A file that does not match is removed and reported."""
+        """Download the files; each one is checked against its digest as soon as it lands, while the others
+        still transfer (by the BLAKE3 digest a manifest of the request binds to its Xet hash, else by
+        recomputing the Xet hash). A file that does not match is removed and reported."""
         items = self._with_xet_info([dict(item, path=validate_remote_path(item["path"])) for item in files])
         total = sum(int(item.get("size") or 0) for item in items)
         # hf_xet writes the destination files as it goes: their sizes are the progress.
@@ -315,7 +316,7 @@ class HfBackend(Backend):
         import hf_xet
         from huggingface_hub import BucketFile
 
-        verifier = Verifier()
+        verifier = Verifier(manifests=[str(item["local_path"]) for item in items if item.get("manifest")])
         started = time.perf_counter()
         try:
             if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
@@ -323,7 +324,7 @@ class HfBackend(Backend):
                 pairs = [(BucketFile(type="file", path=item["path"], size=int(item["size"]), xetHash=item["xet_hash"]),
                           item["local_path"]) for item in items]
                 self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
-                for item in items:
+                for item in sorted(items, key=lambda item: not item.get("manifest")):  # manifests first
                     verifier.submit(str(item["local_path"]), item.get("digest"))
             else:
                 self._download_each(items, verifier)
@@ -332,8 +333,7 @@ class HfBackend(Backend):
             raise
         landed = time.perf_counter()
         problems = verifier.finish()
-        log.info("downloaded %d files in %.3f s, then waited %.3f s for the last hashes", len(items),
-                 landed - started, time.perf_counter() - landed)
+        log.info("downloaded %d files in %.3f s, %s", len(items), landed - started, verifier.summary())
         return problems
 
     def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> None:
@@ -355,10 +355,11 @@ class HfBackend(Backend):
             token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
             custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
         ) as group:
-            # Largest first: the big files land early, and what is left to hash when the transfer ends is small.
+            # Manifests first (the other files' checks wait for them), then largest first: the big files land
+            # early, and what is left to hash when the transfer ends is small.
             handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
                                                  str(item["local_path"])): item
-                       for item in sorted(transfers, key=lambda item: -int(item["size"]))}
+                       for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
             # A task reads as running until it is joined, failed or not: join each on its own thread (the
             # join releases the GIL) and take them in the order they finish.
             with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
@@ -392,6 +393,21 @@ class HfBackend(Backend):
                 source = str(item.get("content", "")).encode("utf-8")
             add_ops.append((source, dest))
         delete_ops = [validate_remote_path(path) for path in delete]
+        described = [item for item in add if item.get("describe") and "local_path" in item]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
+            # Digests of the files to describe are computed while they upload (they are read twice either way).
+            digests = hasher.submit(lambda: {item["dest"]: file_digest(item["local_path"], publish_algorithm())
+                                             for item in described})
+            self._upload(add_ops, copy_ops, delete_ops, progress)
+            reply: dict[str, Any] = {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
+            if described:
+                listed = {info["path"]: info["xet_hash"] for info in self.paths_info([item["dest"] for item in described])}
+                reply["described"] = {dest: {"xet_hash": listed.get(dest), "digest": digest}
+                                      for dest, digest in digests.result().items()}
+        return reply
+
+    def _upload(self, add_ops: list[tuple[Any, str]], copy_ops: list[tuple[str, str, str, str]], delete_ops: list[str],
+                progress: Progress | None) -> None:
         if progress is None or len(add_ops) <= 1:
             self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=add_ops, copy=copy_ops, delete=delete_ops)
         else:
@@ -406,4 +422,3 @@ class HfBackend(Backend):
                 progress(done, total)
             if delete_ops:
                 self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
-        return {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
