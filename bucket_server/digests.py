@@ -144,9 +144,25 @@ def mismatches(files: Sequence[tuple[str, str]]) -> dict[str, str]:
         for path, expected in pairs:
             got = actual[path]
             if got != expected:
-                problems[path] = (f"content does not match its {_NAMES[algorithm]} "
-                                  f"(expected {expected[:12]}…, got {got[:12]}…)")
+                problems[path] = mismatch_reason(algorithm, expected, got)
     return problems
+
+
+def mismatch_reason(algorithm: str, expected: str, got: str) -> str:
+    return f"content does not match its {_NAMES[algorithm]} (expected {expected[:12]}…, got {got[:12]}…)"
+
+
+def _streaming_hasher(algorithm: str) -> Any:
+    """A hasher fed block by block (BLAKE3, sha256), or None (a Xet hash needs the whole file)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        try:
+            import blake3
+        except ImportError:
+            return None
+        return blake3.blake3()
+    return None
 
 
 #: A digest manifest is a small JSON file (an export record): a larger one is not read.
@@ -264,3 +280,94 @@ class Verifier:
         """For the server log: what the check cost once the transfer was over, and how it was made."""
         return (f"then waited {self.waited:.3f} s for the last hashes "
                 f"({self.by_manifest} files checked by a manifest's digest)")
+
+
+class StreamVerifier:
+    """Checks files while they are still being written, a block behind the writer: for copies whose loop
+    the server owns (directory buckets). The writer says how far each file is `written`, then `closed`;
+    a background thread reads each new block back (from the page cache, into a reused buffer) and feeds
+    the file's hasher, so when the last byte is written, at most a block is left to hash. It is the
+    written bytes that are checked, not the source's. A digest that cannot be computed block by block is
+    checked whole when the file is closed."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._problems: dict[str, str] = {}
+        self._thread: threading.Thread | None = None
+        self.by_manifest = 0  # for `summary`: directory buckets list no Xet hashes for a manifest to bind
+        self.waited = 0.0
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="verify-stream", daemon=True)
+            self._thread.start()
+        self._queue.put(item)
+
+    def written(self, path: str, digest: str | None, upto: int) -> None:
+        if digest:
+            self._put(("written", path, digest, upto))
+
+    def closed(self, path: str, digest: str | None) -> None:
+        if digest:
+            self._put(("closed", path, digest, None))
+
+    def abandon(self, path: str) -> None:
+        """The file is rejected for another reason (and removed): stop checking it, report nothing."""
+        self._put(("abandon", path, None, None))
+
+    def _run(self) -> None:
+        streams: dict[str, tuple[Any, int, int]] = {}  # path -> (hasher, fd, bytes hashed)
+        buffer = memoryview(bytearray(self.BLOCK))
+        while True:
+            item = self._queue.get()
+            if item is Verifier._STOP:
+                for _, fd, _ in streams.values():
+                    os.close(fd)
+                return
+            kind, path, digest, upto = item
+            if kind == "abandon":
+                self._problems.pop(path, None)
+                if path in streams:
+                    os.close(streams.pop(path)[1])
+                continue
+            if path in self._problems:  # failed already: nothing more to learn
+                continue
+            try:
+                parsed = split(digest)
+                hasher = _streaming_hasher(parsed[0]) if parsed else None
+                if hasher is None:  # checked whole, once complete
+                    if kind == "closed":
+                        self._problems.update(mismatches([(path, digest)]))
+                    continue
+                if path not in streams:
+                    streams[path] = (hasher, os.open(path, os.O_RDONLY), 0)
+                hasher, fd, done = streams[path]
+                while upto is None or done < upto:
+                    want = self.BLOCK if upto is None else min(self.BLOCK, upto - done)
+                    got = os.preadv(fd, [buffer[:want]], done)
+                    if not got:
+                        break
+                    hasher.update(buffer[:got])
+                    done += got
+                streams[path] = (hasher, fd, done)
+                if kind == "closed":
+                    os.close(streams.pop(path)[1])
+                    if hasher.hexdigest() != parsed[1]:
+                        self._problems[path] = mismatch_reason(parsed[0], parsed[1], hasher.hexdigest())
+            except OSError as exc:
+                if path in streams:
+                    os.close(streams.pop(path)[1])
+                self._problems[path] = f"could not be read back to check it ({type(exc).__name__}: {exc})"
+
+    def finish(self) -> dict[str, str]:
+        started = time.perf_counter()
+        if self._thread is not None:
+            self._queue.put(Verifier._STOP)
+            self._thread.join()
+            self._thread = None
+        self.waited = time.perf_counter() - started
+        return dict(self._problems)
+
+    summary = Verifier.summary

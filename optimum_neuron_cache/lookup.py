@@ -49,7 +49,8 @@ class CachedExport(ExportRecord):
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What `lookup --json` prints: the configuration, not the digests kept for the bucket server."""
+        return {key: value for key, value in asdict(self).items() if key != "digests"}
 
     def matches(self, filters: Mapping[str, Any]) -> bool:
         for name, wanted in filters.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
-from ..digests import Verifier, file_digest, publish_algorithm
+from ..digests import StreamVerifier, file_digest, publish_algorithm
 from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
 
 log = logging.getLogger("bucket_server")
@@ -32,11 +32,13 @@ HIDDEN = (INCOMING, DIGESTS)
 
 
 def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str],
-                      on_bytes: Callable[[int], None] | None = None, limit: int | None = None) -> int:
+                      on_bytes: Callable[[int], None] | None = None, limit: int | None = None,
+                      written: Callable[[int], None] | None = None) -> int:
     """Copy the bytes of a regular file; a symlink or anything else is refused, never followed.
 
     The bytes move inside the kernel (sendfile) where it can, never through Python. limit: stop after this
-    many bytes plus one (a file far larger than announced is not copied whole)."""
+    many bytes plus one (a file far larger than announced is not copied whole). on_bytes(moved) and
+    written(bytes so far) are called after each step of COPY_STEP bytes."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -57,10 +59,13 @@ def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[st
                 copied += moved
                 if on_bytes is not None:
                     on_bytes(moved)
+                if written is not None:
+                    written(copied)
             return copied
 
 
-COPY_STEP = 16 << 20
+#: Small enough that a file's check follows its copy closely (StreamVerifier), large enough to cost nothing.
+COPY_STEP = 4 << 20
 
 
 def _copy_step(src: Any, dst: Any, offset: int, count: int) -> int:
@@ -222,34 +227,36 @@ class DirBackend(Backend):
         return found
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        """Copy each file out; while the next one copies, the last one is checked against its digest. A file
-        whose bytes do not match (or that is far larger than announced) is removed and reported, never left
-        for the client."""
+        """Copy each file out, checked against its digest a block behind the copy (StreamVerifier): when the
+        last byte is copied, little is left to hash. A file whose bytes do not match (or that is far larger
+        than announced) is removed and reported, never left for the client. Digest manifests bind Xet
+        hashes, which a directory bucket does not list: they are copied like any other file."""
         self._require_root()
         counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
-        verifier = Verifier(manifests=[str(item["local_path"]) for item in files if item.get("manifest")])
+        verifier = StreamVerifier()
         started = time.perf_counter()
         total = 0
         failed = []
         try:
-            # Manifests first (the other checks wait for them), then largest first: while each copies, the one
-            # before is hashed; the last hash, left to wait for, is small.
-            for item in sorted(files, key=lambda item: (not item.get("manifest"), -int(item.get("size") or 0))):
+            for item in files:
                 source = self._local(item["path"])
                 dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
                 if self._stat_file(item["path"]) is None:
                     raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
                 limit = int(item["size"]) if item.get("size") is not None else None
+                digest = item.get("digest")
                 try:
-                    copied = copy_regular_file(source, dest, counter.add if progress else None, limit=limit)
+                    copied = copy_regular_file(source, dest, counter.add if progress else None, limit=limit,
+                                               written=lambda upto: verifier.written(str(dest), digest, upto))
                 except FileNotFoundError:
                     raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
                 total += copied
                 if limit is not None and copied > limit:
+                    verifier.abandon(str(dest))
                     dest.unlink(missing_ok=True)
                     failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
                 else:
-                    verifier.submit(str(dest), item.get("digest"))
+                    verifier.closed(str(dest), digest)
         finally:
             copied_in = time.perf_counter() - started
             problems = verifier.finish()
