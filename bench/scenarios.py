@@ -313,13 +313,17 @@ def fetch_cold(site: Site) -> dict[str, Any]:
     direct_samples: list[Sample] = []
     sync_samples: list[Sample] = []
     copy_samples: list[Sample] = []
-    for _ in range(cfg.reps):  # interleaved, so that drifts hit every method alike
-        ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
+    for rep in range(cfg.reps):  # interleaved, alternating who goes first, so that drifts hit every method alike
+        if rep % 2:
+            ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
         if site.backend == "hf":
             direct_samples.append(_direct_download(site, files, area))
-            sync_samples.append(_hf_sync_down(site))
         else:
             copy_samples.append(_plain_copy_down(site, files, area))
+        if not rep % 2:
+            ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
+        if site.backend == "hf":
+            sync_samples.append(_hf_sync_down(site))
     ours_stats = summarize(ours_samples, bytes_needed=needed)
     ratios: dict[str, float | None] = {}
     targets = []

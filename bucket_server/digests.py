@@ -201,34 +201,65 @@ def _fall_back_to_xet(problems: dict[str, str], substituted: dict[str, str]) -> 
     return kept
 
 
-class Verifier:
-    """Checks files against their digests on a background thread while the transfer goes on.
+_STOP = object()
 
-    `submit` each file as soon as it is complete on disk; `finish` waits for the last hash and returns
-    local path -> why it does not match. Files that arrive together are hashed in one batch. The files
-    named in `manifests` (local paths) are read as digest manifests: they are checked first, and the other
-    files wait until every manifest has been submitted, so that they can use its bindings."""
 
-    _STOP = object()
+class _BackgroundCheck:
+    """What both verifiers share: a queue of work for one background thread (started on first use), the
+    problems it finds (local path -> why), and how long `finish` waited for it once the transfer was over."""
 
-    def __init__(self, manifests: Collection[str] = ()) -> None:
+    _thread_name = "verify"
+
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._problems: dict[str, str] = {}
         self._thread: threading.Thread | None = None
+        self._draining = False  # set by `finish`: the transfer is over
+        self.waited = 0.0
+
+    def _put(self, item: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+            self._thread.start()
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, str]:
+        """Wait for the last checks; local path -> why it does not match."""
+        started = time.perf_counter()
+        self._draining = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        self.waited = time.perf_counter() - started
+        return dict(self._problems)
+
+    def summary(self) -> str:
+        """For the server log: what the checks cost once the transfer was over."""
+        return f"then waited {self.waited:.3f} s for the last hashes"
+
+
+class Verifier(_BackgroundCheck):
+    """Checks whole files against their digests on a background thread while the transfer goes on.
+
+    `submit` each file as soon as it is complete on disk; `finish` waits for the last hash. Files that
+    arrive together are hashed in one batch. The files named in `manifests` (local paths) are read as
+    digest manifests: they are checked first, and the other files wait until every manifest has been
+    submitted, so that they can use its bindings."""
+
+    def __init__(self, manifests: Collection[str] = ()) -> None:
+        super().__init__()
         self._manifests = frozenset(manifests)
         #: Xet hash -> the digest a manifest recorded for it (None: manifests disagreed, use the Xet hash).
         self._bindings: dict[str, str | None] = {}
         self.by_manifest = 0  # files checked by a manifest's digest rather than their Xet hash
-        self.waited = 0.0  # seconds `finish` waited for the last hashes
-        self._draining = False  # set by `finish`: the transfer is over
 
     def submit(self, path: str, digest: str | None) -> None:
-        if not digest and path not in self._manifests:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
-            self._thread.start()
-        self._queue.put((path, digest))
+        if digest or path in self._manifests:
+            self._put((path, digest))
 
     def _learn(self, manifest: str, digest: str | None) -> None:
         if digest:
@@ -261,55 +292,32 @@ class Verifier:
             batch = [self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get())
-            stop = any(item is self._STOP for item in batch)
-            for path, digest in (item for item in batch if item is not self._STOP and item[0] in waiting):
+            stop = any(item is _STOP for item in batch)
+            files = [item for item in batch if item is not _STOP]
+            for path, digest in (item for item in files if item[0] in waiting):
                 waiting.discard(path)
                 self._learn(path, digest)
-            held += [item for item in batch if item is not self._STOP and item[0] not in self._manifests and item[1]]
+            held += [item for item in files if item[0] not in self._manifests and item[1]]
             if held and (stop or not waiting):
                 self._check(held)
                 held = []
             if stop:
                 return
 
-    def finish(self) -> dict[str, str]:
-        started = time.perf_counter()
-        self._draining = True
-        if self._thread is not None:
-            self._queue.put(self._STOP)
-            self._thread.join()
-            self._thread = None
-        self.waited = time.perf_counter() - started
-        return dict(self._problems)
-
     def summary(self) -> str:
-        """For the server log: what the check cost once the transfer was over, and how it was made."""
-        return (f"then waited {self.waited:.3f} s for the last hashes "
-                f"({self.by_manifest} files checked by a manifest's digest)")
+        return f"{super().summary()} ({self.by_manifest} files checked by a manifest's digest)"
 
 
-class StreamVerifier:
+class StreamVerifier(_BackgroundCheck):
     """Checks files while they are still being written, a block behind the writer: for copies whose loop
     the server owns (directory buckets). The writer says how far each file is `written`, then `closed`;
-    a background thread reads each new block back (from the page cache, into a reused buffer) and feeds
+    the background thread reads each new block back (from the page cache, into a reused buffer) and feeds
     the file's hasher, so when the last byte is written, at most a block is left to hash. It is the
     written bytes that are checked, not the source's. A digest that cannot be computed block by block is
     checked whole when the file is closed."""
 
     BLOCK = 1 << 20
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._problems: dict[str, str] = {}
-        self._thread: threading.Thread | None = None
-        self.by_manifest = 0  # for `summary`: directory buckets list no Xet hashes for a manifest to bind
-        self.waited = 0.0
-
-    def _put(self, item: tuple[Any, ...]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="verify-stream", daemon=True)
-            self._thread.start()
-        self._queue.put(item)
+    _thread_name = "verify-stream"
 
     def written(self, path: str, digest: str | None, upto: int) -> None:
         if digest:
@@ -328,7 +336,7 @@ class StreamVerifier:
         buffer = memoryview(bytearray(self.BLOCK))
         while True:
             item = self._queue.get()
-            if item is Verifier._STOP:
+            if item is _STOP:
                 for _, fd, _ in streams.values():
                     os.close(fd)
                 return
@@ -366,14 +374,3 @@ class StreamVerifier:
                 if path in streams:
                     os.close(streams.pop(path)[1])
                 self._problems[path] = f"could not be read back to check it ({type(exc).__name__}: {exc})"
-
-    def finish(self) -> dict[str, str]:
-        started = time.perf_counter()
-        if self._thread is not None:
-            self._queue.put(Verifier._STOP)
-            self._thread.join()
-            self._thread = None
-        self.waited = time.perf_counter() - started
-        return dict(self._problems)
-
-    summary = Verifier.summary

@@ -215,6 +215,19 @@ def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list
     return chunks
 
 
+def _digests_of(items: list[dict[str, Any]]) -> dict[str, str]:
+    """dest -> digest of the local file to upload there; a file that cannot be read is left out (its upload
+    reports the error)."""
+    algorithm = publish_algorithm()
+    digests = {}
+    for item in items:
+        try:
+            digests[item["dest"]] = file_digest(item["local_path"], algorithm)
+        except OSError:
+            continue
+    return digests
+
+
 def _file_item(bucket_file: Any) -> dict[str, Any]:
     mtime = getattr(bucket_file, "mtime", None)
     return {
@@ -396,15 +409,22 @@ class HfBackend(Backend):
         described = [item for item in add if item.get("describe") and "local_path" in item]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
             # Digests of the files to describe are computed while they upload (they are read twice either way).
-            digests = hasher.submit(lambda: {item["dest"]: file_digest(item["local_path"], publish_algorithm())
-                                             for item in described})
+            digests = hasher.submit(_digests_of, described)
             self._upload(add_ops, copy_ops, delete_ops, progress)
             reply: dict[str, Any] = {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
             if described:
-                listed = {info["path"]: info["xet_hash"] for info in self.paths_info([item["dest"] for item in described])}
-                reply["described"] = {dest: {"xet_hash": listed.get(dest), "digest": digest}
-                                      for dest, digest in digests.result().items()}
+                reply["described"] = self._describe(digests.result())
         return reply
+
+    def _describe(self, digests: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """dest -> the Xet hash the bucket now lists for it, and its digest. Best effort: the upload has
+        succeeded, and a file left undescribed is only checked the slower way by readers."""
+        try:
+            listed = {info["path"]: info["xet_hash"] for info in self.paths_info(list(digests))}
+        except BackendError as exc:
+            log.info("could not describe %d uploaded files: %s", len(digests), exc.message)
+            return {}
+        return {dest: {"xet_hash": listed[dest], "digest": digest} for dest, digest in digests.items() if listed.get(dest)}
 
     def _upload(self, add_ops: list[tuple[Any, str]], copy_ops: list[tuple[str, str, str, str]], delete_ops: list[str],
                 progress: Progress | None) -> None:
