@@ -7,6 +7,7 @@ remote failure the run stops talking to the bucket, and entries it could not pub
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entrie
 from .neuron_sdk import resolve_compiler_version
 from .explain import nearest, why_nothing
 from .lookup import CachedExport, read_records
-from .records import compile_seconds, compiler_flags, make_record
+from .records import ExportRecord, compile_seconds, compiler_flags, make_record
 from .stats import Stats, record_run
 from .sync import execute_sync, plan_sync
 
@@ -252,6 +253,12 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._miss(f"compiled {len(new)} graphs here: no record matches; nearest differs in "
                        + "; ".join(best[0].differences))
 
+    def _keep_digests(self, record: ExportRecord) -> ExportRecord:
+        """A record rewritten for the same configuration keeps the digests the one it replaces recorded (read
+        at enter, with the entries): readers go on checking those files by BLAKE3. Sync adds this run's."""
+        previous = next((r for r in self._records_read if r.record_id == record.record_id), None)
+        return dataclasses.replace(record, digests=dict(previous.digests)) if previous and previous.digests else record
+
     def _sync(self, root: Path) -> None:
         state = HostState(root)
         entries = {entry.name: entry for entry in self._entries()}
@@ -279,6 +286,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             record_path = f"{area}/{layout.EXPORTS_DIR}/{record.record_id}.json"
             if f"{record.record_id}.json" in self._area_records and not new:
                 record = None  # this configuration is recorded already and nothing new was compiled
+            else:
+                record = self._keep_digests(record)
         if not candidates and record is None:
             return
         if not self._remote_ok or self._client is None:

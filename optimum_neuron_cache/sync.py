@@ -180,11 +180,12 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
 
 
 def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:
-    """The export record as a batch add, with the digests the server recorded for the files it uploaded."""
+    """The export record as a batch add, with the digests the server recorded for the files it uploaded
+    added to those it already carries."""
     digests = {info["xet_hash"]: info["digest"] for info in described.values()
                if isinstance(info, dict) and info.get("xet_hash") and info.get("digest")}
     if digests:
-        record = dataclasses.replace(record, digests=dict(sorted(digests.items())))
+        record = dataclasses.replace(record, digests=dict(sorted({**record.digests, **digests}.items())))
     return {"dest": path, "content": record.to_json()}
 
 

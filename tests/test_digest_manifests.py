@@ -157,3 +157,19 @@ def test_a_flipped_byte_in_a_small_file_is_caught(tmp_path):
     assert mismatches([(path, f"xet:{xet}")]) == {}
     _flip_byte_keeping_size_and_mtime(Path(path), 3)
     assert "does not match its Xet hash" in mismatches([(path, f"xet:{xet}")])[path]
+
+
+def test_a_rewritten_record_keeps_the_digests_of_the_one_it_replaces(tmp_path, hub, version):
+    client = BucketClient(BucketRef("hf", "test/manifests"))
+    client.create()
+    _, record_path = _publish_with_record(tmp_path, "test/manifests", version)
+    first = _read(client, record_path, tmp_path / "first.json")["digests"]
+    # Another machine, the same configuration: it fetches both entries, then compiles one graph more.
+    with hub_neuronx_cache("org/v", "text-generation", {"batch_size": 1}, compiler_version=version,
+                           bucket="test/manifests", cache_dir=tmp_path / "C") as run:
+        compile_graph(tmp_path / "C", version, make_graphs(1, seed="manifest-more", neff_size=200_000)[0])
+    assert len(run.fetched) == 2 and len(run.synced) == 1 and run.record == record_path
+    second = _read(client, record_path, tmp_path / "second.json")
+    assert len(second["modules"]) == 1  # the record names what this run compiled...
+    assert set(first) < set(second["digests"])  # ...and keeps every digest, the new files' added
+    assert all(second["digests"][key] == value for key, value in first.items())
