@@ -5,9 +5,10 @@ from the bytes; directory buckets written by this project keep a BLAKE3 digest (
 file, recorded when it was published (older ones kept a sha256, still checked). A file whose bytes do not
 match is never handed to the client.
 
-Hashing costs CPU, not I/O (the file was just written, it is in the page cache), so a `Verifier` hashes each
-file on its own thread as soon as the transfer hands it over, while the rest of the transfer goes on: only
-the last file's hash is left to wait for when the transfer ends.
+Hashing costs CPU, not I/O (the file was just written, it is in the page cache), so it runs beside the
+transfer: a `Verifier` hashes each whole file on its own thread as soon as hf_xet hands it over (Hub), a
+`StreamVerifier` each block as soon as the server's own copy has written it (directory buckets). Little is
+left to hash when the transfer ends.
 
 Recomputing a Xet hash (content-defined chunking, then a Merkle tree) runs at about 1.5 GB/s on one core;
 BLAKE3 runs at about 7 GB/s, and spreads one file over every core. So a download may name *digest
