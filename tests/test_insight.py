@@ -108,7 +108,9 @@ def test_stats_of_a_run_and_the_time_its_hits_saved(tmp_path, bucket, version):
     with hub_neuronx_cache("org/m", None, CONFIG, compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
         pass
     assert run.stats.hits == 2 and run.stats.misses == 0 and run.stats.fetches == 1
-    assert run.stats.seconds_saved >= 0.6 and run.stats.hits_without_duration == 0
+    # Two compiles of 0.3 s each, as read from file times, which the kernel stamps at its clock tick (up to
+    # 10 ms): each duration may read a tick short.
+    assert 0.58 <= run.stats.seconds_saved < 1.0 and run.stats.hits_without_duration == 0
     last, total = read_stats()
     assert last.hits == 2 and total.hits == 2 and total.misses == 2 and total.publishes == 2
     assert total.bytes_downloaded == run.bytes_downloaded > 0
