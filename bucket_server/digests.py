@@ -39,14 +39,20 @@ def split(digest: str) -> tuple[str, str] | None:
     return algorithm, value
 
 
-def publish_algorithm() -> str:
-    """What a directory bucket records for new files: BLAKE3 (several times faster than sha256, and as
-    strong), or sha256 where the blake3 package is missing (a server run from an interpreter without it)."""
+def _has_blake3() -> bool:
+    """The blake3 package is a server requirement, but a server run from the caller's interpreter
+    (NEURON_CACHE_SERVER_MODE=current) may lack it: then sha256 and hf_xet do its work."""
     try:
         import blake3  # noqa: F401
     except ImportError:
-        return "sha256"
-    return "blake3"
+        return False
+    return True
+
+
+def publish_algorithm() -> str:
+    """What a directory bucket records for new files, and a sync describes: BLAKE3 (several times faster
+    than sha256, and as strong), or sha256 where the blake3 package is missing."""
+    return "blake3" if _has_blake3() else "sha256"
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str, *, every_core: bool = True) -> str:
@@ -93,11 +99,7 @@ def xet_hashes(paths: Sequence[str]) -> list[str]:
     import hf_xet
 
     hashes: dict[int, str] = {}
-    try:
-        import blake3  # noqa: F401
-    except ImportError:  # a server run from an interpreter without it: hf_xet hashes every file
-        pass
-    else:
+    if _has_blake3():  # else hf_xet hashes every file
         for index, path in enumerate(paths):
             if os.path.getsize(path) <= XET_ONE_CHUNK:
                 with open(path, "rb") as handle:
@@ -160,11 +162,9 @@ def _streaming_hasher(algorithm: str) -> Any:
     """A hasher fed block by block (BLAKE3, sha256), or None (a Xet hash needs the whole file)."""
     if algorithm == "sha256":
         return hashlib.sha256()
-    if algorithm == "blake3":
-        try:
-            import blake3
-        except ImportError:
-            return None
+    if algorithm == "blake3" and _has_blake3():
+        import blake3
+
         return blake3.blake3()
     return None
 
