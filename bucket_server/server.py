@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
@@ -110,7 +111,8 @@ class Activity:
 
 
 class BucketServer:
-    def __init__(self, socket_path: str, endpoint: str, idle_timeout: float) -> None:
+    def __init__(self, socket_path: str, endpoint: str, idle_timeout: float, policy: Any = None) -> None:
+        """`policy`: the hf backend's RetryPolicy (its defaults when None)."""
         self.socket_path = socket_path
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
@@ -118,7 +120,7 @@ class BucketServer:
         self.started = time.time()
         self.stopping = threading.Event()
         self._hf_api: Any = None
-        self._policy: Any = None
+        self._policy: Any = policy
         self._api_lock = threading.Lock()
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "hello": self.op_hello,
@@ -149,7 +151,8 @@ class BucketServer:
                     raise BackendError(ErrorCode.INTERNAL, f"huggingface_hub is not installed in the server environment: {exc}") from None
                 from .backends.hf import RetryPolicy, configure_http
 
-                self._policy = RetryPolicy.from_env()
+                if self._policy is None:
+                    self._policy = RetryPolicy()
                 configure_http(self._policy)
                 self._hf_api = HfApi(endpoint=self.endpoint)
             return self._hf_api
@@ -317,19 +320,86 @@ class BucketServer:
                 pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bucket_server", description="optimum-neuron-cache bucket server")
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit code 2 (argparse would print its usage first)."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"{self.prog}: {message} (see python -m bucket_server --help)\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The server's settings come from its command line only, validated here: it never reads NEURON_CACHE_*
+    from the environment it inherited (a bad value there would break every later client for its whole life).
+    The defaults live here and in RetryPolicy."""
+    from .backends.hf import RetryPolicy
+
+    defaults = RetryPolicy()
+    parser = _OneLineParser(prog="bucket_server", description="optimum-neuron-cache bucket server")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--idle-timeout", type=float, default=300.0)
-    parser.add_argument("--log-level", default=os.environ.get("NEURON_CACHE_SERVER_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    parser.add_argument("--idle-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="exit after this long with no connection open and no request running (300)")
+    parser.add_argument("--retry-budget", type=_seconds, default=defaults.budget, metavar="SECONDS",
+                        help=f"all attempts of one Hub operation, timeouts and waits included ({defaults.budget:g})")
+    parser.add_argument("--retry-attempts", type=_attempts, default=defaults.attempts, metavar="N",
+                        help=f"attempts of one Hub operation at most ({defaults.attempts})")
+    parser.add_argument("--http-timeout", type=_seconds, default=defaults.timeout, metavar="SECONDS",
+                        help=f"timeout of a request that carries a transfer, such as a batch's commit ({defaults.timeout:g})")
+    parser.add_argument("--metadata-timeout", type=_seconds, default=defaults.metadata_timeout, metavar="SECONDS",
+                        help=f"timeout of a metadata request (info, list, paths-info), at most --http-timeout "
+                             f"({defaults.metadata_timeout:g})")
+    parser.add_argument("--xet-retry-duration", type=_seconds, default=None, metavar="SECONDS",
+                        help="how long hf_xet retries its own requests (HF_XET_CLIENT_RETRY_MAX_DURATION; default: "
+                             "that variable when the server inherited it, else the retry budget)")
+    parser.add_argument("--log-level", type=_log_level, default="INFO", metavar="LEVEL")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .backends.hf import RetryPolicy
+
+    policy = RetryPolicy(budget=args.retry_budget, attempts=args.retry_attempts, timeout=args.http_timeout,
+                         metadata_timeout=args.metadata_timeout)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     # huggingface_hub reads these at import: no telemetry, no progress bars on a log file.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # hf_xet retries its own requests for about 105 s by default: bound them like every other request.
-    os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", os.environ.get("NEURON_CACHE_XET_RETRY_DURATION", "10s"))
+    if args.xet_retry_duration is not None:
+        os.environ["HF_XET_CLIENT_RETRY_MAX_DURATION"] = f"{args.xet_retry_duration:g}s"
+    else:
+        os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", f"{policy.budget:g}s")
     os.environ["HF_ENDPOINT"] = args.endpoint
-    BucketServer(args.socket, args.endpoint, args.idle_timeout).serve_forever()
+    log.info("retries: %d attempts within %g s; timeouts: %g s for metadata, %g s for transfers; hf_xet retries "
+             "for %s", policy.attempts, policy.budget, policy.request_timeout(transfer=False), policy.timeout,
+             os.environ["HF_XET_CLIENT_RETRY_MAX_DURATION"])
+    BucketServer(args.socket, args.endpoint, args.idle_timeout, policy).serve_forever()
     return 0

@@ -108,6 +108,26 @@ def server_commands(address: ServerAddress, environ: Mapping[str, str] | None = 
     return [offline, command]
 
 
+#: Client settings handed to the server as arguments (the server reads no NEURON_CACHE_* variable itself).
+#: A stand-in: the settings work validates them here before they are sent.
+_SERVER_SETTINGS = {
+    "NEURON_CACHE_RETRY_BUDGET": "--retry-budget", "NEURON_CACHE_RETRY_ATTEMPTS": "--retry-attempts",
+    "NEURON_CACHE_HTTP_TIMEOUT": "--http-timeout", "NEURON_CACHE_METADATA_TIMEOUT": "--metadata-timeout",
+    "NEURON_CACHE_XET_RETRY_DURATION": "--xet-retry-duration", "NEURON_CACHE_SERVER_LOG_LEVEL": "--log-level",
+}
+
+
+def _server_setting_args(env: Mapping[str, str]) -> list[str]:
+    args = []
+    for name, option in _SERVER_SETTINGS.items():
+        if env.get(name):
+            value = env[name].strip()
+            if option == "--xet-retry-duration" and value.endswith("s"):  # hf_xet's own spelling, "10s"
+                value = value[:-1]
+            args += [option, value]
+    return args
+
+
 def server_command(address: ServerAddress, environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     mode = env.get(ENV_SERVER_MODE, "auto")
@@ -115,7 +135,8 @@ def server_command(address: ServerAddress, environ: Mapping[str, str] | None = N
         raise ServerStartError(f"{ENV_SERVER_MODE}={mode!r}: use auto, uv or current")
     boot = str(Path(__file__).resolve().parent.parent / "bucket_server" / "boot.py")
     idle = env.get(ENV_IDLE_TIMEOUT, "300")
-    args = [boot, "--socket", str(address.socket_path), "--endpoint", address.endpoint, "--idle-timeout", idle]
+    args = [boot, "--socket", str(address.socket_path), "--endpoint", address.endpoint, "--idle-timeout", idle,
+            *_server_setting_args(env)]
     if mode == "current" or (mode == "auto" and _current_has_bucket_client()):
         return [sys.executable, "-s", *args]
     try:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,26 +33,63 @@ _configured = False
 @dataclass(frozen=True)
 class RetryPolicy:
     """Our retries replace huggingface_hub's (five tries, about 23 s, and an unbounded wait on Retry-After):
-    exponential backoff with jitter, Retry-After honoured only within the budget, all within `budget` seconds.
-    The cache is best effort: a dead or throttling endpoint must cost the user's run seconds, not minutes."""
+    exponential backoff with jitter, Retry-After honoured only within the budget, all within `budget` seconds,
+    time spent waiting on timeouts included. The cache is best effort: a dead, silent or throttling endpoint
+    must cost the user's run seconds, not minutes.
 
-    budget: float = 10.0
+    Metadata requests (info, listings, paths-info, file metadata) answer in well under a second on a healthy
+    Hub: they get `metadata_timeout`, never more than `timeout`, and never more than what is left of the
+    budget. `timeout` is for requests that carry a transfer's weight (the commit of a batch)."""
+
+    budget: float = 7.0
     attempts: int = 4
     timeout: float = 15.0
+    metadata_timeout: float = 3.0
 
-    @classmethod
-    def from_env(cls) -> "RetryPolicy":
-        return cls(
-            budget=float(os.environ.get("NEURON_CACHE_RETRY_BUDGET", cls.budget)),
-            attempts=int(os.environ.get("NEURON_CACHE_RETRY_ATTEMPTS", cls.attempts)),
-            timeout=float(os.environ.get("NEURON_CACHE_HTTP_TIMEOUT", cls.timeout)),
-        )
+    def __post_init__(self) -> None:
+        for name in ("budget", "timeout", "metadata_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, not {value!r}")
+        if not (isinstance(self.attempts, int) and self.attempts >= 1):
+            raise ValueError(f"attempts must be an integer >= 1, not {self.attempts!r}")
+
+    def request_timeout(self, *, transfer: bool) -> float:
+        return self.timeout if transfer else min(self.metadata_timeout, self.timeout)
+
+
+#: When the retry budget of the operation running on this thread ends (monotonic seconds); None outside one.
+_budget_ends: ContextVar[float | None] = ContextVar("bucket_server_budget_ends", default=None)
+#: The longest a connection may take to open, whatever the request (a blackholed SYN waits this long).
+CONNECT_TIMEOUT = 3.0
+
+
+def is_transfer_request(method: str, path: str) -> bool:
+    """The requests that may legitimately take long: a batch's commit (its body lists every operation) and a
+    file's bytes over HTTP. Everything else huggingface_hub sends here is metadata. (Xet transfers do not go
+    through huggingface_hub's HTTP client; hf_xet bounds them itself.)"""
+    return (method == "POST" and path.rstrip("/").endswith("/batch")) or (method == "GET" and "/resolve/" in path)
+
+
+def request_timeout(policy: RetryPolicy, method: str, path: str, now: float | None = None) -> float:
+    """The timeout of one HTTP request: its class's, cut to what is left of the running operation's budget
+    for metadata. Raises TimeoutError when that budget is spent (the request is not sent)."""
+    transfer = is_transfer_request(method, path)
+    seconds = policy.request_timeout(transfer=transfer)
+    ends = _budget_ends.get()
+    if ends is not None and not transfer:
+        left = ends - (time.monotonic() if now is None else now)
+        if left <= 0:
+            raise TimeoutError(f"the retry budget of {policy.budget:g} s is spent")
+        seconds = min(seconds, left)
+    return seconds
 
 
 def configure_http(policy: RetryPolicy) -> None:
-    """Turn off huggingface_hub's own retries and give its HTTP client timeouts (it has none by default, so a
-    blackholed endpoint would hang for ever). This process belongs to the bucket server alone, so changing the
-    library's process-wide defaults here is deliberate."""
+    """Turn off huggingface_hub's own retries and give each of its requests our timeout (it has none by
+    default, so a blackholed endpoint would hang for ever, and one it passes itself would not know our
+    budget). This process belongs to the bucket server alone, so changing the library's process-wide
+    defaults here is deliberate."""
     global _configured
     with _configure_lock:
         if _configured:
@@ -64,14 +103,11 @@ def configure_http(policy: RetryPolicy) -> None:
         set_factory = getattr(_http, "set_client_factory", None)
         if default_factory is not None and set_factory is not None:
 
-            bounded = {"connect": min(5.0, policy.timeout), "read": policy.timeout, "write": policy.timeout, "pool": policy.timeout}
-
             def bound_timeout(request: Any) -> None:
-                # Some calls pass timeout=None explicitly (pagination does), which overrides a client default:
-                # give every request without a timeout ours, just before it is sent.
-                current = request.extensions.get("timeout")
-                if not isinstance(current, dict) or all(value is None for value in current.values()):
-                    request.extensions["timeout"] = dict(bounded)
+                # Runs just before each request is sent, on the thread of the operation that sends it.
+                seconds = request_timeout(policy, request.method, request.url.path)
+                request.extensions["timeout"] = {"connect": min(CONNECT_TIMEOUT, seconds), "read": seconds,
+                                                 "write": seconds, "pool": seconds}
 
             def client_factory():
                 client = default_factory()
@@ -97,8 +133,16 @@ def _retry_after(exc: BaseException) -> float | None:
 
 def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
     """Run `fn`, retrying retryable failures (network, timeout, 408/429/5xx) within the policy's budget;
-    any failure left is raised as a coded BackendError."""
+    any failure left is raised as a coded BackendError.
+
+    The budget covers the whole operation: metadata requests never wait past its end (`request_timeout`), no
+    attempt starts after it, and no backoff sleeps into it."""
     import tenacity
+
+    started = time.monotonic()
+
+    def left() -> float:
+        return policy.budget - (time.monotonic() - started)
 
     def should_retry(state: tenacity.RetryCallState) -> bool:
         if not state.outcome or not state.outcome.failed:
@@ -107,7 +151,7 @@ def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
         if isinstance(exc, BackendError) or not map_exception(exc, what).retryable:
             return False
         wait = _retry_after(exc)
-        return wait is None or state.seconds_since_start + wait <= policy.budget
+        return wait is None or wait < left()
 
     backoff = tenacity.wait_exponential_jitter(initial=0.5, max=4.0, jitter=0.5)
 
@@ -116,10 +160,14 @@ def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
         after = _retry_after(exc) if exc is not None else None
         return after if after is not None else backoff(state)
 
+    def stop(state: tenacity.RetryCallState) -> bool:
+        # tenacity >= 8.3 knows the coming sleep when it asks: stop rather than sleep past the budget.
+        return state.attempt_number >= policy.attempts or (getattr(state, "upcoming_sleep", 0.0) or 0.0) >= left()
+
+    token = _budget_ends.set(started + policy.budget)
     try:
         for attempt in tenacity.Retrying(
-            retry=should_retry, wait=wait, reraise=True,
-            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.budget),
+            retry=should_retry, wait=wait, reraise=True, stop=stop,
             before_sleep=lambda state: log.info("%s: retrying after %s", what, type(state.outcome.exception()).__name__),
         ):
             with attempt:
@@ -128,6 +176,8 @@ def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:
         raise map_exception(exc, what) from exc
+    finally:
+        _budget_ends.reset(token)
 
 
 def _status_of(exc: BaseException) -> int | None:
