@@ -1,4 +1,4 @@
-"""python -m stress [--ranks 32] [--hosts 4] [--fetch-trials 50] [--sync-trials 50] [--json out.json]
+"""python -m stress [--ranks 32] [--hosts 4] [--fetch-trials 50] [--sync-trials 50] [--silent-runs 5] [--json out.json]
 
 Runs every stress scenario on the dir backend (and the hf backend through the local Hub emulator with
 --hf), in an isolated environment under a temp dir, and prints one row per scenario.
@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--fetch-trials", type=int, default=50)
     parser.add_argument("--sync-trials", type=int, default=50)
+    parser.add_argument("--silent-runs", type=int, default=5, help="whole runs against each dead or silent remote (0: skip)")
     parser.add_argument("--hf", action="store_true", help="also run against the local Hub emulator (Xet over HTTP)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -54,6 +55,15 @@ def main() -> int:
                           f"bytes {figures.bytes_transferred}/{figures.bytes_needed}  {row['seconds']}s", flush=True)
                     for note in figures.notes[:5]:
                         print(f"     {note}")
+        if args.silent_runs > 0:
+            from stress.silent_remote import silent_remote
+
+            for figures in silent_remote(work / "silent", args.silent_runs):
+                results.append({"backend": "hf", **asdict(figures)})
+                print(f"hf   {figures.scenario:40} trials {figures.trials:3}  failures {figures.failures}  cost median "
+                      f"{figures.median_seconds}s max {figures.max_seconds}s  attempts {figures.attempts}", flush=True)
+                for note in figures.notes[:5]:
+                    print(f"     {note}")
     finally:
         from optimum_neuron_cache.client import stop_server
 
