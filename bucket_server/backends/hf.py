@@ -41,7 +41,7 @@ class RetryPolicy:
     Hub: they get `metadata_timeout`, never more than `timeout`, and never more than what is left of the
     budget. `timeout` is for requests that carry a transfer's weight (the commit of a batch)."""
 
-    budget: float = 7.0
+    budget: float = 6.0
     attempts: int = 4
     timeout: float = 15.0
     metadata_timeout: float = 3.0
