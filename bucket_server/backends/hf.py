@@ -153,7 +153,8 @@ def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
         wait = _retry_after(exc)
         return wait is None or wait < left()
 
-    backoff = tenacity.wait_exponential_jitter(initial=0.5, max=4.0, jitter=0.5)
+    # 0.5 s doubling to 4 s, plus up to 0.5 s of jitter (wait_exponential_jitter's `initial` is deprecated in 9.x).
+    backoff = tenacity.wait_exponential(multiplier=0.5, max=4.0) + tenacity.wait_random(0, 0.5)
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
