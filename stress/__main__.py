@@ -61,7 +61,8 @@ def main() -> int:
             for figures in silent_remote(work / "silent", args.silent_runs):
                 results.append({"backend": "hf", **asdict(figures)})
                 print(f"hf   {figures.scenario:40} trials {figures.trials:3}  failures {figures.failures}  cost median "
-                      f"{figures.median_seconds}s max {figures.max_seconds}s  attempts {figures.attempts}", flush=True)
+                      f"{figures.median_seconds}s max {figures.max_seconds}s  attempts {figures.attempts}"
+                      f"{'' if figures.bounded else '  (a known limit: not bounded yet)'}", flush=True)
                 for note in figures.notes[:5]:
                     print(f"     {note}")
     finally:
