@@ -191,6 +191,16 @@ class LocalEntry:
         return f"{version_dir_name(self.compiler_version)}/{self.name}"
 
 
+def commit_time(entry: LocalEntry) -> float | None:
+    """When the entry became complete: the mtime of its commit file (`model.done`, else the NEFF of a legacy
+    entry), read without following symlinks; None if it is gone."""
+    name = DONE if DONE in entry.files else NEFF
+    try:
+        return os.lstat(entry.path / name).st_mtime
+    except OSError:
+        return None
+
+
 def read_entry(path: Path, compiler_version: str) -> LocalEntry:
     files = read_entry_files(path)
     return LocalEntry(compiler_version, path.name, path, classify(files, compiler_version), files)

@@ -140,6 +140,19 @@ def flat_entry_prefix(compiler_version: str, module: str) -> str:
     return f"{version_prefix(compiler_version)}/{module}"
 
 
+def flat_file_path(compiler_version: str, module: str, filename: str) -> str:
+    return f"{flat_entry_prefix(compiler_version, module)}/{filename}"
+
+
+def area_entry_prefix(area_prefix: str, module: str) -> str:
+    """An entry's folder in a model's area (`area_prefix` as found in the bucket, with its casing)."""
+    return f"{area_prefix}/{module}"
+
+
+def area_file_path(area_prefix: str, module: str, filename: str) -> str:
+    return f"{area_entry_prefix(area_prefix, module)}/{filename}"
+
+
 def models_prefix(compiler_version: str) -> str:
     return f"{version_prefix(compiler_version)}/{MODELS_DIR}"
 

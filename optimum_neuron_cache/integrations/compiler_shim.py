@@ -333,7 +333,8 @@ class _Shim:
 
     # -- publish
     def publish(self) -> None:
-        """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done."""
+        """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done.
+        Entries that earlier compiles of this host left in the journal of the flat area go with it."""
         import shutil
 
         from .. import remote_layout as layout
@@ -341,9 +342,10 @@ class _Shim:
         from ..client import BucketClient
         from ..errors import NeuronCacheError
         from ..host_state import HostState
-        from ..local_cache import FLAGS_FILES, read_entry, version_dir_name
+        from ..journal import Journal, JournalKey, explicit_and_window
+        from ..local_cache import FLAGS_FILES, read_entry, scan_entries, version_dir_name
         from ..neuron_sdk import writes_done_marker
-        from ..sync import execute_sync, plan_sync
+        from ..publish import defer, publish
 
         if self.version is None or self.root is None or not self.request.output.is_file():
             return
@@ -352,11 +354,17 @@ class _Shim:
         if not flags:
             return  # not libneuronxla's layout: the cache is published by the next context or `neuron-cache sync`
         bucket = resolve_bucket(None, self.env)
+        key = JournalKey(str(bucket), self.version, None, layout.DEFAULT_TASK)
         if self.bucket_down(str(bucket)):
-            self._queue()
+            with contextlib.suppress(OSError):
+                defer(self.root, key, [self.request.module])
             return
         state = HostState(self.root)
         try:
+            journal = Journal(self.root)
+            leftovers = journal.leftovers(key)
+            local = {entry.name: entry for entry in scan_entries(self.root, self.version)} if leftovers else {}
+            earlier = [local[name] for name in sorted(explicit_and_window(leftovers, local, time.time()))]
             with state.temp_dir() as tmp:
                 staged = tmp / self.request.module
                 staged.mkdir()
@@ -370,27 +378,16 @@ class _Shim:
                 if not entry.state.publishable:
                     return
                 client = BucketClient(bucket, self.env)
-                if bucket == embedded_default(self.env):
-                    client.create()
-                plan = plan_sync(client, [entry], None)
-                if not plan.empty:
-                    result = execute_sync(client, state, plan)
-                    if result.published:
-                        _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
+                publication = publish(client, self.root, key, [entry, *earlier], area=None,
+                                      create_bucket=bucket == embedded_default(self.env))
+            if publication.record is None:
+                for leftover in leftovers:
+                    journal.drop(leftover)
+            if self.request.module in publication.result.published:
+                _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
         except (NeuronCacheError, OSError) as exc:
             self.note_down(str(bucket))
-            self._queue()
-            _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (queued for the next run)")
-
-    def _queue(self) -> None:
-        """Note the entry in the pending journal of flat-only runs: `hub_neuronx_cache(None)` publishes it."""
-        from .. import remote_layout as layout
-        from ..host_state import HostState
-
-        assert self.root is not None and self.version is not None
-        with contextlib.suppress(OSError):
-            HostState(self.root).update_pending(f"{layout.version_prefix(self.version)}/_flat/{layout.DEFAULT_TASK}",
-                                                add={self.request.module})
+            _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (journaled for the next run)")
 
 
 # --------------------------------------------------------------------------------------- the command
