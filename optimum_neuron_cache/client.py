@@ -18,7 +18,7 @@ from typing import Any
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
 
-from . import __version__
+from . import __version__, crashpoints
 from .buckets import BucketRef
 from .errors import (
     BucketAuthError,
@@ -34,6 +34,8 @@ from .server_launcher import ServerAddress, ensure_server, server_address
 
 ENV_REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
 CONNECT_ATTEMPTS = 4
+#: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
+_ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
@@ -121,6 +123,8 @@ class _Connection:
         if progress is not None:
             message["progress"] = True
         write_frame(self.sock, message)
+        if message["op"] in _ON_THE_WIRE:
+            crashpoints.reached(_ON_THE_WIRE[message["op"]])
         while True:
             reply = read_frame(self.sock)
             if reply is None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from filelock import Timeout
 
+from . import crashpoints
 from . import remote_layout as layout
 from .errors import BucketNotFoundError, RemoteError
 from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
@@ -337,6 +338,7 @@ class Fetcher:
                     result.failed.append((item.module, problem))
                     continue
                 target = self.target(item.module)
+                crashpoints.reached("install")
                 installed = _install_fill(item, staged, target, self.version) if item.fill else _install_whole(staged, target)
                 if installed:
                     result.fetched.append(item.module)

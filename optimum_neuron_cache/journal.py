@@ -179,10 +179,14 @@ class Journal:
 
     # ------------------------------------------------------------------------------------ recovery
     def _files(self) -> list[tuple[Path, list[str]]]:
+        """(path, parts of its name) of every record; temp files of writers that died are removed."""
         try:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        for name in names:  # `.<record name>.<random>.tmp`, left by a writer killed before its rename
+            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".json")[0].split("-")):
+                (self.folder / name).unlink(missing_ok=True)
         return [(self.folder / name, name[:-5].split("-")) for name in names
                 if name.endswith(".json") and not name.startswith(".")]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .client import BucketClient, ProgressCallback
 from .host_state import HostState
-from .journal import Journal, JournalKey, RunRecord
-from .local_cache import LocalEntry
+from .journal import Journal, JournalKey, RunRecord, explicit_and_window
+from .local_cache import LocalEntry, scan_entries
 from .sync import RecordWrite, SyncPlan, SyncResult, execute_sync, plan_sync
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -72,6 +72,26 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
         close(root, left)
         left = None
     return Publication(plan, result, left)
+
+
+def publish_leftovers(client: BucketClient, root: Path, key: JournalKey, *, area: str | None,
+                      known_in_area: Collection[str] = frozenset(), with_entries: Iterable[LocalEntry] = (),
+                      create_bucket: bool = False) -> Publication | None:
+    """Publish what earlier runs of `key` on this host left in the journal (killed, or the bucket was down),
+    with `with_entries`, for callers that are not a `hub_neuronx_cache` run (the compiler shim, the CLI).
+    Export records of those runs are left to the next `hub_neuronx_cache` run of the model."""
+    journal = Journal(root)
+    leftovers = journal.leftovers(key)
+    local = {entry.name: entry for entry in scan_entries(root, key.compiler_version)} if leftovers else {}
+    earlier = [local[name] for name in sorted(explicit_and_window(leftovers, local, time.time()))]
+    candidates = [*with_entries, *earlier]
+    publication = publish(client, root, key, candidates, area=area, known_in_area=known_in_area,
+                          create_bucket=create_bucket) if candidates else None
+    if publication is None or publication.record is None:  # everything they named is in the bucket now
+        for leftover in leftovers:
+            if not leftover.export_config:
+                journal.drop(leftover)
+    return publication
 
 
 def defer(root: Path, key: JournalKey, names: Iterable[str]) -> None:

@@ -342,10 +342,10 @@ class _Shim:
         from ..client import BucketClient
         from ..errors import NeuronCacheError
         from ..host_state import HostState
-        from ..journal import Journal, JournalKey, explicit_and_window
-        from ..local_cache import FLAGS_FILES, read_entry, scan_entries, version_dir_name
+        from ..journal import JournalKey
+        from ..local_cache import FLAGS_FILES, read_entry, version_dir_name
         from ..neuron_sdk import writes_done_marker
-        from ..publish import defer, publish
+        from ..publish import defer, publish_leftovers
 
         if self.version is None or self.root is None or not self.request.output.is_file():
             return
@@ -361,10 +361,6 @@ class _Shim:
             return
         state = HostState(self.root)
         try:
-            journal = Journal(self.root)
-            leftovers = journal.leftovers(key)
-            local = {entry.name: entry for entry in scan_entries(self.root, self.version)} if leftovers else {}
-            earlier = [local[name] for name in sorted(explicit_and_window(leftovers, local, time.time()))]
             with state.temp_dir() as tmp:
                 staged = tmp / self.request.module
                 staged.mkdir()
@@ -378,12 +374,9 @@ class _Shim:
                 if not entry.state.publishable:
                     return
                 client = BucketClient(bucket, self.env)
-                publication = publish(client, self.root, key, [entry, *earlier], area=None,
-                                      create_bucket=bucket == embedded_default(self.env))
-            if publication.record is None:
-                for leftover in leftovers:
-                    journal.drop(leftover)
-            if self.request.module in publication.result.published:
+                publication = publish_leftovers(client, self.root, key, area=None, with_entries=[entry],
+                                                create_bucket=bucket == embedded_default(self.env))
+            if publication is not None and self.request.module in publication.result.published:
                 _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
         except (NeuronCacheError, OSError) as exc:
             self.note_down(str(bucket))
