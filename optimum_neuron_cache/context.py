@@ -191,6 +191,12 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self.run.bytes_downloaded = fetched.result.bytes
             for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
+            for module in fetched.result.replaced:
+                self._warn(f"entry {prefix}/{module} was locked by a compile that died: replaced by the bucket's complete entry")
+            for module, why in fetched.plan.stranded:
+                self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
+                           f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")
+                self._miss(f"{prefix}/{module} is locked here (a compile in progress, or a stale lock)")
             self._explain_enter(fetched.result.fetched, fetched.result.records)
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()

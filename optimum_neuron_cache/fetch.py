@@ -23,6 +23,7 @@ from . import remote_layout as layout
 from .errors import BucketNotFoundError, RemoteError
 from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
 from .client import BucketClient, ProgressCallback
+from .compile_locks import running_compilers, why_not_stale
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 
@@ -50,6 +51,8 @@ class FetchItem:
     #: True when a local todo entry exists: add the missing files into it instead of renaming a folder.
     fill: bool
     reason: str
+    #: True when a local entry stranded by a stale compile lock is replaced whole (compile_locks.py).
+    replace: bool = False
 
 
 @dataclass
@@ -63,6 +66,9 @@ class FetchPlan:
     #: The records' bucket paths (small JSON, under the size cap): fetched along with the entries, in the
     #: same request, for what they tell about the entries (compile durations).
     record_files: list[RemoteFile] = field(default_factory=list)
+    #: (module, why) entries the bucket holds complete but a compile lock holds here, which cannot be told
+    #: stale: left alone, and said.
+    stranded: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def bytes_needed(self) -> int:
@@ -75,6 +81,8 @@ class FetchResult:
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (module, why): the remote copy failed a check
+    #: Entries whose stale compile lock was replaced by the bucket's complete copy (also in `fetched`).
+    replaced: list[str] = field(default_factory=list)
     #: The model's export records, read in the same request as the entries (when entries were downloaded).
     records: list[CachedExport] = field(default_factory=list)
     bytes: int = 0
@@ -106,7 +114,9 @@ def complete_remote_entry(files: Mapping[str, RemoteFile], compiler_version: str
 
 
 def plan_from_model_area(compiler_version: str, area_prefix: str, listing: list[Mapping[str, Any]],
-                         local: Mapping[str, LocalEntry]) -> FetchPlan:
+                         local: Mapping[str, LocalEntry], lock_verdicts: Mapping[str, str | None] | None = None) -> FetchPlan:
+    """What to install from the model's area. `lock_verdicts`: for locally locked entries, None when the lock
+    can be told stale (the entry is replaced whole), else why it cannot (the entry is left alone)."""
     plan = FetchPlan(compiler_version)
     exports = layout.EXPORTS_DIR
     for item in listing:
@@ -125,6 +135,13 @@ def plan_from_model_area(compiler_version: str, area_prefix: str, listing: list[
         elif entry.state is EntryState.TODO:
             missing = tuple(f for name, f in files.items() if name not in entry.files)
             plan.items.append(FetchItem(module, "model", missing, fill=True, reason="todo entry (HLO and flags only)"))
+        elif entry.state is EntryState.LOCKED:
+            why = (lock_verdicts or {}).get(module, "its lock was not examined")
+            if why is None:
+                plan.items.append(FetchItem(module, "model", tuple(files.values()), fill=False, replace=True,
+                                            reason="a compile that died left its lock: replaced by the bucket's entry"))
+            else:
+                plan.stranded.append((module, why))
     return plan
 
 
@@ -153,9 +170,15 @@ def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: list
 
 def _still_needed(item: FetchItem, target: Path, version: str) -> bool:
     entry = read_entry(target, version)
+    if item.replace:
+        return entry.state is EntryState.LOCKED
     if not entry.files:
         return not item.fill
     return item.fill and entry.state is EntryState.TODO
+
+
+def _read_state(target: Path, version: str) -> EntryState:
+    return read_entry(target, version).state
 
 
 def _verify(item: FetchItem, staged: Path) -> str | None:
@@ -180,6 +203,16 @@ def _install_whole(staged: Path, target: Path) -> bool:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             return False
         raise
+
+
+def _install_replace(staged: Path, target: Path, aside: Path) -> bool:
+    """Move an entry stranded by a stale lock aside (into the run's temp folder, removed with it), then rename
+    the complete entry into place. False when anything else appeared there meanwhile (kept as is)."""
+    try:
+        os.rename(target, aside)
+    except OSError:
+        return False
+    return _install_whole(staged, target)
 
 
 def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> bool:
@@ -339,9 +372,17 @@ class Fetcher:
                     continue
                 target = self.target(item.module)
                 crashpoints.reached("install")
-                installed = _install_fill(item, staged, target, self.version) if item.fill else _install_whole(staged, target)
+                if item.fill:
+                    installed = _install_fill(item, staged, target, self.version)
+                elif item.replace:
+                    installed = _read_state(target, self.version) is EntryState.LOCKED and \
+                        _install_replace(staged, target, tmp / f"stale-{item.module}")
+                else:
+                    installed = _install_whole(staged, target)
                 if installed:
                     result.fetched.append(item.module)
+                    if item.replace:
+                        result.replaced.append(item.module)
                     result.bytes += sum(f.size for f in item.files)
                 else:
                     result.skipped.append((item.module, "a local entry appeared meanwhile; kept it"))
@@ -393,7 +434,12 @@ def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_f
             if not missing_bucket_is_empty:
                 raise
             return ModelFetch(area, FetchPlan(compiler_version), FetchResult())
-    plan = plan_from_model_area(compiler_version, area, listing, local) if area else FetchPlan(compiler_version)
+    locked = [entry for entry in local.values() if entry.state is EntryState.LOCKED]
+    verdicts: dict[str, str | None] = {}
+    if locked and area:
+        compilers = running_compilers()
+        verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
+    plan = plan_from_model_area(compiler_version, area, listing, local, verdicts) if area else FetchPlan(compiler_version)
     planned = {item.module for item in plan.items}
     todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in planned]
     if todo:
