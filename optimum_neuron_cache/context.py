@@ -184,8 +184,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             for module in fetched.result.installed_by_others:  # complete before our body ran: not compiled by it
                 self._before[module] = EntryState.SUCCESS
             self._area = fetched.area
-            self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.records
-            self._records_read = fetched.result.records
+            self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
+            self._records_read = fetched.result.exports_read
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
@@ -197,7 +197,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
                            f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")
                 self._miss(f"{prefix}/{module} is locked here (a compile in progress, or a stale lock)")
-            self._explain_enter(fetched.result.fetched, fetched.result.records)
+            self._explain_enter(fetched.result.fetched, fetched.result.exports_read)
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run

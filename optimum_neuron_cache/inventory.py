@@ -8,7 +8,6 @@ from typing import Any
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .fetch import RemoteFile, complete_remote_entry
 from .local_cache import is_module_name, version_from_dir_name
 
 
@@ -35,7 +34,7 @@ class Inventory:
 def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
     """Group one version's recursive listing into areas; entries count only when complete."""
     prefix = layout.version_prefix(version) + "/"
-    modules: dict[tuple[str, str], dict[str, RemoteFile]] = {}
+    modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
     records: dict[str, int] = {}
     for item in listing:
         path = str(item.get("path", ""))
@@ -52,11 +51,11 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
         else:
             continue
         if layout.is_publishable(name):
-            modules.setdefault((area, module), {})[name] = RemoteFile(name, path, int(item.get("size") or 0), item.get("xet_hash"))
+            modules.setdefault((area, module), {})[name] = layout.RemoteFile(name, path, int(item.get("size") or 0), item.get("xet_hash"))
     summaries: dict[str, AreaSummary] = {}
     for (area, _module), files in modules.items():
         summary = summaries.setdefault(area, AreaSummary(version, area))
-        if complete_remote_entry(files, version):
+        if layout.complete_remote_entry(files, version):
             summary.entries += 1
             summary.bytes += sum(f.size for f in files.values())
         else:

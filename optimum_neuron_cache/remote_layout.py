@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
@@ -173,6 +174,42 @@ def export_record_path(compiler_version: str, folder: str, task: str, record_id:
     if not _RECORD_ID_RE.match(record_id):
         raise ValueError(f"bad export record id {record_id!r}")
     return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"
+
+
+#: Listed sizes above this are not believed (the largest NEFF seen is 701 MB): the item is skipped.
+MAX_FILE_SIZE = 1 << 40
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of the bucket, as a listing (or paths-info) describes it."""
+
+    filename: str
+    path: str
+    size: int
+    xet_hash: str | None
+    #: What the bytes must hash to (`xet:<hex>`, `blake3:<hex>` or `sha256:<hex>`); the server checks it
+    #: before handing the file over.
+    digest: str | None = None
+
+
+def remote_file(item: Mapping[str, Any]) -> RemoteFile | None:
+    """A listing item as a RemoteFile, or None when it cannot be trusted (a size that is not a plain
+    non-negative integer below MAX_FILE_SIZE, a hash or digest that is not a string)."""
+    path, size = item.get("path"), item.get("size")
+    if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_SIZE:
+        return None
+    xet_hash, digest = item.get("xet_hash"), item.get("digest")
+    if not (xet_hash is None or isinstance(xet_hash, str)) or not (digest is None or isinstance(digest, str)):
+        return None
+    return RemoteFile(path.rsplit("/", 1)[-1], path, size, xet_hash, digest)
+
+
+def complete_remote_entry(files: Mapping[str, Any], compiler_version: str) -> bool:
+    """A remote entry (file name -> what the bucket lists) can be installed only if its commit file
+    (model.done, or the NEFF for compilers up to 2.14) is there, and with it the NEFF: anything less is a
+    partial upload."""
+    return NEFF in files and commit_file(files, compiler_version) in files
 
 
 @dataclass(frozen=True)

@@ -89,21 +89,27 @@ class SyncResult:
     in_progress: list[str] = field(default_factory=list)
 
 
-def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: str | None,
-              known_in_model_area: Collection[str] = frozenset(), records: Iterable[RecordWrite] = ()) -> SyncPlan:
-    """Which of `entries` (success entries) the flat area and the model's area lack, by one paths-info on
-    their commit files. Entries the model's listing already showed complete are not asked about."""
-    planned_at = time.time()
-    candidates = [entry for entry in entries if entry.state.publishable]
-    probes: list[str] = []
-    for entry in candidates:
-        commit = layout.commit_file(entry.files, entry.compiler_version)
-        probes.append(layout.flat_file_path(entry.compiler_version, entry.name, commit))
-        if model_area and entry.name not in known_in_model_area:
-            probes.append(layout.area_file_path(model_area, entry.name, commit))
-    present = {item["path"] for item in client.paths_info(probes)} if probes else set()
+def probe_paths(entries: Iterable[LocalEntry], model_area: str | None, known_in_model_area: Collection[str] = frozenset()) -> list[str]:
+    """The commit-file paths to ask the bucket about (one paths-info) before publishing `entries`."""
+    probes = []
+    for entry in entries:
+        if entry.state.publishable:
+            commit = layout.commit_file(entry.files, entry.compiler_version)
+            probes.append(layout.flat_file_path(entry.compiler_version, entry.name, commit))
+            if model_area and entry.name not in known_in_model_area:
+                probes.append(layout.area_file_path(model_area, entry.name, commit))
+    return probes
+
+
+def plan_from_presence(entries: Iterable[LocalEntry], model_area: str | None, present: Collection[str], *,
+                       known_in_model_area: Collection[str] = frozenset(), records: Iterable[RecordWrite] = (),
+                       bucket: str = "", planned_at: float | None = None) -> SyncPlan:
+    """The plan, given which probed paths the bucket holds (pure: no I/O). Only success entries are ever
+    planned; each goes wherever its commit file is missing."""
     items, already = [], []
-    for entry in candidates:
+    for entry in entries:
+        if not entry.state.publishable:
+            continue
         commit = layout.commit_file(entry.files, entry.compiler_version)
         flat_missing = layout.flat_file_path(entry.compiler_version, entry.name, commit) not in present
         model_missing = (bool(model_area) and entry.name not in known_in_model_area
@@ -112,7 +118,19 @@ def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: s
             items.append(PublishItem(entry, flat_missing, model_area if model_missing else None))
         else:
             already.append(entry.name)
-    return SyncPlan(tuple(items), tuple(records), str(client.bucket), planned_at, tuple(already))
+    return SyncPlan(tuple(items), tuple(records), bucket, time.time() if planned_at is None else planned_at, tuple(already))
+
+
+def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: str | None,
+              known_in_model_area: Collection[str] = frozenset(), records: Iterable[RecordWrite] = ()) -> SyncPlan:
+    """Which of `entries` (success entries) the flat area and the model's area lack, by one paths-info on
+    their commit files. Entries the model's listing already showed complete are not asked about."""
+    planned_at = time.time()  # before asking: a publication by another process after this makes ours redundant
+    entries = list(entries)
+    probes = probe_paths(entries, model_area, known_in_model_area)
+    present = {item["path"] for item in client.paths_info(probes) if isinstance(item.get("path"), str)} if probes else set()
+    return plan_from_presence(entries, model_area, present, known_in_model_area=known_in_model_area, records=records,
+                              bucket=str(client.bucket), planned_at=planned_at)
 
 
 def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progress: ProgressCallback | None = None) -> SyncResult:

@@ -271,7 +271,6 @@ class _Shim:
         from ..buckets import embedded_default, resolve_bucket
         from ..client import BucketClient
         from ..errors import BucketNotFoundError, NeuronCacheError
-        from ..fetch import complete_remote_entry
 
         if self.version is None:
             return False
@@ -295,7 +294,7 @@ class _Shim:
             parsed = layout.parse_area_path(str(item.get("path", "")), layout.version_prefix(self.version))
             if parsed is not None and parsed.module == self.request.module and isinstance(item.get("size"), int):
                 files[parsed.filename] = item
-        if not complete_remote_entry(files, self.version):
+        if not layout.complete_remote_entry(files, self.version):
             return False
         if "wrapped_neff.hlo" in files:
             return False  # the compile would also have to produce it, and the command line does not say where
