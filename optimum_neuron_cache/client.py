@@ -18,7 +18,8 @@ from typing import Any
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
 
-from . import __version__, crashpoints
+from . import crashpoints
+from ._version import __version__
 from .buckets import BucketRef
 from .errors import (
     BucketAuthError,

@@ -7,7 +7,6 @@ remote failure the run stops talking to the bucket, and entries it could not pub
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -26,10 +25,10 @@ from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
-from .explain import nearest, why_nothing
+from .explain import nearest, time_saved, why_area_empty
 from .lookup import CachedExport, read_records
 from .publish import close, publish
-from .records import ExportRecord, compile_seconds, compiler_flags, make_record
+from .records import compiler_flags, exit_records, make_record
 from .sigterm import SigtermHook
 from .stats import Stats, record_run
 from .sync import RecordWrite
@@ -107,6 +106,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
         self._records_read: list[CachedExport] = []
+        self._known_models: tuple[str, ...] | None = None
         self._journal_record: RunRecord | None = None
         #: Journal records of earlier runs of this key that nobody will publish, read on enter.
         self._leftovers: list[RunRecord] = []
@@ -185,6 +185,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._before[module] = EntryState.SUCCESS
             self._area = fetched.area
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
+            self._known_models = fetched.plan.known_models
             self._records_read = fetched.result.exports_read
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
@@ -197,7 +198,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
                            f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")
                 self._miss(f"{prefix}/{module} is locked here (a compile in progress, or a stale lock)")
-            self._explain_enter(fetched.result.fetched, fetched.result.exports_read)
+            saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
+            self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
@@ -254,23 +256,6 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
         return read_records(self._client, paths)
 
-    def _explain_enter(self, fetched: list[str], records: list[CachedExport]) -> None:
-        """After a fetch: the time the hits save (from the records read with the entries), and why there was
-        nothing to fetch. Best effort."""
-        assert self._client is not None
-        try:
-            if fetched:
-                durations: dict[str, float] = {}
-                for record in records:
-                    durations.update(record.compile_seconds)
-                known = [durations[name] for name in fetched if name in durations]
-                self.run.stats.seconds_saved = float(sum(known))
-                self.run.stats.hits_without_duration = len(fetched) - len(known)
-            if self._model is not None and not self._area_modules:
-                self._miss(why_nothing(self._client, self._version, self._model.folder, self._task, self._model.model_id))
-        except (NeuronCacheError, OSError) as exc:
-            log.debug("optimum-neuron-cache: could not explain the fetch: %s", exc)
-
     # --------------------------------------------------------------------------------- exit
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if self._root.path is None:
@@ -301,8 +286,17 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._journal_record = None
 
     def _explain_misses(self, new: set[str]) -> None:
-        """Graphs were compiled here although the bucket holds entries of this model: say which record was
-        nearest and how it differs, or which entries a record of this very configuration lacked."""
+        """Graphs were compiled here: say why the bucket did not have them. An empty area costs at most one
+        request (its tasks); else the records say which was nearest and how it differs, or which entries a
+        record of this very configuration lacked (read with the entries, else one download)."""
+        assert self._model is not None and self._client is not None
+        if not self._area_modules:
+            try:
+                self._miss(why_area_empty(self._client, self._version, self._model.folder, self._task,
+                                          self._model.model_id, self._known_models))
+            except (NeuronCacheError, OSError) as exc:
+                log.debug("optimum-neuron-cache: could not explain the miss: %s", exc)
+            return
         if not self._area_records:
             return
         try:
@@ -324,47 +318,17 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._miss(f"compiled {len(new)} graphs here: no record matches; nearest differs in "
                        + "; ".join(best[0].differences))
 
-    def _keep_digests(self, record: ExportRecord) -> ExportRecord:
-        """A record rewritten for the same configuration keeps the digests the one it replaces recorded (read
-        at enter, with the entries): readers go on checking those files by BLAKE3. Sync adds this run's."""
-        previous = next((r for r in self._records_read if r.record_id == record.record_id), None)
-        return dataclasses.replace(record, digests=dict(previous.digests)) if previous and previous.digests else record
-
     def _export_records(self, entries: dict[str, LocalEntry], new: set[str], recovered: set[str]) -> list[RecordWrite]:
-        """The export records this exit writes: this run's configuration, and those of earlier runs whose
-        entries are published now. A record lists the graphs its configuration compiled; one that would list
-        none is never written."""
+        """The export records this exit writes (records.exit_records): this run's configuration, and those of
+        earlier runs whose entries are published now."""
         if self._model is None or self._area is None:
             return []
-        fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
-        configs: dict[str, tuple[dict[str, Any], set[str]]] = {}
-        for leftover in self._leftovers:  # killed runs: their configuration, their entries
-            if leftover.export_config is not None:
-                names = explicit_and_window([leftover], entries, time.time()) & recovered
-                probe = make_record(self._model.model_id, self._task, self._version, leftover.export_config, [])
-                configs.setdefault(probe.record_id, (leftover.export_config, set()))[1].update(names)
-        if self._export_config is not None:
-            probe = make_record(self._model.model_id, self._task, self._version, self._export_config, [])
-            earlier = configs.get(probe.record_id, ({}, set()))[1]
-            if new:
-                modules = set(new) | earlier
-            elif earlier:
-                modules = earlier
-            else:  # all hits: this run cannot tell which of the model's entries it used, so it names all of them
-                modules = set(self._area_modules) | fetched
-                if f"{probe.record_id}.json" in self._area_records:
-                    modules = set()  # recorded already, and nothing new was compiled
-            configs[probe.record_id] = (self._export_config, modules)
-        writes = []
-        for record_id, (config, modules) in sorted(configs.items()):
-            if not modules:
-                continue
-            seconds = {name: s for name in modules if name in entries
-                       and (s := compile_seconds(entries[name].path)) is not None}
-            record = self._keep_digests(make_record(self._model.model_id, self._task, self._version, config,
-                                                    sorted(modules), compile_seconds=seconds))
-            writes.append((f"{self._area}/{layout.EXPORTS_DIR}/{record_id}.json", record))
-        return writes
+        earlier = [(leftover.export_config, explicit_and_window([leftover], entries, time.time()) & recovered)
+                   for leftover in self._leftovers if leftover.export_config is not None]
+        used = set(self._area_modules) | {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        return exit_records(self._model.model_id, self._task, self._version, self._area, entries,
+                            config=self._export_config, compiled=new, used=used, earlier=earlier,
+                            recorded=self._area_records, previous=self._records_read)
 
     def _sync(self, root: Path) -> None:
         entries = {entry.name: entry for entry in self._entries()}

@@ -81,6 +81,9 @@ class FetchPlan:
     record_files: tuple[RemoteFile, ...] = ()
     #: Paths in the listing that the layout does not allow (skipped; said once).
     ignored: tuple[str, ...] = ()
+    #: The folders under this version's `models/`, when the model's area was empty and they were listed to find
+    #: the casing the bucket has (None: not listed). A miss explains itself from them.
+    known_models: tuple[str, ...] | None = None
 
     @property
     def items(self) -> tuple[FetchOp, ...]:
@@ -187,8 +190,10 @@ def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iter
     return replace(plan, ops=plan.ops + tuple(fills))
 
 
-def resolve_model_area(client: BucketClient, compiler_version: str, folder: str, task: str) -> tuple[str, list[dict[str, Any]]]:
+def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
+                       task: str) -> tuple[str, list[dict[str, Any]], tuple[str, ...] | None]:
     """List the model's area; reuse the casing the bucket already has for the model (ids are case-insensitive).
+    Returns the area, its listing, and the folders of `models/` when they were listed.
 
     Warm path: one listing. Only when the exact casing holds nothing is the `models/` folder listed to find
     another casing.
@@ -196,14 +201,14 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
     area = layout.model_area_prefix(compiler_version, folder, task)
     listing = client.list(area, recursive=True)
     if listing:
-        return area, listing
-    existing = [item["path"].rsplit("/", 1)[-1] for item in client.list(layout.models_prefix(compiler_version), recursive=False)
-                if item.get("type") == "directory"]
+        return area, listing, None
+    existing = tuple(item["path"].rsplit("/", 1)[-1] for item in client.list(layout.models_prefix(compiler_version), recursive=False)
+                     if item.get("type") == "directory")
     cased = layout.reuse_casing(folder, existing)
     if cased == folder:
-        return area, []
+        return area, [], existing
     area = layout.model_area_prefix(compiler_version, cased, task)
-    return area, client.list(area, recursive=True)
+    return area, client.list(area, recursive=True), existing
 
 
 def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | None, task: str,
@@ -213,17 +218,17 @@ def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | 
     plan = FetchPlan(compiler_version)
     if model_folder is not None:
         try:
-            area, listing = resolve_model_area(client, compiler_version, model_folder, task)
+            area, listing, known_models = resolve_model_area(client, compiler_version, model_folder, task)
         except BucketNotFoundError:
             if not missing_bucket_is_empty:
                 raise
-            return FetchPlan(compiler_version, layout.model_area_prefix(compiler_version, model_folder, task))
+            return FetchPlan(compiler_version, layout.model_area_prefix(compiler_version, model_folder, task), known_models=())
         locked = [entry for entry in local.values() if entry.state is EntryState.LOCKED]
         verdicts: dict[str, str | None] = {}
         if locked:
             compilers = running_compilers()
             verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
-        plan = plan_model_area(compiler_version, area, listing, local, verdicts)
+        plan = replace(plan_model_area(compiler_version, area, listing, local, verdicts), known_models=known_models)
     covered = {op.module for op in plan.ops}
     todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in covered]
     if todo:

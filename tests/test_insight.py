@@ -40,23 +40,57 @@ def publish(tmp_path, bucket, version, *, model="org/m", task=None, config=CONFI
     return run
 
 
+def compile_one(cache: Path, version: str, seed: str = "missed") -> None:
+    compile_graph(cache, version, make_graphs(1, seed=seed)[0])
+
+
 def test_no_entries_at_all(tmp_path, bucket, version):
     with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        compile_one(tmp_path / "B", version)
+    assert run.miss_reasons == [f"no entries for org/m under compiler {version} in this bucket "
+                                "(`neuron-cache explain org/m` compares the other compiler versions)"]
+
+
+def test_a_run_that_compiles_nothing_explains_nothing_and_costs_no_request_for_it(tmp_path, bucket, version):
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
         pass
-    assert run.miss_reasons == ["no entries for org/m under any compiler version in this bucket"]
+    assert run.miss_reasons == [] and run.compiled == []
+
+
+def test_a_miss_in_a_bucket_of_many_versions_and_models_costs_at_most_one_more_request(tmp_path, bucket, version):
+    """The run's own miss reason costs at most one request whatever the bucket holds; the comparison across
+    compiler versions is `neuron-cache explain`'s (and `fetch`'s) job."""
+    for index, other in enumerate(["2.15.128.0+56dc5a86", "2.16.372.0+4a9b2326", "2.19.8089.0+8ab9f450",
+                                   "2.20.1.0+aaaa1111", "2.22.1.0+bbbb2222"]):
+        publish(tmp_path, bucket, other, model=f"org/other-{index}", graphs=1, seed=f"many-{index}")
+    publish(tmp_path, bucket, version, model="org/neighbour", graphs=1, seed="neighbour")
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as cold:
+        pass
+    assert cold.requests <= 3  # the area's listing, `models/` for the casing; nothing for an explanation
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "C") as run:
+        requests_at_enter = run.requests
+        compile_one(tmp_path / "C", version)
+    assert requests_at_enter == cold.requests  # nothing is explained before the body
+    assert len(run.miss_reasons) == 1 and f"under compiler {version}" in run.miss_reasons[0]
 
 
 def test_entries_only_for_other_compiler_versions(tmp_path, bucket, version):
+    from optimum_neuron_cache.explain import why_nothing
+
     publish(tmp_path, bucket, OTHER)
+    # `neuron-cache fetch` (why_nothing) and `neuron-cache explain` look across versions.
+    assert why_nothing(BucketClient(bucket), version, "org--m", "default", "org/m") == \
+        f"entries for org/m exist only for other compiler versions: {OTHER} (this one is {version})"
     with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
-        pass
-    assert run.miss_reasons == [f"entries for org/m exist only for other compiler versions: {OTHER} (this one is {version})"]
+        compile_one(tmp_path / "B", version)
+    assert run.miss_reasons == [f"no entries for org/m under compiler {version} in this bucket "
+                                "(`neuron-cache explain org/m` compares the other compiler versions)"]
 
 
 def test_entries_only_for_other_tasks(tmp_path, bucket, version):
     publish(tmp_path, bucket, version, task="feature-extraction")
     with hub_neuronx_cache("Org/M", "text-generation", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
-        pass
+        compile_one(tmp_path / "B", version)
     assert run.miss_reasons == ["no entries for Org/M task text-generation; the bucket has it for other tasks: feature-extraction"]
 
 
