@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from filelock import Timeout
 
+from bucket_server.protocol import MAX_RECORD_BYTES
+
 from . import crashpoints
 from . import remote_layout as layout
 from .client import BucketClient, ProgressCallback
@@ -30,7 +32,7 @@ from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
-from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
+from .lookup import CachedExport, parse_record
 from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")

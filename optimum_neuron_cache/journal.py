@@ -40,8 +40,8 @@ log = logging.getLogger("optimum_neuron_cache")
 
 JOURNAL_DIR = "journal"
 SCHEMA = 1
-#: A record is a few kB (MODULE names); anything larger is not ours and is not read.
-MAX_RECORD_BYTES = 4 * 1024 * 1024
+#: A journal file is a few kB (MODULE names); anything larger is not ours and is not read.
+MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,8 @@ class Journal:
         except OSError:
             return None
         with os.fdopen(fd, "rb") as handle:
-            raw = handle.read(MAX_RECORD_BYTES + 1)
-        return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_RECORD_BYTES else None
+            raw = handle.read(MAX_JOURNAL_FILE_BYTES + 1)
+        return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
 
     def _dead(self, parts: list[str]) -> bool:
         """Whether the owner named in a record's file name is a process of this host that is gone."""

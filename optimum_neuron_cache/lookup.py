@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bucket_server.protocol import MAX_RECORD_BYTES
+
 from . import remote_layout as layout
+from .config_fields import ALIASES, names_of
 from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
 from .errors import CompilerVersionError
@@ -29,17 +32,9 @@ from .server_launcher import hub_endpoint
 
 log = logging.getLogger("optimum_neuron_cache")
 
-#: Records are small JSON files; anything larger is not a record and is never downloaded.
-MAX_RECORD_BYTES = 1024 * 1024
 
-#: Filter name -> the export-config keys that carry it (exporters name them differently).
-FILTER_KEYS: dict[str, tuple[str, ...]] = {
-    "target": ("target", "instance_type"),
-    "batch_size": ("batch_size",),
-    "sequence_length": ("sequence_length", "max_length", "seq_len"),
-    "tensor_parallel_size": ("tensor_parallel_size", "tp_degree", "num_cores"),
-    "dtype": ("dtype", "auto_cast_type", "torch_dtype"),
-}
+#: Filter name -> the export-config keys that carry it (config_fields.py).
+FILTER_KEYS = ALIASES
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class CachedExport(ExportRecord):
         for name, wanted in filters.items():
             if wanted is None:
                 continue
-            keys = FILTER_KEYS.get(name, (name,))
+            keys = names_of(name)
             values = [self.export_config[key] for key in keys if key in self.export_config]
             if not any(_same(value, wanted) for value in values):
                 return False
