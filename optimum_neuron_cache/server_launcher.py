@@ -61,6 +61,7 @@ def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
         path = Path(env["XDG_RUNTIME_DIR"]) / "optimum-neuron-cache"
     else:
         path = Path(tempfile.gettempdir()) / f"optimum-neuron-cache-{os.getuid()}"
+    path = path.absolute()  # the server runs in /: a relative name would be another place for it
     os.close(open_private_dir(path))  # fail early, with one line, on a directory that is not ours alone
     return path
 
