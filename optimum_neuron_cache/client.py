@@ -281,6 +281,11 @@ class BucketClient:
     def list(self, prefix: str, *, recursive: bool = True) -> list[dict[str, Any]]:
         return self.call("list", prefix=prefix, recursive=recursive)
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the folders directly under `prefix` ("" for the root): the one way folders are listed."""
+        return [item["path"].rsplit("/", 1)[-1] for item in self.list(prefix, recursive=False)
+                if item.get("type") == "directory" and isinstance(item.get("path"), str)]
+
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         return self.call("paths_info", paths=paths) if paths else []
 

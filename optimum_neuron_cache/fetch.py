@@ -204,8 +204,7 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
     listing = client.list(area, recursive=True)
     if listing:
         return area, listing, None
-    existing = tuple(item["path"].rsplit("/", 1)[-1] for item in client.list(layout.models_prefix(compiler_version), recursive=False)
-                     if item.get("type") == "directory")
+    existing = tuple(client.folders(layout.models_prefix(compiler_version)))
     cased = layout.reuse_casing(folder, existing)
     if cased == folder:
         return area, [], existing

@@ -70,13 +70,12 @@ def bucket_inventory(client: BucketClient, *, compiler_version: str | None = Non
     if compiler_version:
         versions = [compiler_version]
     else:
-        versions = sorted(v for v in (version_from_dir_name(item["path"]) for item in client.list("", recursive=False)
-                                      if item.get("type") == "directory") if v)
+        versions = sorted(v for v in map(version_from_dir_name, client.folders("")) if v)
     inventory = Inventory()
     for version in versions:
         if model_folder:
             models = layout.models_prefix(version)
-            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
+            folders = client.folders(models)
             cased = layout.reuse_casing(model_folder, folders)
             if cased not in folders:
                 continue

@@ -108,14 +108,10 @@ def _token_fingerprint(bucket: BucketRef) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest()[:16] if token else None
 
 
-def _children(client: BucketClient, prefix: str) -> list[str]:
-    return [item["path"].rsplit("/", 1)[-1] for item in client.list(prefix, recursive=False) if item.get("type") == "directory"]
-
-
 def _versions(client: BucketClient, compiler_version: str | None, all_versions: bool) -> list[str]:
     if compiler_version and not all_versions:
         return [compiler_version]
-    return sorted(v for v in (version_from_dir_name(name) for name in _children(client, "")) if v)
+    return sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v)
 
 
 def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[str]) -> list[str]:
@@ -132,16 +128,16 @@ def _record_paths(client: BucketClient, version: str, folder: str, tasks: list[s
     nothing, `models/` is listed once for the casing the bucket has."""
     models = layout.models_prefix(version)
     if tasks is None:
-        task_names = _children(client, f"{models}/{folder}")
+        task_names = client.folders(f"{models}/{folder}")
         if not task_names:
-            cased = layout.reuse_casing(folder, _children(client, models))
+            cased = layout.reuse_casing(folder, client.folders(models))
             if cased == folder:
                 return []
-            folder, task_names = cased, _children(client, f"{models}/{cased}")
+            folder, task_names = cased, client.folders(f"{models}/{cased}")
         return _export_paths(client, version, folder, task_names)
     paths = _export_paths(client, version, folder, tasks)
     if not paths:
-        cased = layout.reuse_casing(folder, _children(client, models))
+        cased = layout.reuse_casing(folder, client.folders(models))
         if cased != folder:
             paths = _export_paths(client, version, cased, tasks)
     return paths

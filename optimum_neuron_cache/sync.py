@@ -258,9 +258,8 @@ def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None
     for version, entries in sorted(by_version.items()):
         area = None
         if model_folder is not None:
-            models = layout.models_prefix(version)
-            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
-            area = layout.model_area_prefix(version, layout.reuse_casing(model_folder, folders), task)
+            models = client.folders(layout.models_prefix(version))
+            area = layout.model_area_prefix(version, layout.reuse_casing(model_folder, models), task)
         if dry_run:
             report.append(VersionSync(version, plan_sync(client, entries, area)))
             continue
