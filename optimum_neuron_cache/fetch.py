@@ -19,13 +19,14 @@ from typing import Any, Literal
 from filelock import Timeout
 
 from . import remote_layout as layout
+from . import settings
 from .errors import BucketNotFoundError, RemoteError
 from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
 from .client import BucketClient, ProgressCallback
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 
-ENV_VERIFY = "NEURON_CACHE_VERIFY"
+ENV_VERIFY = settings.VERIFY
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> 
 def verification_enabled() -> bool:
     """Downloads are checked against their digests unless NEURON_CACHE_VERIFY=0 (as Bazel's
     --remote_verify_downloads): for measuring what the check costs, never for everyday use."""
-    return os.environ.get(ENV_VERIFY, "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.verify()
 
 
 def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
@@ -190,3 +191,16 @@ def parse_area_path(path: str, area_prefix: str) -> AreaFile | None:
 def parse_version_prefix(name: str) -> str | None:
     """The compiler version of a top-level `neuronxcc-<ver>` folder of the bucket."""
     return version_from_dir_name(name)
+
+
+#: No file of an entry or record is this large: a listing that says so is corrupt or hostile.
+MAX_FILE_BYTES = 2**40
+
+
+def listed_size(item: Mapping[str, Any]) -> int | None:
+    """The size a listing gives for a file, or None when it is not a whole number of bytes from 0 to
+    MAX_FILE_BYTES (a listing is bucket data: `1e309`, `-1`, `true` or `"12"` must not become a size)."""
+    size = item.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        return None
+    return size
