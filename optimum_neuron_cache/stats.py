@@ -53,8 +53,8 @@ class Stats:
         """The figures in `data`; each one that is not a valid figure reads as 0, with one warning in all."""
         stats, bad = cls._parse(data)
         if bad:
-            log.warning("optimum-neuron-cache: %s: %s not a finite number from 0 to its bound; read as 0",
-                        where, ", ".join(bad) + (" is" if len(bad) == 1 else " are"))
+            log.warning("optimum-neuron-cache: %s: read as 0, not finite non-negative figures within bounds: %s",
+                        where, ", ".join(bad))
         return stats
 
     @classmethod
