@@ -24,7 +24,7 @@ from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
 from .errors import CompilerVersionError
 from .local_cache import version_from_dir_name
-from .neuron_sdk import resolve_compiler_version
+from .neuron_sdk import resolve_compiler_version, validate_compiler_version
 from .records import ExportRecord
 from .server_launcher import hub_endpoint
 
@@ -209,6 +209,8 @@ def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: st
     ref = bucket if isinstance(bucket, BucketRef) else resolve_bucket(bucket)
     model = layout.model_ref(model_id)
     tasks = [layout.task_name(task)] if task else None
+    if compiler_version is not None:  # "latest" is refused here as everywhere, not answered with "nothing"
+        compiler_version = validate_compiler_version(compiler_version, source="compiler_version")
     if compiler_version is None and not all_versions:
         try:
             compiler_version = resolve_compiler_version(None)
