@@ -91,8 +91,8 @@ def _group_by_module(listing: Iterable[Mapping[str, Any]], area_prefix: str) -> 
         parsed = layout.parse_area_path(str(item.get("path", "")), area_prefix)
         if parsed is None:
             continue
-        size = item.get("size")
-        if not isinstance(size, int) or size < 0:
+        size = layout.listed_size(item)
+        if size is None:
             continue
         modules.setdefault(parsed.module, {})[parsed.filename] = RemoteFile(
             parsed.filename, item["path"], size, item.get("xet_hash"), item.get("digest"))
@@ -113,8 +113,8 @@ def plan_from_model_area(compiler_version: str, area_prefix: str, listing: list[
         path = str(item.get("path", ""))
         if path.startswith(f"{area_prefix}/{exports}/") and path.endswith(".json"):
             plan.records.add(path.rsplit("/", 1)[1])
-            if 0 < int(item.get("size") or 0) <= MAX_RECORD_BYTES:
-                plan.record_files.append(RemoteFile(path.rsplit("/", 1)[1], path, int(item["size"]), item.get("xet_hash"), item.get("digest")))
+            if 0 < (size := layout.listed_size(item) or 0) <= MAX_RECORD_BYTES:
+                plan.record_files.append(RemoteFile(path.rsplit("/", 1)[1], path, size, item.get("xet_hash"), item.get("digest")))
     for module, files in sorted(_group_by_module(listing, area_prefix).items()):
         if not complete_remote_entry(files, compiler_version):
             continue

@@ -149,3 +149,22 @@ def test_hostile_sizes_in_a_listing_are_skipped_by_ls(tmp_path, hub, version, ca
     assert areas["org--m/default"]["entries"] == 6
     assert 0 < areas[""]["bytes"] < areas["org--m/default"]["bytes"]
     assert [r.getMessage() for r in caplog.records if "not a valid number of bytes" in r.getMessage()]
+
+
+def test_hostile_sizes_in_a_model_area_cost_only_their_own_files(tmp_path, hub, version):
+    """A record listed with an infinite size and a NEFF listed with a boolean one: the fetch goes on without them."""
+    BucketClient(BucketRef("hf", BUCKET)).create()
+    with hub_neuronx_cache("org/m", None, {"batch_size": 1}, compiler_version=version, bucket=BUCKET,
+                           cache_dir=tmp_path / "A") as run:
+        for graph in make_graphs(3, seed="area-sizes"):
+            compile_graph(tmp_path / "A", version, graph)
+    files = hub._buckets[BUCKET].files
+    area_neffs = sorted(p for p in files if p.endswith("/model.neff") and "/models/org--m/" in p)
+    with hub._lock:
+        files[run.record]["size"] = float("inf")
+        files[area_neffs[0]]["size"] = True
+    with hub_neuronx_cache("org/m", None, {"batch_size": 1}, compiler_version=version, bucket=BUCKET,
+                           cache_dir=tmp_path / "B") as fetched:
+        pass
+    assert fetched.warnings == [] and fetched.stats.remote_errors == 0
+    assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == sorted(p.split("/")[-2] for p in area_neffs[1:])
