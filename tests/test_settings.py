@@ -15,6 +15,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, running_server, stop_server
 from optimum_neuron_cache.errors import ConfigurationError
 from optimum_neuron_cache.server_launcher import server_address, server_command
+from tests.test_integrations_shim import compiles, toolchain, use  # noqa: F401  (toolchain: the shim's fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,3 +143,26 @@ def test_a_bad_server_setting_never_sticks_in_the_shared_server(tmp_path, versio
     with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
         pass
     assert run.warnings == []
+
+
+def test_the_shim_never_fails_a_compile_over_a_setting(tmp_path, version, toolchain, monkeypatch):
+    from optimum_neuron_cache.integrations.simulated_neuronx_cc import jit_compile
+    from optimum_neuron_cache.simulated_compiler import make_graphs
+
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    graph = make_graphs(1, seed="shim-settings")[0]
+    use(bucket, tmp_path / "A", monkeypatch)
+    jit_compile(tmp_path / "A", version, graph)  # compiled and published by the shim
+    assert len(compiles(toolchain)) == 1
+    # A malformed shim setting falls back to its default: the bucket is still used, so this is a hit.
+    monkeypatch.setenv(settings.SHIM_BACKOFF, "soon")
+    monkeypatch.setenv(settings.SHIM_PUBLISH, "maybe")
+    use(bucket, tmp_path / "B", monkeypatch)
+    jit_compile(tmp_path / "B", version, graph)
+    assert len(compiles(toolchain)) == 1
+    # A malformed client setting turns the bucket off for this call, never the compile.
+    monkeypatch.setenv(settings.RETRY_ATTEMPTS, "abc")
+    use(bucket, tmp_path / "C", monkeypatch)
+    jit_compile(tmp_path / "C", version, graph)
+    assert len(compiles(toolchain)) == 2 and running_server() is not None
