@@ -366,3 +366,11 @@ def test_bad_input_through_the_installed_entry_point(tmp_path):
         proc = subprocess.run(_cli_process(args), env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stdout == "", proc
         assert len(proc.stderr.splitlines()) == 1 and expected in proc.stderr, proc.stderr
+
+
+def test_a_refusing_disk_is_one_line_and_exit_1(tmp_path):
+    home = tmp_path / "hf-home-is-a-file"
+    home.write_text("")
+    result = CliRunner().invoke(cli, ["set", str(tmp_path / "bucket")], env={"HF_HOME": str(home)})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.output
