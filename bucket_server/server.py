@@ -361,7 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     parser.add_argument("--log-level", default=os.environ.get("NEURON_CACHE_SERVER_LOG_LEVEL", "INFO"))
+    # Settings the client validated and passes as arguments (it scrubs them from our environment). Minimal
+    # stand-in until the server validates them itself: they reach the code that read them from the environment.
+    for flag, variable in (("--retry-budget", "NEURON_CACHE_RETRY_BUDGET"), ("--retry-attempts", "NEURON_CACHE_RETRY_ATTEMPTS"),
+                           ("--http-timeout", "NEURON_CACHE_HTTP_TIMEOUT"), ("--metadata-timeout", "NEURON_CACHE_METADATA_TIMEOUT"),
+                           ("--xet-retry-duration", "NEURON_CACHE_XET_RETRY_DURATION")):
+        parser.add_argument(flag, dest=variable, type=int if flag == "--retry-attempts" else float, default=None)
     args = parser.parse_args(argv)
+    for variable in ("NEURON_CACHE_RETRY_BUDGET", "NEURON_CACHE_RETRY_ATTEMPTS", "NEURON_CACHE_HTTP_TIMEOUT", "NEURON_CACHE_METADATA_TIMEOUT"):
+        if getattr(args, variable) is not None:
+            os.environ[variable] = str(getattr(args, variable))
+    if getattr(args, "NEURON_CACHE_XET_RETRY_DURATION") is not None:
+        os.environ["NEURON_CACHE_XET_RETRY_DURATION"] = f"{round(args.NEURON_CACHE_XET_RETRY_DURATION * 1000)}ms"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
     # huggingface_hub reads these at import: no telemetry, no progress bars on a log file.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

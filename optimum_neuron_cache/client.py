@@ -21,6 +21,7 @@ from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_fram
 from . import crashpoints
 from ._version import __version__
 from .buckets import BucketRef
+from . import settings
 from .errors import (
     BucketAuthError,
     BucketNotFoundError,
@@ -33,7 +34,6 @@ from .errors import (
 )
 from .server_launcher import ServerAddress, connect_server, ensure_server, server_address
 
-ENV_REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
 CONNECT_ATTEMPTS = 4
 #: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
 _ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
@@ -85,7 +85,7 @@ class _Connection:
         self.server_info: dict[str, Any] = {}
         self.next_id = 0
         #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
-        self.timeout = float(environ.get(ENV_REQUEST_TIMEOUT, "60"))
+        self.timeout = settings.request_timeout(environ)
 
     def _connect(self) -> None:
         """Connect and shake hands. A server that is dying (killed, but its socket not yet closed by the
@@ -248,6 +248,7 @@ class BucketClient:
 
     def __init__(self, bucket: BucketRef, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
+        settings.check_client(env)  # bad settings fail here, in one line, before any request or server start
         if bucket.kind == "hf" and env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
             raise ConfigurationError(f"HF_HUB_OFFLINE is set: the Hub bucket {bucket} cannot be reached; unset it to use the bucket")
         self.bucket = bucket

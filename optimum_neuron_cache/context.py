@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from . import remote_layout as layout
+from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
@@ -95,6 +96,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._bucket = resolve_bucket(bucket)
         self._root = resolve_cache_root(cache_dir)
         self._version = resolve_compiler_version(compiler_version)
+        settings.check_client()  # a bad NEURON_CACHE_* setting is bad input too: it raises here, before the body
         self.run = CacheRun(
             model_id=self._model.model_id if self._model else None, task=self._task, compiler_version=self._version,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,

@@ -27,6 +27,7 @@ from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import crashpoints
 from . import remote_layout as layout
+from . import settings
 from .client import BucketClient, ProgressCallback
 from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError
@@ -37,7 +38,7 @@ from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")
 
-ENV_VERIFY = "NEURON_CACHE_VERIFY"
+ENV_VERIFY = settings.VERIFY
 
 
 class Action(str, enum.Enum):
@@ -307,7 +308,7 @@ def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bo
 def verification_enabled() -> bool:
     """Downloads are checked against their digests unless NEURON_CACHE_VERIFY=0 (as Bazel's
     --remote_verify_downloads): for measuring what the check costs, never for everyday use."""
-    return os.environ.get(ENV_VERIFY, "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.verify()
 
 
 def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:

@@ -22,14 +22,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import settings
 from .local_cache import STATE_DIR_NAME, version_dir_name
 
-ENV_LOCK_TIMEOUT = "NEURON_CACHE_LOCK_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT = 600.0
+ENV_LOCK_TIMEOUT = settings.LOCK_TIMEOUT
 
 
 def lock_timeout() -> float:
-    return float(os.environ.get(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT))
+    """How long to wait for another process's lock: NEURON_CACHE_LOCK_TIMEOUT, validated (default 600 s)."""
+    return settings.lock_timeout()
 
 
 class HostState:

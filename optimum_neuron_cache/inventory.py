@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import is_module_name, version_from_dir_name
+
+log = logging.getLogger("optimum_neuron_cache")
 
 
 @dataclass
@@ -36,6 +39,7 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
     prefix = layout.version_prefix(version) + "/"
     modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
     records: dict[str, int] = {}
+    bad_sizes: list[str] = []
     for item in listing:
         path = str(item.get("path", ""))
         if item.get("type", "file") != "file" or not path.startswith(prefix):
@@ -51,7 +55,14 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
         else:
             continue
         if layout.is_publishable(name):
-            modules.setdefault((area, module), {})[name] = layout.RemoteFile(name, path, int(item.get("size") or 0), item.get("xet_hash"))
+            size = layout.listed_size(item)
+            if size is None:
+                bad_sizes.append(path)
+                continue
+            modules.setdefault((area, module), {})[name] = layout.RemoteFile(name, path, size, item.get("xet_hash"))
+    if bad_sizes:
+        log.warning("optimum-neuron-cache: skipped %d listed file(s) whose size is not a valid number of bytes, "
+                    "e.g. %s", len(bad_sizes), bad_sizes[0])
     summaries: dict[str, AreaSummary] = {}
     for (area, _module), files in modules.items():
         summary = summaries.setdefault(area, AreaSummary(version, area))

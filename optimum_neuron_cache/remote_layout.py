@@ -176,10 +176,6 @@ def export_record_path(compiler_version: str, folder: str, task: str, record_id:
     return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"
 
 
-#: Listed sizes above this are not believed (the largest NEFF seen is 701 MB): the item is skipped.
-MAX_FILE_SIZE = 1 << 40
-
-
 @dataclass(frozen=True)
 class RemoteFile:
     """A file of the bucket, as a listing (or paths-info) describes it."""
@@ -194,10 +190,10 @@ class RemoteFile:
 
 
 def remote_file(item: Mapping[str, Any]) -> RemoteFile | None:
-    """A listing item as a RemoteFile, or None when it cannot be trusted (a size that is not a plain
-    non-negative integer below MAX_FILE_SIZE, a hash or digest that is not a string)."""
-    path, size = item.get("path"), item.get("size")
-    if not isinstance(path, str) or isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_SIZE:
+    """A listing item as a RemoteFile, or None when it cannot be trusted (a size `listed_size` refuses, a
+    hash or digest that is not a string)."""
+    path, size = item.get("path"), listed_size(item)
+    if not isinstance(path, str) or size is None:
         return None
     xet_hash, digest = item.get("xet_hash"), item.get("digest")
     if not (xet_hash is None or isinstance(xet_hash, str)) or not (digest is None or isinstance(digest, str)):
@@ -240,3 +236,16 @@ def parse_area_path(path: str, area_prefix: str) -> AreaFile | None:
 def parse_version_prefix(name: str) -> str | None:
     """The compiler version of a top-level `neuronxcc-<ver>` folder of the bucket."""
     return version_from_dir_name(name)
+
+
+#: No file of an entry or record is this large: a listing that says so is corrupt or hostile.
+MAX_FILE_BYTES = 2**40
+
+
+def listed_size(item: Mapping[str, Any]) -> int | None:
+    """The size a listing gives for a file, or None when it is not a whole number of bytes from 0 to
+    MAX_FILE_BYTES (a listing is bucket data: `1e309`, `-1`, `true` or `"12"` must not become a size)."""
+    size = item.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        return None
+    return size

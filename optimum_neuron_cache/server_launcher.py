@@ -30,12 +30,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from . import settings
 from .errors import ServerError, ServerStartError
 
-ENV_RUNTIME_DIR = "NEURON_CACHE_RUNTIME_DIR"
-ENV_SERVER_MODE = "NEURON_CACHE_SERVER_MODE"  # auto | uv | current
-ENV_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
-ENV_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
+ENV_RUNTIME_DIR = settings.RUNTIME_DIR
 HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
 #: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers (1.2 and newer chunk
 #: as the Hub does, so the Xet hashes of what it uploads can be recomputed from the bytes), tenacity for
@@ -43,8 +41,11 @@ HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
 SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.2", "tenacity>=8.2", "blake3>=1.0")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Never handed to the server's environment: the token travels per request (never in argv or environ of a
-#: long-lived process), and PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one.
-_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")
+#: long-lived process), PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one, and
+#: our server settings reach it only as validated arguments (a bad value in the client that started it would
+#: otherwise stick for every later client, for the server's whole life).
+_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV",
+                 *settings.SERVER_VARIABLES)
 
 
 def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
@@ -55,8 +56,9 @@ def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
 def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
     """The per-user directory of sockets, start locks and server logs, created 0700 and checked."""
     env = os.environ if environ is None else environ
-    if env.get(ENV_RUNTIME_DIR):
-        path = Path(env[ENV_RUNTIME_DIR])
+    chosen = settings.runtime_dir(env)
+    if chosen:
+        path = Path(chosen)
     elif env.get("XDG_RUNTIME_DIR") and os.path.isdir(env["XDG_RUNTIME_DIR"]):
         path = Path(env["XDG_RUNTIME_DIR"]) / "optimum-neuron-cache"
     else:
@@ -184,13 +186,14 @@ def server_commands(address: ServerAddress, environ: Mapping[str, str] | None = 
 
 
 def server_command(address: ServerAddress, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The server's command line. Our settings travel in it, validated here (ConfigurationError otherwise),
+    and only those the user set: the server's own defaults stay the defaults."""
     env = os.environ if environ is None else environ
-    mode = env.get(ENV_SERVER_MODE, "auto")
-    if mode not in ("auto", "uv", "current"):
-        raise ServerStartError(f"{ENV_SERVER_MODE}={mode!r}: use auto, uv or current")
+    mode = settings.server_mode(env)
     boot = str(Path(__file__).resolve().parent.parent / "bucket_server" / "boot.py")
-    idle = env.get(ENV_IDLE_TIMEOUT, "300")
-    args = [boot, "--socket", str(address.socket_path), "--endpoint", address.endpoint, "--idle-timeout", idle]
+    idle = repr(settings.server_idle_timeout(env))
+    args = [boot, "--socket", str(address.socket_path), "--endpoint", address.endpoint, "--idle-timeout", idle,
+            *settings.server_arguments(env)]
     if mode == "current" or (mode == "auto" and _current_has_bucket_client()):
         return [sys.executable, "-s", *args]
     try:
@@ -318,7 +321,7 @@ def ensure_server(address: ServerAddress, environ: Mapping[str, str] | None = No
     if can_connect(address):
         return
     env = dict(os.environ if environ is None else environ)
-    start_timeout = float(env.get(ENV_START_TIMEOUT, "120"))
+    start_timeout = settings.server_start_timeout(env)
     try:
         with address.open_dir() as rundir, FileLock(rundir.entry(address.lock_path.name), timeout=start_timeout):
             if _answers(rundir, address.socket_path.name):
