@@ -95,13 +95,13 @@ def _root(cache_dir: str | None, *, create: bool = False) -> Path:
     root: CacheRoot = resolve_cache_root(cache_dir)
     if root.path is None:
         raise ConfigurationError(f"bucket sync is off: {root.disabled_reason}")
-    _check_cache_dir(root.path, "--cache-dir" if cache_dir is not None else root.source, create=create)
+    source = "--cache-dir" if cache_dir is not None else root.source
+    root.require_directory(source)
+    _create_cache_dir(root.path, source, create=create)
     return root.path
 
 
-def _check_cache_dir(path: Path, source: str, *, create: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigurationError(f"the compile cache dir {path} (from {source}) is not a directory: pass a directory")
+def _create_cache_dir(path: Path, source: str, *, create: bool) -> None:
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -421,8 +421,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def status(cache_dir: str | None, as_json: bool) -> None:
     """The local compile cache: entries by state, sizes, compiler versions, Neuron SDK."""
     root = resolve_cache_root(cache_dir)
-    if root.path is not None:
-        _check_cache_dir(root.path, "--cache-dir" if cache_dir is not None else root.source, create=False)
+    root.require_directory("--cache-dir" if cache_dir is not None else None)
     versions = cache_status(root.path) if root.path else []
     sdk = sdk_summary(str(root.path) if root.path else None)
     if as_json:

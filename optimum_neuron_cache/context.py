@@ -95,6 +95,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._export_config = dict(export_config) if export_config is not None else None
         self._bucket = resolve_bucket(bucket)
         self._root = resolve_cache_root(cache_dir)
+        self._root.require_directory("the cache_dir argument" if cache_dir is not None else None)
         self._version = resolve_compiler_version(compiler_version)
         settings.check_client()  # a bad NEURON_CACHE_* setting is bad input too: it raises here, before the body
         self.run = CacheRun(

@@ -168,3 +168,16 @@ def test_hostile_sizes_in_a_model_area_cost_only_their_own_files(tmp_path, hub, 
         pass
     assert fetched.warnings == [] and fetched.stats.remote_errors == 0
     assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == sorted(p.split("/")[-2] for p in area_neffs[1:])
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_body(tmp_path, version):
+    from optimum_neuron_cache import hub_neuronx_cache
+    from optimum_neuron_cache.errors import ConfigurationError
+
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file")
+    ran = []
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        with hub_neuronx_cache("org/m", compiler_version=version, bucket=str(tmp_path / "b"), cache_dir=not_a_dir):
+            ran.append(True)
+    assert ran == [] and not_a_dir.read_text() == "a file"
