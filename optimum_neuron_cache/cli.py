@@ -25,7 +25,9 @@ from . import remote_layout as layout
 from .buckets import BucketRef, parse_bucket, resolve_bucket, save_bucket, setting_path
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import fetch_model
+from .fetch import FetchPlan, execute_fetch, plan_fetch
+from .journal import JournalKey
+from .publish import publish_leftovers
 from .host_state import HostState
 from .inventory import bucket_inventory
 from .local_cache import CacheRoot, resolve_cache_root, scan_entries, version_dir_name
@@ -187,35 +189,65 @@ def set_(bucket: str | None, unset: bool) -> None:
 @cache_dir_option
 @bucket_option
 @version_option
+@click.option("--dry-run", is_flag=True, help="Show the plan: each entry, what would be done and why.")
 @click.pass_obj
-def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None, compiler_version: str | None) -> None:
-    """Warm the local compile cache with MODEL_ID's entries from the bucket."""
+def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None,
+          compiler_version: str | None, dry_run: bool) -> None:
+    """Warm the local compile cache with MODEL_ID's entries from the bucket.
+
+    Also publishes what earlier runs of this model and task on this host compiled and left unpublished
+    (killed, or the bucket was down)."""
     model = layout.model_ref(model_id)
     task_name = layout.task_name(task)
-    root = _root(cache_dir, create=True)
+    root = _root(cache_dir, create=not dry_run)
     version = resolve_compiler_version(compiler_version)
     ref = _bucket(bucket)
     client = BucketClient(ref)
-    HostState(root).remove_stale_temp_dirs()
     local = {entry.name: entry for entry in scan_entries(root, version)}
+    plan = plan_fetch(client, version, model.folder, task_name, local)
+    if dry_run:
+        for op in plan.ops:
+            size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
+            out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{size_text}: {op.reason}")
+        out.info(f"would fetch {len(plan.items)} entries ({size(plan.bytes_needed)})" if plan.items else "nothing to fetch")
+        return
+    HostState(root).remove_stale_temp_dirs()
     progress, close = out.progress("fetch")
     try:
-        fetched = fetch_model(client, root, version, model.folder, task_name, local, progress=progress)
+        result = execute_fetch(client, root, plan, progress)
     finally:
         close()
-    result = fetched.result
     target = root / version_dir_name(version)
     record_run(Stats(fetches=1, hits=len(result.fetched), bytes_downloaded=result.bytes))
-    if not fetched.plan.remote_modules and not fetched.plan.items:
+    if not plan.remote_modules and not plan.items:
         out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task_name, model.model_id)}")
     else:
-        present = len(fetched.plan.remote_modules) - len(fetched.plan.items)
+        present = len(plan.remote_modules) - len(plan.items)
         out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
     for module, why in result.failed:
         click.echo(f"warning: {module} not fetched: {why}", err=True)
+    for module, why in plan.stranded:
+        click.echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
+                   "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
+    _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if result.failed:
         sys.exit(1)
+
+
+def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: str, folder: str, task: str,
+                       plan: FetchPlan) -> None:
+    """What killed runs of this model left in the journal goes up now; a failure is a warning, not an error
+    (the fetch itself succeeded, and the entries stay journaled)."""
+    key = JournalKey(str(client.bucket), version, folder, task)
+    try:
+        publication = publish_leftovers(client, root, key, area=plan.area, known_in_area=plan.remote_modules)
+    except (NeuronCacheError, OSError) as exc:
+        click.echo(f"warning: entries earlier runs left unpublished stay journaled: {exc}", err=True)
+        return
+    if publication is not None and publication.result.published:
+        record_run(Stats(publishes=len(publication.result.published), bytes_uploaded=publication.result.bytes_uploaded))
+        out.info(f"published {len(publication.result.published)} entries that earlier runs of {folder} left unpublished")
 
 
 @cli.command()

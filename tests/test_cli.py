@@ -75,8 +75,14 @@ def test_sync_fetch_ls_and_status(tmp_path, bucket, version):
     listing = json.loads(run("ls", "--json", "--model", "org/cli-model"))
     assert [(row["area"], row["entries"]) for row in listing] == [("Org--CLI-Model/text-generation", 3)]
 
+    compile_graph(b, version, make_graphs(3, seed="cli")[0])  # one entry already here
+    out = run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version,
+              "--dry-run")
+    assert out.count("install  neuronxcc-") == 2 and out.count("present  neuronxcc-") == 1
+    assert "missing here" in out and "would fetch 2 entries" in out
+    assert len(scan_entries(b, version)) == 1  # a dry run changes nothing
     out = run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
-    assert out.startswith("fetched 3 entries")
+    assert out.startswith("fetched 2 entries") and "1 already present" in out
     assert [e.state for e in scan_entries(b, version)] == [EntryState.SUCCESS] * 3
     assert "fetched 0 entries" in run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
     assert "nothing to fetch" in run("fetch", "org/other", "--cache-dir", str(b), "--compiler-version", version)

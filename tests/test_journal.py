@@ -126,3 +126,23 @@ def test_a_foreign_or_malformed_journal_file_is_skipped(tmp_path, version, caplo
     assert run.warnings == [] and len(run.synced) == 1
     assert any("malformed journal record" in record.getMessage() for record in caplog.records)
     assert len(scan_entries(cache, version)) == 1
+
+
+def test_neuron_cache_fetch_of_the_model_publishes_what_a_killed_run_left(tmp_path, version):
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    cache = tmp_path / "cache"
+    spec = {"model": "org/x", "version": version, "bucket": ref.location, "cache": str(cache), "seed": "cli"}
+    assert subprocess.run([sys.executable, "-c", KILLED_IN_BODY, json.dumps(spec)], env=_env()).returncode == -signal.SIGKILL
+    done = CliRunner().invoke(cli, ["fetch", "org/x", "--bucket", ref.location, "--cache-dir", str(cache),
+                                    "--compiler-version", version])
+    assert done.exit_code == 0, done.output
+    assert "published 2 entries that earlier runs of org--x left unpublished" in done.output
+    modules = {module_name(version, graph) for graph in make_graphs(2, seed="cli")}
+    area = f"neuronxcc-{version}/models/org--x/default"
+    assert {f"{area}/{m}/model.done" for m in modules} <= _committed(ref)
+    assert list(Journal(cache).folder.iterdir()) == []
