@@ -313,3 +313,17 @@ def test_republishing_a_file_keeps_a_sidecar_line_for_what_a_reader_sees(tmp_pat
     assert first.startswith("blake3:") and second.startswith("blake3:") and first != second
     sidecar = Path(bucket.location) / ".digests" / "e" / "model.neff"
     assert len(sidecar.read_text().splitlines()) == 1  # the old line goes once the rename is done
+
+
+def test_a_fifo_where_a_file_should_be_never_blocks_the_server(tmp_path, version):
+    """Opening a FIFO for reading blocks until a writer comes: files are opened non-blocking, then refused
+    unless regular. A listing leaves the FIFO out, so its entry is incomplete and not fetched."""
+    bucket, modules, neff = _changed_after_publishing(tmp_path, version)
+    neff.unlink()
+    os.mkfifo(neff)
+    run = _fetch(tmp_path / "B", bucket, version)
+    assert [module.rsplit("/", 1)[1] for module in run.fetched] == [modules[1]] and run.warnings == []
+    path = f"{_area(version)}/{modules[0]}/model.neff"
+    reply = BucketClient(bucket).download([{"path": path, "local_path": str(tmp_path / "out.neff"), "size": 1}])
+    assert reply["failed"] == [{"path": path, "reason": "is not a regular file: refused"}]
+    assert not (tmp_path / "out.neff").exists()
