@@ -45,11 +45,15 @@ def open_dir(parent: int, name: str, *, shown: str, create: bool = False) -> int
             os.mkdir(name, 0o777, dir_fd=parent)
         except FileExistsError:
             pass
+        except FileNotFoundError:  # `parent` itself was removed or replaced meanwhile: someone is tampering
+            raise Refused(shown, "changed while it was being written: refused") from None
     try:
         return os.open(name, DIR_FLAGS, dir_fd=parent)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise Refused(shown, "is a symlink or not a folder: refused") from None
+        if create and exc.errno == errno.ENOENT:  # made a moment ago, gone now: someone is tampering
+            raise Refused(shown, "changed while it was being written: refused") from None
         raise
 
 
