@@ -29,6 +29,8 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from .protocol import MAX_RECORD_BYTES
+
 ALGORITHMS = ("xet", "blake3", "sha256")
 
 
@@ -169,8 +171,8 @@ def _streaming_hasher(algorithm: str) -> Any:
     return None
 
 
-#: A digest manifest is a small JSON file (an export record): a larger one is not read.
-MANIFEST_MAX_BYTES = 4 * 1024 * 1024
+#: A digest manifest is an export record: a larger one than the protocol's record limit is not read.
+MANIFEST_MAX_BYTES = MAX_RECORD_BYTES
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, str]:

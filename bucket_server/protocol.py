@@ -18,6 +18,9 @@ from typing import Any
 HEADER = struct.Struct(">I")
 #: Listings of big buckets are the largest frames; anything larger is garbage or an attack.
 MAX_FRAME = 256 * 1024 * 1024
+#: An export record (also a digest manifest) is a small JSON file; a larger one is never downloaded (client)
+#: nor read (server).
+MAX_RECORD_BYTES = 1024 * 1024
 
 
 class ErrorCode(str, enum.Enum):

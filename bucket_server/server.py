@@ -29,8 +29,35 @@ log = logging.getLogger("bucket_server")
 SERVER_VERSION = "0.1.0"
 
 
+class UnsafeRuntimeDir(PermissionError):
+    """The socket's directory is a symlink, not ours, or open to others: the server will not bind there."""
+
+
+def open_private_dir(path: str) -> int:
+    """Open the socket's directory without following a symlink, and check owner and mode on the descriptor:
+    the server binds, renames and unlinks through it, so a name swapped later redirects nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        what = "is a symlink" if os.path.islink(path) else f"cannot be opened as a directory ({exc.strerror})"
+        raise UnsafeRuntimeDir(f"the runtime directory {path} {what}: the server will not bind there") from None
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise UnsafeRuntimeDir(
+            f"the runtime directory {path} must belong to uid {os.getuid()} with mode 0700 (it has uid {info.st_uid}, "
+            f"mode {oct(info.st_mode & 0o777)}): the server will not bind there"
+        )
+    return fd
+
+
+#: Linux names an open directory /proc/self/fd/<fd>: binding through it uses the checked descriptor, not a name.
+_HAS_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
 def peer_uid(conn: socket.socket) -> int | None:
-    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell."""
+    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell.
+    (The client has its twin in optimum_neuron_cache.server_launcher: this package must stand alone.)"""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -111,11 +138,15 @@ class Activity:
 
 
 class BucketServer:
-    def __init__(self, socket_path: str, endpoint: str, idle_timeout: float, policy: Any = None) -> None:
+    def __init__(self, socket_path: str, endpoint: str, idle_timeout: float, backlog: int = socket.SOMAXCONN,
+                 policy: Any = None) -> None:
         """`policy`: the hf backend's RetryPolicy (its defaults when None)."""
         self.socket_path = socket_path
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
+        #: The listen backlog: as deep as the kernel allows, for many ranks connecting at once (tests set it small).
+        self.backlog = backlog
+        self._dir_fd = -1
         self.activity = Activity()
         self.started = time.time()
         self.stopping = threading.Event()
@@ -277,23 +308,29 @@ class BucketServer:
 
     def bind(self) -> socket.socket:
         """Bind under a temporary name, listen, then rename into place: a client never finds a socket file
-        that does not yet accept connections."""
-        tmp = f"{self.socket_path}.{os.getpid()}.tmp"
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        that does not yet accept connections. All of it goes through the verified directory descriptor."""
+        directory, name = os.path.split(self.socket_path)
+        self._dir_fd = fd = open_private_dir(directory or ".")
+        tmp = f"{name}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        target = f"/proc/self/fd/{fd}/{tmp}" if _HAS_PROC_FD else os.path.join(directory, tmp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o077)
         try:
-            sock.bind(tmp)
+            sock.bind(target)
         finally:
             os.umask(old_umask)
-        sock.listen(128)
-        os.replace(tmp, self.socket_path)
+        sock.listen(self.backlog)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         return sock
 
     def serve_forever(self) -> None:
         sock = self.bind()
-        bound_inode = os.stat(self.socket_path).st_ino
+        name = os.path.basename(self.socket_path)
+        bound_inode = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False).st_ino
         sock.settimeout(0.25)
         log.info("serving %s on %s (pid %d, idle timeout %ss)", self.endpoint, self.socket_path, os.getpid(), self.idle_timeout)
         try:
@@ -314,10 +351,12 @@ class BucketServer:
         finally:
             sock.close()
             try:  # remove the socket only if it is still ours (a newer server may have replaced it)
-                if os.stat(self.socket_path).st_ino == bound_inode:
-                    os.unlink(self.socket_path)
+                if os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False).st_ino == bound_inode:
+                    os.unlink(name, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -394,12 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # hf_xet retries its own requests for about 105 s by default: bound them like every other request.
     if args.xet_retry_duration is not None:
-        os.environ["HF_XET_CLIENT_RETRY_MAX_DURATION"] = f"{args.xet_retry_duration:g}s"
+        os.environ["HF_XET_CLIENT_RETRY_MAX_DURATION"] = f"{round(args.xet_retry_duration * 1000)}ms"
     else:
-        os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", f"{policy.budget:g}s")
+        os.environ.setdefault("HF_XET_CLIENT_RETRY_MAX_DURATION", f"{round(policy.budget * 1000)}ms")
     os.environ["HF_ENDPOINT"] = args.endpoint
     log.info("retries: %d attempts within %g s; timeouts: %g s for metadata, %g s for transfers; hf_xet retries "
              "for %s", policy.attempts, policy.budget, policy.request_timeout(transfer=False), policy.timeout,
              os.environ["HF_XET_CLIENT_RETRY_MAX_DURATION"])
-    BucketServer(args.socket, args.endpoint, args.idle_timeout, policy).serve_forever()
+    try:
+        BucketServer(args.socket, args.endpoint, args.idle_timeout, policy=policy).serve_forever()
+    except UnsafeRuntimeDir as exc:
+        log.error("%s", exc)  # one line in the log, which the client quotes
+        return 1
     return 0

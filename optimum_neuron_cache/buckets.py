@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import settings
 from .errors import InvalidBucketError
 
-ENV_BUCKET = "NEURON_CACHE_BUCKET"
+ENV_BUCKET = settings.BUCKET
 SETTING_FILE_NAME = "neuron_cache_bucket"
 _HUB_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
 
@@ -114,8 +115,9 @@ def resolve_bucket(explicit: str | BucketRef | None = None, environ: Mapping[str
     env = os.environ if environ is None else environ
     if explicit:
         return parse_bucket(explicit)
-    if env.get(ENV_BUCKET):
-        return parse_bucket(env[ENV_BUCKET])
+    from_env = settings.bucket(env)
+    if from_env:
+        return parse_bucket(from_env)
     saved = read_saved_bucket(env)
     if saved:
         return parse_bucket(saved)

@@ -1,7 +1,8 @@
 """`neuron-cache`: the cache at the terminal (also `python -m optimum_neuron_cache`).
 
-Exit codes: 0 success, 1 the operation failed, 2 bad usage (including a malformed bucket id, model id or
-compiler version). Errors are one line on stderr; `--debug` adds the traceback. Progress bars (bytes and
+Exit codes: 0 success, 1 the operation failed, 2 bad usage (a malformed bucket id, model id or compiler
+version, a cache dir or bucket path that is not a directory, a bad NEURON_CACHE_* setting), 130 interrupted.
+Errors are one line on stderr; `--debug` adds the traceback. Progress bars (bytes and
 rates) appear on fetch and sync when stderr is a terminal, unless `--quiet`.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,10 +22,12 @@ from tqdm import tqdm
 
 from . import __version__
 from . import remote_layout as layout
-from .buckets import parse_bucket, resolve_bucket, save_bucket, setting_path
+from .buckets import BucketRef, parse_bucket, resolve_bucket, save_bucket, setting_path
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import fetch_model
+from .fetch import FetchPlan, execute_fetch, plan_fetch
+from .journal import JournalKey
+from .publish import publish_leftovers
 from .host_state import HostState
 from .inventory import bucket_inventory
 from .local_cache import CacheRoot, resolve_cache_root, scan_entries, version_dir_name
@@ -32,7 +36,7 @@ from .lookup import FILTER_KEYS, lookup_cache
 from .records import compiler_flags
 from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
-from .neuron_sdk import format_sdk_summary, resolve_compiler_version, sdk_summary
+from .neuron_sdk import format_sdk_summary, resolve_compiler_version, sdk_summary, validate_compiler_version
 from .sync import sync_cache
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -77,21 +81,59 @@ class CacheGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2 if isinstance(exc, ConfigurationError) else 1)
+        except OSError as exc:  # the disk said no (permissions, a full disk...): one line, not a traceback
+            if ctx.find_object(Output) and ctx.find_object(Output).debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing partial was left in the cache", err=True)
             ctx.exit(130)
 
 
-def _root(cache_dir: str | None) -> Path:
+def _root(cache_dir: str | None, *, create: bool = False) -> Path:
+    """The local compile cache, checked to be a directory (created with `create`): a regular file or an
+    uncreatable path is bad input, said in one line, not a traceback from deep in a scan."""
     root: CacheRoot = resolve_cache_root(cache_dir)
     if root.path is None:
         raise ConfigurationError(f"bucket sync is off: {root.disabled_reason}")
+    source = "--cache-dir" if cache_dir is not None else root.source
+    root.require_directory(source)
+    _create_cache_dir(root.path, source, create=create)
     return root.path
+
+
+def _create_cache_dir(path: Path, source: str, *, create: bool) -> None:
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create the compile cache dir {path} (from {source}): "
+                                     f"{exc.strerror or exc}; pass a directory you can write") from None
+
+
+def _bucket(name: str | BucketRef | None) -> BucketRef:
+    """The bucket to use; a directory bucket's path must not be a file (the server would call it missing)."""
+    ref = resolve_bucket(name)
+    if ref.kind == "dir" and os.path.lexists(ref.location) and not os.path.isdir(ref.location):
+        raise ConfigurationError(f"bucket {ref} is not a directory: name a directory (`neuron-cache create DIR` makes one) "
+                                 "or a Hub bucket NS/NAME")
+    return ref
+
+
+def _compiler_version(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--compiler-version is checked the same way by every command that takes it."""
+    return None if value is None else validate_compiler_version(value, source="--compiler-version")
+
+
+def _json(data: Any) -> str:
+    """JSON that every parser accepts: a non-finite number is a bug, never `Infinity` in the output."""
+    return json.dumps(data, indent=1, allow_nan=False)
 
 
 bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NAME or a directory (default: NEURON_CACHE_BUCKET, `set`, the embedded default).")
 cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
-version_option = click.option("--compiler-version", help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
+version_option = click.option("--compiler-version", callback=_compiler_version, help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
 task_option = click.option("--task", "-t", default=None, help="The task (default: `default`).")
 
 
@@ -115,7 +157,7 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.pass_obj
 def create(out: Output, bucket: str, private: bool) -> None:
     """Create BUCKET (a Hub bucket or a directory; exists-ok) and make it the default."""
-    ref = parse_bucket(bucket)
+    ref = _bucket(parse_bucket(bucket))
     result = BucketClient(ref).create(private=private or None)
     click.echo(f"{'created' if result.get('created') else 'exists'}: {ref}")
     save_bucket(ref)
@@ -147,35 +189,65 @@ def set_(bucket: str | None, unset: bool) -> None:
 @cache_dir_option
 @bucket_option
 @version_option
+@click.option("--dry-run", is_flag=True, help="Show the plan: each entry, what would be done and why.")
 @click.pass_obj
-def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None, compiler_version: str | None) -> None:
-    """Warm the local compile cache with MODEL_ID's entries from the bucket."""
+def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None,
+          compiler_version: str | None, dry_run: bool) -> None:
+    """Warm the local compile cache with MODEL_ID's entries from the bucket.
+
+    Also publishes what earlier runs of this model and task on this host compiled and left unpublished
+    (killed, or the bucket was down)."""
     model = layout.model_ref(model_id)
     task_name = layout.task_name(task)
-    root = _root(cache_dir)
+    root = _root(cache_dir, create=not dry_run)
     version = resolve_compiler_version(compiler_version)
-    ref = resolve_bucket(bucket)
+    ref = _bucket(bucket)
     client = BucketClient(ref)
-    HostState(root).remove_stale_temp_dirs()
     local = {entry.name: entry for entry in scan_entries(root, version)}
+    plan = plan_fetch(client, version, model.folder, task_name, local)
+    if dry_run:
+        for op in plan.ops:
+            size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
+            out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{size_text}: {op.reason}")
+        out.info(f"would fetch {len(plan.items)} entries ({size(plan.bytes_needed)})" if plan.items else "nothing to fetch")
+        return
+    HostState(root).remove_stale_temp_dirs()
     progress, close = out.progress("fetch")
     try:
-        fetched = fetch_model(client, root, version, model.folder, task_name, local, progress=progress)
+        result = execute_fetch(client, root, plan, progress)
     finally:
         close()
-    result = fetched.result
     target = root / version_dir_name(version)
     record_run(Stats(fetches=1, hits=len(result.fetched), bytes_downloaded=result.bytes))
-    if not fetched.plan.remote_modules and not fetched.plan.items:
+    if not plan.remote_modules and not plan.items:
         out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task_name, model.model_id)}")
     else:
-        present = len(fetched.plan.remote_modules) - len(fetched.plan.items)
+        present = len(plan.remote_modules) - len(plan.items)
         out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
     for module, why in result.failed:
         click.echo(f"warning: {module} not fetched: {why}", err=True)
+    for module, why in plan.stranded:
+        click.echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
+                   "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
+    _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if result.failed:
         sys.exit(1)
+
+
+def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: str, folder: str, task: str,
+                       plan: FetchPlan) -> None:
+    """What killed runs of this model left in the journal goes up now; a failure is a warning, not an error
+    (the fetch itself succeeded, and the entries stay journaled)."""
+    key = JournalKey(str(client.bucket), version, folder, task)
+    try:
+        publication = publish_leftovers(client, root, key, area=plan.area, known_in_area=plan.remote_modules)
+    except (NeuronCacheError, OSError) as exc:
+        click.echo(f"warning: entries earlier runs left unpublished stay journaled: {exc}", err=True)
+        return
+    if publication is not None and publication.result.published:
+        record_run(Stats(publishes=len(publication.result.published), bytes_uploaded=publication.result.bytes_uploaded))
+        out.info(f"published {len(publication.result.published)} entries that earlier runs of {folder} left unpublished")
 
 
 @cli.command()
@@ -194,7 +266,7 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
     model = layout.model_ref(model_id) if model_id else None
     task_name = layout.task_name(task)
     root = _root(cache_dir)
-    ref = resolve_bucket(bucket)
+    ref = _bucket(bucket)
     client = BucketClient(ref)
     progress, close = (None, lambda: None) if dry_run else out.progress("sync")
     try:
@@ -244,14 +316,15 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
         raise click.BadParameter("--config must be a JSON object")
     stated = {"target": target, "batch_size": batch_size, "sequence_length": sequence_length,
               "tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
-    records = lookup_cache(model_id, task, compiler_version=version, all_versions=version is None, bucket=bucket)
+    ref = _bucket(bucket)
+    records = lookup_cache(model_id, task, compiler_version=version, all_versions=version is None, bucket=ref)
     if version is not None and not records:
-        records = lookup_cache(model_id, task, all_versions=True, bucket=bucket)
+        records = lookup_cache(model_id, task, all_versions=True, bucket=ref)
     flags = compiler_flags()
     click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
                f"flags {' '.join(flags) or '(none)'}")
     if not records:
-        click.echo(f"no export records of {model_id} in {resolve_bucket(bucket)}: nothing was published for it with an export config")
+        click.echo(f"no export records of {model_id} in {ref}: nothing was published for it with an export config")
         return
     comparisons = []
     for record in records:
@@ -280,7 +353,7 @@ def stats_command(zero: bool, as_json: bool) -> None:
         return
     last, total = read_stats()
     if as_json:
-        click.echo(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1))
+        click.echo(_json({"last_run": asdict(last), "total": asdict(total)}))
         return
     rows = [("", "LAST RUN", "TOTAL")]
     for name, label in (("fetches", "fetches"), ("hits", "hits (entries from the bucket)"),
@@ -327,11 +400,11 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
     """List the cached export configurations of MODEL_ID, with the compile flags of each."""
     if compiler_version and all_versions:
         raise click.UsageError("--compiler-version and --all-versions exclude each other")
-    records = lookup_cache(model_id, task, compiler_version=compiler_version, all_versions=all_versions, bucket=bucket,
+    records = lookup_cache(model_id, task, compiler_version=compiler_version, all_versions=all_versions, bucket=_bucket(bucket),
                            target=target, batch_size=batch_size, sequence_length=sequence_length,
                            tensor_parallel_size=tensor_parallel_size, dtype=dtype)
     if as_json:
-        click.echo(json.dumps([record.to_dict() for record in records], indent=1))
+        click.echo(_json([record.to_dict() for record in records]))
         return
     if not records:
         click.echo(f"no cached configuration of {model_id} matches")
@@ -350,10 +423,10 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
 def ls(compiler_version: str | None, model_id: str | None, bucket: str | None, as_json: bool) -> None:
     """What the bucket holds, by compiler version and model: entries and sizes."""
     model = layout.model_ref(model_id) if model_id else None
-    ref = resolve_bucket(bucket)
+    ref = _bucket(bucket)
     inventory = bucket_inventory(BucketClient(ref), compiler_version=compiler_version, model_folder=model.folder if model else None)
     if as_json:
-        click.echo(json.dumps([asdict(area) for area in inventory.areas], indent=1))
+        click.echo(_json([asdict(area) for area in inventory.areas]))
         return
     if not inventory.areas:
         click.echo(f"{ref} holds no entries" + (f" for {model_id}" if model_id else ""))
@@ -380,14 +453,15 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def status(cache_dir: str | None, as_json: bool) -> None:
     """The local compile cache: entries by state, sizes, compiler versions, Neuron SDK."""
     root = resolve_cache_root(cache_dir)
+    root.require_directory("--cache-dir" if cache_dir is not None else None)
     versions = cache_status(root.path) if root.path else []
     sdk = sdk_summary(str(root.path) if root.path else None)
     if as_json:
-        click.echo(json.dumps({
+        click.echo(_json({
             "cache_dir": str(root.path) if root.path else root.url, "source": root.source, "sync_disabled": root.disabled_reason,
             "versions": [{"compiler_version": v.compiler_version, "states": dict(v.states), "bytes": v.bytes} for v in versions],
             "sdk": sdk, "bucket": str(resolve_bucket(None)),
-        }, indent=1))
+        }))
         return
     click.echo(f"cache dir: {root.path or root.url} ({root.source})")
     if root.disabled_reason:
@@ -443,7 +517,7 @@ def server_status(as_json: bool) -> None:
     """Show the running server (pid, socket, version, idle time)."""
     info = running_server()
     if as_json:
-        click.echo(json.dumps(info, indent=1))
+        click.echo(_json(info))
         return
     if info is None:
         click.echo("no bucket server is running (one starts on demand)")

@@ -18,8 +18,10 @@ from typing import Any
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
 
-from . import __version__
+from . import crashpoints
+from ._version import __version__
 from .buckets import BucketRef
+from . import settings
 from .errors import (
     BucketAuthError,
     BucketNotFoundError,
@@ -30,10 +32,11 @@ from .errors import (
     RemoteUnavailableError,
     ServerError,
 )
-from .server_launcher import ServerAddress, ensure_server, server_address
+from .server_launcher import ServerAddress, connect_server, ensure_server, server_address
 
-ENV_REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
 CONNECT_ATTEMPTS = 4
+#: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
+_ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
@@ -71,6 +74,9 @@ def read_token(environ: Mapping[str, str] | None = None) -> str | None:
 class _Connection:
     """One socket to the server; requests on it are serialized by a lock."""
 
+    #: The uid the server must run as; None is our own. Only tests set another, to see a foreign server refused.
+    expected_uid: int | None = None
+
     def __init__(self, address: ServerAddress, environ: Mapping[str, str]) -> None:
         self.address = address
         self.environ = environ
@@ -79,17 +85,18 @@ class _Connection:
         self.server_info: dict[str, Any] = {}
         self.next_id = 0
         #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
-        self.timeout = float(environ.get(ENV_REQUEST_TIMEOUT, "60"))
+        self.timeout = settings.request_timeout(environ)
 
     def _connect(self) -> None:
         """Connect and shake hands. A server that is dying (killed, but its socket not yet closed by the
         kernel) can still accept a connection and then reset it: that is a failed start, not a failed
-        request, so connecting is tried a few times, each time through ensure_server."""
+        request, so connecting is tried a few times, each time through ensure_server. So is a refused connect
+        or a missing socket: a server that is restarting, or exiting idle as we connect."""
         for attempt in range(CONNECT_ATTEMPTS):
             try:
                 self._connect_once()
                 return
-            except (ConnectionError, FrameError):
+            except (ConnectionError, FileNotFoundError, FrameError):
                 self.close()
                 if attempt + 1 == CONNECT_ATTEMPTS:
                     raise
@@ -97,14 +104,9 @@ class _Connection:
 
     def _connect_once(self) -> None:
         ensure_server(self.address, self.environ)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.address.socket_path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        # Through the verified runtime directory, with a full backlog retried, and refused unless the server
+        # is our own uid: nothing is written before that check.
+        self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
         reply = self._exchange({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
         if not reply.get("ok"):
             error = reply.get("error") or {}
@@ -121,6 +123,8 @@ class _Connection:
         if progress is not None:
             message["progress"] = True
         write_frame(self.sock, message)
+        if message["op"] in _ON_THE_WIRE:
+            crashpoints.reached(_ON_THE_WIRE[message["op"]])
         while True:
             reply = read_frame(self.sock)
             if reply is None:
@@ -164,17 +168,20 @@ class _Connection:
 
     def _replace_server(self) -> None:
         """A server of another protocol version holds the socket: ask it to stop so ours can start."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
         try:
-            sock.connect(str(self.address.socket_path))
-            write_frame(sock, {"id": 0, "op": "shutdown", "args": {}})
-            read_frame(sock)
-        except (OSError, FrameError):
-            pass
-        finally:
-            sock.close()
-        self.address.socket_path.unlink(missing_ok=True)
+            sock = connect_server(self.address, 5, expected_uid=self.expected_uid)
+        except OSError:
+            sock = None
+        if sock is not None:
+            try:
+                write_frame(sock, {"id": 0, "op": "shutdown", "args": {}})
+                read_frame(sock)
+            except (OSError, FrameError):
+                pass
+            finally:
+                sock.close()
+        with self.address.open_dir() as rundir:
+            rundir.unlink(self.address.socket_path.name)
 
 
 #: One connection per (socket, pid): a deliberate cache, so the handshake is paid once per process.
@@ -197,10 +204,11 @@ def running_server(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
     """Status of the bucket server for this user, host and endpoint, without starting one (None: not running)."""
     env = dict(os.environ if environ is None else environ)
     address = server_address(env)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
     try:
-        sock.connect(str(address.socket_path))
+        sock = connect_server(address, 5)
+    except OSError:
+        return None
+    try:
         write_frame(sock, {"id": 1, "op": "status", "args": {}})
         reply = read_frame(sock)
     except (OSError, FrameError):
@@ -217,10 +225,11 @@ def stop_server(environ: Mapping[str, str] | None = None, timeout: float = 10.0)
     with _connections_lock:
         for key in [key for key in _connections if key[0] == address.socket_path]:
             _connections.pop(key).close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
     try:
-        sock.connect(str(address.socket_path))
+        sock = connect_server(address, 5)
+    except OSError:
+        return False
+    try:
         write_frame(sock, {"id": 1, "op": "shutdown", "args": {}})
         read_frame(sock)
     except (OSError, FrameError):
@@ -228,8 +237,9 @@ def stop_server(environ: Mapping[str, str] | None = None, timeout: float = 10.0)
     finally:
         sock.close()
     deadline = time.monotonic() + timeout
-    while address.socket_path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    with address.open_dir() as rundir:
+        while rundir.exists(address.socket_path.name) and time.monotonic() < deadline:
+            time.sleep(0.02)
     return True
 
 
@@ -238,6 +248,7 @@ class BucketClient:
 
     def __init__(self, bucket: BucketRef, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
+        settings.check_client(env)  # bad settings fail here, in one line, before any request or server start
         if bucket.kind == "hf" and env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
             raise ConfigurationError(f"HF_HUB_OFFLINE is set: the Hub bucket {bucket} cannot be reached; unset it to use the bucket")
         self.bucket = bucket
@@ -270,6 +281,11 @@ class BucketClient:
 
     def list(self, prefix: str, *, recursive: bool = True) -> list[dict[str, Any]]:
         return self.call("list", prefix=prefix, recursive=recursive)
+
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the folders directly under `prefix` ("" for the root): the one way folders are listed."""
+        return [item["path"].rsplit("/", 1)[-1] for item in self.list(prefix, recursive=False)
+                if item.get("type") == "directory" and isinstance(item.get("path"), str)]
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         return self.call("paths_info", paths=paths) if paths else []

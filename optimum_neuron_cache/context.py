@@ -7,9 +7,9 @@ remote failure the run stops talking to the bucket, and entries it could not pub
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +17,26 @@ from types import TracebackType
 from typing import Any
 
 from . import remote_layout as layout
+from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
 from .fetch import fetch_model
 from .host_state import HostState
+from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
-from .explain import nearest, why_nothing
+from .explain import nearest, time_saved, why_area_empty
 from .lookup import CachedExport, read_records
-from .records import ExportRecord, compile_seconds, compiler_flags, make_record
+from .publish import close, publish
+from .records import compiler_flags, exit_records, make_record
+from .sigterm import SigtermHook
 from .stats import Stats, record_run
-from .sync import execute_sync, plan_sync
+from .sync import RecordWrite
+
+#: File times are stamped at the kernel's clock tick and may read a little earlier than time.time(): a journal
+#: window opens this much before enter, so an entry committed right after enter is never left out of it.
+CLOCK_SLACK = 1.0
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -50,6 +58,9 @@ class CacheRun:
     synced: list[str] = field(default_factory=list)
     #: Entry keys that became complete during the block (compiled here, or by another process of the host).
     compiled: list[str] = field(default_factory=list)
+    #: Entry keys that earlier runs of this model and task on this host compiled and did not publish (killed,
+    #: or the bucket was down): published on exit with this run's.
+    recovered: list[str] = field(default_factory=list)
     #: Export record written on exit, as a bucket path.
     record: str | None = None
     #: One line per problem met (each was also logged as a warning).
@@ -84,7 +95,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._export_config = dict(export_config) if export_config is not None else None
         self._bucket = resolve_bucket(bucket)
         self._root = resolve_cache_root(cache_dir)
+        self._root.require_directory("the cache_dir argument" if cache_dir is not None else None)
         self._version = resolve_compiler_version(compiler_version)
+        settings.check_client()  # a bad NEURON_CACHE_* setting is bad input too: it raises here, before the body
         self.run = CacheRun(
             model_id=self._model.model_id if self._model else None, task=self._task, compiler_version=self._version,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
@@ -96,6 +109,11 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
         self._records_read: list[CachedExport] = []
+        self._known_models: tuple[str, ...] | None = None
+        self._journal_record: RunRecord | None = None
+        #: Journal records of earlier runs of this key that nobody will publish, read on enter.
+        self._leftovers: list[RunRecord] = []
+        self._sigterm = SigtermHook(self._journal_on_sigterm)
 
     # ------------------------------------------------------------------------- public state
     @property
@@ -156,6 +174,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             pass
         local = {entry.name: entry for entry in self._entries()}
         self._before = {name: entry.state for name, entry in local.items()}
+        self._open_journal(root, local)
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
@@ -168,17 +187,67 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             for module in fetched.result.installed_by_others:  # complete before our body ran: not compiled by it
                 self._before[module] = EntryState.SUCCESS
             self._area = fetched.area
-            self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.records
-            self._records_read = fetched.result.records
+            self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
+            self._known_models = fetched.plan.known_models
+            self._records_read = fetched.result.exports_read
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
             for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
-            self._explain_enter(fetched.result.fetched, fetched.result.records)
+            for module in fetched.result.replaced:
+                self._warn(f"entry {prefix}/{module} was locked by a compile that died: replaced by the bucket's complete entry")
+            for module, why in fetched.plan.stranded:
+                self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
+                           f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")
+                self._miss(f"{prefix}/{module} is locked here (a compile in progress, or a stale lock)")
+            saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
+            self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
+
+    # ------------------------------------------------------------------------------- journal
+    def _journal_key(self) -> JournalKey:
+        return JournalKey(str(self._bucket), self._version, self._model.folder if self._model else None, self._task)
+
+    def _open_journal(self, root: Path, local: dict[str, LocalEntry]) -> None:
+        """Before the body: read what earlier runs of this key left unpublished, and write this run's record
+        (a window: whatever becomes complete from now on is this run's to publish, even if it is killed)."""
+        journal = Journal(root)
+        try:
+            now = time.time()
+            self._leftovers = journal.leftovers(self._journal_key(), now)
+            recovered = explicit_and_window(self._leftovers, local, now)
+            self.run.recovered = [f"{layout.version_prefix(self._version)}/{name}" for name in sorted(recovered)]
+            self._journal_record = journal.begin(RunRecord(
+                key=self._journal_key(), started=now - CLOCK_SLACK, model_id=self._model.model_id if self._model else None,
+                export_config=self._export_config, window=True, open=True))
+        except OSError as exc:
+            self._warn(f"cannot write the publish journal in {journal.folder}: {exc} (if this run is killed, "
+                       "what it compiled is published only by `neuron-cache sync`)")
+            return
+        if self.run.recovered:
+            log.info("optimum-neuron-cache: %d entries compiled by earlier runs of this model are published on exit",
+                     len(self.run.recovered))
+        self._sigterm.install()
+
+    def _new_entries(self, entries: dict[str, LocalEntry]) -> set[str]:
+        """Entries that became complete during the block and were not fetched: compiled here (or by another
+        process of the host meanwhile)."""
+        fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        return {name for name, entry in entries.items()
+                if entry.state.publishable and not self._before.get(name, EntryState.INCOMPLETE).publishable
+                and name not in fetched}
+
+    def _journal_on_sigterm(self) -> None:
+        """SIGTERM (a scheduler stopping the job): name what was compiled so far in the journal, at once."""
+        if self._journal_record is None or self._root.path is None:
+            return
+        new = self._new_entries({entry.name: entry for entry in self._entries()})
+        names = tuple(sorted(set(self._journal_record.entries) | new))
+        self._journal_record = Journal(self._root.path).update(self._journal_record, entries=names,
+                                                               export_config=self._export_config)
 
     def _records(self) -> list[CachedExport]:
         """The model's export records: those the fetch read along with the entries, else one download (only
@@ -190,27 +259,11 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
         return read_records(self._client, paths)
 
-    def _explain_enter(self, fetched: list[str], records: list[CachedExport]) -> None:
-        """After a fetch: the time the hits save (from the records read with the entries), and why there was
-        nothing to fetch. Best effort."""
-        assert self._client is not None
-        try:
-            if fetched:
-                durations: dict[str, float] = {}
-                for record in records:
-                    durations.update(record.compile_seconds)
-                known = [durations[name] for name in fetched if name in durations]
-                self.run.stats.seconds_saved = float(sum(known))
-                self.run.stats.hits_without_duration = len(fetched) - len(known)
-            if self._model is not None and not self._area_modules:
-                self._miss(why_nothing(self._client, self._version, self._model.folder, self._task, self._model.model_id))
-        except (NeuronCacheError, OSError) as exc:
-            log.debug("optimum-neuron-cache: could not explain the fetch: %s", exc)
-
     # --------------------------------------------------------------------------------- exit
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if self._root.path is None:
             return False
+        self._sigterm.uninstall()
         try:
             self._sync(self._root.path)
         except (NeuronCacheError, OSError) as error:
@@ -218,6 +271,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"sync failed, bucket {self._bucket}: {error} (entries stay local and are retried next run)")
         except Exception as error:  # a bug of ours must never mask or replace the body's outcome
             self._warn(f"sync failed unexpectedly: {type(error).__name__}: {error}")
+        finally:
+            self._close_journal(self._root.path)
         self._count_requests()
         stats = self.run.stats
         stats.hits, stats.misses, stats.publishes = len(self.run.fetched), len(self.run.compiled), len(self.run.synced)
@@ -225,13 +280,26 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         record_run(stats)
         return False  # the body's exception, if any, propagates unchanged
 
-    def _pending_key(self) -> str:
-        folder = self._model.folder if self._model else "_flat"
-        return f"{layout.version_prefix(self._version)}/{folder}/{self._task}"
+    def _close_journal(self, root: Path) -> None:
+        """The run is over: what it could not publish stays journaled for the next run; nothing else does."""
+        try:
+            close(root, self._journal_record)
+        except OSError as exc:
+            log.debug("optimum-neuron-cache: could not close the journal record: %s", exc)
+        self._journal_record = None
 
     def _explain_misses(self, new: set[str]) -> None:
-        """Graphs were compiled here although the bucket holds entries of this model: say which record was
-        nearest and how it differs, or which entries a record of this very configuration lacked."""
+        """Graphs were compiled here: say why the bucket did not have them. An empty area costs at most one
+        request (its tasks); else the records say which was nearest and how it differs, or which entries a
+        record of this very configuration lacked (read with the entries, else one download)."""
+        assert self._model is not None and self._client is not None
+        if not self._area_modules:
+            try:
+                self._miss(why_area_empty(self._client, self._version, self._model.folder, self._task,
+                                          self._model.model_id, self._known_models))
+            except (NeuronCacheError, OSError) as exc:
+                log.debug("optimum-neuron-cache: could not explain the miss: %s", exc)
+            return
         if not self._area_records:
             return
         try:
@@ -253,59 +321,49 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._miss(f"compiled {len(new)} graphs here: no record matches; nearest differs in "
                        + "; ".join(best[0].differences))
 
-    def _keep_digests(self, record: ExportRecord) -> ExportRecord:
-        """A record rewritten for the same configuration keeps the digests the one it replaces recorded (read
-        at enter, with the entries): readers go on checking those files by BLAKE3. Sync adds this run's."""
-        previous = next((r for r in self._records_read if r.record_id == record.record_id), None)
-        return dataclasses.replace(record, digests=dict(previous.digests)) if previous and previous.digests else record
+    def _export_records(self, entries: dict[str, LocalEntry], new: set[str], recovered: set[str]) -> list[RecordWrite]:
+        """The export records this exit writes (records.exit_records): this run's configuration, and those of
+        earlier runs whose entries are published now."""
+        if self._model is None or self._area is None:
+            return []
+        earlier = [(leftover.export_config, explicit_and_window([leftover], entries, time.time()) & recovered)
+                   for leftover in self._leftovers if leftover.export_config is not None]
+        used = set(self._area_modules) | {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        return exit_records(self._model.model_id, self._task, self._version, self._area, entries,
+                            config=self._export_config, compiled=new, used=used, earlier=earlier,
+                            recorded=self._area_records, previous=self._records_read)
 
     def _sync(self, root: Path) -> None:
-        state = HostState(root)
         entries = {entry.name: entry for entry in self._entries()}
+        new = self._new_entries(entries)
         fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
-        new = {name for name, entry in entries.items()
-               if entry.state.publishable and not self._before.get(name, EntryState.INCOMPLETE).publishable and name not in fetched}
-        self.run.compiled = [f"{layout.version_prefix(self._version)}/{name}" for name in sorted(new)]
+        prefix = layout.version_prefix(self._version)
+        self.run.compiled = [f"{prefix}/{name}" for name in sorted(new)]
         log.debug("optimum-neuron-cache: hits (fetched) %s; misses (compiled here) %s", sorted(fetched), sorted(new))
         if new and self._remote_ok and self._model is not None:
             self._explain_misses(new)
-        key = self._pending_key()
-        pending = state.pending(key)
-        candidates = [entries[name] for name in sorted(new | pending) if name in entries and entries[name].state.publishable]
-        record = None
-        if self._model is not None and self._export_config is not None:
-            # The graphs this configuration compiled; a run that compiled nothing (all hits) cannot tell which
-            # of the model's entries it used, so its record names all of them.
-            modules = sorted(new) if new else sorted(set(self._area_modules) | fetched)
-            seconds = {name: s for name in new if (s := compile_seconds(entries[name].path)) is not None}
-            record = make_record(self._model.model_id, self._task, self._version, self._export_config, modules,
-                                 compile_seconds=seconds)
-        area = self._area
-        record_path = None
-        if record is not None and area is not None:
-            record_path = f"{area}/{layout.EXPORTS_DIR}/{record.record_id}.json"
-            if f"{record.record_id}.json" in self._area_records and not new:
-                record = None  # this configuration is recorded already and nothing new was compiled
-            else:
-                record = self._keep_digests(record)
-        if not candidates and record is None:
-            return
+        recovered = {key.rsplit("/", 1)[1] for key in self.run.recovered}
+        candidates = [entries[name] for name in sorted(new | recovered) if name in entries and entries[name].state.publishable]
+        journal = Journal(root)
+        if self._journal_record is not None:
+            # Write-ahead: the names go on disk (explicit now, no more window) before anything goes up; the
+            # leftovers of earlier runs are covered by them, so their own records can go.
+            self._journal_record = journal.update(self._journal_record, entries=tuple(e.name for e in candidates),
+                                                  window=False, export_config=self._export_config)
+            for leftover in self._leftovers:
+                journal.drop(leftover)
         if not self._remote_ok or self._client is None:
-            state.update_pending(key, add={entry.name for entry in candidates})
-            log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))
+            if candidates:
+                log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))
             return
-        try:
-            if candidates and self._is_embedded_default():
-                self._client.create()  # the embedded default is made on first use; real buckets never are
-            plan = plan_sync(self._client, candidates, area, self._area_modules)
-            plan.record, plan.record_path = record, record_path if record is not None else None
-            result = execute_sync(self._client, state, plan) if not plan.empty else None
-        except (NeuronCacheError, OSError):
-            state.update_pending(key, add={entry.name for entry in candidates})
-            raise
-        published = set(result.published) if result else set()
-        state.update_pending(key, remove={entry.name for entry in candidates} - {name for name, _ in (result.skipped if result else [])})
-        prefix = layout.version_prefix(self._version)
-        self.run.synced = [f"{prefix}/{name}" for name in sorted(published)]
-        self.run.bytes_uploaded = result.bytes_uploaded if result else 0
-        self.run.record = result.record_path if result else None
+        writes = self._export_records(entries, new, recovered)
+        if not candidates and not writes:
+            return
+        publication = publish(self._client, root, self._journal_key(), candidates, area=self._area,
+                              known_in_area=self._area_modules, records=writes, record=self._journal_record,
+                              create_bucket=self._is_embedded_default())
+        self._journal_record = publication.record
+        self.run.synced = [f"{prefix}/{name}" for name in sorted(publication.result.published)]
+        self.run.bytes_uploaded = publication.result.bytes_uploaded
+        own = [path for path, record in writes if record.export_config == self._export_config]
+        self.run.record = own[0] if own and own[0] in publication.result.record_paths else None

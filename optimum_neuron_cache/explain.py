@@ -51,22 +51,45 @@ def nearest(records: Sequence[CachedExport], compiler_version: str | None, flags
     return sorted(compared, key=lambda c: (len(c.differences), c.record.created_at))[:limit]
 
 
-def _folders(client: BucketClient, prefix: str) -> list[str]:
-    return [item["path"].rsplit("/", 1)[-1] for item in client.list(prefix, recursive=False) if item.get("type") == "directory"]
+def time_saved(fetched: Sequence[str], records: Sequence[CachedExport]) -> tuple[float, int]:
+    """(compile seconds the fetched entries saved, how many had no recorded duration), from the export records
+    read with the entries: no request."""
+    durations: dict[str, float] = {}
+    for record in records:
+        durations.update(record.compile_seconds)
+    known = [durations[name] for name in fetched if name in durations]
+    return float(sum(known)), len(fetched) - len(known)
+
+
+def why_area_empty(client: BucketClient, compiler_version: str, folder: str, task: str, model_id: str,
+                   known_models: Sequence[str] | None) -> str:
+    """One line, for a run that compiled what the bucket did not have: why the model's area under this
+    compiler version held nothing. At most one request: the folders of `models/` were listed on enter (to find
+    the bucket's casing); only the model's tasks may be asked for. Other compiler versions are `neuron-cache
+    explain`'s business (a listing per version)."""
+    wanted = folder.lower()
+    cased = [name for name in known_models or () if name.lower() == wanted] if known_models is not None else [folder]
+    tasks = sorted(name for name in client.folders(f"{layout.models_prefix(compiler_version)}/{cased[0]}")
+                   if name != task) if cased else []
+    if tasks:
+        return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(tasks)}"
+    return (f"no entries for {model_id} under compiler {compiler_version} in this bucket "
+            f"(`neuron-cache explain {model_id}` compares the other compiler versions)")
 
 
 def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: str, model_id: str) -> str:
-    """One line: why the model's area under this compiler version holds nothing."""
+    """One line: why the model's area under this compiler version holds nothing, looking across compiler
+    versions (a listing per version, at most MAX_VERSIONS_PROBED): for `neuron-cache fetch`, never a run."""
     wanted = folder.lower()
     tasks_here = []
-    here = [name for name in _folders(client, layout.models_prefix(compiler_version)) if name.lower() == wanted]
+    here = [name for name in client.folders(layout.models_prefix(compiler_version)) if name.lower() == wanted]
     if here:
-        tasks_here = _folders(client, f"{layout.models_prefix(compiler_version)}/{here[0]}")
+        tasks_here = client.folders(f"{layout.models_prefix(compiler_version)}/{here[0]}")
     if tasks_here:
         return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(sorted(tasks_here))}"
-    versions = sorted(v for v in (version_from_dir_name(name) for name in _folders(client, "")) if v and v != compiler_version)
+    versions = sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v and v != compiler_version)
     others = [v for v in versions[-MAX_VERSIONS_PROBED:]
-              if any(name.lower() == wanted for name in _folders(client, layout.models_prefix(v)))]
+              if any(name.lower() == wanted for name in client.folders(layout.models_prefix(v)))]
     if others:
         return (f"entries for {model_id} exist only for other compiler versions: {', '.join(others)} "
                 f"(this one is {compiler_version})")

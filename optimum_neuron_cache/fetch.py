@@ -1,71 +1,106 @@
-"""Fetch: plan which remote entries the local cache lacks, then install each one whole.
+"""Fetch: plan what the local cache lacks of the bucket's entries, then install each one whole.
 
-Planning reads one listing of the model's area (plus one paths-info for local todo entries); executing
-downloads every needed file in one request, into a temporary folder on the cache's filesystem, checks sizes
-against the listing, and renames each entry into place. An existing complete entry is never overwritten.
-Per-entry node-wide locks make 32 ranks download each file once: the others wait, then find it installed.
+`plan_fetch` reads one listing of the model's area (plus one paths-info for local todo entries) and returns an
+immutable `FetchPlan`: one typed operation per entry, each with its reason (install, fill a todo entry,
+replace an entry a dead compile left locked; or why nothing is done: present, locked, kept). `execute_fetch`
+carries out the operations that move bytes: every needed file in one download request, into a temporary
+folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
+existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file
+once: the others wait, then find it installed. Dry runs, progress and reports read the plan.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from filelock import Timeout
 
+from bucket_server.protocol import MAX_RECORD_BYTES
+
+from . import crashpoints
 from . import remote_layout as layout
-from .errors import BucketNotFoundError, RemoteError
-from .lookup import MAX_RECORD_BYTES, CachedExport, parse_record
+from . import settings
 from .client import BucketClient, ProgressCallback
+from .compile_locks import running_compilers, why_not_stale
+from .errors import BucketNotFoundError, RemoteError
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
+from .lookup import CachedExport, parse_record
+from .remote_layout import RemoteFile, complete_remote_entry
 
-ENV_VERIFY = "NEURON_CACHE_VERIFY"
+log = logging.getLogger("optimum_neuron_cache")
+
+ENV_VERIFY = settings.VERIFY
+
+
+class Action(str, enum.Enum):
+    """What a fetch does about one entry of the bucket."""
+
+    INSTALL = "install"  # not here: the whole entry is renamed into place
+    FILL = "fill"  # a todo entry here (HLO and flags only): the missing files are added, commit file last
+    REPLACE = "replace"  # stranded here by a compile lock that can be told stale: replaced whole
+    PRESENT = "present"  # complete here already
+    LOCKED = "locked"  # a compile lock here that cannot be told stale: left alone, and said
+    KEEP = "keep"  # anything else here (a cached failure, an incomplete entry): never overwritten
+
+
+#: The actions that download files.
+TRANSFERS = frozenset({Action.INSTALL, Action.FILL, Action.REPLACE})
 
 
 @dataclass(frozen=True)
-class RemoteFile:
-    filename: str
-    path: str
-    size: int
-    xet_hash: str | None
-    #: What the bytes must hash to (`xet:<hex>`, `blake3:<hex>` or `sha256:<hex>`); the server checks it
-    #: before handing the file over.
-    digest: str | None = None
-
-
-@dataclass(frozen=True)
-class FetchItem:
-    """One entry to install: from the per-model area (whole entry) or the flat area (filling a todo entry)."""
+class FetchOp:
+    """One entry of the plan: what to do and why."""
 
     module: str
-    source: Literal["model", "flat"]
-    files: tuple[RemoteFile, ...]
-    #: True when a local todo entry exists: add the missing files into it instead of renaming a folder.
-    fill: bool
+    action: Action
     reason: str
+    #: The files to download (transfers only).
+    files: tuple[RemoteFile, ...] = ()
+    #: Where they come from: the model's area (whole entries) or the flat area (filling todo entries).
+    source: Literal["model", "flat"] = "model"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FetchPlan:
     compiler_version: str
-    items: list[FetchItem] = field(default_factory=list)
-    #: Complete entries the model's area holds (whether or not they were needed here).
-    remote_modules: set[str] = field(default_factory=set)
+    #: The model's area, with the casing the bucket has (None: no model, flat area only).
+    area: str | None = None
+    ops: tuple[FetchOp, ...] = ()
+    #: Complete entries the model's area holds (whether or not they are needed here).
+    remote_modules: frozenset[str] = frozenset()
     #: Export record files present in the model's area (file names).
-    records: set[str] = field(default_factory=set)
-    #: The records' bucket paths (small JSON, under the size cap): fetched along with the entries, in the
-    #: same request, for what they tell about the entries (compile durations).
-    record_files: list[RemoteFile] = field(default_factory=list)
+    record_names: frozenset[str] = frozenset()
+    #: The records themselves (small JSON, under the size cap): downloaded in the same request as the
+    #: entries, for what they tell about them (compile durations, digests).
+    record_files: tuple[RemoteFile, ...] = ()
+    #: Paths in the listing that the layout does not allow (skipped; said once).
+    ignored: tuple[str, ...] = ()
+    #: The folders under this version's `models/`, when the model's area was empty and they were listed to find
+    #: the casing the bucket has (None: not listed). A miss explains itself from them.
+    known_models: tuple[str, ...] | None = None
+
+    @property
+    def items(self) -> tuple[FetchOp, ...]:
+        """The operations that download files."""
+        return tuple(op for op in self.ops if op.action in TRANSFERS)
+
+    @property
+    def stranded(self) -> list[tuple[str, str]]:
+        """(module, why) of entries the bucket holds complete that a live-looking compile lock holds here."""
+        return [(op.module, op.reason) for op in self.ops if op.action is Action.LOCKED]
 
     @property
     def bytes_needed(self) -> int:
-        return sum(file.size for item in self.items for file in item.files)
+        return sum(file.size for op in self.items for file in op.files)
 
 
 @dataclass
@@ -74,8 +109,10 @@ class FetchResult:
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (module, why): the remote copy failed a check
+    #: Entries whose stale compile lock was replaced by the bucket's complete copy (also in `fetched`).
+    replaced: list[str] = field(default_factory=list)
     #: The model's export records, read in the same request as the entries (when entries were downloaded).
-    records: list[CachedExport] = field(default_factory=list)
+    exports_read: list[CachedExport] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -88,77 +125,139 @@ def _group_by_module(listing: Iterable[Mapping[str, Any]], area_prefix: str) -> 
         if item.get("type", "file") != "file":
             continue
         parsed = layout.parse_area_path(str(item.get("path", "")), area_prefix)
-        if parsed is None:
+        remote = layout.remote_file(item) if parsed is not None else None
+        if parsed is None or remote is None:
             continue
-        size = item.get("size")
-        if not isinstance(size, int) or size < 0:
-            continue
-        modules.setdefault(parsed.module, {})[parsed.filename] = RemoteFile(
-            parsed.filename, item["path"], size, item.get("xet_hash"), item.get("digest"))
+        modules.setdefault(parsed.module, {})[parsed.filename] = remote
     return modules
 
 
-def complete_remote_entry(files: Mapping[str, RemoteFile], compiler_version: str) -> bool:
-    """A remote entry can be installed only if its commit file (model.done, or the NEFF for compilers up to
-    2.14) is there, and with it the NEFF: anything less is a partial upload."""
-    return "model.neff" in files and layout.commit_file(files, compiler_version) in files
+def _local_op(module: str, files: Mapping[str, RemoteFile], entry: LocalEntry | None,
+              lock_verdicts: Mapping[str, str | None]) -> FetchOp:
+    if entry is None:
+        return FetchOp(module, Action.INSTALL, "missing here", tuple(files.values()))
+    if entry.state is EntryState.TODO:
+        missing = tuple(f for name, f in files.items() if name not in entry.files)
+        return FetchOp(module, Action.FILL, "a todo entry here (HLO and flags only)", missing)
+    if entry.state is EntryState.LOCKED:
+        why = lock_verdicts.get(module, "its lock was not examined")
+        if why is None:
+            return FetchOp(module, Action.REPLACE, "a compile that died left its lock here", tuple(files.values()))
+        return FetchOp(module, Action.LOCKED, why)
+    if entry.state.publishable:
+        return FetchOp(module, Action.PRESENT, "complete here")
+    return FetchOp(module, Action.KEEP, f"{entry.state.value} here: never overwritten")
 
 
-def plan_from_model_area(compiler_version: str, area_prefix: str, listing: list[Mapping[str, Any]],
-                         local: Mapping[str, LocalEntry]) -> FetchPlan:
-    plan = FetchPlan(compiler_version)
-    exports = layout.EXPORTS_DIR
+def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[Mapping[str, Any]],
+                    local: Mapping[str, LocalEntry], lock_verdicts: Mapping[str, str | None] | None = None) -> FetchPlan:
+    """The plan for one listing of the model's area (pure: no I/O). `lock_verdicts`: for locally locked
+    entries, None when the lock can be told stale, else why it cannot."""
+    listing = list(listing)
+    exports = f"{area_prefix}/{layout.EXPORTS_DIR}/"
+    record_names, record_files, ignored = set(), [], []
     for item in listing:
         path = str(item.get("path", ""))
-        if path.startswith(f"{area_prefix}/{exports}/") and path.endswith(".json"):
-            plan.records.add(path.rsplit("/", 1)[1])
-            if 0 < int(item.get("size") or 0) <= MAX_RECORD_BYTES:
-                plan.record_files.append(RemoteFile(path.rsplit("/", 1)[1], path, int(item["size"]), item.get("xet_hash"), item.get("digest")))
+        if path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
+            record_names.add(path[len(exports):])
+            remote = layout.remote_file(item)
+            if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
+                record_files.append(remote)
+        elif item.get("type", "file") == "file" and layout.parse_area_path(path, area_prefix) is None:
+            ignored.append(path)
+    ops, complete = [], set()
     for module, files in sorted(_group_by_module(listing, area_prefix).items()):
-        if not complete_remote_entry(files, compiler_version):
-            continue
-        plan.remote_modules.add(module)
-        entry = local.get(module)
-        if entry is None:
-            plan.items.append(FetchItem(module, "model", tuple(files.values()), fill=False, reason="missing locally"))
-        elif entry.state is EntryState.TODO:
-            missing = tuple(f for name, f in files.items() if name not in entry.files)
-            plan.items.append(FetchItem(module, "model", missing, fill=True, reason="todo entry (HLO and flags only)"))
-    return plan
+        if complete_remote_entry(files, compiler_version):
+            complete.add(module)
+            ops.append(_local_op(module, files, local.get(module), lock_verdicts or {}))
+    return FetchPlan(compiler_version, area_prefix, tuple(ops), frozenset(complete), frozenset(record_names),
+                     tuple(record_files), tuple(ignored))
 
 
 def todo_probe_paths(compiler_version: str, todo: Iterable[LocalEntry]) -> list[str]:
     """Flat-area paths to ask about (one paths-info) for local todo entries the model's area did not cover."""
-    return [
-        f"{layout.flat_entry_prefix(compiler_version, entry.name)}/{name}"
-        for entry in todo
-        for name in sorted(layout.PUBLISHABLE_FILES)
-    ]
+    return [layout.flat_file_path(compiler_version, entry.name, name)
+            for entry in todo for name in sorted(layout.PUBLISHABLE_FILES)]
 
 
-def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: list[Mapping[str, Any]]) -> None:
+def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
+    """`plan` with fill operations for the todo entries whose complete copy the flat area holds (pure)."""
     version = plan.compiler_version
     found = _group_by_module(paths_info, layout.version_prefix(version))
+    fills = []
     for entry in todo:
         files = found.get(entry.name, {})
-        if not complete_remote_entry(files, version):
-            continue
-        missing = tuple(f for name, f in files.items() if name not in entry.files)
-        plan.items.append(FetchItem(entry.name, "flat", missing, fill=True, reason="todo entry filled from the flat area"))
+        if complete_remote_entry(files, version):
+            missing = tuple(f for name, f in files.items() if name not in entry.files)
+            fills.append(FetchOp(entry.name, Action.FILL, "a todo entry here, filled from the flat area", missing, "flat"))
+    return replace(plan, ops=plan.ops + tuple(fills))
+
+
+def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
+                       task: str) -> tuple[str, list[dict[str, Any]], tuple[str, ...] | None]:
+    """List the model's area; reuse the casing the bucket already has for the model (ids are case-insensitive).
+    Returns the area, its listing, and the folders of `models/` when they were listed.
+
+    Warm path: one listing. Only when the exact casing holds nothing is the `models/` folder listed to find
+    another casing.
+    """
+    area = layout.model_area_prefix(compiler_version, folder, task)
+    listing = client.list(area, recursive=True)
+    if listing:
+        return area, listing, None
+    existing = tuple(client.folders(layout.models_prefix(compiler_version)))
+    cased = layout.reuse_casing(folder, existing)
+    if cased == folder:
+        return area, [], existing
+    area = layout.model_area_prefix(compiler_version, cased, task)
+    return area, client.list(area, recursive=True), existing
+
+
+def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | None, task: str,
+               local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False) -> FetchPlan:
+    """Ask the bucket what the model's area holds, and plan. Requests: one listing of the model's area
+    (three when the casing differs from the bucket's), one paths-info when there are todo entries."""
+    plan = FetchPlan(compiler_version)
+    if model_folder is not None:
+        try:
+            area, listing, known_models = resolve_model_area(client, compiler_version, model_folder, task)
+        except BucketNotFoundError:
+            if not missing_bucket_is_empty:
+                raise
+            return FetchPlan(compiler_version, layout.model_area_prefix(compiler_version, model_folder, task), known_models=())
+        locked = [entry for entry in local.values() if entry.state is EntryState.LOCKED]
+        verdicts: dict[str, str | None] = {}
+        if locked:
+            compilers = running_compilers()
+            verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
+        plan = replace(plan_model_area(compiler_version, area, listing, local, verdicts), known_models=known_models)
+    covered = {op.module for op in plan.ops}
+    todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in covered]
+    if todo:
+        plan = plan_todo_fill(plan, todo, client.paths_info(todo_probe_paths(compiler_version, todo)))
+    return plan
 
 
 # ------------------------------------------------------------------------------------ execution
 
 
-def _still_needed(item: FetchItem, target: Path, version: str) -> bool:
+def _still_needed(op: FetchOp, target: Path, version: str) -> bool:
+    """Whether the operation still applies to what is on disk now (another process may have acted)."""
     entry = read_entry(target, version)
+    if op.action is Action.REPLACE:
+        return entry.state is EntryState.LOCKED
     if not entry.files:
-        return not item.fill
-    return item.fill and entry.state is EntryState.TODO
+        return op.action is Action.INSTALL
+    return op.action is Action.FILL and entry.state is EntryState.TODO
 
 
-def _verify(item: FetchItem, staged: Path) -> str | None:
-    """Why the staged copy of `item` cannot be installed, or None when every file has its listed size."""
+def _read_state(target: Path, version: str) -> EntryState:
+    return read_entry(target, version).state
+
+
+def _size_problem(item: FetchOp, staged: Path) -> str | None:
+    """Why the staged copy of `item` cannot be installed by size, or None when every file has its listed size
+    (the content itself was checked by the server against its digest)."""
     for remote in item.files:
         try:
             info = os.lstat(staged / remote.filename)
@@ -181,7 +280,17 @@ def _install_whole(staged: Path, target: Path) -> bool:
         raise
 
 
-def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> bool:
+def _install_replace(staged: Path, target: Path, aside: Path) -> bool:
+    """Move an entry stranded by a stale lock aside (into the run's temp folder, removed with it), then rename
+    the complete entry into place. False when anything else appeared there meanwhile (kept as is)."""
+    try:
+        os.rename(target, aside)
+    except OSError:
+        return False
+    return _install_whole(staged, target)
+
+
+def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bool:
     """Add the downloaded files to a todo entry, the commit file last; existing files are never replaced."""
     entry = read_entry(target, version)
     if entry.state is not EntryState.TODO or any(name.endswith(LOCK_SUFFIX) for name in entry.files):
@@ -199,7 +308,7 @@ def _install_fill(item: FetchItem, staged: Path, target: Path, version: str) -> 
 def verification_enabled() -> bool:
     """Downloads are checked against their digests unless NEURON_CACHE_VERIFY=0 (as Bazel's
     --remote_verify_downloads): for measuring what the check costs, never for everyday use."""
-    return os.environ.get(ENV_VERIFY, "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.verify()
 
 
 def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
@@ -209,7 +318,12 @@ def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
             "digest": remote.digest if verification_enabled() else None}
 
 
-class Fetcher:
+def execute_fetch(client: BucketClient, root: Path, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
+    """Carry out the plan's transfers: download, check, install each entry whole."""
+    return _Fetcher(client, root, plan.compiler_version).execute(plan, progress)
+
+
+class _Fetcher:
     def __init__(self, client: BucketClient, root: Path, compiler_version: str) -> None:
         self.client = client
         self.root = root
@@ -220,12 +334,14 @@ class Fetcher:
         return self.root / version_dir_name(self.version) / module
 
     def execute(self, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
+        """Lock the entries without waiting and transfer those held; then wait (bounded) for the others,
+        which their holders usually install meanwhile, and transfer those whose holder failed."""
         result = FetchResult()
         if not plan.items:
             return result
         locks = {item.module: self.state.entry_lock(self.version, item.module, "fetch") for item in plan.items}
-        held: list[FetchItem] = []
-        waiting: list[FetchItem] = []
+        held: list[FetchOp] = []
+        waiting: list[FetchOp] = []
         try:
             for item in plan.items:
                 try:
@@ -264,11 +380,11 @@ class Fetcher:
         return result
 
     @staticmethod
-    def _requests(items: list[FetchItem], tmp: Path) -> list[dict[str, Any]]:
+    def _requests(items: list[FetchOp], tmp: Path) -> list[dict[str, Any]]:
         return [_request(remote, tmp / item.module / remote.filename) for item in items for remote in item.files]
 
     @staticmethod
-    def _reject_unverified(items: list[FetchItem], reply: dict[str, Any], result: FetchResult) -> list[FetchItem]:
+    def _reject_unverified(items: list[FetchOp], reply: dict[str, Any], result: FetchResult) -> list[FetchOp]:
         """Drop the items with a file the server found corrupt (it removed that file): never installed."""
         bad = {str(failure.get("path")): str(failure.get("reason")) for failure in (reply or {}).get("failed", [])}
         kept = []
@@ -280,8 +396,8 @@ class Fetcher:
                 kept.append(item)
         return kept
 
-    def _download(self, items: list[FetchItem], tmp: Path, result: FetchResult, progress: ProgressCallback | None,
-                  record_files: Sequence[RemoteFile] = ()) -> list[FetchItem]:
+    def _download(self, items: list[FetchOp], tmp: Path, result: FetchResult, progress: ProgressCallback | None,
+                  record_files: Sequence[RemoteFile] = ()) -> list[FetchOp]:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
@@ -295,13 +411,13 @@ class Fetcher:
                 if local.exists():
                     parsed = parse_record(local.read_text(encoding="utf-8", errors="replace"), record["path"])
                     if parsed is not None:
-                        result.records.append(parsed)
+                        result.exports_read.append(parsed)
             return self._reject_unverified(items, reply, result)
         except RemoteError as exc:
             if len(items) == 1:
                 raise
             first_error = exc
-        downloaded: list[FetchItem] = []
+        downloaded: list[FetchOp] = []
         failures_in_a_row = 0
         for index, item in enumerate(items):
             if failures_in_a_row >= 2:
@@ -320,48 +436,38 @@ class Fetcher:
             raise first_error
         return downloaded
 
-    def _download_and_install(self, items: list[FetchItem], result: FetchResult, progress: ProgressCallback | None,
+    def _download_and_install(self, items: list[FetchOp], result: FetchResult, progress: ProgressCallback | None,
                               record_files: Sequence[RemoteFile] = ()) -> None:
-        todo = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
-        result.installed_by_others.extend(item.module for item in items if item not in todo)
-        if not todo:
+        needed = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
+        result.installed_by_others.extend(item.module for item in items if item not in needed)
+        if not needed:
             return
         with self.state.temp_dir() as tmp:
-            for item in todo:
+            for item in needed:
                 (tmp / item.module).mkdir()
-            downloaded = self._download(todo, tmp, result, progress, record_files)
+            downloaded = self._download(needed, tmp, result, progress, record_files)
             for item in downloaded:
                 staged = tmp / item.module
-                problem = _verify(item, staged)
+                problem = _size_problem(item, staged)
                 if problem:
                     result.failed.append((item.module, problem))
                     continue
                 target = self.target(item.module)
-                installed = _install_fill(item, staged, target, self.version) if item.fill else _install_whole(staged, target)
+                crashpoints.reached("install")
+                if item.action is Action.FILL:
+                    installed = _install_fill(item, staged, target, self.version)
+                elif item.action is Action.REPLACE:
+                    installed = _read_state(target, self.version) is EntryState.LOCKED and \
+                        _install_replace(staged, target, tmp / f"stale-{item.module}")
+                else:
+                    installed = _install_whole(staged, target)
                 if installed:
                     result.fetched.append(item.module)
+                    if item.action is Action.REPLACE:
+                        result.replaced.append(item.module)
                     result.bytes += sum(f.size for f in item.files)
                 else:
                     result.skipped.append((item.module, "a local entry appeared meanwhile; kept it"))
-
-
-def resolve_model_area(client: BucketClient, compiler_version: str, folder: str, task: str) -> tuple[str, list[dict[str, Any]]]:
-    """List the model's area; reuse the casing the bucket already has for the model (ids are case-insensitive).
-
-    Warm path: one listing. Only when the exact casing holds nothing is the `models/` folder listed to find
-    another casing.
-    """
-    area = layout.model_area_prefix(compiler_version, folder, task)
-    listing = client.list(area, recursive=True)
-    if listing:
-        return area, listing
-    existing = [item["path"].rsplit("/", 1)[-1] for item in client.list(layout.models_prefix(compiler_version), recursive=False)
-                if item.get("type") == "directory"]
-    cased = layout.reuse_casing(folder, existing)
-    if cased == folder:
-        return area, []
-    area = layout.model_area_prefix(compiler_version, cased, task)
-    return area, client.list(area, recursive=True)
 
 
 @dataclass
@@ -377,23 +483,10 @@ class ModelFetch:
 def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_folder: str | None, task: str,
                 local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
                 progress: ProgressCallback | None = None) -> ModelFetch:
-    """Install the model's entries the local cache lacks, and fill local todo entries from the flat area.
-
-    Requests: one listing of the model's area (three when the casing differs from the bucket's), one
-    paths-info when there are todo entries, one download.
-    """
-    area = layout.model_area_prefix(compiler_version, model_folder, task) if model_folder else None
-    listing: list[dict[str, Any]] = []
-    if model_folder is not None:
-        try:
-            area, listing = resolve_model_area(client, compiler_version, model_folder, task)
-        except BucketNotFoundError:
-            if not missing_bucket_is_empty:
-                raise
-            return ModelFetch(area, FetchPlan(compiler_version), FetchResult())
-    plan = plan_from_model_area(compiler_version, area, listing, local) if area else FetchPlan(compiler_version)
-    planned = {item.module for item in plan.items}
-    todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in planned]
-    if todo:
-        plan_todo_fill(plan, todo, client.paths_info(todo_probe_paths(compiler_version, todo)))
-    return ModelFetch(area, plan, Fetcher(client, root, compiler_version).execute(plan, progress))
+    """Plan, then execute: install the model's entries the local cache lacks, and fill local todo entries
+    from the flat area. Requests: those of `plan_fetch`, then one download."""
+    plan = plan_fetch(client, compiler_version, model_folder, task, local, missing_bucket_is_empty=missing_bucket_is_empty)
+    if plan.ignored:
+        log.warning("optimum-neuron-cache: skipped %d name(s) the layout does not allow in %s (e.g. %r)",
+                    len(plan.ignored), plan.area, plan.ignored[0][:200])
+    return ModelFetch(plan.area, plan, execute_fetch(client, root, plan, progress))

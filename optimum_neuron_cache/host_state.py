@@ -4,7 +4,7 @@
   their holder dies, so a killed process never blocks anyone: liveness, not age.
 - `tmp/<host>.<pid>.<random>/`: downloads in progress, on the cache's filesystem so an entry is renamed into place
   whole. Left over by a killed process, they are removed by the next run.
-- `pending.json`: entries that a run could not publish (network down, bucket unreachable), retried next time.
+- `journal/`: the write-ahead journal of publications (journal.py).
 - `published/`: when this host last published each entry destination, so that ranks exiting together
   publish each entry once even when one plans before another finishes.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -23,14 +22,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import settings
 from .local_cache import STATE_DIR_NAME, version_dir_name
 
-ENV_LOCK_TIMEOUT = "NEURON_CACHE_LOCK_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT = 600.0
+ENV_LOCK_TIMEOUT = settings.LOCK_TIMEOUT
 
 
 def lock_timeout() -> float:
-    return float(os.environ.get(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT))
+    """How long to wait for another process's lock: NEURON_CACHE_LOCK_TIMEOUT, validated (default 600 s)."""
+    return settings.lock_timeout()
 
 
 class HostState:
@@ -44,10 +44,6 @@ class HostState:
         folder = self.base / "locks" / version_dir_name(compiler_version)
         folder.mkdir(parents=True, exist_ok=True)
         return FileLock(folder / f"{module}.{purpose}.lock")
-
-    def journal_lock(self) -> FileLock:
-        self.base.mkdir(parents=True, exist_ok=True)
-        return FileLock(self.base / "pending.lock")
 
     # ------------------------------------------------------------------------------ publications
     def _published_marker(self, bucket: str, destination: str) -> Path:
@@ -102,37 +98,6 @@ class HostState:
         """A temp folder of this host whose process is gone."""
         owner, _, pid = path.name.rpartition(".")[0].rpartition(".")
         return owner == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-    # --------------------------------------------------------------------------------- journal
-    def _journal_path(self) -> Path:
-        return self.base / "pending.json"
-
-    def _read_journal(self) -> dict[str, list[str]]:
-        try:
-            data = json.loads(self._journal_path().read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
-            return {}
-        return {str(key): [str(item) for item in value] for key, value in data.items() if isinstance(value, list)}
-
-    def _write_journal(self, data: dict[str, list[str]]) -> None:
-        path = self._journal_path()
-        tmp = path.with_name(f"pending.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({key: sorted(set(value)) for key, value in data.items() if value}, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-
-    def pending(self, key: str) -> set[str]:
-        """Entries (MODULE names) still to publish for `key` (`<version>/<model folder>/<task>`)."""
-        with self.journal_lock():
-            return set(self._read_journal().get(key, []))
-
-    def update_pending(self, key: str, add: set[str] = frozenset(), remove: set[str] = frozenset()) -> None:
-        with self.journal_lock():
-            data = self._read_journal()
-            current = (set(data.get(key, [])) | set(add)) - set(remove)
-            if current == set(data.get(key, [])):
-                return
-            data[key] = sorted(current)
-            self._write_journal(data)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .fetch import RemoteFile, complete_remote_entry
 from .local_cache import is_module_name, version_from_dir_name
+
+log = logging.getLogger("optimum_neuron_cache")
 
 
 @dataclass
@@ -35,8 +37,9 @@ class Inventory:
 def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
     """Group one version's recursive listing into areas; entries count only when complete."""
     prefix = layout.version_prefix(version) + "/"
-    modules: dict[tuple[str, str], dict[str, RemoteFile]] = {}
+    modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
     records: dict[str, int] = {}
+    bad_sizes: list[str] = []
     for item in listing:
         path = str(item.get("path", ""))
         if item.get("type", "file") != "file" or not path.startswith(prefix):
@@ -52,11 +55,18 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
         else:
             continue
         if layout.is_publishable(name):
-            modules.setdefault((area, module), {})[name] = RemoteFile(name, path, int(item.get("size") or 0), item.get("xet_hash"))
+            size = layout.listed_size(item)
+            if size is None:
+                bad_sizes.append(path)
+                continue
+            modules.setdefault((area, module), {})[name] = layout.RemoteFile(name, path, size, item.get("xet_hash"))
+    if bad_sizes:
+        log.warning("optimum-neuron-cache: skipped %d listed file(s) whose size is not a valid number of bytes, "
+                    "e.g. %s", len(bad_sizes), bad_sizes[0])
     summaries: dict[str, AreaSummary] = {}
     for (area, _module), files in modules.items():
         summary = summaries.setdefault(area, AreaSummary(version, area))
-        if complete_remote_entry(files, version):
+        if layout.complete_remote_entry(files, version):
             summary.entries += 1
             summary.bytes += sum(f.size for f in files.values())
         else:
@@ -71,13 +81,12 @@ def bucket_inventory(client: BucketClient, *, compiler_version: str | None = Non
     if compiler_version:
         versions = [compiler_version]
     else:
-        versions = sorted(v for v in (version_from_dir_name(item["path"]) for item in client.list("", recursive=False)
-                                      if item.get("type") == "directory") if v)
+        versions = sorted(v for v in map(version_from_dir_name, client.folders("")) if v)
     inventory = Inventory()
     for version in versions:
         if model_folder:
             models = layout.models_prefix(version)
-            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
+            folders = client.folders(models)
             cased = layout.reuse_casing(model_folder, folders)
             if cased not in folders:
                 continue

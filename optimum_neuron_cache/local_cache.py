@@ -68,6 +68,12 @@ class CacheRoot:
     #: Where the root came from: "argument", "--cache_dir in NEURON_CC_FLAGS", ... (for messages).
     source: str = "default"
 
+    def require_directory(self, source: str | None = None) -> None:
+        """Bad input, said in one line, when the root exists and is not a directory (a regular file)."""
+        if self.path is not None and os.path.lexists(self.path) and not self.path.is_dir():
+            raise ConfigurationError(f"the compile cache dir {self.path} (from {source or self.source}) is not a "
+                                     "directory: pass a directory")
+
 
 def _cache_dir_from_flags(flags: list[str]) -> str | None:
     """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
@@ -189,6 +195,16 @@ class LocalEntry:
     def key(self) -> str:
         """`neuronxcc-<version>/MODULE_...`: the entry's path relative to the root, and in the flat area."""
         return f"{version_dir_name(self.compiler_version)}/{self.name}"
+
+
+def commit_time(entry: LocalEntry) -> float | None:
+    """When the entry became complete: the mtime of its commit file (`model.done`, else the NEFF of a legacy
+    entry), read without following symlinks; None if it is gone."""
+    name = DONE if DONE in entry.files else NEFF
+    try:
+        return os.lstat(entry.path / name).st_mtime
+    except OSError:
+        return None
 
 
 def read_entry(path: Path, compiler_version: str) -> LocalEntry:

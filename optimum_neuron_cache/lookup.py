@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -18,28 +19,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bucket_server.protocol import MAX_RECORD_BYTES
+
 from . import remote_layout as layout
+from .config_fields import ALIASES, names_of
 from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
 from .errors import CompilerVersionError
 from .local_cache import version_from_dir_name
-from .neuron_sdk import resolve_compiler_version
+from .neuron_sdk import resolve_compiler_version, validate_compiler_version
 from .records import ExportRecord
 from .server_launcher import hub_endpoint
 
 log = logging.getLogger("optimum_neuron_cache")
 
-#: Records are small JSON files; anything larger is not a record and is never downloaded.
-MAX_RECORD_BYTES = 1024 * 1024
+#: No compile of one graph takes a month: a larger duration in a record is corrupt or hostile, not slow.
+MAX_COMPILE_SECONDS = 30 * 24 * 3600.0
 
-#: Filter name -> the export-config keys that carry it (exporters name them differently).
-FILTER_KEYS: dict[str, tuple[str, ...]] = {
-    "target": ("target", "instance_type"),
-    "batch_size": ("batch_size",),
-    "sequence_length": ("sequence_length", "max_length", "seq_len"),
-    "tensor_parallel_size": ("tensor_parallel_size", "tp_degree", "num_cores"),
-    "dtype": ("dtype", "auto_cast_type", "torch_dtype"),
-}
+#: Filter name -> the export-config keys that carry it (config_fields.py).
+FILTER_KEYS = ALIASES
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class CachedExport(ExportRecord):
         for name, wanted in filters.items():
             if wanted is None:
                 continue
-            keys = FILTER_KEYS.get(name, (name,))
+            keys = names_of(name)
             values = [self.export_config[key] for key in keys if key in self.export_config]
             if not any(_same(value, wanted) for value in values):
                 return False
@@ -70,10 +68,42 @@ def _same(value: Any, wanted: Any) -> bool:
         return str(value).strip().lower() == str(wanted).strip().lower()
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_bucket_json(text: str) -> Any:
+    """JSON from the bucket: NaN, Infinity and numbers that overflow to them (1e309) are refused, so no
+    figure read from a bucket can poison a sum, a comparison or the JSON we print."""
+    return json.loads(text, parse_float=_finite, parse_constant=_not_a_number)
+
+
+def _compile_seconds(value: object) -> dict[str, float]:
+    """compile_seconds: MODULE name -> seconds, each finite, from 0 to MAX_COMPILE_SECONDS."""
+    if not isinstance(value, dict):
+        raise ValueError("compile_seconds is not an object")
+    seconds: dict[str, float] = {}
+    for name, number in value.items():
+        if not layout.is_module_name(name):
+            raise ValueError(f"compile_seconds names {name!r}, not a MODULE entry")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= MAX_COMPILE_SECONDS:
+            raise ValueError(f"compile_seconds of {name} is {number!r}, not a number of seconds from 0 to {MAX_COMPILE_SECONDS:.0f}")
+        seconds[name] = float(number)
+    return seconds
+
+
 def parse_record(text: str, path: str) -> CachedExport | None:
-    """A record, or None (with a warning) when it is not one: buckets hold whatever someone put there."""
+    """A record, or None (with a warning) when it is not one: buckets hold whatever someone put there.
+    Every number in it is finite, and its compile durations are bounded, or the whole record is skipped."""
     try:
-        data = json.loads(text)
+        data = load_bucket_json(text)
         if not isinstance(data, dict) or not isinstance(data.get("export_config"), dict):
             raise ValueError("not an export record")
         flags = data.get("compile_flags", [])
@@ -82,9 +112,7 @@ def parse_record(text: str, path: str) -> CachedExport | None:
             raise ValueError("compile_flags is not a list of strings")
         if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
             raise ValueError("modules is not a list of MODULE names")
-        seconds = data.get("compile_seconds", {})
-        if not (isinstance(seconds, dict) and all(isinstance(v, (int, float)) for v in seconds.values())):
-            seconds = {}
+        seconds = _compile_seconds(data.get("compile_seconds", {}))
         digests = data.get("digests", {})  # checked where it is used: by the bucket server
         if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
             digests = {}
@@ -94,7 +122,7 @@ def parse_record(text: str, path: str) -> CachedExport | None:
             digests=digests,
             created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
         return None
 
@@ -113,14 +141,10 @@ def _token_fingerprint(bucket: BucketRef) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest()[:16] if token else None
 
 
-def _children(client: BucketClient, prefix: str) -> list[str]:
-    return [item["path"].rsplit("/", 1)[-1] for item in client.list(prefix, recursive=False) if item.get("type") == "directory"]
-
-
 def _versions(client: BucketClient, compiler_version: str | None, all_versions: bool) -> list[str]:
     if compiler_version and not all_versions:
         return [compiler_version]
-    return sorted(v for v in (version_from_dir_name(name) for name in _children(client, "")) if v)
+    return sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v)
 
 
 def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[str]) -> list[str]:
@@ -128,7 +152,7 @@ def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[s
     for task in tasks:
         listing = client.list(layout.exports_prefix(version, folder, task), recursive=False)
         paths += [item["path"] for item in listing if item.get("type") == "file" and item["path"].endswith(".json")
-                  and 0 < int(item.get("size") or 0) <= MAX_RECORD_BYTES]
+                  and 0 < (layout.listed_size(item) or 0) <= MAX_RECORD_BYTES]
     return paths
 
 
@@ -137,16 +161,16 @@ def _record_paths(client: BucketClient, version: str, folder: str, tasks: list[s
     nothing, `models/` is listed once for the casing the bucket has."""
     models = layout.models_prefix(version)
     if tasks is None:
-        task_names = _children(client, f"{models}/{folder}")
+        task_names = client.folders(f"{models}/{folder}")
         if not task_names:
-            cased = layout.reuse_casing(folder, _children(client, models))
+            cased = layout.reuse_casing(folder, client.folders(models))
             if cased == folder:
                 return []
-            folder, task_names = cased, _children(client, f"{models}/{cased}")
+            folder, task_names = cased, client.folders(f"{models}/{cased}")
         return _export_paths(client, version, folder, task_names)
     paths = _export_paths(client, version, folder, tasks)
     if not paths:
-        cased = layout.reuse_casing(folder, _children(client, models))
+        cased = layout.reuse_casing(folder, client.folders(models))
         if cased != folder:
             paths = _export_paths(client, version, cased, tasks)
     return paths
@@ -176,6 +200,8 @@ def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: st
     ref = bucket if isinstance(bucket, BucketRef) else resolve_bucket(bucket)
     model = layout.model_ref(model_id)
     tasks = [layout.task_name(task)] if task else None
+    if compiler_version is not None:  # "latest" is refused here as everywhere, not answered with "nothing"
+        compiler_version = validate_compiler_version(compiler_version, source="compiler_version")
     if compiler_version is None and not all_versions:
         try:
             compiler_version = resolve_compiler_version(None)

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compile_locks import running_compilers
 from .host_state import HostState
 from .local_cache import LOCK_SUFFIX, STATE_DIR_NAME, EntryState, iter_version_dirs, scan_entries
 
@@ -33,21 +34,6 @@ def cache_status(root: Path) -> list[VersionStatus]:
     for version, _ in iter_version_dirs(root):
         by_version.setdefault(version, VersionStatus(version))
     return [by_version[v] for v in sorted(by_version)]
-
-
-def running_compilers() -> list[int]:
-    """Pids of neuronx-cc processes on this host (Linux /proc; the Neuron SDK is Linux-only)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")[:3]
-        except OSError:
-            continue
-        if any(os.path.basename(arg.decode(errors="replace")) in ("neuronx-cc", "neuronxcc") for arg in argv if arg):
-            pids.append(int(proc.name))
-    return pids
 
 
 @dataclass(frozen=True)

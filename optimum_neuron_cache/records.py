@@ -11,13 +11,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .local_cache import ENV_CC_FLAGS, split_flags
+from .remote_layout import EXPORTS_DIR
 
 RECORD_SCHEMA = 1
 #: libneuronxla's own flags: consumed by its wrapper, never passed to neuronx-cc, never in the flags hash.
@@ -99,3 +100,44 @@ def compile_seconds(entry_path: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return max(0.0, finished - started)
+
+
+def exit_records(model_id: str, task: str, compiler_version: str, area: str, entries: Mapping[str, Any], *,
+                 config: Mapping[str, Any] | None, compiled: set[str], used: set[str],
+                 earlier: Iterable[tuple[Mapping[str, Any], set[str]]], recorded: Collection[str],
+                 previous: Iterable[ExportRecord]) -> list[tuple[str, ExportRecord]]:
+    """The export records a run writes on exit, as (bucket path, record).
+
+    A record lists the graphs its configuration compiled: this run's `compiled`, plus what killed runs of the
+    same configuration compiled (`earlier`: their configs and entries, each also recorded on its own). A run
+    that compiled nothing cannot tell which of the model's entries it `used`, so its record names all of them,
+    unless that configuration is `recorded` already. A record that would list no graph is never written. A
+    record rewritten for a configuration keeps the digests of the one it replaces (`previous`, read on enter):
+    readers go on checking those files by BLAKE3.
+    """
+    configs: dict[str, tuple[Mapping[str, Any], set[str]]] = {}
+    for earlier_config, names in earlier:
+        probe = make_record(model_id, task, compiler_version, earlier_config, [])
+        configs.setdefault(probe.record_id, (earlier_config, set()))[1].update(names)
+    if config is not None:
+        probe = make_record(model_id, task, compiler_version, config, [])
+        before = configs.get(probe.record_id, ({}, set()))[1]
+        if compiled or before:
+            modules = set(compiled) | before
+        elif f"{probe.record_id}.json" in recorded:
+            modules = set()  # recorded already, and nothing new was compiled
+        else:
+            modules = set(used)
+        configs[probe.record_id] = (config, modules)
+    digests = {record.record_id: record.digests for record in previous if record.digests}
+    writes = []
+    for record_id, (record_config, modules) in sorted(configs.items()):
+        if not modules:
+            continue
+        seconds = {name: s for name in modules if name in entries
+                   and (s := compile_seconds(entries[name].path)) is not None}
+        record = make_record(model_id, task, compiler_version, record_config, sorted(modules), compile_seconds=seconds)
+        if digests.get(record_id):
+            record = replace(record, digests=dict(digests[record_id]))
+        writes.append((f"{area}/{EXPORTS_DIR}/{record_id}.json", record))
+    return writes

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
@@ -140,6 +141,19 @@ def flat_entry_prefix(compiler_version: str, module: str) -> str:
     return f"{version_prefix(compiler_version)}/{module}"
 
 
+def flat_file_path(compiler_version: str, module: str, filename: str) -> str:
+    return f"{flat_entry_prefix(compiler_version, module)}/{filename}"
+
+
+def area_entry_prefix(area_prefix: str, module: str) -> str:
+    """An entry's folder in a model's area (`area_prefix` as found in the bucket, with its casing)."""
+    return f"{area_prefix}/{module}"
+
+
+def area_file_path(area_prefix: str, module: str, filename: str) -> str:
+    return f"{area_entry_prefix(area_prefix, module)}/{filename}"
+
+
 def models_prefix(compiler_version: str) -> str:
     return f"{version_prefix(compiler_version)}/{MODELS_DIR}"
 
@@ -160,6 +174,38 @@ def export_record_path(compiler_version: str, folder: str, task: str, record_id:
     if not _RECORD_ID_RE.match(record_id):
         raise ValueError(f"bad export record id {record_id!r}")
     return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of the bucket, as a listing (or paths-info) describes it."""
+
+    filename: str
+    path: str
+    size: int
+    xet_hash: str | None
+    #: What the bytes must hash to (`xet:<hex>`, `blake3:<hex>` or `sha256:<hex>`); the server checks it
+    #: before handing the file over.
+    digest: str | None = None
+
+
+def remote_file(item: Mapping[str, Any]) -> RemoteFile | None:
+    """A listing item as a RemoteFile, or None when it cannot be trusted (a size `listed_size` refuses, a
+    hash or digest that is not a string)."""
+    path, size = item.get("path"), listed_size(item)
+    if not isinstance(path, str) or size is None:
+        return None
+    xet_hash, digest = item.get("xet_hash"), item.get("digest")
+    if not (xet_hash is None or isinstance(xet_hash, str)) or not (digest is None or isinstance(digest, str)):
+        return None
+    return RemoteFile(path.rsplit("/", 1)[-1], path, size, xet_hash, digest)
+
+
+def complete_remote_entry(files: Mapping[str, Any], compiler_version: str) -> bool:
+    """A remote entry (file name -> what the bucket lists) can be installed only if its commit file
+    (model.done, or the NEFF for compilers up to 2.14) is there, and with it the NEFF: anything less is a
+    partial upload."""
+    return NEFF in files and commit_file(files, compiler_version) in files
 
 
 @dataclass(frozen=True)
@@ -190,3 +236,16 @@ def parse_area_path(path: str, area_prefix: str) -> AreaFile | None:
 def parse_version_prefix(name: str) -> str | None:
     """The compiler version of a top-level `neuronxcc-<ver>` folder of the bucket."""
     return version_from_dir_name(name)
+
+
+#: No file of an entry or record is this large: a listing that says so is corrupt or hostile.
+MAX_FILE_BYTES = 2**40
+
+
+def listed_size(item: Mapping[str, Any]) -> int | None:
+    """The size a listing gives for a file, or None when it is not a whole number of bytes from 0 to
+    MAX_FILE_BYTES (a listing is bucket data: `1e309`, `-1`, `true` or `"12"` must not become a size)."""
+    size = item.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        return None
+    return size

@@ -1,34 +1,39 @@
 """Where the bucket server lives and how it is started: one per user, host and endpoint.
 
-The socket sits in a per-user directory that only the user can open (0700). Starting is serialized by a file
-lock beside it, so 64 processes starting at once get exactly one server. The server runs in an environment
+The socket sits in a per-user directory that only the user can open (0700). That directory is opened without
+following a symlink and checked on the open descriptor; everything inside it (socket, start lock, log) is then
+reached through that descriptor, so a name swapped after the check redirects nothing. Before anything is sent,
+the peer of the socket must be our own uid. Starting is serialized by a file lock beside the socket, so 64
+processes starting at once get exactly one server. The server runs in an environment
 made by `uv` with a bucket-capable `huggingface_hub` (the caller's own, maybe pinned to 0.x, never matters),
 or directly on this interpreter when it already has one (air-gapped hosts).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import os
+import random
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import ServerStartError
+from . import settings
+from .errors import ServerError, ServerStartError
 
-ENV_RUNTIME_DIR = "NEURON_CACHE_RUNTIME_DIR"
-ENV_SERVER_MODE = "NEURON_CACHE_SERVER_MODE"  # auto | uv | current
-ENV_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
-ENV_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
+ENV_RUNTIME_DIR = settings.RUNTIME_DIR
 HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
 #: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers (1.2 and newer chunk
 #: as the Hub does, so the Xet hashes of what it uploads can be recomputed from the bytes), tenacity for
@@ -36,8 +41,11 @@ HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
 SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.2", "tenacity>=8.2", "blake3>=1.0")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Never handed to the server's environment: the token travels per request (never in argv or environ of a
-#: long-lived process), and PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one.
-_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")
+#: long-lived process), PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one, and
+#: our server settings reach it only as validated arguments (a bad value in the client that started it would
+#: otherwise stick for every later client, for the server's whole life).
+_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV",
+                 *settings.SERVER_VARIABLES)
 
 
 def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
@@ -48,20 +56,86 @@ def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
 def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
     """The per-user directory of sockets, start locks and server logs, created 0700 and checked."""
     env = os.environ if environ is None else environ
-    if env.get(ENV_RUNTIME_DIR):
-        path = Path(env[ENV_RUNTIME_DIR])
+    chosen = settings.runtime_dir(env)
+    if chosen:
+        path = Path(chosen)
     elif env.get("XDG_RUNTIME_DIR") and os.path.isdir(env["XDG_RUNTIME_DIR"]):
         path = Path(env["XDG_RUNTIME_DIR"]) / "optimum-neuron-cache"
     else:
         path = Path(tempfile.gettempdir()) / f"optimum-neuron-cache-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise ServerStartError(
-            f"{path} must belong to uid {os.getuid()} with mode 0700 (it has uid {info.st_uid}, mode "
-            f"{oct(info.st_mode & 0o777)}): fix it or set {ENV_RUNTIME_DIR} to a private directory"
-        )
+    path = path.absolute()  # the server runs in /: a relative name would be another place for it
+    os.close(open_private_dir(path))  # fail early, with one line, on a directory that is not ours alone
     return path
+
+
+#: Linux names an open descriptor's directory /proc/self/fd/<fd>: a path through the descriptor itself (short
+#: enough for sun_path), not through the name that was checked.
+_PROC_FD = "/proc/self/fd"
+_HAS_PROC_FD = os.path.isdir(_PROC_FD)
+
+
+def open_private_dir(path: Path) -> int:
+    """Create `path` (0700) if missing and open it without following a symlink; owner and mode are checked on
+    the descriptor, so what was checked is what is used, whatever happens to the name afterwards."""
+    fix = f"remove it, or set {ENV_RUNTIME_DIR} to a private directory of yours"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ServerStartError(f"cannot create the runtime directory {path} ({exc.strerror}): set {ENV_RUNTIME_DIR} to a private directory of yours") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        what = "is a symlink" if os.path.islink(path) else f"is not a directory we can open ({exc.strerror})"
+        raise ServerStartError(f"the runtime directory {path} {what}: {fix}") from None
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise ServerStartError(
+            f"the runtime directory {path} must belong to uid {os.getuid()} with mode 0700 (it has uid "
+            f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}): {fix}"
+        )
+    return fd
+
+
+class RuntimeDir:
+    """The runtime directory, held by a verified descriptor: every name inside is reached through it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = open_private_dir(path)
+
+    def entry(self, name: str) -> str:
+        """A path to `name` that resolves through the descriptor (on Linux), never through `self.path`."""
+        if _HAS_PROC_FD:
+            return f"{_PROC_FD}/{self.fd}/{name}"
+        return str(self.path / name)  # no /proc: the name, whose directory was checked a moment ago
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def unlink(self, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RuntimeDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -70,6 +144,9 @@ class ServerAddress:
     socket_path: Path
     lock_path: Path
     log_path: Path
+
+    def open_dir(self) -> RuntimeDir:
+        return RuntimeDir(self.socket_path.parent)
 
 
 def server_address(environ: Mapping[str, str] | None = None) -> ServerAddress:
@@ -108,35 +185,15 @@ def server_commands(address: ServerAddress, environ: Mapping[str, str] | None = 
     return [offline, command]
 
 
-#: Client settings handed to the server as arguments (the server reads no NEURON_CACHE_* variable itself).
-#: A stand-in: the settings work validates them here before they are sent.
-_SERVER_SETTINGS = {
-    "NEURON_CACHE_RETRY_BUDGET": "--retry-budget", "NEURON_CACHE_RETRY_ATTEMPTS": "--retry-attempts",
-    "NEURON_CACHE_HTTP_TIMEOUT": "--http-timeout", "NEURON_CACHE_METADATA_TIMEOUT": "--metadata-timeout",
-    "NEURON_CACHE_XET_RETRY_DURATION": "--xet-retry-duration", "NEURON_CACHE_SERVER_LOG_LEVEL": "--log-level",
-}
-
-
-def _server_setting_args(env: Mapping[str, str]) -> list[str]:
-    args = []
-    for name, option in _SERVER_SETTINGS.items():
-        if env.get(name):
-            value = env[name].strip()
-            if option == "--xet-retry-duration" and value.endswith("s"):  # hf_xet's own spelling, "10s"
-                value = value[:-1]
-            args += [option, value]
-    return args
-
-
 def server_command(address: ServerAddress, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The server's command line. Our settings travel in it, validated here (ConfigurationError otherwise),
+    and only those the user set: the server's own defaults stay the defaults."""
     env = os.environ if environ is None else environ
-    mode = env.get(ENV_SERVER_MODE, "auto")
-    if mode not in ("auto", "uv", "current"):
-        raise ServerStartError(f"{ENV_SERVER_MODE}={mode!r}: use auto, uv or current")
+    mode = settings.server_mode(env)
     boot = str(Path(__file__).resolve().parent.parent / "bucket_server" / "boot.py")
-    idle = env.get(ENV_IDLE_TIMEOUT, "300")
+    idle = repr(settings.server_idle_timeout(env))
     args = [boot, "--socket", str(address.socket_path), "--endpoint", address.endpoint, "--idle-timeout", idle,
-            *_server_setting_args(env)]
+            *settings.server_arguments(env)]
     if mode == "current" or (mode == "auto" and _current_has_bucket_client()):
         return [sys.executable, "-s", *args]
     try:
@@ -151,11 +208,74 @@ def server_command(address: ServerAddress, environ: Mapping[str, str] | None = N
     return [uv, "run", "--isolated", "--no-project", "--quiet", "--python", sys.executable, *withs, "python", "-s", *args]
 
 
-def can_connect(path: Path) -> bool:
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def check_peer_uid(sock: socket.socket, expected_uid: int, where: Path) -> None:
+    """Refuse a server run by another user before anything (a token, above all) is written to it."""
+    uid = peer_uid(sock)
+    if uid is not None and uid != expected_uid:
+        raise ServerStartError(
+            f"the bucket server at {where} runs as uid {uid}, not {expected_uid}: nothing was sent to it; "
+            f"remove {where}, or set {ENV_RUNTIME_DIR} to a private directory of yours"
+        )
+
+
+def _connect_busy_aware(target: str, timeout: float, deadline: float, on_busy: Callable[[], None] | None) -> socket.socket:
+    """Connect, retrying EAGAIN (the listen backlog is full: many ranks connecting at once) with a bounded,
+    jittered backoff. Other errors (ECONNREFUSED, a missing socket) are for the caller: it may have to start
+    the server."""
+    delay = 0.002
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target)
+            return sock
+        except BlockingIOError as exc:
+            sock.close()
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise ServerError(f"the bucket server stayed too busy to accept a connection for {timeout:.0f}s") from None
+            if on_busy is not None:
+                on_busy()
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.1)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def connect_server(address: ServerAddress, timeout: float, *, expected_uid: int | None = None,
+                   on_busy: Callable[[], None] | None = None) -> socket.socket:
+    """A socket connected to the server through the verified runtime directory, whose peer is `expected_uid`
+    (ours by default). `on_busy` is called at each full-backlog retry (tests wait on it)."""
+    uid = os.getuid() if expected_uid is None else expected_uid
+    with address.open_dir() as rundir:
+        sock = _connect_busy_aware(rundir.entry(address.socket_path.name), timeout, time.monotonic() + timeout, on_busy)
+    try:
+        check_peer_uid(sock, uid, address.socket_path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _answers(rundir: RuntimeDir, name: str) -> bool:
+    """Whether a server listens on the socket. A full backlog (EAGAIN) is a live server, only a busy one:
+    taking it for dead would unlink its socket and start a second server."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
-        probe.connect(str(path))
+        probe.connect(rundir.entry(name))
+        return True
+    except BlockingIOError:
         return True
     except OSError:
         return False
@@ -163,59 +283,86 @@ def can_connect(path: Path) -> bool:
         probe.close()
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def can_connect(address: ServerAddress) -> bool:
+    with address.open_dir() as rundir:
+        return _answers(rundir, address.socket_path.name)
+
+
+def open_log(rundir: RuntimeDir, name: str) -> int:
+    """The server's log, opened for appending through the verified directory and never through a symlink;
+    only a regular file of ours is accepted (a planted link or FIFO would have us write, or hang, elsewhere)."""
+    where = rundir.path / name
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=rundir.fd)
+    except OSError as exc:
+        what = "is a symlink" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+        raise ServerStartError(f"the bucket server log {where} {what}: remove it") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise ServerStartError(f"the bucket server log {where} is not a regular file of uid {os.getuid()}: remove it")
+    os.set_blocking(fd, True)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _log_tail(rundir: RuntimeDir, name: str, lines: int = 3) -> str:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=rundir.fd)
     except OSError:
         return ""
+    with open(fd, "rb") as log:
+        text = log.read().decode(errors="replace").strip().splitlines()
     return " | ".join(text[-lines:])
 
 
 def ensure_server(address: ServerAddress, environ: Mapping[str, str] | None = None) -> None:
     """Start the server unless one answers on the socket. Safe when many processes call it at once."""
-    if can_connect(address.socket_path):
+    if can_connect(address):
         return
     env = dict(os.environ if environ is None else environ)
-    start_timeout = float(env.get(ENV_START_TIMEOUT, "120"))
+    start_timeout = settings.server_start_timeout(env)
     try:
-        with FileLock(address.lock_path, timeout=start_timeout):
-            if can_connect(address.socket_path):
+        with address.open_dir() as rundir, FileLock(rundir.entry(address.lock_path.name), timeout=start_timeout):
+            if _answers(rundir, address.socket_path.name):
                 return  # another process started it while we waited for the lock
-            address.socket_path.unlink(missing_ok=True)  # stale: its server is gone
-            _spawn(address, env, start_timeout)
+            rundir.unlink(address.socket_path.name)  # stale: its server is gone
+            _spawn(address, rundir, env, start_timeout)
     except Timeout:
         raise ServerStartError(f"timed out after {start_timeout:.0f}s waiting for another process to start the bucket server") from None
 
 
-def _spawn(address: ServerAddress, env: dict[str, str], start_timeout: float) -> None:
+def _spawn(address: ServerAddress, rundir: RuntimeDir, env: dict[str, str], start_timeout: float) -> None:
     commands = server_commands(address, env)
     for index, command in enumerate(commands):
         try:
-            _spawn_one(address, env, command, start_timeout)
+            _spawn_one(address, rundir, env, command, start_timeout)
             return
         except ServerStartError:
             if index + 1 == len(commands):
                 raise
 
 
-def _spawn_one(address: ServerAddress, env: dict[str, str], command: list[str], start_timeout: float) -> None:
+def _spawn_one(address: ServerAddress, rundir: RuntimeDir, env: dict[str, str], command: list[str], start_timeout: float) -> None:
     child_env = {key: value for key, value in env.items() if key not in _SCRUBBED_ENV}
-    with open(address.log_path, "ab") as log:
-        os.chmod(address.log_path, 0o600)
+    log = open_log(rundir, address.log_path.name)
+    try:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env,
             start_new_session=True, close_fds=True, cwd="/",
         )
+    finally:
+        os.close(log)
     # Reap the server when it exits (idle timeout) so it never lingers as a zombie of a long-lived caller.
     threading.Thread(target=process.wait, name="bucket-server-reaper", daemon=True).start()
     deadline = time.monotonic() + start_timeout
     delay = 0.005
     while time.monotonic() < deadline:
-        if address.socket_path.exists() and can_connect(address.socket_path):
+        if rundir.exists(address.socket_path.name) and _answers(rundir, address.socket_path.name):
             return
         code = process.returncode
         if code is not None:
-            raise ServerStartError(f"the bucket server exited with code {code} at start: {_log_tail(address.log_path)} (log: {address.log_path})")
+            raise ServerStartError(f"the bucket server exited with code {code} at start: {_log_tail(rundir, address.log_path.name)} (log: {address.log_path})")
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
     process.kill()

@@ -1,12 +1,16 @@
 """Honest stats for this host: what the cache fetched, compiled, published and saved, per run and in total.
 
 Kept in one small JSON file under the user's cache dir, updated under a file lock so that concurrent
-processes add up instead of overwriting each other. `neuron-cache stats` shows it; `stats --zero` resets.
+processes add up instead of overwriting each other. `neuron-cache stats` shows it; `stats --zero` resets. A figure that is not a finite, non-negative number
+within bounds (a poisoned or hand-edited file) reads as 0 with one warning: the file never crashes a reader,
+and what it holds is always valid JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,6 +18,12 @@ from pathlib import Path
 from filelock import FileLock
 
 from .buckets import user_cache_dir
+
+log = logging.getLogger("optimum_neuron_cache")
+
+#: Beyond these a figure is corrupt, not large (2**53: where floats stop counting exactly).
+MAX_COUNT = 2**53
+MAX_SECONDS = 1e12
 
 
 @dataclass
@@ -39,15 +49,33 @@ class Stats:
         return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Stats)})
 
     @classmethod
-    def from_dict(cls, data: object) -> "Stats":
+    def from_dict(cls, data: object, *, where: str = "stats") -> "Stats":
+        """The figures in `data`; each one that is not a valid figure reads as 0, with one warning in all."""
+        stats, bad = cls._parse(data)
+        if bad:
+            log.warning("optimum-neuron-cache: %s: read as 0, not finite non-negative figures within bounds: %s",
+                        where, ", ".join(bad))
+        return stats
+
+    @classmethod
+    def _parse(cls, data: object) -> "tuple[Stats, list[str]]":
         if not isinstance(data, dict):
-            return cls()
-        known = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for name, value in data.items():
-            if name in known and isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[name] = float(value) if name == "seconds_saved" else int(value)
-        return cls(**values)
+            return cls(), []
+        values: dict[str, int | float] = {}
+        bad: list[str] = []
+        for f in fields(cls):
+            value = data.get(f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad.append(f"{f.name}={value!r}")
+                continue
+            bound = MAX_SECONDS if f.name == "seconds_saved" else MAX_COUNT
+            if not (math.isfinite(value) and 0 <= value <= bound):
+                bad.append(f"{f.name}={value!r}")
+                continue
+            values[f.name] = float(value) if f.name == "seconds_saved" else int(value)
+        return cls(**values), bad
 
 
 def stats_path() -> Path:
@@ -61,13 +89,16 @@ def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return Stats(), Stats()
-    return Stats.from_dict(data.get("last_run")), Stats.from_dict(data.get("total"))
+    if not isinstance(data, dict):
+        return Stats(), Stats()
+    return (Stats.from_dict(data.get("last_run"), where=f"{path} (last run)"),
+            Stats.from_dict(data.get("total"), where=f"{path} (total)"))
 
 
 def _write(path: Path, last: Stats, total: Stats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -75,6 +106,7 @@ def record_run(run: Stats, path: Path | None = None) -> None:
     """Add one run's figures to the total, under the lock; never fails the caller."""
     path = path or stats_path()
     try:
+        run = Stats.from_dict(asdict(run), where="this run's stats")  # a bad figure never enters the totals
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=10):
             _, total = read_stats(path)

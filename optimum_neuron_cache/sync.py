@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 
+from . import crashpoints
 from . import remote_layout as layout
 from .client import BucketClient, ProgressCallback
 from .host_state import HostState
@@ -49,15 +50,23 @@ class PublishItem:
         return layout.commit_file(self.entry.files, self.entry.compiler_version)
 
 
-@dataclass
+#: An export record to write, and its bucket path.
+RecordWrite = tuple[str, ExportRecord]
+
+
+@dataclass(frozen=True)
 class SyncPlan:
-    items: list[PublishItem] = field(default_factory=list)
-    record: ExportRecord | None = None
-    record_path: str | None = None
+    """What to publish and why (each item says where it goes); immutable once planned."""
+
+    items: tuple[PublishItem, ...] = ()
+    #: Export records to write in the last batch (their path, the record).
+    records: tuple[RecordWrite, ...] = ()
     #: The bucket, and when the bucket was asked (before the paths-info): a publication of the same entry by
     #: another process of this host after that instant makes ours redundant.
     bucket: str = ""
     planned_at: float = field(default_factory=time.time)
+    #: Entries the bucket already holds wherever they were asked for: nothing to do.
+    present: tuple[str, ...] = ()
 
     @property
     def bytes_to_upload(self) -> int:
@@ -65,42 +74,69 @@ class SyncPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.items and self.record is None
+        return not self.items and not self.records
 
 
 @dataclass
 class SyncResult:
     published: list[str] = field(default_factory=list)  # MODULE names this process published
+    #: (module, why) left to another process of this host: publishing it right now, or did meanwhile.
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    record_path: str | None = None
+    #: Export records written, as bucket paths.
+    record_paths: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
+    #: Entries another process of this host is publishing at this instant: not committed yet.
+    in_progress: list[str] = field(default_factory=list)
+
+
+def probe_paths(entries: Iterable[LocalEntry], model_area: str | None, known_in_model_area: Collection[str] = frozenset()) -> list[str]:
+    """The commit-file paths to ask the bucket about (one paths-info) before publishing `entries`."""
+    probes = []
+    for entry in entries:
+        if entry.state.publishable:
+            commit = layout.commit_file(entry.files, entry.compiler_version)
+            probes.append(layout.flat_file_path(entry.compiler_version, entry.name, commit))
+            if model_area and entry.name not in known_in_model_area:
+                probes.append(layout.area_file_path(model_area, entry.name, commit))
+    return probes
+
+
+def plan_from_presence(entries: Iterable[LocalEntry], model_area: str | None, present: Collection[str], *,
+                       known_in_model_area: Collection[str] = frozenset(), records: Iterable[RecordWrite] = (),
+                       bucket: str = "", planned_at: float | None = None) -> SyncPlan:
+    """The plan, given which probed paths the bucket holds (pure: no I/O). Only success entries are ever
+    planned; each goes wherever its commit file is missing."""
+    items, already = [], []
+    for entry in entries:
+        if not entry.state.publishable:
+            continue
+        commit = layout.commit_file(entry.files, entry.compiler_version)
+        flat_missing = layout.flat_file_path(entry.compiler_version, entry.name, commit) not in present
+        model_missing = (bool(model_area) and entry.name not in known_in_model_area
+                         and layout.area_file_path(model_area, entry.name, commit) not in present)
+        if flat_missing or model_missing:
+            items.append(PublishItem(entry, flat_missing, model_area if model_missing else None))
+        else:
+            already.append(entry.name)
+    return SyncPlan(tuple(items), tuple(records), bucket, time.time() if planned_at is None else planned_at, tuple(already))
 
 
 def plan_sync(client: BucketClient, entries: Iterable[LocalEntry], model_area: str | None,
-              known_in_model_area: set[str] = frozenset()) -> SyncPlan:
+              known_in_model_area: Collection[str] = frozenset(), records: Iterable[RecordWrite] = ()) -> SyncPlan:
     """Which of `entries` (success entries) the flat area and the model's area lack, by one paths-info on
     their commit files. Entries the model's listing already showed complete are not asked about."""
-    planned_at = time.time()
-    candidates = [entry for entry in entries if entry.state.publishable]
-    probes: dict[str, tuple[LocalEntry, str]] = {}
-    for entry in candidates:
-        commit = layout.commit_file(entry.files, entry.compiler_version)
-        probes[f"{layout.flat_entry_prefix(entry.compiler_version, entry.name)}/{commit}"] = (entry, "flat")
-        if model_area and entry.name not in known_in_model_area:
-            probes[f"{model_area}/{entry.name}/{commit}"] = (entry, "model")
-    present = {item["path"] for item in client.paths_info(list(probes))} if probes else set()
-    plan = SyncPlan(bucket=str(client.bucket), planned_at=planned_at)
-    for entry in candidates:
-        commit = layout.commit_file(entry.files, entry.compiler_version)
-        flat_path = f"{layout.flat_entry_prefix(entry.compiler_version, entry.name)}/{commit}"
-        model_missing = bool(model_area) and entry.name not in known_in_model_area and f"{model_area}/{entry.name}/{commit}" not in present
-        flat_missing = flat_path not in present
-        if flat_missing or model_missing:
-            plan.items.append(PublishItem(entry, flat_missing, model_area if model_missing else None))
-    return plan
+    planned_at = time.time()  # before asking: a publication by another process after this makes ours redundant
+    entries = list(entries)
+    probes = probe_paths(entries, model_area, known_in_model_area)
+    present = {item["path"] for item in client.paths_info(probes) if isinstance(item.get("path"), str)} if probes else set()
+    return plan_from_presence(entries, model_area, present, known_in_model_area=known_in_model_area, records=records,
+                              bucket=str(client.bucket), planned_at=planned_at)
 
 
 def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progress: ProgressCallback | None = None) -> SyncResult:
+    """Publish the plan's items, content before commit files, then its export records. Each entry is taken
+    under its host-wide publish lock without waiting: one another process of this host is publishing, or
+    published after this plan was made, is left to it (and reported in `skipped`)."""
     result = SyncResult()
     locks = []
     items: list[PublishItem] = []
@@ -111,71 +147,81 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
                 lock.acquire(timeout=0)
             except Timeout:  # another process of this host is publishing it right now
                 result.skipped.append((item.entry.name, "being published by another process on this host"))
+                result.in_progress.append(item.entry.name)
                 continue
             locks.append(lock)
             # Another process of this host may have published it between our paths-info and our lock.
-            flat = item.to_flat and not state.published_since(plan.bucket, _flat(item, ""), plan.planned_at)
+            flat = item.to_flat and not state.published_since(plan.bucket, _flat_prefix(item), plan.planned_at)
             model = item.to_model if item.to_model and not state.published_since(
-                plan.bucket, f"{item.to_model}/{item.entry.name}/", plan.planned_at) else None
+                plan.bucket, _model_prefix(item), plan.planned_at) else None
             if not flat and not model:
                 result.skipped.append((item.entry.name, "published by another process on this host meanwhile"))
                 continue
             items.append(dataclasses.replace(item, to_flat=flat, to_model=model))
-        record = (plan.record, plan.record_path) if plan.record is not None and plan.record_path is not None else None
-        _publish(client, items, result, progress, record)
-        state.mark_published(plan.bucket, [_flat(item, "") for item in items if item.to_flat]
-                             + [f"{item.to_model}/{item.entry.name}/" for item in items if item.to_model])
-        if record is not None:
-            result.record_path = plan.record_path
+        _publish(client, items, result, progress, plan.records)
+        state.mark_published(plan.bucket, [_flat_prefix(item) for item in items if item.to_flat]
+                             + [_model_prefix(item) for item in items if item.to_model])
+        result.record_paths = [path for path, _ in plan.records]
     finally:
         for lock in locks:
             lock.release()
     return result
 
 
-def _flat(item: PublishItem, name: str) -> str:
-    return f"{layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name)}/{name}"
+def _flat_prefix(item: PublishItem) -> str:
+    """The entry's folder in the flat area, as the host's publication markers name it."""
+    return layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name) + "/"
+
+
+def _model_prefix(item: PublishItem) -> str:
+    assert item.to_model is not None
+    return layout.area_entry_prefix(item.to_model, item.entry.name) + "/"
+
+
+def _batch(client: BucketClient, progress: ProgressCallback | None = None, **operations: Any) -> dict[str, Any]:
+    reply = client.batch(progress=progress, **operations) or {}
+    crashpoints.reached("batch-done")
+    return reply
 
 
 def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None,
-             record: tuple[ExportRecord, str] | None = None) -> None:
-    """The three batches (content; copies and flat commit files; model commit files), the export record riding
-    with the last one: a record only names entries, and readers install an entry only once it is committed."""
-    if not items:
-        if record is not None:
-            client.batch(add=[_record_item(*record, {})])
-        return
+             records: tuple[RecordWrite, ...] = ()) -> None:
+    """The three batches (content; copies and flat commit files; model commit files), the export records
+    riding with the last one: a record only names entries, and readers install an entry only once it is
+    committed."""
+    describe = {"describe": True} if records else {}
     content: list[dict[str, Any]] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
                 if name != item.commit:
-                    content.append({"dest": _flat(item, name), "local_path": str(item.entry.path / name),
-                                    **({"describe": True} if record is not None else {})})
+                    content.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
+                                    "local_path": str(item.entry.path / name), **describe})
                     result.bytes_uploaded += item.entry.files[name]
     described: dict[str, Any] = {}
     if content:
-        described = (client.batch(add=content, progress=progress) or {}).get("described") or {}
+        described = _batch(client, progress, add=content).get("described") or {}
     copies: list[dict[str, Any]] = []
     flat_commits: list[dict[str, Any]] = []
     for item in items:
         if item.to_model:
             for name in item.files:
                 if name != item.commit:
-                    src = _flat(item, name)
+                    src = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
                     xet_hash = (described.get(src) or {}).get("xet_hash")  # the server need not look it up
-                    copies.append({"src": src, "dest": f"{item.to_model}/{item.entry.name}/{name}",
+                    copies.append({"src": src, "dest": layout.area_file_path(item.to_model, item.entry.name, name),
                                    **({"xet_hash": xet_hash} if xet_hash else {})})
         if item.to_flat:
-            flat_commits.append({"dest": _flat(item, item.commit), "local_path": str(item.entry.path / item.commit)})
+            flat_commits.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit),
+                                 "local_path": str(item.entry.path / item.commit)})
             result.bytes_uploaded += item.entry.files[item.commit]
     if copies or flat_commits:
-        client.batch(copy=copies, add=flat_commits)
-    model_commits = [{"dest": f"{item.to_model}/{item.entry.name}/{item.commit}", "local_path": str(item.entry.path / item.commit)}
-                     for item in items if item.to_model]
-    last = model_commits + ([_record_item(*record, described)] if record is not None else [])
+        _batch(client, copy=copies, add=flat_commits)
+    last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
+             "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
+    last += [_record_item(record, path, described) for path, record in records]
     if last:
-        client.batch(add=last)
+        _batch(client, add=last)
     result.published.extend(item.entry.name for item in items)
 
 
@@ -199,22 +245,30 @@ class VersionSync:
 def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None = None, model_folder: str | None = None,
                task: str = layout.DEFAULT_TASK, dry_run: bool = False, progress: ProgressCallback | None = None) -> list[VersionSync]:
     """Publish every local success entry the bucket lacks (the explicit push of CI jobs and
-    neuron_parallel_compile users): to the flat area, and to a model's area when one is named."""
+    neuron_parallel_compile users): to the flat area, and to a model's area when one is named. Journaled like
+    every publish; what earlier runs of the same key left in the journal is covered by it."""
+    from .journal import Journal, JournalKey
+    from .publish import publish
+
     by_version: dict[str, list[LocalEntry]] = {}
     for entry in scan_entries(root, compiler_version):
         if entry.state.publishable:
             by_version.setdefault(entry.compiler_version, []).append(entry)
-    state = HostState(root)
     report = []
     for version, entries in sorted(by_version.items()):
         area = None
         if model_folder is not None:
-            models = layout.models_prefix(version)
-            folders = [item["path"].rsplit("/", 1)[-1] for item in client.list(models, recursive=False) if item.get("type") == "directory"]
-            area = layout.model_area_prefix(version, layout.reuse_casing(model_folder, folders), task)
-        plan = plan_sync(client, entries, area)
-        sync = VersionSync(version, plan)
-        if not dry_run and plan.items:
-            sync.result = execute_sync(client, state, plan, progress)
-        report.append(sync)
+            models = client.folders(layout.models_prefix(version))
+            area = layout.model_area_prefix(version, layout.reuse_casing(model_folder, models), task)
+        if dry_run:
+            report.append(VersionSync(version, plan_sync(client, entries, area)))
+            continue
+        key = JournalKey(str(client.bucket), version, model_folder, task)
+        journal = Journal(root)
+        leftovers = journal.leftovers(key)
+        publication = publish(client, root, key, entries, area=area, progress=progress)
+        if publication.record is None:  # everything is in the bucket now, theirs included
+            for leftover in leftovers:
+                journal.drop(leftover)
+        report.append(VersionSync(version, publication.plan, publication.result))
     return report

@@ -1,4 +1,4 @@
-"""python -m stress [--ranks 32] [--hosts 4] [--fetch-trials 50] [--sync-trials 50] [--silent-runs 5] [--json out.json]
+"""python -m stress [--ranks 32] [--hosts 4] [--fetch-trials 50] [--sync-trials 50] [--phase-trials 50] [--silent-runs 5] [--json out.json]
 
 Runs every stress scenario on the dir backend (and the hf backend through the local Hub emulator with
 --hf), in an isolated environment under a temp dir, and prints one row per scenario.
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stress import scenarios
+from stress import phases, scenarios
 
 
 def main() -> int:
@@ -25,7 +25,10 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--fetch-trials", type=int, default=50)
     parser.add_argument("--sync-trials", type=int, default=50)
+    parser.add_argument("--phase-trials", type=int, default=50, help="kills at each named phase (stress/phases.py)")
     parser.add_argument("--silent-runs", type=int, default=5, help="whole runs against each dead or silent remote (0: skip)")
+    parser.add_argument("--only", choices=["ranks", "hosts", "fetch", "sync", "phases", "silent"], action="append",
+                        help="run only these scenarios (repeatable)")
     parser.add_argument("--hf", action="store_true", help="also run against the local Hub emulator (Xet over HTTP)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -46,16 +49,21 @@ def main() -> int:
                     ("hosts", lambda w: scenarios.hosts_syncing_the_same_entries(w, bucket_for("hosts"), args.hosts)),
                     ("fetch", lambda w: scenarios.crash_fetch(w, bucket_for("fetch"), args.fetch_trials)),
                     ("sync", lambda w: scenarios.crash_sync(w, args.sync_trials, bucket_for=lambda t: bucket_for(f"sync-{t}"))),
+                    ("phases", lambda w: phases.crash_at_phases(w, bucket_for("phases"), args.phase_trials)),
                 ):
+                    if args.only and name not in args.only:
+                        continue
                     started = time.monotonic()
-                    figures = run(work / f"{backend}-{name}")
-                    row = {"backend": backend, **asdict(figures), "seconds": round(time.monotonic() - started, 1)}
-                    results.append(row)
-                    print(f"{backend:4} {figures.scenario:40} trials {figures.trials:3}  failures {figures.failures}  "
-                          f"bytes {figures.bytes_transferred}/{figures.bytes_needed}  {row['seconds']}s", flush=True)
-                    for note in figures.notes[:5]:
-                        print(f"     {note}")
-        if args.silent_runs > 0:
+                    outcome = run(work / f"{backend}-{name}")
+                    seconds = round(time.monotonic() - started, 1)
+                    for figures in outcome.values() if isinstance(outcome, dict) else [outcome]:
+                        row = {"backend": backend, **asdict(figures), "seconds": seconds}
+                        results.append(row)
+                        print(f"{backend:4} {figures.scenario:40} trials {figures.trials:3}  failures {figures.failures}  "
+                              f"bytes {figures.bytes_transferred}/{figures.bytes_needed}  {seconds}s", flush=True)
+                        for note in figures.notes[:5]:
+                            print(f"     {note}")
+        if args.silent_runs > 0 and (not args.only or "silent" in args.only):
             from stress.silent_remote import silent_remote
 
             for figures in silent_remote(work / "silent", args.silent_runs):

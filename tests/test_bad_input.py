@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
@@ -120,3 +122,62 @@ def test_the_token_never_appears_in_logs_errors_records_processes_or_files(tmp_p
     out = tmp_path / "record.json"
     BucketClient(BucketRef("hf", BUCKET)).download([{"path": run.record, "local_path": str(out)}])
     assert token not in out.read_text()
+
+
+def test_hostile_sizes_in_a_listing_are_skipped_by_ls(tmp_path, hub, version, caplog):
+    """Sizes are bucket data: infinite, negative, boolean, textual or absurd sizes never reach a sum or the JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+
+    BucketClient(BucketRef("hf", BUCKET)).create()
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=BUCKET, cache_dir=tmp_path / "A"):
+        for graph in make_graphs(6, seed="sizes"):
+            compile_graph(tmp_path / "A", version, graph)
+    files = hub._buckets[BUCKET].files
+    flat_neffs = sorted(p for p in files if p.endswith("/model.neff") and "/models/" not in p)
+    hostile = [float("inf"), -5, True, "12", 2**41]
+    with hub._lock:
+        for path, size in zip(flat_neffs, hostile):
+            files[path]["size"] = size
+    result = CliRunner().invoke(cli, ["ls", "--json", "--bucket", BUCKET])
+    assert result.exit_code == 0, result.output
+    areas = {row["area"]: row for row in json.loads(result.stdout, parse_constant=lambda name: pytest.fail(name))}
+    assert (areas[""]["entries"], areas[""]["incomplete"]) == (1, 5)  # the entries with a bad size do not count
+    assert areas["org--m/default"]["entries"] == 6
+    assert 0 < areas[""]["bytes"] < areas["org--m/default"]["bytes"]
+    assert [r.getMessage() for r in caplog.records if "not a valid number of bytes" in r.getMessage()]
+
+
+def test_hostile_sizes_in_a_model_area_cost_only_their_own_files(tmp_path, hub, version):
+    """A record listed with an infinite size and a NEFF listed with a boolean one: the fetch goes on without them."""
+    BucketClient(BucketRef("hf", BUCKET)).create()
+    with hub_neuronx_cache("org/m", None, {"batch_size": 1}, compiler_version=version, bucket=BUCKET,
+                           cache_dir=tmp_path / "A") as run:
+        for graph in make_graphs(3, seed="area-sizes"):
+            compile_graph(tmp_path / "A", version, graph)
+    files = hub._buckets[BUCKET].files
+    area_neffs = sorted(p for p in files if p.endswith("/model.neff") and "/models/org--m/" in p)
+    with hub._lock:
+        files[run.record]["size"] = float("inf")
+        files[area_neffs[0]]["size"] = True
+    with hub_neuronx_cache("org/m", None, {"batch_size": 1}, compiler_version=version, bucket=BUCKET,
+                           cache_dir=tmp_path / "B") as fetched:
+        pass
+    assert fetched.warnings == [] and fetched.stats.remote_errors == 0
+    assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == sorted(p.split("/")[-2] for p in area_neffs[1:])
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_body(tmp_path, version):
+    from optimum_neuron_cache import hub_neuronx_cache
+    from optimum_neuron_cache.errors import ConfigurationError
+
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file")
+    ran = []
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        with hub_neuronx_cache("org/m", compiler_version=version, bucket=str(tmp_path / "b"), cache_dir=not_a_dir):
+            ran.append(True)
+    assert ran == [] and not_a_dir.read_text() == "a file"

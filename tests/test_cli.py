@@ -75,8 +75,14 @@ def test_sync_fetch_ls_and_status(tmp_path, bucket, version):
     listing = json.loads(run("ls", "--json", "--model", "org/cli-model"))
     assert [(row["area"], row["entries"]) for row in listing] == [("Org--CLI-Model/text-generation", 3)]
 
+    compile_graph(b, version, make_graphs(3, seed="cli")[0])  # one entry already here
+    out = run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version,
+              "--dry-run")
+    assert out.count("install  neuronxcc-") == 2 and out.count("present  neuronxcc-") == 1
+    assert "missing here" in out and "would fetch 2 entries" in out
+    assert len(scan_entries(b, version)) == 1  # a dry run changes nothing
     out = run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
-    assert out.startswith("fetched 3 entries")
+    assert out.startswith("fetched 2 entries") and "1 already present" in out
     assert [e.state for e in scan_entries(b, version)] == [EntryState.SUCCESS] * 3
     assert "fetched 0 entries" in run("fetch", "org/cli-model", "--task", "text-generation", "--cache-dir", str(b), "--compiler-version", version)
     assert "nothing to fetch" in run("fetch", "org/other", "--cache-dir", str(b), "--compiler-version", version)
@@ -291,3 +297,86 @@ def test_missing_bucket_and_read_only_token_are_one_line_errors(tmp_path, monkey
     finally:
         stop_server()
         emulator.stop()
+
+
+# ------------------------------------------------------------------- bad input: one line, exit 2 (issue 16, section 6)
+
+
+def _refused(args: list[str], env: dict[str, str] | None = None) -> str:
+    """Run the real CLI; it must exit 2 with exactly one `error:` line on stderr and no traceback."""
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+VERSION_COMMANDS = [["fetch", "org/m"], ["lookup", "org/m"], ["ls"], ["explain", "org/m"], ["sync"], ["cleanup"]]
+
+
+def test_compiler_version_latest_is_refused_the_same_way_by_every_command_that_takes_it():
+    messages = {_refused([*command, "--compiler-version", "latest"]) for command in VERSION_COMMANDS}
+    assert messages == {"error: compiler version 'latest' from --compiler-version is not a neuronx-cc version "
+                        "(expected e.g. 2.21.33363.0+82129205, as printed by `neuronx-cc --version`)"}
+
+
+def test_a_cache_dir_that_is_a_file_or_cannot_be_created(tmp_path, version):
+    bucket = str(tmp_path / "bucket")
+    run("create", bucket)
+    afile = tmp_path / "a-file"
+    afile.write_text("not a cache")
+    fetch = ["fetch", "org/m", "--bucket", bucket, "--compiler-version", version, "--cache-dir"]
+    assert _refused([*fetch, str(afile)]) == f"error: the compile cache dir {afile} (from --cache-dir) is not a directory: pass a directory"
+    assert _refused([*fetch, "/proc/x"]).startswith("error: cannot create the compile cache dir /proc/x (from --cache-dir): ")
+    assert _refused([*fetch, str(afile / "under")]).startswith("error: cannot create the compile cache dir ")  # under a file
+    assert "is not a directory" in _refused(["status", "--cache-dir", str(afile)])
+    assert "is not a directory" in _refused(["sync", "--bucket", bucket, "--cache-dir", str(afile)])
+    assert "is not a directory" in _refused(["cleanup", "--cache-dir", str(afile)])
+    assert afile.read_text() == "not a cache"
+
+
+def test_a_cache_dir_from_the_environment_is_named_by_its_source(tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    line = _refused(["status"], env={"NEURON_COMPILE_CACHE_URL": str(afile)})
+    assert line == f"error: the compile cache dir {afile} (from NEURON_COMPILE_CACHE_URL) is not a directory: pass a directory"
+
+
+def test_a_bucket_path_that_is_a_file_is_not_a_directory(tmp_path):
+    afile = tmp_path / "bucket-file"
+    afile.write_text("")
+    for args in (["ls", "--bucket", str(afile)], ["create", str(afile)], ["lookup", "org/m", "--bucket", str(afile)]):
+        line = _refused(args)
+        assert line.startswith(f"error: bucket {afile} is not a directory") and "does not exist" not in line, line
+    assert running_server() is None  # refused before any request
+
+
+@pytest.mark.parametrize("variable", ["NEURON_CACHE_LOCK_TIMEOUT", "NEURON_CACHE_REQUEST_TIMEOUT",
+                                      "NEURON_CACHE_SERVER_START_TIMEOUT", "NEURON_CACHE_RETRY_BUDGET"])
+def test_a_bad_duration_in_the_environment_is_one_line(tmp_path, version, variable):
+    bucket = str(tmp_path / "bucket")
+    line = _refused(["fetch", "org/m", "--bucket", bucket, "--compiler-version", version, "--cache-dir", str(tmp_path / "c")],
+                    env={variable: "abc"})
+    assert line.startswith(f"error: {variable}='abc' is not a number of seconds") and "set it to e.g." in line
+
+
+def test_bad_input_through_the_installed_entry_point(tmp_path):
+    """The same, from a real process: exit code 2 and one line on stderr, nothing on stdout."""
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NEURON_CACHE_LOCK_TIMEOUT": "abc"}
+    for args, expected in ((["fetch", "org/m", "--compiler-version", "2.21.33363.0+82129205", "--cache-dir", str(afile)], "is not a directory"),
+                           (["fetch", "org/m", "--compiler-version", "2.21.33363.0+82129205", "--cache-dir", str(tmp_path / "c"),
+                             "--bucket", str(tmp_path / "b")], "NEURON_CACHE_LOCK_TIMEOUT='abc'")):
+        proc = subprocess.run(_cli_process(args), env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert len(proc.stderr.splitlines()) == 1 and expected in proc.stderr, proc.stderr
+
+
+def test_a_refusing_disk_is_one_line_and_exit_1(tmp_path):
+    home = tmp_path / "hf-home-is-a-file"
+    home.write_text("")
+    result = CliRunner().invoke(cli, ["set", str(tmp_path / "bucket")], env={"HF_HOME": str(home)})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.output

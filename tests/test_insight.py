@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.lookup import clear_lookup_cache
 from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from optimum_neuron_cache.stats import Stats, read_stats
+from optimum_neuron_cache.stats import Stats, read_stats, record_run
 
 REPO = Path(__file__).resolve().parent.parent
 OTHER = "2.19.8089.0+8ab9f450"
@@ -40,23 +41,57 @@ def publish(tmp_path, bucket, version, *, model="org/m", task=None, config=CONFI
     return run
 
 
+def compile_one(cache: Path, version: str, seed: str = "missed") -> None:
+    compile_graph(cache, version, make_graphs(1, seed=seed)[0])
+
+
 def test_no_entries_at_all(tmp_path, bucket, version):
     with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        compile_one(tmp_path / "B", version)
+    assert run.miss_reasons == [f"no entries for org/m under compiler {version} in this bucket "
+                                "(`neuron-cache explain org/m` compares the other compiler versions)"]
+
+
+def test_a_run_that_compiles_nothing_explains_nothing_and_costs_no_request_for_it(tmp_path, bucket, version):
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
         pass
-    assert run.miss_reasons == ["no entries for org/m under any compiler version in this bucket"]
+    assert run.miss_reasons == [] and run.compiled == []
+
+
+def test_a_miss_in_a_bucket_of_many_versions_and_models_costs_at_most_one_more_request(tmp_path, bucket, version):
+    """The run's own miss reason costs at most one request whatever the bucket holds; the comparison across
+    compiler versions is `neuron-cache explain`'s (and `fetch`'s) job."""
+    for index, other in enumerate(["2.15.128.0+56dc5a86", "2.16.372.0+4a9b2326", "2.19.8089.0+8ab9f450",
+                                   "2.20.1.0+aaaa1111", "2.22.1.0+bbbb2222"]):
+        publish(tmp_path, bucket, other, model=f"org/other-{index}", graphs=1, seed=f"many-{index}")
+    publish(tmp_path, bucket, version, model="org/neighbour", graphs=1, seed="neighbour")
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as cold:
+        pass
+    assert cold.requests <= 3  # the area's listing, `models/` for the casing; nothing for an explanation
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "C") as run:
+        requests_at_enter = run.requests
+        compile_one(tmp_path / "C", version)
+    assert requests_at_enter == cold.requests  # nothing is explained before the body
+    assert len(run.miss_reasons) == 1 and f"under compiler {version}" in run.miss_reasons[0]
 
 
 def test_entries_only_for_other_compiler_versions(tmp_path, bucket, version):
+    from optimum_neuron_cache.explain import why_nothing
+
     publish(tmp_path, bucket, OTHER)
+    # `neuron-cache fetch` (why_nothing) and `neuron-cache explain` look across versions.
+    assert why_nothing(BucketClient(bucket), version, "org--m", "default", "org/m") == \
+        f"entries for org/m exist only for other compiler versions: {OTHER} (this one is {version})"
     with hub_neuronx_cache("org/m", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
-        pass
-    assert run.miss_reasons == [f"entries for org/m exist only for other compiler versions: {OTHER} (this one is {version})"]
+        compile_one(tmp_path / "B", version)
+    assert run.miss_reasons == [f"no entries for org/m under compiler {version} in this bucket "
+                                "(`neuron-cache explain org/m` compares the other compiler versions)"]
 
 
 def test_entries_only_for_other_tasks(tmp_path, bucket, version):
     publish(tmp_path, bucket, version, task="feature-extraction")
     with hub_neuronx_cache("Org/M", "text-generation", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
-        pass
+        compile_one(tmp_path / "B", version)
     assert run.miss_reasons == ["no entries for Org/M task text-generation; the bucket has it for other tasks: feature-extraction"]
 
 
@@ -136,3 +171,80 @@ def test_stats_add_up_across_concurrent_processes(tmp_path):
     assert total.seconds_saved == pytest.approx(75.0)
     data = json.loads(CliRunner().invoke(cli, ["stats", "--json"]).output)
     assert data["total"]["hits"] == 300
+
+
+# ------------------------------------------------- numbers from the bucket are validated (issue 16, section 4)
+
+
+def _replace_record(bucket: BucketRef, path: str, text: str) -> None:
+    BucketClient(bucket).batch(add=[{"dest": path, "content": text}])
+
+
+def test_a_hostile_compile_time_in_a_record_never_reaches_the_stats(tmp_path, bucket, version, caplog):
+    published = publish(tmp_path, bucket, version, seconds=0.05)
+    record = json.loads((Path(bucket.location) / published.record).read_text())
+    assert len(record["compile_seconds"]) == 2
+    hostile = json.dumps({**record, "compile_seconds": {name: 123.25 for name in record["compile_seconds"]}})
+    hostile = hostile.replace("123.25", "1e309")  # what a hostile teammate writes: json.loads reads it as inf
+    assert hostile.count("1e309") == 2
+    _replace_record(bucket, published.record, hostile)
+    clear_lookup_cache()
+    with hub_neuronx_cache("org/m", None, CONFIG, compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert len(run.fetched) == 2 and run.warnings == []  # the entries are fine: only the record is skipped
+    assert run.stats.seconds_saved == 0.0 and run.stats.hits_without_duration == 2
+    skipped = [r.getMessage() for r in caplog.records if "ignoring malformed export record" in r.getMessage()]
+    assert skipped and "out of range" in skipped[0] and published.record in skipped[0]
+    result = CliRunner().invoke(cli, ["stats", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in stats --json"))
+    assert data["total"]["hits"] == 2 and data["total"]["seconds_saved"] == 0.0
+    assert CliRunner().invoke(cli, ["stats"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["lookup", "org/m", "--bucket", bucket.location, "--compiler-version", version]).output \
+        == "no cached configuration of org/m matches\n"
+
+
+@pytest.mark.parametrize("value", ["1e309", "-1e309", "NaN", "Infinity", "-5", "1e12", "true", '"12"', "[1]"])
+def test_a_record_with_a_bad_compile_time_is_skipped_with_one_warning(value, caplog):
+    from optimum_neuron_cache.lookup import parse_record
+
+    good = {"model_id": "org/m", "task": "default", "compiler_version": "2.21.33363.0+82129205",
+            "export_config": {"batch_size": 1}, "modules": ["MODULE_1+a"], "compile_seconds": {"MODULE_1+a": 12.5}}
+    assert parse_record(json.dumps(good), "r.json").compile_seconds == {"MODULE_1+a": 12.5}
+    caplog.clear()
+    text = json.dumps(good).replace("12.5", value)
+    assert parse_record(text, "r.json") is None
+    assert len([r for r in caplog.records if "r.json" in r.getMessage()]) == 1
+
+
+def test_non_finite_numbers_anywhere_in_a_record_skip_it(caplog):
+    from optimum_neuron_cache.lookup import parse_record
+
+    base = ('{"model_id": "org/m", "task": "default", "compiler_version": "2.21.33363.0+82129205", '
+            '"modules": [], "export_config": {"batch_size": %s}}')
+    assert parse_record(base % "1", "ok.json") is not None
+    for value in ("NaN", "Infinity", "1e400"):
+        assert parse_record(base % value, "bad.json") is None  # `lookup --json` would print invalid JSON
+    assert parse_record("[" * 100_000 + "]" * 100_000, "deep.json") is None  # nesting: skipped, not a crash
+
+
+def test_a_poisoned_stats_file_reads_as_zero_with_a_warning(tmp_path, caplog):
+    from optimum_neuron_cache.stats import stats_path
+
+    path = stats_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"last_run": {"seconds_saved": Infinity, "hits": 3},'
+                    ' "total": {"seconds_saved": 1e309, "hits": -2, "misses": NaN, "bytes_downloaded": "x",'
+                    ' "publishes": true, "bytes_uploaded": 1e300, "fetches": 4}}')
+    result = CliRunner().invoke(cli, ["stats", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in stats --json"))
+    assert data["last_run"]["seconds_saved"] == 0.0 and data["last_run"]["hits"] == 3
+    assert data["total"] == {**asdict(Stats()), "fetches": 4}
+    warned = [r.getMessage() for r in caplog.records if "read as 0" in r.getMessage()]
+    assert len(warned) == 2 and "seconds_saved=inf" in warned[1] and "hits=-2" in warned[1]  # one per part of the file
+    table = CliRunner().invoke(cli, ["stats"])
+    assert table.exit_code == 0 and "compile time saved" in table.stdout
+    record_run(Stats(hits=1, seconds_saved=float("inf")))  # a bad figure of a run never enters the file either
+    saved = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the stats file"))
+    assert saved["total"]["hits"] == 1 and saved["total"]["seconds_saved"] == 0.0 and saved["total"]["fetches"] == 4

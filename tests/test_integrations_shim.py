@@ -158,10 +158,11 @@ def test_an_unreachable_bucket_costs_one_line_and_the_real_compile(tmp_path, ver
     started = time.monotonic()
     done = run_shim(["compile", "--framework=XLA", str(source), "--output", str(source.with_name(f"model.{results[0].module}.neff"))])
     assert done.returncode == 0 and time.monotonic() - started < 10
-    # What could not be published is queued for the next flat-area run.
-    from optimum_neuron_cache.host_state import HostState
+    # What could not be published is journaled for the next flat-area run of this bucket.
+    from optimum_neuron_cache.journal import Journal, JournalKey
 
-    assert HostState(tmp_path / "A").pending(f"neuronxcc-{version}/_flat/default") == {r.module for r in results}
+    left = Journal(tmp_path / "A").leftovers(JournalKey("hf://buckets/org/unreachable", version, None, "default"))
+    assert {name for record in left for name in record.entries} == {r.module for r in results}
 
 
 def test_offline_mode_means_no_bucket_and_an_unchanged_compile(tmp_path, version, toolchain, monkeypatch):

@@ -11,9 +11,10 @@ import pytest
 
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
-from stress import scenarios
+from stress import phases, scenarios
 
 RANKS = int(os.environ.get("NEURON_CACHE_TEST_RANKS", "8"))
+PHASE_TRIALS = int(os.environ.get("NEURON_CACHE_TEST_PHASE_TRIALS", "1"))
 HOSTS = int(os.environ.get("NEURON_CACHE_TEST_HOSTS", "3"))
 TRIALS = int(os.environ.get("NEURON_CACHE_TEST_CRASH_TRIALS", "4"))
 
@@ -66,6 +67,15 @@ def test_kill_9_during_fetch_never_leaves_a_bad_hit_and_heals(tmp_path, bucket_f
 def test_kill_9_during_sync_never_commits_missing_content_and_heals(tmp_path, bucket_for):
     _ok(scenarios.crash_sync(tmp_path, TRIALS, graphs=4, neff_size=3_000_000, window=0.6,
                              bucket_for=lambda trial: bucket_for(f"sync-{trial}")))
+
+
+@pytest.mark.parametrize("phase", phases.PHASES)
+def test_a_run_killed_at_each_named_phase_leaves_nothing_wrong_and_the_next_plain_run_loses_nothing(
+        tmp_path, bucket_for, phase):
+    """Killed (or SIGTERMed) where the phase says: no bad hit, no commit file without content; then one plain
+    run of the same model and task publishes everything the killed run compiled, with its export record."""
+    figures = phases.crash_at_phases(tmp_path, bucket_for("phases"), PHASE_TRIALS, (phase,))[phase]
+    _ok(figures)
 
 
 HOLD_LOCK = """

@@ -2,6 +2,11 @@
 
 Every write lands atomically: written to `.incoming/` under the bucket root (same filesystem), then renamed
 over its destination, so a reader on another host never sees half a file.
+
+The tree is anyone's on the team to write, so every name in it is hostile input (see dirtree.py): no symlink
+below the root is ever followed, for reading or writing; names that are not UTF-8 or not safe remote paths
+are skipped with one log warning; a file changed after it was published (its sidecar describes other
+bytes) is listed with the digest STALE and never handed over.
 """
 
 from __future__ import annotations
@@ -9,81 +14,152 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
-from ..digests import StreamVerifier, file_digest, publish_algorithm
+from ..digests import StreamVerifier, file_digest, publish_algorithm, split
+from . import dirtree
 from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
+from .dirtree import Dirs, Refused
 
 log = logging.getLogger("bucket_server")
 
 INCOMING = ".incoming"
-#: The digest of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds
-#: "<algorithm>:<hex> <size> <mtime_ns>" (stale, hence ignored, when the file was replaced by another tool).
-#: Sidecars written before BLAKE3 hold a bare sha256 hex: "<sha256> <size> <mtime_ns>".
+#: The digest of each file, recorded when this project wrote it: `<root>/.digests/<path>` holds lines
+#: "<algorithm>:<hex> <size> <mtime_ns>"; the line whose size and mtime are the file's is its digest.
+#: Sidecars written before BLAKE3 hold a bare sha256 hex: "<sha256> <size> <mtime_ns>". NO_DIGEST in place
+#: of a digest: a file this project did not write, whose size alone is checked.
 DIGESTS = ".digests"
 HIDDEN = (INCOMING, DIGESTS)
+NO_DIGEST = "none"
+#: What a listing gives as the digest of a file whose sidecar does not describe it: changed after it was
+#: published (or the sidecar was tampered with). `download` refuses such a file.
+STALE = "stale"
+SIDECAR_MAX_BYTES = 4096
+#: `.incoming/` files of a dead writer of this host are swept at once; any writer's after this long.
+INCOMING_MAX_AGE = 24 * 3600.0
+SWEEP_INTERVAL = 60.0
+_HOST = socket.gethostname().replace("/", "_") or "host"
+_last_sweep: dict[str, float] = {}
+_sweep_lock = threading.Lock()
 
 
-def copy_regular_file(source: str | os.PathLike[str], dest: str | os.PathLike[str],
-                      on_bytes: Callable[[int], None] | None = None, limit: int | None = None,
-                      written: Callable[[int], None] | None = None) -> int:
-    """Copy the bytes of a regular file; a symlink or anything else is refused, never followed.
+def sidecar_digest(raw: bytes | None, info: os.stat_result) -> str | None:
+    """What a sidecar says of the file `info` describes: None without a sidecar (size checks only), the
+    digest recorded for these bytes, or STALE: a sidecar that describes other bytes, or none readable."""
+    if raw is None:
+        return None
+    for line in raw.decode("ascii", "replace").splitlines():
+        fields = line.split()
+        if len(fields) != 3 or not (fields[1].isdecimal() and fields[2].isdecimal()):
+            continue
+        if int(fields[1]) != info.st_size or int(fields[2]) != info.st_mtime_ns:
+            continue
+        if fields[0] == NO_DIGEST:
+            return None
+        digest = fields[0] if ":" in fields[0] else f"sha256:{fields[0]}"
+        return digest if split(digest) is not None else STALE
+    return STALE
 
-    The bytes move inside the kernel (sendfile) where it can, never through Python. limit: stop after this
-    many bytes plus one (a file far larger than announced is not copied whole). on_bytes(moved) and
-    written(bytes so far) are called after each step of COPY_STEP bytes."""
+
+def _sidecar_line(value: str, info: os.stat_result) -> str:
+    return f"{value} {info.st_size} {info.st_mtime_ns}"
+
+
+def incoming_name() -> str:
+    """`<host>.<pid>.<random>`: whose it is, so that the files of writers that died can be swept."""
+    return f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is a symlink: refused") from None
-        raise
-    with os.fdopen(fd, "rb") as src:
-        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-            raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
-        with open(dest, "wb") as dst:
-            wanted = limit + 1 if limit is not None else None
-            copied = 0
-            while wanted is None or copied < wanted:
-                step = COPY_STEP if wanted is None else min(COPY_STEP, wanted - copied)
-                moved = _copy_step(src, dst, copied, step)
-                if not moved:
-                    break
-                copied += moved
-                if on_bytes is not None:
-                    on_bytes(moved)
-                if written is not None:
-                    written(copied)
-            return copied
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
 
 
-#: Small enough that a file's check follows its copy closely (StreamVerifier), large enough to cost nothing.
+def _abandoned(name: str, info: os.stat_result, now: float) -> bool:
+    """An `.incoming/` file no live writer will rename: its writer was a process of this host that died, or
+    it is older than a day (whoever wrote it)."""
+    if now - info.st_mtime > INCOMING_MAX_AGE:
+        return True
+    fields = name.rsplit(".", 2)
+    return len(fields) == 3 and fields[0] == _HOST and fields[1].isdecimal() and not _pid_alive(int(fields[1]))
+
+
 COPY_STEP = 4 << 20
+"""Small enough that a file's check follows its copy closely (StreamVerifier), large enough to cost nothing."""
 
 
-def _copy_step(src: Any, dst: Any, offset: int, count: int) -> int:
+def copy_between(src: int, dst: int, on_bytes: Callable[[int], None] | None = None, limit: int | None = None,
+                 written: Callable[[int], None] | None = None) -> int:
+    """Copy the bytes of the open regular file `src` into `dst`; the bytes move inside the kernel (sendfile)
+    where it can, never through Python. limit: stop after this many bytes plus one (a file far larger than
+    announced is not copied whole). on_bytes(moved) and written(bytes so far) are called after each step
+    of COPY_STEP bytes."""
+    wanted = limit + 1 if limit is not None else None
+    copied = 0
+    while wanted is None or copied < wanted:
+        step = COPY_STEP if wanted is None else min(COPY_STEP, wanted - copied)
+        moved = _copy_step(src, dst, copied, step)
+        if not moved:
+            break
+        copied += moved
+        if on_bytes is not None:
+            on_bytes(moved)
+        if written is not None:
+            written(copied)
+    return copied
+
+
+def _copy_step(src: int, dst: int, offset: int, count: int) -> int:
     """Up to `count` bytes from `offset`: sendfile between files (Linux), else a read and a write."""
     if _SENDFILE_FILES:
         try:
-            return os.sendfile(dst.fileno(), src.fileno(), offset, count)
+            return os.sendfile(dst, src, offset, count)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK):
                 raise
-    src.seek(offset)
-    data = src.read(count)
-    dst.write(data)
-    dst.flush()
+    data = os.pread(src, count, offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst, view):]
     return len(data)
 
 
 _SENDFILE_FILES = sys.platform.startswith("linux") and hasattr(os, "sendfile")
+
+
+def open_upload_source(source: str | os.PathLike[str]) -> int:
+    """A local file to upload (the client's own path): a symlink or anything but a regular file is refused."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is a symlink: refused") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BackendError(ErrorCode.BAD_REQUEST, f"{source} is not a regular file: refused")
+    return fd
+
+
+def _fd_path(fd: int) -> str:
+    """A path that opens the very file behind `fd` (Linux), for hashing it by name."""
+    return f"/proc/self/fd/{fd}"
 
 
 def _local_size(item: dict[str, Any]) -> int:
@@ -107,6 +183,14 @@ class _Counter:
             self.progress(self.done, self.total)
 
 
+def _parts(path: str, *, allow_root: bool = False) -> list[str]:
+    """The components of a validated remote path; a path whose names are not UTF-8 is refused too."""
+    path = validate_remote_path(path, allow_root=allow_root)
+    if not dirtree.safe_name(path.replace("/", "_") or "_"):
+        raise BackendError(ErrorCode.BAD_REQUEST, f"unsafe remote path {dirtree.shown(path)!r}")
+    return path.split("/") if path else []
+
+
 class DirBackend(Backend):
     def __init__(self, root: str) -> None:
         if not os.path.isabs(root):
@@ -114,64 +198,126 @@ class DirBackend(Backend):
         self.root = Path(root)
 
     # -------------------------------------------------------------------------------- helpers
-    def _require_root(self) -> None:
-        if not self.root.is_dir():
+    def _open(self) -> Dirs:
+        """The root (the user's own path, opened normally) and the folders below it, never through a symlink."""
+        try:
+            return Dirs(dirtree.open_root(str(self.root)))
+        except (FileNotFoundError, NotADirectoryError):
             raise BackendError(
                 ErrorCode.BUCKET_NOT_FOUND,
                 f"directory bucket {self.root} does not exist (create it with `neuron-cache create {self.root}`)",
-            )
+            ) from None
 
-    def _local(self, path: str) -> Path:
-        return self.root / validate_remote_path(path)
+    def _refused(self, exc: Refused) -> BackendError:
+        return BackendError(ErrorCode.INVALID_DATA, f"{dirtree.shown(exc.path)} in directory bucket {self.root} "
+                            f"{exc.what} (nothing is read or written through it; remove it)")
 
-    def _file_item(self, path: str, info: os.stat_result) -> dict[str, Any]:
+    def _warn_skipped(self, skipped: list[str]) -> None:
+        if skipped:
+            examples = ", ".join(dirtree.shown(path) for path in skipped[:3])
+            log.warning("directory bucket %s: skipped %d names that are not valid UTF-8 or not safe bucket paths "
+                        "(%s%s)", self.root, len(skipped), examples, ", ..." if len(skipped) > 3 else "")
+
+    def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> dict[str, Any]:
+        raw = dirtree.read_small(shadow, path.rsplit("/", 1)[-1], SIDECAR_MAX_BYTES)
         return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime,
-                "digest": self._read_digest(path, info)}
+                "digest": sidecar_digest(raw, info)}
 
-    def _digest_path(self, path: str) -> Path:
-        return self.root / DIGESTS / validate_remote_path(path)
+    def _sidecar(self, dirs: Dirs, parts: list[str], info: os.stat_result) -> tuple[str | None, bytes | None]:
+        """(digest or STALE or None, the raw sidecar) of the file at `parts`, whose lstat is `info`."""
+        raw = dirtree.read_small(dirs.find([DIGESTS, *parts[:-1]]), parts[-1], SIDECAR_MAX_BYTES)
+        return sidecar_digest(raw, info), raw
 
-    def _read_digest(self, path: str, info: os.stat_result) -> str | None:
+    def _walk(self, dirs: Dirs, parts: list[str], *, with_dirs: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
         try:
-            value, size, mtime_ns = self._digest_path(path).read_text().split()
-        except (OSError, ValueError):
-            return None
-        if int(size) != info.st_size or int(mtime_ns) != info.st_mtime_ns:
-            return None
-        return value if ":" in value else f"sha256:{value}"
+            top = dirs.get(parts)
+        except FileNotFoundError:
+            return
+        except (OSError, Refused) as exc:
+            log.warning("directory bucket %s: not listing %s: %s", self.root, dirtree.shown("/".join(parts)), exc)
+            return
+        skipped: list[str] = []
+        for path, info, shadow in dirtree.walk_files(top, "/".join(parts), skipped=skipped,
+                                                     hidden=HIDDEN if not parts else (),
+                                                     shadow=dirs.find([DIGESTS, *parts]), with_dirs=with_dirs):
+            yield self._file_item(path, info, shadow)
+        self._warn_skipped(skipped)
 
-    def _write_digest(self, path: str, digest: str) -> None:
-        info = os.stat(self._local(path), follow_symlinks=False)
-        target = self._digest_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._incoming()
-        tmp.write_text(f"{digest} {info.st_size} {info.st_mtime_ns}\n")
-        os.replace(tmp, target)
+    def _incoming(self, dirs: Dirs) -> int:
+        fd = self._dir(dirs, [INCOMING], create=True)
+        self._sweep(fd)
+        return fd
 
-    def _stat_file(self, path: str) -> os.stat_result | None:
+    def _dir(self, dirs: Dirs, parts: list[str], *, create: bool = False) -> int:
         try:
-            info = os.stat(self._local(path), follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return info if stat.S_ISREG(info.st_mode) else None
+            return dirs.get(parts, create=create)
+        except Refused as exc:
+            raise self._refused(exc) from None
 
-    def _incoming(self) -> Path:
-        incoming = self.root / INCOMING
-        incoming.mkdir(exist_ok=True)
-        return incoming / f"{os.getpid()}-{uuid.uuid4().hex}"
+    def _sweep(self, incoming: int) -> None:
+        """Remove the `.incoming/` files no writer will rename (see _abandoned); at most once a minute per
+        bucket and server, so that the cost stays bounded whatever the number of writes."""
+        now = time.time()
+        with _sweep_lock:
+            if now - _last_sweep.get(str(self.root), 0.0) < SWEEP_INTERVAL:
+                return
+            _last_sweep[str(self.root)] = now
+        removed = 0
+        try:
+            entries = list(os.scandir(incoming))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISDIR(info.st_mode) and _abandoned(entry.name, info, now):
+                    dirtree.unlink(incoming, entry.name)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            log.info("directory bucket %s: removed %d files of dead writers from %s/", self.root, removed, INCOMING)
 
-    def _install(self, tmp: Path, dest: str) -> None:
-        target = self._local(dest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+    def _write_sidecar(self, dirs: Dirs, incoming: int, parts: list[str], lines: list[str]) -> None:
+        """Write `.digests/<path>` through descriptors: a new file in `.incoming/`, renamed over the old one
+        (a symlink there is replaced, never followed)."""
+        parent = self._dir(dirs, [DIGESTS, *parts[:-1]], create=True)
+        tmp = incoming_name()
+        fd = dirtree.create_file(incoming, tmp)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write("".join(f"{line}\n" for line in lines))
+            os.replace(tmp, parts[-1], src_dir_fd=incoming, dst_dir_fd=parent)
+        finally:
+            dirtree.unlink(incoming, tmp)
+
+    def _install(self, dirs: Dirs, incoming: int, tmp: str, parts: list[str], lines: list[str]) -> None:
+        """Rename `.incoming/<tmp>` over the file at `parts`, with its sidecar `lines`. The sidecar goes first
+        and keeps the line of the file it replaces, so a reader at any instant (or after a kill) finds a
+        line for the file it sees; once the rename is done, the old line goes."""
+        parent = self._dir(dirs, parts[:-1], create=True)
+        old = dirtree.lstat(parent, parts[-1])
+        kept: list[str] = []
+        if old is not None and stat.S_ISREG(old.st_mode):
+            digest, _ = self._sidecar(dirs, parts, old)
+            if digest != STALE:
+                kept = [_sidecar_line(digest or NO_DIGEST, old)]
+        self._write_sidecar(dirs, incoming, parts, lines + kept)
+        try:
+            os.replace(tmp, parts[-1], src_dir_fd=incoming, dst_dir_fd=parent)
+        except IsADirectoryError:
+            raise BackendError(ErrorCode.INVALID_DATA, f"{dirtree.shown('/'.join(parts))} in directory bucket "
+                               f"{self.root} is a folder: cannot write a file there") from None
+        if kept:
+            self._write_sidecar(dirs, incoming, parts, lines)
 
     # ------------------------------------------------------------------------------ interface
     def info(self) -> dict[str, Any]:
-        self._require_root()
         size = files = 0
-        for item in self._walk(""):
-            size += item["size"]
-            files += 1
+        with self._open() as dirs:
+            for item in self._walk(dirs, []):
+                size += item["size"]
+                files += 1
         return {"id": str(self.root), "private": True, "size": size, "total_files": files}
 
     def create(self, *, private: bool | None) -> dict[str, Any]:
@@ -179,128 +325,183 @@ class DirBackend(Backend):
         self.root.mkdir(parents=True, exist_ok=True)
         return {"created": not existed, "url": str(self.root)}
 
-    def _walk(self, prefix: str):
-        base = self.root / prefix if prefix else self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            rel_dir = os.path.relpath(dirpath, self.root)
-            if rel_dir == ".":
-                dirnames[:] = [name for name in dirnames if name not in HIDDEN]
-            dirnames.sort()
-            for name in sorted(filenames):
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-                try:
-                    info = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISREG(info.st_mode):
-                    yield self._file_item(rel, info)
-
     def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
-        self._require_root()
-        prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
-        if recursive:
-            return list(self._walk(prefix))
-        base = self.root / prefix if prefix else self.root
-        items: list[dict[str, Any]] = []
-        try:
-            entries = sorted(os.scandir(base), key=lambda entry: entry.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        for entry in entries:
-            if not prefix and entry.name in HIDDEN:
-                continue
-            rel = f"{prefix}/{entry.name}" if prefix else entry.name
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                items.append({"type": "directory", "path": rel})
-            elif stat.S_ISREG(info.st_mode):
-                items.append(self._file_item(rel, info))
-        return items
+        parts = _parts(prefix.rstrip("/"), allow_root=True)
+        with self._open() as dirs:
+            if recursive:
+                return list(self._walk(dirs, parts))
+            folders: list[str] = []
+            files = list(self._walk(dirs, parts, with_dirs=folders.append))
+            return sorted([{"type": "directory", "path": path} for path in folders] + files, key=lambda item: item["path"])
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
-        self._require_root()
         found = []
-        for path in paths:
-            info = self._stat_file(validate_remote_path(path))
-            if info is not None:
-                found.append(self._file_item(path, info))
+        with self._open() as dirs:
+            for path in paths:
+                parts = _parts(path)
+                parent = dirs.find(parts[:-1])
+                info = dirtree.lstat(parent, parts[-1]) if parent is not None else None
+                if info is not None and stat.S_ISREG(info.st_mode):
+                    found.append(self._file_item(path, info, dirs.find([DIGESTS, *parts[:-1]])))
         return found
+
+    def _open_source(self, dirs: Dirs, path: str) -> tuple[int, list[str]]:
+        """The bucket file at `path`, open for reading: NOT_FOUND when missing; Refused when it, or a folder
+        on its way, is a symlink or not what it should be."""
+        parts = _parts(path)
+        try:
+            return dirtree.open_file(dirs.get(parts[:-1]), parts[-1], shown=path), parts
+        except (FileNotFoundError, NotADirectoryError):
+            raise BackendError(ErrorCode.NOT_FOUND, f"{path} is not in bucket {self.root}") from None
 
     def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
         """Copy each file out, checked against its digest a block behind the copy (StreamVerifier): when the
         last byte is copied, little is left to hash. A file whose bytes do not match (or that is far larger
-        than announced) is removed and reported, never left for the client. Digest manifests bind Xet
-        hashes, which a directory bucket does not list: they are copied like any other file."""
-        self._require_root()
+        than announced) is removed and reported, never left for the client. So is a file changed after it
+        was published (its sidecar is STALE), or that is a symlink: those are not even copied. Digest
+        manifests bind Xet hashes, which a directory bucket does not list: they are copied like any other
+        file."""
         counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
         verifier = StreamVerifier()
         started = time.perf_counter()
         total = 0
         failed = []
-        try:
-            for item in files:
-                source = self._local(item["path"])
-                dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
-                if self._stat_file(item["path"]) is None:
-                    raise BackendError(ErrorCode.NOT_FOUND, f"{item['path']} is not in bucket {self.root}")
-                limit = int(item["size"]) if item.get("size") is not None else None
-                digest = item.get("digest")
-                try:
-                    copied = copy_regular_file(source, dest, counter.add if progress else None, limit=limit,
-                                               written=lambda upto: verifier.written(str(dest), digest, upto))
-                except FileNotFoundError:
-                    raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
-                total += copied
-                if limit is not None and copied > limit:
-                    verifier.abandon(str(dest))
-                    dest.unlink(missing_ok=True)
-                    failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
-                else:
-                    verifier.closed(str(dest), digest)
-        finally:
-            copied_in = time.perf_counter() - started
-            problems = verifier.finish()
+        with self._open() as dirs:
+            try:
+                for item in files:
+                    dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
+                    try:
+                        src, parts = self._open_source(dirs, item["path"])
+                    except Refused as exc:
+                        failed.append({"path": item["path"], "reason": exc.what if exc.path == item["path"] else
+                                       f"is under {dirtree.shown(exc.path)}, which {exc.what}"})
+                        continue
+                    try:
+                        info = os.fstat(src)
+                        limit = int(item["size"]) if item.get("size") is not None else None
+                        if limit is not None and info.st_size > limit:
+                            failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
+                            continue
+                        recorded, _ = self._sidecar(dirs, parts, info)
+                        if recorded == STALE:
+                            failed.append({"path": item["path"], "reason": "changed after it was published (its "
+                                           "size or time differs from its digest record): refused"})
+                            continue
+                        digest = item.get("digest")  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
+                        if digest == STALE:  # published again since the listing
+                            digest = recorded
+                        try:
+                            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                        except FileNotFoundError:
+                            raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
+                        try:
+                            copied = copy_between(src, out, counter.add if progress else None, limit=limit,
+                                                  written=lambda upto: verifier.written(str(dest), digest, upto))
+                        finally:
+                            os.close(out)
+                    finally:
+                        os.close(src)
+                    total += copied
+                    if limit is not None and copied > limit:
+                        verifier.abandon(str(dest))
+                        dest.unlink(missing_ok=True)
+                        failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
+                    else:
+                        verifier.closed(str(dest), digest)
+            finally:
+                copied_in = time.perf_counter() - started
+                problems = verifier.finish()
         log.info("copied %d files in %.3f s, %s", len(files), copied_in, verifier.summary())
         return {"files": len(files), "bytes": total, "failed": failed + reject_mismatched(files, problems)}
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
-              progress: Progress | None = None) -> dict[str, Any]:
-        self._require_root()
-        counter = _Counter(progress, sum(_local_size(item) for item in add))
-        algorithm = publish_algorithm()
-        for item in copy:
-            source = self._local(item["src"])
-            if self._stat_file(item["src"]) is None:
-                raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.root}")
-            info = self._stat_file(item["src"])
-            digest = self._read_digest(item["src"], info) if info else None
-            tmp = self._incoming()
+    def _writable(self, path: str) -> list[str]:
+        parts = _parts(path)
+        if parts[0] in HIDDEN:
+            raise BackendError(ErrorCode.BAD_REQUEST, f"{path}: {parts[0]}/ is the bucket's own bookkeeping")
+        return parts
+
+    def _copy(self, dirs: Dirs, incoming: int, item: dict[str, Any], algorithm: str) -> None:
+        """A copy within the bucket: a hard link where the filesystem allows (else the bytes). It carries the
+        source's digest, or its staleness: a file changed after it was published does not become trusted
+        by being copied."""
+        dest = self._writable(item["dest"])
+        try:
+            src, parts = self._open_source(dirs, item["src"])
+        except Refused as exc:
+            raise self._refused(exc) from None
+        tmp = incoming_name()
+        try:
+            info = os.fstat(src)
+            digest, raw = self._sidecar(dirs, parts, info)
             try:
-                os.link(source, tmp)
+                os.link(parts[-1], tmp, src_dir_fd=dirs.get(parts[:-1]), dst_dir_fd=incoming, follow_symlinks=False)
+                linked = dirtree.lstat(incoming, tmp)
+                if linked is None or (linked.st_dev, linked.st_ino) != (info.st_dev, info.st_ino):
+                    raise BackendError(ErrorCode.INVALID_DATA, f"copy source {item['src']} changed during the copy")
             except OSError:  # filesystems without hard links (some mounts): copy the bytes
-                copy_regular_file(source, tmp)
-            self._install(tmp, item["dest"])
-            if digest is None:
-                digest = file_digest(self._local(item["dest"]), algorithm)
-            self._write_digest(item["dest"], digest)
-        described: dict[str, dict[str, Any]] = {}
-        for item in add:
-            tmp = self._incoming()
+                dirtree.unlink(incoming, tmp)
+                out = dirtree.create_file(incoming, tmp)
+                try:
+                    copy_between(src, out)
+                finally:
+                    os.close(out)
+            landed = dirtree.lstat(incoming, tmp)
+            if digest == STALE:
+                lines = [line for line in (raw or b"").decode("ascii", "replace").splitlines() if line.strip()][:4] or [f"{STALE} 0 0"]
+            else:
+                if digest is None:
+                    digest = file_digest(_fd_path(src), algorithm)
+                lines = [_sidecar_line(digest, landed)]
+            self._install(dirs, incoming, tmp, dest, lines)
+        finally:
+            os.close(src)
+            dirtree.unlink(incoming, tmp)  # a rename onto a hard link of the same file leaves it in place
+
+    def _add(self, dirs: Dirs, incoming: int, item: dict[str, Any], algorithm: str,
+             on_bytes: Callable[[int], None] | None) -> str:
+        dest = self._writable(item["dest"])
+        tmp = incoming_name()
+        out = dirtree.create_file(incoming, tmp)
+        try:
             try:
                 if "local_path" in item:
-                    copy_regular_file(item["local_path"], tmp, counter.add if progress else None)
+                    src = open_upload_source(item["local_path"])
+                    try:
+                        copy_between(src, out, on_bytes)
+                    finally:
+                        os.close(src)
                 else:
-                    tmp.write_bytes(str(item.get("content", "")).encode("utf-8"))
-                digest = file_digest(tmp, algorithm)  # of the bytes that land, read back from the page cache
-                self._install(tmp, item["dest"])
+                    data = memoryview(str(item.get("content", "")).encode("utf-8"))
+                    while data:
+                        data = data[os.write(out, data):]
+                digest = file_digest(_fd_path(out), algorithm)  # of the bytes that land, read back from the page cache
+                landed = os.fstat(out)
             finally:
-                tmp.unlink(missing_ok=True)
-            self._write_digest(item["dest"], digest)
-            if item.get("describe") and "local_path" in item:
-                described[item["dest"]] = {"xet_hash": None, "digest": digest}
-        for path in delete:
-            self._local(path).unlink(missing_ok=True)
-            self._digest_path(path).unlink(missing_ok=True)
+                os.close(out)
+            self._install(dirs, incoming, tmp, dest, [_sidecar_line(digest, landed)])
+        finally:
+            dirtree.unlink(incoming, tmp)
+        return digest
+
+    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
+              progress: Progress | None = None) -> dict[str, Any]:
+        counter = _Counter(progress, sum(_local_size(item) for item in add))
+        algorithm = publish_algorithm()
+        described: dict[str, dict[str, Any]] = {}
+        with self._open() as dirs:
+            incoming = self._incoming(dirs)
+            for item in copy:
+                self._copy(dirs, incoming, item, algorithm)
+            for item in add:
+                digest = self._add(dirs, incoming, item, algorithm, counter.add if progress else None)
+                if item.get("describe") and "local_path" in item:
+                    described[item["dest"]] = {"xet_hash": None, "digest": digest}
+            for path in delete:
+                parts = self._writable(path)
+                for folder in (parts[:-1], [DIGESTS, *parts[:-1]]):
+                    parent = dirs.find(folder)
+                    if parent is not None:
+                        dirtree.unlink(parent, parts[-1])
         reply: dict[str, Any] = {"added": len(add), "copied": len(copy), "deleted": len(delete)}
         if described:
             reply["described"] = described

@@ -51,21 +51,34 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
+
+from .. import settings
+from ..errors import ConfigurationError
 
 SHIM_MARKER = "optimum-neuron-cache compiler shim"
 COMPILER_NAME = "neuronx-cc"
-ENV_INSIDE = "NEURON_CACHE_SHIM_INSIDE"
-ENV_REAL = "NEURON_CACHE_REAL_COMPILER"
-ENV_SHIM = "NEURON_CACHE_SHIM"
-ENV_PUBLISH = "NEURON_CACHE_SHIM_PUBLISH"
-ENV_BACKOFF = "NEURON_CACHE_SHIM_BACKOFF"
-_OFF = ("0", "false", "no", "off")
+ENV_INSIDE = settings.SHIM_INSIDE
+ENV_REAL = settings.REAL_COMPILER
+ENV_SHIM = settings.SHIM
+ENV_PUBLISH = settings.SHIM_PUBLISH
+ENV_BACKOFF = settings.SHIM_BACKOFF
+_T = TypeVar("_T")
 
 _INPUT_RE = re.compile(r"(MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+)\.(hlo_module\.pb|hlo\.pb)$")
 
 
 def _say(message: str) -> None:
     print(f"optimum-neuron-cache: {message}", file=sys.stderr, flush=True)
+
+
+def _setting(read: Callable[[Mapping[str, str]], _T], environ: Mapping[str, str], default: _T) -> _T:
+    """A shim setting, or its default with one line when it is malformed: a typo never costs the compile."""
+    try:
+        return read(environ)
+    except ConfigurationError as exc:
+        _say(f"{exc} (using {default!r})")
+        return default
 
 
 # ------------------------------------------------------------------------------------ installation
@@ -133,7 +146,7 @@ def find_real_compiler(environ: Mapping[str, str], me: str | None = None) -> tup
             continue
         if found is None:
             found = candidate
-    explicit = environ.get(ENV_REAL, "").strip()
+    explicit = settings.real_compiler(environ)
     if explicit:
         if os.path.isfile(explicit) and os.access(explicit, os.X_OK) and not is_shim(explicit):
             return explicit, shim_dirs
@@ -204,6 +217,7 @@ class _Shim:
         root = resolve_cache_root(None, environ)
         self.root = root.path
         self.version = self._compiler_version()
+        self.backoff = _setting(settings.shim_backoff, environ, 300.0)
 
     # -- which compiler version's folder this compile belongs to
     def _compiler_version(self) -> str | None:
@@ -258,7 +272,7 @@ class _Shim:
             age = time.time() - self._breaker(bucket).stat().st_mtime
         except OSError:
             return False
-        return age < float(self.env.get(ENV_BACKOFF, "300"))
+        return age < self.backoff
 
     def note_down(self, bucket: str) -> None:
         with contextlib.suppress(OSError):
@@ -271,7 +285,6 @@ class _Shim:
         from ..buckets import embedded_default, resolve_bucket
         from ..client import BucketClient
         from ..errors import BucketNotFoundError, NeuronCacheError
-        from ..fetch import complete_remote_entry
 
         if self.version is None:
             return False
@@ -286,16 +299,19 @@ class _Shim:
             if bucket != embedded_default(self.env):
                 _say(f"bucket {bucket} not found; compiling")
             return False
+        except ConfigurationError as exc:  # a bad setting, not a bad bucket: no backoff note
+            _say(f"{exc} (compiling without the bucket)")
+            return False
         except (NeuronCacheError, OSError) as exc:
             self.note_down(str(bucket))
-            _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.env.get(ENV_BACKOFF, '300')}s)")
+            _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.backoff:g}s)")
             return False
         files = {}
         for item in info:
             parsed = layout.parse_area_path(str(item.get("path", "")), layout.version_prefix(self.version))
             if parsed is not None and parsed.module == self.request.module and isinstance(item.get("size"), int):
                 files[parsed.filename] = item
-        if not complete_remote_entry(files, self.version):
+        if not layout.complete_remote_entry(files, self.version):
             return False
         if "wrapped_neff.hlo" in files:
             return False  # the compile would also have to produce it, and the command line does not say where
@@ -333,7 +349,8 @@ class _Shim:
 
     # -- publish
     def publish(self) -> None:
-        """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done."""
+        """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done.
+        Entries that earlier compiles of this host left in the journal of the flat area go with it."""
         import shutil
 
         from .. import remote_layout as layout
@@ -341,9 +358,10 @@ class _Shim:
         from ..client import BucketClient
         from ..errors import NeuronCacheError
         from ..host_state import HostState
+        from ..journal import JournalKey
         from ..local_cache import FLAGS_FILES, read_entry, version_dir_name
         from ..neuron_sdk import writes_done_marker
-        from ..sync import execute_sync, plan_sync
+        from ..publish import defer, publish_leftovers
 
         if self.version is None or self.root is None or not self.request.output.is_file():
             return
@@ -352,8 +370,10 @@ class _Shim:
         if not flags:
             return  # not libneuronxla's layout: the cache is published by the next context or `neuron-cache sync`
         bucket = resolve_bucket(None, self.env)
+        key = JournalKey(str(bucket), self.version, None, layout.DEFAULT_TASK)
         if self.bucket_down(str(bucket)):
-            self._queue()
+            with contextlib.suppress(OSError):
+                defer(self.root, key, [self.request.module])
             return
         state = HostState(self.root)
         try:
@@ -370,27 +390,13 @@ class _Shim:
                 if not entry.state.publishable:
                     return
                 client = BucketClient(bucket, self.env)
-                if bucket == embedded_default(self.env):
-                    client.create()
-                plan = plan_sync(client, [entry], None)
-                if not plan.empty:
-                    result = execute_sync(client, state, plan)
-                    if result.published:
-                        _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
+                publication = publish_leftovers(client, self.root, key, area=None, with_entries=[entry],
+                                                create_bucket=bucket == embedded_default(self.env))
+            if publication is not None and self.request.module in publication.result.published:
+                _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
         except (NeuronCacheError, OSError) as exc:
             self.note_down(str(bucket))
-            self._queue()
-            _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (queued for the next run)")
-
-    def _queue(self) -> None:
-        """Note the entry in the pending journal of flat-only runs: `hub_neuronx_cache(None)` publishes it."""
-        from .. import remote_layout as layout
-        from ..host_state import HostState
-
-        assert self.root is not None and self.version is not None
-        with contextlib.suppress(OSError):
-            HostState(self.root).update_pending(f"{layout.version_prefix(self.version)}/_flat/{layout.DEFAULT_TASK}",
-                                                add={self.request.module})
+            _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (journaled for the next run)")
 
 
 # --------------------------------------------------------------------------------------- the command
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return 127
     child_env = _child_env(env, shim_dirs)
     request = None
-    if not env.get(ENV_INSIDE) and env.get(ENV_SHIM, "1").strip().lower() not in _OFF:
+    if not settings.shim_inside(env) and _setting(settings.shim_enabled, env, True):
         request = parse_compile_request(argv)
     if request is None:  # not ours to handle: become the real compiler (exit code, signals, stdio all preserved)
         sys.stdout.flush()
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # our bug must never cost the compile
         _say(f"lookup failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
     code = _run(real, argv, child_env)
-    if code == 0 and shim is not None and env.get(ENV_PUBLISH, "1").strip().lower() not in _OFF:
+    if code == 0 and shim is not None and _setting(settings.shim_publish, env, True):
         try:
             shim.publish()
         except Exception as exc:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar, overload
 
 from .. import remote_layout as layout
 from ..buckets import BucketRef
+from ..config_fields import ALIASES
 from ..context import hub_neuronx_cache
 from ..errors import ConfigurationError
 
@@ -47,14 +48,7 @@ MODEL_ARGUMENTS = ("model_id", "model_name_or_path", "pretrained_model_name_or_p
                    "model", "model_dir")
 TASK_ARGUMENTS = ("task",)
 #: Canonical export-config key -> the argument / attribute names exporters give it (first found wins).
-CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "batch_size": ("batch_size", "static_batch_size", "max_batch_size"),
-    "sequence_length": ("sequence_length", "static_sequence_length", "seq_len", "max_seq_len", "max_length",
-                        "max_context_length", "n_positions"),
-    "tensor_parallel_size": ("tensor_parallel_size", "tp_degree", "tp_size", "num_cores"),
-    "dtype": ("dtype", "auto_cast_type", "torch_dtype", "float_dtype"),
-    "target": ("target", "instance_type"),
-}
+CONFIG_ALIASES = ALIASES
 COMPILER_ARGUMENTS = ("compiler_args", "compiler_flags")
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
            "float32": "fp32", "fp32": "fp32", "float": "fp32", "float8_e4m3fn": "fp8_e4m3", "fp8": "fp8"}

@@ -47,21 +47,20 @@ from ..context import hub_neuronx_cache as _core_cache
 from ..errors import ConfigurationError, NeuronCacheError
 from ..local_cache import resolve_cache_root
 from ..lookup import lookup_cache
+from ..config_fields import value_of
 from .export import normalize_dtype
 
 log = logging.getLogger("optimum_neuron_cache")
 
 MODES = ("training", "inference")
 
-#: optimum-neuron's key names, derived from the canonical ones when a record lacks them.
-_ALIASES = {
-    "batch_size": ("batch_size", "static_batch_size"),
-    "sequence_length": ("sequence_length", "static_sequence_length", "seq_len", "max_length"),
-    "tp_degree": ("tp_degree", "tensor_parallel_size", "num_cores"),
-    "tensor_parallel_size": ("tensor_parallel_size", "tp_degree", "num_cores"),
-    "torch_dtype": ("torch_dtype", "dtype", "auto_cast_type", "float_dtype"),
+#: optimum-neuron's key names for the canonical fields (config_fields.py), added where a record lacks them.
+_OPTIMUM_NAMES = {
+    "batch_size": ("batch_size",),
+    "sequence_length": ("sequence_length",),
+    "tensor_parallel_size": ("tp_degree", "tensor_parallel_size"),
+    "dtype": ("torch_dtype",),
     "target": ("target", "instance_type"),
-    "instance_type": ("instance_type", "target"),
 }
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -178,11 +177,11 @@ def synchronize_hub_cache(cache_path: str | os.PathLike[str] | None = None, cach
 
 def _as_optimum_entry(config: Mapping[str, Any], task: str, compiler_version: str) -> dict[str, Any]:
     entry = dict(config)
-    for name, keys in _ALIASES.items():
-        if name not in entry:
-            value = next((config[key] for key in keys if key in config), None)
-            if value is not None:
-                entry[name] = value
+    for field, names in _OPTIMUM_NAMES.items():
+        value = value_of(config, field)
+        if value is not None:
+            for name in names:
+                entry.setdefault(name, value)
     if "torch_dtype" in entry:
         entry["torch_dtype"] = _DTYPE_NAMES.get(normalize_dtype(entry["torch_dtype"]), str(entry["torch_dtype"]))
     entry.setdefault("task", task)

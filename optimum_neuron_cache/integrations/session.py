@@ -49,9 +49,10 @@ from .. import remote_layout as layout
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
-from ..host_state import HostState, lock_timeout
+from ..host_state import lock_timeout
+from ..journal import JournalKey
 from ..local_cache import STATE_DIR_NAME, scan_entries
-from ..sync import execute_sync, plan_sync
+from ..publish import publish
 from .ranks import RankInfo, process_start_time
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -241,18 +242,16 @@ class TrainingCacheSession:
             area = self._ctx.model_area if self._model_folder else None
             if area is None and self._model_folder:
                 area = layout.model_area_prefix(run.compiler_version, self._model_folder, run.task)
-            if bucket == embedded_default():
-                client.create()
-            plan = plan_sync(client, new, area)
-            result = execute_sync(client, HostState(self._root), plan) if not plan.empty else None
+            key = JournalKey(str(bucket), run.compiler_version, self._model_folder, run.task)
+            publication = publish(client, self._root, key, new, area=area, create_bucket=bucket == embedded_default())
         except Exception as exc:  # never let a checkpoint publication disturb training
             self._checkpoint_failed = True
             self._warn(f"checkpoint publication skipped, bucket {run.bucket}: {type(exc).__name__}: {exc} "
                        "(what was compiled is published at the end of the run, or by a later run)")
             return
-        planned = {item.entry.name for item in plan.items}
-        published = set(result.published) if result else set()
-        skipped = {name for name, _ in result.skipped} if result else set()
+        planned = {item.entry.name for item in publication.plan.items}
+        published = set(publication.result.published)
+        skipped = {name for name, _ in publication.result.skipped}
         self._published |= published | ({entry.name for entry in new} - planned)
         prefix = layout.version_prefix(run.compiler_version)
         self.report.checkpoint_published.extend(f"{prefix}/{name}" for name in sorted(published))

@@ -1,0 +1,239 @@
+"""The write-ahead journal: what a run may publish is on disk before its first byte goes up.
+
+A run that is killed (preempted, OOM-killed, SIGTERM then SIGKILL) at any instant leaves what it compiled in
+the local cache; the journal tells the next run of the same model and task on this host to publish it.
+
+One small JSON file per run under `<root>/.optimum-neuron-cache/journal/`, named
+`<key digest>-<host digest>-<pid>-<pid start>-<random>.json`, so that liveness is read from the name and a
+warm run writes and removes one file of its own (no read-modify-write shared by 32 ranks). A record says:
+
+- **window**: "every entry that became complete while I ran is mine to publish". Written on enter, before the
+  body, when no entry name is known yet. A later run seals the window of a dead owner (the time it noticed
+  the death), so entries compiled after the death are not attributed to it.
+- **entries**: explicit MODULE names. Written before a publish starts (and by the SIGTERM handler); a name
+  leaves the journal only once the bucket holds its commit file.
+- **open**: its owner is still running. An open record is another run's business while its owner lives; a
+  closed one (the run ended with entries unpublished: the bucket was down) is anyone's.
+
+Records are written atomically (temp file, rename). No fsync: the journal guards against killed processes,
+whose writes the kernel keeps; a host that loses power loses its compile cache's recent writes too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import crashpoints
+from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
+
+log = logging.getLogger("optimum_neuron_cache")
+
+JOURNAL_DIR = "journal"
+SCHEMA = 1
+#: A journal file is a few kB (MODULE names); anything larger is not ours and is not read.
+MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class JournalKey:
+    """Whose entries: one bucket, compiler version, model area (None: the flat area only) and task."""
+
+    bucket: str
+    compiler_version: str
+    model_folder: str | None
+    task: str
+
+    @property
+    def digest(self) -> str:
+        folder = self.model_folder.lower() if self.model_folder is not None else ""  # model ids ignore case
+        text = "\0".join((self.bucket, self.compiler_version, folder, self.task))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    key: JournalKey
+    started: float
+    model_id: str | None = None
+    export_config: dict[str, Any] | None = None
+    entries: tuple[str, ...] = ()
+    window: bool = False
+    sealed: float | None = None
+    open: bool = True
+    #: Where the record lives (set once written).
+    path: Path | None = field(default=None, compare=False)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("path")
+        return json.dumps({"schema": SCHEMA, **data}, sort_keys=True)
+
+    def window_entries(self, entries: Iterable[LocalEntry], until: float) -> set[str]:
+        """Publishable entries committed while this run could have compiled them: [started, sealed or until]."""
+        if not self.window:
+            return set()
+        end = self.sealed if self.sealed is not None else until
+        found = set()
+        for entry in entries:
+            if entry.state.publishable and entry.compiler_version == self.key.compiler_version:
+                committed = commit_time(entry)
+                if committed is not None and self.started <= committed <= end:
+                    found.add(entry.name)
+        return found
+
+
+def _host_digest() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_start(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (tells a live pid from a reused one), Linux only."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    if start is not None and os.path.isdir("/proc/self"):
+        return _pid_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parse(text: str, path: Path) -> RunRecord | None:
+    """A record, or None for anything else (a foreign file is skipped, never trusted)."""
+    try:
+        data = json.loads(text)
+        key = JournalKey(str(data["key"]["bucket"]), str(data["key"]["compiler_version"]),
+                         None if data["key"]["model_folder"] is None else str(data["key"]["model_folder"]),
+                         str(data["key"]["task"]))
+        entries = tuple(name for name in data.get("entries", []) if isinstance(name, str) and is_module_name(name))
+        config = data.get("export_config")
+        sealed = data.get("sealed")
+        return RunRecord(key=key, started=float(data["started"]), model_id=data.get("model_id"),
+                         export_config=config if isinstance(config, dict) else None, entries=entries,
+                         window=bool(data.get("window")), sealed=float(sealed) if sealed is not None else None,
+                         open=bool(data.get("open")), path=path)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("optimum-neuron-cache: ignoring a malformed journal record %s", path)
+        return None
+
+
+class Journal:
+    """The journal of one cache root."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = root / STATE_DIR_NAME / JOURNAL_DIR
+
+    def begin(self, record: RunRecord) -> RunRecord:
+        """Write a new record of this process; returns it with its path."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        name = f"{record.key.digest}-{_host_digest()}-{pid}-{_pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
+        written = replace(record, path=self.folder / name)
+        self._write(written)
+        return written
+
+    def update(self, record: RunRecord, **changes: Any) -> RunRecord:
+        """Rewrite a record of this process with `changes` (RunRecord fields)."""
+        updated = replace(record, **changes)
+        self._write(updated)
+        return updated
+
+    def settle(self, record: RunRecord, committed: Iterable[str]) -> RunRecord | None:
+        """The bucket holds the commit files of `committed`: drop them; drop the record once nothing is left
+        to publish and its run is over (or it never had a window). Returns what is left, or None."""
+        left = tuple(name for name in record.entries if name not in set(committed))
+        if not left and (not record.open or not record.window):
+            self.drop(record)
+            return None
+        return self.update(record, entries=left) if left != record.entries else record
+
+    def drop(self, record: RunRecord) -> None:
+        if record.path is not None:
+            record.path.unlink(missing_ok=True)
+
+    def _write(self, record: RunRecord) -> None:
+        assert record.path is not None
+        tmp = record.path.with_name(f".{record.path.name}.{uuid.uuid4().hex[:8]}.tmp")  # a SIGTERM handler may write too
+        tmp.write_text(record.to_json(), encoding="utf-8")
+        crashpoints.reached("journal-write")
+        os.replace(tmp, record.path)
+
+    # ------------------------------------------------------------------------------------ recovery
+    def _files(self) -> list[tuple[Path, list[str]]]:
+        """(path, parts of its name) of every record; temp files of writers that died are removed."""
+        try:
+            names = os.listdir(self.folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for name in names:  # `.<record name>.<random>.tmp`, left by a writer killed before its rename
+            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".json")[0].split("-")):
+                (self.folder / name).unlink(missing_ok=True)
+        return [(self.folder / name, name[:-5].split("-")) for name in names
+                if name.endswith(".json") and not name.startswith(".")]
+
+    def _read(self, path: Path) -> RunRecord | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read(MAX_JOURNAL_FILE_BYTES + 1)
+        return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
+
+    def _dead(self, parts: list[str]) -> bool:
+        """Whether the owner named in a record's file name is a process of this host that is gone."""
+        if len(parts) != 5 or parts[1] != _host_digest() or not parts[2].isdigit() or not parts[3].isdigit():
+            return False  # another host's (a cache root on a shared filesystem): its pids mean nothing here
+        pid, start = int(parts[2]), int(parts[3])
+        return pid != os.getpid() and not _alive(pid, start or None)
+
+    def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
+        """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
+        owner's window (of any key) is sealed on the way, so that what this host compiles from now on is
+        never attributed to a dead run."""
+        now = time.time() if now is None else now
+        found = []
+        for path, parts in self._files():
+            mine = len(parts) == 5 and parts[0] == key.digest
+            dead = self._dead(parts)
+            if not (mine or dead):
+                continue
+            record = self._read(path)
+            if record is None:
+                continue
+            if dead and record.open:
+                try:  # rewritten by whoever notices first; a lost race rewrites the same seal, give or take
+                    record = replace(record, open=False, sealed=record.sealed or now if record.window else None)
+                    self._write(record)
+                except OSError:
+                    continue
+            if mine and record.key.digest == key.digest and not record.open:
+                found.append(record)
+        return found
+
+
+def explicit_and_window(records: Iterable[RunRecord], entries: Mapping[str, LocalEntry], now: float) -> set[str]:
+    """The MODULE names leftover records ask to publish, among the publishable local `entries`."""
+    names: set[str] = set()
+    for record in records:
+        names |= set(record.entries) | record.window_entries(entries.values(), now)
+    return {name for name in names if name in entries and entries[name].state.publishable}
