@@ -30,7 +30,7 @@ from . import remote_layout as layout
 from . import settings
 from .client import BucketClient, ProgressCallback
 from .compile_locks import running_compilers, why_not_stale
-from .errors import BucketNotFoundError, RemoteError
+from .errors import BucketNotFoundError, RemoteError, RemoteUnavailableError
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 from .lookup import CachedExport, parse_record
@@ -413,6 +413,8 @@ class _Fetcher:
                     if parsed is not None:
                         result.exports_read.append(parsed)
             return self._reject_unverified(items, reply, result)
+        except RemoteUnavailableError:
+            raise  # the bucket failed as a whole (a file that does not transfer is reported in `failed`)
         except RemoteError as exc:
             if len(items) == 1:
                 raise

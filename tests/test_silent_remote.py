@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from stress.scenarios import VERSION
 from bucket_server.backends.hf import RetryPolicy, request_timeout, with_retries
 from bucket_server.backends.base import BackendError
 from bucket_server.protocol import ErrorCode
@@ -27,7 +30,8 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.errors import RemoteUnavailableError
 from optimum_neuron_cache.server_launcher import can_connect, server_address
-from stress.silent_remote import API, BUCKET, UNRESOLVABLE, SilentEndpoint, WholeRun, closed_port, server_retries, whole_run
+from stress.silent_remote import (API, BUCKET, MODEL, UNRESOLVABLE, SilentEndpoint, WholeRun, closed_port, download_requests,
+                                  server_retries, whole_run)
 
 REPO = Path(__file__).resolve().parent.parent
 #: Far beyond what any of these runs may cost: only a hang reaches it.
@@ -53,6 +57,15 @@ def logged_attempts() -> Callable[[], int]:
     log_path = server_address().log_path
     start = log_path.stat().st_size if log_path.exists() else 0
     return lambda: 1 + server_retries(log_path, start)
+
+
+def seed(cache: Path, graphs: int, seed: str = "silent-seed") -> None:
+    """Publish `graphs` entries of MODEL to BUCKET (which it creates) through the real client and server."""
+    BucketClient(BucketRef("hf", BUCKET)).create()
+    with hub_neuronx_cache(MODEL, compiler_version=VERSION, bucket=BUCKET, cache_dir=cache) as run:
+        for graph in make_graphs(graphs, seed=seed):
+            compile_graph(cache, VERSION, graph)
+    assert len(run.synced) == graphs
 
 
 @contextmanager
@@ -95,6 +108,47 @@ def test_a_dead_or_silent_remote_warns_once_runs_the_body_and_makes_bounded_atte
     # request's timeout is a few seconds, not a transfer's (one 15 s attempt used to be all there was).
     assert 2 <= at_body <= DEFAULTS.attempts
     assert after_exit == at_body  # after the first failure, exit did not talk to the bucket
+
+
+def test_a_dead_xet_storage_behind_a_live_api_costs_one_download_request(tmp_path, monkeypatch):
+    """The listing succeeds, and not a byte comes from the storage: the server gives up on the whole download
+    after hf_xet's own retries (not once per file), and fetch does not try again entry by entry."""
+    from tests.emulator import HubEmulator
+
+    emulator = HubEmulator(tmp_path / "hub", xet="http").start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+        seed(tmp_path / "source", 3)
+        emulator.add_fault(None, r"^/cas/", 503, times=None)
+        outcome, at_body = run_with_deadline(tmp_path / "cache", download_requests())
+    finally:
+        stop_server()
+        emulator.stop()
+    assert outcome.error is None and outcome.body_ran
+    run = outcome.run
+    assert len(run.warnings) == 1 and f"buckets/{BUCKET}:" in run.warnings[0] and "came through" in run.warnings[0]
+    assert run.fetched == [] and run.synced == []
+    assert at_body == 1  # one download request for the 3 entries: neither retried whole nor entry by entry
+    assert outcome.server_retries == 0
+
+
+def test_a_file_that_does_not_transfer_costs_only_its_own_entry(tmp_path, hub):
+    """A listing that lies about one file's size: hf_xet refuses that file; the others of the same request land
+    and are installed, in one download request with no retry."""
+    seed(tmp_path / "source", 2)
+    with hub._lock:  # the emulator's stored metadata: make the listing claim a size the bytes do not have
+        files = hub._buckets[BUCKET].files
+        neff = next(path for path in files if "/models/" in path and path.endswith("model.neff"))
+        files[neff] = {**files[neff], "size": files[neff]["size"] + 10}
+    downloads = download_requests()
+    log_path = server_address().log_path
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    with hub_neuronx_cache(MODEL, compiler_version=VERSION, bucket=BUCKET, cache_dir=tmp_path / "B") as run:
+        pass
+    module = neff.split("/")[-2]
+    assert len(run.fetched) == 1 and module not in run.fetched[0]
+    assert len(run.warnings) == 1 and module in run.warnings[0] and "did not transfer" in run.warnings[0]
+    assert downloads() == 1 and server_retries(log_path, log_start) == 0
 
 
 def test_the_accept_and_hang_endpoint_counts_what_it_accepts():

@@ -254,6 +254,55 @@ def _xet_session() -> Any:
         return _session
 
 
+def _any_bytes(items: list[dict[str, Any]]) -> bool:
+    """Whether any of these downloads has written a byte yet (hf_xet writes each file as its data arrives)."""
+    for item in items:
+        try:
+            if os.lstat(item["local_path"]).st_size > 0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifier,
+               failed: dict[str, BaseException]) -> None:
+    """Start every transfer in one Xet download group, hand each file to the verifier as it lands, and put
+    each one that fails in `failed` (local path -> error) while the others go on."""
+    import hf_xet
+
+    with group_cm as group:
+        # Manifests first (the other files' checks wait for them), then largest first: the big files land
+        # early, and what is left to hash when the transfer ends is small.
+        handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
+                                             str(item["local_path"])): item
+                   for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
+        # A task reads as running until it is joined, failed or not: join each on its own thread (the join
+        # releases the GIL) and take them in the order they finish.
+        with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
+            joined = {joiners.submit(handle.result): item for handle, item in handles.items()}
+            landed = 0
+            try:
+                for future in as_completed(joined):
+                    item = joined[future]
+                    try:
+                        future.result()  # the file is whole and closed (raises if its transfer failed)
+                    except Exception as exc:
+                        failed[str(item["local_path"])] = exc
+                        if not landed and not _any_bytes(transfers):
+                            # Not a byte of any file has arrived: the storage is failing, not this file.
+                            # The others would only fail in turn, each after hf_xet's retries.
+                            failed.update({str(other["local_path"]): exc for other in transfers})
+                            group.abort()
+                            return
+                        continue
+                    landed += 1
+                    verifier.submit(str(item["local_path"]), item.get("digest"))
+            except BaseException:
+                group.abort()  # the other transfers stop, and their joins return
+                raise
+
+
 def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list[tuple[Any, int]]]:
     chunks: list[list[tuple[Any, int]]] = [[]]
     filled = 0
@@ -390,20 +439,26 @@ class HfBackend(Backend):
                 self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
                 for item in sorted(items, key=lambda item: not item.get("manifest")):  # manifests first
                     verifier.submit(str(item["local_path"]), item.get("digest"))
+                not_transferred: dict[str, str] = {}
             else:
-                self._download_each(items, verifier)
+                not_transferred = self._download_each(items, verifier)
         except BaseException:
             verifier.finish()
             raise
         landed = time.perf_counter()
-        problems = verifier.finish()
-        log.info("downloaded %d files in %.3f s, %s", len(items), landed - started, verifier.summary())
+        problems = {**verifier.finish(), **not_transferred}
+        log.info("downloaded %d files in %.3f s, %s", len(items) - len(not_transferred), landed - started,
+                 verifier.summary())
         return problems
 
-    def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> None:
+    def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> dict[str, str]:
         """The transfer as huggingface_hub's download_bucket_files makes it (one Xet download group), but
-        each file is handed to the verifier the moment it is complete."""
-        import hf_xet
+        each file is handed to the verifier the moment it is complete.
+
+        A file that does not come through (after hf_xet's own retries) costs only itself: the others go on,
+        and it is returned (local path -> why) to be reported as failed. When none comes through, the storage
+        itself is failing: that raises, and is not retried on top of hf_xet's retries (a dead storage must
+        not cost a run more than one transfer's retries; nor must fetch try it again entry by entry)."""
         from huggingface_hub.utils import build_hf_headers
 
         for item in items:
@@ -412,29 +467,27 @@ class HfBackend(Backend):
                 verifier.submit(str(item["local_path"]), item.get("digest"))
         transfers = [item for item in items if int(item["size"]) > 0]
         if not transfers:
-            return
+            return {}
         metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0]["path"], token=self.token)
         headers = build_hf_headers(token=self.token)
-        with _xet_session().new_file_download_group(
+        group = _xet_session().new_file_download_group(
             token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
             custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
-        ) as group:
-            # Manifests first (the other files' checks wait for them), then largest first: the big files land
-            # early, and what is left to hash when the transfer ends is small.
-            handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
-                                                 str(item["local_path"])): item
-                       for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
-            # A task reads as running until it is joined, failed or not: join each on its own thread (the
-            # join releases the GIL) and take them in the order they finish.
-            with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
-                joined = {joiners.submit(handle.result): item for handle, item in handles.items()}
-                try:
-                    for future in as_completed(joined):
-                        future.result()  # the file is whole and closed (raises if its transfer failed)
-                        verifier.submit(str(joined[future]["local_path"]), joined[future].get("digest"))
-                except BaseException:
-                    group.abort()  # the other transfers stop, and their joins return
-                    raise
+        )
+        failed: dict[str, BaseException] = {}
+        try:
+            _join_each(group, transfers, verifier, failed)
+        except Exception as exc:
+            if not failed:
+                raise
+            log.debug("download group of %s closed with: %s", self.bucket_id, exc)  # a failure already counted
+        if failed and len(failed) == len(transfers):
+            first = next(iter(failed.values()))
+            cause = map_exception(first, f"download from {self.bucket_id}")
+            raise BackendError(cause.code, f"{cause.message} (none of {len(transfers)} files came through)") from first
+        for path, exc in failed.items():
+            log.info("download from %s: %s did not come through: %s", self.bucket_id, path, exc)
+        return {path: f"did not transfer: {type(exc).__name__}: {exc}" for path, exc in failed.items()}
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
