@@ -1,5 +1,5 @@
 """A silent remote costs seconds: a closed port, an endpoint that accepts and never answers, a name that does not
-resolve, 429 and 503 for ever. Each whole run (enter + body + exit, server start included) warns once, naming
+resolve, 429 and 503 for ever, a Xet storage that sends nothing behind a live Hub API. Each whole run (enter + body + exit, server start included) warns once, naming
 the bucket, runs its body, stops talking to the bucket after the failure, and makes a bounded number of
 attempts. The real client and server run against loopback sockets or the Hub emulator; durations are the stress
 run's business (python -m stress), here a deadline only turns a hang into a failure.
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from optimum_neuron_cache import hub_neuronx_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from stress.scenarios import VERSION
-from bucket_server.backends.hf import RetryPolicy, request_timeout, with_retries
 from bucket_server.backends.base import BackendError
+from bucket_server.backends.hf import RetryPolicy, request_timeout, with_retries
 from bucket_server.protocol import ErrorCode
+from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.errors import RemoteUnavailableError
 from optimum_neuron_cache.server_launcher import can_connect, server_address
+from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from stress.scenarios import VERSION
 from stress.silent_remote import (API, BUCKET, MODEL, UNRESOLVABLE, SilentEndpoint, WholeRun, closed_port, download_requests,
                                   server_retries, whole_run)
 
@@ -59,11 +59,11 @@ def logged_attempts() -> Callable[[], int]:
     return lambda: 1 + server_retries(log_path, start)
 
 
-def seed(cache: Path, graphs: int, seed: str = "silent-seed") -> None:
+def seed(cache: Path, graphs: int) -> None:
     """Publish `graphs` entries of MODEL to BUCKET (which it creates) through the real client and server."""
     BucketClient(BucketRef("hf", BUCKET)).create()
     with hub_neuronx_cache(MODEL, compiler_version=VERSION, bucket=BUCKET, cache_dir=cache) as run:
-        for graph in make_graphs(graphs, seed=seed):
+        for graph in make_graphs(graphs, seed="silent-seed"):
             compile_graph(cache, VERSION, graph)
     assert len(run.synced) == graphs
 
@@ -110,16 +110,21 @@ def test_a_dead_or_silent_remote_warns_once_runs_the_body_and_makes_bounded_atte
     assert after_exit == at_body  # after the first failure, exit did not talk to the bucket
 
 
-def test_a_dead_xet_storage_behind_a_live_api_costs_one_download_request(tmp_path, monkeypatch):
-    """The listing succeeds, and not a byte comes from the storage: the server gives up on the whole download
-    after hf_xet's own retries (not once per file), and fetch does not try again entry by entry."""
+@pytest.mark.parametrize("storage", ["503", "silent"])
+def test_a_dead_or_silent_xet_storage_behind_a_live_api_costs_one_download_request(tmp_path, monkeypatch, storage):
+    """The listing succeeds, and not a byte comes from the storage (503 for ever, or answers that never come):
+    the server gives up on the whole download at the first failure or when the budget passes without a byte
+    (not once per file, after hf_xet's retries or read timeouts), and fetch does not try each entry again."""
     from tests.emulator import HubEmulator
 
     emulator = HubEmulator(tmp_path / "hub", xet="http").start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
         seed(tmp_path / "source", 3)
-        emulator.add_fault(None, r"^/cas/", 503, times=None)
+        if storage == "503":
+            emulator.add_fault(None, r"^/cas/", 503, times=None)
+        else:
+            emulator.add_fault(None, r"^/cas/", 0, delay=HANG_DEADLINE, times=None)
         outcome, at_body = run_with_deadline(tmp_path / "cache", download_requests())
     finally:
         stop_server()
@@ -127,6 +132,8 @@ def test_a_dead_xet_storage_behind_a_live_api_costs_one_download_request(tmp_pat
     assert outcome.error is None and outcome.body_ran
     run = outcome.run
     assert len(run.warnings) == 1 and f"buckets/{BUCKET}:" in run.warnings[0] and "came through" in run.warnings[0]
+    if storage == "silent":
+        assert "not a byte came from the Xet storage" in run.warnings[0]
     assert run.fetched == [] and run.synced == []
     assert at_body == 1  # one download request for the 3 entries: neither retried whole nor entry by entry
     assert outcome.server_retries == 0

@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,10 +265,19 @@ def _any_bytes(items: list[dict[str, Any]]) -> bool:
     return False
 
 
+#: How often a download looks for its first byte (only until one has arrived).
+FIRST_BYTE_POLL = 0.2
+
+
 def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifier,
-               failed: dict[str, BaseException]) -> None:
+               failed: dict[str, BaseException], first_byte_within: float) -> None:
     """Start every transfer in one Xet download group, hand each file to the verifier as it lands, and put
-    each one that fails in `failed` (local path -> error) while the others go on."""
+    each one that fails in `failed` (local path -> error) while the others go on.
+
+    Until a first byte arrives the storage is on probation: if a file fails before then, or nothing has
+    arrived after `first_byte_within` seconds, the storage is failing or silent (not a file): every file
+    goes in `failed` and the group is stopped, rather than each file failing in turn after hf_xet's retries
+    or read timeouts. A healthy storage sends its first bytes well within a second."""
     import hf_xet
 
     with group_cm as group:
@@ -277,29 +286,38 @@ def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifie
         handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
                                              str(item["local_path"])): item
                    for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
+
+        def give_up(exc: BaseException) -> None:
+            failed.update({str(item["local_path"]): exc for item in transfers if str(item["local_path"]) not in failed})
+            group.abort()  # the other transfers stop, and their joins return
+
         # A task reads as running until it is joined, failed or not: join each on its own thread (the join
         # releases the GIL) and take them in the order they finish.
         with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
-            joined = {joiners.submit(handle.result): item for handle, item in handles.items()}
-            landed = 0
+            pending = {joiners.submit(handle.result): item for handle, item in handles.items()}
+            deadline = time.monotonic() + first_byte_within
+            arrived = False
             try:
-                for future in as_completed(joined):
-                    item = joined[future]
-                    try:
-                        future.result()  # the file is whole and closed (raises if its transfer failed)
-                    except Exception as exc:
-                        failed[str(item["local_path"])] = exc
-                        if not landed and not _any_bytes(transfers):
-                            # Not a byte of any file has arrived: the storage is failing, not this file.
-                            # The others would only fail in turn, each after hf_xet's retries.
-                            failed.update({str(other["local_path"]): exc for other in transfers})
-                            group.abort()
-                            return
-                        continue
-                    landed += 1
-                    verifier.submit(str(item["local_path"]), item.get("digest"))
+                while pending:
+                    done, _ = wait(pending, timeout=None if arrived else FIRST_BYTE_POLL, return_when=FIRST_COMPLETED)
+                    arrived = arrived or _any_bytes(transfers)
+                    for future in done:
+                        item = pending.pop(future)
+                        try:
+                            future.result()  # the file is whole and closed (raises if its transfer failed)
+                        except Exception as exc:
+                            failed[str(item["local_path"])] = exc
+                            if not arrived:
+                                give_up(exc)
+                                return
+                            continue
+                        arrived = True
+                        verifier.submit(str(item["local_path"]), item.get("digest"))
+                    if not arrived and time.monotonic() > deadline:
+                        give_up(TimeoutError(f"not a byte came from the Xet storage in {first_byte_within:g} s"))
+                        return
             except BaseException:
-                group.abort()  # the other transfers stop, and their joins return
+                group.abort()
                 raise
 
 
@@ -476,7 +494,7 @@ class HfBackend(Backend):
         )
         failed: dict[str, BaseException] = {}
         try:
-            _join_each(group, transfers, verifier, failed)
+            _join_each(group, transfers, verifier, failed, first_byte_within=self.policy.budget)
         except Exception as exc:
             if not failed:
                 raise
