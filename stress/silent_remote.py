@@ -8,7 +8,8 @@ budget. Each failure is made here, on loopback or in the emulator (no network ex
 - an accept-and-hang endpoint: a socket that accepts connections and never answers (a hung proxy);
 - a name that does not resolve (`.invalid` is reserved for that);
 - 429 for ever and 503 for ever, from the Hub emulator's fault injection.
-- the Hub API answers and its Xet storage answers 503 for ever: the listing succeeds, the download fails.
+- the Hub API answers and its Xet storage answers 503 for ever, or holds every request without answering:
+  the listing succeeds, the download fails.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ UNRESOLVABLE = "http://hub.invalid"
 API = r"^/api/"
 #: Entries in the bucket when its Xet storage fails (each used to be tried again on its own).
 STORAGE_ENTRIES = 3
+#: How long the silent storage holds each request before answering (longer than any run may take).
+SILENT_STORAGE_DELAY = 120.0
 
 
 class SilentEndpoint:
@@ -222,32 +225,35 @@ def _failures(workdir: Path) -> list[tuple[str, Callable[[], object], bool]]:
                 emulator.stop()
         return make
 
-    @contextmanager
-    def storage_down():
-        """The Hub API answers, its Xet storage (CAS) answers 503: the listing succeeds, the download fails."""
-        from optimum_neuron_cache.buckets import BucketRef
-        from optimum_neuron_cache.client import BucketClient
-        from tests.emulator import HubEmulator
+    def storage(status: int, delay: float = 0.0):
+        @contextmanager
+        def make():
+            """The Hub API answers, its Xet storage (CAS) does not: the listing succeeds, the download fails."""
+            from optimum_neuron_cache.buckets import BucketRef
+            from optimum_neuron_cache.client import BucketClient
+            from tests.emulator import HubEmulator
 
-        fresh = Path(tempfile.mkdtemp(prefix="storage-", dir=workdir))
-        emulator = HubEmulator(fresh / "hub", xet="http").start()
-        os.environ["HF_ENDPOINT"] = emulator.endpoint
-        try:
-            BucketClient(BucketRef("hf", BUCKET)).create()
-            source = fresh / "source"
-            with hub_neuronx_cache(MODEL, compiler_version=VERSION, bucket=BUCKET, cache_dir=source):
-                for graph in make_graphs(STORAGE_ENTRIES, seed="silent-storage"):
-                    compile_graph(source, VERSION, graph)
-            emulator.add_fault(None, r"^/cas/", 503, times=None)
-            yield emulator.endpoint, download_requests()
-        finally:
-            stop_server()
-            emulator.stop()
+            fresh = Path(tempfile.mkdtemp(prefix="storage-", dir=workdir))
+            emulator = HubEmulator(fresh / "hub", xet="http").start()
+            os.environ["HF_ENDPOINT"] = emulator.endpoint
+            try:
+                BucketClient(BucketRef("hf", BUCKET)).create()
+                source = fresh / "source"
+                with hub_neuronx_cache(MODEL, compiler_version=VERSION, bucket=BUCKET, cache_dir=source):
+                    for graph in make_graphs(STORAGE_ENTRIES, seed="silent-storage"):
+                        compile_graph(source, VERSION, graph)
+                emulator.add_fault(None, r"^/cas/", status, delay=delay, times=None)
+                yield emulator.endpoint, download_requests()
+            finally:
+                stop_server()
+                emulator.stop()
+        return make
 
     return [("closed port", refused, True), ("accept-and-hang endpoint", hung, True),
             ("name that does not resolve", unresolvable, True), ("429 for ever", faulty(429), True),
             ("503 for ever", faulty(503), True),
-            (f"Xet storage 503, API up, {STORAGE_ENTRIES} entries", storage_down, True)]
+            (f"Xet storage 503, API up, {STORAGE_ENTRIES} entries", storage(503), True),
+            (f"Xet storage silent, API up, {STORAGE_ENTRIES} entries", storage(0, delay=SILENT_STORAGE_DELAY), True)]
 
 
 def silent_remote(workdir: Path, runs: int) -> list[SilentFigures]:
