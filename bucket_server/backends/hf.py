@@ -443,7 +443,7 @@ class HfBackend(Backend):
                  "digest": item.get("digest") or known[item["path"]]["digest"]} for item in items]
 
     def _download_verified(self, items: list[dict[str, Any]]) -> dict[str, str]:
-        """One attempt: local path -> why it does not match its digest."""
+        """One attempt: local path -> why it does not match its digest, or did not transfer."""
         import hf_xet
         from huggingface_hub import BucketFile
 
