@@ -86,6 +86,28 @@ def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threadin
 HEARTBEAT_INTERVAL = 5.0
 
 
+def _remove_uncollected(request: dict[str, Any]) -> None:
+    """The client of a download is gone (killed mid-transfer): nobody will collect its files. Remove what this
+    server wrote for it, and the folders that held them once empty (its entry folders and its temp folder),
+    so that a download still running when the next run swept the dead client's temp folder leaves nothing."""
+    files = request.get("args", {}).get("files")
+    folders: set[str] = set()
+    for item in files if isinstance(files, list) else []:
+        path = item.get("local_path") if isinstance(item, dict) else None
+        if isinstance(path, str) and os.path.isabs(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            folders.update((os.path.dirname(path), os.path.dirname(os.path.dirname(path))))
+    for folder in sorted(folders, key=len, reverse=True):  # deepest first; a folder with anything else stays
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+    log.info("download abandoned by its client: removed %d files it would have collected", len(files or []))
+
+
 class _Heartbeat:
     """While a request runs, a frame {"id", "heartbeat": true} every few seconds: the client tells a long
     transfer from a hung server by these, and gives up on a server that sends nothing for a while."""
@@ -227,7 +249,7 @@ class BucketServer:
             "uptime": time.time() - self.started,
             "idle_timeout": self.idle_timeout,
             "connections": self.activity.connections,
-            "requests": self.activity.requests,
+            "requests": max(0, self.activity.requests - 1),  # the others: this status request is running too
             "idle_for": time.monotonic() - self.activity.last_operation,
         }
 
@@ -290,12 +312,17 @@ class BucketServer:
                 try:
                     with heartbeat:
                         response = self.handle(request)
-                finally:
+                    try:
+                        with write_lock:
+                            write_frame(conn, response)
+                    except OSError:
+                        if request.get("op") == "download":
+                            _remove_uncollected(request)
+                        raise
+                finally:  # a request counts as running until its files are handed over or removed
                     self.activity.change(requests=-1)
                     if request.get("op") not in ("status", "hello"):
                         self.activity.last_operation = time.monotonic()
-                with write_lock:
-                    write_frame(conn, response)
         except OSError as exc:
             log.info("connection ended: %s", exc)
         finally:
