@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import settings
+from .atomic import atomic_write
 from .errors import InvalidBucketError
 
 ENV_BUCKET = settings.BUCKET
@@ -103,9 +104,7 @@ def save_bucket(bucket: BucketRef | None, environ: Mapping[str, str] | None = No
         path.unlink(missing_ok=True)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(bucket) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, str(bucket) + "\n")
     return path
 
 

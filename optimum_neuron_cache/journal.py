@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import crashpoints
+from .atomic import atomic_write
 from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -172,10 +173,7 @@ class Journal:
 
     def _write(self, record: RunRecord) -> None:
         assert record.path is not None
-        tmp = record.path.with_name(f".{record.path.name}.{uuid.uuid4().hex[:8]}.tmp")  # a SIGTERM handler may write too
-        tmp.write_text(record.to_json(), encoding="utf-8")
-        crashpoints.reached("journal-write")
-        os.replace(tmp, record.path)
+        atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
     def _files(self) -> list[tuple[Path, list[str]]]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from filelock import FileLock
 
+from .atomic import atomic_write
 from .buckets import user_cache_dir
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -97,9 +97,7 @@ def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
 
 def _write(path: Path, last: Stats, total: Stats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False))
 
 
 def record_run(run: Stats, path: Path | None = None) -> None:

@@ -56,6 +56,8 @@ from typing import Callable, TypeVar
 from .. import settings
 from ..errors import ConfigurationError
 
+from ..atomic import atomic_write
+
 SHIM_MARKER = "optimum-neuron-cache compiler shim"
 COMPILER_NAME = "neuronx-cc"
 ENV_INSIDE = settings.SHIM_INSIDE
@@ -93,10 +95,7 @@ def install_compiler_shim(directory: str | os.PathLike[str], python: str | None 
     """Write the shim as `<directory>/neuronx-cc` (atomically); put `directory` first on PATH to use it."""
     path = Path(directory).expanduser().absolute() / COMPILER_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{COMPILER_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(_shim_script(python or sys.executable), encoding="utf-8")
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    atomic_write(path, _shim_script(python or sys.executable), mode=0o755)
     return path
 
 
@@ -472,10 +471,8 @@ def _read_json(path: Path) -> dict[str, object]:
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data))
 
 
 def install_main(argv: list[str] | None = None) -> int:
