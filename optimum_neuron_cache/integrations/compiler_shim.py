@@ -284,6 +284,7 @@ class _Shim:
         from ..buckets import embedded_default, resolve_bucket
         from ..client import BucketClient
         from ..errors import BucketNotFoundError, NeuronCacheError
+        from ..fetch import complete_flat_entries, download_checked, flat_probe_paths
 
         if self.version is None:
             return False
@@ -293,7 +294,7 @@ class _Shim:
         prefix = layout.flat_entry_prefix(self.version, self.request.module)
         try:
             client = BucketClient(bucket, self.env)
-            info = client.paths_info([f"{prefix}/{name}" for name in sorted(layout.PUBLISHABLE_FILES)])
+            info = client.paths_info(flat_probe_paths(self.version, [self.request.module]))
         except BucketNotFoundError:
             if bucket != embedded_default(self.env):
                 _say(f"bucket {bucket} not found; compiling")
@@ -305,37 +306,27 @@ class _Shim:
             self.note_down(str(bucket))
             _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.backoff:g}s)")
             return False
-        files = {}
-        for item in info:
-            parsed = layout.parse_area_path(str(item.get("path", "")), layout.version_prefix(self.version))
-            if parsed is not None and parsed.module == self.request.module and isinstance(item.get("size"), int):
-                files[parsed.filename] = item
-        if not layout.complete_remote_entry(files, self.version):
+        files = complete_flat_entries(self.version, info).get(self.request.module)
+        if files is None:
             return False
         if "wrapped_neff.hlo" in files:
             return False  # the compile would also have to produce it, and the command line does not say where
         remote_hlo = files.get(self.request.hlo_name)
-        if remote_hlo is not None and remote_hlo["size"] != self.request.hlo_path.stat().st_size:
+        if remote_hlo is not None and remote_hlo.size != self.request.hlo_path.stat().st_size:
             _say(f"{self.request.module} in {bucket} has another HLO than this compile's; compiling")
             return False
-        neff = files["model.neff"]
         output = self.request.output
         staging = Path(tempfile.mkdtemp(prefix=".neuron-cache-", dir=output.parent))
         try:
             staged = staging / "model.neff"
             try:
-                client.download([{"path": neff["path"], "local_path": str(staged), "size": neff["size"],
-                                  "xet_hash": neff.get("xet_hash"), "digest": neff.get("digest")}])
+                problems = download_checked(client, [(files["model.neff"], staged)])
             except (NeuronCacheError, OSError) as exc:
                 self.note_down(str(bucket))
                 _say(f"download of {prefix}/model.neff failed: {exc}; compiling")
                 return False
-            try:
-                size = os.lstat(staged).st_size
-            except OSError:
-                size = -1
-            if size != neff["size"]:
-                _say(f"{prefix}/model.neff has {size} bytes, the bucket lists {neff['size']}; compiling")
+            if problems:
+                _say(f"{problems[staged]}; compiling")
                 return False
             os.replace(staged, output)
         finally:
