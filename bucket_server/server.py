@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -22,46 +21,15 @@ from typing import Any, Callable
 
 from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
+from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
 from .protocol import ErrorCode, FrameError, read_frame, write_frame
 
 log = logging.getLogger("bucket_server")
 SERVER_VERSION = "0.1.0"
 
 
-class UnsafeRuntimeDir(PermissionError):
-    """The socket's directory is a symlink, not ours, or open to others: the server will not bind there."""
-
-
-def open_private_dir(path: str) -> int:
-    """Open the socket's directory without following a symlink, and check owner and mode on the descriptor:
-    the server binds, renames and unlinks through it, so a name swapped later redirects nothing."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        what = "is a symlink" if os.path.islink(path) else f"cannot be opened as a directory ({exc.strerror})"
-        raise UnsafeRuntimeDir(f"the runtime directory {path} {what}: the server will not bind there") from None
-    info = os.fstat(fd)
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        os.close(fd)
-        raise UnsafeRuntimeDir(
-            f"the runtime directory {path} must belong to uid {os.getuid()} with mode 0700 (it has uid {info.st_uid}, "
-            f"mode {oct(info.st_mode & 0o777)}): the server will not bind there"
-        )
-    return fd
-
-
 #: Linux names an open directory /proc/self/fd/<fd>: binding through it uses the checked descriptor, not a name.
 _HAS_PROC_FD = os.path.isdir("/proc/self/fd")
-
-
-def peer_uid(conn: socket.socket) -> int | None:
-    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell.
-    (The client has its twin in optimum_neuron_cache.server_launcher: this package must stand alone.)"""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
 
 
 def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Callable[[int, int], None]:
@@ -410,6 +378,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         BucketServer(args.socket, args.endpoint, args.idle_timeout).serve_forever()
     except UnsafeRuntimeDir as exc:
-        log.error("%s", exc)  # one line in the log, which the client quotes
+        log.error("%s: the server will not bind there", exc)  # one line in the log, which the client quotes
         return 1
     return 0

@@ -24,6 +24,7 @@ from filelock import FileLock
 
 from . import settings
 from .local_cache import STATE_DIR_NAME, version_dir_name
+from .processes import alive
 
 ENV_LOCK_TIMEOUT = settings.LOCK_TIMEOUT
 
@@ -97,14 +98,4 @@ class HostState:
     def is_stale_temp_dir(path: Path) -> bool:
         """A temp folder of this host whose process is gone."""
         owner, _, pid = path.name.rpartition(".")[0].rpartition(".")
-        return owner == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return owner == socket.gethostname() and pid.isdigit() and not alive(int(pid))

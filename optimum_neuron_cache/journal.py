@@ -36,6 +36,7 @@ from typing import Any
 from . import crashpoints
 from .atomic import atomic_write
 from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
+from .processes import alive, pid_start
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -97,27 +98,6 @@ def _host_digest() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _pid_start(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (tells a live pid from a reused one), Linux only."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    if start is not None and os.path.isdir("/proc/self"):
-        return _pid_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _parse(text: str, path: Path) -> RunRecord | None:
     """A record, or None for anything else (a foreign file is skipped, never trusted)."""
     try:
@@ -147,7 +127,7 @@ class Journal:
         """Write a new record of this process; returns it with its path."""
         self.folder.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        name = f"{record.key.digest}-{_host_digest()}-{pid}-{_pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
+        name = f"{record.key.digest}-{_host_digest()}-{pid}-{pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
         written = replace(record, path=self.folder / name)
         self._write(written)
         return written
@@ -202,7 +182,7 @@ class Journal:
         if len(parts) != 5 or parts[1] != _host_digest() or not parts[2].isdigit() or not parts[3].isdigit():
             return False  # another host's (a cache root on a shared filesystem): its pids mean nothing here
         pid, start = int(parts[2]), int(parts[3])
-        return pid != os.getpid() and not _alive(pid, start or None)
+        return pid != os.getpid() and not alive(pid, start or None)
 
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
