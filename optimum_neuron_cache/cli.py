@@ -43,6 +43,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 
 def size(count: int) -> str:
+    """A byte count for people (kB, MB, GB: powers of 1000)."""
     return tqdm.format_sizeof(count, suffix="B", divisor=1000)
 
 
@@ -54,6 +55,7 @@ class Output:
         self.debug = debug
 
     def progress(self, description: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
+        """A progress callback and its closer: a tqdm bar on a terminal, nothing otherwise or with --quiet."""
         if self.quiet or not sys.stderr.isatty():
             return None, lambda: None
         bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, leave=False, total=0)
@@ -66,6 +68,7 @@ class Output:
         return update, bar.close
 
     def info(self, message: str) -> None:
+        """A result line on stdout, unless --quiet."""
         if not self.quiet:
             click.echo(message)
 
@@ -74,6 +77,7 @@ class CacheGroup(click.Group):
     """Turns the project's errors into one line and an exit code; Ctrl-C into exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; the project's errors become one line and exit 2 (bad input) or 1, Ctrl-C exit 130."""
         try:
             return super().invoke(ctx)
         except NeuronCacheError as exc:
@@ -535,4 +539,5 @@ def server_stop() -> None:
 
 
 def main() -> None:
+    """The `neuron-cache` entry point."""
     cli(prog_name="neuron-cache")

@@ -71,6 +71,7 @@ class FetchOp:
 
 @dataclass(frozen=True)
 class FetchPlan:
+    """What a fetch will do: one operation per entry of the model's area (and filled todo entries), immutable."""
     compiler_version: str
     #: The model's area, with the casing the bucket has (None: no model, flat area only).
     area: str | None = None
@@ -100,11 +101,13 @@ class FetchPlan:
 
     @property
     def bytes_needed(self) -> int:
+        """Bytes the plan's transfers download."""
         return sum(file.size for op in self.items for file in op.files)
 
 
 @dataclass
 class FetchResult:
+    """What executing a plan did, entry by entry."""
     fetched: list[str] = field(default_factory=list)  # MODULE names installed by this process
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed

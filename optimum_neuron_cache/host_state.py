@@ -35,6 +35,8 @@ def lock_timeout() -> float:
 
 
 class HostState:
+    """This package's bookkeeping in a cache root (`.optimum-neuron-cache/`): locks, temp folders, publication
+    markers."""
     def __init__(self, root: Path) -> None:
         self.root = root
         self.base = root / STATE_DIR_NAME

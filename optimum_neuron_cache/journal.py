@@ -57,6 +57,7 @@ class JournalKey:
 
     @property
     def digest(self) -> str:
+        """A short digest of the key (model folder case-folded), the first part of a record's file name."""
         folder = self.model_folder.lower() if self.model_folder is not None else ""  # model ids ignore case
         text = "\0".join((self.bucket, self.compiler_version, folder, self.task))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -64,6 +65,7 @@ class JournalKey:
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One run's journal record: its key, when it started, what it may publish (a window, names, or both)."""
     key: JournalKey
     started: float
     model_id: str | None = None
@@ -76,6 +78,7 @@ class RunRecord:
     path: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
+        """The record as written on disk (its path is not part of it)."""
         data = asdict(self)
         data.pop("path")
         return json.dumps({"schema": SCHEMA, **data}, sort_keys=True)
@@ -148,6 +151,7 @@ class Journal:
         return self.update(record, entries=left) if left != record.entries else record
 
     def drop(self, record: RunRecord) -> None:
+        """Remove a record (its names are in the bucket, or covered by another record)."""
         if record.path is not None:
             record.path.unlink(missing_ok=True)
 

@@ -34,6 +34,7 @@ class Publication:
 
 
 def journal_key(client: BucketClient, compiler_version: str, model_folder: str | None, task: str) -> JournalKey:
+    """The journal key of publishing to `client`'s bucket for a compiler version, model folder and task."""
     return JournalKey(str(client.bucket), compiler_version, model_folder, task)
 
 

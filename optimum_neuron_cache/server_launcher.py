@@ -50,6 +50,7 @@ _SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME
 
 
 def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """The Hub endpoint (HF_ENDPOINT, else huggingface.co): one server per endpoint."""
     env = os.environ if environ is None else environ
     return (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
@@ -106,6 +107,7 @@ class RuntimeDir:
         return str(self.path / name)  # no /proc: the name, whose directory was checked a moment ago
 
     def exists(self, name: str) -> bool:
+        """Whether `name` exists in the directory (not following a symlink)."""
         try:
             os.stat(name, dir_fd=self.fd, follow_symlinks=False)
             return True
@@ -113,12 +115,14 @@ class RuntimeDir:
             return False
 
     def unlink(self, name: str) -> None:
+        """Remove `name` from the directory, if there."""
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
             pass
 
     def close(self) -> None:
+        """Close the directory's descriptor."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -132,16 +136,19 @@ class RuntimeDir:
 
 @dataclass(frozen=True)
 class ServerAddress:
+    """Where the server of this user, host and endpoint lives: its socket, start lock and log."""
     endpoint: str
     socket_path: Path
     lock_path: Path
     log_path: Path
 
     def open_dir(self) -> RuntimeDir:
+        """The runtime directory, opened and checked again (owner, mode, no symlink)."""
         return RuntimeDir(self.socket_path.parent)
 
 
 def server_address(environ: Mapping[str, str] | None = None) -> ServerAddress:
+    """The server address for this user, host and endpoint."""
     endpoint = hub_endpoint(environ)
     base = runtime_dir(environ)
     key = hashlib.sha256(f"{endpoint}\0{socket.gethostname()}".encode()).hexdigest()[:16]
@@ -268,6 +275,7 @@ def _answers(rundir: RuntimeDir, name: str) -> bool:
 
 
 def can_connect(address: ServerAddress) -> bool:
+    """Whether a server answers on the socket (a full backlog counts as one)."""
     with address.open_dir() as rundir:
         return _answers(rundir, address.socket_path.name)
 

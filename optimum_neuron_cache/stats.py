@@ -29,6 +29,7 @@ MAX_SECONDS = 1e12
 @dataclass
 class Stats:
     #: Context runs and CLI fetches that asked the bucket for entries.
+    """One run's figures, or a host's totals."""
     fetches: int = 0
     #: Entries the bucket served (installed instead of compiled).
     hits: int = 0
@@ -46,6 +47,7 @@ class Stats:
     remote_errors: int = 0
 
     def add(self, other: "Stats") -> "Stats":
+        """The sum of two sets of figures."""
         return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Stats)})
 
     @classmethod
@@ -79,6 +81,7 @@ class Stats:
 
 
 def stats_path() -> Path:
+    """The host's stats file, under the user's cache dir."""
     return user_cache_dir() / "stats.json"
 
 
@@ -114,6 +117,7 @@ def record_run(run: Stats, path: Path | None = None) -> None:
 
 
 def zero_stats(path: Path | None = None) -> None:
+    """Reset the host's figures."""
     path = path or stats_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=10):

@@ -123,6 +123,8 @@ def compiler_shim_on_path(directory: str | os.PathLike[str] | None = None) -> It
 
 
 def is_shim(path: str | os.PathLike[str]) -> bool:
+    """Whether the executable at `path` is this shim (by its marker line), so it is never taken for the real
+    compiler."""
     try:
         with open(path, "rb") as handle:
             return SHIM_MARKER.encode() in handle.read(4096)
@@ -423,6 +425,8 @@ def _run(real: str, argv: list[str], env: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The shim as `neuronx-cc`: a hit installs the NEFF and exits 0; anything else runs the real compiler and
+    returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     env = dict(os.environ)
     real, shim_dirs = find_real_compiler(env, sys.argv[0] if sys.argv and sys.argv[0] else None)

@@ -90,6 +90,7 @@ def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str |
 
 @dataclass
 class ParallelCompileReport:
+    """The exit code of the wrapped command (never changed by the cache) and what the cache did around it."""
     returncode: int
     #: The cache run around the command: fetched (step 1), compiled, synced and record (step 3).
     run: CacheRun
@@ -140,6 +141,7 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m optimum_neuron_cache.integrations.parallel_compile`: run or fill-todo."""
     parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.parallel_compile",
                                      description="neuron_parallel_compile with the bucket cache")
     commands = parser.add_subparsers(dest="action", required=True)

@@ -122,6 +122,7 @@ class TrainingCacheSession:
 
     @property
     def enabled(self) -> bool:
+        """False when bucket sync is off for this run (an s3:// cache root, --no_cache)."""
         return self._ctx.run.enabled
 
     @property
