@@ -37,7 +37,6 @@ NEURON_CC_FLAGS / NEURON_COMPILE_CACHE_URL, the installed neuronx-cc or NEURON_C
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -470,18 +469,18 @@ def _write_json(path: Path, data: dict[str, object]) -> None:
         atomic_write(path, json.dumps(data))
 
 
+def real_compiler_besides(shim: Path) -> str | None:
+    """The real compiler a shim installed at `shim` would run (PATH without the shim's folder), or None."""
+    path = os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if os.path.realpath(entry or ".") != str(shim.parent))
+    return find_real_compiler({**os.environ, "PATH": path}, str(shim))[0]
+
+
 def install_main(argv: list[str] | None = None) -> int:
-    """`python -m optimum_neuron_cache.integrations.compiler_shim DIR`: install the shim, print the PATH line."""
-    parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.compiler_shim",
-                                     description="Install the neuronx-cc shim that looks compiled graphs up in the bucket.")
-    parser.add_argument("directory", help="where to write the `neuronx-cc` shim (put it first on PATH)")
-    args = parser.parse_args(argv)
-    shim = install_compiler_shim(args.directory)
-    real, _ = find_real_compiler({**os.environ, "PATH": os.pathsep.join(
-        e for e in os.environ.get("PATH", "").split(os.pathsep) if os.path.realpath(e or ".") != str(shim.parent))}, str(shim))
-    print(f"installed {shim}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), file=sys.stderr)
-    print(f'export PATH="{shim.parent}:$PATH"')
-    return 0
+    """`python -m optimum_neuron_cache.integrations.compiler_shim DIR` is `neuron-cache shim install DIR`."""
+    from ..cli import cli
+
+    return cli.main(["shim", "install", *(sys.argv[1:] if argv is None else argv)], prog_name="neuron-cache")
 
 
 if __name__ == "__main__":
