@@ -188,6 +188,19 @@ class Journal:
         pid, start = int(parts[2]), int(parts[3])
         return pid != os.getpid() and not alive(pid, start or None)
 
+    def listed_elsewhere(self, key: JournalKey, names: Iterable[str], mine: RunRecord) -> set[str]:
+        """Which of `names` another record of `key` lists: a process publishing them at this instant wrote
+        them there before its first byte (and if it dies, the next run recovers them from that record)."""
+        wanted, found = set(names), set()
+        if not wanted:
+            return found
+        for path, parts in self._files():
+            if parts[0] == key.digest and path != mine.path:
+                record = self._read(path)
+                if record is not None and record.key.digest == key.digest:
+                    found |= wanted & set(record.entries)
+        return found
+
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
         owner's window (of any key) is sealed on the way, so that what this host compiles from now on is
