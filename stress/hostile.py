@@ -96,5 +96,7 @@ def symlink_flips(workdir: Path, operations: int) -> Figures:
     outside_files = sorted(str(path.relative_to(outside)) for path in outside.rglob("*") if path.is_file())
     if outside_files != ["MODULE_1+a/planted.neff"]:
         figures.fail(f"writes landed outside the bucket: {outside_files[:5]}")
+    if flips[0] == 0:
+        figures.fail("the folder was never flipped: the operations proved nothing")
     figures.notes.append(f"{flips[0]} flips")
     return figures
