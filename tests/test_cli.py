@@ -24,7 +24,7 @@ from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient, running_server
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache
-from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -279,7 +279,7 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
 
 def test_missing_bucket_and_read_only_token_are_one_line_errors(tmp_path, monkeypatch, version):
     from optimum_neuron_cache.client import stop_server
-    from tests.emulator import HubEmulator, TokenInfo
+    from hub_emulator import HubEmulator, TokenInfo
 
     emulator = HubEmulator(tmp_path / "hub", tokens={"hf_writer": TokenInfo("team"), "hf_reader": TokenInfo("team", write=False)})
     emulator.start()

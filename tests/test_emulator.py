@@ -40,8 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `tests` is a namespace package: make it importable under any runner
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.emulator import HubEmulator, TokenInfo  # noqa: E402
-from tests.emulator.xet_shards import EMPTY_FILE_HASH, hash_to_hex  # noqa: E402
+from hub_emulator import HubEmulator, TokenInfo  # noqa: E402
+from hub_emulator.xet_shards import EMPTY_FILE_HASH, hash_to_hex  # noqa: E402
 
 USER = "emulator"  # user of every caller when the emulator has no tokens configured
 
@@ -389,7 +389,7 @@ def test_fault_404_and_delay(api, emulator, bucket):
 
 def test_command_line(tmp_path, xet_mode):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.emulator", "--data", str(tmp_path / "hub"), "--page-size", "1", "--xet", xet_mode],
+        [sys.executable, "-m", "hub_emulator", "--data", str(tmp_path / "hub"), "--page-size", "1", "--xet", xet_mode],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,

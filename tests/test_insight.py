@@ -17,7 +17,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.lookup import clear_lookup_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.stats import Stats, read_stats, record_run
 
 REPO = Path(__file__).resolve().parent.parent

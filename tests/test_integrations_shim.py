@@ -25,14 +25,14 @@ from optimum_neuron_cache.integrations.compiler_shim import (
     install_compiler_shim,
     parse_compile_request,
 )
-from optimum_neuron_cache.integrations.simulated_neuronx_cc import (
+from optimum_neuron_cache.testing.simulated_neuronx_cc import (
     SimulatedCompileError,
     install_simulated_compiler,
     jit_compile,
 )
 from optimum_neuron_cache.local_cache import EntryState, read_entry, scan_entries
 from optimum_neuron_cache.remote_layout import PUBLISHABLE_FILES
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 
 @pytest.fixture

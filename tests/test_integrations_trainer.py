@@ -25,7 +25,7 @@ from optimum_neuron_cache.integrations.ranks import RankInfo
 from optimum_neuron_cache.integrations.session import TrainingCacheSession
 from optimum_neuron_cache.integrations.trainer import NeuronCacheCallback, export_config_from_args, model_id_from_model
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 ROOT = Path(__file__).parent.parent
 
@@ -45,7 +45,7 @@ RANK_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from optimum_neuron_cache.integrations.session import TrainingCacheSession
-    from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
     out, cache, bucket, version = sys.argv[1:5]
     session = TrainingCacheSession("org/llama", export_config={"sequence_length": 128}, bucket=bucket,
                                    cache_dir=cache, compiler_version=version, wait_timeout=60)
