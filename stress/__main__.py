@@ -91,7 +91,7 @@ class _bucket:
             return bucket_for("main"), bucket_for
         from optimum_neuron_cache.buckets import BucketRef
         from optimum_neuron_cache.client import BucketClient
-        from tests.emulator import HubEmulator
+        from hub_emulator import HubEmulator
 
         self.emulator = HubEmulator(self.work / "hub", xet="http").start()
         os.environ["HF_ENDPOINT"] = self.emulator.endpoint

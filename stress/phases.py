@@ -31,10 +31,10 @@ from optimum_neuron_cache.host_state import HostState
 from optimum_neuron_cache.journal import Journal
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.sync import sync_cache
 from stress.scenarios import VERSION, Figures, _env, _listing, _ref
-from tests.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
+from optimum_neuron_cache.testing.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
 
 #: (phase, how the child dies) in the order a run meets them. `NAME@n`: the n-th time the phase is reached.
 PHASES: tuple[str, ...] = (

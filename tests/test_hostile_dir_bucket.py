@@ -22,8 +22,8 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.local_cache import scan_entries
 from optimum_neuron_cache.server_launcher import server_address
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs, module_name
-from tests.invariants import local_violations, reference_entries
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs, module_name
+from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 
 
 def _graphs(count: int = 2):

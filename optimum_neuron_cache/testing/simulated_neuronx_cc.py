@@ -32,7 +32,7 @@ from pathlib import Path
 from ..atomic import atomic_write
 from ..local_cache import DONE, LOG, NEFF, EntryState, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from ..neuron_sdk import ENV_COMPILER_VERSION, resolve_compiler_version, writes_done_marker
-from ..simulated_compiler import Graph, _neff_bytes, flags_file, hlo_file_name, make_graphs, module_name
+from .simulated_compiler import Graph, _neff_bytes, flags_file, hlo_file_name, make_graphs, module_name
 
 DEFAULT_VERSION = "2.21.33363.0+82129205"
 ENV_LOG = "SIMULATED_NEURONX_CC_LOG"
