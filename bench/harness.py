@@ -88,9 +88,9 @@ class BenchEnv:
 
     # ----------------------------------------------------------------------------- emulators
     def start_emulator(self, data_dir: Path, xet: str = "http") -> Any:
-        from tests.emulator import HubEmulator
+        from hub_emulator import HubEmulator
 
-        from tests.emulator import hub
+        from hub_emulator import hub
 
         hub._Handler.disable_nagle_algorithm = self.nodelay  # --emulator-nagle measures the 40 ms per request
         try:

@@ -397,7 +397,7 @@ def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
                 os.environ["NEURON_CACHE_VERIFY"] = previous
 
     if link_rate is not None:
-        from tests.emulator import Link
+        from hub_emulator import Link
 
         site.emulator.link = Link(link_rate)
     samples: dict[bool, list[Sample]] = {True: [], False: []}

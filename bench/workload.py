@@ -1,7 +1,7 @@
 """Realistic workloads: a model's compile cache, and a bucket holding it among many other models.
 
 Everything is deterministic for a seed. Entries are written by the simulated compiler
-(`optimum_neuron_cache.simulated_compiler`), so they look on disk exactly as neuronx-cc's do: HLO, flags,
+(`optimum_neuron_cache.testing.simulated_compiler`), so they look on disk exactly as neuronx-cc's do: HLO, flags,
 NEFF, `model.done`; failed entries leave `model.log`, killed compiles leave a lock.
 
 Sizes: NEFFs log-normal around `neff_median` (capped at `neff_max`), HLOs log-uniform between `hlo_min` and
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from optimum_neuron_cache import remote_layout as layout
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import CompileFailed, Graph, compile_graph
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, Graph, compile_graph
 
 FLAGS = ("--model-type=transformer", "--auto-cast=none", "--target=trn1")
 TASK = "text-generation"

@@ -35,6 +35,7 @@ ALGORITHMS = ("xet", "blake3", "sha256")
 
 
 def split(digest: str) -> tuple[str, str] | None:
+    """(algorithm, hex) of a digest string such as `blake3:<hex>`, or None when it is not one."""
     algorithm, _, value = digest.partition(":")
     if algorithm not in ALGORITHMS or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         return None
@@ -157,6 +158,7 @@ def mismatches(files: Sequence[tuple[str, str]], *, every_core: bool = True) -> 
 
 
 def mismatch_reason(algorithm: str, expected: str, got: str) -> str:
+    """The one line a user reads when a file does not match its digest."""
     return f"content does not match its {_NAMES[algorithm]} (expected {expected[:12]}…, got {got[:12]}…)"
 
 
@@ -261,6 +263,7 @@ class Verifier(_BackgroundCheck):
         self.by_manifest = 0  # files checked by a manifest's digest rather than their Xet hash
 
     def submit(self, path: str, digest: str | None) -> None:
+        """A file is complete on disk: check it against `digest` (or learn a manifest's bindings)."""
         if digest or path in self._manifests:
             self._put((path, digest))
 
@@ -308,6 +311,7 @@ class Verifier(_BackgroundCheck):
                 return
 
     def summary(self) -> str:
+        """For the server log: the wait after the transfer and how many files a manifest's digest checked."""
         return f"{super().summary()} ({self.by_manifest} files checked by a manifest's digest)"
 
 
@@ -323,10 +327,12 @@ class StreamVerifier(_BackgroundCheck):
     _thread_name = "verify-stream"
 
     def written(self, path: str, digest: str | None, upto: int) -> None:
+        """The file at `path` holds `upto` bytes: hash what is new."""
         if digest:
             self._put(("written", path, digest, upto))
 
     def closed(self, path: str, digest: str | None) -> None:
+        """The file at `path` is complete: finish its hash and compare."""
         if digest:
             self._put(("closed", path, digest, None))
 

@@ -24,6 +24,7 @@ MAX_RECORD_BYTES = 1024 * 1024
 
 
 class ErrorCode(str, enum.Enum):
+    """What went wrong, as a code both ends key on (never the message text)."""
     BAD_REQUEST = "bad_request"  # malformed frame or arguments: a client bug or bad input
     BUCKET_NOT_FOUND = "bucket_not_found"
     UNAUTHORIZED = "unauthorized"  # 401: no or invalid token
@@ -40,6 +41,7 @@ class FrameError(Exception):
 
 
 def encode(message: dict[str, Any]) -> bytes:
+    """A message as one frame: a 4-byte big-endian length, then UTF-8 JSON."""
     payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(payload) > MAX_FRAME:
         raise FrameError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME} byte limit")
@@ -82,4 +84,5 @@ def read_frame(sock: socket.socket) -> dict[str, Any] | None:
 
 
 def write_frame(sock: socket.socket, message: dict[str, Any]) -> None:
+    """Send one message."""
     sock.sendall(encode(message))

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -23,46 +22,15 @@ from typing import Any, Callable, NoReturn
 
 from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
+from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
 from .protocol import ErrorCode, FrameError, read_frame, write_frame
 
 log = logging.getLogger("bucket_server")
 SERVER_VERSION = "0.1.0"
 
 
-class UnsafeRuntimeDir(PermissionError):
-    """The socket's directory is a symlink, not ours, or open to others: the server will not bind there."""
-
-
-def open_private_dir(path: str) -> int:
-    """Open the socket's directory without following a symlink, and check owner and mode on the descriptor:
-    the server binds, renames and unlinks through it, so a name swapped later redirects nothing."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        what = "is a symlink" if os.path.islink(path) else f"cannot be opened as a directory ({exc.strerror})"
-        raise UnsafeRuntimeDir(f"the runtime directory {path} {what}: the server will not bind there") from None
-    info = os.fstat(fd)
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        os.close(fd)
-        raise UnsafeRuntimeDir(
-            f"the runtime directory {path} must belong to uid {os.getuid()} with mode 0700 (it has uid {info.st_uid}, "
-            f"mode {oct(info.st_mode & 0o777)}): the server will not bind there"
-        )
-    return fd
-
-
 #: Linux names an open directory /proc/self/fd/<fd>: binding through it uses the checked descriptor, not a name.
 _HAS_PROC_FD = os.path.isdir("/proc/self/fd")
-
-
-def peer_uid(conn: socket.socket) -> int | None:
-    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell.
-    (The client has its twin in optimum_neuron_cache.server_launcher: this package must stand alone.)"""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
 
 
 def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Callable[[int, int], None]:
@@ -85,6 +53,28 @@ def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threadin
 
 
 HEARTBEAT_INTERVAL = 5.0
+
+
+def _remove_uncollected(request: dict[str, Any]) -> None:
+    """The client of a download is gone (killed mid-transfer): nobody will collect its files. Remove what this
+    server wrote for it, and the folders that held them once empty (its entry folders and its temp folder),
+    so that a download still running when the next run swept the dead client's temp folder leaves nothing."""
+    files = request.get("args", {}).get("files")
+    folders: set[str] = set()
+    for item in files if isinstance(files, list) else []:
+        path = item.get("local_path") if isinstance(item, dict) else None
+        if isinstance(path, str) and os.path.isabs(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            folders.update((os.path.dirname(path), os.path.dirname(os.path.dirname(path))))
+    for folder in sorted(folders, key=len, reverse=True):  # deepest first; a folder with anything else stays
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+    log.info("download abandoned by its client: removed %d files it would have collected", len(files or []))
 
 
 class _Heartbeat:
@@ -125,12 +115,14 @@ class Activity:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def change(self, connections: int = 0, requests: int = 0) -> None:
+        """Count connections and requests in (+1) or out (-1); any change restarts the idle clock."""
         with self.lock:
             self.connections += connections
             self.requests += requests
             self.last_change = time.monotonic()
 
     def idle_for(self) -> float:
+        """Seconds with no connection open and no request running (0 while there is either)."""
         with self.lock:
             if self.connections or self.requests:
                 return 0.0
@@ -138,6 +130,8 @@ class Activity:
 
 
 class BucketServer:
+    """The server: accepts connections on its socket, serves each on its own thread, exits when idle."""
+
     def __init__(self, socket_path: str, endpoint: str, idle_timeout: float, backlog: int = socket.SOMAXCONN,
                  policy: Any = None) -> None:
         """`policy`: the hf backend's RetryPolicy (its defaults when None)."""
@@ -174,6 +168,8 @@ class BucketServer:
 
     # ------------------------------------------------------------------------------ backends
     def hf_api(self) -> Any:
+        """The one HfApi of this server, made at first use (huggingface_hub is imported only then), after
+        its HTTP client is given our timeouts and its own retries are turned off."""
         with self._api_lock:
             if self._hf_api is None:
                 try:
@@ -189,6 +185,7 @@ class BucketServer:
             return self._hf_api
 
     def backend(self, request: dict[str, Any]) -> Backend:
+        """The backend of the request's bucket (a directory, or a Hub bucket with the request's token)."""
         bucket = request.get("bucket")
         if not isinstance(bucket, dict) or not isinstance(bucket.get("location"), str):
             raise BackendError(ErrorCode.BAD_REQUEST, "request names no bucket")
@@ -206,6 +203,7 @@ class BucketServer:
 
     # ------------------------------------------------------------------------------ server ops
     def op_hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The handshake: the server's status, or protocol_mismatch (the client then replaces this server)."""
         wanted = request["args"].get("protocol")
         if wanted != PROTOCOL_VERSION:
             raise BackendError(
@@ -214,6 +212,7 @@ class BucketServer:
         return self.op_status(request)
 
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What `neuron-cache server status` shows: versions, pid, socket, endpoint, activity."""
         try:
             from importlib.metadata import version
 
@@ -231,16 +230,19 @@ class BucketServer:
             "uptime": time.time() - self.started,
             "idle_timeout": self.idle_timeout,
             "connections": self.activity.connections,
-            "requests": self.activity.requests,
+            "requests": max(0, self.activity.requests - 1),  # the others: this status request is running too
             "idle_for": time.monotonic() - self.activity.last_operation,
         }
 
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Stop accepting; the serving loop exits within its accept timeout."""
         self.stopping.set()
         return {"stopping": True}
 
     # ------------------------------------------------------------------------------ connections
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request -> its reply frame. Never raises: a BackendError is its code, bad arguments are
+        bad_request, anything else is internal (with the traceback in the log)."""
         request_id = request.get("id")
         op = request.get("op")
         handler = self._handlers.get(op) if isinstance(op, str) else None
@@ -268,6 +270,7 @@ class BucketServer:
             return {"id": request_id, "ok": False, "error": {"code": ErrorCode.INTERNAL.value, "message": f"{op}: {type(exc).__name__}: {exc}", "retryable": False}}
 
     def serve_connection(self, conn: socket.socket) -> None:
+        """Requests of one client, one after the other, until it hangs up; another uid gets nothing."""
         self.activity.change(connections=1)
         write_lock = threading.Lock()
         try:
@@ -294,12 +297,17 @@ class BucketServer:
                 try:
                     with heartbeat:
                         response = self.handle(request)
-                finally:
+                    try:
+                        with write_lock:
+                            write_frame(conn, response)
+                    except OSError:
+                        if request.get("op") == "download":
+                            _remove_uncollected(request)
+                        raise
+                finally:  # a request counts as running until its files are handed over or removed
                     self.activity.change(requests=-1)
                     if request.get("op") not in ("status", "hello"):
                         self.activity.last_operation = time.monotonic()
-                with write_lock:
-                    write_frame(conn, response)
         except OSError as exc:
             log.info("connection ended: %s", exc)
         finally:
@@ -328,6 +336,8 @@ class BucketServer:
         return sock
 
     def serve_forever(self) -> None:
+        """Bind, then accept until shut down or idle for idle_timeout; the socket is removed only if it is
+        still this server's."""
         sock = self.bind()
         name = os.path.basename(self.socket_path)
         bound_inode = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False).st_ino
@@ -369,6 +379,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Bad arguments are one line on stderr and exit code 2 (argparse would print its usage first)."""
 
     def error(self, message: str) -> "NoReturn":
+        """Print one line naming the bad argument, and exit with code 2."""
         self.exit(2, f"{self.prog}: {message} (see python -m bucket_server --help)\n")
 
 
@@ -428,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the server with the settings of its command line; 2 for a bad argument, 1 for an unsafe runtime
+    directory."""
     args = parse_args(argv)
     from .backends.hf import RetryPolicy
 
@@ -449,6 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         BucketServer(args.socket, args.endpoint, args.idle_timeout, policy=policy).serve_forever()
     except UnsafeRuntimeDir as exc:
-        log.error("%s", exc)  # one line in the log, which the client quotes
+        log.error("%s: the server will not bind there", exc)  # one line in the log, which the client quotes
         return 1
     return 0

@@ -21,8 +21,8 @@ from pathlib import Path
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.integrations.compiler_shim import install_compiler_shim
-from optimum_neuron_cache.integrations.simulated_neuronx_cc import install_simulated_compiler, jit_compile
-from optimum_neuron_cache.simulated_compiler import make_graphs
+from optimum_neuron_cache.testing.simulated_neuronx_cc import install_simulated_compiler, jit_compile
+from optimum_neuron_cache.testing.simulated_compiler import make_graphs
 
 VERSION = "2.21.33363.0+82129205"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import resolve_bucket
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 MODEL = "meta-llama/Llama-3.2-1B"
 TASK = "text-generation"

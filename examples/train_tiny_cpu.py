@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 from optimum_neuron_cache.integrations.trainer import NeuronCacheCallback
 from optimum_neuron_cache.local_cache import resolve_cache_root
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 COMPILER_VERSION = os.environ.get("NEURON_CC_VERSION") or "2.21.33363.0+82129205"
 NEW_GRAPH_STEPS = (1, 2, 3)  # steps whose graph is new (on Trainium: the first steps, until shapes settle)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import settings
+from .atomic import atomic_write
 from .errors import InvalidBucketError
 
 ENV_BUCKET = settings.BUCKET
@@ -25,6 +26,7 @@ _HUB_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
 
 @dataclass(frozen=True)
 class BucketRef:
+    """A bucket as this package names it: a Hub bucket (`ns/name`) or a directory used as one."""
     kind: Literal["hf", "dir"]
     #: `ns/name` for a Hub bucket, the absolute directory for a dir bucket.
     location: str
@@ -66,6 +68,7 @@ def parse_bucket(spec: str) -> BucketRef:
 
 
 def hf_home(environ: Mapping[str, str] | None = None) -> Path:
+    """huggingface_hub's home (HF_HOME, else `$XDG_CACHE_HOME/huggingface` or `~/.cache/huggingface`)."""
     env = os.environ if environ is None else environ
     if env.get("HF_HOME"):
         return Path(env["HF_HOME"]).expanduser()
@@ -74,6 +77,7 @@ def hf_home(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def user_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where this package keeps per-user files (stats, the embedded default bucket)."""
     env = os.environ if environ is None else environ
     base = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     return base / "optimum-neuron-cache"
@@ -85,10 +89,12 @@ def embedded_default(environ: Mapping[str, str] | None = None) -> BucketRef:
 
 
 def setting_path(environ: Mapping[str, str] | None = None) -> Path:
+    """The file holding the saved default bucket (`neuron-cache set`)."""
     return hf_home(environ) / SETTING_FILE_NAME
 
 
 def read_saved_bucket(environ: Mapping[str, str] | None = None) -> str | None:
+    """The saved default bucket's name, or None when none is saved."""
     try:
         value = setting_path(environ).read_text(encoding="utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
@@ -103,13 +109,12 @@ def save_bucket(bucket: BucketRef | None, environ: Mapping[str, str] | None = No
         path.unlink(missing_ok=True)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(bucket) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, str(bucket) + "\n")
     return path
 
 
 def resolve_bucket(explicit: str | BucketRef | None = None, environ: Mapping[str, str] | None = None) -> BucketRef:
+    """The bucket to use: the explicit one, else NEURON_CACHE_BUCKET, else the saved one, else the embedded default."""
     if isinstance(explicit, BucketRef):
         return explicit
     env = os.environ if environ is None else environ

@@ -43,6 +43,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 
 def size(count: int) -> str:
+    """A byte count for people (kB, MB, GB: powers of 1000)."""
     return tqdm.format_sizeof(count, suffix="B", divisor=1000)
 
 
@@ -54,6 +55,7 @@ class Output:
         self.debug = debug
 
     def progress(self, description: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
+        """A progress callback and its closer: a tqdm bar on a terminal, nothing otherwise or with --quiet."""
         if self.quiet or not sys.stderr.isatty():
             return None, lambda: None
         bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, leave=False, total=0)
@@ -66,6 +68,7 @@ class Output:
         return update, bar.close
 
     def info(self, message: str) -> None:
+        """A result line on stdout, unless --quiet."""
         if not self.quiet:
             click.echo(message)
 
@@ -74,6 +77,7 @@ class CacheGroup(click.Group):
     """Turns the project's errors into one line and an exit code; Ctrl-C into exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; the project's errors become one line and exit 2 (bad input) or 1, Ctrl-C exit 130."""
         try:
             return super().invoke(ctx)
         except NeuronCacheError as exc:
@@ -503,6 +507,80 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
         sys.exit(1)
 
 
+# ------------------------------------------------------------------------- parallel compile, shim
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"batch_size\": 1}'")
+    return parsed
+
+
+@cli.group(name="parallel-compile")
+def parallel_compile() -> None:
+    """neuron_parallel_compile with the bucket cache: fetch before, hits during, publish after."""
+
+
+@parallel_compile.command(name="run", context_settings={"ignore_unknown_options": True})
+@click.option("--model", "model_id", help="Hub model id or local model directory (default: the flat area only).")
+@click.option("--task", default="training", show_default=True, help="The task.")
+@click.option("--export-config", callback=_json_object, help='JSON, e.g. \'{"batch_size": 1}\': writes an export record.')
+@click.option("--no-shim", is_flag=True, help="Do not put the compiler shim on PATH.")
+@bucket_option
+@cache_dir_option
+@version_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def parallel_compile_run(model_id: str | None, task: str, export_config: dict[str, Any] | None, no_shim: bool,
+                         bucket: str | None, cache_dir: str | None, compiler_version: str | None, command: tuple[str, ...]) -> None:
+    """Fetch, run COMMAND (after --, e.g. -- neuron_parallel_compile torchrun ... train.py) with the compiler
+    shim on PATH, then publish; exits with COMMAND's exit code."""
+    from .integrations.parallel_compile import run_parallel_compile
+
+    report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
+                                  bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
+    run = report.run
+    click.echo(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
+               + (f", record {run.record}" if run.record else ""), err=True)
+    sys.exit(report.returncode)
+
+
+@parallel_compile.command(name="fill-todo")
+@bucket_option
+@cache_dir_option
+@version_option
+def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compiler_version: str | None) -> None:
+    """Complete extracted (todo) entries from the bucket's flat area."""
+    from .integrations.parallel_compile import fill_todo_entries
+
+    result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
+
+
+@cli.group()
+def shim() -> None:
+    """The neuronx-cc shim: looks each graph up in the bucket before the real compiler runs."""
+
+
+@shim.command(name="install")
+@click.argument("directory")
+def shim_install(directory: str) -> None:
+    """Write the shim as DIRECTORY/neuronx-cc and print the PATH line that puts it first."""
+    from .integrations.compiler_shim import install_compiler_shim, real_compiler_besides
+
+    path = install_compiler_shim(directory)
+    real = real_compiler_besides(path)
+    click.echo(f"installed {path}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), err=True)
+    click.echo(f'export PATH="{path.parent}:$PATH"')
+
+
 # ------------------------------------------------------------------------------------------ server
 
 
@@ -535,4 +613,5 @@ def server_stop() -> None:
 
 
 def main() -> None:
+    """The `neuron-cache` entry point."""
     cli(prog_name="neuron-cache")

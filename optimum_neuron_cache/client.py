@@ -258,6 +258,7 @@ class BucketClient:
         self.requests = 0
 
     def call(self, op: str, *, progress: ProgressCallback | None = None, **args: Any) -> Any:
+        """Send one operation to the bucket server and return its result; an error reply raises its typed exception."""
         message: dict[str, Any] = {"op": op, "args": args, "bucket": self.bucket.to_wire()}
         if self._token:
             message["auth"] = {"token": self._token}
@@ -274,12 +275,15 @@ class BucketClient:
 
     # Bucket operations (see bucket_server.backends.base.Backend for their contracts).
     def info(self) -> dict[str, Any]:
+        """The bucket's id, privacy, size and file count (BucketNotFoundError when it does not exist)."""
         return self.call("info")
 
     def create(self, *, private: bool | None = None) -> dict[str, Any]:
+        """Create the bucket if missing (exists-ok): {"created", "url"}."""
         return self.call("create", private=private)
 
     def list(self, prefix: str, *, recursive: bool = True) -> list[dict[str, Any]]:
+        """The files (and, not recursive, folders) strictly under the folder `prefix`."""
         return self.call("list", prefix=prefix, recursive=recursive)
 
     def folders(self, prefix: str) -> list[str]:
@@ -288,14 +292,19 @@ class BucketClient:
                 if item.get("type") == "directory" and isinstance(item.get("path"), str)]
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The files among `paths` that exist (missing ones are left out): one request per 1000 paths on the
+        server's side."""
         return self.call("paths_info", paths=paths) if paths else []
 
     def download(self, files: list[dict[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Download files to local paths, each checked by the server against its digest; see Backend.download."""
         return self.call("download", files=files, progress=progress)
 
     def batch(self, *, add: list[dict[str, Any]] | None = None, copy: list[dict[str, Any]] | None = None,
               delete: list[str] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Copies, then adds, then deletes, in one request; see Backend.batch."""
         return self.call("batch", add=add or [], copy=copy or [], delete=delete or [], progress=progress)
 
     def server_status(self) -> dict[str, Any]:
+        """The server's status (pid, versions, uptime, connections)."""
         return self.call("status")

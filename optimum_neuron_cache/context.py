@@ -124,6 +124,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
 
     @export_config.setter
     def export_config(self, value: Mapping[str, Any] | None) -> None:
+        """The export config the record will carry; settable inside the block (exporters often know it only after
+        compiling)."""
         self._export_config = dict(value) if value is not None else None
 
     @property

@@ -21,6 +21,7 @@ MAX_VERSIONS_PROBED = 20
 
 @dataclass(frozen=True)
 class Comparison:
+    """A record and how it differs from this machine's compile, field by field."""
     record: CachedExport
     differences: list[str]
 
@@ -47,6 +48,7 @@ def differences(record: CachedExport, compiler_version: str | None, flags: Seque
 
 def nearest(records: Sequence[CachedExport], compiler_version: str | None, flags: Sequence[str] | None,
             export_config: Mapping[str, Any] | None, limit: int = 3) -> list[Comparison]:
+    """The `limit` records closest to this machine's compile (fewest differences, then oldest first)."""
     compared = [Comparison(record, differences(record, compiler_version, flags, export_config)) for record in records]
     return sorted(compared, key=lambda c: (len(c.differences), c.record.created_at))[:limit]
 

@@ -71,6 +71,7 @@ class FetchOp:
 
 @dataclass(frozen=True)
 class FetchPlan:
+    """What a fetch will do: one operation per entry of the model's area (and filled todo entries), immutable."""
     compiler_version: str
     #: The model's area, with the casing the bucket has (None: no model, flat area only).
     area: str | None = None
@@ -100,11 +101,13 @@ class FetchPlan:
 
     @property
     def bytes_needed(self) -> int:
+        """Bytes the plan's transfers download."""
         return sum(file.size for op in self.items for file in op.files)
 
 
 @dataclass
 class FetchResult:
+    """What executing a plan did, entry by entry."""
     fetched: list[str] = field(default_factory=list)  # MODULE names installed by this process
     installed_by_others: list[str] = field(default_factory=list)  # found installed after waiting on a lock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): nothing wrong, just not needed
@@ -174,20 +177,31 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
                      tuple(record_files), tuple(ignored))
 
 
+def flat_probe_paths(compiler_version: str, modules: Iterable[str]) -> list[str]:
+    """The flat-area paths to ask about (one paths-info) to learn what the flat area holds of `modules`."""
+    return [layout.flat_file_path(compiler_version, module, name)
+            for module in modules for name in sorted(layout.PUBLISHABLE_FILES)]
+
+
 def todo_probe_paths(compiler_version: str, todo: Iterable[LocalEntry]) -> list[str]:
-    """Flat-area paths to ask about (one paths-info) for local todo entries the model's area did not cover."""
-    return [layout.flat_file_path(compiler_version, entry.name, name)
-            for entry in todo for name in sorted(layout.PUBLISHABLE_FILES)]
+    """Flat-area paths to ask about for local todo entries the model's area did not cover."""
+    return flat_probe_paths(compiler_version, (entry.name for entry in todo))
+
+
+def complete_flat_entries(compiler_version: str, paths_info: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, RemoteFile]]:
+    """The complete entries in a paths-info answer about the flat area: module -> file name -> file (pure)."""
+    found = _group_by_module(paths_info, layout.version_prefix(compiler_version))
+    return {module: files for module, files in found.items() if complete_remote_entry(files, compiler_version)}
 
 
 def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
     """`plan` with fill operations for the todo entries whose complete copy the flat area holds (pure)."""
     version = plan.compiler_version
-    found = _group_by_module(paths_info, layout.version_prefix(version))
+    found = complete_flat_entries(version, paths_info)
     fills = []
     for entry in todo:
         files = found.get(entry.name, {})
-        if complete_remote_entry(files, version):
+        if files:
             missing = tuple(f for name, f in files.items() if name not in entry.files)
             fills.append(FetchOp(entry.name, Action.FILL, "a todo entry here, filled from the flat area", missing, "flat"))
     return replace(plan, ops=plan.ops + tuple(fills))
@@ -316,6 +330,26 @@ def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
     is what the server checks the bytes against (no digest, no check)."""
     return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
             "digest": remote.digest if verification_enabled() else None}
+
+
+def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]]) -> dict[Path, str]:
+    """Download single files to the given local paths, in one request: each checked by the server against its
+    digest (a mismatch is removed there) and by size here. Returns local path -> why it cannot be used; a
+    failing request raises (RemoteError)."""
+    reply = client.download([_request(remote, path) for remote, path in files]) or {}
+    refused = {str(item.get("path")): str(item.get("reason")) for item in reply.get("failed", []) if isinstance(item, dict)}
+    problems: dict[Path, str] = {}
+    for remote, path in files:
+        if remote.path in refused:
+            problems[path] = f"{remote.filename} {refused[remote.path]}"
+            continue
+        try:
+            size = os.lstat(path).st_size
+        except OSError:
+            size = None
+        if size != remote.size:
+            problems[path] = f"{remote.path} has {size if size is not None else 'no'} bytes, the bucket lists {remote.size}"
+    return problems
 
 
 def execute_fetch(client: BucketClient, root: Path, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:

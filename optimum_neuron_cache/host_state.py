@@ -24,6 +24,7 @@ from filelock import FileLock
 
 from . import settings
 from .local_cache import STATE_DIR_NAME, version_dir_name
+from .processes import alive
 
 ENV_LOCK_TIMEOUT = settings.LOCK_TIMEOUT
 
@@ -34,6 +35,8 @@ def lock_timeout() -> float:
 
 
 class HostState:
+    """This package's bookkeeping in a cache root (`.optimum-neuron-cache/`): locks, temp folders, publication
+    markers."""
     def __init__(self, root: Path) -> None:
         self.root = root
         self.base = root / STATE_DIR_NAME
@@ -97,14 +100,4 @@ class HostState:
     def is_stale_temp_dir(path: Path) -> bool:
         """A temp folder of this host whose process is gone."""
         owner, _, pid = path.name.rpartition(".")[0].rpartition(".")
-        return owner == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return owner == socket.gethostname() and pid.isdigit() and not alive(int(pid))

@@ -16,6 +16,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 @dataclass
 class AreaSummary:
+    """One area of one compiler version: complete entries, incomplete ones, bytes, records."""
     compiler_version: str
     #: "" for the flat area, else `<model folder>/<task>`.
     area: str
@@ -27,10 +28,12 @@ class AreaSummary:
 
 @dataclass
 class Inventory:
+    """What a bucket holds, area by area."""
     areas: list[AreaSummary] = field(default_factory=list)
 
     @property
     def versions(self) -> list[str]:
+        """The compiler versions that hold anything."""
         return sorted({area.compiler_version for area in self.areas})
 
 

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from . import crashpoints
+from .atomic import atomic_write
 from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
+from .processes import alive, pid_start
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -55,6 +57,7 @@ class JournalKey:
 
     @property
     def digest(self) -> str:
+        """A short digest of the key (model folder case-folded), the first part of a record's file name."""
         folder = self.model_folder.lower() if self.model_folder is not None else ""  # model ids ignore case
         text = "\0".join((self.bucket, self.compiler_version, folder, self.task))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -62,6 +65,7 @@ class JournalKey:
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One run's journal record: its key, when it started, what it may publish (a window, names, or both)."""
     key: JournalKey
     started: float
     model_id: str | None = None
@@ -74,6 +78,7 @@ class RunRecord:
     path: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
+        """The record as written on disk (its path is not part of it)."""
         data = asdict(self)
         data.pop("path")
         return json.dumps({"schema": SCHEMA, **data}, sort_keys=True)
@@ -94,27 +99,6 @@ class RunRecord:
 
 def _host_digest() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _pid_start(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (tells a live pid from a reused one), Linux only."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    if start is not None and os.path.isdir("/proc/self"):
-        return _pid_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _parse(text: str, path: Path) -> RunRecord | None:
@@ -146,7 +130,7 @@ class Journal:
         """Write a new record of this process; returns it with its path."""
         self.folder.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        name = f"{record.key.digest}-{_host_digest()}-{pid}-{_pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
+        name = f"{record.key.digest}-{_host_digest()}-{pid}-{pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
         written = replace(record, path=self.folder / name)
         self._write(written)
         return written
@@ -167,15 +151,13 @@ class Journal:
         return self.update(record, entries=left) if left != record.entries else record
 
     def drop(self, record: RunRecord) -> None:
+        """Remove a record (its names are in the bucket, or covered by another record)."""
         if record.path is not None:
             record.path.unlink(missing_ok=True)
 
     def _write(self, record: RunRecord) -> None:
         assert record.path is not None
-        tmp = record.path.with_name(f".{record.path.name}.{uuid.uuid4().hex[:8]}.tmp")  # a SIGTERM handler may write too
-        tmp.write_text(record.to_json(), encoding="utf-8")
-        crashpoints.reached("journal-write")
-        os.replace(tmp, record.path)
+        atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
     def _files(self) -> list[tuple[Path, list[str]]]:
@@ -204,7 +186,20 @@ class Journal:
         if len(parts) != 5 or parts[1] != _host_digest() or not parts[2].isdigit() or not parts[3].isdigit():
             return False  # another host's (a cache root on a shared filesystem): its pids mean nothing here
         pid, start = int(parts[2]), int(parts[3])
-        return pid != os.getpid() and not _alive(pid, start or None)
+        return pid != os.getpid() and not alive(pid, start or None)
+
+    def listed_elsewhere(self, key: JournalKey, names: Iterable[str], mine: RunRecord) -> set[str]:
+        """Which of `names` another record of `key` lists: a process publishing them at this instant wrote
+        them there before its first byte (and if it dies, the next run recovers them from that record)."""
+        wanted, found = set(names), set()
+        if not wanted:
+            return found
+        for path, parts in self._files():
+            if parts[0] == key.digest and path != mine.path:
+                record = self._read(path)
+                if record is not None and record.key.digest == key.digest:
+                    found |= wanted & set(record.entries)
+        return found
 
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead

@@ -41,15 +41,18 @@ _VERSION_DIR_RE = re.compile(r"^neuronxcc-(\d+\.\d+\.\d+(?:\.\d+)?(?:\+[0-9A-Za-
 
 
 def is_module_name(name: str) -> bool:
+    """Whether `name` is an entry folder name: `MODULE_<alnum>+<alnum>`."""
     return bool(_MODULE_RE.match(name))
 
 
 def version_from_dir_name(name: str) -> str | None:
+    """The compiler version of a `neuronxcc-<version>` folder name, or None for anything else."""
     match = _VERSION_DIR_RE.match(name)
     return match.group(1) if match else None
 
 
 def version_dir_name(compiler_version: str) -> str:
+    """The folder name of a compiler version: `neuronxcc-<version>`."""
     return f"{VERSION_DIR_PREFIX}{compiler_version}"
 
 
@@ -136,6 +139,7 @@ def resolve_cache_root(cache_dir: str | os.PathLike[str] | None = None, environ:
 
 
 class EntryState(str, enum.Enum):
+    """What libneuronxla would make of an entry (see docs/architecture.md)."""
     SUCCESS = "success"
     LEGACY_SUCCESS = "legacy_success"  # compilers up to 2.14: a NEFF and no marker
     FAILED = "failed"  # a cached compile failure (model.log), replayed by libneuronxla
@@ -145,6 +149,7 @@ class EntryState(str, enum.Enum):
 
     @property
     def publishable(self) -> bool:
+        """Only success entries (and legacy ones) ever leave the machine."""
         return self in (EntryState.SUCCESS, EntryState.LEGACY_SUCCESS)
 
 
@@ -208,6 +213,7 @@ def commit_time(entry: LocalEntry) -> float | None:
 
 
 def read_entry(path: Path, compiler_version: str) -> LocalEntry:
+    """The entry at `path` (its regular files and its state); an empty entry when it is gone."""
     files = read_entry_files(path)
     return LocalEntry(compiler_version, path.name, path, classify(files, compiler_version), files)
 

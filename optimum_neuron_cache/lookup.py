@@ -51,6 +51,7 @@ class CachedExport(ExportRecord):
         return {key: value for key, value in asdict(self).items() if key != "digests"}
 
     def matches(self, filters: Mapping[str, Any]) -> bool:
+        """Whether every given filter matches one of the config keys that carry it (numbers compared as numbers)."""
         for name, wanted in filters.items():
             if wanted is None:
                 continue
@@ -132,6 +133,7 @@ _memo_lock = threading.Lock()
 
 
 def clear_lookup_cache() -> None:
+    """Forget the memoized lookups of this process."""
     with _memo_lock:
         _memo.clear()
 

@@ -20,12 +20,14 @@ from .local_cache import LOCK_SUFFIX, STATE_DIR_NAME, EntryState, iter_version_d
 
 @dataclass
 class VersionStatus:
+    """One compiler version of the local cache: entries by state, bytes."""
     compiler_version: str
     states: Counter[str] = field(default_factory=Counter)
     bytes: int = 0
 
 
 def cache_status(root: Path) -> list[VersionStatus]:
+    """Every compiler version of the cache root with its entries by state (folders without entries too)."""
     by_version: dict[str, VersionStatus] = {}
     for entry in scan_entries(root):
         status = by_version.setdefault(entry.compiler_version, VersionStatus(entry.compiler_version))
@@ -38,6 +40,7 @@ def cache_status(root: Path) -> list[VersionStatus]:
 
 @dataclass(frozen=True)
 class Removal:
+    """One thing cleanup removes, and why."""
     path: Path
     reason: str
     bytes: int
@@ -45,11 +48,13 @@ class Removal:
 
 @dataclass
 class CleanupPlan:
+    """What cleanup would remove, and what it refuses to touch (one line each)."""
     removals: list[Removal] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
+        """Bytes the removals free."""
         return sum(removal.bytes for removal in self.removals)
 
 
@@ -67,6 +72,8 @@ def tree_size(path: Path, skip: tuple[str, ...] = ()) -> int:
 
 
 def plan_cleanup(root: Path, *, failed: bool, locks: bool, old_versions: bool, keep_version: str | None) -> CleanupPlan:
+    """What to remove: cached failures, stale locks (never while neuronx-cc runs here), other compiler versions,
+    leftover downloads of dead processes."""
     plan = CleanupPlan()
     compilers = running_compilers() if locks else []
     if locks and compilers:

@@ -34,6 +34,7 @@ class Publication:
 
 
 def journal_key(client: BucketClient, compiler_version: str, model_folder: str | None, task: str) -> JournalKey:
+    """The journal key of publishing to `client`'s bucket for a compiler version, model folder and task."""
     return JournalKey(str(client.bucket), compiler_version, model_folder, task)
 
 
@@ -65,9 +66,11 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
         if own:
             close(root, record)  # the names stay, for a later run
         raise
-    # Committed: what the bucket already held, what we published, what another process of this host published
-    # meanwhile. What another process is publishing at this instant stays journaled until a later run sees it.
-    left = journal.settle(record, set(names) - set(result.in_progress))
+    # Settled: what the bucket already held, what we published, what another process of this host published
+    # meanwhile, and what another process of the same key is publishing at this instant (its own record lists
+    # it). What a process of another key is publishing stays journaled until a later run sees it committed.
+    busy = set(result.in_progress) - journal.listed_elsewhere(key, result.in_progress, record)
+    left = journal.settle(record, set(names) - busy)
     if own and left is not None:
         close(root, left)
         left = None

@@ -52,6 +52,7 @@ def _canonical(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ExportRecord:
+    """What a later user needs to judge whether a cached compile matches theirs (docs/remote-layout.md)."""
     model_id: str
     task: str
     compiler_version: str
@@ -69,16 +70,19 @@ class ExportRecord:
 
     @property
     def record_id(self) -> str:
+        """The record's id: a digest of its export config and compile flags, so one configuration has one record."""
         key = json.dumps({"export_config": self.export_config, "compile_flags": self.compile_flags}, sort_keys=True)
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     def to_json(self) -> str:
+        """The record as stored in the bucket."""
         return json.dumps(asdict(self), sort_keys=True, indent=1) + "\n"
 
 
 def make_record(model_id: str, task: str, compiler_version: str, export_config: Mapping[str, Any],
                 modules: list[str], environ: Mapping[str, str] | None = None,
                 compile_seconds: Mapping[str, float] | None = None) -> ExportRecord:
+    """A record of this run: the export config made canonical, the compile flags in force, the modules sorted."""
     return ExportRecord(
         model_id=model_id,
         task=task,

@@ -45,6 +45,7 @@ _RECORD_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 def is_publishable(filename: str) -> bool:
+    """Whether a file may ever leave the machine (the allow-list)."""
     return filename in PUBLISHABLE_FILES
 
 
@@ -121,6 +122,7 @@ def reuse_casing(folder: str, existing: Iterable[str]) -> str:
 
 
 def task_name(task: str | None) -> str:
+    """A validated task name (`default` when none is given); bad input raises ConfigurationError."""
     if task is None or task == "":
         return DEFAULT_TASK
     if not _TASK_RE.match(task):
@@ -134,14 +136,17 @@ def task_name(task: str | None) -> str:
 
 
 def version_prefix(compiler_version: str) -> str:
+    """`neuronxcc-<version>`: a compiler version's top folder, in the bucket as in the cache."""
     return version_dir_name(compiler_version)
 
 
 def flat_entry_prefix(compiler_version: str, module: str) -> str:
+    """An entry's folder in the flat area (the local cache tree, as is)."""
     return f"{version_prefix(compiler_version)}/{module}"
 
 
 def flat_file_path(compiler_version: str, module: str, filename: str) -> str:
+    """A file of an entry in the flat area."""
     return f"{flat_entry_prefix(compiler_version, module)}/{filename}"
 
 
@@ -151,26 +156,32 @@ def area_entry_prefix(area_prefix: str, module: str) -> str:
 
 
 def area_file_path(area_prefix: str, module: str, filename: str) -> str:
+    """A file of an entry in a model's area."""
     return f"{area_entry_prefix(area_prefix, module)}/{filename}"
 
 
 def models_prefix(compiler_version: str) -> str:
+    """The folder of a compiler version's model areas."""
     return f"{version_prefix(compiler_version)}/{MODELS_DIR}"
 
 
 def model_area_prefix(compiler_version: str, folder: str, task: str) -> str:
+    """A model's area for a task: `neuronxcc-<ver>/models/<folder>/<task>`."""
     return f"{models_prefix(compiler_version)}/{folder}/{task}"
 
 
 def model_entry_prefix(compiler_version: str, folder: str, task: str, module: str) -> str:
+    """An entry's folder in a model's area."""
     return f"{model_area_prefix(compiler_version, folder, task)}/{module}"
 
 
 def exports_prefix(compiler_version: str, folder: str, task: str) -> str:
+    """The folder of a model area's export records."""
     return f"{model_area_prefix(compiler_version, folder, task)}/{EXPORTS_DIR}"
 
 
 def export_record_path(compiler_version: str, folder: str, task: str, record_id: str) -> str:
+    """Where an export record lives; a malformed record id raises ValueError."""
     if not _RECORD_ID_RE.match(record_id):
         raise ValueError(f"bad export record id {record_id!r}")
     return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"

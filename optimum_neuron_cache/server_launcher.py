@@ -18,7 +18,6 @@ import os
 import random
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+from bucket_server import private_dir
 
 from . import settings
 from .errors import ServerError, ServerStartError
@@ -49,6 +50,7 @@ _SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PYTHONPATH", "PYTHONHOME
 
 
 def hub_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """The Hub endpoint (HF_ENDPOINT, else huggingface.co): one server per endpoint."""
     env = os.environ if environ is None else environ
     return (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
@@ -86,18 +88,9 @@ def open_private_dir(path: Path) -> int:
     except OSError as exc:
         raise ServerStartError(f"cannot create the runtime directory {path} ({exc.strerror}): set {ENV_RUNTIME_DIR} to a private directory of yours") from None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        what = "is a symlink" if os.path.islink(path) else f"is not a directory we can open ({exc.strerror})"
-        raise ServerStartError(f"the runtime directory {path} {what}: {fix}") from None
-    info = os.fstat(fd)
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        os.close(fd)
-        raise ServerStartError(
-            f"the runtime directory {path} must belong to uid {os.getuid()} with mode 0700 (it has uid "
-            f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}): {fix}"
-        )
-    return fd
+        return private_dir.open_private_dir(path)
+    except private_dir.UnsafeRuntimeDir as exc:
+        raise ServerStartError(f"{exc}: {fix}") from None
 
 
 class RuntimeDir:
@@ -114,6 +107,7 @@ class RuntimeDir:
         return str(self.path / name)  # no /proc: the name, whose directory was checked a moment ago
 
     def exists(self, name: str) -> bool:
+        """Whether `name` exists in the directory (not following a symlink)."""
         try:
             os.stat(name, dir_fd=self.fd, follow_symlinks=False)
             return True
@@ -121,12 +115,14 @@ class RuntimeDir:
             return False
 
     def unlink(self, name: str) -> None:
+        """Remove `name` from the directory, if there."""
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
             pass
 
     def close(self) -> None:
+        """Close the directory's descriptor."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -140,16 +136,19 @@ class RuntimeDir:
 
 @dataclass(frozen=True)
 class ServerAddress:
+    """Where the server of this user, host and endpoint lives: its socket, start lock and log."""
     endpoint: str
     socket_path: Path
     lock_path: Path
     log_path: Path
 
     def open_dir(self) -> RuntimeDir:
+        """The runtime directory, opened and checked again (owner, mode, no symlink)."""
         return RuntimeDir(self.socket_path.parent)
 
 
 def server_address(environ: Mapping[str, str] | None = None) -> ServerAddress:
+    """The server address for this user, host and endpoint."""
     endpoint = hub_endpoint(environ)
     base = runtime_dir(environ)
     key = hashlib.sha256(f"{endpoint}\0{socket.gethostname()}".encode()).hexdigest()[:16]
@@ -208,17 +207,9 @@ def server_command(address: ServerAddress, environ: Mapping[str, str] | None = N
     return [uv, "run", "--isolated", "--no-project", "--quiet", "--python", sys.executable, *withs, "python", "-s", *args]
 
 
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end (Linux SO_PEERCRED); None where the platform cannot tell."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
 def check_peer_uid(sock: socket.socket, expected_uid: int, where: Path) -> None:
     """Refuse a server run by another user before anything (a token, above all) is written to it."""
-    uid = peer_uid(sock)
+    uid = private_dir.peer_uid(sock)
     if uid is not None and uid != expected_uid:
         raise ServerStartError(
             f"the bucket server at {where} runs as uid {uid}, not {expected_uid}: nothing was sent to it; "
@@ -284,6 +275,7 @@ def _answers(rundir: RuntimeDir, name: str) -> bool:
 
 
 def can_connect(address: ServerAddress) -> bool:
+    """Whether a server answers on the socket (a full backlog counts as one)."""
     with address.open_dir() as rundir:
         return _answers(rundir, address.socket_path.name)
 

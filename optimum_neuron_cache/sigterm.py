@@ -27,6 +27,7 @@ class SigtermHook:
         self.installed = False
 
     def install(self) -> None:
+        """Become the SIGTERM handler (main thread only), remembering the previous one."""
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; a run in a thread relies on the journal's window
         try:
@@ -36,6 +37,7 @@ class SigtermHook:
             self.installed = False
 
     def uninstall(self) -> None:
+        """Put the previous handler back, if this one is still installed."""
         if not self.installed:
             return
         self.installed = False

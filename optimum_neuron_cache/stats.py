@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from filelock import FileLock
 
+from .atomic import atomic_write
 from .buckets import user_cache_dir
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -29,6 +29,7 @@ MAX_SECONDS = 1e12
 @dataclass
 class Stats:
     #: Context runs and CLI fetches that asked the bucket for entries.
+    """One run's figures, or a host's totals."""
     fetches: int = 0
     #: Entries the bucket served (installed instead of compiled).
     hits: int = 0
@@ -46,6 +47,7 @@ class Stats:
     remote_errors: int = 0
 
     def add(self, other: "Stats") -> "Stats":
+        """The sum of two sets of figures."""
         return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Stats)})
 
     @classmethod
@@ -79,6 +81,7 @@ class Stats:
 
 
 def stats_path() -> Path:
+    """The host's stats file, under the user's cache dir."""
     return user_cache_dir() / "stats.json"
 
 
@@ -97,9 +100,7 @@ def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
 
 def _write(path: Path, last: Stats, total: Stats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False))
 
 
 def record_run(run: Stats, path: Path | None = None) -> None:
@@ -116,6 +117,7 @@ def record_run(run: Stats, path: Path | None = None) -> None:
 
 
 def zero_stats(path: Path | None = None) -> None:
+    """Reset the host's figures."""
     path = path or stats_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=10):

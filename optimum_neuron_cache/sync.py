@@ -36,6 +36,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 @dataclass(frozen=True)
 class PublishItem:
+    """One entry to publish, and where: the flat area, the model's area, or both."""
     entry: LocalEntry
     to_flat: bool
     #: The model's area prefix to publish to, or None (no model, or it already holds the entry).
@@ -43,10 +44,12 @@ class PublishItem:
 
     @property
     def files(self) -> list[str]:
+        """The entry's files that may leave the machine (the allow-list), sorted."""
         return sorted(name for name in self.entry.files if layout.is_publishable(name))
 
     @property
     def commit(self) -> str:
+        """The file published last: `model.done`, or the NEFF of a legacy entry."""
         return layout.commit_file(self.entry.files, self.entry.compiler_version)
 
 
@@ -70,15 +73,18 @@ class SyncPlan:
 
     @property
     def bytes_to_upload(self) -> int:
+        """Bytes the plan uploads (copies into the model's area move none)."""
         return sum(item.entry.files[name] for item in self.items if item.to_flat for name in item.files)
 
     @property
     def empty(self) -> bool:
+        """Nothing to publish and no record to write."""
         return not self.items and not self.records
 
 
 @dataclass
 class SyncResult:
+    """What executing a publish plan did."""
     published: list[str] = field(default_factory=list)  # MODULE names this process published
     #: (module, why) left to another process of this host: publishing it right now, or did meanwhile.
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -237,6 +243,7 @@ def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> 
 
 @dataclass
 class VersionSync:
+    """One compiler version of `neuron-cache sync`: its plan, and what was done (None on a dry run)."""
     compiler_version: str
     plan: SyncPlan
     result: SyncResult | None = None

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stress import phases, scenarios
+from stress import hostile, phases, scenarios
 
 
 def main() -> int:
@@ -26,8 +26,11 @@ def main() -> int:
     parser.add_argument("--fetch-trials", type=int, default=50)
     parser.add_argument("--sync-trials", type=int, default=50)
     parser.add_argument("--phase-trials", type=int, default=50, help="kills at each named phase (stress/phases.py)")
+    parser.add_argument("--connects", type=int, default=256, help="processes connecting to the server at once")
+    parser.add_argument("--flips", type=int, default=3000, help="dir-bucket writes and listings under symlink flips")
     parser.add_argument("--silent-runs", type=int, default=5, help="whole runs against each dead or silent remote (0: skip)")
-    parser.add_argument("--only", choices=["ranks", "hosts", "fetch", "sync", "phases", "silent"], action="append",
+    parser.add_argument("--only", choices=["ranks", "hosts", "fetch", "sync", "phases", "connects", "flips", "silent"],
+                        action="append",
                         help="run only these scenarios (repeatable)")
     parser.add_argument("--hf", action="store_true", help="also run against the local Hub emulator (Xet over HTTP)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -50,6 +53,8 @@ def main() -> int:
                     ("fetch", lambda w: scenarios.crash_fetch(w, bucket_for("fetch"), args.fetch_trials)),
                     ("sync", lambda w: scenarios.crash_sync(w, args.sync_trials, bucket_for=lambda t: bucket_for(f"sync-{t}"))),
                     ("phases", lambda w: phases.crash_at_phases(w, bucket_for("phases"), args.phase_trials)),
+                    ("connects", lambda w: hostile.connect_storm(w, bucket, args.connects)),
+                    ("flips", lambda w: hostile.symlink_flips(w, args.flips) if backend == "dir" else {}),
                 ):
                     if args.only and name not in args.only:
                         continue
@@ -98,7 +103,7 @@ class _bucket:
             return bucket_for("main"), bucket_for
         from optimum_neuron_cache.buckets import BucketRef
         from optimum_neuron_cache.client import BucketClient
-        from tests.emulator import HubEmulator
+        from hub_emulator import HubEmulator
 
         self.emulator = HubEmulator(self.work / "hub", xet="http").start()
         os.environ["HF_ENDPOINT"] = self.emulator.endpoint

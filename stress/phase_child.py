@@ -14,7 +14,7 @@ import signal
 import sys
 
 from optimum_neuron_cache import hub_neuronx_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 
 def main(spec: dict) -> None:

@@ -1,4 +1,4 @@
-"""The stress scenarios. Each returns a Figures record; invariants are checked by tests/invariants.py."""
+"""The stress scenarios. Each returns a Figures record; invariants are checked by optimum_neuron_cache/testing/invariants.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from tests.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "2.21.33363.0+82129205"
@@ -88,6 +88,10 @@ def ranks_on_one_host(workdir: Path, bucket: str, ranks: int, graphs: int = 4, n
     problems = local_violations(cache, VERSION, {**reference, **reference_entries(cache, VERSION)})
     if problems:
         figures.fail(f"local: {problems[:3]}")
+    journal = cache / ".optimum-neuron-cache" / "journal"
+    left = sorted(path.name for path in journal.iterdir()) if journal.is_dir() else []
+    if left:  # every rank's record is settled: the next run owes the bucket nothing
+        figures.fail(f"journal records left after every rank exited normally: {left[:3]}")
     return figures
 
 

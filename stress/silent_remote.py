@@ -30,7 +30,7 @@ from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.client import stop_server
 from optimum_neuron_cache.context import CacheRun
 from optimum_neuron_cache.server_launcher import server_address
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from stress.scenarios import VERSION, Figures
 
 #: The bound the guarantee states: what a silent remote adds to a whole run, server start included.
@@ -60,10 +60,12 @@ class SilentEndpoint:
 
     @property
     def endpoint(self) -> str:
+        """Its URL, for HF_ENDPOINT."""
         return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
 
     @property
     def connections(self) -> int:
+        """Connections accepted so far."""
         with self._lock:
             return len(self._held)
 
@@ -77,6 +79,7 @@ class SilentEndpoint:
                 self._held.append(conn)  # held open, never read from or written to
 
     def close(self) -> None:
+        """Stop accepting, and close every connection held."""
         self._closed.set()
         self._sock.close()
         with self._lock:
@@ -171,6 +174,8 @@ def download_requests() -> Callable[[], int]:
 
 @dataclass
 class SilentFigures(Figures):
+    """A failure's figures: the runs' cost (median and max seconds) and the attempts of each run."""
+
     median_seconds: float = 0.0
     max_seconds: float = 0.0
     #: Attempts per run: as the failing endpoint counted them, else as the server logged them.
@@ -214,7 +219,7 @@ def _failures(workdir: Path) -> list[tuple[str, Callable[[], object], bool]]:
     def faulty(status: int):
         @contextmanager
         def make():
-            from tests.emulator import HubEmulator
+            from hub_emulator import HubEmulator
 
             emulator = HubEmulator(Path(tempfile.mkdtemp(prefix=f"hub-{status}-", dir=workdir))).start()
             try:
@@ -231,7 +236,7 @@ def _failures(workdir: Path) -> list[tuple[str, Callable[[], object], bool]]:
             """The Hub API answers, its Xet storage (CAS) does not: the listing succeeds, the download fails."""
             from optimum_neuron_cache.buckets import BucketRef
             from optimum_neuron_cache.client import BucketClient
-            from tests.emulator import HubEmulator
+            from hub_emulator import HubEmulator
 
             fresh = Path(tempfile.mkdtemp(prefix="storage-", dir=workdir))
             emulator = HubEmulator(fresh / "hub", xet="http").start()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 
 def barrier(folder: Path, name: str, rank: int, ranks: int, timeout: float = 300.0) -> None:

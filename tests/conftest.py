@@ -53,7 +53,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A local Hub emulator; HF_ENDPOINT points at it (so the bucket server for this test is its own)."""
-    from tests.emulator import HubEmulator
+    from hub_emulator import HubEmulator
 
     emulator = HubEmulator(tmp_path / "hub")
     emulator.start()

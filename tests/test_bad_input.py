@@ -14,7 +14,7 @@ from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "test/hostile"

@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,11 @@ from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef, read_saved_bucket
 from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient, running_server
+from optimum_neuron_cache.compile_locks import running_compilers
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache
-from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +166,7 @@ def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(
     fake.chmod(0o755)
     proc = subprocess.Popen([str(fake)])
     try:
-        time.sleep(0.2)
+        wait_until(lambda: proc.pid in running_compilers(), "the fake neuronx-cc to show in /proc")
         result = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root)])
         assert result.exit_code == 1 and "neuronx-cc is running" in result.output
     finally:
@@ -263,9 +264,7 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_cli_process(["fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"),
                                           "--compiler-version", version]), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while hub.requests.count("HEAD", r"/resolve/") == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: hub.requests.count("HEAD", r"/resolve/") > 0, "the fetch's download to reach the Hub")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
@@ -279,7 +278,7 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
 
 def test_missing_bucket_and_read_only_token_are_one_line_errors(tmp_path, monkeypatch, version):
     from optimum_neuron_cache.client import stop_server
-    from tests.emulator import HubEmulator, TokenInfo
+    from hub_emulator import HubEmulator, TokenInfo
 
     emulator = HubEmulator(tmp_path / "hub", tokens={"hf_writer": TokenInfo("team"), "hf_reader": TokenInfo("team", write=False)})
     emulator.start()

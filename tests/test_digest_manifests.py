@@ -14,8 +14,8 @@ from bucket_server.digests import Verifier, read_manifest
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from tests.invariants import local_violations, reference_entries
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 from tests.test_verified import _flip_byte_keeping_size_and_mtime, _xorbs
 
 

@@ -36,12 +36,11 @@ from huggingface_hub.errors import (  # noqa: E402
     HfHubHTTPError,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `tests` is a namespace package: make it importable under any runner
-    sys.path.insert(0, str(REPO_ROOT))
+from hub_emulator import HubEmulator, TokenInfo  # noqa: E402
+from hub_emulator.xet_shards import EMPTY_FILE_HASH, hash_to_hex  # noqa: E402
+from tests.polling import wait_until  # noqa: E402
 
-from tests.emulator import HubEmulator, TokenInfo  # noqa: E402
-from tests.emulator.xet_shards import EMPTY_FILE_HASH, hash_to_hex  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 USER = "emulator"  # user of every caller when the emulator has no tokens configured
 
@@ -380,7 +379,8 @@ def test_fault_404_and_delay(api, emulator, bucket):
     emulator.add_fault(None, r"/tree", 0, delay=0.3)
     start = time.monotonic()
     assert list(api.list_bucket_tree(bucket)) == []
-    assert time.monotonic() - start >= 0.3
+    assert time.monotonic() - start >= 0.3  # the delay is the emulator's simulated slowness (a lower bound)
+    assert [r.status for r in emulator.requests.records("GET", r"/tree")] == [200]  # then answered normally
 
     emulator.add_fault("GET", rf"^/api/buckets/{bucket}$", 503, times=None)
     emulator.clear_faults()
@@ -389,7 +389,7 @@ def test_fault_404_and_delay(api, emulator, bucket):
 
 def test_command_line(tmp_path, xet_mode):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.emulator", "--data", str(tmp_path / "hub"), "--page-size", "1", "--xet", xet_mode],
+        [sys.executable, "-m", "hub_emulator", "--data", str(tmp_path / "hub"), "--page-size", "1", "--xet", xet_mode],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -702,7 +702,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import disable_progress_bars
 
 disable_progress_bars()
-endpoint, bucket, mode, go, spec = sys.argv[1:6]
+endpoint, bucket, mode, go, spec, ready = sys.argv[1:7]
+open(ready, "w").close()  # imported: waiting at the start line
 deadline = time.monotonic() + 120
 while not os.path.exists(go):  # start line: every process transfers at the same instant
     if time.monotonic() > deadline:
@@ -723,13 +724,16 @@ def _run_at_once(tmp_path, endpoint, bucket, mode, specs, homes, env=None):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     go = tmp_path / f"go-{mode}-{time.monotonic_ns()}"
-    procs = []
-    for spec, home in zip(specs, homes):
+    procs, ready = [], []
+    for i, (spec, home) in enumerate(zip(specs, homes)):
         proc_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE")}
         proc_env.update(HF_HOME=str(home), HF_XET_CACHE=str(home / "xet"), HF_HUB_DISABLE_TELEMETRY="1", **extra_env)
-        args = [sys.executable, str(script), endpoint, bucket, mode, str(go), json.dumps(spec)]
+        ready.append(go.with_name(f"{go.name}.ready-{i}"))
+        args = [sys.executable, str(script), endpoint, bucket, mode, str(go), json.dumps(spec), str(ready[-1])]
         procs.append(subprocess.Popen(args, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    time.sleep(0.5)  # let them import and reach the start line
+    # Every worker has imported and reached the start line (or died: its error is reported below).
+    wait_until(lambda: all(r.exists() or p.poll() is not None for r, p in zip(ready, procs)), "the workers' start line",
+               timeout=120)
     go.touch()
     failures = []
     for proc in procs:

@@ -32,9 +32,9 @@ from optimum_neuron_cache.server_launcher import (
     check_peer_uid,
     connect_server,
     ensure_server,
-    peer_uid,
     server_address,
 )
+from bucket_server.private_dir import peer_uid
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_host_security_secret_token"

@@ -12,21 +12,18 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bucket_server.backends.base import BackendError
-from bucket_server.backends.dir import DirBackend
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.local_cache import scan_entries
 from optimum_neuron_cache.server_launcher import server_address
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs, module_name
-from tests.invariants import local_violations, reference_entries
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs, module_name
+from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 
 
 def _graphs(count: int = 2):
@@ -135,46 +132,12 @@ def test_a_fetch_never_installs_a_file_from_outside_the_bucket(tmp_path, version
 def test_a_symlink_swapped_in_mid_operation_redirects_nothing(tmp_path):
     """A folder flipped between a real folder and a symlink to the outside while writes and listings run:
     every component is opened from its parent's descriptor with O_NOFOLLOW, so no write lands outside and
-    no listing shows what is outside (checking a path, then opening it by name, would lose this race)."""
-    root = tmp_path / "bucket"
-    outside = tmp_path / "outside"
-    (outside / "MODULE_1+a").mkdir(parents=True)
-    (outside / "MODULE_1+a" / "planted.neff").write_text("from outside")
-    folder = root / "v" / "models" / "org--m"
-    folder.mkdir(parents=True)
-    stop = threading.Event()
-    flips = [0]
+    no listing shows what is outside (checking a path, then opening it by name, would lose this race).
+    `python -m stress --only flips` runs the same with thousands of operations."""
+    from stress.hostile import symlink_flips
 
-    def flip() -> None:
-        away = folder.with_name("away")
-        while not stop.is_set():
-            for step in (lambda: folder.rename(away), lambda: folder.symlink_to(outside), folder.unlink,
-                         lambda: away.rename(folder)):
-                try:
-                    step()
-                except OSError:
-                    pass
-            flips[0] += 1
-
-    backend = DirBackend(str(root))
-    flipper = threading.Thread(target=flip, daemon=True)
-    flipper.start()
-    try:
-        deadline = time.monotonic() + 60
-        index = 0
-        while (index < 300 or flips[0] < 300) and time.monotonic() < deadline:
-            try:
-                backend.batch(add=[{"dest": f"v/models/org--m/MODULE_{index}+a/model.neff", "content": "x"}], copy=[], delete=[])
-            except BackendError:
-                pass
-            listed = backend.list("v", recursive=True) + backend.list("v/models/org--m", recursive=True)
-            assert not any("planted" in item["path"] for item in listed)
-            index += 1
-    finally:
-        stop.set()
-        flipper.join()
-    assert flips[0] > 0 and index >= 300
-    assert sorted(str(path.relative_to(outside)) for path in _files(outside)) == ["MODULE_1+a/planted.neff"]
+    figures = symlink_flips(tmp_path, int(os.environ.get("NEURON_CACHE_TEST_FLIPS", "300")))
+    assert figures.failures == 0, figures.notes
 
 
 # ------------------------------------------------------------------------------------- names

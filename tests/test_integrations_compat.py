@@ -16,7 +16,7 @@ from optimum_neuron_cache.integrations.optimum_neuron import (
     synchronize_hub_cache,
 )
 from optimum_neuron_cache.lookup import clear_lookup_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.errors import ConfigurationError, InvalidModelIdError
 from optimum_neuron_cache.integrations import cached_compile, derive_export
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 
 @pytest.fixture

@@ -18,15 +18,15 @@ from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.integrations.parallel_compile import fill_todo_entries, run_parallel_compile
-from optimum_neuron_cache.integrations.simulated_neuronx_cc import (
+from optimum_neuron_cache.testing.simulated_neuronx_cc import (
     install_simulated_compiler,
     install_simulated_parallel_compile,
     jit_compile,
 )
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
-TRAIN = [sys.executable, "-m", "optimum_neuron_cache.integrations.simulated_neuronx_cc"]
+TRAIN = [sys.executable, "-m", "optimum_neuron_cache.testing.simulated_neuronx_cc"]
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_a_failing_command_keeps_its_exit_code_and_what_compiled_is_published(tm
 
 
 def make_graphs_module(seed: str, version: str) -> str:
-    from optimum_neuron_cache.simulated_compiler import module_name
+    from optimum_neuron_cache.testing.simulated_compiler import module_name
 
     return module_name(version, make_graphs(1, seed=seed)[0])
 

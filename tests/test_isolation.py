@@ -18,7 +18,7 @@ import importlib.metadata as md, json, sys
 import optimum_neuron_cache
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.client import running_server, stop_server
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 try:
     client_hub = md.version("huggingface_hub")

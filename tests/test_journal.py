@@ -17,7 +17,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.journal import Journal
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs, module_name
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs, module_name
 
 from stress.scenarios import _env
 
@@ -29,7 +29,7 @@ def _committed(bucket: BucketRef) -> set[str]:
 CHAINED = """
 import os, signal, sys, json
 from optimum_neuron_cache import hub_neuronx_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 spec = json.loads(sys.argv[1])
 def framework_handler(signum, frame):  # what a training framework installs: save and exit cleanly
     open(spec["marker"], "w").write("saved")
@@ -58,7 +58,7 @@ def test_sigterm_journals_then_runs_the_handler_that_was_there_before(tmp_path, 
 KILLED_IN_BODY = """
 import os, signal, sys, json
 from optimum_neuron_cache import hub_neuronx_cache
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 spec = json.loads(sys.argv[1])
 with hub_neuronx_cache(spec["model"], compiler_version=spec["version"], bucket=spec["bucket"], cache_dir=spec["cache"]):
     for graph in make_graphs(2, seed=spec["seed"]):

@@ -13,7 +13,7 @@ import pytest
 from optimum_neuron_cache.errors import CompilerVersionError, ConfigurationError
 from optimum_neuron_cache.local_cache import DEFAULT_CACHE_ROOT, EntryState, resolve_cache_root, scan_entries
 from optimum_neuron_cache.neuron_sdk import resolve_compiler_version
-from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 
 
 @pytest.mark.parametrize(

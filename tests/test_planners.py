@@ -11,7 +11,7 @@ import pytest
 from optimum_neuron_cache import remote_layout as layout
 from optimum_neuron_cache.fetch import Action, plan_model_area, plan_todo_fill, todo_probe_paths
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs, module_name
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs, module_name
 from optimum_neuron_cache.sync import plan_from_presence, probe_paths
 
 AREA_OF = "neuronxcc-{v}/models/org--m/default"

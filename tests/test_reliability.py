@@ -31,7 +31,7 @@ def bucket_for(request, tmp_path, monkeypatch):
         yield make
         return
     from optimum_neuron_cache.client import stop_server
-    from tests.emulator import HubEmulator
+    from hub_emulator import HubEmulator
 
     emulator = HubEmulator(tmp_path / "hub", xet="http").start()
     monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
@@ -94,7 +94,7 @@ def test_a_lock_held_too_long_is_a_clear_warning_and_a_killed_holder_blocks_nobo
 
     from optimum_neuron_cache import hub_neuronx_cache
     from optimum_neuron_cache.host_state import HostState
-    from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
     bucket = BucketRef("dir", str(tmp_path / "bucket"))
     BucketClient(bucket).create()

@@ -17,7 +17,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, running_server
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.remote_layout import PUBLISHABLE_FILES
-from optimum_neuron_cache.simulated_compiler import CompileFailed, compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 
 EXPORT_CONFIG = {"batch_size": 1, "sequence_length": 128, "tensor_parallel_size": 2, "auto_cast_type": "bf16", "target": "trn1"}
 

@@ -146,8 +146,8 @@ def test_a_bad_server_setting_never_sticks_in_the_shared_server(tmp_path, versio
 
 
 def test_the_shim_never_fails_a_compile_over_a_setting(tmp_path, version, toolchain, monkeypatch):
-    from optimum_neuron_cache.integrations.simulated_neuronx_cc import jit_compile
-    from optimum_neuron_cache.simulated_compiler import make_graphs
+    from optimum_neuron_cache.testing.simulated_neuronx_cc import jit_compile
+    from optimum_neuron_cache.testing.simulated_compiler import make_graphs
 
     bucket = BucketRef("dir", str(tmp_path / "bucket"))
     BucketClient(bucket).create()

@@ -28,8 +28,9 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.errors import RemoteUnavailableError
 from optimum_neuron_cache.server_launcher import can_connect, server_address
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from stress.scenarios import VERSION
+from tests.polling import wait_until
 from stress.silent_remote import (API, BUCKET, MODEL, UNRESOLVABLE, SilentEndpoint, WholeRun, closed_port, download_requests,
                                   server_retries, whole_run)
 
@@ -83,7 +84,7 @@ def failing_endpoint(kind: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         monkeypatch.setenv("HF_ENDPOINT", UNRESOLVABLE)
         yield logged_attempts()
     else:
-        from tests.emulator import HubEmulator
+        from hub_emulator import HubEmulator
 
         emulator = HubEmulator(tmp_path / "hub").start()
         try:
@@ -115,7 +116,7 @@ def test_a_dead_or_silent_xet_storage_behind_a_live_api_costs_one_download_reque
     """The listing succeeds, and not a byte comes from the storage (503 for ever, or answers that never come):
     the server gives up on the whole download at the first failure or when the budget passes without a byte
     (not once per file, after hf_xet's retries or read timeouts), and fetch does not try each entry again."""
-    from tests.emulator import HubEmulator
+    from hub_emulator import HubEmulator
 
     emulator = HubEmulator(tmp_path / "hub", xet="http").start()
     try:
@@ -169,9 +170,7 @@ def test_the_accept_and_hang_endpoint_counts_what_it_accepts():
             conn.settimeout(0.2)
             with pytest.raises(socket.timeout):
                 conn.recv(1)
-            deadline = time.monotonic() + 10
-            while silent.connections < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: silent.connections >= 1, "the endpoint to count the connection")
             assert silent.connections == 1
 
 
@@ -265,11 +264,8 @@ def test_the_server_takes_its_settings_from_arguments_and_ignores_its_environmen
     proc = server("--socket", str(address.socket_path), "--endpoint", hub.endpoint, "--retry-attempts", "2",
                   "--retry-budget", "60", "--metadata-timeout", "2", env=env)
     try:
-        deadline = time.monotonic() + 60
-        while not can_connect(address):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: proc.poll() is not None or can_connect(address), "the server to start")
+        assert proc.poll() is None, proc.communicate()[1]
         client = BucketClient(BucketRef("hf", BUCKET))
         assert client.server_status()["pid"] == proc.pid  # ours, not one the client started
         hub.reset_counts()

@@ -16,8 +16,8 @@ import pytest
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.compile_locks import MIN_AGE
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from tests.invariants import local_violations, reference_entries
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 
 
 @pytest.fixture

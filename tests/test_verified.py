@@ -12,8 +12,8 @@ from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.local_cache import scan_entries
-from optimum_neuron_cache.simulated_compiler import compile_graph, make_graphs
-from tests.invariants import local_violations, reference_entries
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 
 
 def _publish(tmp_path: Path, bucket, version: str, graphs: int = 2) -> list[str]:

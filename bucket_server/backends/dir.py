@@ -192,6 +192,7 @@ def _parts(path: str, *, allow_root: bool = False) -> list[str]:
 
 
 class DirBackend(Backend):
+    """A directory used as a bucket; every path under its root is hostile (see the module docstring)."""
     def __init__(self, root: str) -> None:
         if not os.path.isabs(root):
             raise BackendError(ErrorCode.BAD_REQUEST, f"directory bucket must be an absolute path, got {root!r}")
@@ -313,6 +314,7 @@ class DirBackend(Backend):
 
     # ------------------------------------------------------------------------------ interface
     def info(self) -> dict[str, Any]:
+        """The bucket's size and file count."""
         size = files = 0
         with self._open() as dirs:
             for item in self._walk(dirs, []):
@@ -321,11 +323,13 @@ class DirBackend(Backend):
         return {"id": str(self.root), "private": True, "size": size, "total_files": files}
 
     def create(self, *, private: bool | None) -> dict[str, Any]:
+        """Create the root folder if missing."""
         existed = self.root.is_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         return {"created": not existed, "url": str(self.root)}
 
     def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+        """Files (and, not recursive, folders) under `prefix`, reached without following a symlink."""
         parts = _parts(prefix.rstrip("/"), allow_root=True)
         with self._open() as dirs:
             if recursive:
@@ -335,6 +339,7 @@ class DirBackend(Backend):
             return sorted([{"type": "directory", "path": path} for path in folders] + files, key=lambda item: item["path"])
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The regular files among `paths`, with their digests (a stale sidecar says so)."""
         found = []
         with self._open() as dirs:
             for path in paths:
@@ -485,6 +490,8 @@ class DirBackend(Backend):
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
+        """Copies, then adds, then deletes; each write lands whole (.incoming/, then a rename), with its digest
+        sidecar."""
         counter = _Counter(progress, sum(_local_size(item) for item in add))
         algorithm = publish_algorithm()
         described: dict[str, dict[str, Any]] = {}

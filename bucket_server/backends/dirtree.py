@@ -78,6 +78,7 @@ def create_file(parent: int, name: str) -> int:
 
 
 def lstat(parent: int, name: str) -> os.stat_result | None:
+    """The status of `name` in `parent`, not following a symlink; None when missing."""
     try:
         return os.stat(name, dir_fd=parent, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
@@ -210,6 +211,7 @@ class Dirs:
             return None
 
     def close(self) -> None:
+        """Close every descriptor opened for the operation."""
         for key, fd in self._fds.items():
             if key:
                 os.close(fd)

@@ -55,6 +55,7 @@ class RetryPolicy:
             raise ValueError(f"attempts must be an integer >= 1, not {self.attempts!r}")
 
     def request_timeout(self, *, transfer: bool) -> float:
+        """A request's timeout before the budget cuts it: a transfer's, or metadata's (never the longer)."""
         return self.timeout if transfer else min(self.metadata_timeout, self.timeout)
 
 
@@ -359,6 +360,9 @@ def _file_item(bucket_file: Any) -> dict[str, Any]:
 
 
 class HfBackend(Backend):
+    """A Hub bucket through HfApi, with the calling client's token: every operation within the retry policy,
+    every failure a coded BackendError."""
+
     def __init__(self, api: Any, bucket_id: str, token: str | None, policy: RetryPolicy | None = None) -> None:
         self.api = api
         self.bucket_id = bucket_id
@@ -371,10 +375,13 @@ class HfBackend(Backend):
         return with_retries(self.policy, f"{what} {self.bucket_id}", lambda: fn(*args, token=self.token, **kwargs))
 
     def info(self) -> dict[str, Any]:
+        """The bucket's id, visibility, size and file count."""
         info = self._call("bucket info", self.api.bucket_info, self.bucket_id)
         return {"id": info.id, "private": info.private, "size": info.size, "total_files": info.total_files}
 
     def create(self, *, private: bool | None) -> dict[str, Any]:
+        """Create the bucket unless it exists (asked first: a token that may read but not create still
+        gets `created: False` for an existing bucket)."""
         try:
             self._call("create", self.api.bucket_info, self.bucket_id)
             return {"created": False, "url": f"{self.api.endpoint}/buckets/{self.bucket_id}"}
@@ -385,6 +392,8 @@ class HfBackend(Backend):
         return {"created": True, "url": str(getattr(url, "url", url))}
 
     def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+        """Files (and, when not recursive, folders) strictly under the folder `prefix`; a folder nobody wrote
+        to is empty, not an error."""
         prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
         folder = f"{prefix}/" if prefix else ""
 
@@ -410,6 +419,7 @@ class HfBackend(Backend):
             raise
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The files among `paths` that exist, in one request; missing ones are left out."""
         for path in paths:
             validate_remote_path(path)
         if not paths:
@@ -509,6 +519,8 @@ class HfBackend(Backend):
 
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
+        """Adds (regular local files or inline content), server-side copies by Xet hash, and deletes, in one
+        commit (or several, to report progress); files marked `describe` get their Xet hash and digest."""
         copy_ops = []
         if copy:
             missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]

@@ -37,7 +37,6 @@ NEURON_CC_FLAGS / NEURON_COMPILE_CACHE_URL, the installed neuronx-cc or NEURON_C
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -55,6 +54,8 @@ from typing import Callable, TypeVar
 
 from .. import settings
 from ..errors import ConfigurationError
+
+from ..atomic import atomic_write
 
 SHIM_MARKER = "optimum-neuron-cache compiler shim"
 COMPILER_NAME = "neuronx-cc"
@@ -93,10 +94,7 @@ def install_compiler_shim(directory: str | os.PathLike[str], python: str | None 
     """Write the shim as `<directory>/neuronx-cc` (atomically); put `directory` first on PATH to use it."""
     path = Path(directory).expanduser().absolute() / COMPILER_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{COMPILER_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(_shim_script(python or sys.executable), encoding="utf-8")
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    atomic_write(path, _shim_script(python or sys.executable), mode=0o755)
     return path
 
 
@@ -124,6 +122,8 @@ def compiler_shim_on_path(directory: str | os.PathLike[str] | None = None) -> It
 
 
 def is_shim(path: str | os.PathLike[str]) -> bool:
+    """Whether the executable at `path` is this shim (by its marker line), so it is never taken for the real
+    compiler."""
     try:
         with open(path, "rb") as handle:
             return SHIM_MARKER.encode() in handle.read(4096)
@@ -285,6 +285,7 @@ class _Shim:
         from ..buckets import embedded_default, resolve_bucket
         from ..client import BucketClient
         from ..errors import BucketNotFoundError, NeuronCacheError
+        from ..fetch import complete_flat_entries, download_checked, flat_probe_paths
 
         if self.version is None:
             return False
@@ -294,7 +295,7 @@ class _Shim:
         prefix = layout.flat_entry_prefix(self.version, self.request.module)
         try:
             client = BucketClient(bucket, self.env)
-            info = client.paths_info([f"{prefix}/{name}" for name in sorted(layout.PUBLISHABLE_FILES)])
+            info = client.paths_info(flat_probe_paths(self.version, [self.request.module]))
         except BucketNotFoundError:
             if bucket != embedded_default(self.env):
                 _say(f"bucket {bucket} not found; compiling")
@@ -306,37 +307,27 @@ class _Shim:
             self.note_down(str(bucket))
             _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.backoff:g}s)")
             return False
-        files = {}
-        for item in info:
-            parsed = layout.parse_area_path(str(item.get("path", "")), layout.version_prefix(self.version))
-            if parsed is not None and parsed.module == self.request.module and isinstance(item.get("size"), int):
-                files[parsed.filename] = item
-        if not layout.complete_remote_entry(files, self.version):
+        files = complete_flat_entries(self.version, info).get(self.request.module)
+        if files is None:
             return False
         if "wrapped_neff.hlo" in files:
             return False  # the compile would also have to produce it, and the command line does not say where
         remote_hlo = files.get(self.request.hlo_name)
-        if remote_hlo is not None and remote_hlo["size"] != self.request.hlo_path.stat().st_size:
+        if remote_hlo is not None and remote_hlo.size != self.request.hlo_path.stat().st_size:
             _say(f"{self.request.module} in {bucket} has another HLO than this compile's; compiling")
             return False
-        neff = files["model.neff"]
         output = self.request.output
         staging = Path(tempfile.mkdtemp(prefix=".neuron-cache-", dir=output.parent))
         try:
             staged = staging / "model.neff"
             try:
-                client.download([{"path": neff["path"], "local_path": str(staged), "size": neff["size"],
-                                  "xet_hash": neff.get("xet_hash"), "digest": neff.get("digest")}])
+                problems = download_checked(client, [(files["model.neff"], staged)])
             except (NeuronCacheError, OSError) as exc:
                 self.note_down(str(bucket))
                 _say(f"download of {prefix}/model.neff failed: {exc}; compiling")
                 return False
-            try:
-                size = os.lstat(staged).st_size
-            except OSError:
-                size = -1
-            if size != neff["size"]:
-                _say(f"{prefix}/model.neff has {size} bytes, the bucket lists {neff['size']}; compiling")
+            if problems:
+                _say(f"{problems[staged]}; compiling")
                 return False
             os.replace(staged, output)
         finally:
@@ -433,6 +424,8 @@ def _run(real: str, argv: list[str], env: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The shim as `neuronx-cc`: a hit installs the NEFF and exits 0; anything else runs the real compiler and
+    returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     env = dict(os.environ)
     real, shim_dirs = find_real_compiler(env, sys.argv[0] if sys.argv and sys.argv[0] else None)
@@ -472,24 +465,22 @@ def _read_json(path: Path) -> dict[str, object]:
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data))
+
+
+def real_compiler_besides(shim: Path) -> str | None:
+    """The real compiler a shim installed at `shim` would run (PATH without the shim's folder), or None."""
+    path = os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if os.path.realpath(entry or ".") != str(shim.parent))
+    return find_real_compiler({**os.environ, "PATH": path}, str(shim))[0]
 
 
 def install_main(argv: list[str] | None = None) -> int:
-    """`python -m optimum_neuron_cache.integrations.compiler_shim DIR`: install the shim, print the PATH line."""
-    parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.compiler_shim",
-                                     description="Install the neuronx-cc shim that looks compiled graphs up in the bucket.")
-    parser.add_argument("directory", help="where to write the `neuronx-cc` shim (put it first on PATH)")
-    args = parser.parse_args(argv)
-    shim = install_compiler_shim(args.directory)
-    real, _ = find_real_compiler({**os.environ, "PATH": os.pathsep.join(
-        e for e in os.environ.get("PATH", "").split(os.pathsep) if os.path.realpath(e or ".") != str(shim.parent))}, str(shim))
-    print(f"installed {shim}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), file=sys.stderr)
-    print(f'export PATH="{shim.parent}:$PATH"')
-    return 0
+    """`python -m optimum_neuron_cache.integrations.compiler_shim DIR` is `neuron-cache shim install DIR`."""
+    from ..cli import cli
+
+    return cli.main(["shim", "install", *(sys.argv[1:] if argv is None else argv)], prog_name="neuron-cache")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ flow step by step with `neuron-cache` commands.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -90,6 +88,7 @@ def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str |
 
 @dataclass
 class ParallelCompileReport:
+    """The exit code of the wrapped command (never changed by the cache) and what the cache did around it."""
     returncode: int
     #: The cache run around the command: fetched (step 1), compiled, synced and record (step 3).
     run: CacheRun
@@ -140,40 +139,10 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optimum_neuron_cache.integrations.parallel_compile",
-                                     description="neuron_parallel_compile with the bucket cache")
-    commands = parser.add_subparsers(dest="action", required=True)
-    run_parser = commands.add_parser("run", help="fetch, run the command (shim on PATH), publish")
-    run_parser.add_argument("--model", dest="model_id", help="Hub model id or local model directory (default: flat area only)")
-    run_parser.add_argument("--task", default="training")
-    run_parser.add_argument("--export-config", type=json.loads, default=None,
-                            help='JSON, e.g. \'{"batch_size": 1, "sequence_length": 2048}\': writes an export record')
-    run_parser.add_argument("--no-shim", action="store_true", help="do not put the compiler shim on PATH")
-    fill_parser = commands.add_parser("fill-todo", help="complete extracted (todo) entries from the flat area")
-    for sub in (run_parser, fill_parser):
-        sub.add_argument("--bucket")
-        sub.add_argument("--cache-dir")
-        sub.add_argument("--compiler-version")
-    run_parser.add_argument("command", nargs=argparse.REMAINDER, help="-- neuron_parallel_compile ...")
-    args = parser.parse_args(argv)
-    if args.action == "fill-todo":
-        result = fill_todo_entries(bucket=args.bucket, cache_dir=args.cache_dir, compiler_version=args.compiler_version)
-        for warning in result.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
-        return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("give the command after --, e.g. -- neuron_parallel_compile torchrun ... train.py")
-    if args.export_config is not None and not isinstance(args.export_config, dict):
-        parser.error("--export-config must be a JSON object")
-    report = run_parallel_compile(command, model_id=args.model_id, task=args.task, export_config=args.export_config,
-                                  bucket=args.bucket,
-                                  cache_dir=args.cache_dir, compiler_version=args.compiler_version, shim=not args.no_shim)
-    run = report.run
-    print(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
-          + (f", record {run.record}" if run.record else ""), file=sys.stderr)
-    return report.returncode
+    """`python -m optimum_neuron_cache.integrations.parallel_compile ...` is `neuron-cache parallel-compile ...`."""
+    from ..cli import cli
+
+    return cli.main(["parallel-compile", *(sys.argv[1:] if argv is None else argv)], prog_name="neuron-cache")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def _int(env: Mapping[str, str], *names: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class RankInfo:
+    """This process's place in a distributed job."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -36,6 +37,7 @@ class RankInfo:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RankInfo:
+        """Ranks from torchrun's variables (MPI's as a fallback); alone when none is set."""
         env = os.environ if environ is None else environ
         world = _int(env, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1)
         local_world = _int(env, "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=world)

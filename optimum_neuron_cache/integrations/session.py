@@ -46,6 +46,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from .. import remote_layout as layout
+from ..atomic import atomic_write
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
@@ -121,6 +122,7 @@ class TrainingCacheSession:
 
     @property
     def enabled(self) -> bool:
+        """False when bucket sync is off for this run (an s3:// cache root, --no_cache)."""
         return self._ctx.run.enabled
 
     @property
@@ -288,10 +290,8 @@ class TrainingCacheSession:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data))
     except OSError as exc:
         log.warning("optimum-neuron-cache: could not write %s: %s (other ranks will wait for their timeout)", path, exc)
 

@@ -120,6 +120,7 @@ class NeuronCacheCallback(_CallbackBase):  # type: ignore[misc,valid-type]
 
     # Trainer calls these with (args, state, control, **kwargs); each one is best effort.
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Local rank 0 fetches; the host's other ranks wait for it (bounded). Never raises."""
         if self.session is not None:  # a second train() call on the same callback: start a new session
             self._end(None)
         model_id = self.model_id if self.model_id is not None else model_id_from_model(model)
@@ -135,6 +136,7 @@ class NeuronCacheCallback(_CallbackBase):  # type: ignore[misc,valid-type]
             log.warning("optimum-neuron-cache: fetch before training failed unexpectedly: %s: %s", type(exc).__name__, exc)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The publisher publishes what was compiled so far, in the background. Never raises."""
         if self.session is None or not self.sync_on_save:
             return
         try:
@@ -143,6 +145,7 @@ class NeuronCacheCallback(_CallbackBase):  # type: ignore[misc,valid-type]
             log.warning("optimum-neuron-cache: checkpoint publication failed unexpectedly: %s: %s", type(exc).__name__, exc)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The publisher publishes the rest and writes the export record. Never raises."""
         self._end(None)
 
     def _end(self, exc: BaseException | None) -> None:

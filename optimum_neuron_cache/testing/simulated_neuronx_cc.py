@@ -29,9 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..local_cache import DONE, LOG, NEFF, EntryState, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from ..neuron_sdk import ENV_COMPILER_VERSION, resolve_compiler_version, writes_done_marker
-from ..simulated_compiler import Graph, _neff_bytes, flags_file, hlo_file_name, make_graphs, module_name
+from .simulated_compiler import Graph, _neff_bytes, flags_file, hlo_file_name, make_graphs, module_name
 
 DEFAULT_VERSION = "2.21.33363.0+82129205"
 ENV_LOG = "SIMULATED_NEURONX_CC_LOG"
@@ -103,11 +104,8 @@ def compiler_main(argv: list[str] | None = None) -> int:
 def write_launcher(path: Path, module: str, function: str, python: str | None = None) -> Path:
     """An executable script at `path` running `module.function()` with this interpreter."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"#!{python or sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
-                   encoding="utf-8")
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    atomic_write(path, f"#!{python or sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
+                 mode=0o755)
     return path
 
 

@@ -1,6 +1,6 @@
 """Run the Hub bucket emulator in the foreground.
 
-    python -m tests.emulator --data DIR [--host H] [--port N] [--page-size N] [--xet local|http]
+    python -m hub_emulator --data DIR [--host H] [--port N] [--page-size N] [--xet local|http]
                              [--token TOKEN=USER[:ro]] ...
 
 The first stdout line is the endpoint (``http://127.0.0.1:PORT``); the process serves until SIGINT / SIGTERM.
@@ -28,7 +28,7 @@ def _parse_token(spec: str) -> tuple[str, TokenInfo]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.emulator", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hub_emulator", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="state + Xet CAS directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

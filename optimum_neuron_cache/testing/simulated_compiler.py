@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .local_cache import DONE, LOG, NEFF, version_dir_name
-from .neuron_sdk import version_tuple, writes_done_marker
+from ..local_cache import DONE, LOG, NEFF, version_dir_name
+from ..neuron_sdk import version_tuple, writes_done_marker
 
 
 class CompileFailed(RuntimeError):
