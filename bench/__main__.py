@@ -14,7 +14,7 @@ from typing import Any
 from . import FIGURES
 from .config import BACKENDS, DEFAULT, SMOKE, with_overrides
 from .harness import BenchEnv, write_json
-from .report import render
+from .report import SMOKE_NOTE, render
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -27,7 +27,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: CI keeps the harness working with it")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks that the harness works, not the figures (targets are not judged)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/<time>.json)")
     parser.add_argument("--reps", type=int, help="repetitions of the figures that move data")
     parser.add_argument("--fast-reps", type=int, help="repetitions of the millisecond figures")
@@ -128,6 +128,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out, results)
     print(render(results))
     print(f"\nJSON: {out} ({results['seconds']} s)")
+    if cfg.smoke:
+        print(SMOKE_NOTE)
     return results
 
 

@@ -72,14 +72,21 @@ def lookup_table(fig: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def targets_table(figures: list[dict[str, Any]]) -> str:
+def targets_table(figures: list[dict[str, Any]], *, smoke: bool = False) -> str:
+    """The targets and whether each was met; a smoke run's tiny sizes say nothing about them, so it judges none."""
     lines = [_row(["figure", "target", "value", "met"]), _row(["---"] * 4)]
     for fig in figures:
         for item in fig["targets"]:
             value = item["value"]
             shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            lines.append(_row([fig["id"], item["text"], shown, "yes" if item["met"] else "**MISSED**"]))
+            met = "not judged (smoke)" if smoke else "yes" if item["met"] else "**MISSED**"
+            lines.append(_row([fig["id"], item["text"], shown, met]))
     return "\n".join(lines)
+
+
+#: What a smoke run's report says first and last.
+SMOKE_NOTE = ("Smoke run (tiny sizes, one repetition): it checks that the harness works, not the figures. "
+              "Its timings mean nothing and its targets are not judged; run `python -m bench` for figures.")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -91,11 +98,14 @@ def render(results: dict[str, Any]) -> str:
     load = max((env.get("load_average_at_start") or [0])[:1] + (env.get("load_average") or [0])[:1])
     if env.get("cpus") and load > env["cpus"]:
         header += f"\n**Warning: the machine was busy (load {load} on {env['cpus']} CPUs): timings are not trustworthy.**"
+    smoke = bool(results.get("smoke"))
     parts = [header, figures_table(figures)]
+    if smoke:
+        parts.insert(0, f"**{SMOKE_NOTE}**")
     for fig in figures:
         if "by_models" in fig:
             parts.append(lookup_table(fig))
-    parts.append(targets_table(figures))
+    parts.append(targets_table(figures, smoke=smoke))
     problems = [(fig["id"], check) for fig in figures for check in fig["checks"]]
     if problems:
         parts.append("Checks that failed:\n" + "\n".join(f"- {fid}: {check}" for fid, check in problems))

@@ -7,6 +7,9 @@
 - `journal/`: the write-ahead journal of publications (journal.py).
 - `published/`: when this host last published each entry destination, so that ranks exiting together
   publish each entry once even when one plans before another finishes.
+
+Two more folders live there, kept by their own modules: `sessions/` (training sessions' fetch status,
+integrations/session.py) and `shim/` (the compiler shim's memo and "bucket is down" note).
 """
 
 from __future__ import annotations
