@@ -193,7 +193,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._known_models = fetched.plan.known_models
             self._records_read = fetched.result.exports_read
             prefix = layout.version_prefix(self._version)
-            self.run.fetched = [f"{prefix}/{module}" for module in fetched.result.fetched]
+            self.run.fetched = [layout.flat_entry_prefix(self._version, module) for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
             for module, why in fetched.result.failed:
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
@@ -202,7 +202,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             for module, why in fetched.plan.stranded:
                 self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
                            f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")
-                self._miss(f"{prefix}/{module} is locked here (a compile in progress, or a stale lock)")
+                self._miss(f"{layout.flat_entry_prefix(self._version, module)} is locked here (a compile in progress, or a stale lock)")
             saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
             self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
         self.run.stats.fetches = 1 if self._client is not None else 0
@@ -221,7 +221,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             now = time.time()
             self._leftovers = journal.leftovers(self._journal_key(), now)
             recovered = explicit_and_window(self._leftovers, local, now)
-            self.run.recovered = [f"{layout.version_prefix(self._version)}/{name}" for name in sorted(recovered)]
+            self.run.recovered = [layout.flat_entry_prefix(self._version, name) for name in sorted(recovered)]
             self._journal_record = journal.begin(RunRecord(
                 key=self._journal_key(), started=now - CLOCK_SLACK, model_id=self._model.model_id if self._model else None,
                 export_config=self._export_config, window=True, open=True))
@@ -237,7 +237,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
     def _new_entries(self, entries: dict[str, LocalEntry]) -> set[str]:
         """Entries that became complete during the block and were not fetched: compiled here (or by another
         process of the host meanwhile)."""
-        fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        fetched = {layout.module_of(key) for key in self.run.fetched}
         return {name for name, entry in entries.items()
                 if entry.state.publishable and not self._before.get(name, EntryState.INCOMPLETE).publishable
                 and name not in fetched}
@@ -258,7 +258,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return self._records_read
         if self._client is None or self._area is None or not self._area_records:
             return []
-        paths = [f"{self._area}/{layout.EXPORTS_DIR}/{name}" for name in sorted(self._area_records)]
+        paths = [layout.area_record_path(self._area, name) for name in sorted(self._area_records)]
         return read_records(self._client, paths)
 
     # --------------------------------------------------------------------------------- exit
@@ -330,7 +330,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return []
         earlier = [(leftover.export_config, explicit_and_window([leftover], entries, time.time()) & recovered)
                    for leftover in self._leftovers if leftover.export_config is not None]
-        used = set(self._area_modules) | {key.rsplit("/", 1)[1] for key in self.run.fetched}
+        used = set(self._area_modules) | {layout.module_of(key) for key in self.run.fetched}
         return exit_records(self._model.model_id, self._task, self._version, self._area, entries,
                             config=self._export_config, compiled=new, used=used, earlier=earlier,
                             recorded=self._area_records, previous=self._records_read)
@@ -338,13 +338,12 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
     def _sync(self, root: Path) -> None:
         entries = {entry.name: entry for entry in self._entries()}
         new = self._new_entries(entries)
-        fetched = {key.rsplit("/", 1)[1] for key in self.run.fetched}
-        prefix = layout.version_prefix(self._version)
-        self.run.compiled = [f"{prefix}/{name}" for name in sorted(new)]
+        fetched = {layout.module_of(key) for key in self.run.fetched}
+        self.run.compiled = [layout.flat_entry_prefix(self._version, name) for name in sorted(new)]
         log.debug("optimum-neuron-cache: hits (fetched) %s; misses (compiled here) %s", sorted(fetched), sorted(new))
         if new and self._remote_ok and self._model is not None:
             self._explain_misses(new)
-        recovered = {key.rsplit("/", 1)[1] for key in self.run.recovered}
+        recovered = {layout.module_of(key) for key in self.run.recovered}
         candidates = [entries[name] for name in sorted(new | recovered) if name in entries and entries[name].state.publishable]
         journal = Journal(root)
         if self._journal_record is not None:
@@ -365,7 +364,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                               known_in_area=self._area_modules, records=writes, record=self._journal_record,
                               create_bucket=self._is_embedded_default())
         self._journal_record = publication.record
-        self.run.synced = [f"{prefix}/{name}" for name in sorted(publication.result.published)]
+        self.run.synced = [layout.flat_entry_prefix(self._version, name) for name in sorted(publication.result.published)]
         self.run.bytes_uploaded = publication.result.bytes_uploaded
         own = [path for path, record in writes if record.export_config == self._export_config]
         self.run.record = own[0] if own and own[0] in publication.result.record_paths else None

@@ -71,7 +71,7 @@ def why_area_empty(client: BucketClient, compiler_version: str, folder: str, tas
     explain`'s business (a listing per version)."""
     wanted = folder.lower()
     cased = [name for name in known_models or () if name.lower() == wanted] if known_models is not None else [folder]
-    tasks = sorted(name for name in client.folders(f"{layout.models_prefix(compiler_version)}/{cased[0]}")
+    tasks = sorted(name for name in client.folders(layout.model_folder_prefix(compiler_version, cased[0]))
                    if name != task) if cased else []
     if tasks:
         return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(tasks)}"
@@ -86,7 +86,7 @@ def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: 
     tasks_here = []
     here = [name for name in client.folders(layout.models_prefix(compiler_version)) if name.lower() == wanted]
     if here:
-        tasks_here = client.folders(f"{layout.models_prefix(compiler_version)}/{here[0]}")
+        tasks_here = client.folders(layout.model_folder_prefix(compiler_version, here[0]))
     if tasks_here:
         return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(sorted(tasks_here))}"
     versions = sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v and v != compiler_version)

@@ -157,7 +157,7 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
     """The plan for one listing of the model's area (pure: no I/O). `lock_verdicts`: for locally locked
     entries, None when the lock can be told stale, else why it cannot."""
     listing = list(listing)
-    exports = f"{area_prefix}/{layout.EXPORTS_DIR}/"
+    exports = layout.area_exports_prefix(area_prefix) + "/"
     record_names, record_files, ignored = set(), [], []
     for item in listing:
         path = str(item.get("path", ""))

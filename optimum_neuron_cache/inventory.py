@@ -9,7 +9,7 @@ from typing import Any
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .local_cache import is_module_name, version_from_dir_name
+from .local_cache import version_from_dir_name
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -39,30 +39,23 @@ class Inventory:
 
 def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
     """Group one version's recursive listing into areas; entries count only when complete."""
-    prefix = layout.version_prefix(version) + "/"
     modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
     records: dict[str, int] = {}
     bad_sizes: list[str] = []
     for item in listing:
         path = str(item.get("path", ""))
-        if item.get("type", "file") != "file" or not path.startswith(prefix):
+        where = layout.split_version_path(version, path) if item.get("type", "file") == "file" else None
+        if where is None:
             continue
-        parts = path[len(prefix):].split("/")
-        if len(parts) == 2 and is_module_name(parts[0]):
-            area, module, name = "", parts[0], parts[1]
-        elif len(parts) == 5 and parts[0] == layout.MODELS_DIR and is_module_name(parts[3]):
-            area, module, name = f"{parts[1]}/{parts[2]}", parts[3], parts[4]
-        elif len(parts) == 5 and parts[0] == layout.MODELS_DIR and parts[3] == layout.EXPORTS_DIR:
-            records[f"{parts[1]}/{parts[2]}"] = records.get(f"{parts[1]}/{parts[2]}", 0) + 1
+        if where.record:
+            records[where.area] = records.get(where.area, 0) + 1
             continue
-        else:
+        size = layout.listed_size(item)
+        if size is None:
+            bad_sizes.append(path)
             continue
-        if layout.is_publishable(name):
-            size = layout.listed_size(item)
-            if size is None:
-                bad_sizes.append(path)
-                continue
-            modules.setdefault((area, module), {})[name] = layout.RemoteFile(name, path, size, item.get("xet_hash"))
+        files = modules.setdefault((where.area, where.module), {})
+        files[where.filename] = layout.RemoteFile(where.filename, path, size, item.get("xet_hash"))
     if bad_sizes:
         log.warning("optimum-neuron-cache: skipped %d listed file(s) whose size is not a valid number of bytes, "
                     "e.g. %s", len(bad_sizes), bad_sizes[0])

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._version import __version__
 from .local_cache import ENV_CC_FLAGS, split_flags
-from .remote_layout import EXPORTS_DIR
+from .remote_layout import area_record_path
 
 RECORD_SCHEMA = 1
 #: libneuronxla's own flags: consumed by its wrapper, never passed to neuronx-cc, never in the flags hash.
@@ -143,5 +143,5 @@ def exit_records(model_id: str, task: str, compiler_version: str, area: str, ent
         record = make_record(model_id, task, compiler_version, record_config, sorted(modules), compile_seconds=seconds)
         if digests.get(record_id):
             record = replace(record, digests=dict(digests[record_id]))
-        writes.append((f"{area}/{EXPORTS_DIR}/{record_id}.json", record))
+        writes.append((area_record_path(area, f"{record_id}.json"), record))
     return writes

@@ -175,16 +175,64 @@ def model_entry_prefix(compiler_version: str, folder: str, task: str, module: st
     return f"{model_area_prefix(compiler_version, folder, task)}/{module}"
 
 
+def model_folder_prefix(compiler_version: str, folder: str) -> str:
+    """A model's folder (its tasks are below it)."""
+    return f"{models_prefix(compiler_version)}/{folder}"
+
+
 def exports_prefix(compiler_version: str, folder: str, task: str) -> str:
     """The folder of a model area's export records."""
-    return f"{model_area_prefix(compiler_version, folder, task)}/{EXPORTS_DIR}"
+    return area_exports_prefix(model_area_prefix(compiler_version, folder, task))
+
+
+def area_exports_prefix(area_prefix: str) -> str:
+    """The folder of the export records of a model area (`area_prefix` as found in the bucket)."""
+    return f"{area_prefix}/{EXPORTS_DIR}"
+
+
+def area_record_path(area_prefix: str, record_file: str) -> str:
+    """An export record of a model area, by file name (`<record id>.json`)."""
+    return f"{area_exports_prefix(area_prefix)}/{record_file}"
 
 
 def export_record_path(compiler_version: str, folder: str, task: str, record_id: str) -> str:
     """Where an export record lives; a malformed record id raises ValueError."""
     if not _RECORD_ID_RE.match(record_id):
         raise ValueError(f"bad export record id {record_id!r}")
-    return f"{exports_prefix(compiler_version, folder, task)}/{record_id}.json"
+    return area_record_path(model_area_prefix(compiler_version, folder, task), f"{record_id}.json")
+
+
+def module_of(entry_key: str) -> str:
+    """The MODULE name of an entry key (`neuronxcc-<ver>/MODULE_...`, as `flat_entry_prefix` makes it)."""
+    return entry_key.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class VersionPath:
+    """A path under a compiler version's folder, classified: an entry's file (flat area when `area` is "",
+    else `<model folder>/<task>`), or an export record (`module` and `filename` empty, `record` set)."""
+
+    area: str
+    module: str = ""
+    filename: str = ""
+    record: str = ""
+
+
+def split_version_path(compiler_version: str, path: str) -> VersionPath | None:
+    """Classify a bucket path under `neuronxcc-<ver>/`, or None for anything the layout does not allow there."""
+    prefix = version_prefix(compiler_version) + "/"
+    if not path.startswith(prefix):
+        return None
+    parts = path[len(prefix):].split("/")
+    if len(parts) == 2 and is_module_name(parts[0]) and is_publishable(parts[1]):
+        return VersionPath("", parts[0], parts[1])
+    if len(parts) == 5 and parts[0] == MODELS_DIR:
+        area = f"{parts[1]}/{parts[2]}"
+        if is_module_name(parts[3]) and is_publishable(parts[4]):
+            return VersionPath(area, parts[3], parts[4])
+        if parts[3] == EXPORTS_DIR and parts[4].endswith(".json"):
+            return VersionPath(area, record=parts[4])
+    return None
 
 
 @dataclass(frozen=True)

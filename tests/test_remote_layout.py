@@ -88,3 +88,18 @@ def test_export_records_keep_compile_flags_without_wrapper_flags():
     data = json.loads(first.to_json())
     assert data["modules"] == ["MODULE_1+a", "MODULE_2+b"]
     assert {"model_id", "task", "compiler_version", "export_config", "compile_flags", "package_version", "created_at"} <= set(data)
+
+
+def test_paths_under_a_version_are_classified_or_refused():
+    from optimum_neuron_cache.remote_layout import VersionPath, split_version_path
+
+    v = "2.21.33363.0+82129205"
+    assert split_version_path(v, f"neuronxcc-{v}/MODULE_1+a/model.neff") == VersionPath("", "MODULE_1+a", "model.neff")
+    assert split_version_path(v, f"neuronxcc-{v}/models/org--m/default/MODULE_1+a/model.done") == \
+        VersionPath("org--m/default", "MODULE_1+a", "model.done")
+    assert split_version_path(v, f"neuronxcc-{v}/models/org--m/default/exports/{'a' * 16}.json") == \
+        VersionPath("org--m/default", record=f"{'a' * 16}.json")
+    for hostile in (f"neuronxcc-{v}/MODULE_1+a/model.log", f"neuronxcc-{v}/MODULE_1+a/../x/model.neff",
+                    f"neuronxcc-{v}/models/org--m/default/MODULE_1+a/sub/model.neff", "neuronxcc-2.0.0/MODULE_1+a/model.neff",
+                    f"neuronxcc-{v}/models/org--m/default/exports/x.txt"):
+        assert split_version_path(v, hostile) is None

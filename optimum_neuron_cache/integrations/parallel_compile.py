@@ -69,7 +69,7 @@ def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str |
         return result
     local = {entry.name: entry for entry in scan_entries(root.path, version)}
     prefix = layout.version_prefix(version)
-    result.todo = [f"{prefix}/{name}" for name, entry in sorted(local.items()) if entry.state is EntryState.TODO]
+    result.todo = [layout.flat_entry_prefix(version, name) for name, entry in sorted(local.items()) if entry.state is EntryState.TODO]
     if not result.todo:
         return result
     try:
@@ -81,7 +81,7 @@ def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str |
     except (NeuronCacheError, OSError) as exc:
         result.warnings.append(f"todo entries not filled, bucket {ref}: {exc} (they are compiled here)")
         return result
-    result.filled = [f"{prefix}/{module}" for module in fetched.result.fetched]
+    result.filled = [layout.flat_entry_prefix(version, module) for module in fetched.result.fetched]
     result.warnings.extend(f"entry {prefix}/{module} not filled: {why}" for module, why in fetched.result.failed)
     return result
 

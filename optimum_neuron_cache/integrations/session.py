@@ -232,7 +232,7 @@ class TrainingCacheSession:
             return
         run = self._ctx.run
         try:
-            fetched = {key.rsplit("/", 1)[1] for key in run.fetched}
+            fetched = {layout.module_of(key) for key in run.fetched}
             new = [entry for entry in scan_entries(self._root, run.compiler_version)
                    if entry.state.publishable and entry.name not in self._baseline and entry.name not in fetched
                    and entry.name not in self._published]
@@ -255,8 +255,7 @@ class TrainingCacheSession:
         published = set(publication.result.published)
         skipped = {name for name, _ in publication.result.skipped}
         self._published |= published | ({entry.name for entry in new} - planned)
-        prefix = layout.version_prefix(run.compiler_version)
-        self.report.checkpoint_published.extend(f"{prefix}/{name}" for name in sorted(published))
+        self.report.checkpoint_published.extend(layout.flat_entry_prefix(run.compiler_version, name) for name in sorted(published))
         if skipped:
             log.info("optimum-neuron-cache: %d entries left to another publisher of this host", len(skipped))
 
