@@ -12,6 +12,7 @@ from optimum_neuron_cache.local_cache import DONE, EntryState, scan_entries
 
 
 def digest(path: Path) -> str:
+    """The sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -73,5 +74,6 @@ def bucket_violations(listing: Iterable[Mapping[str, Any]], version: str,
 
 
 def reference_sizes(root: Path, version: str) -> dict[str, dict[str, int]]:
+    """module -> {file: size} of a cache's success entries (allow-listed files): what a bucket's copies must equal."""
     return {e.name: {n: s for n, s in e.files.items() if layout.is_publishable(n)}
             for e in scan_entries(root, version) if e.state.publishable}

@@ -46,6 +46,7 @@ class Graph:
 
 @dataclass(frozen=True)
 class CompileResult:
+    """Where the entry is, whether it was a hit, how long the compile took, and its files' sizes."""
     path: Path
     hit: bool
     seconds: float = 0.0
@@ -53,16 +54,20 @@ class CompileResult:
 
 
 def hlo_file_name(version: str) -> str:
+    """The HLO file of an entry: `model.hlo.pb` up to compiler 2.12, `model.hlo_module.pb` after."""
     return "model.hlo.pb" if version_tuple(version)[:2] <= (2, 12) else "model.hlo_module.pb"
 
 
 def flags_file(version: str, flags: tuple[str, ...]) -> tuple[str, bytes]:
+    """The flags file of an entry and its bytes: `compile_flags.json` (a JSON list) from 2.15, `compile_flags.txt`
+    (space-joined) before."""
     if writes_done_marker(version):
         return "compile_flags.json", json.dumps(list(flags)).encode()
     return "compile_flags.txt", " ".join(flags).encode()
 
 
 def module_name(version: str, graph: Graph) -> str:
+    """`MODULE_<hlo key>+<first 8 hex of md5(flags file bytes)>`, as the entry's folder is named."""
     _, flags_bytes = flags_file(version, graph.flags)
     return f"MODULE_{graph.hlo_key}+{hashlib.md5(flags_bytes).hexdigest()[:8]}"
 
@@ -80,6 +85,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def entry_path(root: Path, version: str, graph: Graph) -> Path:
+    """The entry folder a compile of `graph` writes under `root`."""
     return Path(root) / version_dir_name(version) / module_name(version, graph)
 
 
@@ -144,6 +150,7 @@ def make_graphs(count: int, *, seed: str = "model", hlo_size: int = 4096, neff_s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The simulated compiler at the terminal: compile N graphs of a model into a cache dir."""
     parser = argparse.ArgumentParser(description="Simulated neuronx-cc: compile N graphs of a model into a cache dir")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--compiler-version", required=True)

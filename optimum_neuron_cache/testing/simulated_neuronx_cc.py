@@ -70,6 +70,7 @@ def _compile_flags(argv: list[str]) -> tuple[str | None, str | None, str | None,
 
 
 def compiler_main(argv: list[str] | None = None) -> int:
+    """The simulated `neuronx-cc` command: `compile --framework=XLA <hlo> --output <neff>` and `--version`."""
     argv = sys.argv[1:] if argv is None else argv
     if "--version" in argv:
         print(f"NeuronX Compiler version {os.environ.get(ENV_COMPILER_VERSION) or DEFAULT_VERSION}\n\nPython version {sys.version.split()[0]}")
@@ -115,6 +116,7 @@ def install_simulated_compiler(directory: str | os.PathLike[str], name: str = "n
 
 
 def install_simulated_parallel_compile(directory: str | os.PathLike[str], name: str = "neuron_parallel_compile") -> Path:
+    """Write a simulated `neuron_parallel_compile` into `directory`; returns its path."""
     return write_launcher(Path(directory) / name, __name__, "parallel_compile_main")
 
 
@@ -127,6 +129,7 @@ class SimulatedCompileError(RuntimeError):
 
 @dataclass(frozen=True)
 class JitResult:
+    """What one simulated JIT compile through libneuronxla's protocol did."""
     module: str
     path: Path
     #: True when the entry was complete already (libneuronxla's "Using a cached neff").
