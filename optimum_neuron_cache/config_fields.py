@@ -29,3 +29,12 @@ def names_of(field: str) -> tuple[str, ...]:
 def value_of(config: Mapping[str, Any], field: str) -> Any:
     """The value of `field` in `config` under the first of its names present, or None."""
     return next((config[name] for name in names_of(field) if name in config), None)
+
+
+def same_value(value: Any, wanted: Any) -> bool:
+    """Whether a config value matches a wanted one: as integers when both are numbers, else as trimmed
+    case-insensitive text (`BF16` matches `bf16`, `4` matches 4)."""
+    try:
+        return int(value) == int(wanted)
+    except (TypeError, ValueError):
+        return str(value).strip().lower() == str(wanted).strip().lower()

@@ -27,9 +27,9 @@ from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
 from .neuron_sdk import resolve_compiler_version
 from .explain import nearest, time_saved, why_area_empty
-from .lookup import CachedExport, read_records
+from .lookup import read_records
 from .publish import close, publish
-from .records import compiler_flags, exit_records, make_record
+from .records import CachedExport, compiler_flags, exit_records, make_record
 from .sigterm import SigtermHook
 from .stats import Stats, record_run
 from .sync import RecordWrite

@@ -13,7 +13,7 @@ from typing import Any
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import version_from_dir_name
-from .lookup import CachedExport
+from .records import CachedExport
 
 #: Versions looked at when telling "entries exist only for other compiler versions" (bounded cost).
 MAX_VERSIONS_PROBED = 20

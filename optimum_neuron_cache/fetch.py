@@ -33,7 +33,7 @@ from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError, RemoteUnavailableError
 from .host_state import HostState, lock_timeout
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
-from .lookup import CachedExport, parse_record
+from .records import CachedExport, parse_record
 from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")

@@ -9,123 +9,28 @@ size of the bucket. Results are memoized in-process, keyed by bucket, endpoint, 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import tempfile
 import threading
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import remote_layout as layout
-from .config_fields import ALIASES, names_of
+from .config_fields import ALIASES
 from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
 from .errors import CompilerVersionError
 from .local_cache import version_from_dir_name
 from .neuron_sdk import resolve_compiler_version, validate_compiler_version
-from .records import ExportRecord
+from .records import CachedExport, parse_record
 from .server_launcher import hub_endpoint
 
 log = logging.getLogger("optimum_neuron_cache")
 
-#: No compile of one graph takes a month: a larger duration in a record is corrupt or hostile, not slow.
-MAX_COMPILE_SECONDS = 30 * 24 * 3600.0
-
 #: Filter name -> the export-config keys that carry it (config_fields.py).
 FILTER_KEYS = ALIASES
-
-
-@dataclass(frozen=True)
-class CachedExport(ExportRecord):
-    """An export record found in the bucket, and where it lives there."""
-
-    path: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """What `lookup --json` prints: the configuration, not the digests kept for the bucket server."""
-        return {key: value for key, value in asdict(self).items() if key != "digests"}
-
-    def matches(self, filters: Mapping[str, Any]) -> bool:
-        """Whether every given filter matches one of the config keys that carry it (numbers compared as numbers)."""
-        for name, wanted in filters.items():
-            if wanted is None:
-                continue
-            keys = names_of(name)
-            values = [self.export_config[key] for key in keys if key in self.export_config]
-            if not any(_same(value, wanted) for value in values):
-                return False
-        return True
-
-
-def _same(value: Any, wanted: Any) -> bool:
-    try:
-        return int(value) == int(wanted)
-    except (TypeError, ValueError):
-        return str(value).strip().lower() == str(wanted).strip().lower()
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text} is out of range")
-    return value
-
-
-def _not_a_number(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def load_bucket_json(text: str) -> Any:
-    """JSON from the bucket: NaN, Infinity and numbers that overflow to them (1e309) are refused, so no
-    figure read from a bucket can poison a sum, a comparison or the JSON we print."""
-    return json.loads(text, parse_float=_finite, parse_constant=_not_a_number)
-
-
-def _compile_seconds(value: object) -> dict[str, float]:
-    """compile_seconds: MODULE name -> seconds, each finite, from 0 to MAX_COMPILE_SECONDS."""
-    if not isinstance(value, dict):
-        raise ValueError("compile_seconds is not an object")
-    seconds: dict[str, float] = {}
-    for name, number in value.items():
-        if not layout.is_module_name(name):
-            raise ValueError(f"compile_seconds names {name!r}, not a MODULE entry")
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= MAX_COMPILE_SECONDS:
-            raise ValueError(f"compile_seconds of {name} is {number!r}, not a number of seconds from 0 to {MAX_COMPILE_SECONDS:.0f}")
-        seconds[name] = float(number)
-    return seconds
-
-
-def parse_record(text: str, path: str) -> CachedExport | None:
-    """A record, or None (with a warning) when it is not one: buckets hold whatever someone put there.
-    Every number in it is finite, and its compile durations are bounded, or the whole record is skipped."""
-    try:
-        data = load_bucket_json(text)
-        if not isinstance(data, dict) or not isinstance(data.get("export_config"), dict):
-            raise ValueError("not an export record")
-        flags = data.get("compile_flags", [])
-        modules = data.get("modules", [])
-        if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
-            raise ValueError("compile_flags is not a list of strings")
-        if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
-            raise ValueError("modules is not a list of MODULE names")
-        seconds = _compile_seconds(data.get("compile_seconds", {}))
-        digests = data.get("digests", {})  # checked where it is used: by the bucket server
-        if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
-            digests = {}
-        return CachedExport(
-            model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
-            export_config=data["export_config"], compile_flags=flags, modules=modules, compile_seconds=seconds,
-            digests=digests,
-            created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
-        )
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
-        return None
 
 
 _memo: dict[tuple[Any, ...], list[CachedExport]] = {}

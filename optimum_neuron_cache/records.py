@@ -10,15 +10,21 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
+import math
 import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import remote_layout as layout
 from ._version import __version__
+from .config_fields import names_of, same_value
 from .local_cache import ENV_CC_FLAGS, split_flags
 from .remote_layout import area_record_path
+
+log = logging.getLogger("optimum_neuron_cache")
 
 RECORD_SCHEMA = 1
 #: libneuronxla's own flags: consumed by its wrapper, never passed to neuronx-cc, never in the flags hash.
@@ -145,3 +151,89 @@ def exit_records(model_id: str, task: str, compiler_version: str, area: str, ent
             record = replace(record, digests=dict(digests[record_id]))
         writes.append((area_record_path(area, f"{record_id}.json"), record))
     return writes
+
+
+# ------------------------------------------------------------------------------ reading records
+
+#: No compile of one graph takes a month: a larger duration in a record is corrupt or hostile, not slow.
+MAX_COMPILE_SECONDS = 30 * 24 * 3600.0
+
+@dataclass(frozen=True)
+class CachedExport(ExportRecord):
+    """An export record found in the bucket, and where it lives there."""
+
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `lookup --json` prints: the configuration, not the digests kept for the bucket server."""
+        return {key: value for key, value in asdict(self).items() if key != "digests"}
+
+    def matches(self, filters: Mapping[str, Any]) -> bool:
+        """Whether every given filter matches one of the config keys that carry it (numbers compared as numbers)."""
+        for name, wanted in filters.items():
+            if wanted is None:
+                continue
+            keys = names_of(name)
+            values = [self.export_config[key] for key in keys if key in self.export_config]
+            if not any(same_value(value, wanted) for value in values):
+                return False
+        return True
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_bucket_json(text: str) -> Any:
+    """JSON from the bucket: NaN, Infinity and numbers that overflow to them (1e309) are refused, so no
+    figure read from a bucket can poison a sum, a comparison or the JSON we print."""
+    return json.loads(text, parse_float=_finite, parse_constant=_not_a_number)
+
+
+def _compile_seconds(value: object) -> dict[str, float]:
+    """compile_seconds: MODULE name -> seconds, each finite, from 0 to MAX_COMPILE_SECONDS."""
+    if not isinstance(value, dict):
+        raise ValueError("compile_seconds is not an object")
+    seconds: dict[str, float] = {}
+    for name, number in value.items():
+        if not layout.is_module_name(name):
+            raise ValueError(f"compile_seconds names {name!r}, not a MODULE entry")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= MAX_COMPILE_SECONDS:
+            raise ValueError(f"compile_seconds of {name} is {number!r}, not a number of seconds from 0 to {MAX_COMPILE_SECONDS:.0f}")
+        seconds[name] = float(number)
+    return seconds
+
+
+def parse_record(text: str, path: str) -> CachedExport | None:
+    """A record, or None (with a warning) when it is not one: buckets hold whatever someone put there.
+    Every number in it is finite, and its compile durations are bounded, or the whole record is skipped."""
+    try:
+        data = load_bucket_json(text)
+        if not isinstance(data, dict) or not isinstance(data.get("export_config"), dict):
+            raise ValueError("not an export record")
+        flags = data.get("compile_flags", [])
+        modules = data.get("modules", [])
+        if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+            raise ValueError("compile_flags is not a list of strings")
+        if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
+            raise ValueError("modules is not a list of MODULE names")
+        seconds = _compile_seconds(data.get("compile_seconds", {}))
+        digests = data.get("digests", {})  # checked where it is used: by the bucket server
+        if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+            digests = {}
+        return CachedExport(
+            model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
+            export_config=data["export_config"], compile_flags=flags, modules=modules, compile_seconds=seconds,
+            digests=digests,
+            created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
+        )
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
+        return None

@@ -212,7 +212,7 @@ def test_a_hostile_compile_time_in_a_record_never_reaches_the_stats(tmp_path, bu
 
 @pytest.mark.parametrize("value", ["1e309", "-1e309", "NaN", "Infinity", "-5", "1e12", "true", '"12"', "[1]"])
 def test_a_record_with_a_bad_compile_time_is_skipped_with_one_warning(value, caplog):
-    from optimum_neuron_cache.lookup import parse_record
+    from optimum_neuron_cache.records import parse_record
 
     good = {"model_id": "org/m", "task": "default", "compiler_version": "2.21.33363.0+82129205",
             "export_config": {"batch_size": 1}, "modules": ["MODULE_1+a"], "compile_seconds": {"MODULE_1+a": 12.5}}
@@ -224,7 +224,7 @@ def test_a_record_with_a_bad_compile_time_is_skipped_with_one_warning(value, cap
 
 
 def test_non_finite_numbers_anywhere_in_a_record_skip_it(caplog):
-    from optimum_neuron_cache.lookup import parse_record
+    from optimum_neuron_cache.records import parse_record
 
     base = ('{"model_id": "org/m", "task": "default", "compiler_version": "2.21.33363.0+82129205", '
             '"modules": [], "export_config": {"batch_size": %s}}')

@@ -47,7 +47,7 @@ from ..context import hub_neuronx_cache as _core_cache
 from ..errors import ConfigurationError, NeuronCacheError
 from ..local_cache import resolve_cache_root
 from ..lookup import lookup_cache
-from ..config_fields import value_of
+from ..config_fields import same_value, value_of
 from .export import normalize_dtype
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -211,13 +211,6 @@ def get_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id
     return [_as_optimum_entry(record.export_config, record.task, record.compiler_version) for record in records]
 
 
-def _same(value: Any, wanted: Any) -> bool:
-    try:
-        return int(value) == int(wanted)
-    except (TypeError, ValueError):
-        return str(value).strip().lower() == str(wanted).strip().lower()
-
-
 def select_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id: str | BucketRef | None = None,
                               instance_type: str | None = None, batch_size: int | None = None,
                               sequence_length: int | None = None, tensor_parallel_size: int | None = None,
@@ -229,7 +222,7 @@ def select_hub_cached_entries(model_id: str, task: str | None = None, cache_repo
               "tp_degree": tensor_parallel_size}
     selected = []
     for entry in get_hub_cached_entries(model_id, task, cache_repo_id, compiler_version=compiler_version, bucket_id=bucket_id):
-        if any(value is not None and (key not in entry or not _same(entry[key], value)) for key, value in wanted.items()):
+        if any(value is not None and (key not in entry or not same_value(entry[key], value)) for key, value in wanted.items()):
             continue
         if torch_dtype is not None and normalize_dtype(entry.get("torch_dtype", "")) != normalize_dtype(torch_dtype):
             continue
