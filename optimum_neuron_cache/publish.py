@@ -45,8 +45,9 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
     """Publish `entries` (success entries) to the flat area and to `area` (the model's, or None), with
     `records` (export records) in the last batch.
 
-    `record` is the caller's journal record (a run's own), which gets the names; without one a record of
-    this call is written. On any exception the names stay journaled for a later run.
+    `record` is the caller's journal record (a run's own), which gets the names, and is returned with what is
+    left. Without one, a record of this call is written and closed with what is left (then `record` is None in
+    the result: nothing is left for the caller to do). On any exception the names stay journaled.
     """
     journal = Journal(root)
     candidates = [entry for entry in entries if entry.state.publishable]
@@ -90,7 +91,9 @@ def publish_leftovers(client: BucketClient, root: Path, key: JournalKey, *, area
     candidates = [*with_entries, *earlier]
     publication = publish(client, root, key, candidates, area=area, known_in_area=known_in_area,
                           create_bucket=create_bucket) if candidates else None
-    if publication is None or publication.record is None:  # everything they named is in the bucket now
+    # Their names are in the bucket now, or in this call's own record (closed with what is left): theirs can go,
+    # except those that still owe an export record (the next `hub_neuronx_cache` run of the model writes it).
+    if publication is None or publication.record is None:
         for leftover in leftovers:
             if not leftover.export_config:
                 journal.drop(leftover)

@@ -274,7 +274,7 @@ def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None
         journal = Journal(root)
         leftovers = journal.leftovers(key)
         publication = publish(client, root, key, entries, area=area, progress=progress)
-        if publication.record is None:  # everything is in the bucket now, theirs included
+        if publication.record is None:  # their names are in the bucket, or in this call's closed record
             for leftover in leftovers:
                 journal.drop(leftover)
         report.append(VersionSync(version, publication.plan, publication.result))
