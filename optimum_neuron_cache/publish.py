@@ -50,8 +50,8 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
     the result: nothing is left for the caller to do). On any exception the names stay journaled.
     """
     journal = Journal(root)
-    candidates = [entry for entry in entries if entry.state.publishable]
-    names = tuple(sorted({entry.name for entry in candidates}))
+    candidates = list({entry.name: entry for entry in entries if entry.state.publishable}.values())  # each once
+    names = tuple(sorted(entry.name for entry in candidates))
     writes = tuple(records)
     own = record is None
     if record is None:
@@ -80,9 +80,10 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
 
 def publish_leftovers(client: BucketClient, root: Path, key: JournalKey, *, area: str | None,
                       known_in_area: Collection[str] = frozenset(), with_entries: Iterable[LocalEntry] = (),
-                      create_bucket: bool = False) -> Publication | None:
+                      create_bucket: bool = False, progress: ProgressCallback | None = None) -> Publication | None:
     """Publish what earlier runs of `key` on this host left in the journal (killed, or the bucket was down),
-    with `with_entries`, for callers that are not a `hub_neuronx_cache` run (the compiler shim, the CLI).
+    with `with_entries`, for callers that are not a `hub_neuronx_cache` run (the compiler shim, the CLI's
+    fetch and sync).
     Export records of those runs are left to the next `hub_neuronx_cache` run of the model."""
     journal = Journal(root)
     leftovers = journal.leftovers(key)
@@ -90,7 +91,7 @@ def publish_leftovers(client: BucketClient, root: Path, key: JournalKey, *, area
     earlier = [local[name] for name in sorted(explicit_and_window(leftovers, local, time.time()))]
     candidates = [*with_entries, *earlier]
     publication = publish(client, root, key, candidates, area=area, known_in_area=known_in_area,
-                          create_bucket=create_bucket) if candidates else None
+                          create_bucket=create_bucket, progress=progress) if candidates else None
     # Their names are in the bucket now, or in this call's own record (closed with what is left): theirs can go,
     # except those that still owe an export record (the next `hub_neuronx_cache` run of the model writes it).
     if publication is None or publication.record is None:

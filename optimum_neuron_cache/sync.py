@@ -254,8 +254,8 @@ def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None
     """Publish every local success entry the bucket lacks (the explicit push of CI jobs and
     neuron_parallel_compile users): to the flat area, and to a model's area when one is named. Journaled like
     every publish; what earlier runs of the same key left in the journal is covered by it."""
-    from .journal import Journal, JournalKey
-    from .publish import publish
+    from .journal import JournalKey
+    from .publish import publish_leftovers
 
     by_version: dict[str, list[LocalEntry]] = {}
     for entry in scan_entries(root, compiler_version):
@@ -271,11 +271,7 @@ def sync_cache(client: BucketClient, root: Path, *, compiler_version: str | None
             report.append(VersionSync(version, plan_sync(client, entries, area)))
             continue
         key = JournalKey(str(client.bucket), version, model_folder, task)
-        journal = Journal(root)
-        leftovers = journal.leftovers(key)
-        publication = publish(client, root, key, entries, area=area, progress=progress)
-        if publication.record is None:  # their names are in the bucket, or in this call's closed record
-            for leftover in leftovers:
-                journal.drop(leftover)
+        publication = publish_leftovers(client, root, key, area=area, with_entries=entries, progress=progress)
+        assert publication is not None  # `entries` is never empty here
         report.append(VersionSync(version, publication.plan, publication.result))
     return report

@@ -146,3 +146,21 @@ def test_neuron_cache_fetch_of_the_model_publishes_what_a_killed_run_left(tmp_pa
     area = f"neuronxcc-{version}/models/org--x/default"
     assert {f"{area}/{m}/model.done" for m in modules} <= _committed(ref)
     assert list(Journal(cache).folder.iterdir()) == []
+
+
+def test_neuron_cache_sync_publishes_each_entry_once_with_a_killed_runs_leftovers(tmp_path, version):
+    """An explicit sync covers what a killed run left (the same entries): each is published once, and the
+    killed run's record goes."""
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    cache = tmp_path / "cache"
+    spec = {"model": "org/x", "version": version, "bucket": ref.location, "cache": str(cache), "seed": "sync"}
+    assert subprocess.run([sys.executable, "-c", KILLED_IN_BODY, json.dumps(spec)], env=_env()).returncode == -signal.SIGKILL
+    done = CliRunner().invoke(cli, ["sync", "--bucket", ref.location, "--cache-dir", str(cache), "--model", "org/x"])
+    assert done.exit_code == 0, done.output
+    assert done.output.count("published neuronxcc-") == 2 and "published 2 entries" in done.output
+    assert list(Journal(cache).folder.iterdir()) == []
