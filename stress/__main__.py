@@ -27,7 +27,8 @@ def main() -> int:
     parser.add_argument("--sync-trials", type=int, default=50)
     parser.add_argument("--phase-trials", type=int, default=50, help="kills at each named phase (stress/phases.py)")
     parser.add_argument("--connects", type=int, default=256, help="processes connecting to the server at once")
-    parser.add_argument("--flips", type=int, default=3000, help="dir-bucket writes and listings under symlink flips")
+    parser.add_argument("--flips", type=int, default=1000,
+                        help="dir-bucket writes and listings under symlink flips (each lists the whole bucket: time grows as the square)")
     parser.add_argument("--silent-runs", type=int, default=5, help="whole runs against each dead or silent remote (0: skip)")
     parser.add_argument("--only", choices=["ranks", "hosts", "fetch", "sync", "phases", "connects", "flips", "silent"],
                         action="append",
