@@ -18,7 +18,7 @@ from .client import BucketClient, ProgressCallback
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import LocalEntry, scan_entries
-from .sync import RecordWrite, SyncPlan, SyncResult, execute_sync, plan_sync
+from .sync import RecordWrite, SyncPlan, SyncResult, execute_sync, plan_sync, published_meanwhile
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -49,7 +49,7 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
     left. Without one, a record of this call is written and closed with what is left (then `record` is None in
     the result: nothing is left for the caller to do). On any exception the names stay journaled.
     """
-    journal = Journal(root)
+    journal, state = Journal(root), HostState(root)
     candidates = list({entry.name: entry for entry in entries if entry.state.publishable}.values())  # each once
     names = tuple(sorted(entry.name for entry in candidates))
     writes = tuple(records)
@@ -62,15 +62,19 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
         if create_bucket and (candidates or writes):
             client.create()  # the embedded default is made on first use; real buckets never are
         plan = plan_sync(client, candidates, area, known_in_area, writes)
-        result = execute_sync(client, HostState(root), plan, progress) if not plan.empty else SyncResult()
+        result = execute_sync(client, state, plan, progress) if not plan.empty else SyncResult()
     except BaseException:
         if own:
             close(root, record)  # the names stay, for a later run
         raise
     # Settled: what the bucket already held, what we published, what another process of this host published
     # meanwhile, and what another process of the same key is publishing at this instant (its own record lists
-    # it). What a process of another key is publishing stays journaled until a later run sees it committed.
+    # it). Its record is read first: a publisher marks its publication before it drops its record, so an entry
+    # whose record is gone has its markers. What a process of another key is publishing, unfinished, stays
+    # journaled until a later run sees it committed.
     busy = set(result.in_progress) - journal.listed_elsewhere(key, result.in_progress, record)
+    items = {item.entry.name: item for item in plan.items}
+    busy = {name for name in busy if not published_meanwhile(state, plan, items[name])}
     left = journal.settle(record, set(names) - busy)
     if own and left is not None:
         close(root, left)

@@ -174,6 +174,13 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
     return result
 
 
+def published_meanwhile(state: HostState, plan: SyncPlan, item: PublishItem) -> bool:
+    """Whether another process of this host published every destination of `item` after `plan` was made
+    (its publication markers, set once its last batch is acknowledged)."""
+    return ((not item.to_flat or state.published_since(plan.bucket, _flat_prefix(item), plan.planned_at))
+            and (not item.to_model or state.published_since(plan.bucket, _model_prefix(item), plan.planned_at)))
+
+
 def _flat_prefix(item: PublishItem) -> str:
     """The entry's folder in the flat area, as the host's publication markers name it."""
     return layout.flat_entry_prefix(item.entry.compiler_version, item.entry.name) + "/"

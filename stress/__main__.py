@@ -53,7 +53,7 @@ def main() -> int:
                     ("hosts", lambda w: scenarios.hosts_syncing_the_same_entries(w, bucket_for("hosts"), args.hosts)),
                     ("fetch", lambda w: scenarios.crash_fetch(w, bucket_for("fetch"), args.fetch_trials)),
                     ("sync", lambda w: scenarios.crash_sync(w, args.sync_trials, bucket_for=lambda t: bucket_for(f"sync-{t}"))),
-                    ("phases", lambda w: phases.crash_at_phases(w, bucket_for("phases"), args.phase_trials)),
+                    ("phases", lambda w: phases.crash_at_phases(w, bucket_for, args.phase_trials)),
                     ("connects", lambda w: hostile.connect_storm(w, bucket, args.connects)),
                     ("flips", lambda w: hostile.symlink_flips(w, args.flips) if backend == "dir" else {}),
                 ):

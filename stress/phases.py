@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from optimum_neuron_cache import hub_neuronx_cache
@@ -60,20 +61,21 @@ def _died_as_told(phase: str, returncode: int) -> bool:
     return returncode == -(signal.SIGTERM if phase == "body:term" else signal.SIGKILL)
 
 
-def crash_at_phases(workdir: Path, bucket: str, trials: int, phases: tuple[str, ...] = PHASES, *, seed_graphs: int = 3,
-                    new_graphs: int = 3, neff_size: int = 1_500_000) -> dict[str, Figures]:
-    """`trials` kills at each phase; phase -> figures."""
-    client = BucketClient(_ref(bucket))
+def crash_at_phases(workdir: Path, bucket_for: Callable[[str], str], trials: int, phases: tuple[str, ...] = PHASES, *,
+                    seed_graphs: int = 3, new_graphs: int = 3, neff_size: int = 1_500_000) -> dict[str, Figures]:
+    """`trials` kills at each phase, each trial in a fresh bucket from `bucket_for(name)` (so that what a trial
+    lists and checks stays the size of one trial); phase -> figures."""
     seeds = make_graphs(seed_graphs, seed="phase-seed", neff_size=neff_size)
     source = workdir / "seed-source"
     for graph in seeds:
         compile_graph(source, VERSION, graph)
     results = {}
-    for phase in phases:
+    for index, phase in enumerate(phases):
         figures = results[phase] = Figures(f"kill at {phase}", trials=trials)
         for trial in range(trials):
-            problem = _trial(workdir / f"{phase.replace(':', '-').replace('@', '-')}-{trial}", bucket, client, phase,
-                             trial, source, new_graphs, neff_size)
+            bucket = bucket_for(f"phase-{index}-{trial}")
+            problem = _trial(workdir / f"{phase.replace(':', '-').replace('@', '-')}-{trial}", bucket,
+                             BucketClient(_ref(bucket)), phase, trial, source, new_graphs, neff_size)
             if problem:
                 figures.fail(f"trial {trial}: {problem}")
     return results
@@ -155,14 +157,3 @@ def _wait_until_the_server_is_idle(deadline: float = 60.0) -> None:
         if info is None or info.get("requests", 0) == 0:
             return
         time.sleep(0.02)
-
-
-def main_rows(figures: dict[str, Figures]) -> list[str]:
-    """One line per phase, for `python -m stress`."""
-    return [f"  {phase:18} trials {f.trials:3}  failures {f.failures}" for phase, f in figures.items()]
-
-
-if __name__ == "__main__":  # python -m stress.phases DIR BUCKET TRIALS
-    out = crash_at_phases(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
-    print("\n".join(main_rows(out)))
-    sys.exit(1 if any(f.failures for f in out.values()) else 0)

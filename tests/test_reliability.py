@@ -74,7 +74,7 @@ def test_a_run_killed_at_each_named_phase_leaves_nothing_wrong_and_the_next_plai
         tmp_path, bucket_for, phase):
     """Killed (or SIGTERMed) where the phase says: no bad hit, no commit file without content; then one plain
     run of the same model and task publishes everything the killed run compiled, with its export record."""
-    figures = phases.crash_at_phases(tmp_path, bucket_for("phases"), PHASE_TRIALS, (phase,))[phase]
+    figures = phases.crash_at_phases(tmp_path, bucket_for, PHASE_TRIALS, (phase,))[phase]
     _ok(figures)
 
 
