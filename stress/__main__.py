@@ -34,6 +34,7 @@ def main() -> int:
                         action="append",
                         help="run only these scenarios (repeatable)")
     parser.add_argument("--hf", action="store_true", help="also run against the local Hub emulator (Xet over HTTP)")
+    parser.add_argument("--hf-only", action="store_true", help="run against the local Hub emulator only")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -44,7 +45,7 @@ def main() -> int:
         "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", str(Path.home() / ".cache" / "uv")),
     })
     results = []
-    backends = ["dir"] + (["hf"] if args.hf else [])
+    backends = ["hf"] if args.hf_only else ["dir"] + (["hf"] if args.hf else [])
     try:
         for backend in backends:
             with _bucket(backend, work) as (bucket, bucket_for):
