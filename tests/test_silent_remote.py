@@ -282,3 +282,41 @@ def test_the_server_takes_its_settings_from_arguments_and_ignores_its_environmen
         except subprocess.TimeoutExpired:
             proc.kill()  # ours, by its handle: a test that failed early may have left it unreachable
             proc.wait()
+
+
+def test_progress_renews_the_budget():
+    """A successful response starts the running operation's budget again; a failing one does not."""
+    from bucket_server.backends.hf import renew_budget
+
+    policy = RetryPolicy(budget=5, timeout=15, metadata_timeout=3)
+    path = "/api/buckets/a/b/tree"
+
+    def after_a_page_then_late() -> float:
+        renew_budget(policy, 200, now=time.monotonic() + 100)  # a page arrived 100 s into the operation
+        return request_timeout(policy, "GET", path, now=time.monotonic() + 102)
+
+    assert 2.5 < with_retries(policy, "t", after_a_page_then_late) <= 3  # the budget now ends 3 s later, not 97 s ago
+
+    def after_an_error_then_late() -> float:
+        renew_budget(policy, 503, now=time.monotonic() + 100)
+        return request_timeout(policy, "GET", path, now=time.monotonic() + 102)
+
+    with pytest.raises(BackendError):
+        with_retries(policy, "t", after_an_error_then_late)
+
+
+def test_a_long_listing_that_keeps_returning_pages_is_not_cut_by_the_budget(tmp_path, hub, monkeypatch, version):
+    """A big bucket's listing takes many pages: as long as pages keep coming, it outlasts the retry budget
+    (which bounds only time without progress). One page per file here, each slowed by the emulator."""
+    monkeypatch.setenv("NEURON_CACHE_RETRY_BUDGET", "1")
+    ref = BucketRef("hf", "test-org/long-listing")
+    client = BucketClient(ref)
+    client.create()
+    with hub_neuronx_cache("org/m", compiler_version=version, bucket=ref, cache_dir=tmp_path / "A"):
+        for graph in make_graphs(2, seed="long-listing"):
+            compile_graph(tmp_path / "A", version, graph)
+    expected = {item["path"] for item in client.list("", recursive=True)}
+    hub.page_size = 1
+    hub.add_fault("GET", r"^/api/buckets/test-org/long-listing/tree", 0, times=None, delay=0.4)
+    listed = {item["path"] for item in client.list("", recursive=True)}
+    assert listed == expected and len(expected) * 0.4 > 2 * 1  # pages took well over the 1 s budget in all

@@ -86,6 +86,14 @@ def request_timeout(policy: RetryPolicy, method: str, path: str, now: float | No
     return seconds
 
 
+def renew_budget(policy: RetryPolicy, status: int, now: float | None = None) -> None:
+    """A successful response is progress: the running operation's budget starts again from now. The budget
+    bounds what a dead, silent or failing remote costs, not a long listing that keeps returning pages (a big
+    bucket's listing legitimately takes many pages). Failures never renew it; attempts stay capped."""
+    if status < 400 and _budget_ends.get() is not None:
+        _budget_ends.set((time.monotonic() if now is None else now) + policy.budget)
+
+
 def configure_http(policy: RetryPolicy) -> None:
     """Turn off huggingface_hub's own retries and give each of its requests our timeout (it has none by
     default, so a blackholed endpoint would hang for ever, and one it passes itself would not know our
@@ -110,10 +118,15 @@ def configure_http(policy: RetryPolicy) -> None:
                 request.extensions["timeout"] = {"connect": min(CONNECT_TIMEOUT, seconds), "read": seconds,
                                                  "write": seconds, "pool": seconds}
 
+            def progress(response: Any) -> None:
+                # Runs when each response arrives, on the thread of the operation that sent the request.
+                renew_budget(policy, response.status_code)
+
             def client_factory():
                 client = default_factory()
                 hooks = dict(client.event_hooks)
                 hooks["request"] = [*hooks.get("request", []), bound_timeout]
+                hooks["response"] = [*hooks.get("response", []), progress]
                 client.event_hooks = hooks
                 return client
 
@@ -137,13 +150,14 @@ def with_retries(policy: RetryPolicy, what: str, fn: Callable[[], Any]) -> Any:
     any failure left is raised as a coded BackendError.
 
     The budget covers the whole operation: metadata requests never wait past its end (`request_timeout`), no
-    attempt starts after it, and no backoff sleeps into it."""
+    attempt starts after it, and no backoff sleeps into it. Progress renews it: each successful response
+    starts it again (`renew_budget`), so only time without progress counts."""
     import tenacity
 
     started = time.monotonic()
 
-    def left() -> float:
-        return policy.budget - (time.monotonic() - started)
+    def left() -> float:  # until the budget's end, which each successful response pushes back (renew_budget)
+        return (_budget_ends.get() or started + policy.budget) - time.monotonic()
 
     def should_retry(state: tenacity.RetryCallState) -> bool:
         if not state.outcome or not state.outcome.failed:
