@@ -31,14 +31,13 @@ from . import settings
 from .client import BucketClient, ProgressCallback
 from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError, RemoteUnavailableError
-from .host_state import HostState, lock_timeout
+from .host_state import HostState
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
 from .records import CachedExport, parse_record
 from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")
 
-ENV_VERIFY = settings.VERIFY
 
 
 class Action(str, enum.Enum):
@@ -319,17 +318,11 @@ def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bo
     return True
 
 
-def verification_enabled() -> bool:
-    """Downloads are checked against their digests unless NEURON_CACHE_VERIFY=0 (as Bazel's
-    --remote_verify_downloads): for measuring what the check costs, never for everyday use."""
-    return settings.verify()
-
-
 def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
     """One file of a download request: size and hash let the server skip a metadata request, the digest
     is what the server checks the bytes against (no digest, no check)."""
     return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
-            "digest": remote.digest if verification_enabled() else None}
+            "digest": remote.digest if settings.verify() else None}
 
 
 def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]]) -> dict[Path, str]:
@@ -388,7 +381,7 @@ class _Fetcher:
             for lock in (locks[item.module] for item in held):
                 lock.release()
             held = []
-            deadline = time.monotonic() + lock_timeout()
+            deadline = time.monotonic() + settings.lock_timeout()
             for item in waiting:
                 # Most of the time the holder installs the entry: then there is nothing to wait for, and
                 # waiters do not pass every lock along one by one.
@@ -398,7 +391,7 @@ class _Fetcher:
                 try:
                     locks[item.module].acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.01)
                 except Timeout:
-                    result.failed.append((item.module, f"another process held its lock for over {lock_timeout():.0f}s "
+                    result.failed.append((item.module, f"another process held its lock for over {settings.lock_timeout():.0f}s "
                                           "(set NEURON_CACHE_LOCK_TIMEOUT to wait longer)"))
                     continue
                 if not _still_needed(item, self.target(item.module), self.version):
@@ -436,7 +429,7 @@ class _Fetcher:
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
         # The records are also digest manifests: the server checks files whose Xet hash they bind by BLAKE3.
-        records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": verification_enabled()}
+        records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": settings.verify()}
                    for index, remote in enumerate(record_files)]
         try:
             reply = self.client.download(self._requests(items, tmp) + records, progress=progress)

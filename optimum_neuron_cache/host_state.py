@@ -25,16 +25,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from . import settings
 from .local_cache import STATE_DIR_NAME, version_dir_name
 from .processes import alive
-
-ENV_LOCK_TIMEOUT = settings.LOCK_TIMEOUT
-
-
-def lock_timeout() -> float:
-    """How long to wait for another process's lock: NEURON_CACHE_LOCK_TIMEOUT, validated (default 600 s)."""
-    return settings.lock_timeout()
 
 
 class HostState:

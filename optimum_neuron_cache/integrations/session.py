@@ -46,11 +46,11 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from .. import remote_layout as layout
+from .. import settings
 from ..atomic import atomic_write
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
-from ..host_state import lock_timeout
 from ..journal import JournalKey
 from ..local_cache import STATE_DIR_NAME, scan_entries
 from ..publish import publish
@@ -100,7 +100,7 @@ class TrainingCacheSession:
         self._model_folder = layout.model_ref(model_id).folder if model_id is not None else None
         self.ranks = ranks or RankInfo.from_env()
         self.publish = publish
-        self.wait_timeout = lock_timeout() if wait_timeout is None else float(wait_timeout)
+        self.wait_timeout = settings.lock_timeout() if wait_timeout is None else float(wait_timeout)
         self.background = background
         self.report = SessionReport(
             rank=self.ranks.rank, local_rank=self.ranks.local_rank, fetcher=self.ranks.is_host_main,
