@@ -346,9 +346,10 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         recovered = {layout.module_of(key) for key in self.run.recovered}
         candidates = [entries[name] for name in sorted(new | recovered) if name in entries and entries[name].state.publishable]
         journal = Journal(root)
-        if self._journal_record is not None:
+        if self._journal_record is not None and (candidates or self._leftovers):
             # Write-ahead: the names go on disk (explicit now, no more window) before anything goes up; the
-            # leftovers of earlier runs are covered by them, so their own records can go.
+            # leftovers of earlier runs are covered by them, so their own records can go. (With neither, the
+            # record only goes, in _close_journal: a warm run writes it once and removes it.)
             self._journal_record = journal.update(self._journal_record, entries=tuple(e.name for e in candidates),
                                                   window=False, export_config=self._export_config)
             for leftover in self._leftovers:

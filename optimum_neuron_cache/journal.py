@@ -144,7 +144,8 @@ class Journal:
     def settle(self, record: RunRecord, committed: Iterable[str]) -> RunRecord | None:
         """The bucket holds the commit files of `committed`: drop them; drop the record once nothing is left
         to publish and its run is over (or it never had a window). Returns what is left, or None."""
-        left = tuple(name for name in record.entries if name not in set(committed))
+        done = set(committed)
+        left = tuple(name for name in record.entries if name not in done)
         if not left and (not record.open or not record.window):
             self.drop(record)
             return None
@@ -166,7 +167,7 @@ class Journal:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        for name in names:  # `.<record name>.<random>.tmp`, left by a writer killed before its rename
+        for name in names:  # `.<record name>.<pid>.<random>.tmp` (atomic.temp_name), left by a writer killed before its rename
             if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".json")[0].split("-")):
                 (self.folder / name).unlink(missing_ok=True)
         return [(self.folder / name, name[:-5].split("-")) for name in names
