@@ -82,6 +82,10 @@ class FetchPlan:
     #: The records themselves (small JSON, under the size cap): downloaded in the same request as the
     #: entries, for what they tell about them (compile durations, digests).
     record_files: tuple[RemoteFile, ...] = ()
+    #: Digest manifests that bind Xet hashes of the files to BLAKE3 digests recorded at publish (the model
+    #: area's newest, and those of filled flat entries): downloaded with the first transfer, read by the
+    #: server only, never installed.
+    manifest_files: tuple[RemoteFile, ...] = ()
     #: Paths in the listing that the layout does not allow (skipped; said once).
     ignored: tuple[str, ...] = ()
     #: The folders under this version's `models/`, when the model's area was empty and they were listed to find
@@ -157,7 +161,7 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
     entries, None when the lock can be told stale, else why it cannot."""
     listing = list(listing)
     exports = layout.area_exports_prefix(area_prefix) + "/"
-    record_names, record_files, ignored = set(), [], []
+    record_names, record_files, manifests, ignored = set(), [], [], []
     for item in listing:
         path = str(item.get("path", ""))
         if path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
@@ -165,21 +169,34 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
             remote = layout.remote_file(item)
             if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
                 record_files.append(remote)
+        elif layout.is_area_manifest(path, area_prefix):
+            remote = layout.remote_file(item)
+            if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
+                manifests.append((_listed_time(item), remote))
         elif item.get("type", "file") == "file" and layout.parse_area_path(path, area_prefix) is None:
             ignored.append(path)
+    newest = tuple(remote for _, remote in sorted(manifests, key=lambda pair: (-pair[0], pair[1].path)))
     ops, complete = [], set()
     for module, files in sorted(_group_by_module(listing, area_prefix).items()):
         if complete_remote_entry(files, compiler_version):
             complete.add(module)
             ops.append(_local_op(module, files, local.get(module), lock_verdicts or {}))
     return FetchPlan(compiler_version, area_prefix, tuple(ops), frozenset(complete), frozenset(record_names),
-                     tuple(record_files), tuple(ignored))
+                     tuple(record_files), newest[:layout.MAX_AREA_MANIFESTS], tuple(ignored))
+
+
+def _listed_time(item: Mapping[str, Any]) -> float:
+    """A listed modification time, for ordering only (a hostile or missing one reads as 0)."""
+    mtime = item.get("mtime")
+    return float(mtime) if isinstance(mtime, (int, float)) and not isinstance(mtime, bool) and 0 <= mtime < 1e11 else 0.0
 
 
 def flat_probe_paths(compiler_version: str, modules: Iterable[str]) -> list[str]:
-    """The flat-area paths to ask about (one paths-info) to learn what the flat area holds of `modules`."""
-    return [layout.flat_file_path(compiler_version, module, name)
-            for module in modules for name in sorted(layout.PUBLISHABLE_FILES)]
+    """The flat-area paths to ask about (one paths-info) to learn what the flat area holds of `modules`, and
+    their digest manifests."""
+    return [path for module in modules
+            for path in [*(layout.flat_file_path(compiler_version, module, name) for name in sorted(layout.PUBLISHABLE_FILES)),
+                         layout.flat_manifest_path(compiler_version, module)]]
 
 
 def todo_probe_paths(compiler_version: str, todo: Iterable[LocalEntry]) -> list[str]:
@@ -193,9 +210,18 @@ def complete_flat_entries(compiler_version: str, paths_info: Iterable[Mapping[st
     return {module: files for module, files in found.items() if complete_remote_entry(files, compiler_version)}
 
 
+def flat_manifests(compiler_version: str, paths_info: Iterable[Mapping[str, Any]],
+                   modules: Iterable[str]) -> tuple[RemoteFile, ...]:
+    """The digest manifests of `modules` in a paths-info answer about the flat area (pure)."""
+    wanted = {layout.flat_manifest_path(compiler_version, module) for module in modules}
+    found = [layout.remote_file(item) for item in paths_info if item.get("path") in wanted]
+    return tuple(remote for remote in found if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES)
+
+
 def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
     """`plan` with fill operations for the todo entries whose complete copy the flat area holds (pure)."""
     version = plan.compiler_version
+    paths_info = list(paths_info)
     found = complete_flat_entries(version, paths_info)
     fills = []
     for entry in todo:
@@ -203,7 +229,8 @@ def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iter
         if files:
             missing = tuple(f for name, f in files.items() if name not in entry.files)
             fills.append(FetchOp(entry.name, Action.FILL, "a todo entry here, filled from the flat area", missing, "flat"))
-    return replace(plan, ops=plan.ops + tuple(fills))
+    manifests = flat_manifests(version, paths_info, (op.module for op in fills))
+    return replace(plan, ops=plan.ops + tuple(fills), manifest_files=plan.manifest_files + manifests)
 
 
 def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
@@ -325,11 +352,26 @@ def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
             "digest": remote.digest if settings.verify() else None}
 
 
-def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]]) -> dict[Path, str]:
+def _manifest_requests(manifests: Sequence[RemoteFile], folder: Path) -> list[dict[str, Any]]:
+    """Digest manifests to download into `folder` (never into an entry), for the server to read; none when
+    verification is off (nothing would read them)."""
+    if not settings.verify():
+        return []
+    return [{**_request(remote, folder / f"manifest-{index}.json"), "manifest": True} for index, remote in enumerate(manifests)]
+
+
+def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]],
+                     manifests: Sequence[RemoteFile] = ()) -> dict[Path, str]:
     """Download single files to the given local paths, in one request: each checked by the server against its
-    digest (a mismatch is removed there) and by size here. Returns local path -> why it cannot be used; a
-    failing request raises (RemoteError)."""
-    reply = client.download([_request(remote, path) for remote, path in files]) or {}
+    digest (a mismatch is removed there; `manifests` bind cheaper digests, see plan_fetch) and by size here.
+    The manifests land beside the first file, and are removed. Returns local path -> why it cannot be used;
+    a failing request raises (RemoteError)."""
+    extra = _manifest_requests(manifests, files[0][1].parent) if files else []
+    try:
+        reply = client.download([_request(remote, path) for remote, path in files] + extra) or {}
+    finally:
+        for item in extra:
+            Path(item["local_path"]).unlink(missing_ok=True)
     refused = {str(item.get("path")): str(item.get("reason")) for item in reply.get("failed", []) if isinstance(item, dict)}
     problems: dict[Path, str] = {}
     for remote, path in files:
@@ -376,8 +418,8 @@ class _Fetcher:
                     held.append(item)
                 except Timeout:
                     waiting.append(item)
-            # The model's export records ride along with the first download (one request, no extra session).
-            self._download_and_install(held, result, progress, plan.record_files)
+            # The model's export records and digest manifests ride along with the first download (one request).
+            self._download_and_install(held, result, progress, plan.record_files, plan.manifest_files)
             for lock in (locks[item.module] for item in held):
                 lock.release()
             held = []
@@ -400,7 +442,7 @@ class _Fetcher:
                     continue
                 held.append(item)  # the holder failed: this process fetches it itself
             if held:
-                self._download_and_install(held, result, progress)
+                self._download_and_install(held, result, progress, (), plan.manifest_files)
         finally:
             for item in held:
                 locks[item.module].release()
@@ -424,7 +466,7 @@ class _Fetcher:
         return kept
 
     def _download(self, items: list[FetchOp], tmp: Path, result: FetchResult, progress: ProgressCallback | None,
-                  record_files: Sequence[RemoteFile] = ()) -> list[FetchOp]:
+                  record_files: Sequence[RemoteFile] = (), manifest_files: Sequence[RemoteFile] = ()) -> list[FetchOp]:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
@@ -432,7 +474,8 @@ class _Fetcher:
         records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": settings.verify()}
                    for index, remote in enumerate(record_files)]
         try:
-            reply = self.client.download(self._requests(items, tmp) + records, progress=progress)
+            reply = self.client.download(self._requests(items, tmp) + records + _manifest_requests(manifest_files, tmp),
+                                         progress=progress)
             for record in records:
                 local = Path(record["local_path"])
                 if local.exists():
@@ -466,7 +509,7 @@ class _Fetcher:
         return downloaded
 
     def _download_and_install(self, items: list[FetchOp], result: FetchResult, progress: ProgressCallback | None,
-                              record_files: Sequence[RemoteFile] = ()) -> None:
+                              record_files: Sequence[RemoteFile] = (), manifest_files: Sequence[RemoteFile] = ()) -> None:
         needed = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
         result.installed_by_others.extend(item.module for item in items if item not in needed)
         if not needed:
@@ -474,7 +517,7 @@ class _Fetcher:
         with self.state.temp_dir() as tmp:
             for item in needed:
                 (tmp / item.module).mkdir()
-            downloaded = self._download(needed, tmp, result, progress, record_files)
+            downloaded = self._download(needed, tmp, result, progress, record_files, manifest_files)
             for item in downloaded:
                 staged = tmp / item.module
                 problem = _size_problem(item, staged)

@@ -45,7 +45,7 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
     for item in listing:
         path = str(item.get("path", ""))
         where = layout.split_version_path(version, path) if item.get("type", "file") == "file" else None
-        if where is None:
+        if where is None or where.manifest:
             continue
         if where.record:
             records[where.area] = records.get(where.area, 0) + 1

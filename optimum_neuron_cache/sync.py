@@ -5,9 +5,10 @@ runs in three batches so that a reader never finds a commit file whose content i
   1. upload the content files to the flat area;
   2. copy them to the model's area (server-side, by hash) and add the flat area's commit files;
   3. add the model area's commit files, then the export record.
-The export record binds the Xet hash of each content file uploaded in 1 to its BLAKE3 digest (the server
-describes what it uploaded): a reader's bucket server checks those files by BLAKE3, several times cheaper
-than recomputing a Xet hash.
+Every publish leaves digest manifests (docs/remote-layout.md): the server describes each file it uploads
+(Xet hash and BLAKE3), and a manifest beside the flat entry and one in the model's area bind the two, so a
+reader's bucket server checks those files by BLAKE3, several times cheaper than recomputing a Xet hash.
+Export records carry the same bindings (readers of earlier versions use those).
 Only allow-listed files of success entries ever leave the machine; a node-wide lock per entry makes many
 ranks exiting at once publish each entry once.
 """
@@ -201,19 +202,18 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
              records: tuple[RecordWrite, ...] = ()) -> None:
     """The three batches (content; copies and flat commit files; model commit files), the export records
     riding with the last one: a record only names entries, and readers install an entry only once it is
-    committed."""
-    describe = {"describe": True} if records else {}
+    committed. Digest manifests ride with the batch after the one that described the files they bind."""
     content: list[dict[str, Any]] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
                 if name != item.commit:
                     content.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
-                                    "local_path": str(item.entry.path / name), **describe})
+                                    "local_path": str(item.entry.path / name), "describe": True})
                     result.bytes_uploaded += item.entry.files[name]
     described: dict[str, Any] = {}
     if content:
-        described = _batch(client, progress, add=content).get("described") or {}
+        described.update(_batch(client, progress, add=content).get("described") or {})
     copies: list[dict[str, Any]] = []
     flat_commits: list[dict[str, Any]] = []
     for item in items:
@@ -222,20 +222,62 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
                 if name != item.commit:
                     src = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
                     xet_hash = (described.get(src) or {}).get("xet_hash")  # the server need not look it up
+                    # Content the flat area held before: the server describes the copy from our file, if the same.
+                    describe = {} if item.to_flat else {"local_path": str(item.entry.path / name), "describe": True}
                     copies.append({"src": src, "dest": layout.area_file_path(item.to_model, item.entry.name, name),
-                                   **({"xet_hash": xet_hash} if xet_hash else {})})
+                                   **({"xet_hash": xet_hash} if xet_hash else {}), **describe})
         if item.to_flat:
             flat_commits.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit),
-                                 "local_path": str(item.entry.path / item.commit)})
+                                 "local_path": str(item.entry.path / item.commit),
+                                 **({"describe": True} if item.entry.files[item.commit] else {})})
             result.bytes_uploaded += item.entry.files[item.commit]
-    if copies or flat_commits:
-        _batch(client, copy=copies, add=flat_commits)
+    flat_manifests = _flat_manifests(items, described, legacy=False)
+    if copies or flat_commits or flat_manifests:
+        described.update(_batch(client, copy=copies, add=flat_commits + flat_manifests).get("described") or {})
     last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
              "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
     last += [_record_item(record, path, described) for path, record in records]
+    last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
     if last:
         _batch(client, add=last)
     result.published.extend(item.entry.name for item in items)
+
+
+def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
+    """Xet hash -> digest of the item's files the server described (a Hub bucket; a directory bucket
+    describes no Xet hash: its own sidecars carry the digests)."""
+    bindings = {}
+    for name in item.files:
+        info = described.get(layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)) \
+            or (described.get(layout.area_file_path(item.to_model, item.entry.name, name)) if item.to_model else None)
+        if isinstance(info, dict) and info.get("xet_hash") and info.get("digest"):
+            bindings[str(info["xet_hash"])] = str(info["digest"])
+    return bindings
+
+
+def _flat_manifests(items: list[PublishItem], described: dict[str, Any], *, legacy: bool) -> list[dict[str, Any]]:
+    """The digest manifests of the flat entries published (`digests/MODULE_<key>.json`). An entry's manifest
+    rides in the batch after its files were described: the second batch, or the last one for an entry whose
+    commit file has content to bind (`legacy`: the NEFF of a compiler up to 2.14)."""
+    return [{"dest": layout.flat_manifest_path(item.entry.compiler_version, item.entry.name),
+             "content": layout.digest_manifest(bindings)[1]}
+            for item in items if item.to_flat and legacy == bool(item.entry.files[item.commit])
+            if (bindings := _bindings(item, described))]
+
+
+def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:
+    """One digest manifest per model area published to, binding every file of its entries that the
+    server described (`<area>/digests/<id>.json`, named by content)."""
+    by_area: dict[str, dict[str, str]] = {}
+    for item in items:
+        if item.to_model:
+            by_area.setdefault(item.to_model, {}).update(_bindings(item, described))
+    manifests = []
+    for area, bindings in sorted(by_area.items()):
+        if bindings:
+            name, text = layout.digest_manifest(bindings)
+            manifests.append({"dest": f"{layout.area_manifests_prefix(area)}/{name}", "content": text})
+    return manifests
 
 
 def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:

@@ -78,10 +78,11 @@ class Backend(abc.ABC):
               progress: Progress | None = None) -> dict[str, Any]:
         """Apply copies, then adds, then deletes.
 
-        add: [{"dest", "local_path", "describe"?} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?}]
-        copies within the bucket (server-side by hash where the backend can). Returns counts, and for the
-        added files asked to be described, "described": {dest: {"xet_hash", "digest"}}: what a manifest
-        records for them.
+        add: [{"dest", "local_path", "describe"?} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?,
+        "local_path"?, "describe"?}] copies within the bucket (server-side by hash where the backend can). Returns
+        counts, and for the files asked to be described, "described": {dest: {"xet_hash", "digest"}}: what a
+        manifest records for them (a copy is described from its `local_path`, only when that file has the
+        copied content; backends without Xet hashes may describe none).
         """
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..digests import Verifier, file_digest, publish_algorithm
+from ..digests import Verifier, file_digest, publish_algorithm, xet_hashes
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
 
@@ -361,6 +361,20 @@ def _digests_of(items: list[dict[str, Any]]) -> dict[str, str]:
     return digests
 
 
+def _same_content(items: list[dict[str, Any]], copied: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """dest -> {"xet_hash", "digest"} for copies whose local file has the copied Xet hash (others, and files
+    that cannot be read, are left out: readers check them by their Xet hash)."""
+    if not items:
+        return {}
+    try:
+        hashes = xet_hashes([str(item["local_path"]) for item in items])
+    except Exception as exc:  # best effort: the copy itself does not depend on it
+        log.info("could not describe %d copied files: %s", len(items), exc)
+        return {}
+    matching = [item for item, xet_hash in zip(items, hashes) if xet_hash == copied[item["dest"]]]
+    return {dest: {"xet_hash": copied[dest], "digest": digest} for dest, digest in _digests_of(matching).items()}
+
+
 def _file_item(bucket_file: Any) -> dict[str, Any]:
     mtime = getattr(bucket_file, "mtime", None)
     return {
@@ -534,7 +548,8 @@ class HfBackend(Backend):
     def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
               progress: Progress | None = None) -> dict[str, Any]:
         """Adds (regular local files or inline content), server-side copies by Xet hash, and deletes, in one
-        commit (or several, to report progress); files marked `describe` get their Xet hash and digest."""
+        commit (or several, to report progress); files marked `describe` get their Xet hash and digest (a
+        copy marked so names the local file it stands for)."""
         copy_ops = []
         if copy:
             missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]
@@ -555,13 +570,19 @@ class HfBackend(Backend):
             add_ops.append((source, dest))
         delete_ops = [validate_remote_path(path) for path in delete]
         described = [item for item in add if item.get("describe") and "local_path" in item]
+        # A copy asked to be described names the local file it copies the bucket's version of: it is bound only
+        # if that file has the copied Xet hash (graphs compiled again elsewhere may differ byte for byte).
+        copied = {item["dest"]: op[2] for item, op in zip(copy, copy_ops) if item.get("describe") and "local_path" in item}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
             # Digests of the files to describe are computed while they upload (they are read twice either way).
             digests = hasher.submit(_digests_of, described)
+            same = hasher.submit(_same_content, [item for item in copy if item["dest"] in copied], copied)
             self._upload(add_ops, copy_ops, delete_ops, progress)
             reply: dict[str, Any] = {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
             if described:
                 reply["described"] = self._describe(digests.result())
+            if copied:
+                reply["described"] = {**reply.get("described", {}), **same.result()}
         return reply
 
     def _describe(self, digests: dict[str, str]) -> dict[str, dict[str, Any]]:
