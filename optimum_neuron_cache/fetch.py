@@ -159,12 +159,18 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
                     local: Mapping[str, LocalEntry], lock_verdicts: Mapping[str, str | None] | None = None) -> FetchPlan:
     """The plan for one listing of the model's area (pure: no I/O). `lock_verdicts`: for locally locked
     entries, None when the lock can be told stale, else why it cannot."""
-    listing = list(listing)
     exports = layout.area_exports_prefix(area_prefix) + "/"
     record_names, record_files, manifests, ignored = set(), [], [], []
-    for item in listing:
+    modules: dict[str, dict[str, RemoteFile]] = {}
+    for item in listing:  # each path parsed once: a warm run's listing is most of its client-side work
         path = str(item.get("path", ""))
-        if path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
+        is_file = item.get("type", "file") == "file"
+        parsed = layout.parse_area_path(path, area_prefix) if is_file else None
+        if parsed is not None:
+            remote = layout.remote_file(item)
+            if remote is not None:
+                modules.setdefault(parsed.module, {})[parsed.filename] = remote
+        elif path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
             record_names.add(path[len(exports):])
             remote = layout.remote_file(item)
             if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
@@ -173,11 +179,11 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
             remote = layout.remote_file(item)
             if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
                 manifests.append((_listed_time(item), remote))
-        elif item.get("type", "file") == "file" and layout.parse_area_path(path, area_prefix) is None:
+        elif is_file:
             ignored.append(path)
     newest = tuple(remote for _, remote in sorted(manifests, key=lambda pair: (-pair[0], pair[1].path)))
     ops, complete = [], set()
-    for module, files in sorted(_group_by_module(listing, area_prefix).items()):
+    for module, files in sorted(modules.items()):
         if complete_remote_entry(files, compiler_version):
             complete.add(module)
             ops.append(_local_op(module, files, local.get(module), lock_verdicts or {}))
