@@ -21,7 +21,7 @@ from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
-from .fetch import fetch_model
+from .fetch import FetchNote, HostFetchGate, fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
@@ -69,6 +69,9 @@ class CacheRun:
     miss_reasons: list[str] = field(default_factory=list)
     #: Requests sent to the bucket server by this run.
     requests: int = 0
+    #: True when another process of this host was fetching the same area: this run waited, then took what
+    #: that fetch found (no request, no plan).
+    waited_for_host_fetch: bool = False
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
     #: This run's figures, as added to the host's totals (`neuron-cache stats`); final after the block.
@@ -177,11 +180,23 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         local = {entry.name: entry for entry in self._entries()}
         self._before = {name: entry.state for name, entry in local.items()}
         self._open_journal(root, local)
+        gate = self._gate(root)
+        if gate is not None and not self._lead(gate):
+            note = self._wait(gate)
+            if note is not None:  # another process of this host fetched this very area meanwhile: take its note
+                self._take_note(note)
+                self._count_requests()
+                return self.run
+            gate = gate if self._lead(gate) else None  # it died or gave up: fetch here
+        note: FetchNote | None = None
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
                                   self._task, local, missing_bucket_is_empty=self._is_embedded_default())
-        except (NeuronCacheError, OSError) as exc:
+        except NeuronCacheError as exc:
+            self._remote_failed("fetch", exc)
+            note = self._note(ok=False, error=str(exc))
+        except OSError as exc:
             self._remote_failed("fetch", exc)
         except Exception as exc:  # a bug of ours must never stop the user's compile
             self._remote_failed("fetch", RuntimeError(f"{type(exc).__name__}: {exc}"))
@@ -192,6 +207,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
             self._known_models = fetched.plan.known_models
             self._records_read = fetched.result.exports_read
+            note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [layout.flat_entry_prefix(self._version, module) for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
@@ -205,9 +221,72 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._miss(f"{layout.flat_entry_prefix(self._version, module)} is locked here (a compile in progress, or a stale lock)")
             saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
             self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
+        finally:
+            if gate is not None:
+                gate.release(note)
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
+
+    # -------------------------------------------------------------------------- one fetch per host
+    def _gate_key(self) -> str:
+        key = self._journal_key()
+        return "\0".join((key.bucket, key.compiler_version, (key.model_folder or "").lower(), key.task))
+
+    def _gate(self, root: Path) -> HostFetchGate | None:
+        """This area's host-wide fetch gate (None when it cannot be made: then every process fetches, and the
+        entry locks still download each file once)."""
+        try:
+            return HostFetchGate(HostState(root).fetch_gate_path(self._gate_key()), self._gate_key())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _wait(gate: HostFetchGate) -> FetchNote | None:
+        """The note of the fetch this process waited for, or None (then it fetches itself)."""
+        try:
+            return gate.wait(settings.lock_timeout())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _lead(gate: HostFetchGate) -> bool:
+        """Whether this process fetches (it took the gate, or the gate cannot be used)."""
+        try:
+            return gate.lead()
+        except OSError:
+            return True
+
+    def _note(self, *, ok: bool, error: str = "") -> FetchNote:
+        """What this fetch found, for the processes of this host waiting on the gate."""
+        text = self._gate_key()
+        if not ok:
+            return FetchNote(text, time.time(), False, error)
+        return FetchNote(text, time.time(), True, "", self._area, tuple(sorted(self._area_modules)),
+                         tuple(sorted(self._area_records)), self._known_models)
+
+    def _take_note(self, note: FetchNote) -> None:
+        """Another process of this host fetched this area while this one waited: what it found stands for this
+        run (no request), and what it installed was there before this run's body."""
+        self.run.waited_for_host_fetch = True
+        if not note.ok:
+            self._remote_ok = False
+            self.run.stats.remote_errors += 1
+            self._warn(f"fetch skipped, bucket {self._bucket}: {note.error} (this host's fetch met it; the run goes "
+                       "on without the bucket, and what it compiles is published by a later run)")
+            return
+        try:
+            self._client = BucketClient(self._bucket)
+        except NeuronCacheError as exc:
+            self._remote_failed("fetch", exc)
+            return
+        self._area, self._known_models = note.area, note.known_models
+        self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
+        for entry in self._entries():
+            if entry.state.publishable:
+                self._before.setdefault(entry.name, entry.state)
+                if not self._before[entry.name].publishable:
+                    self._before[entry.name] = entry.state
 
     # ------------------------------------------------------------------------------- journal
     def _journal_key(self) -> JournalKey:

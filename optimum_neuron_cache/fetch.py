@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
+import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -568,3 +570,113 @@ def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_f
         log.warning("optimum-neuron-cache: skipped %d name(s) the layout does not allow in %s (e.g. %r)",
                     len(plan.ignored), plan.area, plan.ignored[0][:200])
     return ModelFetch(plan.area, plan, execute_fetch(client, root, plan, progress))
+
+
+# ------------------------------------------------------------------------------ one fetch per host
+
+
+@dataclass(frozen=True)
+class FetchNote:
+    """What a host's fetch of a model area found, left for the processes that waited for it: they take it
+    instead of listing the bucket and planning again."""
+
+    key: str
+    finished_at: float
+    #: False when the fetch failed as a whole (the bucket unavailable): `error` says why, once for everyone.
+    ok: bool
+    error: str = ""
+    area: str | None = None
+    remote_modules: tuple[str, ...] = ()
+    record_names: tuple[str, ...] = ()
+    known_models: tuple[str, ...] | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes, key: str) -> FetchNote | None:
+        """The note in a gate file, or None when it is not one of `key` (torn, foreign, malformed)."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("key") != key:
+                return None
+            names = [data.get(name) for name in ("remote_modules", "record_names")]
+            known = data.get("known_models")
+            if not all(isinstance(items, list) and all(isinstance(n, str) for n in items) for items in names) or \
+                    not (known is None or (isinstance(known, list) and all(isinstance(n, str) for n in known))) or \
+                    not isinstance(data.get("finished_at"), (int, float)) or not isinstance(data.get("ok"), bool) or \
+                    not isinstance(data.get("error", ""), str) or not (data.get("area") is None or isinstance(data["area"], str)):
+                return None
+            return cls(key, float(data["finished_at"]), data["ok"], data.get("error", ""), data.get("area"),
+                       tuple(names[0]), tuple(names[1]), tuple(known) if known is not None else None)
+        except (ValueError, TypeError):
+            return None
+
+
+class HostFetchGate:
+    """One fetch of a model area per host at a time: 32 ranks entering together make one listing, one plan and
+    one download; the other 31 wait on the gate, then take the fetcher's note (no request, no plan).
+
+    The gate is a lock file (`HostState.fetch_gate_path`). `lead` takes it exclusively without waiting: the
+    holder fetches, then `release`s it with its note written into the same file (one pwrite, no rename: a
+    warm run pays microseconds for it). A process that cannot lead `wait`s for a shared lock (the fetcher is
+    done), reads the note, and lets go at once. The kernel releases a dead holder's lock: waiters then find a
+    note that is not fresh, and fetch themselves."""
+
+    #: A note older than this when the wait began is another fetch's: the waiter fetches itself.
+    FRESH_SECONDS = 5.0
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self._fd: int | None = None
+
+    def lead(self) -> bool:
+        """Take the gate if nobody holds it: True means this process fetches (then `release`)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self, note: FetchNote | None) -> None:
+        """Leave the note (None: a fetch that did not finish: waiters fetch themselves), then let go."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            data = note.to_json() if note is not None else b""
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # releases the lock
+
+    def wait(self, timeout: float) -> FetchNote | None:
+        """Wait (bounded) until the fetcher lets go, and return its note; None when there is none to take (it
+        died, failed before planning, or the wait timed out): then the caller fetches itself."""
+        began = time.time()
+        deadline = time.monotonic() + timeout
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            delay = 0.001
+            while True:  # polls cost microseconds each; a blocking flock could not be given a deadline
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        return None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.01)
+            raw = os.pread(fd, MAX_RECORD_BYTES, 0)
+        finally:
+            os.close(fd)
+        note = FetchNote.parse(raw, self.key)
+        return note if note is not None and note.finished_at >= began - self.FRESH_SECONDS else None

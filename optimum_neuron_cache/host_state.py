@@ -1,7 +1,8 @@
 """What this project keeps inside the cache root, beside libneuronxla's folders (under `.optimum-neuron-cache/`).
 
 - `locks/`: per-entry file locks, node-wide. They are flock locks (filelock), released by the kernel when
-  their holder dies, so a killed process never blocks anyone: liveness, not age.
+  their holder dies, so a killed process never blocks anyone: liveness, not age. `locks/fetch-<key>` is the
+  host-wide gate of fetching one model area (fetch.HostFetchGate), which also holds its last fetch's note.
 - `tmp/<host>.<pid>.<random>/`: downloads in progress, on the cache's filesystem so an entry is renamed into place
   whole. Left over by a killed process, they are removed by the next run.
 - `journal/`: the write-ahead journal of publications (journal.py).
@@ -42,6 +43,13 @@ class HostState:
         folder = self.base / "locks" / version_dir_name(compiler_version)
         folder.mkdir(parents=True, exist_ok=True)
         return FileLock(folder / f"{module}.{purpose}.lock")
+
+    def fetch_gate_path(self, key: str) -> Path:
+        """The host-wide gate of fetching what `key` names (bucket, compiler version, model area): a lock file
+        whose holder fetches while the others wait, and which then holds what the fetch found."""
+        folder = self.base / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"fetch-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
     # ------------------------------------------------------------------------------ publications
     def _published_marker(self, bucket: str, destination: str) -> Path:
