@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .errors import NeuronCacheError
 from .fetch import FetchNote, HostFetchGate, fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
-from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
+from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from .neuron_sdk import resolve_compiler_version
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
@@ -111,6 +112,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area_modules: set[str] = set()
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
+        self._local: dict[str, LocalEntry] = {}
         self._records_read: list[CachedExport] = []
         self._known_models: tuple[str, ...] | None = None
         self._journal_record: RunRecord | None = None
@@ -178,6 +180,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         except OSError:
             pass
         local = {entry.name: entry for entry in self._entries()}
+        self._local = local
         self._before = {name: entry.state for name, entry in local.items()}
         self._open_journal(root, local)
         gate = self._gate(root)
@@ -414,8 +417,29 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                             config=self._export_config, compiled=new, used=used, earlier=earlier,
                             recorded=self._area_records, previous=self._records_read)
 
+    def _exit_entries(self) -> dict[str, LocalEntry]:
+        """The entries at exit, from one listing of the version folder: those complete at enter are taken as
+        they were (nothing rewrites a complete entry: compiles and fetches only add entries), the others are
+        read again. A warm run thus reads its version folder, not every entry's files a second time."""
+        assert self._root.path is not None
+        folder = self._root.path / version_dir_name(self._version)
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):  # as scan_entries: a symlinked version folder is not read
+                return {}
+            with os.scandir(folder) as items:
+                names = sorted(item.name for item in items if is_module_name(item.name) and item.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            return {entry.name: entry for entry in self._entries()}
+        entries = {}
+        for name in names:
+            known = self._local.get(name)
+            entries[name] = known if known is not None and known.state.publishable else read_entry(folder / name, self._version)
+        return entries
+
     def _sync(self, root: Path) -> None:
-        entries = {entry.name: entry for entry in self._entries()}
+        entries = self._exit_entries()
         new = self._new_entries(entries)
         fetched = {layout.module_of(key) for key in self.run.fetched}
         self.run.compiled = [layout.flat_entry_prefix(self._version, name) for name in sorted(new)]
