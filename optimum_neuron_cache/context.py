@@ -285,7 +285,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return
         self._area, self._known_models = note.area, note.known_models
         self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
-        for entry in self._entries():
+        entries = self._entries()
+        self._local = {entry.name: entry for entry in entries}  # what exit compares with
+        for entry in entries:
             if entry.state.publishable:
                 self._before.setdefault(entry.name, entry.state)
                 if not self._before[entry.name].publishable:

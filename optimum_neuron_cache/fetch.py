@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -660,23 +661,28 @@ class HostFetchGate:
 
     def wait(self, timeout: float) -> FetchNote | None:
         """Wait (bounded) until the fetcher lets go, and return its note; None when there is none to take (it
-        died, failed before planning, or the wait timed out): then the caller fetches itself."""
+        died, failed before planning, or the wait timed out): then the caller fetches itself.
+
+        The wait is a blocking flock on a helper thread (a waiting rank uses no CPU, and wakes the moment the
+        fetcher lets go); the thread owns the file, and one that outlives a timed-out wait closes it when it
+        gets the lock."""
         began = time.time()
-        deadline = time.monotonic() + timeout
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            delay = 0.001
-            while True:  # polls cost microseconds each; a blocking flock could not be given a deadline
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        return None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.01)
-            raw = os.pread(fd, MAX_RECORD_BYTES, 0)
-        finally:
-            os.close(fd)
-        note = FetchNote.parse(raw, self.key)
+        read: list[bytes] = []
+        done = threading.Event()
+
+        def block() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                read.append(os.pread(fd, MAX_RECORD_BYTES, 0))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+                done.set()
+
+        threading.Thread(target=block, name="fetch-gate", daemon=True).start()
+        if not done.wait(timeout) or not read:
+            return None
+        note = FetchNote.parse(read[0], self.key)
         return note if note is not None and note.finished_at >= began - self.FRESH_SECONDS else None
