@@ -370,9 +370,12 @@ def fetch_cold(site: Site) -> dict[str, Any]:
     moved = ours_stats.get("bytes_transferred")
     if moved is not None and moved < needed:
         checks.append(f"ours transferred {moved} bytes, fewer than the {needed} needed")
+    cpu = [(name, stats.get("server_cpu_s")) for name, stats in (("ours", ours_stats), *baselines.items())]
+    notes = "server CPU per fetch (median): " + ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in cpu
+                                                            if isinstance(value, (int, float)))
     return figure(f"{site.backend}.fetch_cold", site.backend,
                   f"fetch {len(world.target_modules)} entries ({needed / 1e6:.1f} MB) into a cold cache, {site.models} models in the bucket",
-                  ours_stats, baselines, ratios, targets, checks)
+                  ours_stats, baselines, ratios, targets, checks, notes)
 
 
 def _cold_fetch(site: Site, scratch: str, label: str, checks: list[str], model: str = TARGET_MODEL) -> Sample:
@@ -389,7 +392,10 @@ def _cold_fetch(site: Site, scratch: str, label: str, checks: list[str], model: 
             pass
         return {"requests": run.requests, **box, "_run": run}
 
+    cpu0 = proc_cpu(site.pid) if site.pid else None
     sample = timed(run_it)
+    cpu1 = proc_cpu(site.pid) if site.pid else None
+    sample.extra["server_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     run = sample.extra.pop("_run")
     sample.extra["bytes_transferred"] = DownloadCounter.total - asked
     if sorted(Path(key).name for key in run.fetched) != expected or run.warnings:
