@@ -413,12 +413,12 @@ def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
     world, cfg = site.world, site.world.cfg
     checks: list[str] = []
 
-    def one(verify: bool) -> Sample:
+    def one(verify: bool, model: str = TARGET_MODEL) -> Sample:
         previous = os.environ.get("NEURON_CACHE_VERIFY")
         os.environ["NEURON_CACHE_VERIFY"] = "1" if verify else "0"
         cpu0 = proc_cpu(site.pid) if site.pid else None
         try:
-            sample = _cold_fetch(site, "verify-cost", "verified" if verify else "unverified", checks)
+            sample = _cold_fetch(site, "verify-cost", "verified" if verify else "unverified", checks, model)
             cpu1 = proc_cpu(site.pid) if site.pid else None
             sample.extra["server_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
             return sample
@@ -433,10 +433,13 @@ def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
 
         site.emulator.link = Link(link_rate)
     samples: dict[bool, list[Sample]] = {True: [], False: []}
+    plain: list[Sample] = []  # the model published without a record: checked by its digest manifests
     try:
         for rep in range(cfg.verify_reps):
             for verify in ((True, False) if rep % 2 == 0 else (False, True)):
                 samples[verify].append(one(verify))
+            if site.backend == "hf" and not link_rate:
+                plain.append(one(True, PLAIN_MODEL))
     finally:
         if site.emulator is not None:
             site.emulator.link = None
@@ -447,11 +450,17 @@ def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
     cpu = (ours.get("server_cpu_s"), base.get("server_cpu_s"))
     notes = (f"server CPU per fetch: {cpu[0] * 1e3:.0f} ms verified, {cpu[1] * 1e3:.0f} ms unverified"
              if None not in cpu else "")
+    baselines = {"unverified": base}
+    if plain:
+        baselines["verified_no_record"] = summarize(plain, bytes_needed=world.plain_bytes)
+        no_record = baselines["verified_no_record"].get("server_cpu_s")
+        if no_record is not None and notes:
+            notes += f", {no_record * 1e3:.0f} ms verified without a record (digest manifests only)"
     where = f"through a {link_rate / 1e6:.0f} MB/s link" if link_rate else ("over loopback" if site.backend == "hf" else "local disk")
     fid = f"{site.backend}.verify_cost" + ("_link" if link_rate else "")
     return figure(fid, site.backend, f"cold fetch of {len(world.target_modules)} entries ({needed / 1e6:.1f} MB), "
                   f"verified against unverified, {where}",
-                  ours, {"unverified": base}, {"ours/unverified": value},
+                  ours, baselines, {"ours/unverified": value},
                   [target(f"verification adds at most 5% to fetch time, {where} (verified/unverified, median of "
                           "pairs, <= 1.05)", value <= 1.05, value)], checks, notes)
 
@@ -760,9 +769,17 @@ def _noop_parts(site: Site, cache: Path) -> dict[str, float]:
         drop_connections()
         _connection(os.environ)._connect()
 
+    emulator: dict[str, float] = {}
+    if site.emulator is not None and hasattr(site.emulator, "op_tree"):  # its handlers, called in-process
+        emulator = {
+            "emulator's own time for that listing": median_ms(lambda: site.emulator.op_tree(None, BUCKET_ID, site.area(), True)),
+            "emulator's own time for the bare paths-info": median_ms(
+                lambda: site.emulator.op_paths_info(None, BUCKET_ID, [f"{site.area()}/x"])),
+        }
     return {
         "connect + handshake": median_ms(connect),
         "listing of the model's area (connected)": median_ms(lambda: client.list(site.area(), recursive=True)),
+        **emulator,
         "local scan (x2: enter and exit)": median_ms(lambda: scan_entries(cache, version)),
         "journal window (write + remove)": median_ms(lambda: journal.drop(journal.begin(
             RunRecord(key=key, started=time.time(), window=True, open=True)))),
