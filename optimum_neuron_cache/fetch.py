@@ -7,6 +7,10 @@ carries out the operations that move bytes: every needed file in one download re
 folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
 existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file
 once: the others wait, then find it installed. Dry runs, progress and reports read the plan.
+
+The model area's digest manifests (docs/remote-layout.md) ride along with the first download, for the server
+to check files by BLAKE3; they land in the temporary folder, never in an entry. `HostFetchGate` makes the
+processes of one host that enter the same area together fetch once: the others take the fetcher's note.
 """
 
 from __future__ import annotations
