@@ -11,15 +11,40 @@ import importlib
 import logging
 import os
 import re
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import CompilerVersionError
 
-#: neuronx-cc versions look like 2.21.33363.0+82129205 (the +hash part is absent from pip metadata).
-_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(?:\.\d+)?(?:\+[0-9a-zA-Z]+)?$")
+#: neuronx-cc versions look like 2.21.33363.0+82129205 (the +hash part is absent from pip metadata); early
+#: development builds have letters in the fourth part, as in the folder `neuronxcc-2.0.0.22266a0+a69f71e55`.
+#: Every part is bounded: the version names a folder, locally and in a bucket, so nothing else may pass.
+VERSION_PATTERN = r"\d{1,6}\.\d{1,6}\.\d{1,9}(?:\.\d{1,12}[0-9a-z]{0,12})?(?:\+[0-9a-zA-Z]{1,40})?"
+_VERSION_RE = re.compile(f"^{VERSION_PATTERN}$")
 
 ENV_COMPILER_VERSION = "NEURON_CC_VERSION"
+ENV_CC_FLAGS = "NEURON_CC_FLAGS"
+
+
+def split_flags(value: str) -> list[str]:
+    """NEURON_CC_FLAGS as tokens; a string shlex cannot parse (an odd quote) falls back to whitespace."""
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
+def cache_dir_from_flags(flags: list[str]) -> str | None:
+    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
+    found = None
+    for index, token in enumerate(flags):
+        if token.startswith("--cache_dir="):
+            found = token.split("=", 1)[1]
+        elif token == "--cache_dir" and index + 1 < len(flags):
+            found = flags[index + 1]
+    return found
 
 
 @dataclass(frozen=True)
@@ -96,8 +121,9 @@ def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    """(2, 21, 33363, 0) for 2.21.33363.0+82129205: for comparisons such as 'up to 2.14'."""
-    return tuple(int(part) for part in version.split("+", 1)[0].split("."))
+    """(2, 21, 33363, 0) for 2.21.33363.0+82129205, (2, 0, 0, 22266) for 2.0.0.22266a0: for comparisons such
+    as 'up to 2.14' (a development build's letters are ignored)."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("+", 1)[0].split("."))
 
 
 def writes_done_marker(version: str) -> bool:
@@ -114,7 +140,7 @@ def writes_done_marker(version: str) -> bool:
 # moved an attribute costs a `None`, never an exception.
 
 #: `neuronx-cc --version` prints e.g. "NeuronX Compiler version 2.21.33363.0+82129205".
-_VERSION_IN_TEXT_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+(?:\+[0-9a-zA-Z]+)?)")
+_VERSION_IN_TEXT_RE = re.compile(rf"(?<![\w.])({VERSION_PATTERN})(?![\w.+])")
 
 
 @dataclass(frozen=True)
@@ -141,17 +167,19 @@ def _valid_version(value: object) -> str | None:
     return value if _VERSION_RE.match(value) else None
 
 
-def _libneuronxla_cache_url(cache_module: object) -> str | None:
+def _libneuronxla_cache_url(cache_module: object, cache_dir: str | None) -> str | None:
+    """`CacheUrl.get_cache_url(cache_dir).url`, called as torch-neuronx's `neuron_parallel_compile` and Ray's
+    Neuron backend call it: with the `--cache_dir` of NEURON_CC_FLAGS (None when there is none), since
+    libneuronxla's own resolution without the argument ignores that flag."""
     cache_url_cls = getattr(cache_module, "CacheUrl", None)
     get_cache_url = getattr(cache_url_cls, "get_cache_url", None)
     if not callable(get_cache_url):
         return None
-    url = get_cache_url()
-    for attribute in ("url", "cache_url", "path"):
-        value = getattr(url, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    return str(url) if isinstance(url, str) and url else None
+    url = get_cache_url(cache_dir)
+    value = getattr(url, "url", None)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return url.strip() if isinstance(url, str) and url.strip() else None
 
 
 def _libneuronxla_compiler_version(modules: list[object]) -> str | None:
@@ -169,35 +197,63 @@ def _libneuronxla_compiler_version(modules: list[object]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Libneuronxla:
+    """The installed libneuronxla, imported once per process."""
+
+    version: str | None
+    cache_module: object | None
+    compiler_version: str | None
+    compiler_version_source: str | None
+    problem: str | None
+
+
 @lru_cache(maxsize=1)
-def libneuronxla_info() -> LibneuronxlaInfo | None:
-    """libneuronxla's view of the cache, or None when it is absent (or PyPI's placeholder)."""
+def _libneuronxla() -> _Libneuronxla | None:
     try:
         package = importlib.import_module("libneuronxla")
-    except Exception:
+    except Exception:  # absent, or PyPI's placeholder
         return None
-    problems = []
     version = getattr(package, "__version__", None)
+    problem = None
     try:
         cache_module = importlib.import_module("libneuronxla.neuron_cc_cache")
     except Exception as exc:
         cache_module = None
-        problems.append(f"libneuronxla.neuron_cc_cache does not import ({type(exc).__name__})")
-    cache_url = None
-    if cache_module is not None:
-        try:
-            cache_url = _libneuronxla_cache_url(cache_module)
-        except Exception as exc:
-            problems.append(f"CacheUrl.get_cache_url() failed ({type(exc).__name__}: {exc})")
-        if cache_url is None and not problems:
-            problems.append("this libneuronxla has no CacheUrl.get_cache_url()")
+        problem = f"libneuronxla.neuron_cc_cache does not import ({type(exc).__name__})"
     compiler_version = _libneuronxla_compiler_version([m for m in (cache_module, package) if m is not None])
     source = "libneuronxla" if compiler_version else None
     if compiler_version is None and sdk_info().neuronx_cc:
         compiler_version, source = _valid_version(sdk_info().neuronx_cc), "neuronxcc"
+    return _Libneuronxla(str(version) if version else None, cache_module, compiler_version, source, problem)
+
+
+def libneuronxla_cache_root(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(the cache root libneuronxla resolves for NEURON_CC_FLAGS' `--cache_dir`, what went wrong): (None, None)
+    when libneuronxla is absent. Read at each call: the flags and NEURON_COMPILE_CACHE_URL may change."""
+    lib = _libneuronxla()
+    if lib is None:
+        return None, None
+    if lib.cache_module is None:
+        return None, lib.problem
+    env = os.environ if environ is None else environ
+    cache_dir = cache_dir_from_flags(split_flags(env.get(ENV_CC_FLAGS, "")))
+    try:
+        url = _libneuronxla_cache_url(lib.cache_module, cache_dir)
+    except Exception as exc:  # an SDK that changed its API costs a line in `status`, never a run
+        return None, f"CacheUrl.get_cache_url() failed ({type(exc).__name__}: {exc})"
+    return url, None if url else "this libneuronxla has no CacheUrl.get_cache_url()"
+
+
+def libneuronxla_info(environ: Mapping[str, str] | None = None) -> LibneuronxlaInfo | None:
+    """libneuronxla's view of the cache, or None when it is absent (or PyPI's placeholder)."""
+    lib = _libneuronxla()
+    if lib is None:
+        return None
+    cache_url, problem = libneuronxla_cache_root(environ)
     return LibneuronxlaInfo(
-        version=str(version) if version else None, cache_url=cache_url, compiler_version=compiler_version,
-        compiler_version_source=source, problem="; ".join(problems) or None,
+        version=lib.version, cache_url=cache_url, compiler_version=lib.compiler_version,
+        compiler_version_source=lib.compiler_version_source, problem=problem,
     )
 
 
