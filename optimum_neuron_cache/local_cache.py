@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import os
 import re
-import shlex
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,12 +43,12 @@ _VERSION_DIR_RE = re.compile(f"^neuronxcc-({VERSION_PATTERN})$")
 
 def is_module_name(name: str) -> bool:
     """Whether `name` is an entry folder name: `MODULE_<alnum>+<alnum>`."""
-    return bool(_MODULE_RE.match(name))
+    return bool(_MODULE_RE.fullmatch(name))
 
 
 def version_from_dir_name(name: str) -> str | None:
     """The compiler version of a `neuronxcc-<version>` folder name, or None for anything else."""
-    match = _VERSION_DIR_RE.match(name)
+    match = _VERSION_DIR_RE.fullmatch(name)
     return match.group(1) if match else None
 
 
