@@ -25,6 +25,11 @@ OTHER = "2.19.8089.0+8ab9f450"
 CONFIG = {"batch_size": 1, "sequence_length": 1024, "auto_cast_type": "bf16"}
 
 
+@pytest.fixture(autouse=True)
+def no_target_from_the_host(monkeypatch):
+    monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)  # the records' target would follow it
+
+
 @pytest.fixture
 def bucket(tmp_path) -> BucketRef:
     clear_lookup_cache()
