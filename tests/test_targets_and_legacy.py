@@ -182,3 +182,26 @@ def test_a_bad_opt_in_value_is_bad_input(tmp_path, bucket, monkeypatch):
     monkeypatch.setenv("NEURON_CACHE_PUBLISH_LEGACY", "maybe")
     with pytest.raises(ConfigurationError, match="NEURON_CACHE_PUBLISH_LEGACY='maybe' is not a yes/no value"):
         hub_neuronx_cache("org/old", compiler_version=OLD, bucket=bucket, cache_dir=tmp_path / "A")
+
+
+# --------------------------------------------------------------- flags hashes of either kind, end to end
+
+@pytest.mark.parametrize("style", ["json", "text"])
+def test_entries_of_either_flags_hash_round_trip_at_every_version(tmp_path, bucket, monkeypatch, style):
+    """MODULE names are opaque: whichever way a compiler hashed its flags, at whichever version, its entries
+    are published, listed and fetched the same way."""
+    from optimum_neuron_cache.testing.simulated_compiler import module_name
+
+    monkeypatch.setenv("NEURON_CACHE_PUBLISH_LEGACY", "1")  # 2.12 and 2.14 entries are NEFF-only
+    for version in ("2.12.68.0", "2.14.227.0+2d4f85be", "2.15.128.0+56dc5a86", "2.15.141.0+d3cfc8ca", "2.21.33363.0+82129205"):
+        graphs = make_graphs(2, seed=f"{style}-{version}", flags=("--model-type=transformer", "-O1"))
+        names = sorted(module_name(version, graph, style) for graph in graphs)
+        a, b = tmp_path / f"a-{version}", tmp_path / f"b-{version}"
+        with hub_neuronx_cache("org/styles", compiler_version=version, bucket=bucket, cache_dir=a) as published:
+            for graph in graphs:
+                compile_graph(a, version, graph, flags_hash_style=style)
+        assert sorted(key.rsplit("/", 1)[1] for key in published.synced) == names, version
+        with hub_neuronx_cache("org/styles", compiler_version=version, bucket=bucket, cache_dir=b) as fetched:
+            for graph in graphs:
+                assert compile_graph(b, version, graph, flags_hash_style=style).hit
+        assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == names, version
