@@ -338,12 +338,14 @@ DMI_PRODUCT_NAME = Path("/sys/devices/virtual/dmi/id/product_name")
 LAST_VERSION_WITHOUT_TARGET_IN_KEY = (2, 15)
 
 _TARGET_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
-_NEURON_INSTANCE_RE = re.compile(r"^((?:trn|inf)[0-9]{1,3}[a-z]{0,3})\.[0-9a-z-]{1,32}$")
+#: An EC2 Neuron instance type; group 1 is its chip's target (trn1n and trn2u instances carry trn1 and trn2 chips).
+_NEURON_INSTANCE_RE = re.compile(r"^((?:trn|inf)[0-9]{1,3})[a-z]{0,3}\.[0-9a-z-]{1,32}$")
 
 
 def normalize_target(value: object) -> str | None:
     """A compile target as neuronx-cc's `--target` names it (trn1, trn2, inf2...), from a target or an EC2
-    instance type (`trn1.32xlarge` -> trn1); None for anything else (hostile or unknown input)."""
+    instance type (`trn1.32xlarge` and `trn1n.32xlarge` -> trn1); None for anything else (hostile or unknown
+    input)."""
     if not isinstance(value, str):
         return None
     text = value.strip().lower()
