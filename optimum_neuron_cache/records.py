@@ -1,8 +1,8 @@
 """Export records: what a later user needs to judge whether a cached compile matches theirs.
 
-One JSON file per (export config, compile flags) under the model's `exports/` folder. The flags are
-NEURON_CC_FLAGS without wrapper flags (which never reach the compiler), so a lookup never claims a match
-that was compiled with other flags.
+One JSON file per (export config, compile flags, compile target) under the model's `exports/` folder. The
+flags are NEURON_CC_FLAGS without wrapper flags (which never reach the compiler), so a lookup never claims a
+match that was compiled with other flags; the target keeps a trn1 and a trn2 build of one configuration apart.
 """
 
 from __future__ import annotations
