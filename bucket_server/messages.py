@@ -344,17 +344,19 @@ def _args(value: Any, op: str) -> Mapping[str, Any]:
 class HelloRequest:
     """The handshake: the server answers its status, or protocol_mismatch."""
 
-    protocol: int
+    #: None when the client sent no whole number: it speaks some other protocol.
+    protocol: int | None
     client_version: str | None = None
 
     @classmethod
     def from_wire(cls, value: Any) -> "HelloRequest":
-        """Any protocol number is accepted here: a mismatch is the handler's answer, not a bad request."""
+        """Whatever the client says its protocol is, this is not a bad request: a client of another protocol
+        (even one that sends no number) must get protocol_mismatch, the handler's answer, so it replaces us."""
         args = _args(value, "hello")
         protocol = args.get("protocol")
-        if isinstance(protocol, bool) or not isinstance(protocol, int):
-            raise MessageError(f"protocol must be a whole number, got {protocol!r}")
-        return cls(protocol, optional_text(args.get("client_version"), "client_version"))
+        version = args.get("client_version")
+        return cls(protocol if isinstance(protocol, int) and not isinstance(protocol, bool) else None,
+                   version if isinstance(version, str) and len(version) <= MAX_TEXT_CHARS else None)
 
     def to_wire(self) -> dict[str, Any]:
         """{"protocol", "client_version"}."""

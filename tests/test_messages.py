@@ -155,8 +155,7 @@ def test_sizes_must_be_whole_bytes_in_bounds(size):
     ("create", {"private": "no"}),
     ("list", {"recursive": "false"}),
     ("list", {"prefix": None}),
-    ("hello", {"protocol": "1"}),
-    ("hello", {"protocol": True}),
+    ("hello", "1"),
     ("paths_info", {"paths": "a/b"}),
     ("status", "x"),
     ("format_disk", {}),
@@ -208,6 +207,15 @@ def test_a_listing_costs_only_its_untrusted_items():
 def test_other_untrusted_results_are_refused_whole(op, result):
     with pytest.raises(MessageError):
         parse_result(op, result)
+
+
+def test_a_hello_of_another_protocol_is_a_mismatch_not_a_bad_request():
+    """Whatever a client of another protocol sends as its version, it must be told to replace the server."""
+    server = BucketServer("/nonexistent/s.sock", "http://h", 1.0)
+    for args in ({"protocol": 2}, {"protocol": "1"}, {"protocol": True}, {}, {"client_version": 5}):
+        reply = server.handle({"id": 1, "op": "hello", "args": args})
+        assert reply["ok"] is False and reply["error"]["code"] == "protocol_mismatch", (args, reply)
+    assert server.handle({"id": 2, "op": "hello", "args": {"protocol": 1}})["ok"] is True
 
 
 def test_bucket_figures_that_are_only_shown_read_as_none():
