@@ -43,6 +43,12 @@ class MessageError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- field checks
+def _short(value: Any) -> str:
+    """A value as an error names it: its repr, cut short (a hostile path may be long)."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def remote_path(value: Any, what: str = "remote path", *, allow_root: bool = False) -> str:
     """A bucket-relative path that can escape neither a bucket nor a local root: no absolute path, no '..'
     or '.' or empty segment, no backslash, no NUL ('' only with `allow_root`, for the bucket's root)."""
@@ -58,7 +64,7 @@ def remote_path(value: Any, what: str = "remote path", *, allow_root: bool = Fal
         or "\x00" in value
         or any(part in ("", ".", "..") for part in value.split("/"))
     ):
-        raise MessageError(f"unsafe {what} {value!r}")
+        raise MessageError(f"unsafe {what} {_short(value)}")
     return value
 
 
@@ -73,7 +79,7 @@ def local_path(value: Any, what: str = "local_path") -> str:
     """An absolute local path (the server's working folder is not the client's), without NUL."""
     text = bounded_text(value, what)
     if "\x00" in text or not os.path.isabs(text):
-        raise MessageError(f"{what} must be an absolute path without NUL, got {text!r}")
+        raise MessageError(f"{what} must be an absolute path without NUL, got {_short(text)}")
     return text
 
 
@@ -94,23 +100,27 @@ def optional_text(value: Any, what: str) -> str | None:
 def whole_number(value: Any, what: str, *, maximum: int) -> int:
     """An int from 0 to `maximum` (never a bool, a float, a string or an infinity)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-        raise MessageError(f"{what} must be a whole number from 0 to {maximum}, got {value!r}")
+        raise MessageError(f"{what} must be a whole number from 0 to {maximum}, got {_short(value)}")
     return value
 
 
 def byte_size(value: Any, what: str = "size") -> int:
     """A file's size: a whole number of bytes from 0 to MAX_FILE_BYTES."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FILE_BYTES:
-        raise MessageError(f"{what} is not a valid number of bytes (0 to {MAX_FILE_BYTES}): {value!r}")
+        raise MessageError(f"{what} is not a valid number of bytes (0 to {MAX_FILE_BYTES}): {_short(value)}")
     return value
 
 
-def optional_seconds(value: Any, what: str) -> float | None:
-    """None, or a finite number (a time stamp or a duration); anything else reads as None: such figures are
-    only ever shown, and a bad one must not cost a whole reply."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def optional_seconds(value: Any) -> float | None:
+    """None, or a finite number (a time stamp or a duration); anything else (an int too large for a float
+    included) reads as None: such figures are only ever shown, and a bad one must not cost a whole reply."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def flag(value: Any, what: str, default: bool) -> bool:
@@ -118,7 +128,7 @@ def flag(value: Any, what: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise MessageError(f"{what} must be true or false, got {value!r}")
+        raise MessageError(f"{what} must be true or false, got {_short(value)}")
     return value
 
 
@@ -155,7 +165,7 @@ class FileItem:
         item = wire_object(value, "listed file")
         path = remote_path(item.get("path"), "listed path")
         return cls(path, byte_size(item.get("size"), f"size of {path}"), optional_text(item.get("xet_hash"), "xet_hash"),
-                   optional_seconds(item.get("mtime"), "mtime"), optional_text(item.get("digest"), "digest"))
+                   optional_seconds(item.get("mtime")), optional_text(item.get("digest"), "digest"))
 
     def to_wire(self) -> dict[str, Any]:
         """{"type": "file", "path", "size", "xet_hash", "mtime", "digest"}."""
@@ -189,12 +199,12 @@ def list_item_from_wire(value: Any) -> ListItem:
         return FileItem.from_wire(value)
     if kind == "directory":
         return FolderItem.from_wire(value)
-    raise MessageError(f"listing item of unknown type {kind!r}")
+    raise MessageError(f"listing item of unknown type {_short(kind)}")
 
 
 def _shown(value: Any) -> str:
     path = value.get("path") if isinstance(value, Mapping) else None
-    return repr(path)[:200] if path is not None else repr(value)[:200]
+    return _short(path if path is not None else value)
 
 
 def tolerant_items(value: Any, what: str, parse: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:
@@ -401,7 +411,7 @@ class CreateRequest:
         """`private` is true, false or null (the Hub's default)."""
         private = _args(value, "create").get("private")
         if private is not None and not isinstance(private, bool):
-            raise MessageError(f"private must be true, false or null, got {private!r}")
+            raise MessageError(f"private must be true, false or null, got {_short(private)}")
         return cls(private)
 
     def to_wire(self) -> dict[str, Any]:
@@ -511,7 +521,7 @@ class StatusResult:
             pid=whole_number(item.get("pid"), "pid", maximum=2**31),
             **{name: optional_text(item.get(name), name)
                for name in ("server_version", "socket", "endpoint", "python", "huggingface_hub")},
-            **{name: optional_seconds(item.get(name), name) for name in ("uptime", "idle_timeout", "idle_for")},
+            **{name: optional_seconds(item.get(name)) for name in ("uptime", "idle_timeout", "idle_for")},
             **{name: count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
                for name, count in counts.items()},
         )
@@ -579,7 +589,7 @@ class CreateResult:
         item = wire_object(value, "create reply")
         created = item.get("created")
         if not isinstance(created, bool):
-            raise MessageError(f"created must be true or false, got {created!r}")
+            raise MessageError(f"created must be true or false, got {_short(created)}")
         return cls(created, bounded_text(item.get("url"), "url"))
 
     def to_wire(self) -> dict[str, Any]:

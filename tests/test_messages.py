@@ -188,6 +188,7 @@ def test_a_listing_costs_only_its_untrusted_items():
     assert "not a valid number of bytes" in listing.skipped[2]
     # A time stamp is only ever shown: a bad one is dropped, not the file.
     assert FileItem.from_wire({**good, "mtime": math.nan}).mtime is None
+    assert FileItem.from_wire({**good, "mtime": 10**400}).mtime is None
     assert PathsInfoResult.from_wire([good, hostile[0]]).files == (FileItem.from_wire(good),)
     with pytest.raises(MessageError):
         ListResult.from_wire({"items": []})  # not a listing at all: the whole reply is refused
