@@ -164,6 +164,14 @@ class BucketServer:
                 delete=list(req["args"].get("delete", [])),
                 progress=req.get("_emit"),
             ),
+            # Model repos, read only (optimum-neuron's Git caches): request["repo"] = {"type": "model", "id", "revision"}.
+            "repo_info": lambda req: self.repo(req).resolve(),
+            "repo_list": lambda req: self.repo(req).list(
+                str(req["args"].get("prefix", "")), recursive=bool(req["args"].get("recursive", True))
+            ),
+            "repo_paths_info": lambda req: self.repo(req).paths_info(list(req["args"]["paths"])),
+            "repo_download": lambda req: self.repo(req).download(list(req["args"]["files"]), progress=req.get("_emit")),
+            "repo_copy": self.op_repo_copy,
         }
 
     # ------------------------------------------------------------------------------ backends
@@ -200,6 +208,25 @@ class BucketServer:
             token = (request.get("auth") or {}).get("token")
             return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None, self._policy)
         raise BackendError(ErrorCode.BAD_REQUEST, f"unknown bucket kind {kind!r}")
+
+    def repo(self, request: dict[str, Any]) -> Any:
+        """The model repo a request names, at its revision, with the request's token (read only)."""
+        from .backends.repo import RepoSource, parse_repo
+
+        repo_id, revision = parse_repo(request.get("repo"))
+        token = (request.get("auth") or {}).get("token")
+        return RepoSource(self.hf_api(), repo_id, revision, token if isinstance(token, str) else None, self._policy)
+
+    def op_repo_copy(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Copy Xet-backed files of the request's model repo into its bucket by hash, on the Hub's side."""
+        from .backends.hf import HfBackend
+        from .backends.repo import copy_into_bucket, parse_repo
+
+        repo_id, _ = parse_repo(request.get("repo"))
+        bucket = self.backend(request)
+        if not isinstance(bucket, HfBackend):
+            raise BackendError(ErrorCode.BAD_REQUEST, "a copy by Xet hash needs a Hub bucket (stream the files into a directory bucket)")
+        return copy_into_bucket(bucket, repo_id, list(request["args"]["copies"]))
 
     # ------------------------------------------------------------------------------ server ops
     def op_hello(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,8 @@ _ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
-IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch"})
+IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch",
+                        "repo_info", "repo_list", "repo_paths_info", "repo_download", "repo_copy"})
 
 _ERRORS: dict[str, type[RemoteError]] = {
     ErrorCode.BUCKET_NOT_FOUND.value: BucketNotFoundError,
