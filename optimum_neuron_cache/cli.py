@@ -581,6 +581,49 @@ def shim_install(directory: str) -> None:
     click.echo(f'export PATH="{path.parent}:$PATH"')
 
 
+# ------------------------------------------------------------------------------------------ import
+
+
+@cli.command(name="import")
+@click.argument("repo_id")
+@click.option("--revision", help="A branch, tag or commit sha of the repo (default: main).")
+@bucket_option
+@click.option("--dry-run", is_flag=True, help="Show the plan: each entry and record, what would be done and why.")
+@click.pass_obj
+def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None, dry_run: bool) -> None:
+    """Copy an optimum-neuron cache repo (e.g. aws-neuron/optimum-neuron-cache) into the bucket.
+
+    Its entries go to the bucket's flat area (by a server-side copy by Xet hash where the repo's files are
+    Xet-backed and the bucket is on the Hub, else streamed), its registry entries become export records.
+    Resumable: run it again after an interruption and it skips what the bucket has."""
+    from .hub_repos import RepoClient, parse_repo
+    from .import_repo import describe_plan, execute_import, plan_import
+
+    repo = parse_repo(repo_id, revision)
+    ref = _bucket(bucket)
+    repo_client, bucket_client = RepoClient(repo), BucketClient(ref)
+    plan = plan_import(repo_client, bucket_client)
+    if dry_run:
+        for line in describe_plan(plan):
+            out.info(line)
+        return
+    out.info(describe_plan(plan)[1].strip())
+    total = len(plan.entries) + len(plan.records)
+    bar = None if out.quiet or not sys.stderr.isatty() or not total else \
+        tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)
+    try:
+        result = execute_import(plan, repo_client, bucket_client, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.info(f"imported {len(result.imported)} entries ({size(result.bytes_copied)} copied by Xet hash, "
+             f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
+    for name, why in result.failed:
+        click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
+    if result.failed:
+        sys.exit(1)
+
+
 # ------------------------------------------------------------------------------------------ server
 
 

@@ -18,7 +18,9 @@ NEFF = b"\x01NEFF" + bytes(range(256)) * 300
 def xet_file(hub, data: bytes, name: str = "blob") -> dict:
     """Put bytes in the emulator's Xet store (through a bucket upload, as the Hub dedups by hash) -> {xetHash, size}."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import disable_progress_bars
 
+    disable_progress_bars()
     api = HfApi(endpoint=hub.endpoint)
     api.create_bucket("staging/xet", exist_ok=True)
     api.batch_bucket_files("staging/xet", add=[(data, name)])

@@ -172,9 +172,17 @@ class RepoSource:
     def _download(self, items: list[dict[str, Any]]) -> dict[str, str]:
         """One attempt: local path -> why the file cannot be handed over."""
         problems: dict[str, str] = {}
-        for item in items:
-            if not item.get("xet_hash"):
+        git_items = [item for item in items if not item.get("xet_hash")]
+        errors: list[BaseException] = []
+        for item in git_items:  # one file that does not transfer costs only itself, as with Xet files
+            try:
                 problems.update(self._download_git(item))
+            except Exception as exc:
+                errors.append(exc)
+                Path(item["local_path"]).unlink(missing_ok=True)
+                problems[str(item["local_path"])] = f"did not transfer: {map_exception(exc, 'download').message}"
+        if git_items and len(errors) == len(git_items) == len(items):
+            raise errors[0]
         xet_items = [item for item in items if item.get("xet_hash")]
         if xet_items:
             problems.update(self._download_xet(xet_items))
