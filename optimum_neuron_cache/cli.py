@@ -171,8 +171,13 @@ def create(out: Output, bucket: str, private: bool) -> None:
 @cli.command(name="set")
 @click.argument("bucket", required=False)
 @click.option("--unset", is_flag=True, help="Forget the saved default bucket.")
-def set_(bucket: str | None, unset: bool) -> None:
-    """Save BUCKET as the default bucket (or forget it with --unset)."""
+@click.option("--upstream", "upstreams", multiple=True, help="A read-only upstream (repeatable, in order): an optimum-neuron "
+              "cache repo (org/name[@rev]) or a bucket. `--upstream ''` forgets them. NEURON_CACHE_UPSTREAM overrides.")
+def set_(bucket: str | None, unset: bool, upstreams: tuple[str, ...]) -> None:
+    """Save BUCKET as the default bucket (or forget it with --unset); or save the read-only upstreams."""
+    if upstreams and not bucket and not unset:
+        _set_upstreams(upstreams)
+        return
     if unset == bool(bucket):
         raise click.UsageError("give a BUCKET, or --unset")
     if unset:
@@ -182,6 +187,18 @@ def set_(bucket: str | None, unset: bool) -> None:
     ref = parse_bucket(bucket or "")
     path = save_bucket(ref)
     click.echo(f"default bucket: {ref} (saved in {path})")
+
+
+def _set_upstreams(specs: tuple[str, ...]) -> None:
+    """Save the upstreams (`--upstream ''` alone forgets them)."""
+    from .upstreams import configured_upstreams, parse_upstream, save_upstreams
+
+    parsed = [parse_upstream(spec) for spec in specs if spec.strip()]
+    path = save_upstreams(parsed)
+    if parsed:
+        click.echo(f"upstreams (read only, in order): {', '.join(map(str, parsed))} (saved in {path})")
+    else:
+        click.echo(f"upstreams forgotten; now: {', '.join(map(str, configured_upstreams())) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------ fetch, sync

@@ -1,0 +1,138 @@
+"""Read-through upstreams: an optimum-neuron Git cache repo (or another bucket) consulted, read only, for the graphs
+the bucket lacks, by the compiler shim and by the todo-filling flow; what they give is published to the bucket."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.errors import ConfigurationError
+from optimum_neuron_cache.hub_repos import RepoRef
+from optimum_neuron_cache.local_cache import EntryState, read_entry, version_dir_name
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, entry_path, make_graphs
+from optimum_neuron_cache.testing.simulated_neuronx_cc import jit_compile
+from optimum_neuron_cache.upstreams import configured_upstreams, parse_upstream, save_upstreams
+
+from .test_hub_repos import xet_file
+from .test_integrations_shim import compiles, toolchain, use  # noqa: F401  (toolchain: the shim's fixture)
+
+REPO = "aws-neuron/optimum-neuron-cache"
+
+
+def cache_repo_of(hub, origin: Path, version: str, graphs) -> str:
+    """An optimum-neuron Git cache repo holding these graphs' entries as compiled in `origin` (NEFFs Xet-backed)."""
+    files: dict[str, bytes | dict] = {"README.md": b"cache"}
+    for graph in graphs:
+        path = entry_path(origin, version, graph)
+        for item in sorted(path.iterdir()):
+            repo_path = f"{version_dir_name(version)}/{path.name}/{item.name}"
+            data = item.read_bytes()
+            files[repo_path] = xet_file(hub, data, repo_path) if item.name == "model.neff" else data
+    return hub.create_model_repo(REPO, files)
+
+
+@pytest.fixture
+def hub_bucket(hub) -> BucketRef:
+    ref = BucketRef("hf", "test-org/neuron-cache")
+    BucketClient(ref).create()
+    return ref
+
+
+def test_parse_and_save_upstreams(monkeypatch, tmp_path):
+    assert parse_upstream("aws-neuron/optimum-neuron-cache") == RepoRef(REPO)
+    assert parse_upstream("hf://buckets/team/cache") == BucketRef("hf", "team/cache")
+    assert parse_upstream(str(tmp_path)) == BucketRef("dir", str(tmp_path))
+    with pytest.raises(ConfigurationError, match="upstream 'a/b/c'"):
+        parse_upstream("a/b/c")
+    assert configured_upstreams() == ()
+    save_upstreams([RepoRef(REPO), BucketRef("hf", "team/cache")])
+    assert configured_upstreams() == (RepoRef(REPO), BucketRef("hf", "team/cache"))
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", "org/one@v2, hf://models/org/two")  # the variable wins
+    assert configured_upstreams() == (RepoRef("org/one", "v2"), RepoRef("org/two"))
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", "not/a/repo")
+    with pytest.raises(ConfigurationError, match="NEURON_CACHE_UPSTREAM|not a model repo"):
+        configured_upstreams()
+
+
+def test_cli_set_upstream(tmp_path):
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+
+    runner = CliRunner()
+    done = runner.invoke(cli, ["set", "--upstream", REPO, "--upstream", "hf://buckets/team/cache"])
+    assert done.exit_code == 0, done.output
+    assert configured_upstreams() == (RepoRef(REPO), BucketRef("hf", "team/cache"))
+    assert runner.invoke(cli, ["set", "--upstream", "a/b/c"]).exit_code == 2
+    assert runner.invoke(cli, ["set", "--upstream", ""]).exit_code == 0
+    assert configured_upstreams() == ()
+
+
+def test_the_shim_reads_through_a_git_cache_repo_and_publishes_the_hit(tmp_path, hub, hub_bucket, version, toolchain, monkeypatch):
+    graphs = make_graphs(2, seed="upstream-graphs")
+    for graph in graphs:
+        compile_graph(tmp_path / "origin", version, graph)
+    cache_repo_of(hub, tmp_path / "origin", version, graphs)
+    use(hub_bucket, tmp_path / "B", monkeypatch)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    for graph in graphs:
+        result = jit_compile(tmp_path / "B", version, graph)
+        entry = read_entry(result.path, version)
+        assert entry.state is EntryState.SUCCESS
+        assert (result.path / "model.neff").read_bytes() == (entry_path(tmp_path / "origin", version, graph) / "model.neff").read_bytes()
+    assert compiles(toolchain) == []
+    # The hits are in the bucket now: another host without the upstream finds them at home.
+    flat = {item["path"] for item in BucketClient(hub_bucket).list(version_dir_name(version), recursive=True)}
+    for graph in graphs:
+        module = entry_path(tmp_path / "origin", version, graph).name
+        assert f"{version_dir_name(version)}/{module}/model.done" in flat
+    monkeypatch.delenv("NEURON_CACHE_UPSTREAM")
+    use(hub_bucket, tmp_path / "C", monkeypatch)
+    for graph in graphs:
+        jit_compile(tmp_path / "C", version, graph)
+    assert compiles(toolchain) == []
+    # A graph no source has is compiled, as without the cache.
+    other = make_graphs(1, seed="nobody-has-it")[0]
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    jit_compile(tmp_path / "C", version, other)
+    assert len(compiles(toolchain)) == 1
+
+
+def test_a_bucket_upstream_and_an_unreachable_one(tmp_path, hub, hub_bucket, version, toolchain, monkeypatch):
+    graph = make_graphs(1, seed="in-another-bucket")[0]
+    team = BucketRef("dir", str(tmp_path / "team-bucket"))
+    BucketClient(team).create()
+    use(team, tmp_path / "A", monkeypatch)
+    jit_compile(tmp_path / "A", version, graph)  # compiled, and published to the team's bucket by the shim
+    assert len(compiles(toolchain)) == 1
+    use(hub_bucket, tmp_path / "B", monkeypatch)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"nobody/no-such-cache {team.location}")  # the first is missing
+    team_files = {item["path"] for item in BucketClient(team).list("", recursive=True)}
+    jit_compile(tmp_path / "B", version, graph)
+    assert len(compiles(toolchain)) == 1  # no second compile: the team's bucket had it
+    assert {item["path"] for item in BucketClient(team).list("", recursive=True)} == team_files  # read only
+    module = entry_path(tmp_path / "A", version, graph).name
+    assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{module}/model.done"])
+
+
+def test_todo_entries_are_filled_from_upstreams_and_published(tmp_path, hub, hub_bucket, version, monkeypatch):
+    from optimum_neuron_cache.integrations.parallel_compile import fill_todo_entries
+    from optimum_neuron_cache.testing.simulated_neuronx_cc import ENV_EXTRACT_ONLY
+
+    graphs = make_graphs(2, seed="todo-graphs")
+    compile_graph(tmp_path / "origin", version, graphs[0])
+    cache_repo_of(hub, tmp_path / "origin", version, graphs[:1])
+    env = {**os.environ, ENV_EXTRACT_ONLY: "1"}
+    for graph in graphs:  # collect: HLO and flags only
+        jit_compile(tmp_path / "cache", version, graph, env=env)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    fill = fill_todo_entries(bucket=hub_bucket, cache_dir=tmp_path / "cache", compiler_version=version)
+    module = entry_path(tmp_path / "origin", version, graphs[0]).name
+    assert fill.filled == [f"{version_dir_name(version)}/{module}"]
+    assert read_entry(tmp_path / "cache" / version_dir_name(version) / module, version).state is EntryState.SUCCESS
+    assert read_entry(entry_path(tmp_path / "cache", version, graphs[1]), version).state is EntryState.TODO
+    assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{module}/model.done"])
