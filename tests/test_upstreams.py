@@ -18,7 +18,7 @@ from optimum_neuron_cache.testing.simulated_neuronx_cc import jit_compile
 from optimum_neuron_cache.upstreams import configured_upstreams, parse_upstream, save_upstreams
 
 from .test_hub_repos import xet_file
-from .test_integrations_shim import compiles, toolchain, use  # noqa: F401  (toolchain: the shim's fixture)
+from .test_integrations_shim import compiles, use
 
 REPO = "aws-neuron/optimum-neuron-cache"
 
@@ -33,6 +33,20 @@ def cache_repo_of(hub, origin: Path, version: str, graphs) -> str:
             data = item.read_bytes()
             files[repo_path] = xet_file(hub, data, repo_path) if item.name == "model.neff" else data
     return hub.create_model_repo(REPO, files)
+
+
+@pytest.fixture
+def shim_log(tmp_path, monkeypatch, version) -> Path:
+    """The simulated neuronx-cc on PATH behind the shim, as libneuronxla finds them; returns the compile log."""
+    from optimum_neuron_cache.integrations.compiler_shim import install_compiler_shim
+    from optimum_neuron_cache.testing.simulated_neuronx_cc import install_simulated_compiler
+
+    install_simulated_compiler(tmp_path / "sdk-bin")
+    install_compiler_shim(tmp_path / "shim-bin")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "shim-bin"), str(tmp_path / "sdk-bin"), os.environ["PATH"]]))
+    monkeypatch.setenv("NEURON_CC_VERSION", version)
+    monkeypatch.setenv("SIMULATED_NEURONX_CC_LOG", str(tmp_path / "compiles.log"))
+    return tmp_path / "compiles.log"
 
 
 @pytest.fixture
@@ -72,7 +86,7 @@ def test_cli_set_upstream(tmp_path):
     assert configured_upstreams() == ()
 
 
-def test_the_shim_reads_through_a_git_cache_repo_and_publishes_the_hit(tmp_path, hub, hub_bucket, version, toolchain, monkeypatch):
+def test_the_shim_reads_through_a_git_cache_repo_and_publishes_the_hit(tmp_path, hub, hub_bucket, version, shim_log, monkeypatch):
     graphs = make_graphs(2, seed="upstream-graphs")
     for graph in graphs:
         compile_graph(tmp_path / "origin", version, graph)
@@ -84,7 +98,7 @@ def test_the_shim_reads_through_a_git_cache_repo_and_publishes_the_hit(tmp_path,
         entry = read_entry(result.path, version)
         assert entry.state is EntryState.SUCCESS
         assert (result.path / "model.neff").read_bytes() == (entry_path(tmp_path / "origin", version, graph) / "model.neff").read_bytes()
-    assert compiles(toolchain) == []
+    assert compiles(shim_log) == []
     # The hits are in the bucket now: another host without the upstream finds them at home.
     flat = {item["path"] for item in BucketClient(hub_bucket).list(version_dir_name(version), recursive=True)}
     for graph in graphs:
@@ -94,26 +108,26 @@ def test_the_shim_reads_through_a_git_cache_repo_and_publishes_the_hit(tmp_path,
     use(hub_bucket, tmp_path / "C", monkeypatch)
     for graph in graphs:
         jit_compile(tmp_path / "C", version, graph)
-    assert compiles(toolchain) == []
+    assert compiles(shim_log) == []
     # A graph no source has is compiled, as without the cache.
     other = make_graphs(1, seed="nobody-has-it")[0]
     monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
     jit_compile(tmp_path / "C", version, other)
-    assert len(compiles(toolchain)) == 1
+    assert len(compiles(shim_log)) == 1
 
 
-def test_a_bucket_upstream_and_an_unreachable_one(tmp_path, hub, hub_bucket, version, toolchain, monkeypatch):
+def test_a_bucket_upstream_and_an_unreachable_one(tmp_path, hub, hub_bucket, version, shim_log, monkeypatch):
     graph = make_graphs(1, seed="in-another-bucket")[0]
     team = BucketRef("dir", str(tmp_path / "team-bucket"))
     BucketClient(team).create()
     use(team, tmp_path / "A", monkeypatch)
     jit_compile(tmp_path / "A", version, graph)  # compiled, and published to the team's bucket by the shim
-    assert len(compiles(toolchain)) == 1
+    assert len(compiles(shim_log)) == 1
     use(hub_bucket, tmp_path / "B", monkeypatch)
     monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"nobody/no-such-cache {team.location}")  # the first is missing
     team_files = {item["path"] for item in BucketClient(team).list("", recursive=True)}
     jit_compile(tmp_path / "B", version, graph)
-    assert len(compiles(toolchain)) == 1  # no second compile: the team's bucket had it
+    assert len(compiles(shim_log)) == 1  # no second compile: the team's bucket had it
     assert {item["path"] for item in BucketClient(team).list("", recursive=True)} == team_files  # read only
     module = entry_path(tmp_path / "A", version, graph).name
     assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{module}/model.done"])
