@@ -38,6 +38,12 @@ _memo: dict[tuple[Any, ...], list[CachedExport]] = {}
 _memo_lock = threading.Lock()
 
 
+def _upstreams_key() -> tuple[str, ...]:
+    from .upstreams import configured_upstreams
+
+    return tuple(map(str, configured_upstreams()))
+
+
 def clear_lookup_cache() -> None:
     """Forget the memoized lookups of this process."""
     with _memo_lock:
@@ -127,6 +133,23 @@ def pr1102_records(client: BucketClient, versions: list[str], model: layout.Mode
     return [record for record in records if record is not None]
 
 
+def read_bucket_records(client: BucketClient, model: layout.ModelRef, tasks: list[str] | None,
+                        compiler_version: str | None, all_versions: bool) -> list[CachedExport]:
+    """A bucket's records of the model: this layout's (every version's in one download), and optimum-neuron PR
+    #1102's for the versions where this layout has none."""
+    versions = _versions(client, compiler_version, all_versions)
+    by_version = {version: _record_paths(client, version, model.folder, tasks) for version in versions}
+    cached = read_records(client, [path for version in versions for path in by_version[version]])
+    return cached + pr1102_records(client, [version for version in versions if not by_version[version]], model, tasks)
+
+
+def upstream_records(model: layout.ModelRef, tasks: list[str] | None, versions: list[str] | None) -> list[CachedExport]:
+    """The records the read-only upstreams hold of the model (see upstreams.py); none when none is set."""
+    from .upstreams import configured_upstreams, upstream_records as read
+
+    return read(model, tasks, versions) if configured_upstreams() else []
+
+
 def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: str | None = None,
                  all_versions: bool = False, bucket: str | BucketRef | None = None, client: BucketClient | None = None,
                  **filters: Any) -> list[CachedExport]:
@@ -146,16 +169,14 @@ def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: st
             compiler_version = resolve_compiler_version(None)
         except CompilerVersionError:
             all_versions = True
-    key = (str(ref), hub_endpoint(), _token_fingerprint(ref), model.folder.lower(), tuple(tasks or ()), compiler_version, all_versions)
+    key = (str(ref), hub_endpoint(), _token_fingerprint(ref), model.folder.lower(), tuple(tasks or ()), compiler_version, all_versions,
+           _upstreams_key())
     with _memo_lock:
         cached = _memo.get(key)
     if cached is None:
         client = client or BucketClient(ref)
-        versions = _versions(client, compiler_version, all_versions)
-        by_version = {version: _record_paths(client, version, model.folder, tasks) for version in versions}
-        paths = [path for version in versions for path in by_version[version]]
-        cached = read_records(client, paths)  # every version's records in one download
-        cached += pr1102_records(client, [version for version in versions if not by_version[version]], model, tasks)
+        cached = read_bucket_records(client, model, tasks, compiler_version, all_versions)
+        cached += upstream_records(model, tasks, None if all_versions else [compiler_version])
         cached.sort(key=lambda record: record.created_at, reverse=True)
         with _memo_lock:
             _memo[key] = cached

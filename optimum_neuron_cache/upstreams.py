@@ -198,3 +198,65 @@ def fill_and_publish(root: Path, compiler_version: str, bucket: BucketRef,
             defer(root, key, fill.filled)
         fill.warnings.append(f"entries from upstreams not published to {bucket}: {exc} (journaled for the next run)")
     return fill
+
+
+def registry_records(client: RepoClient, model_id: str, tasks: list[str] | None,
+                     versions: list[str] | None) -> list:
+    """An optimum-neuron Git cache repo's registry entries of `model_id` as export records: per version, one
+    listing of `0_REGISTRY/`; the entries filed under the model's `<org>/<name>/` folders (optimum-neuron files
+    each entry there, by model type) go in one download. Entries filed only by architecture digest are not read."""
+    from bucket_server.protocol import MAX_RECORD_BYTES
+
+    from . import remote_layout as layout
+    from .records import record_from_registry
+
+    if versions is None:
+        versions = [version for name in client.folders("") if (version := layout.parse_version_prefix(name))]
+    wanted = tuple(part.lower() for part in model_id.split("/"))
+    found: list[tuple[RemoteFile, str]] = []
+    for version in versions:
+        for item in client.list(layout.registry_prefix(version), recursive=True):
+            parsed = layout.parse_registry_path(version, str(item.get("path", "")))
+            remote = layout.remote_file(item) if parsed is not None else None
+            if remote is None or not 0 < remote.size <= MAX_RECORD_BYTES:
+                continue
+            if tuple(part.lower() for part in parsed.folders[-len(wanted):]) == wanted:
+                found.append((remote, version))
+    if not found:
+        return []
+    records, seen = [], set()
+    with tempfile.TemporaryDirectory(prefix="neuron-cache-registry-") as tmp:
+        local = [Path(tmp) / f"{index}.json" for index in range(len(found))]
+        client.download([{"path": remote.path, "local_path": str(path), "size": remote.size, "xet_hash": remote.xet_hash,
+                          "digest": remote.digest} for (remote, _), path in zip(found, local)])
+        for (remote, version), path in zip(found, local):
+            if not path.is_file():
+                continue
+            record = record_from_registry(path.read_text(encoding="utf-8", errors="replace"), remote.path, version)
+            if record is None or record.model_id.lower() != model_id.lower() or (tasks and record.task not in tasks):
+                continue
+            if (record.compiler_version, record.record_id) not in seen:  # an entry and its aliases are one record
+                seen.add((record.compiler_version, record.record_id))
+                records.append(record)
+    return records
+
+
+def upstream_records(model, tasks: list[str] | None, versions: list[str] | None,
+                     environ: Mapping[str, str] | None = None) -> list:
+    """The export records the upstreams hold of `model` (a remote_layout.ModelRef): another bucket's records
+    (both layouts), a Git cache repo's registry entries. Best effort: a failing upstream is one warning."""
+    from .lookup import read_bucket_records
+
+    records = []
+    for upstream in configured_upstreams(environ):
+        try:
+            if isinstance(upstream, BucketRef):
+                records += read_bucket_records(BucketClient(upstream, environ), model, tasks,
+                                               versions[0] if versions else None, versions is None)
+            elif not model.is_local:
+                records += registry_records(RepoClient(upstream, environ).pinned(), model.model_id, tasks, versions)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            log.warning("optimum-neuron-cache: records of upstream %s not read: %s", upstream, exc)
+    return records

@@ -150,3 +150,35 @@ def test_todo_entries_are_filled_from_upstreams_and_published(tmp_path, hub, hub
     assert read_entry(tmp_path / "cache" / version_dir_name(version) / module, version).state is EntryState.SUCCESS
     assert read_entry(entry_path(tmp_path / "cache", version, graphs[1]), version).state is EntryState.TODO
     assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{module}/model.done"])
+
+
+def test_lookup_and_explain_read_an_upstream_registry_as_export_records(tmp_path, hub, version, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+    from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
+
+    entry = {"_entry_class": "SingleModelCacheEntry", "_model_id": "meta-llama/Llama-3.1-8B", "_task": "text-generation",
+             "model_type": "llama", "neuron": {"batch_size": 4, "sequence_length": 4096, "tp_degree": 8}}
+    registry = f"{version_dir_name(version)}/0_REGISTRY/0.4.1"
+    hub.create_model_repo(REPO, {
+        f"{registry}/llama/meta-llama/Llama-3.1-8B/0123456789abcdef0123.json": json.dumps(entry).encode(),
+        f"{registry}/llama/meta-llama/Llama-3.1-8B/1111111111abcdef0123.json":
+            json.dumps({**entry, "neuron": {**entry["neuron"], "batch_size": 1}}).encode(),
+        f"{registry}/llama/other/model/2222222222abcdef0123.json": json.dumps({**entry, "_model_id": "other/model"}).encode(),
+    })
+    bucket = BucketRef("dir", str(tmp_path / "b"))
+    BucketClient(bucket).create()
+    clear_lookup_cache()
+    assert lookup_cache("meta-llama/Llama-3.1-8B", compiler_version=version, bucket=bucket) == []
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    clear_lookup_cache()
+    records = lookup_cache("meta-llama/Llama-3.1-8B", compiler_version=version, bucket=bucket)
+    assert sorted(r.export_config["batch_size"] for r in records) == [1, 4]
+    assert lookup_cache("meta-llama/Llama-3.1-8B", compiler_version=version, bucket=bucket, batch_size=4)[0].task == "text-generation"
+    out = CliRunner().invoke(cli, ["explain", "meta-llama/Llama-3.1-8B", "--compiler-version", version, "--bucket",
+                                   bucket.location, "--batch-size", "4", "--tp", "8"])
+    assert out.exit_code == 0, out.output
+    assert f"match: neuronxcc-{version} text-generation batch_size=4" in out.output
