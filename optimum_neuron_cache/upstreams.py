@@ -260,3 +260,46 @@ def upstream_records(model, tasks: list[str] | None, versions: list[str] | None,
         except Exception as exc:
             log.warning("optimum-neuron-cache: records of upstream %s not read: %s", upstream, exc)
     return records
+
+
+def read_through(client: BucketClient, root: Path, compiler_version: str, model_folder: str | None, task: str,
+                 key, area: str | None) -> UpstreamFill:
+    """A run's enter, after the bucket's fetch: install the model's entries that upstream buckets hold in their
+    model areas (a Git cache repo cannot list a model's entries), then fill todo entries from every upstream;
+    publish what they gave to the bucket (`publish.publish`, journaled under `key`). Best effort."""
+    from .fetch import execute_fetch as run_fetch
+    from .fetch import plan_fetch
+    from .errors import NeuronCacheError
+    from .local_cache import read_entry, scan_entries, version_dir_name
+    from .publish import defer, publish_leftovers
+
+    got = UpstreamFill([], [])
+    for upstream in configured_upstreams(client.environ):
+        if not isinstance(upstream, BucketRef) or model_folder is None:
+            continue
+        try:
+            local = {entry.name: entry for entry in scan_entries(root, compiler_version)}
+            upstream_client = BucketClient(upstream, client.environ)
+            plan = plan_fetch(upstream_client, compiler_version, model_folder, task, local, missing_bucket_is_empty=True)
+            plan = FetchPlan(compiler_version, plan.area, tuple(op for op in plan.ops if op.action is Action.INSTALL))
+            result = run_fetch(upstream_client, root, plan)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            got.warnings.append(f"upstream {upstream} skipped: {exc}")
+            continue
+        got.filled += result.fetched
+        got.warnings += [f"entry {name} not fetched from upstream {upstream}: {why}" for name, why in result.failed]
+    todo = [entry for entry in scan_entries(root, compiler_version) if entry.state is EntryState.TODO]
+    filled = fill_todo(root, compiler_version, todo, client.environ)
+    got.filled += filled.filled
+    got.warnings += filled.warnings
+    if got.filled:
+        entries = [read_entry(root / version_dir_name(compiler_version) / name, compiler_version) for name in got.filled]
+        try:
+            publish_leftovers(client, root, key, area=area, with_entries=[entry for entry in entries if entry.state.publishable])
+        except (NeuronCacheError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                defer(root, key, got.filled)
+            got.warnings.append(f"entries from upstreams not published to {client.bucket}: {exc} (journaled for the next run)")
+    return got

@@ -182,3 +182,28 @@ def test_lookup_and_explain_read_an_upstream_registry_as_export_records(tmp_path
                                    bucket.location, "--batch-size", "4", "--tp", "8"])
     assert out.exit_code == 0, out.output
     assert f"match: neuronxcc-{version} text-generation batch_size=4" in out.output
+
+
+def test_a_run_fetches_a_model_from_an_upstream_bucket_and_publishes_it_home(tmp_path, hub_bucket, version, monkeypatch):
+    from optimum_neuron_cache import hub_neuronx_cache
+
+    team = BucketRef("dir", str(tmp_path / "team-bucket"))
+    BucketClient(team).create()
+    graphs = make_graphs(2, seed="team-model")
+    with hub_neuronx_cache("org/model", "text-generation", {"batch_size": 1}, compiler_version=version, bucket=team,
+                           cache_dir=tmp_path / "A"):
+        for graph in graphs:
+            compile_graph(tmp_path / "A", version, graph)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", team.location)
+    with hub_neuronx_cache("org/model", "text-generation", {"batch_size": 1}, compiler_version=version, bucket=hub_bucket,
+                           cache_dir=tmp_path / "B") as run:
+        pass
+    assert len(run.fetched) == 2 and run.compiled == [] and not run.warnings
+    modules = [entry_path(tmp_path / "A", version, graph).name for graph in graphs]
+    home = BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{module}/model.done" for module in modules])
+    assert len(home) == 2
+    monkeypatch.delenv("NEURON_CACHE_UPSTREAM")
+    with hub_neuronx_cache("org/model", "text-generation", {"batch_size": 1}, compiler_version=version, bucket=hub_bucket,
+                           cache_dir=tmp_path / "C") as again:
+        pass
+    assert len(again.fetched) == 2  # at home now
