@@ -116,3 +116,32 @@ def test_hostile_listing_items_are_left_out():
     for bad in ({"path": "../etc/passwd"}, {"path": "/abs"}, {"size": -1}, {"size": 2**41}, {"size": True},
                 {"xet_hash": "zz"}, {"blob_id": "nope"}, {"path": "a\\b"}):
         assert file_item(SimpleNamespace(**{**good, **bad})) is None
+
+
+def test_the_emulator_serves_model_repos_to_the_real_huggingface_hub(tmp_path):
+    """Paginated trees, paths-info, revisions, private repos and downloads, as huggingface_hub 2.x calls them."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from hub_emulator import HubEmulator, TokenInfo
+
+    with HubEmulator(tmp_path / "hub", page_size=3, tokens={"owner": TokenInfo("team", write=True)}) as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        first = hub.create_model_repo("team/cache", {f"neuronxcc-1.0.0.0/MODULE_{i}+ab/model.done": b"" for i in range(5)},
+                                      private=True)
+        assert len(list(api.list_repo_tree("team/cache", recursive=True, token="owner"))) == 11  # 5 files, 6 folders
+        with pytest.raises(RepositoryNotFoundError):
+            api.model_info("team/cache", token=False)
+        second = hub.create_model_repo("team/cache", {"a/b.txt": b"hello"})
+        assert api.model_info("team/cache", token="owner").sha == second
+        assert api.model_info("team/cache", revision=first, token="owner").sha == first
+        with pytest.raises(RevisionNotFoundError):
+            api.model_info("team/cache", revision="nope", token="owner")
+        [info] = api.get_paths_info("team/cache", ["a/b.txt", "a/missing"], token="owner")
+        assert info.size == 5 and info.xet_hash is None
+        assert [entry.path for entry in api.list_repo_tree("team/cache", "a", token="owner")] == ["a/b.txt"]
+        with pytest.raises(EntryNotFoundError):
+            list(api.list_repo_tree("team/cache", "zzz", token="owner"))
+        path = hf_hub_download("team/cache", "a/b.txt", revision=second, token="owner", cache_dir=tmp_path / "hf",
+                               endpoint=hub.endpoint)
+        assert Path(path).read_bytes() == b"hello"
