@@ -683,6 +683,197 @@ class BatchResult:
         return wire
 
 
+# ---------------------------------------------------------------------------------------------- model repos
+# Read-only operations on a Hub model repo (optimum-neuron's Git cache repos): the frame names it as
+# "repo": {"type": "model", "id", "revision"} (server.BucketServer.repo validates it), and `repo_copy` also
+# names the destination bucket. Files carry their Git blob id besides what a bucket's files carry.
+@dataclass(frozen=True)
+class RepoFileItem(FileItem):
+    """A file of a model repo: a bucket file's fields and its Git blob id (what a regular file is checked by)."""
+
+    blob_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoFileItem":
+        """A listed repo file; MessageError names what cannot be trusted."""
+        base = FileItem.from_wire(value)
+        return cls(base.path, base.size, base.xet_hash, base.mtime, base.digest,
+                   optional_text(wire_object(value, "listed file").get("blob_id"), "blob_id"))
+
+    def to_wire(self) -> dict[str, Any]:
+        """A file item with "blob_id"."""
+        return {**super().to_wire(), "blob_id": self.blob_id}
+
+
+def repo_item_from_wire(value: Any) -> Union[RepoFileItem, FolderItem]:
+    """A repo listing item by its `type`."""
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind == "file":
+        return RepoFileItem.from_wire(value)
+    if kind == "directory":
+        return FolderItem.from_wire(value)
+    raise MessageError(f"listing item of unknown type {_short(kind)}")
+
+
+@dataclass(frozen=True)
+class RepoDownloadFile(DownloadFile):
+    """A repo file to download: a bucket download's fields and the Git blob id to check a regular file by."""
+
+    blob_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoDownloadFile":
+        """A repo file to download; MessageError as DownloadFile's, or for a blob id that is not text."""
+        base = DownloadFile.from_wire(value)
+        return cls(base.path, base.local_path, base.size, base.xet_hash, base.digest, base.manifest,
+                   optional_text(wire_object(value, "file to download").get("blob_id"), "blob_id"))
+
+    def to_wire(self) -> dict[str, Any]:
+        """A download file with "blob_id" when it has one."""
+        wire = super().to_wire()
+        if self.blob_id is not None:
+            wire["blob_id"] = self.blob_id
+        return wire
+
+
+@dataclass(frozen=True)
+class RepoCopy:
+    """A Xet-backed repo file to copy into the request's Hub bucket at `dest`, by its Xet hash."""
+
+    xet_hash: str
+    dest: str
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoCopy":
+        """A copy by hash; MessageError for an unsafe dest or a missing hash."""
+        item = wire_object(value, "copy")
+        return cls(bounded_text(item.get("xet_hash"), "xet_hash"), remote_path(item.get("dest"), "dest"))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"xet_hash", "dest"}."""
+        return {"xet_hash": self.xet_hash, "dest": self.dest}
+
+
+class RepoInfoRequest(_NoArgs):
+    """The commit the repo's revision points at (pin it for what follows)."""
+
+
+class RepoListRequest(ListRequest):
+    """The repo's files (and, not recursive, folders) under the folder `prefix`."""
+
+
+class RepoPathsInfoRequest(PathsInfoRequest):
+    """Which of these files exist at the revision."""
+
+
+@dataclass(frozen=True)
+class RepoDownloadRequest:
+    """Repo files to download to local paths, each verified by the server (Xet hash or Git blob id)."""
+
+    files: tuple[RepoDownloadFile, ...]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoDownloadRequest":
+        """Every file as RepoDownloadFile.from_wire accepts it."""
+        files = wire_array(_args(value, "repo_download").get("files"), "files")
+        return cls(tuple(RepoDownloadFile.from_wire(item) for item in files))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"files": [...]}."""
+        return {"files": [item.to_wire() for item in self.files]}
+
+
+@dataclass(frozen=True)
+class RepoCopyRequest:
+    """Server-side copies of the repo's Xet-backed files into the request's Hub bucket."""
+
+    copies: tuple[RepoCopy, ...]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoCopyRequest":
+        """Every copy as RepoCopy.from_wire accepts it."""
+        copies = wire_array(_args(value, "repo_copy").get("copies"), "copies")
+        return cls(tuple(RepoCopy.from_wire(item) for item in copies))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"copies": [...]}."""
+        return {"copies": [item.to_wire() for item in self.copies]}
+
+
+@dataclass(frozen=True)
+class RepoInfoResult:
+    """The repo's id, the commit sha its revision points at, and its visibility."""
+
+    id: str
+    sha: str
+    private: bool = False
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoInfoResult":
+        """A repo_info reply; MessageError when the sha is not 40 hex digits."""
+        item = wire_object(value, "repo info")
+        sha = bounded_text(item.get("sha"), "sha")
+        if len(sha) != 40 or any(char not in "0123456789abcdef" for char in sha):
+            raise MessageError(f"sha must be 40 lowercase hex digits, got {_short(sha)}")
+        return cls(bounded_text(item.get("id"), "id"), sha, flag(item.get("private"), "private", False))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"id", "sha", "private"}."""
+        return {"id": self.id, "sha": self.sha, "private": self.private}
+
+
+@dataclass(frozen=True)
+class RepoListResult:
+    """A repo listing: files with blob ids, and folders when not recursive. On the wire, a plain array."""
+
+    items: tuple[Union[RepoFileItem, FolderItem], ...] = ()
+    skipped: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoListResult":
+        """Tolerant: an untrusted item is left out and named in `skipped`."""
+        items, skipped = tolerant_items(value, "repo listing", repo_item_from_wire)
+        return cls(items, skipped)
+
+    def to_wire(self) -> list[dict[str, Any]]:
+        """[item, ...]."""
+        return [item.to_wire() for item in self.items]
+
+
+@dataclass(frozen=True)
+class RepoPathsInfoResult:
+    """The requested repo files that exist. On the wire, a plain array."""
+
+    files: tuple[RepoFileItem, ...] = ()
+    skipped: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoPathsInfoResult":
+        """Tolerant: an untrusted file is left out (it reads as missing)."""
+        files, skipped = tolerant_items(value, "repo paths info", RepoFileItem.from_wire)
+        return cls(files, skipped)
+
+    def to_wire(self) -> list[dict[str, Any]]:
+        """[file, ...]."""
+        return [item.to_wire() for item in self.files]
+
+
+@dataclass(frozen=True)
+class RepoCopyResult:
+    """How many files were copied by hash."""
+
+    copied: int = 0
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "RepoCopyResult":
+        """A repo_copy reply."""
+        return cls(whole_number(wire_object(value, "repo copy reply").get("copied", 0), "copied", maximum=MAX_TOTAL_BYTES))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"copied"}."""
+        return {"copied": self.copied}
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Op:
@@ -706,6 +897,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("paths_info", PathsInfoRequest, PathsInfoResult),
     Op("download", DownloadRequest, DownloadResult),
     Op("batch", BatchRequest, BatchResult),
+    Op("repo_info", RepoInfoRequest, RepoInfoResult),
+    Op("repo_list", RepoListRequest, RepoListResult),
+    Op("repo_paths_info", RepoPathsInfoRequest, RepoPathsInfoResult),
+    Op("repo_download", RepoDownloadRequest, DownloadResult),
+    Op("repo_copy", RepoCopyRequest, RepoCopyResult),
 )}
 _OP_OF_REQUEST: dict[type, Op] = {op.request: op for op in OPS.values()}
 

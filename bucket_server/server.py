@@ -24,7 +24,8 @@ from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
 from .messages import (
     OPS, BatchRequest, DownloadRequest, HelloRequest, ListRequest, ListResult, MessageError,
-    PathsInfoRequest, PathsInfoResult, ShutdownResult, StatusResult, parse_request,
+    PathsInfoRequest, PathsInfoResult, RepoCopyRequest, RepoCopyResult, RepoInfoResult, RepoListResult,
+    RepoPathsInfoResult, ShutdownResult, StatusResult, parse_request,
 )
 from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
 from .protocol import ErrorCode, FrameError, read_frame, write_frame
@@ -162,6 +163,12 @@ class BucketServer:
             "paths_info": self.op_paths_info,
             "download": lambda req, args: self.backend(req).download(args.files, progress=req.get("_emit")),
             "batch": self.op_batch,
+            # Model repos, read only (optimum-neuron's Git caches): request["repo"] = {"type": "model", "id", "revision"}.
+            "repo_info": lambda req, args: RepoInfoResult.from_wire(self.repo(req).resolve()),
+            "repo_list": lambda req, args: RepoListResult.from_wire(self.repo(req).list(args.prefix, recursive=args.recursive)),
+            "repo_paths_info": lambda req, args: RepoPathsInfoResult.from_wire(self.repo(req).paths_info(list(args.paths))),
+            "repo_download": lambda req, args: self.repo(req).download(args.files, progress=req.get("_emit")),
+            "repo_copy": self.op_repo_copy,
         }
 
     # ------------------------------------------------------------------------------ backends
@@ -198,6 +205,25 @@ class BucketServer:
             token = (request.get("auth") or {}).get("token")
             return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None, self._policy)
         raise BackendError(ErrorCode.BAD_REQUEST, f"unknown bucket kind {kind!r}")
+
+    def repo(self, request: dict[str, Any]) -> Any:
+        """The model repo a request names, at its revision, with the request's token (read only)."""
+        from .backends.repo import RepoSource, parse_repo
+
+        repo_id, revision = parse_repo(request.get("repo"))
+        token = (request.get("auth") or {}).get("token")
+        return RepoSource(self.hf_api(), repo_id, revision, token if isinstance(token, str) else None, self._policy)
+
+    def op_repo_copy(self, request: dict[str, Any], args: RepoCopyRequest) -> RepoCopyResult:
+        """Copy Xet-backed files of the request's model repo into its bucket by hash, on the Hub's side."""
+        from .backends.hf import HfBackend
+        from .backends.repo import copy_into_bucket, parse_repo
+
+        repo_id, _ = parse_repo(request.get("repo"))
+        bucket = self.backend(request)
+        if not isinstance(bucket, HfBackend):
+            raise BackendError(ErrorCode.BAD_REQUEST, "a copy by Xet hash needs a Hub bucket (stream the files into a directory bucket)")
+        return RepoCopyResult.from_wire(copy_into_bucket(bucket, repo_id, [item.to_wire() for item in args.copies]))
 
     # ------------------------------------------------------------------------------ server ops
     def op_hello(self, request: dict[str, Any], args: HelloRequest) -> StatusResult:

@@ -171,8 +171,13 @@ def create(out: Output, bucket: str, private: bool) -> None:
 @cli.command(name="set")
 @click.argument("bucket", required=False)
 @click.option("--unset", is_flag=True, help="Forget the saved default bucket.")
-def set_(bucket: str | None, unset: bool) -> None:
-    """Save BUCKET as the default bucket (or forget it with --unset)."""
+@click.option("--upstream", "upstreams", multiple=True, help="A read-only upstream (repeatable, in order): an optimum-neuron "
+              "cache repo (org/name[@rev]) or a bucket. `--upstream ''` forgets them. NEURON_CACHE_UPSTREAM overrides.")
+def set_(bucket: str | None, unset: bool, upstreams: tuple[str, ...]) -> None:
+    """Save BUCKET as the default bucket (or forget it with --unset); or save the read-only upstreams."""
+    if upstreams and not bucket and not unset:
+        _set_upstreams(upstreams)
+        return
     if unset == bool(bucket):
         raise click.UsageError("give a BUCKET, or --unset")
     if unset:
@@ -182,6 +187,18 @@ def set_(bucket: str | None, unset: bool) -> None:
     ref = parse_bucket(bucket or "")
     path = save_bucket(ref)
     click.echo(f"default bucket: {ref} (saved in {path})")
+
+
+def _set_upstreams(specs: tuple[str, ...]) -> None:
+    """Save the upstreams (`--upstream ''` alone forgets them)."""
+    from .upstreams import configured_upstreams, parse_upstream, save_upstreams
+
+    parsed = [parse_upstream(spec) for spec in specs if spec.strip()]
+    path = save_upstreams(parsed)
+    if parsed:
+        click.echo(f"upstreams (read only, in order): {', '.join(map(str, parsed))} (saved in {path})")
+    else:
+        click.echo(f"upstreams forgotten; now: {', '.join(map(str, configured_upstreams())) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------ fetch, sync
@@ -615,6 +632,49 @@ def shim_install(directory: str) -> None:
     real = real_compiler_besides(path)
     click.echo(f"installed {path}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), err=True)
     click.echo(f'export PATH="{path.parent}:$PATH"')
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+@cli.command(name="import")
+@click.argument("repo_id")
+@click.option("--revision", help="A branch, tag or commit sha of the repo (default: main).")
+@bucket_option
+@click.option("--dry-run", is_flag=True, help="Show the plan: each entry and record, what would be done and why.")
+@click.pass_obj
+def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None, dry_run: bool) -> None:
+    """Copy an optimum-neuron cache repo (e.g. aws-neuron/optimum-neuron-cache) into the bucket.
+
+    Its entries go to the bucket's flat area (by a server-side copy by Xet hash where the repo's files are
+    Xet-backed and the bucket is on the Hub, else streamed), its registry entries become export records.
+    Resumable: run it again after an interruption and it skips what the bucket has."""
+    from .hub_repos import RepoClient, parse_repo
+    from .import_repo import describe_plan, execute_import, plan_import
+
+    repo = parse_repo(repo_id, revision)
+    ref = _bucket(bucket)
+    repo_client, bucket_client = RepoClient(repo), BucketClient(ref)
+    plan = plan_import(repo_client, bucket_client)
+    if dry_run:
+        for line in describe_plan(plan):
+            out.info(line)
+        return
+    out.info(describe_plan(plan)[1].strip())
+    total = len(plan.entries) + len(plan.records)
+    bar = None if out.quiet or not sys.stderr.isatty() or not total else \
+        tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)
+    try:
+        result = execute_import(plan, repo_client, bucket_client, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.info(f"imported {len(result.imported)} entries ({size(result.bytes_copied)} copied by Xet hash, "
+             f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
+    for name, why in result.failed:
+        click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
+    if result.failed:
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------ server

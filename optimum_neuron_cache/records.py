@@ -262,3 +262,60 @@ def parse_record(text: str, path: str) -> CachedExport | None:
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
         return None
+
+
+# ------------------------------------------------------------- optimum-neuron's records, read as export records
+
+
+def _registry_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The export configuration of an optimum-neuron registry entry: its `neuron` config (a single model), or
+    each sub-model's `neuron` config by name (a pipeline's MultiModelCacheEntry)."""
+    neuron = data.get("neuron")
+    if isinstance(neuron, dict):
+        config = dict(neuron)
+        if isinstance(data.get("model_type"), str):
+            config.setdefault("model_type", data["model_type"])
+        return config
+    subs = {name: value["neuron"] for name, value in data.items()
+            if isinstance(value, dict) and isinstance(value.get("neuron"), dict)}
+    return subs or None
+
+
+def record_from_registry(text: str, path: str, compiler_version: str) -> CachedExport | None:
+    """An entry of an optimum-neuron Git cache repo's registry (`neuronxcc-<ver>/0_REGISTRY/...`) as an export
+    record, or None (with a warning) when it is not one. It lists no modules: the registry does not say which
+    graphs a configuration compiled (optimum-neuron finds them graph by graph at compile time)."""
+    from .errors import ConfigurationError
+
+    try:
+        data = load_bucket_json(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        model_id, task = data.get("_model_id"), data.get("_task") or layout.DEFAULT_TASK
+        if not isinstance(model_id, str) or layout.hub_model_folder(model_id) is None:
+            raise ValueError(f"_model_id {model_id!r} is not a Hub model id")
+        task = layout.task_name(task) if isinstance(task, str) else layout.DEFAULT_TASK
+        config = _registry_config(data)
+        if config is None:
+            raise ValueError("no neuron configuration")
+    except (ValueError, TypeError, RecursionError, ConfigurationError) as exc:
+        log.warning("optimum-neuron-cache: ignoring registry entry %s: %s", path, exc)
+        return None
+    return CachedExport(model_id=model_id, task=task, compiler_version=compiler_version,
+                        export_config=_canonical(config), compile_flags=[], modules=[], package_version="",
+                        path=path)
+
+
+def record_from_pr1102(text: str, path: str, model_id: str, task: str, compiler_version: str) -> CachedExport | None:
+    """A record of optimum-neuron PR #1102's layout (`exports/<on version>/<sha256(config)[:8]>.json`, the bare
+    export config) as an export record, or None (with a warning) when it is not a JSON object. Its model, task
+    and compiler version are those of the area it was found in; it lists no modules (that layout does not)."""
+    try:
+        data = load_bucket_json(text)
+        if not isinstance(data, dict) or not data:
+            raise ValueError("not a non-empty JSON object")
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.warning("optimum-neuron-cache: ignoring record %s: %s", path, exc)
+        return None
+    return CachedExport(model_id=model_id, task=task, compiler_version=compiler_version,
+                        export_config=_canonical(data), compile_flags=[], modules=[], package_version="", path=path)

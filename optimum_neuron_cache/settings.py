@@ -22,6 +22,7 @@ from .errors import ConfigurationError
 Environ = Mapping[str, str] | None
 
 BUCKET = "NEURON_CACHE_BUCKET"
+UPSTREAM = "NEURON_CACHE_UPSTREAM"
 RUNTIME_DIR = "NEURON_CACHE_RUNTIME_DIR"
 SERVER_MODE = "NEURON_CACHE_SERVER_MODE"
 SERVER_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
@@ -112,6 +113,20 @@ def _choice(name: str, choices: tuple[str, ...], default: str, environ: Environ,
 def bucket(environ: Environ = None) -> str | None:
     """The default bucket's name, unparsed (buckets.parse_bucket judges it)."""
     return _raw(BUCKET, environ)
+
+
+def upstream(environ: Environ = None) -> tuple[str, ...] | None:
+    """The read-only upstream sources, in order (comma- or space-separated); None when unset (then the saved
+    setting of `neuron-cache set --upstream` applies). Each is parsed by `upstreams.parse_upstream`."""
+    text = _raw(UPSTREAM, environ)
+    if text is None:
+        return None
+    specs = tuple(part for part in text.replace(",", " ").split() if part)
+    for spec in specs:
+        if any(ord(char) < 32 for char in spec) or len(spec) > 512:
+            raise ConfigurationError(f"{UPSTREAM}={text!r} holds a name that is not a model repo, bucket or directory; "
+                                     "set it to e.g. aws-neuron/optimum-neuron-cache")
+    return specs
 
 
 def runtime_dir(environ: Environ = None) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bucket_server import messages
+from bucket_server import PROTOCOL_VERSION, messages
 from bucket_server.messages import (
     OPS, AddFile, BatchRequest, BatchResult, CopyFile, CreateRequest, CreateResult, Described, DownloadFile,
     DownloadRequest, DownloadResult, Failure, FileItem, FolderItem, HelloRequest, InfoRequest, InfoResult,
@@ -56,6 +56,18 @@ WIRE = {
                "copy": [{"src": "a/model.neff", "dest": "b/model.neff", "xet_hash": XET}, {"src": "a/x", "dest": "b/x"}],
                "delete": ["c/old"]},
               {"added": 2, "copied": 2, "deleted": 1, "described": {"a/model.neff": {"xet_hash": None, "digest": DIGEST}}}),
+    "repo_info": ({}, {"id": "aws-neuron/optimum-neuron-cache", "sha": "0123456789abcdef0123456789abcdef01234567",
+                       "private": False}),
+    "repo_list": ({"prefix": "neuronxcc-2.15.128.0+56dc5a86", "recursive": True},
+                  [{"type": "file", "path": "neuronxcc-2.15.128.0+56dc5a86/MODULE_1+2/model.neff", "size": 10,
+                    "xet_hash": XET, "mtime": None, "digest": f"xet:{XET}", "blob_id": "ab" * 20}]),
+    "repo_paths_info": ({"paths": ["a/model.done"]},
+                        [{"type": "file", "path": "a/model.done", "size": 0, "xet_hash": None, "mtime": None,
+                          "digest": None, "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]),
+    "repo_download": ({"files": [{"path": "a/model.done", "local_path": "/tmp/x/model.done", "size": 0,
+                                  "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]},
+                      {"files": 1, "bytes": 0, "failed": []}),
+    "repo_copy": ({"copies": [{"xet_hash": XET, "dest": "neuronxcc-2.15/MODULE_1+2/model.neff"}]}, {"copied": 1}),
 }
 
 
@@ -213,10 +225,11 @@ def test_other_untrusted_results_are_refused_whole(op, result):
 def test_a_hello_of_another_protocol_is_a_mismatch_not_a_bad_request():
     """Whatever a client of another protocol sends as its version, it must be told to replace the server."""
     server = BucketServer("/nonexistent/s.sock", "http://h", 1.0)
-    for args in ({"protocol": 2}, {"protocol": "1"}, {"protocol": True}, {}, {"client_version": 5}):
+    for args in ({"protocol": PROTOCOL_VERSION + 1}, {"protocol": str(PROTOCOL_VERSION)}, {"protocol": True}, {},
+                 {"client_version": 5}):
         reply = server.handle({"id": 1, "op": "hello", "args": args})
         assert reply["ok"] is False and reply["error"]["code"] == "protocol_mismatch", (args, reply)
-    assert server.handle({"id": 2, "op": "hello", "args": {"protocol": 1}})["ok"] is True
+    assert server.handle({"id": 2, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}})["ok"] is True
 
 
 def test_bucket_figures_that_are_only_shown_read_as_none():
@@ -294,7 +307,7 @@ def test_typed_requests_through_a_real_server(tmp_path):
     assert got == DownloadResult(1, 1000) and (tmp_path / "out" / "f.bin").read_bytes() == src.read_bytes()
     assert client.download([DownloadFile("a/m", str(tmp_path / "out" / "m"))]) == {"files": 1, "bytes": 2, "failed": []}
     assert client.batch(copy=[CopyFile("a/m", "c/m")], delete=["a/m"]) == {"added": 0, "copied": 1, "deleted": 1}
-    assert isinstance(client.send(HelloRequest(1, "test")), StatusResult)
+    assert isinstance(client.send(HelloRequest(PROTOCOL_VERSION, "test")), StatusResult)
     assert isinstance(client.send(InfoRequest()), InfoResult)
     assert isinstance(ShutdownResult.from_wire({"stopping": True}), ShutdownResult) and op_of(ShutdownRequest()).name == "shutdown"
 
