@@ -221,8 +221,9 @@ class DirBackend(Backend):
 
     def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> dict[str, Any]:
         raw = dirtree.read_small(shadow, path.rsplit("/", 1)[-1], SIDECAR_MAX_BYTES)
+        # Every write lands by a rename of a new file, so its mtime is when it was written to the bucket.
         return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime,
-                "digest": sidecar_digest(raw, info)}
+                "uploaded": info.st_mtime, "digest": sidecar_digest(raw, info)}
 
     def _sidecar(self, dirs: Dirs, parts: list[str], info: os.stat_result) -> tuple[str | None, bytes | None]:
         """(digest or STALE or None, the raw sidecar) of the file at `parts`, whose lstat is `info`."""

@@ -363,12 +363,15 @@ def _digests_of(items: list[dict[str, Any]]) -> dict[str, str]:
 
 def _file_item(bucket_file: Any) -> dict[str, Any]:
     mtime = getattr(bucket_file, "mtime", None)
+    uploaded = getattr(bucket_file, "uploaded_at", None)
     return {
         "type": "file",
         "path": bucket_file.path,
         "size": bucket_file.size,
         "xet_hash": bucket_file.xet_hash,
         "mtime": mtime.timestamp() if mtime is not None else None,
+        # When the bucket got it (`mtime` is the uploader's local file time): what ages are judged by.
+        "uploaded": uploaded.timestamp() if uploaded is not None else None,
         "digest": f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
     }
 
