@@ -180,7 +180,23 @@ def check_listing(survey: BucketSurvey, *, now: float | None = None, stale_after
                 report.findings += _check_copies(flat, entry)
         if found.records_read:
             report.findings += _check_records(found, now)
+    report.findings = merged(report.findings)
     return report
+
+
+def merged(findings: list[Finding]) -> list[Finding]:
+    """One finding per problem and path, their details joined (a short NEFF may be both empty and shorter
+    than its other copy)."""
+    by_key: dict[tuple[Problem, str], Finding] = {}
+    for finding in findings:
+        key = (finding.problem, finding.path)
+        if key in by_key:
+            first = by_key[key]
+            by_key[key] = Finding(first.problem, first.path, f"{first.detail}; {finding.detail}",
+                                  tuple(sorted(set(first.repair_paths) | set(finding.repair_paths))))
+        else:
+            by_key[key] = finding
+    return list(by_key.values())
 
 
 # ------------------------------------------------------------------------------------------- reading
