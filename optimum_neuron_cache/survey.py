@@ -189,7 +189,9 @@ def survey_bucket(client: BucketClient, *, compiler_version: str | None = None, 
     if compiler_version is not None and compiler_version not in versions:
         return survey
     for version in sorted(versions, key=version_tuple):
-        add_listing(survey, version, client.list(layout.version_prefix(version), recursive=True))
+        found = add_listing(survey, version, client.list(layout.version_prefix(version), recursive=True))
+        if not (found.entries or found.records or found.bad_names):  # an empty folder (a directory bucket keeps
+            del survey.versions[version]                             # the folders of what was removed)
     if survey.bad_sizes:
         log.warning("optimum-neuron-cache: skipped %d listed file(s) whose size is not a valid number of bytes, e.g. %s",
                     len(survey.bad_sizes), survey.bad_sizes[0])
