@@ -28,7 +28,7 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> float
 
 
 def _versions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(validate_compiler_version(v, source=f"--{param.name.replace('_', '-')}") for v in value)  # type: ignore[union-attr]
+    return tuple(validate_compiler_version(v, source=param.opts[0]) for v in value)
 
 
 def policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
