@@ -263,22 +263,26 @@ def _confirm(client: BucketClient, items: list[PublishItem]) -> set[str]:
     """After the last batch, is every content file still there? A `neuron-cache prune` of the same entry that
     ran between our batches may have removed content we uploaded before our commit file landed. Entries with
     content missing get their commit files removed again (no reader may install them) and are not counted
-    as published, so they stay journaled for the next run. One paths-info; best effort: if it fails, the
-    batches did succeed, and the prune's own final check covers the race (see prune.py)."""
+    as published, so they stay journaled for the next run. One paths-info. Best effort: when the bucket cannot
+    be asked right now, nothing more can be done either; only a prune racing at that very moment could have
+    left a half entry, and `neuron-cache scrub` reports it (`--repair` un-commits it)."""
     wanted = {item.entry.name: _content_paths(item) for item in items}
     asked = [path for paths in wanted.values() for path in paths]
     if not asked:
         return set()
     try:
         present = {info["path"] for info in client.paths_info(asked) if isinstance(info.get("path"), str)}
-        undone = {item.entry.name: item for item in items if any(p not in present for p in wanted[item.entry.name])}
-        if undone:
-            client.batch(delete=[p for item in undone.values() for p in _commit_paths(item)])
-            log.warning("optimum-neuron-cache: %d entries lost content to a concurrent prune while they were "
-                        "published (e.g. %s); they stay queued for the next run", len(undone), next(iter(undone)))
     except RemoteError as exc:
         log.info("optimum-neuron-cache: could not confirm the published content: %s", exc)
         return set()
+    undone = {item.entry.name: item for item in items if any(p not in present for p in wanted[item.entry.name])}
+    if undone:
+        log.warning("optimum-neuron-cache: %d entries lost content to a concurrent prune while they were published "
+                    "(e.g. %s); they stay queued for the next run", len(undone), next(iter(undone)))
+        try:
+            client.batch(delete=[p for item in undone.values() for p in _commit_paths(item)])
+        except RemoteError as exc:
+            log.info("optimum-neuron-cache: could not take back their commit files: %s", exc)
     return set(undone)
 
 
