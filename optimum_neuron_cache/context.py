@@ -25,7 +25,7 @@ from .fetch import fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
-from .neuron_sdk import resolve_compiler_version
+from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
 from .publish import close, publish
@@ -170,6 +170,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
             return self.run
         root = self._root.path
+        if not self._is_embedded_default() and (line := unpinned_target_warning(self._version, str(self._bucket))):
+            self._warn(line)  # compilers up to 2.15: the target is not in the MODULE name (once per process)
         try:
             HostState(root).remove_stale_temp_dirs()
         except OSError:

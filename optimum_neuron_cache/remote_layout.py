@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bucket_server.messages import MAX_FILE_BYTES as _MESSAGES_MAX_FILE_BYTES
+
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
 from .neuron_sdk import writes_done_marker
@@ -297,8 +299,9 @@ def parse_version_prefix(name: str) -> str | None:
     return version_from_dir_name(name)
 
 
-#: No file of an entry or record is this large: a listing that says so is corrupt or hostile.
-MAX_FILE_BYTES = 2**40
+#: No file of an entry or record is this large: a listing that says so is corrupt or hostile. One limit, shared
+#: with the client's edge (bucket_server.messages.FileItem), which already leaves such files out of a reply.
+MAX_FILE_BYTES = _MESSAGES_MAX_FILE_BYTES
 
 
 def listed_size(item: Mapping[str, Any]) -> int | None:

@@ -29,6 +29,7 @@ SERVER_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
 REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
 LOCK_TIMEOUT = "NEURON_CACHE_LOCK_TIMEOUT"
 VERIFY = "NEURON_CACHE_VERIFY"
+PUBLISH_LEGACY = "NEURON_CACHE_PUBLISH_LEGACY"
 # Passed to the bucket server as arguments, never through its environment.
 RETRY_BUDGET = "NEURON_CACHE_RETRY_BUDGET"
 RETRY_ATTEMPTS = "NEURON_CACHE_RETRY_ATTEMPTS"
@@ -148,6 +149,12 @@ def verify(environ: Environ = None) -> bool:
     return _flag(VERIFY, True, environ)
 
 
+def publish_legacy(environ: Environ = None) -> bool:
+    """Whether entries of compilers up to 2.14 that hold a NEFF and nothing else are published (off by
+    default: those compilers cached failures as a NEFF too, so such an entry may be a failure)."""
+    return _flag(PUBLISH_LEGACY, False, environ)
+
+
 # ------------------------------------------------------------------------------------ server
 
 
@@ -216,7 +223,8 @@ def server_arguments(environ: Environ = None) -> list[str]:
 def check_client(environ: Environ = None) -> None:
     """Validate every setting a client process reads, so bad input fails before any work (and before the
     body of a `hub_neuronx_cache` block), with the one-line error of the first bad variable."""
-    for read in (server_mode, server_idle_timeout, server_start_timeout, request_timeout, lock_timeout, verify):
+    for read in (server_mode, server_idle_timeout, server_start_timeout, request_timeout, lock_timeout, verify,
+                 publish_legacy):
         read(environ)
     server_arguments(environ)
 
