@@ -135,11 +135,16 @@ class BucketSurvey:
 
     def ordered_versions(self) -> list[str]:
         """Compiler versions, oldest first."""
-        return sorted(self.versions, key=version_tuple)
+        return sorted(self.versions, key=version_order)
 
     def complete_entries(self) -> int:
         """Entries a reader would install, in every version and area."""
         return sum(1 for v in self.versions.values() for e in v.entries.values() if e.complete)
+
+
+def version_order(version: str) -> tuple[tuple[int, ...], str]:
+    """Oldest first; two builds of one version number (other hashes) in a fixed order."""
+    return version_tuple(version), version
 
 
 def listed_file(item: Mapping[str, Any]) -> ListedFile | None:
@@ -188,7 +193,7 @@ def survey_bucket(client: BucketClient, *, compiler_version: str | None = None, 
             versions.append(version)
     if compiler_version is not None and compiler_version not in versions:
         return survey
-    for version in sorted(versions, key=version_tuple):
+    for version in sorted(versions, key=version_order):
         found = add_listing(survey, version, client.list(layout.version_prefix(version), recursive=True))
         if not (found.entries or found.records or found.bad_names):  # an empty folder (a directory bucket keeps
             del survey.versions[version]                             # the folders of what was removed)
