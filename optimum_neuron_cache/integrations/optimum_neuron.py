@@ -208,8 +208,13 @@ def synchronize_hub_cache(cache_path: str | os.PathLike[str] | None = None, cach
     return None
 
 
-def _as_optimum_entry(config: Mapping[str, Any], task: str, compiler_version: str) -> dict[str, Any]:
+def _as_optimum_entry(config: Mapping[str, Any], task: str, compiler_version: str,
+                      target: str | None = None) -> dict[str, Any]:
+    """An export record as optimum-neuron lists a cached entry: its config under optimum-neuron's names, with
+    the record's compile target where the config states none (so `instance_type` filters by it)."""
     entry = dict(config)
+    if target and value_of(config, "target") is None:
+        entry["target"] = target
     for field, names in _OPTIMUM_NAMES.items():
         value = value_of(config, field)
         if value is not None:
@@ -241,7 +246,8 @@ def get_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id
     except (NeuronCacheError, OSError) as exc:
         log.warning("optimum-neuron-cache: cached entries of %s could not be read: %s", model_id, exc)
         return []
-    return [_as_optimum_entry(record.export_config, record.task, record.compiler_version) for record in records]
+    return [_as_optimum_entry(record.export_config, record.task, record.compiler_version, record.target)
+            for record in records]
 
 
 def select_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id: str | BucketRef | None = None,
