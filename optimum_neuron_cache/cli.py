@@ -555,7 +555,7 @@ def parallel_compile_run(model_id: str | None, task: str, export_config: dict[st
 @cache_dir_option
 @version_option
 def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compiler_version: str | None) -> None:
-    """Complete extracted (todo) entries from the bucket's flat area."""
+    """Complete collected (todo) entries (`neuron_parallel_compile --command collect`) from the bucket's flat area."""
     from .integrations.parallel_compile import fill_todo_entries
 
     result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)

@@ -1,16 +1,19 @@
 """`neuron_parallel_compile` with the bucket cache: fetch before, hits during, publish after.
 
-`neuron_parallel_compile <train command>` runs a short trial of the training script that only extracts
-the graphs (leaving *todo* entries: HLO and flags, no NEFF), then compiles them in parallel into the local
-cache. The cache joins in three places:
+`neuron_parallel_compile <train command>` (its default mode, `--command collect-and-compile`) runs a short
+trial of the training script with NEURON_EXTRACT_GRAPHS_ONLY=1, which only *collects* the graphs (leaving
+*todo* entries: HLO and flags, no NEFF), then compiles them in parallel into the local cache. Its
+`--command collect` and `--command compile` run the two phases apart (`compile` compiles every todo entry
+of the cache). The cache joins in three places:
 
-1. **Before extraction**: the model's entries are fetched (`hub_neuronx_cache` enter). Graphs already in
-   the bucket for this model are then complete locally, and are not compiled again.
-2. **Between extraction and compilation**: todo entries are filled from the bucket's flat area, so graphs
-   compiled for *other* models are not compiled again either. With one `neuron_parallel_compile` call the
-   two phases are not separable from outside, so the compiler shim (compiler_shim.py) does it instead: it is
+1. **Before collection**: the model's entries are fetched (`hub_neuronx_cache` enter). Graphs already in
+   the bucket for this model are then complete locally, and are not collected as todo entries.
+2. **Between collection and compilation**: todo entries are filled from the bucket's flat area, so graphs
+   compiled for *other* models are not compiled again either. With one `collect-and-compile` call the two
+   phases are not separable from outside, so the compiler shim (compiler_shim.py) does it instead: it is
    put first on PATH for the command, and looks each graph up in the flat area before compiling it. With
-   explicit phases (`extract_command=` and `compile_command=`), `fill_todo_entries` runs between them.
+   the phases apart (`collect_command=` and `compile_command=`, e.g. `neuron_parallel_compile --command
+   collect ...` and `neuron_parallel_compile --command compile`), `fill_todo_entries` runs between them.
 3. **After the parallel compile**: the entries that became complete are published, to the flat area and the
    model's area, with an export record (`hub_neuronx_cache` exit).
 
@@ -54,7 +57,7 @@ class FillResult:
 
 def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str | os.PathLike[str] | None = None,
                       compiler_version: str | None = None) -> FillResult:
-    """Complete the local todo entries (extracted, not compiled) whose graphs the bucket's flat area holds.
+    """Complete the local todo entries (collected, not compiled) whose graphs the bucket's flat area holds.
 
     One paths-info and one download, whatever the number of entries; each entry gets its missing files
     hard-linked in, commit file last, only if it is still a todo entry. Best effort: a remote failure is
@@ -100,18 +103,18 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
                          task: str | None = "training", export_config: Mapping[str, Any] | None = None,
                          bucket: str | BucketRef | None = None, cache_dir: str | os.PathLike[str] | None = None,
                          compiler_version: str | None = None, shim: bool = True,
-                         extract_command: Sequence[str] | None = None, compile_command: Sequence[str] | None = None,
+                         collect_command: Sequence[str] | None = None, compile_command: Sequence[str] | None = None,
                          env: Mapping[str, str] | None = None) -> ParallelCompileReport:
     """Run `command` (e.g. `neuron_parallel_compile torchrun ... train.py`) inside the bucket cache.
 
     Either `command` (one call; with `shim=True` the compiler shim does step 2 graph by graph) or both
-    `extract_command` and `compile_command` (step 2 runs between them). The commands' exit code is returned
+    `collect_command` and `compile_command` (step 2 runs between them). The commands' exit code is returned
     in the report; the cache never changes it.
     """
-    if (command is None) == (extract_command is None and compile_command is None):
-        raise ValueError("give either command, or both extract_command and compile_command")
-    if command is None and (extract_command is None or compile_command is None):
-        raise ValueError("extract_command and compile_command go together")
+    if (command is None) == (collect_command is None and compile_command is None):
+        raise ValueError("give either command, or both collect_command and compile_command")
+    if command is None and (collect_command is None or compile_command is None):
+        raise ValueError("collect_command and compile_command go together")
     base_env = dict(os.environ if env is None else env)
     fill = None
     with hub_neuronx_cache(model_id, task, export_config, compiler_version=compiler_version, bucket=bucket,
@@ -130,8 +133,8 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
             else:
                 code = subprocess.run(list(command), env=base_env, check=False).returncode
         else:
-            assert extract_command is not None and compile_command is not None
-            code = subprocess.run(list(extract_command), env=base_env, check=False).returncode
+            assert collect_command is not None and compile_command is not None
+            code = subprocess.run(list(collect_command), env=base_env, check=False).returncode
             if code == 0:
                 fill = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=run.compiler_version)
                 code = subprocess.run(list(compile_command), env=base_env, check=False).returncode

@@ -94,7 +94,7 @@ def compile_graph(root: str | os.PathLike[str], version: str, graph: Graph, *, o
     """Compile `graph` into the cache at `root`, as libneuronxla + neuronx-cc would.
 
     outcome: "success"; "failed" (leaves a cached failure); "crash" (killed mid-compile: a stale lock, no
-    NEFF); "todo" (extraction only, as `neuron_parallel_compile --command extract`). `seconds` simulates
+    NEFF); "todo" (collection only, as `neuron_parallel_compile --command collect`). `seconds` simulates
     the compile's duration (the lock is held meanwhile).
     """
     started = time.monotonic()
