@@ -164,6 +164,10 @@ class BucketServer:
                 delete=list(req["args"].get("delete", [])),
                 progress=req.get("_emit"),
             ),
+            "lease": lambda req: self.backend(req).lease(
+                str(req["args"]["path"]), req["args"].get("mode"),
+                content=req["args"].get("content"), expect=req["args"].get("expect"),
+            ),
         }
 
     # ------------------------------------------------------------------------------ backends

@@ -40,7 +40,7 @@ _ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart.
-IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch"})
+IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch", "lease"})
 
 _ERRORS: dict[str, type[RemoteError]] = {
     ErrorCode.BUCKET_NOT_FOUND.value: BucketNotFoundError,
@@ -304,6 +304,10 @@ class BucketClient:
               delete: list[str] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Copies, then adds, then deletes, in one request; see Backend.batch."""
         return self.call("batch", add=add or [], copy=copy or [], delete=delete or [], progress=progress)
+
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """A compile lease file: read, create, replace or delete it, conditionally; see Backend.lease."""
+        return self.call("lease", path=path, mode=mode, content=content, expect=expect)
 
     def server_status(self) -> dict[str, Any]:
         """The server's status (pid, versions, uptime, connections)."""

@@ -85,6 +85,24 @@ class Backend(abc.ABC):
         """
 
 
+#: What a lease operation may do (see Backend.lease); a lease file holds at most LEASE_MAX_BYTES.
+LEASE_MODES = ("read", "create", "replace", "delete")
+LEASE_MAX_BYTES = 4096
+
+
+def check_lease_args(mode: Any, content: Any, expect: Any) -> None:
+    """Reject a malformed lease request before anything is read or written."""
+    if mode not in LEASE_MODES:
+        raise BackendError(ErrorCode.BAD_REQUEST, f"lease mode must be one of {', '.join(LEASE_MODES)}, got {mode!r}")
+    for name, value in (("content", content), ("expect", expect)):
+        if value is not None and (not isinstance(value, str) or len(value.encode("utf-8")) > LEASE_MAX_BYTES):
+            raise BackendError(ErrorCode.BAD_REQUEST, f"lease {name} must be a string of at most {LEASE_MAX_BYTES} bytes")
+    if mode in ("create", "replace") and content is None:
+        raise BackendError(ErrorCode.BAD_REQUEST, f"lease {mode} needs content")
+    if mode == "replace" and expect is None:
+        raise BackendError(ErrorCode.BAD_REQUEST, "lease replace needs expect")
+
+
 def reject_mismatched(files: list[dict[str, Any]], problems: dict[str, str]) -> list[dict[str, Any]]:
     """Delete each downloaded file the verifier found wrong (local path -> why), so the client never sees
     it; the failures to report, as [{"path", "reason"}]."""

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..digests import Verifier, file_digest, publish_algorithm
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
+from .base import (LEASE_MAX_BYTES, Backend, BackendError, FileSizeWatcher, Progress, check_lease_args, reject_mismatched,
+                   validate_remote_path)
 
 log = logging.getLogger("bucket_server")
 
@@ -590,3 +591,54 @@ class HfBackend(Backend):
                 progress(done, total)
             if delete_ops:
                 self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
+
+    # ------------------------------------------------------------------------------------ leases
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """Compile leases on a Hub bucket, which has no conditional write: look (one paths-info), write, then
+        read back. A lease is whatever the bucket holds when read back: two hosts writing in the same instant
+        can both read their own bytes back (the later write wins afterwards), so both may compile; leases
+        are advisory and docs/performance.md measures how often. Contents are compared by Xet hash, so only
+        `read` transfers the file."""
+        from ..digests import xet_hash_of_one_chunk
+
+        check_lease_args(mode, content, expect)
+        path = validate_remote_path(path)
+
+        def current() -> str | None:
+            found = self.paths_info([path])
+            return str(found[0].get("xet_hash") or "") if found else None
+
+        if mode == "read":
+            return {"ok": True, "content": self._read_small(path)}
+        held = current()
+        if mode == "create":
+            if held is not None:
+                return {"ok": held == xet_hash_of_one_chunk(str(content).encode("utf-8")), "content": None}
+        elif held is None:
+            return {"ok": mode == "delete", "content": None}
+        elif mode == "replace" and held == xet_hash_of_one_chunk(str(content).encode("utf-8")):
+            return {"ok": True, "content": content}
+        elif expect is not None and held != xet_hash_of_one_chunk(expect.encode("utf-8")):
+            return {"ok": False, "content": None}
+        if mode == "delete":
+            self._call("lease on", self.api.batch_bucket_files, self.bucket_id, delete=[path])
+            return {"ok": True, "content": None}
+        self._call("lease on", self.api.batch_bucket_files, self.bucket_id, add=[(str(content).encode("utf-8"), path)])
+        ours = current() == xet_hash_of_one_chunk(str(content).encode("utf-8"))
+        return {"ok": ours, "content": content if ours else None}
+
+    def _read_small(self, path: str) -> str | None:
+        """The text of a small file (a lease), or None when it is absent or too large to be one."""
+        import tempfile
+
+        found = self.paths_info([path])
+        if not found or int(found[0].get("size") or 0) > LEASE_MAX_BYTES:
+            return None
+        with tempfile.TemporaryDirectory(prefix="lease-") as folder:
+            local = os.path.join(folder, "lease")
+            result = self.download([{"path": path, "local_path": local, "size": found[0]["size"],
+                                     "xet_hash": found[0].get("xet_hash"), "digest": found[0].get("digest")}])
+            if result.get("failed"):
+                return None
+            with open(local, "rb") as handle:
+                return handle.read(LEASE_MAX_BYTES + 1).decode("utf-8", "replace")

@@ -170,16 +170,29 @@ def jit_compile(root: str | os.PathLike[str], version: str, graph: Graph, *, com
             output = Path(workdir) / f"model.{module}.neff"
             source.write_bytes(graph.hlo)
             command = [compiler, "compile", "--framework=XLA", str(source), "--output", str(output), *graph.flags, "--verbose=35"]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0 or not output.is_file():
-                (path / LOG).write_text(f"compiler exited {done.returncode}\n{done.stderr}", encoding="utf-8")
-                raise SimulatedCompileError(f"compilation failed for {module} (exit {done.returncode}): {done.stderr.strip()}")
+            returncode, stderr = _run_compiler(command, env)
+            if returncode != 0 or not output.is_file():
+                (path / LOG).write_text(f"compiler exited {returncode}\n{stderr}", encoding="utf-8")
+                raise SimulatedCompileError(f"compilation failed for {module} (exit {returncode}): {stderr.strip()}")
             shutil.copyfile(output, path / NEFF)
         if writes_done_marker(version):
             (path / DONE).write_bytes(b"")
         return JitResult(module, path, hit=False, compiled=True)
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _run_compiler(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the compiler; its stderr is passed on line by line as it comes (what the shim says while it waits
+    on another host is seen at once) and kept for model.log. Its stdout is kept quiet."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    assert process.stderr is not None
+    for line in process.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lines.append(line)
+    return process.wait(), "".join(lines)
 
 
 def _env_root_and_version() -> tuple[Path, str]:
