@@ -277,3 +277,58 @@ def test_a_bucket_failing_mid_wait_leaves_the_waiter_compiling_itself(tmp_path, 
     assert figures.notes == [] and figures.complete_hosts == 1 and figures.compiles == 1
     said = hosts.stderr(0)
     assert "compile lease of" in said and "(compiling)" in said
+
+
+def test_a_lease_whose_heartbeat_goes_on_is_never_taken_over(bucket, version):
+    """The holder renews far more often than the waiter's stale timeout, for longer than that timeout; the
+    waiter only waits, and takes the lease (not takes it over) once the holder drops it."""
+    from optimum_neuron_cache.compile_leases import LeaseKeeper, wait_for_graph
+
+    client = BucketClient(bucket)
+    holder = LeaseKeeper(client, version, LeaseSettings(heartbeat=0.05, stale=60.0, max_wait=600.0, poll=0.05))
+    waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=0.5, max_wait=600.0, poll=0.02))
+    with holder:
+        assert holder.take(MODULE)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(wait_for_graph(waiter, MODULE)))
+        thread.start()
+        # Beats for at least three stale timeouts' worth (0.05 s each): the waiter saw the lease change all along.
+        wait_until(lambda: holder.held[MODULE].holder.beat >= 30, "thirty heartbeats")
+        assert thread.is_alive() and not holder.lost(MODULE)
+        assert holder.release(MODULE)
+        thread.join()
+    waited = outcome[0]
+    assert waited.waited and waited.decision.action is Action.TAKE
+    assert Action.TAKEOVER not in {d.action for d in waited.decisions}
+    assert waiter.release(MODULE)
+
+
+def test_the_leases_command_lists_holders_and_sweeps_what_is_left(tmp_path, bucket, version):
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph
+    from optimum_neuron_cache import hub_neuronx_cache
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "optimum_neuron_cache", *args, "--bucket", str(bucket)],
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("leases").stdout.strip() == f"{bucket} holds no compile leases"
+    committed, live = (module_name(version, graph) for graph in make_graphs(2, seed="listed"))
+    keeper = LeaseKeeper(BucketClient(bucket), version, LeaseSettings())
+    assert keeper.take(committed) and keeper.take(live)
+    # The holder of `committed` published it and died before dropping its lease.
+    with hub_neuronx_cache(compiler_version=version, bucket=bucket, cache_dir=tmp_path / "c"):
+        compile_graph(tmp_path / "c", version, make_graphs(2, seed="listed")[0])
+    listed = cli("leases")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{keeper.holder.host} pid {os.getpid()}" in listed.stdout and committed in listed.stdout and live in listed.stdout
+    swept = cli("leases", "--sweep", "--json")
+    assert swept.returncode == 0, swept.stderr
+    import json
+
+    data = json.loads(swept.stdout)
+    assert data["swept"] == [f"{version}/{committed}"]
+    assert [lease["module"] for lease in data["leases"]] == [live] and data["leases"][0]["holder"]["pid"] == os.getpid()
+    assert [item["path"] for item in BucketClient(bucket).list(layout.leases_prefix())] == [layout.lease_path(version, live)]
+    assert keeper.release(live)
+    assert BucketClient(bucket).list(layout.leases_prefix()) == []
