@@ -167,6 +167,60 @@ def run_hosts(work: Path, bucket: str, *, timeout: float = 600.0, **options) -> 
     return Hosts(work, bucket, **options).finish(timeout)
 
 
+@dataclass
+class RaceFigures:
+    """Hosts taking the same lease in the same instant, `trials` times: how many believed they won."""
+
+    takers: int
+    trials: int
+    #: Trials where more than one taker thought the lease was its own (each would compile the graph).
+    trials_with_duplicates: int = 0
+    #: Trials nobody won (everyone would look again, then wait or take it).
+    trials_without_winner: int = 0
+    max_winners: int = 0
+    mean_winners: float = 0.0
+
+
+def race_takes(bucket: str, takers: int, trials: int) -> RaceFigures:
+    """`takers` clients, each with its own bucket server (as separate hosts), released by a barrier onto the
+    same lease, `trials` times (a new graph each time)."""
+    import threading
+
+    figures = RaceFigures(takers, trials)
+    envs = [{**os.environ, "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-r")} for _ in range(takers)]
+    clients = [BucketClient(parse_bucket(bucket), env) for env in envs]
+    try:
+        for client in clients:
+            client.info()  # every server started before the races
+        total = 0
+        for trial in range(trials):
+            path = layout.lease_path(VERSION, f"MODULE_{trial}+race{takers}")
+            barrier = threading.Barrier(takers)
+            winners: list[int] = []
+
+            def take(index: int) -> None:
+                holder = Holder(host=f"host-{index}", pid=index + 1, started=time.time(), token=f"t{index}-{trial}")
+                barrier.wait()
+                if clients[index].lease(path, "create", content=holder.text()).get("ok"):
+                    winners.append(index)
+
+            threads = [threading.Thread(target=take, args=(index,)) for index in range(takers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            total += len(winners)
+            figures.trials_with_duplicates += len(winners) > 1
+            figures.trials_without_winner += not winners
+            figures.max_winners = max(figures.max_winners, len(winners))
+        figures.mean_winners = round(total / max(1, trials), 2)
+    finally:
+        for env in envs:
+            stop_server(env)
+            shutil.rmtree(env["NEURON_CACHE_RUNTIME_DIR"], ignore_errors=True)
+    return figures
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -200,6 +254,7 @@ def main() -> int:
     parser.add_argument("--dead", type=int, default=2, help="graphs leased by a dead host in the dead-holder run")
     parser.add_argument("--modes", default="shim,phases")
     parser.add_argument("--hf", action="store_true", help="also on a Hub bucket (local emulator)")
+    parser.add_argument("--race-trials", type=int, default=20, help="lease races per number of takers (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="neuron-cache-leases-"))
@@ -210,6 +265,12 @@ def main() -> int:
         for backend in ["dir", *(["hf"] if args.hf else [])]:
             bucket_for, emulator = _buckets(backend, work / backend)
             try:
+                for takers in ([int(h) for h in args.hosts.split(",")] if args.race_trials else []):
+                    race = race_takes(bucket_for(f"race-{takers}"), takers, args.race_trials)
+                    rows.append({"backend": backend, "mode": "race", **asdict(race)})
+                    print(f"{backend:4} race   takers={takers:<2} trials={race.trials}: more than one winner in "
+                          f"{race.trials_with_duplicates}, none in {race.trials_without_winner}, winners mean "
+                          f"{race.mean_winners} max {race.max_winners}", flush=True)
                 for mode in args.modes.split(","):
                     runs = [(1, 0), *((int(h), 0) for h in args.hosts.split(",")), (max(2, int(args.hosts.split(",")[0])), args.dead)]
                     for hosts, dead in runs:
@@ -232,7 +293,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    return 1 if any(row["complete_hosts"] != row["hosts"] for row in rows) else 0
+    return 1 if any(row.get("complete_hosts") != row.get("hosts") for row in rows if row["mode"] != "race") else 0
 
 
 if __name__ == "__main__":

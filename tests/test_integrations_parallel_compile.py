@@ -164,3 +164,17 @@ def test_the_stand_in_speaks_the_real_modes(tmp_path, version, sdk, monkeypatch)
     assert npc("--command", "clean").returncode == 0 and not cache.exists()
     refused = npc("--command", "extract", *TRAIN)
     assert refused.returncode == 2 and "invalid choice: 'extract'" in refused.stderr
+
+
+def test_phases_split_a_neuron_parallel_compile_call_into_its_two_modes():
+    from optimum_neuron_cache.integrations.parallel_compile import _without_cache_dir, split_phases
+
+    collect, compile_ = split_phases(["/opt/bin/neuron_parallel_compile", "--num_parallel=8", "torchrun", "train.py"])
+    assert collect == ["/opt/bin/neuron_parallel_compile", "--command", "collect", "--num_parallel=8", "torchrun", "train.py"]
+    assert compile_ == ["/opt/bin/neuron_parallel_compile", "--command", "compile", "--num_parallel=8"]
+    for bad, said in ((["torchrun", "train.py"], "runs a neuron_parallel_compile call"),
+                      (["neuron_parallel_compile", "--command", "compile"], "drop --command")):
+        with pytest.raises(ValueError, match=said):
+            split_phases(bad)
+    # The view's compile must use the view: --cache_dir (which beats NEURON_COMPILE_CACHE_URL) goes, the rest stays.
+    assert _without_cache_dir("--cache_dir=/fsx/c -O1 --cache_dir /x --target=trn1") == "-O1 --target=trn1"

@@ -374,6 +374,11 @@ def _file_item(bucket_file: Any) -> dict[str, Any]:
     }
 
 
+#: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
+#: between a racing taker's look and its write (one metadata request), short next to a compile.
+LEASE_SETTLE = 0.5
+
+
 class HfBackend(Backend):
     """A Hub bucket through HfApi, with the calling client's token: every operation within the retry policy,
     every failure a coded BackendError."""
@@ -623,8 +628,14 @@ class HfBackend(Backend):
         if mode == "delete":
             self._call("lease on", self.api.batch_bucket_files, self.bucket_id, delete=[path])
             return {"ok": True, "content": None}
+        mine = xet_hash_of_one_chunk(str(content).encode("utf-8"))
         self._call("lease on", self.api.batch_bucket_files, self.bucket_id, add=[(str(content).encode("utf-8"), path)])
-        ours = current() == xet_hash_of_one_chunk(str(content).encode("utf-8"))
+        ours = current() == mine
+        if ours and mode == "create" and LEASE_SETTLE > 0:
+            # Takers that looked in the same instant write within a request or two of each other: the last write
+            # stands. Reading again once they have all landed leaves (nearly always) that one writer the lease.
+            time.sleep(LEASE_SETTLE)
+            ours = current() == mine
         return {"ok": ours, "content": content if ours else None}
 
     def _read_small(self, path: str) -> str | None:

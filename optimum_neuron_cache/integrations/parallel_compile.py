@@ -225,8 +225,10 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                     fetched = fetch_model(client, root, version, None, layout.DEFAULT_TASK, todo).result
                     report.tally.fetched_after_wait += len(set(fetched.fetched) & waited)
                     report.warnings.extend(f"{module} not filled: {why}" for module, why in fetched.failed)
-                    if fetched.failed:
-                        break  # the bucket's copy is bad: the caller compiles what is left
+                    if fetched.failed or not fetched.fetched:
+                        # The bucket's copy is bad, or could not be installed: the caller compiles what is left.
+                        report.warnings.extend(f"{module} not installed: {why}" for module, why in fetched.skipped)
+                        break
                     continue
                 free = [d for d in decisions if d.action in (Action.TAKE, Action.TAKEOVER)]
                 order.shuffle(free)
