@@ -252,7 +252,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="simulated compile time of one graph")
     parser.add_argument("--batch", type=int, default=2, help="graphs per host per round in the phases mode")
     parser.add_argument("--dead", type=int, default=2, help="graphs leased by a dead host in the dead-holder run")
-    parser.add_argument("--modes", default="shim,phases")
+    parser.add_argument("--modes", default="shim,phases", help="shim, phases, both, or '' (lease races only)")
     parser.add_argument("--hf", action="store_true", help="also on a Hub bucket (local emulator)")
     parser.add_argument("--race-trials", type=int, default=20, help="lease races per number of takers (0: none)")
     parser.add_argument("--json", type=Path)
@@ -271,7 +271,7 @@ def main() -> int:
                     print(f"{backend:4} race   takers={takers:<2} trials={race.trials}: more than one winner in "
                           f"{race.trials_with_duplicates}, none in {race.trials_without_winner}, winners mean "
                           f"{race.mean_winners} max {race.max_winners}", flush=True)
-                for mode in args.modes.split(","):
+                for mode in [mode for mode in args.modes.split(",") if mode]:
                     runs = [(1, 0), *((int(h), 0) for h in args.hosts.split(",")), (max(2, int(args.hosts.split(",")[0])), args.dead)]
                     for hosts, dead in runs:
                         name = f"{mode}-{hosts}-{dead}"
