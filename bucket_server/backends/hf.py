@@ -13,17 +13,20 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..digests import Verifier, file_digest, publish_algorithm
+from ..messages import (
+    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, FileItem,
+    FolderItem, InfoResult, ListItem,
+)
 from ..protocol import ErrorCode
-from .base import (LEASE_MAX_BYTES, Backend, BackendError, FileSizeWatcher, Progress, check_lease_args, reject_mismatched,
-                   validate_remote_path)
+from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched
 
 log = logging.getLogger("bucket_server")
 
@@ -270,11 +273,11 @@ def _xet_session() -> Any:
         return _session
 
 
-def _any_bytes(items: list[dict[str, Any]]) -> bool:
+def _any_bytes(items: Sequence[DownloadFile]) -> bool:
     """Whether any of these downloads has written a byte yet (hf_xet writes each file as its data arrives)."""
     for item in items:
         try:
-            if os.lstat(item["local_path"]).st_size > 0:
+            if os.lstat(item.local_path).st_size > 0:
                 return True
         except OSError:
             continue
@@ -285,7 +288,7 @@ def _any_bytes(items: list[dict[str, Any]]) -> bool:
 FIRST_BYTE_POLL = 0.2
 
 
-def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifier,
+def _join_each(group_cm: Any, transfers: list[DownloadFile], verifier: Verifier,
                failed: dict[str, BaseException], first_byte_within: float) -> None:
     """Start every transfer in one Xet download group, hand each file to the verifier as it lands, and put
     each one that fails in `failed` (local path -> error) while the others go on.
@@ -299,12 +302,11 @@ def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifie
     with group_cm as group:
         # Manifests first (the other files' checks wait for them), then largest first: the big files land
         # early, and what is left to hash when the transfer ends is small.
-        handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
-                                             str(item["local_path"])): item
-                   for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
+        handles = {group.start_download_file(hf_xet.XetFileInfo(item.xet_hash, int(item.size)), item.local_path): item
+                   for item in sorted(transfers, key=lambda item: (not item.manifest, -int(item.size)))}
 
         def give_up(exc: BaseException) -> None:
-            failed.update({str(item["local_path"]): exc for item in transfers if str(item["local_path"]) not in failed})
+            failed.update({item.local_path: exc for item in transfers if item.local_path not in failed})
             group.abort()  # the other transfers stop, and their joins return
 
         # A task reads as running until it is joined, failed or not: join each on its own thread (the join
@@ -322,13 +324,13 @@ def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifie
                         try:
                             future.result()  # the file is whole and closed (raises if its transfer failed)
                         except Exception as exc:
-                            failed[str(item["local_path"])] = exc
+                            failed[item.local_path] = exc
                             if not arrived:
                                 give_up(exc)
                                 return
                             continue
                         arrived = True
-                        verifier.submit(str(item["local_path"]), item.get("digest"))
+                        verifier.submit(item.local_path, item.digest)
                     if not arrived and time.monotonic() > deadline:
                         give_up(TimeoutError(f"not a byte came from the Xet storage in {first_byte_within:g} s"))
                         return
@@ -349,29 +351,26 @@ def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list
     return chunks
 
 
-def _digests_of(items: list[dict[str, Any]]) -> dict[str, str]:
+def _digests_of(items: Sequence[AddFile]) -> dict[str, str]:
     """dest -> digest of the local file to upload there; a file that cannot be read is left out (its upload
     reports the error)."""
     algorithm = publish_algorithm()
     digests = {}
     for item in items:
         try:
-            digests[item["dest"]] = file_digest(item["local_path"], algorithm)
+            digests[item.dest] = file_digest(str(item.local_path), algorithm)
         except OSError:
             continue
     return digests
 
 
-def _file_item(bucket_file: Any) -> dict[str, Any]:
+def _file_item(bucket_file: Any) -> FileItem:
+    """A file as the Hub lists it. Its fields are the bucket's word, passed on as they are: the client's edge
+    (messages.FileItem.from_wire) decides what it trusts."""
     mtime = getattr(bucket_file, "mtime", None)
-    return {
-        "type": "file",
-        "path": bucket_file.path,
-        "size": bucket_file.size,
-        "xet_hash": bucket_file.xet_hash,
-        "mtime": mtime.timestamp() if mtime is not None else None,
-        "digest": f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
-    }
+    return FileItem(bucket_file.path, bucket_file.size, bucket_file.xet_hash,
+                    mtime.timestamp() if mtime is not None else None,
+                    f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None)
 
 
 #: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
@@ -394,31 +393,30 @@ class HfBackend(Backend):
         all are retried within the policy, and every failure left becomes a coded error."""
         return with_retries(self.policy, f"{what} {self.bucket_id}", lambda: fn(*args, token=self.token, **kwargs))
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> InfoResult:
         """The bucket's id, visibility, size and file count."""
         info = self._call("bucket info", self.api.bucket_info, self.bucket_id)
-        return {"id": info.id, "private": info.private, "size": info.size, "total_files": info.total_files}
+        return InfoResult(info.id, info.private, info.size, info.total_files)
 
-    def create(self, *, private: bool | None) -> dict[str, Any]:
+    def create(self, *, private: bool | None) -> CreateResult:
         """Create the bucket unless it exists (asked first: a token that may read but not create still
         gets `created: False` for an existing bucket)."""
         try:
             self._call("create", self.api.bucket_info, self.bucket_id)
-            return {"created": False, "url": f"{self.api.endpoint}/buckets/{self.bucket_id}"}
+            return CreateResult(False, f"{self.api.endpoint}/buckets/{self.bucket_id}")
         except BackendError as exc:
             if exc.code != ErrorCode.BUCKET_NOT_FOUND:
                 raise
         url = self._call("create", self.api.create_bucket, self.bucket_id, private=private, exist_ok=True)
-        return {"created": True, "url": str(getattr(url, "url", url))}
+        return CreateResult(True, str(getattr(url, "url", url)))
 
-    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
-        """Files (and, when not recursive, folders) strictly under the folder `prefix`; a folder nobody wrote
-        to is empty, not an error."""
-        prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
+    def list(self, prefix: str, *, recursive: bool) -> list[ListItem]:
+        """Files (and, when not recursive, folders) strictly under the folder `prefix` (validated at the
+        server's edge, without a trailing '/'); a folder nobody wrote to is empty, not an error."""
         folder = f"{prefix}/" if prefix else ""
 
-        def run() -> list[dict[str, Any]]:
-            items = []
+        def run() -> list[ListItem]:
+            items: list[ListItem] = []
             # The server matches prefixes lexically ("logs" also matches "logs.json"): keep what is inside.
             for item in self.api.list_bucket_tree(self.bucket_id, prefix or None, recursive=recursive, token=self.token):
                 if not item.path.startswith(folder):
@@ -428,7 +426,7 @@ class HfBackend(Backend):
                 if item.type == "file":
                     items.append(_file_item(item))
                 else:
-                    items.append({"type": "directory", "path": item.path})
+                    items.append(FolderItem(item.path))
             return items
 
         try:
@@ -438,55 +436,53 @@ class HfBackend(Backend):
                 return []
             raise
 
-    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+    def paths_info(self, paths: Sequence[str]) -> list[FileItem]:
         """The files among `paths` that exist, in one request; missing ones are left out."""
-        for path in paths:
-            validate_remote_path(path)
         if not paths:
             return []
         return with_retries(self.policy, f"paths-info {self.bucket_id}", lambda: [
-            _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)])
+            _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, list(paths), token=self.token)])
 
-    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
+    def download(self, files: Sequence[DownloadFile], *, progress: Progress | None = None) -> DownloadResult:
         """Download the files; each one is checked against its digest as soon as it lands, while the others
         still transfer (by the BLAKE3 digest a manifest of the request binds to its Xet hash, else by
         recomputing the Xet hash). A file that does not match is removed and reported."""
-        items = self._with_xet_info([dict(item, path=validate_remote_path(item["path"])) for item in files])
-        total = sum(int(item.get("size") or 0) for item in items)
+        items = self._with_xet_info(list(files))
+        total = sum(int(item.size or 0) for item in items)
         # hf_xet writes the destination files as it goes: their sizes are the progress.
-        with FileSizeWatcher([str(item["local_path"]) for item in items], total, progress):
+        with FileSizeWatcher([item.local_path for item in items], total, progress):
             problems = with_retries(self.policy, f"download from {self.bucket_id}", lambda: self._download_verified(items))
-        return {"files": len(items), "bytes": total, "failed": reject_mismatched(items, problems)}
+        return DownloadResult(len(items), total, tuple(reject_mismatched(items, problems)))
 
-    def _with_xet_info(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _with_xet_info(self, items: list[DownloadFile]) -> list[DownloadFile]:
         """Every file with its Xet hash and size (clients send them from their listing; ask for the rest)."""
-        unknown = [item["path"] for item in items if not (item.get("xet_hash") and item.get("size") is not None)]
+        unknown = [item.path for item in items if not (item.xet_hash and item.size is not None)]
         if not unknown:
             return items
-        known = {info["path"]: info for info in self.paths_info(unknown)}
+        known = {info.path: info for info in self.paths_info(unknown)}
         missing = [path for path in unknown if path not in known]
         if missing:
             raise BackendError(ErrorCode.NOT_FOUND, f"download from {self.bucket_id}: {len(missing)} file(s) not in the "
                                                     f"bucket: {', '.join(missing[:3])}")
-        return [item if item["path"] not in known else
-                {**item, "xet_hash": known[item["path"]]["xet_hash"], "size": known[item["path"]]["size"],
-                 "digest": item.get("digest") or known[item["path"]]["digest"]} for item in items]
+        return [item if item.path not in known else
+                replace(item, xet_hash=known[item.path].xet_hash, size=known[item.path].size,
+                        digest=item.digest or known[item.path].digest) for item in items]
 
-    def _download_verified(self, items: list[dict[str, Any]]) -> dict[str, str]:
+    def _download_verified(self, items: list[DownloadFile]) -> dict[str, str]:
         """One attempt: local path -> why it does not match its digest, or did not transfer."""
         import hf_xet
         from huggingface_hub import BucketFile
 
-        verifier = Verifier(manifests=[str(item["local_path"]) for item in items if item.get("manifest")])
+        verifier = Verifier(manifests=[item.local_path for item in items if item.manifest])
         started = time.perf_counter()
         try:
             if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
                 # An older hf_xet: one call for all, then every hash (no per-file completion to overlap with).
-                pairs = [(BucketFile(type="file", path=item["path"], size=int(item["size"]), xetHash=item["xet_hash"]),
-                          item["local_path"]) for item in items]
+                pairs = [(BucketFile(type="file", path=item.path, size=int(item.size), xetHash=item.xet_hash),
+                          item.local_path) for item in items]
                 self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
-                for item in sorted(items, key=lambda item: not item.get("manifest")):  # manifests first
-                    verifier.submit(str(item["local_path"]), item.get("digest"))
+                for item in sorted(items, key=lambda item: not item.manifest):  # manifests first
+                    verifier.submit(item.local_path, item.digest)
                 not_transferred: dict[str, str] = {}
             else:
                 not_transferred = self._download_each(items, verifier)
@@ -499,7 +495,7 @@ class HfBackend(Backend):
                  verifier.summary())
         return problems
 
-    def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> dict[str, str]:
+    def _download_each(self, items: list[DownloadFile], verifier: Verifier) -> dict[str, str]:
         """The transfer as huggingface_hub's download_bucket_files makes it (one Xet download group), but
         each file is handed to the verifier the moment it is complete.
 
@@ -510,13 +506,13 @@ class HfBackend(Backend):
         from huggingface_hub.utils import build_hf_headers
 
         for item in items:
-            if int(item["size"]) == 0:  # nothing to transfer
-                Path(item["local_path"]).write_bytes(b"")
-                verifier.submit(str(item["local_path"]), item.get("digest"))
-        transfers = [item for item in items if int(item["size"]) > 0]
+            if int(item.size) == 0:  # nothing to transfer
+                Path(item.local_path).write_bytes(b"")
+                verifier.submit(item.local_path, item.digest)
+        transfers = [item for item in items if int(item.size) > 0]
         if not transfers:
             return {}
-        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0]["path"], token=self.token)
+        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0].path, token=self.token)
         headers = build_hf_headers(token=self.token)
         group = _xet_session().new_file_download_group(
             token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
@@ -537,48 +533,45 @@ class HfBackend(Backend):
             log.info("download from %s: %s did not come through: %s", self.bucket_id, path, exc)
         return {path: f"did not transfer: {type(exc).__name__}: {exc}" for path, exc in failed.items()}
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
-              progress: Progress | None = None) -> dict[str, Any]:
+    def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
+              progress: Progress | None = None) -> BatchResult:
         """Adds (regular local files or inline content), server-side copies by Xet hash, and deletes, in one
         commit (or several, to report progress); files marked `describe` get their Xet hash and digest."""
         copy_ops = []
         if copy:
-            missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]
-            hashes = {item["path"]: item["xet_hash"] for item in self.paths_info(missing)} if missing else {}
+            missing = [item.src for item in copy if not item.xet_hash]
+            hashes = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
             for item in copy:
-                xet_hash = item.get("xet_hash") or hashes.get(item["src"])
+                xet_hash = item.xet_hash or hashes.get(item.src)
                 if not xet_hash:
-                    raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.bucket_id}")
-                copy_ops.append(("bucket", self.bucket_id, xet_hash, validate_remote_path(item["dest"])))
+                    raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item.src} is not in bucket {self.bucket_id}")
+                copy_ops.append(("bucket", self.bucket_id, xet_hash, item.dest))
         add_ops: list[tuple[Any, str]] = []
         for item in add:
-            dest = validate_remote_path(item["dest"])
-            if "local_path" in item:
-                source = item["local_path"]
+            if item.local_path is not None:
+                source: Any = item.local_path
                 _require_regular_file(source)
             else:
-                source = str(item.get("content", "")).encode("utf-8")
-            add_ops.append((source, dest))
-        delete_ops = [validate_remote_path(path) for path in delete]
-        described = [item for item in add if item.get("describe") and "local_path" in item]
+                source = item.content.encode("utf-8")
+            add_ops.append((source, item.dest))
+        delete_ops = list(delete)
+        described = [item for item in add if item.describe and item.local_path is not None]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
             # Digests of the files to describe are computed while they upload (they are read twice either way).
             digests = hasher.submit(_digests_of, described)
             self._upload(add_ops, copy_ops, delete_ops, progress)
-            reply: dict[str, Any] = {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
-            if described:
-                reply["described"] = self._describe(digests.result())
-        return reply
+            described_now = self._describe(digests.result()) if described else {}
+        return BatchResult(len(add_ops), len(copy_ops), len(delete_ops), described_now)
 
-    def _describe(self, digests: dict[str, str]) -> dict[str, dict[str, Any]]:
+    def _describe(self, digests: dict[str, str]) -> dict[str, Described]:
         """dest -> the Xet hash the bucket now lists for it, and its digest. Best effort: the upload has
         succeeded, and a file left undescribed is only checked the slower way by readers."""
         try:
-            listed = {info["path"]: info["xet_hash"] for info in self.paths_info(list(digests))}
+            listed = {info.path: info.xet_hash for info in self.paths_info(list(digests))}
         except BackendError as exc:
             log.info("could not describe %d uploaded files: %s", len(digests), exc.message)
             return {}
-        return {dest: {"xet_hash": listed[dest], "digest": digest} for dest, digest in digests.items() if listed.get(dest)}
+        return {dest: Described(listed[dest], digest) for dest, digest in digests.items() if listed.get(dest)}
 
     def _upload(self, add_ops: list[tuple[Any, str]], copy_ops: list[tuple[str, str, str, str]], delete_ops: list[str],
                 progress: Progress | None) -> None:
@@ -606,12 +599,9 @@ class HfBackend(Backend):
         `read` transfers the file."""
         from ..digests import xet_hash_of_one_chunk
 
-        check_lease_args(mode, content, expect)
-        path = validate_remote_path(path)
-
         def current() -> str | None:
             found = self.paths_info([path])
-            return str(found[0].get("xet_hash") or "") if found else None
+            return str(found[0].xet_hash or "") if found else None
 
         if mode == "read":
             return {"ok": True, "content": self._read_small(path)}
@@ -643,13 +633,12 @@ class HfBackend(Backend):
         import tempfile
 
         found = self.paths_info([path])
-        if not found or int(found[0].get("size") or 0) > LEASE_MAX_BYTES:
+        if not found or found[0].size > LEASE_MAX_BYTES:
             return None
         with tempfile.TemporaryDirectory(prefix="lease-") as folder:
             local = os.path.join(folder, "lease")
-            result = self.download([{"path": path, "local_path": local, "size": found[0]["size"],
-                                     "xet_hash": found[0].get("xet_hash"), "digest": found[0].get("digest")}])
-            if result.get("failed"):
+            result = self.download([DownloadFile(path, local, found[0].size, found[0].xet_hash, found[0].digest)])
+            if result.failed:
                 return None
             with open(local, "rb") as handle:
                 return handle.read(LEASE_MAX_BYTES + 1).decode("utf-8", "replace")

@@ -344,6 +344,45 @@ class _Shim:
         _say(f"{self.request.module}: cached NEFF from {bucket} (neuronxcc-{self.version}), no compile")
         return True
 
+    # -- read-through upstreams (on a bucket miss)
+    def try_upstreams(self) -> bool:
+        """Install the NEFF from the first upstream (NEURON_CACHE_UPSTREAM, `neuron-cache set --upstream`) whose
+        flat area holds this graph complete. True on a hit (the caller then publishes it to the bucket)."""
+        from ..errors import NeuronCacheError
+        from ..upstreams import configured_upstreams, find_entry, install_neff
+
+        if self.version is None:
+            return False
+        try:
+            upstreams = configured_upstreams(self.env)
+        except ConfigurationError as exc:
+            _say(f"{exc} (compiling without upstreams)")
+            return False
+        for upstream in upstreams:
+            if self.bucket_down(str(upstream)):
+                continue
+            try:
+                hit = find_entry(upstream, self.version, self.request.module, self.env)
+                if hit is None or "wrapped_neff.hlo" in hit.files:
+                    continue
+                remote_hlo = hit.files.get(self.request.hlo_name)
+                if remote_hlo is not None and remote_hlo.size != self.request.hlo_path.stat().st_size:
+                    continue
+                problem = install_neff(hit.client, hit.files["model.neff"], self.request.output)
+            except ConfigurationError as exc:
+                _say(f"{exc} (upstream {upstream} skipped)")
+                continue
+            except (NeuronCacheError, OSError) as exc:
+                self.note_down(str(upstream))
+                _say(f"upstream lookup skipped, {upstream}: {exc} (skipped for {self.backoff:g}s)")
+                continue
+            if problem:
+                _say(f"{problem} (upstream {upstream})")
+                continue
+            _say(f"{self.request.module}: cached NEFF from upstream {upstream} (neuronxcc-{self.version}), no compile")
+            return True
+        return False
+
     # -- publish
     def publish(self) -> bool | None:
         """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done.
@@ -473,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         shim = _Shim(request, env, real)
         if shim.try_install():
             return 0
+        if shim.try_upstreams():
+            _publish_upstream_hit(shim, env)
+            return 0
     except Exception as exc:  # our bug must never cost the compile
         _say(f"lookup failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
     keeper = None
@@ -546,6 +588,16 @@ def _compile_under_lease(shim: "_Shim", keeper: "LeaseKeeper", real: str, argv: 
             figures.lease_compiled_twice = 1
     record_run(figures)
     return code
+
+
+def _publish_upstream_hit(shim: _Shim, env: Mapping[str, str]) -> None:
+    """What an upstream gave goes to the bucket now (the one publish path), so the next run finds it at home."""
+    if not _setting(settings.shim_publish, env, True):
+        return
+    try:
+        shim.publish()
+    except Exception as exc:
+        _say(f"publication of the upstream's entry failed unexpectedly ({type(exc).__name__}: {exc})")
 
 
 def wait_for_graph_here(keeper: "LeaseKeeper", module: str) -> "Waited":

@@ -65,8 +65,41 @@ _OPTIMUM_NAMES = {
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+#: Where optimum-neuron's bucket PR (#1102, `optimum/neuron/cache/bucket_utils.py`) saves its bucket setting, in HF_HOME.
+PR1102_SETTING_FILE = "optimum_neuron_cache_bucket"
+
+
+def pr1102_saved_bucket(environ: Mapping[str, str] | None = None) -> BucketRef | None:
+    """The bucket optimum-neuron's bucket PR saved (`optimum-cli neuron cache set`), or None; a name this package
+    cannot read is said once and ignored."""
+    from ..buckets import hf_home, parse_bucket
+    from ..errors import InvalidBucketError
+
+    try:
+        text = (hf_home(environ) / PR1102_SETTING_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text:
+        return None
+    try:
+        return parse_bucket(text)
+    except InvalidBucketError as exc:
+        log.warning("optimum-neuron-cache: ignoring optimum-neuron's saved bucket in %s: %s", hf_home(environ) / PR1102_SETTING_FILE, exc)
+        return None
+
+
 def _bucket(cache_repo_id: str | BucketRef | None, bucket_id: str | BucketRef | None) -> BucketRef:
-    return resolve_bucket(bucket_id if bucket_id is not None else cache_repo_id)
+    """The explicit bucket, else NEURON_CACHE_BUCKET, else this package's saved setting, else the one
+    optimum-neuron's bucket PR saved, else the embedded default: our own settings win."""
+    from .. import settings
+    from ..buckets import read_saved_bucket
+
+    explicit = bucket_id if bucket_id is not None else cache_repo_id
+    if explicit is None and settings.bucket() is None and read_saved_bucket() is None:
+        saved = pr1102_saved_bucket()
+        if saved is not None:
+            return saved
+    return resolve_bucket(explicit)
 
 
 class CompatCacheContext:

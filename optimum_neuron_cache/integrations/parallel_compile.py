@@ -93,18 +93,28 @@ def fill_todo_entries(*, bucket: str | BucketRef | None = None, cache_dir: str |
     result.todo = [layout.flat_entry_prefix(version, name) for name, entry in sorted(local.items()) if entry.state is EntryState.TODO]
     if not result.todo:
         return result
+    fetched = None
     try:
         fetched = fetch_model(BucketClient(ref), root.path, version, None, layout.DEFAULT_TASK, local)
     except BucketNotFoundError as exc:
         if ref != embedded_default():
             result.warnings.append(f"todo entries not filled, bucket {ref}: {exc}")
-        return result
     except (NeuronCacheError, OSError) as exc:
         result.warnings.append(f"todo entries not filled, bucket {ref}: {exc} (they are compiled here)")
-        return result
-    result.filled = [layout.flat_entry_prefix(version, module) for module in fetched.result.fetched]
-    result.warnings.extend(f"entry {prefix}/{module} not filled: {why}" for module, why in fetched.result.failed)
+    if fetched is not None:
+        result.filled = [layout.flat_entry_prefix(version, module) for module in fetched.result.fetched]
+        result.warnings.extend(f"entry {prefix}/{module} not filled: {why}" for module, why in fetched.result.failed)
+    _fill_from_upstreams(result, ref, root.path, version)
     return result
+
+
+def _fill_from_upstreams(result: FillResult, ref: BucketRef, root: Path, version: str) -> None:
+    """What the bucket lacked, from the read-only upstreams; what they gave is published to the bucket."""
+    from ..upstreams import fill_and_publish
+
+    fill = fill_and_publish(root, version, ref)
+    result.filled += [layout.flat_entry_prefix(version, module) for module in fill.filled]
+    result.warnings += fill.warnings
 
 
 # ------------------------------------------------------------------------------- compile leases
