@@ -1,6 +1,7 @@
 """Hosts compiling the same graphs at once, sharing the work through compile leases (compile_leases.py).
 
-    python -m stress.leases [--hosts 2,4,8,16] [--graphs 16] [--seconds 2] [--batch 2] [--hf] [--json out.json]
+    uv run --extra test python -m stress.leases [--hosts 2,4,8,16] [--graphs 16] [--seconds 2] [--batch 2]
+        [--modes shim,phases] [--dead 2] [--race-trials 20] [--hf | --backends hf] [--json out.json]
 
 Each simulated host is a process tree of its own: its own compile cache, its own bucket server (its own
 runtime dir) and its own stats, against one bucket (a directory, or a Hub bucket on the local emulator with
@@ -254,6 +255,7 @@ def main() -> int:
     parser.add_argument("--dead", type=int, default=2, help="graphs leased by a dead host in the dead-holder run")
     parser.add_argument("--modes", default="shim,phases", help="shim, phases, both, or '' (lease races only)")
     parser.add_argument("--hf", action="store_true", help="also on a Hub bucket (local emulator)")
+    parser.add_argument("--backends", help="comma-separated, e.g. hf (default: dir, and hf with --hf)")
     parser.add_argument("--race-trials", type=int, default=20, help="lease races per number of takers (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -262,7 +264,7 @@ def main() -> int:
                        "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-m"), "NEURON_CACHE_SERVER_MODE": "current"})
     rows = []
     try:
-        for backend in ["dir", *(["hf"] if args.hf else [])]:
+        for backend in (args.backends.split(",") if args.backends else ["dir", *(["hf"] if args.hf else [])]):
             bucket_for, emulator = _buckets(backend, work / backend)
             try:
                 for takers in ([int(h) for h in args.hosts.split(",")] if args.race_trials else []):
