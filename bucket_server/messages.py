@@ -161,6 +161,9 @@ class FileItem:
     #: What the bytes hash to (`xet:<hex>`, `blake3:<hex>`, `sha256:<hex>`), "stale" for a directory bucket's
     #: file changed after it was published, or None.
     digest: str | None = None
+    #: When the bucket got the file (the Hub's upload time; a directory bucket's file time), or None. `mtime`
+    #: is, on the Hub, the uploader's local file time: ages (prune, scrub) are judged by this one.
+    uploaded: float | None = None
 
     @classmethod
     def from_wire(cls, value: Any) -> "FileItem":
@@ -168,12 +171,13 @@ class FileItem:
         item = wire_object(value, "listed file")
         path = remote_path(item.get("path"), "listed path")
         return cls(path, byte_size(item.get("size"), f"size of {path}"), optional_text(item.get("xet_hash"), "xet_hash"),
-                   optional_seconds(item.get("mtime")), optional_text(item.get("digest"), "digest"))
+                   optional_seconds(item.get("mtime")), optional_text(item.get("digest"), "digest"),
+                   optional_seconds(item.get("uploaded")))
 
     def to_wire(self) -> dict[str, Any]:
-        """{"type": "file", "path", "size", "xet_hash", "mtime", "digest"}."""
+        """{"type": "file", "path", "size", "xet_hash", "mtime", "digest", "uploaded"}."""
         return {"type": "file", "path": self.path, "size": self.size, "xet_hash": self.xet_hash, "mtime": self.mtime,
-                "digest": self.digest}
+                "digest": self.digest, "uploaded": self.uploaded}
 
 
 @dataclass(frozen=True)
@@ -697,8 +701,8 @@ class RepoFileItem(FileItem):
     def from_wire(cls, value: Any) -> "RepoFileItem":
         """A listed repo file; MessageError names what cannot be trusted."""
         base = FileItem.from_wire(value)
-        return cls(base.path, base.size, base.xet_hash, base.mtime, base.digest,
-                   optional_text(wire_object(value, "listed file").get("blob_id"), "blob_id"))
+        return cls(**{name: getattr(base, name) for name in FileItem.__dataclass_fields__},
+                   blob_id=optional_text(wire_object(value, "listed file").get("blob_id"), "blob_id"))
 
     def to_wire(self) -> dict[str, Any]:
         """A file item with "blob_id"."""
@@ -725,8 +729,8 @@ class RepoDownloadFile(DownloadFile):
     def from_wire(cls, value: Any) -> "RepoDownloadFile":
         """A repo file to download; MessageError as DownloadFile's, or for a blob id that is not text."""
         base = DownloadFile.from_wire(value)
-        return cls(base.path, base.local_path, base.size, base.xet_hash, base.digest, base.manifest,
-                   optional_text(wire_object(value, "file to download").get("blob_id"), "blob_id"))
+        return cls(**{name: getattr(base, name) for name in DownloadFile.__dataclass_fields__},
+                   blob_id=optional_text(wire_object(value, "file to download").get("blob_id"), "blob_id"))
 
     def to_wire(self) -> dict[str, Any]:
         """A download file with "blob_id" when it has one."""

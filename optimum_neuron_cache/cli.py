@@ -772,6 +772,13 @@ def server_stop() -> None:
     click.echo("stopped the bucket server" if stop_server() else "no bucket server was running")
 
 
+# ---------------------------------------------------------- prune, scrub, du (cli_lifecycle.py)
+
+from .cli_lifecycle import register as _register_lifecycle  # noqa: E402  (it uses the helpers above)
+
+_register_lifecycle(cli)
+
+
 def main() -> None:
     """The `neuron-cache` entry point."""
     cli(prog_name="neuron-cache")

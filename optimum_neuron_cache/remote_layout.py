@@ -401,6 +401,73 @@ def is_pr1102_record_path(area_prefix: str, path: str) -> bool:
         return False
     parts = path[len(pr1102_exports_prefix(area_prefix)) + 1:].split("/")
     return len(parts) == 2 and bool(_ON_VERSION_RE.match(parts[0])) and bool(_PR1102_RECORD_RE.match(parts[1]))
+
+
+# ------------------------------------------------------------------ whole-bucket walks (prune, scrub, du)
+#
+# Bucket lifecycle commands see every path of a bucket, not one model's area: these classify a listed path
+# wherever it is, and build the paths of what they remove. Nothing else builds or splits bucket paths.
+
+#: Oldest and newest times a listing may give (2000-01-01 to 2200-01-01): anything else is corrupt or hostile.
+_MIN_TIME, _MAX_TIME = 946684800.0, 7258118400.0
+
+
+def listed_time(item: Mapping[str, Any]) -> float | None:
+    """When a listed file was written to the bucket (seconds since the epoch, the server's `uploaded`), or
+    None when the listing does not say or says something that is not a plausible time. Never the Hub's
+    `mtime`: that is the uploader's local file time, which may be far older than the upload."""
+    value = item.get("uploaded")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _MIN_TIME <= value <= _MAX_TIME:
+        return None  # the range test is also false for NaN
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BucketPath:
+    """A listed path, classified: its compiler version and its place there (see VersionPath)."""
+
+    compiler_version: str
+    where: VersionPath
+
+
+def classify_path(path: str) -> BucketPath | None:
+    """Any bucket path as the layout places it, or None for a name the layout does not allow."""
+    top = path.split("/", 1)[0]
+    version = parse_version_prefix(top)
+    if version is None:
+        return None
+    where = split_version_path(version, path)
+    return BucketPath(version, where) if where is not None else None
+
+
+def area_prefix_of(compiler_version: str, area: str) -> str:
+    """The folder of an area as VersionPath names it: "" is the flat area, else `<model folder>/<task>`."""
+    if not area:
+        return version_prefix(compiler_version)
+    folder, _, task = area.partition("/")
+    return model_area_prefix(compiler_version, folder, task)
+
+
+def entry_prefix_of(compiler_version: str, area: str, module: str) -> str:
+    """An entry's folder in the flat area (area "") or a model's area (`<model folder>/<task>`)."""
+    return area_entry_prefix(area_prefix_of(compiler_version, area), module)
+
+
+def entry_file_of(compiler_version: str, area: str, module: str, filename: str) -> str:
+    """A file of an entry in the flat area (area "") or a model's area (`<model folder>/<task>`)."""
+    return area_file_path(area_prefix_of(compiler_version, area), module, filename)
+
+
+def record_file_of(compiler_version: str, area: str, record_file: str) -> str:
+    """An export record of a model's area (`<model folder>/<task>`), by file name."""
+    return area_record_path(area_prefix_of(compiler_version, area), record_file)
+
+
+def area_folder(area: str) -> str:
+    """The model folder of an area (`<model folder>/<task>` -> `<model folder>`); "" for the flat area."""
+    return area.partition("/")[0]
+
+
 # ----------------------------------------------------------------------------------------- leases
 
 

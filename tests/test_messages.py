@@ -43,9 +43,10 @@ WIRE = {
     "list": ({"prefix": "neuronxcc-2.21/models", "recursive": False},
              [{"type": "directory", "path": "neuronxcc-2.21/models/org--m"},
               {"type": "file", "path": "neuronxcc-2.21/models/x.json", "size": 12, "xet_hash": XET, "mtime": 1.5e9,
-               "digest": f"xet:{XET}"}]),
+               "digest": f"xet:{XET}", "uploaded": 1.6e9}]),
     "paths_info": ({"paths": ["a/b", "c"]},
-                   [{"type": "file", "path": "a/b", "size": 0, "xet_hash": None, "mtime": None, "digest": "stale"}]),
+                   [{"type": "file", "path": "a/b", "size": 0, "xet_hash": None, "mtime": None, "digest": "stale",
+                     "uploaded": None}]),
     "download": ({"files": [{"path": "a/model.neff", "local_path": "/tmp/x/model.neff", "size": 10, "xet_hash": XET,
                              "digest": DIGEST},
                             {"path": "a/exports/r.json", "local_path": "/tmp/x/r.json", "manifest": True},
@@ -60,10 +61,10 @@ WIRE = {
                        "private": False}),
     "repo_list": ({"prefix": "neuronxcc-2.15.128.0+56dc5a86", "recursive": True},
                   [{"type": "file", "path": "neuronxcc-2.15.128.0+56dc5a86/MODULE_1+2/model.neff", "size": 10,
-                    "xet_hash": XET, "mtime": None, "digest": f"xet:{XET}", "blob_id": "ab" * 20}]),
+                    "xet_hash": XET, "mtime": None, "digest": f"xet:{XET}", "uploaded": None, "blob_id": "ab" * 20}]),
     "repo_paths_info": ({"paths": ["a/model.done"]},
                         [{"type": "file", "path": "a/model.done", "size": 0, "xet_hash": None, "mtime": None,
-                          "digest": None, "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]),
+                          "digest": None, "uploaded": None, "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]),
     "repo_download": ({"files": [{"path": "a/model.done", "local_path": "/tmp/x/model.done", "size": 0,
                                   "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]},
                       {"files": 1, "bytes": 0, "failed": []}),
@@ -181,7 +182,8 @@ def test_other_bad_requests_are_refused(op, args):
 
 def test_a_listing_costs_only_its_untrusted_items():
     """Bucket data: bad paths, sizes, hashes and types are left out and named; the rest is kept."""
-    good = {"type": "file", "path": "v/MODULE_1+a/model.neff", "size": 5, "xet_hash": XET, "mtime": 1.0, "digest": None}
+    good = {"type": "file", "path": "v/MODULE_1+a/model.neff", "size": 5, "xet_hash": XET, "mtime": 1.0, "digest": None,
+            "uploaded": 2.0}
     hostile = [
         {"type": "file", "path": "v/../../etc/passwd", "size": 5},
         {"type": "file", "path": "/abs", "size": 5},
@@ -200,9 +202,11 @@ def test_a_listing_costs_only_its_untrusted_items():
     assert listing.to_wire() == [good, {"type": "directory", "path": "v/folder"}]
     assert len(listing.skipped) == len(hostile)
     assert "not a valid number of bytes" in listing.skipped[2]
-    # A time stamp is only ever shown: a bad one is dropped, not the file.
+    # A bad time stamp is dropped, not the file (an unknown upload time is never judged old by prune or scrub).
     assert FileItem.from_wire({**good, "mtime": math.nan}).mtime is None
     assert FileItem.from_wire({**good, "mtime": 10**400}).mtime is None
+    assert FileItem.from_wire({**good, "uploaded": math.inf}).uploaded is None
+    assert FileItem.from_wire({**good, "uploaded": 1.7e9}).uploaded == 1.7e9
     assert PathsInfoResult.from_wire([good, hostile[0]]).files == (FileItem.from_wire(good),)
     with pytest.raises(MessageError):
         ListResult.from_wire({"items": []})  # not a listing at all: the whole reply is refused

@@ -225,7 +225,8 @@ class DirBackend(Backend):
 
     def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> FileItem:
         raw = dirtree.read_small(shadow, path.rsplit("/", 1)[-1], SIDECAR_MAX_BYTES)
-        return FileItem(path, info.st_size, None, info.st_mtime, sidecar_digest(raw, info))
+        # Every write lands by a rename of a new file: its mtime is when it was written to the bucket.
+        return FileItem(path, info.st_size, None, info.st_mtime, sidecar_digest(raw, info), uploaded=info.st_mtime)
 
     def _sidecar(self, dirs: Dirs, parts: list[str], info: os.stat_result) -> tuple[str | None, bytes | None]:
         """(digest or STALE or None, the raw sidecar) of the file at `parts`, whose lstat is `info`."""

@@ -368,9 +368,11 @@ def _file_item(bucket_file: Any) -> FileItem:
     """A file as the Hub lists it. Its fields are the bucket's word, passed on as they are: the client's edge
     (messages.FileItem.from_wire) decides what it trusts."""
     mtime = getattr(bucket_file, "mtime", None)
+    uploaded = getattr(bucket_file, "uploaded_at", None)  # when the bucket got it; `mtime` is the uploader's file time
     return FileItem(bucket_file.path, bucket_file.size, bucket_file.xet_hash,
                     mtime.timestamp() if mtime is not None else None,
-                    f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None)
+                    f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
+                    uploaded=uploaded.timestamp() if uploaded is not None else None)
 
 
 #: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
