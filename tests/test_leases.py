@@ -332,3 +332,24 @@ def test_the_leases_command_lists_holders_and_sweeps_what_is_left(tmp_path, buck
     assert [item["path"] for item in BucketClient(bucket).list(layout.leases_prefix())] == [layout.lease_path(version, live)]
     assert keeper.release(live)
     assert BucketClient(bucket).list(layout.leases_prefix()) == []
+
+
+def test_scrub_takes_leases_for_what_they_are(tmp_path, bucket, version):
+    """A live lease, and the folder a directory bucket keeps once it is dropped, are not strays."""
+    from optimum_neuron_cache import hub_neuronx_cache
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph
+
+    with hub_neuronx_cache(compiler_version=version, bucket=bucket, cache_dir=tmp_path / "c"):
+        compile_graph(tmp_path / "c", version, make_graphs(1, seed="scrubbed")[0])
+    keeper = LeaseKeeper(BucketClient(bucket), version, LeaseSettings())
+    assert keeper.take(MODULE)
+
+    def scrub() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "optimum_neuron_cache", "scrub", "--bucket", str(bucket)],
+                              capture_output=True, text=True, timeout=120)
+
+    for _ in ("held", "dropped"):
+        done = scrub()
+        assert done.returncode == 0 and "no problem" in done.stdout, done.stdout + done.stderr
+        keeper.release(MODULE)
