@@ -33,14 +33,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
 from . import remote_layout as layout
 from . import settings
-from .local_cache import is_module_name
 from .processes import alive
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -270,9 +269,6 @@ class LeaseTally:
     #: Abandoned leases taken over.
     taken_over: int = 0
 
-    def add(self, other: "LeaseTally") -> "LeaseTally":
-        return LeaseTally(**{name: getattr(self, name) + getattr(other, name) for name in vars(self)})
-
 
 @dataclass
 class _Held:
@@ -472,7 +468,3 @@ def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_
             removed.append(lease)
     return removed
 
-
-def valid_modules(modules: Iterable[str]) -> Iterator[str]:
-    """The names among `modules` that are entry names (anything else never gets a lease path)."""
-    return (module for module in modules if is_module_name(module))
