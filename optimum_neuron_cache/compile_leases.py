@@ -161,7 +161,9 @@ def probe_paths(compiler_version: str, modules: Iterable[str]) -> list[str]:
     from .fetch import flat_probe_paths
 
     modules = list(modules)
-    return [*flat_probe_paths(compiler_version, modules), *(layout.lease_path(compiler_version, m) for m in modules)]
+    # Leases first: a directory bucket answers path by path, and a holder commits its entry before it drops its
+    # lease, so a lease seen gone means the entry, if any, is seen too.
+    return [*(layout.lease_path(compiler_version, m) for m in modules), *flat_probe_paths(compiler_version, modules)]
 
 
 def read_probes(compiler_version: str, modules: Iterable[str], info: Iterable[Mapping[str, Any]]) -> dict[str, Probe]:
@@ -309,12 +311,17 @@ class LeaseKeeper:
         """The holder a lease names (None: no lease, or not one of ours)."""
         return Holder.parse(self.client.lease(self.path(module), "read").get("content"))
 
-    def take_over(self, module: str) -> bool:
-        """Replace an abandoned lease with ours, only if it still holds what we read (another waiter may take it
-        over first); True when it is ours."""
+    def take_over(self, module: str, stale: tuple[Any, ...] | None) -> bool:
+        """Replace an abandoned lease with ours; True when it is ours. `stale` is the signature judged stale: the
+        content read is checked to be that one's (a probe after the read still shows it), and the replace
+        happens only if the file still holds that content. So a lease another waiter took over meanwhile, or
+        that its holder renewed, is left alone; one that is gone is left to the next look (the entry may be
+        committed)."""
         current = self.client.lease(self.path(module), "read").get("content")
         if current is None:
-            return self.take(module)
+            return False
+        if stale is not None and probe(self.client, self.version, [module])[module].lease != stale:
+            return False
         reply = self.client.lease(self.path(module), "replace", content=self.holder.text(), expect=current)
         if reply.get("ok"):
             with self._lock:
@@ -404,7 +411,7 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         history.append(decision)
         if decision.action is Action.TAKE and not keeper.take(module):
             continue  # someone took it between the probe and the create: look again
-        if decision.action is Action.TAKEOVER and not keeper.take_over(module):
+        if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for
             continue
         if say is not None and (decision.action in (Action.TAKEOVER, Action.COMPILE)

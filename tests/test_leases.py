@@ -23,6 +23,7 @@ from optimum_neuron_cache.compile_leases import (
     Watch,
     decide,
     observe,
+    probe,
 )
 from optimum_neuron_cache.testing.simulated_compiler import make_graphs, module_name
 
@@ -353,3 +354,20 @@ def test_scrub_takes_leases_for_what_they_are(tmp_path, bucket, version):
         done = scrub()
         assert done.returncode == 0 and "no problem" in done.stdout, done.stdout + done.stderr
         keeper.release(MODULE)
+
+
+def test_a_lease_taken_over_by_one_waiter_is_not_taken_over_again_by_another(bucket, version):
+    """Two waiters judged the same lease stale; the first takes it over; the second, acting on what it saw,
+    must leave the first's fresh lease alone (and a lease that is gone is not taken blindly either)."""
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+
+    client = BucketClient(bucket)
+    dead = Holder(host="dead-host", pid=4242, started=1.0, token="dead", boot="dead-boot")
+    assert client.lease(layout.lease_path(version, MODULE), "create", content=dead.text())["ok"]
+    stale = probe(client, version, [MODULE])[MODULE].lease
+    first, second = (LeaseKeeper(client, version, LeaseSettings()) for _ in range(2))
+    assert first.take_over(MODULE, stale)
+    assert not second.take_over(MODULE, stale)
+    assert Holder.parse(client.lease(layout.lease_path(version, MODULE), "read")["content"]) == first.holder
+    assert first.release(MODULE)
+    assert not second.take_over(MODULE, stale)  # gone: the next look decides (the entry may be committed)

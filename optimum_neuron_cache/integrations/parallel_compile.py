@@ -246,7 +246,8 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                 for decision in free:
                     if len(mine) >= batch:
                         break
-                    taken = keeper.take(decision.module) if decision.action is Action.TAKE else keeper.take_over(decision.module)
+                    taken = (keeper.take(decision.module) if decision.action is Action.TAKE
+                             else keeper.take_over(decision.module, found[decision.module].lease))
                     if taken:
                         mine.append(decision.module)
                         report.tally.taken_over += decision.action is Action.TAKEOVER
