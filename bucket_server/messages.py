@@ -879,6 +879,71 @@ class RepoCopyResult:
 
 
 # ---------------------------------------------------------------------------------------------- the registry
+# ---------------------------------------------------------------------------------------------- compile leases
+#: What a lease operation may do (see Backend.lease); a lease file holds at most LEASE_MAX_BYTES.
+LEASE_MODES = ("read", "create", "replace", "delete")
+LEASE_MAX_BYTES = 4096
+
+
+def _lease_text(value: Any, what: str, limit: int = LEASE_MAX_BYTES) -> str | None:
+    """None, or a string of at most `limit` bytes in UTF-8."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit or len(value.encode("utf-8", "replace")) > limit:
+        raise MessageError(f"lease {what} must be a string of at most {limit} bytes")
+    return value
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """Read, create, replace or delete a compile lease file, conditionally (see Backend.lease)."""
+
+    path: str
+    mode: str
+    content: str | None = None
+    expect: str | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "LeaseRequest":
+        """A safe path; a known mode; content for create and replace, expect for replace; both small."""
+        args = _args(value, "lease")
+        mode = args.get("mode")
+        if mode not in LEASE_MODES:
+            raise MessageError(f"lease mode must be one of {', '.join(LEASE_MODES)}, got {_short(mode)}")
+        content, expect = _lease_text(args.get("content"), "content"), _lease_text(args.get("expect"), "expect")
+        if mode in ("create", "replace") and content is None:
+            raise MessageError(f"lease {mode} needs content")
+        if mode == "replace" and expect is None:
+            raise MessageError("lease replace needs expect")
+        return cls(remote_path(args.get("path"), "lease path"), mode, content, expect)
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"path", "mode", "content", "expect"}."""
+        return {"path": self.path, "mode": self.mode, "content": self.content, "expect": self.expect}
+
+
+@dataclass(frozen=True)
+class LeaseResult:
+    """Whether the operation took effect, and the file's content after it when the backend knows it cheaply
+    (bucket data: only its size is checked here; compile_leases.Holder.parse judges the rest)."""
+
+    ok: bool
+    content: str | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "LeaseResult":
+        """A lease reply."""
+        item = wire_object(value, "lease reply")
+        ok = item.get("ok")
+        if not isinstance(ok, bool):
+            raise MessageError(f"ok must be true or false, got {_short(ok)}")
+        return cls(ok, _lease_text(item.get("content"), "content", 2 * LEASE_MAX_BYTES))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"ok", "content"}."""
+        return {"ok": self.ok, "content": self.content}
+
+
 @dataclass(frozen=True)
 class Op:
     """An operation: the class of its args, the class of its result, and whether sending it twice has the
@@ -906,6 +971,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("repo_paths_info", RepoPathsInfoRequest, RepoPathsInfoResult),
     Op("repo_download", RepoDownloadRequest, DownloadResult),
     Op("repo_copy", RepoCopyRequest, RepoCopyResult),
+    # Idempotent by design: redoing a lease operation that took effect answers ok (see Backend.lease).
+    Op("lease", LeaseRequest, LeaseResult),
 )}
 _OP_OF_REQUEST: dict[type, Op] = {op.request: op for op in OPS.values()}
 

@@ -24,7 +24,7 @@ from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
 from .messages import (
     OPS, BatchRequest, DownloadRequest, HelloRequest, ListRequest, ListResult, MessageError,
-    PathsInfoRequest, PathsInfoResult, RepoCopyRequest, RepoCopyResult, RepoInfoResult, RepoListResult,
+    LeaseResult, PathsInfoRequest, PathsInfoResult, RepoCopyRequest, RepoCopyResult, RepoInfoResult, RepoListResult,
     RepoPathsInfoResult, ShutdownResult, StatusResult, parse_request,
 )
 from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
@@ -169,6 +169,8 @@ class BucketServer:
             "repo_paths_info": lambda req, args: RepoPathsInfoResult.from_wire(self.repo(req).paths_info(list(args.paths))),
             "repo_download": lambda req, args: self.repo(req).download(args.files, progress=req.get("_emit")),
             "repo_copy": self.op_repo_copy,
+            "lease": lambda req, args: LeaseResult.from_wire(
+                self.backend(req).lease(args.path, args.mode, content=args.content, expect=args.expect)),
         }
 
     # ------------------------------------------------------------------------------ backends

@@ -384,7 +384,10 @@ def stats_command(zero: bool, as_json: bool) -> None:
     for name, label in (("fetches", "fetches"), ("hits", "hits (entries from the bucket)"),
                         ("misses", "misses (compiled here)"), ("publishes", "published"),
                         ("bytes_downloaded", "downloaded"), ("bytes_uploaded", "uploaded"),
-                        ("seconds_saved", "compile time saved"), ("remote_errors", "remote errors")):
+                        ("seconds_saved", "compile time saved"), ("remote_errors", "remote errors"),
+                        ("lease_compiled", "compiled here under a lease"),
+                        ("lease_fetched_after_wait", "fetched after waiting on another host"),
+                        ("lease_compiled_twice", "compiled twice (here and elsewhere)")):
         values = [getattr(last, name), getattr(total, name)]
         if name.startswith("bytes"):
             cells = [size(int(v)) for v in values]
@@ -585,21 +588,43 @@ def parallel_compile() -> None:
 @click.option("--task", default="training", show_default=True, help="The task.")
 @click.option("--export-config", callback=_json_object, help='JSON, e.g. \'{"batch_size": 1}\': writes an export record.')
 @click.option("--no-shim", is_flag=True, help="Do not put the compiler shim on PATH.")
+@click.option("--phases", is_flag=True,
+              help="Run COMMAND (a neuron_parallel_compile call) as `--command collect`, fill its todo entries from the "
+                   "bucket, split the compile with the other hosts through compile leases, then `--command compile`.")
+@click.option("--no-leases", is_flag=True, help="With --phases: compile every missing graph here (no compile leases).")
+@click.option("--lease-batch", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="With --phases: graphs this host takes per round (about the compile's parallel workers).")
 @bucket_option
 @cache_dir_option
 @version_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def parallel_compile_run(model_id: str | None, task: str, export_config: dict[str, Any] | None, no_shim: bool,
-                         bucket: str | None, cache_dir: str | None, compiler_version: str | None, command: tuple[str, ...]) -> None:
+def parallel_compile_run(model_id: str | None, task: str, export_config: dict[str, Any] | None, no_shim: bool, phases: bool,
+                         no_leases: bool, lease_batch: int, bucket: str | None, cache_dir: str | None,
+                         compiler_version: str | None, command: tuple[str, ...]) -> None:
     """Fetch, run COMMAND (after --, e.g. -- neuron_parallel_compile torchrun ... train.py) with the compiler
     shim on PATH, then publish; exits with COMMAND's exit code."""
-    from .integrations.parallel_compile import run_parallel_compile
+    from .integrations.parallel_compile import run_parallel_compile, split_phases
 
-    report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
-                                  bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
+    if phases:
+        try:
+            collect, compile_ = split_phases(list(command))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        report = run_parallel_compile(collect_command=collect, compile_command=compile_, model_id=model_id, task=task,
+                                      export_config=export_config, bucket=bucket, cache_dir=cache_dir,
+                                      compiler_version=compiler_version, leases=False if no_leases else None,
+                                      lease_batch=lease_batch)
+    else:
+        report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
+                                      bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
     run = report.run
     click.echo(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
                + (f", record {run.record}" if run.record else ""), err=True)
+    if report.leases is not None:
+        tally = report.leases.tally
+        click.echo(f"neuron-cache: leases: compiled here {tally.compiled_here}, fetched after waiting "
+                   f"{tally.fetched_after_wait}, compiled twice {tally.compiled_twice}, without a lease "
+                   f"{tally.compiled_without_lease}, taken over {tally.taken_over}", err=True)
     sys.exit(report.returncode)
 
 
@@ -608,13 +633,52 @@ def parallel_compile_run(model_id: str | None, task: str, export_config: dict[st
 @cache_dir_option
 @version_option
 def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compiler_version: str | None) -> None:
-    """Complete extracted (todo) entries from the bucket's flat area."""
+    """Complete collected (todo) entries (`neuron_parallel_compile --command collect`) from the bucket's flat area."""
     from .integrations.parallel_compile import fill_todo_entries
 
     result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
+
+
+@cli.command()
+@bucket_option
+@version_option
+@click.option("--sweep", is_flag=True, help="Remove leases whose graph the bucket now holds, or not renewed for --older-than.")
+@click.option("--older-than", type=click.FloatRange(min=0), default=86400.0, show_default=True,
+              help="With --sweep: seconds without a renewal, by the bucket's clock against this host's.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, as_json: bool) -> None:
+    """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each)."""
+    import time as _time
+
+    from .compile_leases import list_leases, sweep_leases
+
+    client = BucketClient(_bucket(bucket))
+    found = list_leases(client, compiler_version)
+    removed = sweep_leases(client, found, now=_time.time(), older_than=older_than) if sweep else []
+    gone = {(lease.compiler_version, lease.module) for lease in removed}
+    found = [lease for lease in found if (lease.compiler_version, lease.module) not in gone]
+    if as_json:
+        click.echo(_json({"leases": [{"compiler_version": lease.compiler_version, "module": lease.module,
+                                      "holder": asdict(lease.holder) if lease.holder else None, "mtime": lease.mtime}
+                                     for lease in found],
+                          "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
+        return
+    for lease in removed:
+        click.echo(f"swept {lease.compiler_version}/{lease.module}")
+    if not found:
+        click.echo(f"{client.bucket} holds no compile leases")
+        return
+    now = _time.time()
+    rows = [("COMPILER", "GRAPH", "HOLDER", "SINCE", "LAST WRITE")]
+    for lease in found:
+        holder = lease.holder
+        rows.append((lease.compiler_version, lease.module, holder.describe() if holder else "(unreadable)",
+                     _duration(max(0.0, now - holder.started)) if holder else "-",
+                     f"{_duration(max(0.0, now - lease.mtime))} ago" if lease.mtime is not None else "-"))
+    _table(rows)
 
 
 @cli.group()

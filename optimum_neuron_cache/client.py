@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.messages import (
     OPS, AddFile, BatchRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
-    ListRequest, MessageError, PathsInfoRequest, StatusRequest, StatusResult, op_of, parse_result,
+    LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StatusRequest, StatusResult, op_of, parse_result,
 )
 from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
 
@@ -340,6 +340,10 @@ class BucketClient:
         request = BatchRequest(_typed(AddFile, add or (), "batch"), _typed(CopyFile, copy or (), "batch"),
                                tuple(delete or ()))
         return self.send(request, progress=progress).to_wire()
+
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """A compile lease file: read, create, replace or delete it, conditionally; see Backend.lease."""
+        return self.send(LeaseRequest(path, mode, content, expect)).to_wire()
 
     def server_status(self) -> dict[str, Any]:
         """The server's status (pid, versions, uptime, connections)."""

@@ -3,6 +3,10 @@
     neuronxcc-<ver>/MODULE_<key>/<file>                                    flat area: the local cache tree, as is
     neuronxcc-<ver>/models/<org>--<name>/<task>/MODULE_<key>/<file>        per-model area
     neuronxcc-<ver>/models/<org>--<name>/<task>/exports/<record id>.json   export records, for lookup
+    leases/neuronxcc-<ver>/MODULE_<key>.lease                              compile leases (compile_leases.py)
+
+Leases sit outside every compiler version's folder, so the flat area stays the local cache tree and no
+fetch, listing of an area or mount of the bucket as a cache root ever meets one as an entry.
 
 Tools outside this package that read these paths (hf-mount users mounting the flat area, scripts reading
 records) rely on them: change them only with a migration. optimum-neuron does not use this layout: its
@@ -40,6 +44,8 @@ PUBLISHABLE_FILES = frozenset(
 )
 
 MODELS_DIR = "models"
+LEASES_DIR = "leases"
+LEASE_SUFFIX = ".lease"
 EXPORTS_DIR = "exports"
 DEFAULT_TASK = "default"
 
@@ -460,3 +466,38 @@ def record_file_of(compiler_version: str, area: str, record_file: str) -> str:
 def area_folder(area: str) -> str:
     """The model folder of an area (`<model folder>/<task>` -> `<model folder>`); "" for the flat area."""
     return area.partition("/")[0]
+
+
+# ----------------------------------------------------------------------------------------- leases
+
+
+def leases_prefix(compiler_version: str | None = None) -> str:
+    """The folder of the compile leases (of one compiler version when given)."""
+    return LEASES_DIR if compiler_version is None else f"{LEASES_DIR}/{version_prefix(compiler_version)}"
+
+
+def lease_path(compiler_version: str, module: str) -> str:
+    """The lease on compiling one graph: `leases/neuronxcc-<ver>/MODULE_<key>.lease`."""
+    if not is_module_name(module):
+        raise ValueError(f"bad module name {module!r}")
+    return f"{leases_prefix(compiler_version)}/{module}{LEASE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class LeasePath:
+    """A lease file found in a listing: which compiler version and graph it is for."""
+
+    compiler_version: str
+    module: str
+
+
+def parse_lease_path(path: str) -> LeasePath | None:
+    """`leases/neuronxcc-<ver>/MODULE_<key>.lease` -> LeasePath, or None for anything else (untrusted)."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != LEASES_DIR or not parts[2].endswith(LEASE_SUFFIX):
+        return None
+    version = version_from_dir_name(parts[1])
+    module = parts[2][: -len(LEASE_SUFFIX)]
+    if version is None or not is_module_name(module):
+        return None
+    return LeasePath(version, module)

@@ -44,6 +44,12 @@ SHIM_PUBLISH = "NEURON_CACHE_SHIM_PUBLISH"
 SHIM_BACKOFF = "NEURON_CACHE_SHIM_BACKOFF"
 SHIM_INSIDE = "NEURON_CACHE_SHIM_INSIDE"
 REAL_COMPILER = "NEURON_CACHE_REAL_COMPILER"
+# Compile leases (compile_leases.py): the shim and the parallel-compile flow.
+LEASES = "NEURON_CACHE_LEASES"
+LEASE_HEARTBEAT = "NEURON_CACHE_LEASE_HEARTBEAT"
+LEASE_STALE = "NEURON_CACHE_LEASE_STALE"
+LEASE_MAX_WAIT = "NEURON_CACHE_LEASE_MAX_WAIT"
+LEASE_POLL = "NEURON_CACHE_LEASE_POLL"
 
 SERVER_MODES = ("auto", "uv", "current")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -239,7 +245,7 @@ def check_client(environ: Environ = None) -> None:
     """Validate every setting a client process reads, so bad input fails before any work (and before the
     body of a `hub_neuronx_cache` block), with the one-line error of the first bad variable."""
     for read in (server_mode, server_idle_timeout, server_start_timeout, request_timeout, lock_timeout, verify,
-                 publish_legacy):
+                 publish_legacy, leases_enabled, lease_heartbeat, lease_stale, lease_max_wait, lease_poll):
         read(environ)
     server_arguments(environ)
 
@@ -270,3 +276,31 @@ def shim_inside(environ: Environ = None) -> bool:
 def real_compiler(environ: Environ = None) -> str | None:
     """The real neuronx-cc the shim runs, when the user named it."""
     return _raw(REAL_COMPILER, environ)
+
+
+# ------------------------------------------------------------------------------------ leases
+
+
+def leases_enabled(environ: Environ = None) -> bool:
+    """NEURON_CACHE_LEASES=0: compile every missing graph here, without asking other hosts."""
+    return _flag(LEASES, True, environ)
+
+
+def lease_heartbeat(environ: Environ = None) -> float:
+    """Seconds between two renewals of a held compile lease."""
+    return _seconds(LEASE_HEARTBEAT, 10.0, environ)
+
+
+def lease_stale(environ: Environ = None) -> float:
+    """Seconds without a renewal after which another host takes a compile lease over."""
+    return _seconds(LEASE_STALE, 60.0, environ)
+
+
+def lease_max_wait(environ: Environ = None) -> float:
+    """Seconds a host waits at most for another host's compile of a graph before compiling it itself."""
+    return _seconds(LEASE_MAX_WAIT, 7200.0, environ, zero_ok=True)
+
+
+def lease_poll(environ: Environ = None) -> float:
+    """Seconds between two looks at the bucket while waiting on another host's lease."""
+    return _seconds(LEASE_POLL, 2.0, environ)

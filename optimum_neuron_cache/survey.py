@@ -187,6 +187,8 @@ def survey_bucket(client: BucketClient, *, compiler_version: str | None = None, 
         if not isinstance(path, str):
             continue
         version = version_from_dir_name(path) if item.get("type") == "directory" else None
+        if version is None and path == layout.LEASES_DIR and item.get("type") == "directory":
+            continue  # compile leases (compile_leases.py): short-lived, swept by `neuron-cache leases --sweep`
         if version is None:
             survey.bad_top_level.append(path)
         elif compiler_version is None or version == compiler_version:

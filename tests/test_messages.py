@@ -69,6 +69,8 @@ WIRE = {
                                   "blob_id": "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"}]},
                       {"files": 1, "bytes": 0, "failed": []}),
     "repo_copy": ({"copies": [{"xet_hash": XET, "dest": "neuronxcc-2.15/MODULE_1+2/model.neff"}]}, {"copied": 1}),
+    "lease": ({"path": "leases/neuronxcc-2.15/MODULE_1+2.lease", "mode": "replace", "content": "b", "expect": "a"},
+              {"ok": True, "content": "b"}),
 }
 
 

@@ -76,6 +76,18 @@ class Backend(abc.ABC):
         describes the added files marked `describe` (their Xet hash and digest): what a manifest records.
         """
 
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """A small advisory lease file (compile leases): {"ok": bool, "content": str | None}, the args already
+        checked by messages.LeaseRequest.
+
+        read: its content (None when absent). create: write `content` only if no file is there. replace:
+        write `content` only if the file holds `expect`. delete: remove it only if it holds `expect` (any
+        content when `expect` is None). Each is idempotent: redoing one that took effect answers ok (a file
+        that already holds `content`; a file already gone). `content` in the reply is the file's content
+        after the operation, when the backend knows it without another transfer, else None.
+        """
+        raise BackendError(ErrorCode.BAD_REQUEST, f"{type(self).__name__} has no leases")
+
 
 def reject_mismatched(files: Sequence[DownloadFile], problems: dict[str, str]) -> list[Failure]:
     """Delete each downloaded file the verifier found wrong (local path -> why), so the client never sees

@@ -22,10 +22,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..messages import (
-    AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, Failure, FileItem,
-    FolderItem, InfoResult, ListItem,
+    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, Failure,
+    FileItem, FolderItem, InfoResult, ListItem,
 )
 from ..protocol import ErrorCode
 from ..digests import StreamVerifier, file_digest, publish_algorithm, split
@@ -513,3 +514,61 @@ class DirBackend(Backend):
                     if parent is not None:
                         dirtree.unlink(parent, parts[-1])
         return BatchResult(len(add), len(copy), len(delete), described)
+
+    # ------------------------------------------------------------------------------------ leases
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """Compile leases, atomic on one filesystem: a new lease is hard-linked into place from `.incoming/`
+        (link() fails when the name exists: an exclusive create whose content is complete before it is
+        visible); a replace or delete first renames the current file away into `.incoming/` (only one
+        caller can), checks what it grabbed, and puts it back when it was not `expect`. No digest sidecar:
+        a lease is never downloaded as an entry."""
+        parts = self._writable(path)
+        with self._open() as dirs:
+            if mode == "read":
+                parent = dirs.find(parts[:-1])
+                return {"ok": True, "content": self._lease_text(parent, parts[-1])}
+            incoming = self._incoming(dirs)
+            parent = self._dir(dirs, parts[:-1], create=True)
+            if mode == "create":
+                return self._lease_link(incoming, parent, parts[-1], str(content))
+            grabbed = incoming_name()
+            try:
+                os.rename(parts[-1], grabbed, src_dir_fd=parent, dst_dir_fd=incoming)
+            except FileNotFoundError:  # nothing there: a delete is done; a replace has nothing to replace
+                return {"ok": mode == "delete", "content": None}
+            try:
+                held = self._lease_text(incoming, grabbed)
+                if expect is not None and held != expect and not (mode == "replace" and held == content):
+                    self._lease_put_back(incoming, grabbed, parent, parts[-1])
+                    return {"ok": False, "content": self._lease_text(parent, parts[-1])}
+                if mode == "delete":
+                    return {"ok": True, "content": None}
+                return self._lease_link(incoming, parent, parts[-1], str(content))
+            finally:
+                dirtree.unlink(incoming, grabbed)
+
+    def _lease_text(self, parent: int | None, name: str) -> str | None:
+        raw = dirtree.read_small(parent, name, LEASE_MAX_BYTES + 1)
+        return None if raw is None else raw.decode("utf-8", "replace")
+
+    def _lease_link(self, incoming: int, parent: int, name: str, content: str) -> dict[str, Any]:
+        tmp = incoming_name()
+        fd = dirtree.create_file(incoming, tmp)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(content)
+            try:
+                os.link(tmp, name, src_dir_fd=incoming, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                held = self._lease_text(parent, name)
+                return {"ok": held == content, "content": held}
+            return {"ok": True, "content": content}
+        finally:
+            dirtree.unlink(incoming, tmp)
+
+    def _lease_put_back(self, incoming: int, grabbed: str, parent: int, name: str) -> None:
+        """Return a grabbed lease that was not the expected one, unless someone made a new one meanwhile."""
+        try:
+            os.link(grabbed, name, src_dir_fd=incoming, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            pass

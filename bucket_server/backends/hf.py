@@ -22,8 +22,8 @@ from typing import Any
 
 from ..digests import Verifier, file_digest, publish_algorithm
 from ..messages import (
-    AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, FileItem, FolderItem,
-    InfoResult, ListItem,
+    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, FileItem,
+    FolderItem, InfoResult, ListItem,
 )
 from ..protocol import ErrorCode
 from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched
@@ -375,6 +375,11 @@ def _file_item(bucket_file: Any) -> FileItem:
                     uploaded=uploaded.timestamp() if uploaded is not None else None)
 
 
+#: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
+#: between a racing taker's look and its write (one metadata request), short next to a compile.
+LEASE_SETTLE = 0.5
+
+
 class HfBackend(Backend):
     """A Hub bucket through HfApi, with the calling client's token: every operation within the retry policy,
     every failure a coded BackendError."""
@@ -586,3 +591,56 @@ class HfBackend(Backend):
                 progress(done, total)
             if delete_ops:
                 self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
+
+    # ------------------------------------------------------------------------------------ leases
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """Compile leases on a Hub bucket, which has no conditional write: look (one paths-info), write, then
+        read back. A lease is whatever the bucket holds when read back: two hosts writing in the same instant
+        can both read their own bytes back (the later write wins afterwards), so both may compile; leases
+        are advisory and docs/performance.md measures how often. Contents are compared by Xet hash, so only
+        `read` transfers the file."""
+        from ..digests import xet_hash_of_one_chunk
+
+        def current() -> str | None:
+            found = self.paths_info([path])
+            return str(found[0].xet_hash or "") if found else None
+
+        if mode == "read":
+            return {"ok": True, "content": self._read_small(path)}
+        held = current()
+        if mode == "create":
+            if held is not None:
+                return {"ok": held == xet_hash_of_one_chunk(str(content).encode("utf-8")), "content": None}
+        elif held is None:
+            return {"ok": mode == "delete", "content": None}
+        elif mode == "replace" and held == xet_hash_of_one_chunk(str(content).encode("utf-8")):
+            return {"ok": True, "content": content}
+        elif expect is not None and held != xet_hash_of_one_chunk(expect.encode("utf-8")):
+            return {"ok": False, "content": None}
+        if mode == "delete":
+            self._call("lease on", self.api.batch_bucket_files, self.bucket_id, delete=[path])
+            return {"ok": True, "content": None}
+        mine = xet_hash_of_one_chunk(str(content).encode("utf-8"))
+        self._call("lease on", self.api.batch_bucket_files, self.bucket_id, add=[(str(content).encode("utf-8"), path)])
+        ours = current() == mine
+        if ours and mode == "create" and LEASE_SETTLE > 0:
+            # Takers that looked in the same instant write within a request or two of each other: the last write
+            # stands. Reading again once they have all landed leaves (nearly always) that one writer the lease.
+            time.sleep(LEASE_SETTLE)
+            ours = current() == mine
+        return {"ok": ours, "content": content if ours else None}
+
+    def _read_small(self, path: str) -> str | None:
+        """The text of a small file (a lease), or None when it is absent or too large to be one."""
+        import tempfile
+
+        found = self.paths_info([path])
+        if not found or found[0].size > LEASE_MAX_BYTES:
+            return None
+        with tempfile.TemporaryDirectory(prefix="lease-") as folder:
+            local = os.path.join(folder, "lease")
+            result = self.download([DownloadFile(path, local, found[0].size, found[0].xet_hash, found[0].digest)])
+            if result.failed:
+                return None
+            with open(local, "rb") as handle:
+                return handle.read(LEASE_MAX_BYTES + 1).decode("utf-8", "replace")

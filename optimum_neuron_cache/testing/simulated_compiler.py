@@ -115,7 +115,7 @@ def compile_graph(root: str | os.PathLike[str], version: str, graph: Graph, *, o
 
     outcome: "success"; "failed" (leaves a cached failure); "failed_neff" (a failure old compilers cached as a
     NEFF alone, no log); "crash" (killed mid-compile: a stale lock, no
-    NEFF); "todo" (extraction only, as `neuron_parallel_compile --command extract`). `seconds` simulates
+    NEFF); "todo" (collection only, as `neuron_parallel_compile --command collect`). `seconds` simulates
     the compile's duration (the lock is held meanwhile). `flags_hash_style`: "json" or "text" names the
     entry by that hash of the flags, whatever the version (None: the bytes of the version's flags file).
     """
