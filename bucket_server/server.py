@@ -23,6 +23,11 @@ from typing import Any, Callable, NoReturn
 
 from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
+from .messages import (
+    OPS, BatchRequest, DownloadRequest, HelloRequest, ListRequest, ListResult, MessageError,
+    LeaseResult, PathsInfoRequest, PathsInfoResult, RepoCopyRequest, RepoCopyResult, RepoInfoResult, RepoListResult,
+    RepoPathsInfoResult, ShutdownResult, StatusResult, parse_request,
+)
 from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
 from .protocol import ErrorCode, FrameError, read_frame, write_frame
 
@@ -56,26 +61,25 @@ def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threadin
 HEARTBEAT_INTERVAL = 5.0
 
 
-def _remove_uncollected(request: dict[str, Any]) -> None:
+def _remove_uncollected(args: DownloadRequest) -> None:
     """The client of a download is gone (killed mid-transfer): nobody will collect its files. Remove what this
     server wrote for it, and the folders that held them once empty (its entry folders and its temp folder),
-    so that a download still running when the next run swept the dead client's temp folder leaves nothing."""
-    files = request.get("args", {}).get("files")
+    so that a download still running when the next run swept the dead client's temp folder leaves nothing.
+    The local paths were validated (absolute) at the server's edge."""
     folders: set[str] = set()
-    for item in files if isinstance(files, list) else []:
-        path = item.get("local_path") if isinstance(item, dict) else None
-        if isinstance(path, str) and os.path.isabs(path):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            folders.update((os.path.dirname(path), os.path.dirname(os.path.dirname(path))))
+    for item in args.files:
+        path = item.local_path
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        folders.update((os.path.dirname(path), os.path.dirname(os.path.dirname(path))))
     for folder in sorted(folders, key=len, reverse=True):  # deepest first; a folder with anything else stays
         try:
             os.rmdir(folder)
         except OSError:
             pass
-    log.info("download abandoned by its client: removed %d files it would have collected", len(files or []))
+    log.info("download abandoned by its client: removed %d files it would have collected", len(args.files))
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,23 +164,26 @@ class BucketServer:
         self._hf_api: Any = None
         self._policy: Any = policy
         self._api_lock = threading.Lock()
-        self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+        #: op -> handler(request frame, its args as messages.parse_request typed them) -> the op's result type.
+        #: The same operations as messages.OPS (tests/test_messages.py checks it).
+        self._handlers: dict[str, Callable[[dict[str, Any], Any], Any]] = {
             "hello": self.op_hello,
-            "status": self.op_status,
-            "shutdown": self.op_shutdown,
-            "info": lambda req: self.backend(req).info(),
-            "create": lambda req: self.backend(req).create(private=req["args"].get("private")),
-            "list": lambda req: self.backend(req).list(
-                str(req["args"].get("prefix", "")), recursive=bool(req["args"].get("recursive", True))
-            ),
-            "paths_info": lambda req: self.backend(req).paths_info(list(req["args"]["paths"])),
-            "download": lambda req: self.backend(req).download(list(req["args"]["files"]), progress=req.get("_emit")),
-            "batch": lambda req: self.backend(req).batch(
-                add=list(req["args"].get("add", [])),
-                copy=list(req["args"].get("copy", [])),
-                delete=list(req["args"].get("delete", [])),
-                progress=req.get("_emit"),
-            ),
+            "status": lambda req, args: self.op_status(),
+            "shutdown": lambda req, args: self.op_shutdown(),
+            "info": lambda req, args: self.backend(req).info(),
+            "create": lambda req, args: self.backend(req).create(private=args.private),
+            "list": self.op_list,
+            "paths_info": self.op_paths_info,
+            "download": lambda req, args: self.backend(req).download(args.files, progress=req.get("_emit")),
+            "batch": self.op_batch,
+            # Model repos, read only (optimum-neuron's Git caches): request["repo"] = {"type": "model", "id", "revision"}.
+            "repo_info": lambda req, args: RepoInfoResult.from_wire(self.repo(req).resolve()),
+            "repo_list": lambda req, args: RepoListResult.from_wire(self.repo(req).list(args.prefix, recursive=args.recursive)),
+            "repo_paths_info": lambda req, args: RepoPathsInfoResult.from_wire(self.repo(req).paths_info(list(args.paths))),
+            "repo_download": lambda req, args: self.repo(req).download(args.files, progress=req.get("_emit")),
+            "repo_copy": self.op_repo_copy,
+            "lease": lambda req, args: LeaseResult.from_wire(
+                self.backend(req).lease(args.path, args.mode, content=args.content, expect=args.expect)),
         }
 
     # ------------------------------------------------------------------------------ backends
@@ -214,56 +221,93 @@ class BucketServer:
             return HfBackend(self.hf_api(), location, token if isinstance(token, str) else None, self._policy)
         raise BackendError(ErrorCode.BAD_REQUEST, f"unknown bucket kind {kind!r}")
 
+    def repo(self, request: dict[str, Any]) -> Any:
+        """The model repo a request names, at its revision, with the request's token (read only)."""
+        from .backends.repo import RepoSource, parse_repo
+
+        repo_id, revision = parse_repo(request.get("repo"))
+        token = (request.get("auth") or {}).get("token")
+        return RepoSource(self.hf_api(), repo_id, revision, token if isinstance(token, str) else None, self._policy)
+
+    def op_repo_copy(self, request: dict[str, Any], args: RepoCopyRequest) -> RepoCopyResult:
+        """Copy Xet-backed files of the request's model repo into its bucket by hash, on the Hub's side."""
+        from .backends.hf import HfBackend
+        from .backends.repo import copy_into_bucket, parse_repo
+
+        repo_id, _ = parse_repo(request.get("repo"))
+        bucket = self.backend(request)
+        if not isinstance(bucket, HfBackend):
+            raise BackendError(ErrorCode.BAD_REQUEST, "a copy by Xet hash needs a Hub bucket (stream the files into a directory bucket)")
+        return RepoCopyResult.from_wire(copy_into_bucket(bucket, repo_id, [item.to_wire() for item in args.copies]))
+
     # ------------------------------------------------------------------------------ server ops
-    def op_hello(self, request: dict[str, Any]) -> dict[str, Any]:
+    def op_hello(self, request: dict[str, Any], args: HelloRequest) -> StatusResult:
         """The handshake: the server's status, or protocol_mismatch (the client then replaces this server)."""
-        wanted = request["args"].get("protocol")
-        if wanted != PROTOCOL_VERSION:
+        if args.protocol != PROTOCOL_VERSION:
             raise BackendError(
-                ErrorCode.PROTOCOL_MISMATCH, f"server speaks protocol {PROTOCOL_VERSION}, client asked for {wanted}"
+                ErrorCode.PROTOCOL_MISMATCH, f"server speaks protocol {PROTOCOL_VERSION}, client asked for {args.protocol}"
             )
-        return self.op_status(request)
+        return self.op_status()
 
-    def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+    def op_status(self) -> StatusResult:
         """What `neuron-cache server status` shows: versions, pid, socket, endpoint, activity."""
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "server_version": SERVER_VERSION,
-            "pid": os.getpid(),
-            "socket": self.socket_path,
-            "endpoint": self.endpoint,
-            "python": sys.executable,
-            "huggingface_hub": _hub_version(),
-            "uptime": time.time() - self.started,
-            "idle_timeout": self.idle_timeout,
-            "connections": self.activity.connections,
-            "requests": max(0, self.activity.requests - 1),  # the others: this status request is running too
-            "idle_for": time.monotonic() - self.activity.last_operation,
-        }
+        return StatusResult(
+            protocol=PROTOCOL_VERSION,
+            pid=os.getpid(),
+            server_version=SERVER_VERSION,
+            socket=self.socket_path,
+            endpoint=self.endpoint,
+            python=sys.executable,
+            huggingface_hub=_hub_version(),
+            uptime=time.time() - self.started,
+            idle_timeout=self.idle_timeout,
+            connections=self.activity.connections,
+            requests=max(0, self.activity.requests - 1),  # the others: this status request is running too
+            idle_for=time.monotonic() - self.activity.last_operation,
+        )
 
-    def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+    def op_shutdown(self) -> ShutdownResult:
         """Stop accepting; the serving loop exits within its accept timeout."""
         self.stopping.set()
-        return {"stopping": True}
+        return ShutdownResult()
+
+    # ------------------------------------------------------------------------------ bucket ops
+    def op_list(self, request: dict[str, Any], args: ListRequest) -> ListResult:
+        """The backend's listing, as the op's result."""
+        return ListResult(tuple(self.backend(request).list(args.prefix, recursive=args.recursive)))
+
+    def op_paths_info(self, request: dict[str, Any], args: PathsInfoRequest) -> PathsInfoResult:
+        """The backend's paths-info, as the op's result."""
+        return PathsInfoResult(tuple(self.backend(request).paths_info(args.paths)))
+
+    def op_batch(self, request: dict[str, Any], args: BatchRequest) -> Any:
+        """Copies, then adds, then deletes, by the backend."""
+        return self.backend(request).batch(add=args.add, copy=args.copy, delete=args.delete,
+                                           progress=request.get("_emit"))
 
     # ------------------------------------------------------------------------------ connections
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request -> its reply frame. Never raises: a BackendError is its code, bad arguments are
-        bad_request, anything else is internal (with the traceback in the log)."""
+        """One request -> its reply frame. Never raises: the args are validated here, once, into the op's
+        request type (a MessageError is bad_request); a BackendError is its code; anything else is internal
+        (with the traceback in the log). The typed args are kept in request["_args"]."""
         request_id = request.get("id")
         op = request.get("op")
         handler = self._handlers.get(op) if isinstance(op, str) else None
         started = time.monotonic()
         try:
-            if handler is None:
+            if handler is None or op not in OPS:
                 raise BackendError(ErrorCode.BAD_REQUEST, f"unknown operation {op!r}")
-            if not isinstance(request.get("args", {}), dict):
-                raise BackendError(ErrorCode.BAD_REQUEST, "args must be an object")
-            request.setdefault("args", {})
+            try:
+                request["_args"] = args = parse_request(op, request.get("args"))
+            except MessageError as exc:
+                raise BackendError(ErrorCode.BAD_REQUEST, f"bad arguments for {op}: {exc}") from None
             request.setdefault("_emit", None)
-            result = handler(request)
+            result = handler(request, args)
+            if not isinstance(result, OPS[op].result):
+                raise BackendError(ErrorCode.INTERNAL, f"the {op} handler returned a {type(result).__name__}, "
+                                                       f"not a {OPS[op].result.__name__}")
             log.info("%s ok in %.3fs", op, time.monotonic() - started)
-            return {"id": request_id, "ok": True, "result": result}
+            return {"id": request_id, "ok": True, "result": result.to_wire()}
         except BackendError as exc:
             log.info("%s failed in %.3fs: %s: %s", op, time.monotonic() - started, exc.code.value, exc.message)
             if exc.__cause__ is not None:
@@ -308,8 +352,8 @@ class BucketServer:
                         with write_lock:
                             write_frame(conn, response)
                     except OSError:
-                        if request.get("op") == "download":
-                            _remove_uncollected(request)
+                        if isinstance(request.get("_args"), DownloadRequest):
+                            _remove_uncollected(request["_args"])
                         raise
                 finally:  # a request counts as running until its files are handed over or removed
                     self.activity.change(requests=-1)

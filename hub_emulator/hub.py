@@ -26,6 +26,21 @@ Hub endpoints (as sent and parsed by huggingface_hub 2.4.0)::
     GET    /buckets/{id}/resolve/{path}            same headers, EMPTY body (content is only served through Xet)
     GET    /api/whoami-v2                          {"type": "user", "name": ...}
 
+Model repo endpoints (read only; repos are made by ``emulator.create_model_repo``; ``{rev}`` is a branch or a
+commit sha, percent-encoded as huggingface_hub sends it)::
+
+    GET    /api/models/{ns}/{name}[/revision/{rev}] info {id, sha, private, siblings}; 404 RepoNotFound /
+                                                   RevisionNotFound
+    GET    /api/models/{id}/tree/{rev}[/{path}]    ?recursive=true|false (default false) &cursor=..., Link rel="next";
+                                                   files {type, oid, size, path, xetHash?, lfs?}, folders
+                                                   {type: "directory", oid, path}; 404 EntryNotFound for no folder
+    POST   /api/models/{id}/paths-info/{rev}       form ``paths=..&paths=..&expand=..`` -> existing files and folders
+    GET    /api/models/{id}/xet-read-token/{rev}   as for buckets
+    HEAD   /{ns}/{name}/resolve/{rev}/{path}       X-Repo-Commit, ETag; a Xet-backed file adds X-Xet-Hash,
+                                                   X-Linked-Size and Link rel="xet-auth" (content only through Xet);
+                                                   a regular file's GET serves its bytes
+    batch copyFile with sourceRepoType "model"     copies a Xet-backed file of the repo (any revision) by hash
+
 Xet CAS endpoints in HTTP mode, relative to ``cas_url`` (Xet spec, hub-docs ``docs/xet/api.md``; the first group
 is what hf_xet 1.8.0 calls)::
 
@@ -295,6 +310,49 @@ class _Bucket:
         return cls(id=data["id"], private=data["private"], created_at=data["createdAt"], files=dict(data["files"]))
 
 
+@dataclass
+class _ModelRepo:
+    """A model repo: branches -> commit sha, commit sha -> its files (path -> {size, oid, xetHash?, sha256?,
+    content?}). A file with `content` (hex) is a regular Git file; one with `xetHash` is Xet-backed."""
+
+    id: str
+    private: bool
+    branches: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.id.split("/", 1)[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "private": self.private, "branches": self.branches, "commits": self.commits}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _ModelRepo:
+        return cls(id=data["id"], private=data["private"], branches=dict(data["branches"]), commits=dict(data["commits"]))
+
+    def commit_of(self, revision: str) -> str:
+        sha = self.branches.get(revision) or (revision if revision in self.commits else None)
+        if sha is None:
+            raise HttpError(404, f"Revision Not Found for url: {revision}", error_code="RevisionNotFound")
+        return sha
+
+
+def _git_blob_oid(content: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def _repo_file_item(path: str, f: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "file", "oid": f["oid"], "size": f["size"], "path": path}
+    if f.get("xetHash"):
+        item["xetHash"] = f["xetHash"]
+        if f.get("sha256"):
+            item["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}
+    return item
+
+
 def _file_item(path: str, f: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "file",
@@ -384,6 +442,7 @@ class HubEmulator:
         self.link: Link | None = None
         self._lock = threading.RLock()
         self._buckets: dict[str, _Bucket] = {}
+        self._models: dict[str, _ModelRepo] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._load()
@@ -435,6 +494,37 @@ class HubEmulator:
         self.stop()
 
     # ------------------------------------------------------------------ test hooks
+    def create_model_repo(self, repo_id: str, files: dict[str, bytes | dict[str, Any]], *, private: bool = False,
+                          branch: str = "main") -> str:
+        """Commit `files` as the whole content of `branch` of model repo `repo_id` (made if missing); returns
+        the commit sha. A value is the bytes of a regular Git file, or ``{"xetHash", "size"}`` of a Xet-backed
+        file whose bytes the Xet store already holds (e.g. ``emulator.bucket_file(bucket, path)`` after an upload
+        to a bucket: the Hub dedups by hash the same way)."""
+        import hashlib
+
+        stored: dict[str, dict[str, Any]] = {}
+        for path, value in files.items():
+            if isinstance(value, (bytes, bytearray)):
+                stored[path] = {"size": len(value), "oid": _git_blob_oid(bytes(value)), "content": bytes(value).hex()}
+            else:
+                pointer = f"xet {value['xetHash']} {value['size']}".encode()
+                stored[path] = {"size": int(value["size"]), "oid": _git_blob_oid(pointer),
+                                "xetHash": str(value["xetHash"]).lower(), "sha256": value.get("sha256")}
+        sha = hashlib.sha1(json.dumps([repo_id, branch, stored, time.time(), secrets.token_hex(4)],
+                                      sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            repo = self._models.setdefault(repo_id, _ModelRepo(id=repo_id, private=private))
+            repo.commits[sha] = stored
+            repo.branches[branch] = sha
+            self._save()
+        return sha
+
+    def bucket_file(self, bucket_id: str, path: str) -> dict[str, Any]:
+        """``{"xetHash", "size"}`` of a bucket's file: what ``create_model_repo`` takes for a Xet-backed file."""
+        with self._lock:
+            f = self._buckets[bucket_id].files[path]
+            return {"xetHash": f["xetHash"], "size": f["size"]}
+
     def reset_counts(self) -> None:
         self.requests.clear()
 
@@ -493,9 +583,11 @@ class HubEmulator:
             return
         data = json.loads(self.state_file.read_text())
         self._buckets = {b["id"]: _Bucket.from_json(b) for b in data.get("buckets", [])}
+        self._models = {m["id"]: _ModelRepo.from_json(m) for m in data.get("models", [])}
 
     def _save(self) -> None:
-        payload = json.dumps({"version": 1, "buckets": [b.to_json() for b in self._buckets.values()]})
+        payload = json.dumps({"version": 1, "buckets": [b.to_json() for b in self._buckets.values()],
+                              "models": [m.to_json() for m in self._models.values()]})
         fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".hub_state.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -642,6 +734,62 @@ class HubEmulator:
                 raise HttpError(404, f"Entry {path} not found in bucket {bucket_id}", error_code="EntryNotFound")
             return dict(f)
 
+    def _get_model(self, caller: TokenInfo | None, repo_id: str) -> _ModelRepo:
+        repo = self._models.get(repo_id)
+        if repo is None or not (self.tokens is None or not repo.private
+                                or (caller is not None and repo.namespace in caller.namespaces)):
+            raise HttpError(401 if caller is None else 404, f"Repository {repo_id} not found", error_code="RepoNotFound")
+        return repo
+
+    def op_model_info(self, caller, repo_id: str, revision: str) -> dict[str, Any]:
+        with self._lock:
+            repo = self._get_model(caller, repo_id)
+            sha = repo.commit_of(revision)
+            files = repo.commits[sha]
+            return {"id": repo.id, "_id": repo.id, "sha": sha, "private": repo.private,
+                    "siblings": [{"rfilename": p} for p in sorted(files)]}
+
+    def op_model_tree(self, caller, repo_id: str, revision: str, prefix: str, recursive: bool) -> list[dict]:
+        with self._lock:
+            repo = self._get_model(caller, repo_id)
+            files = dict(repo.commits[repo.commit_of(revision)])
+        folder = prefix.strip("/")
+        base = folder + "/" if folder else ""
+        inside = {p: f for p, f in files.items() if p.startswith(base)}
+        if folder and not inside:
+            raise HttpError(404, f"Entry {folder} not found", error_code="EntryNotFound")
+        items: dict[str, dict[str, Any]] = {}
+        for path, f in inside.items():
+            parts = path[len(base):].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                sub = base + "/".join(parts[:depth])
+                if recursive or depth == 1:
+                    items.setdefault(sub, {"type": "directory", "oid": _git_blob_oid(sub.encode()), "path": sub})
+            if recursive or len(parts) == 1:
+                items[path] = _repo_file_item(path, f)
+        return [items[p] for p in sorted(items)]
+
+    def op_model_paths_info(self, caller, repo_id: str, revision: str, paths: list[str]) -> list[dict]:
+        with self._lock:
+            repo = self._get_model(caller, repo_id)
+            files = repo.commits[repo.commit_of(revision)]
+        out = []
+        for path in dict.fromkeys(p.strip("/") for p in paths):
+            if path in files:
+                out.append(_repo_file_item(path, files[path]))
+            elif any(p.startswith(path + "/") for p in files):
+                out.append({"type": "directory", "oid": _git_blob_oid(path.encode()), "path": path})
+        return out
+
+    def op_model_resolve(self, caller, repo_id: str, revision: str, path: str) -> tuple[str, dict[str, Any]]:
+        with self._lock:
+            repo = self._get_model(caller, repo_id)
+            sha = repo.commit_of(revision)
+            f = repo.commits[sha].get(path)
+            if f is None:
+                raise HttpError(404, f"Entry {path} not found in {repo_id}", error_code="EntryNotFound")
+            return sha, dict(f)
+
     def op_batch(self, caller, bucket_id: str, raw: bytes) -> tuple[int, dict]:
         try:
             ops = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
@@ -696,6 +844,17 @@ class HubEmulator:
         xet_hash = str(op.get("xetHash", "")).lower()
         source_type = op.get("sourceRepoType")
         source_id = op.get("sourceRepoId")
+        if source_type == "model":
+            with self._lock:
+                repo = self._models.get(source_id)
+                if repo is None or not (self.tokens is None or not repo.private
+                                        or (caller is not None and repo.namespace in caller.namespaces)):
+                    raise HttpError(422, f"Source repository {source_id} not found")
+                for files in repo.commits.values():
+                    for f in files.values():
+                        if f.get("xetHash") == xet_hash:
+                            return {"size": f["size"], "xetHash": xet_hash}
+            raise HttpError(422, f"Xet hash {xet_hash} not found in model {source_id}")
         if source_type != "bucket":
             raise HttpError(422, f"Copy from a {source_type!r} repository is not supported by the emulator")
         with self._lock:
@@ -710,6 +869,8 @@ class HubEmulator:
 
 _BUCKET_ROUTE = re.compile(r"^/api/buckets/([^/]+)/([^/]+)(?:/(.*))?$")
 _RESOLVE_ROUTE = re.compile(r"^/buckets/([^/]+)/([^/]+)/resolve/(.+)$")
+_MODEL_RESOLVE_ROUTE = re.compile(r"^/([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+_MODEL_ROUTE = re.compile(r"^/api/models/([^/]+)/([^/]+)(?:/(.*))?$")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -871,6 +1032,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"type": "user", "name": caller.user, "orgs": [{"name": o} for o in caller.orgs]})
             return
 
+        if path.startswith("/api/models/") or (_MODEL_RESOLVE_ROUTE.match(path) and not path.startswith(("/api/", "/buckets/"))):
+            self._route_model(caller, method, path, query, body, head)
+            return
+
         m = _RESOLVE_ROUTE.match(path)
         if m and method in ("GET", "HEAD"):
             bucket_id = f"{unquote(m[1])}/{unquote(m[2])}"
@@ -942,6 +1107,64 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, data, headers)
             return
 
+        raise HttpError(404, f"No route for {method} {path}")
+
+    def _route_model(self, caller, method: str, path: str, query: dict[str, list[str]], body: bytes, head: bool) -> None:
+        """The model repo endpoints (see the module docstring)."""
+        emu = self.emulator
+        m = _MODEL_RESOLVE_ROUTE.match(path)
+        if m and not path.startswith("/api/"):
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, f"Method {method} not allowed")
+            repo_id = f"{unquote(m[1])}/{unquote(m[2])}"
+            sha, f = emu.op_model_resolve(caller, repo_id, unquote(m[3]), unquote(m[4]))
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{f["oid"]}"', "Content-Type": "application/octet-stream"}
+            if f.get("xetHash"):
+                headers.update({
+                    "X-Xet-Hash": f["xetHash"], "X-Linked-Size": str(f["size"]),
+                    "X-Linked-Etag": f'"{f.get("sha256") or f["xetHash"]}"',
+                    "Link": f'<{self._endpoint()}/api/models/{repo_id}/xet-read-token/{sha}>; rel="xet-auth"',
+                    "Content-Length": "0",
+                })
+                self._send(200, b"", headers, head=head)
+                return
+            self._send(200, bytes.fromhex(f["content"]), headers, head=head)
+            return
+        m = _MODEL_ROUTE.match(path)
+        if not m:
+            raise HttpError(404, f"No route for {method} {path}")
+        repo_id, rest = f"{unquote(m[1])}/{unquote(m[2])}", m[3] or ""
+        if method == "GET" and (rest == "" or rest.startswith("revision/")):
+            revision = unquote(rest[len("revision/"):]) if rest else "main"
+            self._send_json(200, emu.op_model_info(caller, repo_id, revision))
+            return
+        if method == "GET" and rest.startswith("tree/"):
+            revision, _, sub = rest[len("tree/"):].partition("/")
+            recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
+            items = emu.op_model_tree(caller, repo_id, unquote(revision), unquote(sub), recursive)
+            cursor = query.get("cursor", [None])[0]
+            if cursor is not None:
+                items = [i for i in items if (i["path"], i["type"]) > _decode_cursor(cursor)]
+            page, more = items[: emu.page_size], len(items) > emu.page_size
+            headers = {}
+            if more:
+                next_url = (f"{self._endpoint()}/api/models/{repo_id}/{rest}?recursive={'true' if recursive else 'false'}"
+                            f"&expand=false&cursor={quote(_encode_cursor(page[-1]), safe='')}")
+                headers["Link"] = f'<{next_url}>; rel="next"'
+            self._send_json(200, page, headers)
+            return
+        if method == "POST" and rest.startswith("paths-info/"):
+            form = parse_qs(body.decode("utf-8", "replace"))
+            paths = form.get("paths", [])
+            self._send_json(200, emu.op_model_paths_info(caller, repo_id, unquote(rest[len("paths-info/"):]), paths))
+            return
+        if method == "GET" and rest.startswith("xet-read-token/"):
+            with emu._lock:
+                repo = emu._get_model(caller, repo_id)
+                repo.commit_of(unquote(rest[len("xet-read-token/"):]))
+            data, headers = emu._xet_token(write=False)
+            self._send_json(200, data, headers)
+            return
         raise HttpError(404, f"No route for {method} {path}")
 
     def _cut_connection(self) -> None:

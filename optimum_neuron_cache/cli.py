@@ -171,8 +171,13 @@ def create(out: Output, bucket: str, private: bool) -> None:
 @cli.command(name="set")
 @click.argument("bucket", required=False)
 @click.option("--unset", is_flag=True, help="Forget the saved default bucket.")
-def set_(bucket: str | None, unset: bool) -> None:
-    """Save BUCKET as the default bucket (or forget it with --unset)."""
+@click.option("--upstream", "upstreams", multiple=True, help="A read-only upstream (repeatable, in order): an optimum-neuron "
+              "cache repo (org/name[@rev]) or a bucket. `--upstream ''` forgets them. NEURON_CACHE_UPSTREAM overrides.")
+def set_(bucket: str | None, unset: bool, upstreams: tuple[str, ...]) -> None:
+    """Save BUCKET as the default bucket (or forget it with --unset); or save the read-only upstreams."""
+    if upstreams and not bucket and not unset:
+        _set_upstreams(upstreams)
+        return
     if unset == bool(bucket):
         raise click.UsageError("give a BUCKET, or --unset")
     if unset:
@@ -182,6 +187,18 @@ def set_(bucket: str | None, unset: bool) -> None:
     ref = parse_bucket(bucket or "")
     path = save_bucket(ref)
     click.echo(f"default bucket: {ref} (saved in {path})")
+
+
+def _set_upstreams(specs: tuple[str, ...]) -> None:
+    """Save the upstreams (`--upstream ''` alone forgets them)."""
+    from .upstreams import configured_upstreams, parse_upstream, save_upstreams
+
+    parsed = [parse_upstream(spec) for spec in specs if spec.strip()]
+    path = save_upstreams(parsed)
+    if parsed:
+        click.echo(f"upstreams (read only, in order): {', '.join(map(str, parsed))} (saved in {path})")
+    else:
+        click.echo(f"upstreams forgotten; now: {', '.join(map(str, configured_upstreams())) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------ fetch, sync
@@ -307,7 +324,9 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
 def explain(model_id: str, task: str | None, compiler_version: str | None, target: str | None, batch_size: int | None,
             sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None, config_json: str | None,
             bucket: str | None) -> None:
-    """Why MODEL_ID would miss: this machine's compiler, flags and export config against the nearest records."""
+    """Why MODEL_ID would miss: this machine's compiler, target, flags and export config against the nearest records."""
+    from .neuron_sdk import compile_target
+
     try:
         version = resolve_compiler_version(compiler_version)
     except ConfigurationError:
@@ -318,15 +337,16 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
         raise click.BadParameter(f"--config is not JSON: {exc}") from None
     if not isinstance(config, dict):
         raise click.BadParameter("--config must be a JSON object")
-    stated = {"target": target, "batch_size": batch_size, "sequence_length": sequence_length,
+    stated = {"batch_size": batch_size, "sequence_length": sequence_length,
               "tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
+    here_target = _target_option(target) or (found.target if (found := compile_target(None, config)) else None)
     ref = _bucket(bucket)
     records = lookup_cache(model_id, task, compiler_version=version, all_versions=version is None, bucket=ref)
     if version is not None and not records:
         records = lookup_cache(model_id, task, all_versions=True, bucket=ref)
     flags = compiler_flags()
     click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
-               f"flags {' '.join(flags) or '(none)'}")
+               f"target {here_target or '(unknown: pass --target)'}; flags {' '.join(flags) or '(none)'}")
     if not records:
         click.echo(f"no export records of {model_id} in {ref}: nothing was published for it with an export config")
         return
@@ -337,11 +357,12 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
             if value is not None:
                 keys = [key for key in FILTER_KEYS[name] if key in record.export_config] or [FILTER_KEYS[name][0]]
                 wanted[keys[0]] = value
-        comparisons.append((differences(record, version, flags, wanted), record))
+        comparisons.append((differences(record, version, flags, wanted, here_target), record))
     comparisons.sort(key=lambda item: (len(item[0]), item[1].created_at))
     for diffs, record in comparisons[:3]:
         config_text = " ".join(f"{k}={v}" for k, v in sorted(record.export_config.items()))
-        click.echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} {record.task} {config_text}")
+        click.echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} {record.task} "
+                   f"target={record.effective_target or '?'} {config_text}")
         for diff in diffs:
             click.echo(f"    {diff}")
 
@@ -363,7 +384,10 @@ def stats_command(zero: bool, as_json: bool) -> None:
     for name, label in (("fetches", "fetches"), ("hits", "hits (entries from the bucket)"),
                         ("misses", "misses (compiled here)"), ("publishes", "published"),
                         ("bytes_downloaded", "downloaded"), ("bytes_uploaded", "uploaded"),
-                        ("seconds_saved", "compile time saved"), ("remote_errors", "remote errors")):
+                        ("seconds_saved", "compile time saved"), ("remote_errors", "remote errors"),
+                        ("lease_compiled", "compiled here under a lease"),
+                        ("lease_fetched_after_wait", "fetched after waiting on another host"),
+                        ("lease_compiled_twice", "compiled twice (here and elsewhere)")):
         values = [getattr(last, name), getattr(total, name)]
         if name.startswith("bytes"):
             cells = [size(int(v)) for v in values]
@@ -404,6 +428,7 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
     """List the cached export configurations of MODEL_ID, with the compile flags of each."""
     if compiler_version and all_versions:
         raise click.UsageError("--compiler-version and --all-versions exclude each other")
+    target = _target_option(target)
     records = lookup_cache(model_id, task, compiler_version=compiler_version, all_versions=all_versions, bucket=_bucket(bucket),
                            target=target, batch_size=batch_size, sequence_length=sequence_length,
                            tensor_parallel_size=tensor_parallel_size, dtype=dtype)
@@ -415,31 +440,62 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
         return
     for record in records:
         config = " ".join(f"{key}={value}" for key, value in sorted(record.export_config.items()))
-        click.echo(f"neuronxcc-{record.compiler_version}  {record.task}  {config}")
+        click.echo(f"neuronxcc-{record.compiler_version}  {record.task}  target={record.effective_target or '?'}  {config}")
         click.echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  created: {record.created_at}")
 
 
 @cli.command(name="ls")
 @version_option
 @click.option("--model", "model_id", help="Only this model.")
+@click.option("--target", "--instance-type", "target", help="Only model areas with a record of this target (trn1, trn2, inf2...).")
 @bucket_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ls(compiler_version: str | None, model_id: str | None, bucket: str | None, as_json: bool) -> None:
-    """What the bucket holds, by compiler version and model: entries and sizes."""
+def ls(compiler_version: str | None, model_id: str | None, target: str | None, bucket: str | None, as_json: bool) -> None:
+    """What the bucket holds, by compiler version and model: entries, sizes, and the targets of the records."""
+    from .lookup import read_records
+
     model = layout.model_ref(model_id) if model_id else None
+    target = _target_option(target)
     ref = _bucket(bucket)
-    inventory = bucket_inventory(BucketClient(ref), compiler_version=compiler_version, model_folder=model.folder if model else None)
-    if as_json:
-        click.echo(_json([asdict(area) for area in inventory.areas]))
-        return
-    if not inventory.areas:
-        click.echo(f"{ref} holds no entries" + (f" for {model_id}" if model_id else ""))
-        return
-    rows = [("COMPILER", "AREA", "ENTRIES", "SIZE", "RECORDS")]
+    client = BucketClient(ref)
+    inventory = bucket_inventory(client, compiler_version=compiler_version, model_folder=model.folder if model else None)
+    # The targets come from the records (one download for all of them; records from before targets were
+    # recorded count by their export config's target, else as "?").
+    paths = [path for area in inventory.areas for path in area.record_paths]
+    targets_of: dict[str, set[str]] = {}
+    for record in read_records(client, paths):
+        targets_of.setdefault(record.path, set()).add(record.effective_target or "?")
+    areas = []
     for area in inventory.areas:
+        targets = sorted(set().union(*(targets_of.get(path, set()) for path in area.record_paths)))
+        if target is None or target in targets:
+            areas.append((area, targets))
+    if as_json:
+        click.echo(_json([{**{k: v for k, v in asdict(area).items() if k != "record_paths"}, "targets": targets}
+                          for area, targets in areas]))
+        return
+    if not areas:
+        click.echo(f"{ref} holds no entries" + (f" for {model_id}" if model_id else "") + (f" with a record of target {target}" if target else ""))
+        return
+    rows = [("COMPILER", "AREA", "ENTRIES", "SIZE", "RECORDS", "TARGETS")]
+    for area, targets in areas:
         entries = f"{area.entries}" + (f" (+{area.incomplete} incomplete)" if area.incomplete else "")
-        rows.append((area.compiler_version, area.area or "(flat)", entries, size(area.bytes), str(area.records) if area.area else "-"))
+        rows.append((area.compiler_version, area.area or "(flat)", entries, size(area.bytes),
+                     str(area.records) if area.area else "-", ",".join(targets) if area.area else "-"))
     _table(rows)
+
+
+def _target_option(value: str | None) -> str | None:
+    """--target as a compile target (an instance type counts as its family), or a usage error."""
+    from .neuron_sdk import normalize_target
+
+    if value is None:
+        return None
+    target = normalize_target(value)
+    if target is None:
+        raise click.BadParameter(f"{value!r} is not a compile target: pass e.g. trn1, trn2, inf2 or an instance type "
+                                 "such as trn1.32xlarge", param_hint="--target")
+    return target
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -532,21 +588,43 @@ def parallel_compile() -> None:
 @click.option("--task", default="training", show_default=True, help="The task.")
 @click.option("--export-config", callback=_json_object, help='JSON, e.g. \'{"batch_size": 1}\': writes an export record.')
 @click.option("--no-shim", is_flag=True, help="Do not put the compiler shim on PATH.")
+@click.option("--phases", is_flag=True,
+              help="Run COMMAND (a neuron_parallel_compile call) as `--command collect`, fill its todo entries from the "
+                   "bucket, split the compile with the other hosts through compile leases, then `--command compile`.")
+@click.option("--no-leases", is_flag=True, help="With --phases: compile every missing graph here (no compile leases).")
+@click.option("--lease-batch", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="With --phases: graphs this host takes per round (about the compile's parallel workers).")
 @bucket_option
 @cache_dir_option
 @version_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def parallel_compile_run(model_id: str | None, task: str, export_config: dict[str, Any] | None, no_shim: bool,
-                         bucket: str | None, cache_dir: str | None, compiler_version: str | None, command: tuple[str, ...]) -> None:
+def parallel_compile_run(model_id: str | None, task: str, export_config: dict[str, Any] | None, no_shim: bool, phases: bool,
+                         no_leases: bool, lease_batch: int, bucket: str | None, cache_dir: str | None,
+                         compiler_version: str | None, command: tuple[str, ...]) -> None:
     """Fetch, run COMMAND (after --, e.g. -- neuron_parallel_compile torchrun ... train.py) with the compiler
     shim on PATH, then publish; exits with COMMAND's exit code."""
-    from .integrations.parallel_compile import run_parallel_compile
+    from .integrations.parallel_compile import run_parallel_compile, split_phases
 
-    report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
-                                  bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
+    if phases:
+        try:
+            collect, compile_ = split_phases(list(command))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        report = run_parallel_compile(collect_command=collect, compile_command=compile_, model_id=model_id, task=task,
+                                      export_config=export_config, bucket=bucket, cache_dir=cache_dir,
+                                      compiler_version=compiler_version, leases=False if no_leases else None,
+                                      lease_batch=lease_batch)
+    else:
+        report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
+                                      bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
     run = report.run
     click.echo(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
                + (f", record {run.record}" if run.record else ""), err=True)
+    if report.leases is not None:
+        tally = report.leases.tally
+        click.echo(f"neuron-cache: leases: compiled here {tally.compiled_here}, fetched after waiting "
+                   f"{tally.fetched_after_wait}, compiled twice {tally.compiled_twice}, without a lease "
+                   f"{tally.compiled_without_lease}, taken over {tally.taken_over}", err=True)
     sys.exit(report.returncode)
 
 
@@ -555,13 +633,52 @@ def parallel_compile_run(model_id: str | None, task: str, export_config: dict[st
 @cache_dir_option
 @version_option
 def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compiler_version: str | None) -> None:
-    """Complete extracted (todo) entries from the bucket's flat area."""
+    """Complete collected (todo) entries (`neuron_parallel_compile --command collect`) from the bucket's flat area."""
     from .integrations.parallel_compile import fill_todo_entries
 
     result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
+
+
+@cli.command()
+@bucket_option
+@version_option
+@click.option("--sweep", is_flag=True, help="Remove leases whose graph the bucket now holds, or not renewed for --older-than.")
+@click.option("--older-than", type=click.FloatRange(min=0), default=86400.0, show_default=True,
+              help="With --sweep: seconds without a renewal, by the bucket's clock against this host's.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, as_json: bool) -> None:
+    """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each)."""
+    import time as _time
+
+    from .compile_leases import list_leases, sweep_leases
+
+    client = BucketClient(_bucket(bucket))
+    found = list_leases(client, compiler_version)
+    removed = sweep_leases(client, found, now=_time.time(), older_than=older_than) if sweep else []
+    gone = {(lease.compiler_version, lease.module) for lease in removed}
+    found = [lease for lease in found if (lease.compiler_version, lease.module) not in gone]
+    if as_json:
+        click.echo(_json({"leases": [{"compiler_version": lease.compiler_version, "module": lease.module,
+                                      "holder": asdict(lease.holder) if lease.holder else None, "mtime": lease.mtime}
+                                     for lease in found],
+                          "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
+        return
+    for lease in removed:
+        click.echo(f"swept {lease.compiler_version}/{lease.module}")
+    if not found:
+        click.echo(f"{client.bucket} holds no compile leases")
+        return
+    now = _time.time()
+    rows = [("COMPILER", "GRAPH", "HOLDER", "SINCE", "LAST WRITE")]
+    for lease in found:
+        holder = lease.holder
+        rows.append((lease.compiler_version, lease.module, holder.describe() if holder else "(unreadable)",
+                     _duration(max(0.0, now - holder.started)) if holder else "-",
+                     f"{_duration(max(0.0, now - lease.mtime))} ago" if lease.mtime is not None else "-"))
+    _table(rows)
 
 
 @cli.group()
@@ -579,6 +696,49 @@ def shim_install(directory: str) -> None:
     real = real_compiler_besides(path)
     click.echo(f"installed {path}" + (f" (real compiler: {real})" if real else " (no real neuronx-cc on PATH yet)"), err=True)
     click.echo(f'export PATH="{path.parent}:$PATH"')
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+@cli.command(name="import")
+@click.argument("repo_id")
+@click.option("--revision", help="A branch, tag or commit sha of the repo (default: main).")
+@bucket_option
+@click.option("--dry-run", is_flag=True, help="Show the plan: each entry and record, what would be done and why.")
+@click.pass_obj
+def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None, dry_run: bool) -> None:
+    """Copy an optimum-neuron cache repo (e.g. aws-neuron/optimum-neuron-cache) into the bucket.
+
+    Its entries go to the bucket's flat area (by a server-side copy by Xet hash where the repo's files are
+    Xet-backed and the bucket is on the Hub, else streamed), its registry entries become export records.
+    Resumable: run it again after an interruption and it skips what the bucket has."""
+    from .hub_repos import RepoClient, parse_repo
+    from .import_repo import describe_plan, execute_import, plan_import
+
+    repo = parse_repo(repo_id, revision)
+    ref = _bucket(bucket)
+    repo_client, bucket_client = RepoClient(repo), BucketClient(ref)
+    plan = plan_import(repo_client, bucket_client)
+    if dry_run:
+        for line in describe_plan(plan):
+            out.info(line)
+        return
+    out.info(describe_plan(plan)[1].strip())
+    total = len(plan.entries) + len(plan.records)
+    bar = None if out.quiet or not sys.stderr.isatty() or not total else \
+        tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)
+    try:
+        result = execute_import(plan, repo_client, bucket_client, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.info(f"imported {len(result.imported)} entries ({size(result.bytes_copied)} copied by Xet hash, "
+             f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
+    for name, why in result.failed:
+        click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
+    if result.failed:
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -610,6 +770,13 @@ def server_status(as_json: bool) -> None:
 def server_stop() -> None:
     """Stop the running server (the next request starts a new one)."""
     click.echo("stopped the bucket server" if stop_server() else "no bucket server was running")
+
+
+# ---------------------------------------------------------- prune, scrub, du (cli_lifecycle.py)
+
+from .cli_lifecycle import register as _register_lifecycle  # noqa: E402  (it uses the helpers above)
+
+_register_lifecycle(cli)
 
 
 def main() -> None:

@@ -3,19 +3,29 @@
 A `BucketClient` is bound to one bucket. Connections are shared per socket by every client of the process
 (a deliberate cache: the handshake is paid once). If the server dies, the next request restarts it, and an
 idempotent request is retried once.
+
+Requests and results are the typed messages of `bucket_server.messages`. `BucketClient.send` is the client's
+edge: every reply is validated there, once; a listing's untrusted items are left out with one warning per
+reply. The bucket methods (`list`, `download`, ...) return the validated result in its wire form (plain
+dicts, as callers have always read them).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bucket_server import PROTOCOL_VERSION
+from bucket_server.messages import (
+    OPS, AddFile, BatchRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
+    LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StatusRequest, StatusResult, op_of, parse_result,
+)
 from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
 
 from . import crashpoints
@@ -34,13 +44,16 @@ from .errors import (
 )
 from .server_launcher import ServerAddress, connect_server, ensure_server, server_address
 
+log = logging.getLogger("optimum_neuron_cache")
+
 CONNECT_ATTEMPTS = 4
 #: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
 _ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
-#: Operations that can be sent twice with the same effect: retried once after a server restart.
-IDEMPOTENT = frozenset({"hello", "status", "info", "create", "list", "paths_info", "download", "batch"})
+#: Operations that can be sent twice with the same effect: retried once after a server restart (messages.OPS
+#: says which).
+IDEMPOTENT = frozenset(name for name, op in OPS.items() if op.idempotent)
 
 _ERRORS: dict[str, type[RemoteError]] = {
     ErrorCode.BUCKET_NOT_FOUND.value: BucketNotFoundError,
@@ -215,7 +228,12 @@ def running_server(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
         return None
     finally:
         sock.close()
-    return reply.get("result") if reply and reply.get("ok") else None
+    if not (reply and reply.get("ok")):
+        return None
+    try:
+        return StatusResult.from_wire(reply.get("result")).to_wire()
+    except MessageError:
+        return None
 
 
 def stop_server(environ: Mapping[str, str] | None = None, timeout: float = 10.0) -> bool:
@@ -257,54 +275,89 @@ class BucketClient:
         #: Requests sent by this client: the figure benchmarks and "cheap when warm" are judged by.
         self.requests = 0
 
-    def call(self, op: str, *, progress: ProgressCallback | None = None, **args: Any) -> Any:
-        """Send one operation to the bucket server and return its result; an error reply raises its typed exception."""
-        message: dict[str, Any] = {"op": op, "args": args, "bucket": self.bucket.to_wire()}
+    def send(self, request: Any, *, progress: ProgressCallback | None = None) -> Any:
+        """Send one typed request (a request class of bucket_server.messages) and return its typed result,
+        validated here, once. An error reply raises its typed exception; a result that cannot be trusted
+        raises RemoteInvalidDataError; a listing's untrusted items are left out, with one warning."""
+        op = op_of(request).name
+        message: dict[str, Any] = {"op": op, "args": request.to_wire(), "bucket": self.bucket.to_wire()}
         if self._token:
             message["auth"] = {"token": self._token}
         self.requests += 1
         reply = _connection(self.environ).request(message, progress)
-        if reply.get("ok"):
-            return reply.get("result")
-        error = reply.get("error") or {}
-        code = str(error.get("code"))
-        text = str(error.get("message") or code)
-        if code == ErrorCode.BAD_REQUEST.value:
-            raise RemoteInvalidDataError(text)
-        raise _ERRORS.get(code, ServerError)(text)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            code = str(error.get("code"))
+            text = str(error.get("message") or code)
+            if code == ErrorCode.BAD_REQUEST.value:
+                raise RemoteInvalidDataError(text)
+            raise _ERRORS.get(code, ServerError)(text)
+        try:
+            result = parse_result(op, reply.get("result"))
+        except MessageError as exc:
+            raise RemoteInvalidDataError(f"{op} on bucket {self.bucket}: the reply cannot be trusted: {exc}") from None
+        skipped = getattr(result, "skipped", ())
+        if skipped:
+            log.warning("optimum-neuron-cache: %s on bucket %s: skipped %d listed item(s) that cannot be trusted, "
+                        "e.g. %s", op, self.bucket, len(skipped), skipped[0])
+        return result
 
-    # Bucket operations (see bucket_server.backends.base.Backend for their contracts).
+    # Bucket operations (see bucket_server.backends.base.Backend for their contracts); each returns the
+    # validated result in its wire form.
     def info(self) -> dict[str, Any]:
         """The bucket's id, privacy, size and file count (BucketNotFoundError when it does not exist)."""
-        return self.call("info")
+        return self.send(InfoRequest()).to_wire()
 
     def create(self, *, private: bool | None = None) -> dict[str, Any]:
         """Create the bucket if missing (exists-ok): {"created", "url"}."""
-        return self.call("create", private=private)
+        return self.send(CreateRequest(private)).to_wire()
 
     def list(self, prefix: str, *, recursive: bool = True) -> list[dict[str, Any]]:
         """The files (and, not recursive, folders) strictly under the folder `prefix`."""
-        return self.call("list", prefix=prefix, recursive=recursive)
+        return self.send(ListRequest(prefix, recursive)).to_wire()
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the folders directly under `prefix` ("" for the root): the one way folders are listed."""
-        return [item["path"].rsplit("/", 1)[-1] for item in self.list(prefix, recursive=False)
-                if item.get("type") == "directory" and isinstance(item.get("path"), str)]
+        return [item.path.rsplit("/", 1)[-1] for item in self.send(ListRequest(prefix, False)).items
+                if isinstance(item, FolderItem)]
 
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         """The files among `paths` that exist (missing ones are left out): one request per 1000 paths on the
         server's side."""
-        return self.call("paths_info", paths=paths) if paths else []
+        return self.send(PathsInfoRequest(tuple(paths))).to_wire() if paths else []
 
-    def download(self, files: list[dict[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Download files to local paths, each checked by the server against its digest; see Backend.download."""
-        return self.call("download", files=files, progress=progress)
+    def download(self, files: Iterable[DownloadFile | Mapping[str, Any]], *,
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Download files to local paths, each checked by the server against its digest; see Backend.download.
+        Files are DownloadFile, or their wire form."""
+        return self.send(DownloadRequest(_typed(DownloadFile, files, "download")), progress=progress).to_wire()
 
-    def batch(self, *, add: list[dict[str, Any]] | None = None, copy: list[dict[str, Any]] | None = None,
-              delete: list[str] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Copies, then adds, then deletes, in one request; see Backend.batch."""
-        return self.call("batch", add=add or [], copy=copy or [], delete=delete or [], progress=progress)
+    def batch(self, *, add: Iterable[AddFile | Mapping[str, Any]] | None = None,
+              copy: Iterable[CopyFile | Mapping[str, Any]] | None = None, delete: Iterable[str] | None = None,
+              progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Copies, then adds, then deletes, in one request; see Backend.batch. Items are AddFile and CopyFile,
+        or their wire form."""
+        request = BatchRequest(_typed(AddFile, add or (), "batch"), _typed(CopyFile, copy or (), "batch"),
+                               tuple(delete or ()))
+        return self.send(request, progress=progress).to_wire()
+
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """A compile lease file: read, create, replace or delete it, conditionally; see Backend.lease."""
+        return self.send(LeaseRequest(path, mode, content, expect)).to_wire()
 
     def server_status(self) -> dict[str, Any]:
         """The server's status (pid, versions, uptime, connections)."""
-        return self.call("status")
+        return self.send(StatusRequest()).to_wire()
+
+
+_Item = TypeVar("_Item")
+
+
+def _typed(cls: type[_Item], items: Iterable[Any], op: str) -> tuple[_Item, ...]:
+    """Request items as `cls`, from their wire form where a caller gave a dict: one that the server would
+    refuse (an unsafe path, a relative local path) raises RemoteInvalidDataError, as the server's bad_request
+    would, before anything is sent."""
+    try:
+        return tuple(item if isinstance(item, cls) else cls.from_wire(item) for item in items)  # type: ignore[attr-defined]
+    except MessageError as exc:
+        raise RemoteInvalidDataError(f"bad {op} request: {exc}") from None

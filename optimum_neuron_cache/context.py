@@ -26,7 +26,7 @@ from .fetch import FetchNote, HostFetchGate, fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
-from .neuron_sdk import resolve_compiler_version
+from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
 from .publish import close, publish
@@ -175,6 +175,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
             return self.run
         root = self._root.path
+        if not self._is_embedded_default() and (line := unpinned_target_warning(self._version, str(self._bucket))):
+            self._warn(line)  # compilers up to 2.15: the target is not in the MODULE name (once per process)
         try:
             HostState(root).remove_stale_temp_dirs()
         except OSError:
@@ -224,6 +226,10 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._miss(f"{layout.flat_entry_prefix(self._version, module)} is locked here (a compile in progress, or a stale lock)")
             saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
             self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
+            try:
+                self._read_through(root)
+            except Exception as exc:  # upstreams are a bonus: never a reason to stop the user's compile
+                self._warn(f"upstreams not read: {exc}")
         finally:
             if gate is not None:
                 gate.release(note)
@@ -292,6 +298,22 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._before.setdefault(entry.name, entry.state)
                 if not self._before[entry.name].publishable:
                     self._before[entry.name] = entry.state
+
+    def _read_through(self, root: Path) -> None:
+        """What the bucket lacked, from the read-only upstreams (upstreams.py): the model's area of upstream
+        buckets, todo entries from any upstream. Published to the bucket before the body, so the next run
+        finds them at home; counted as fetched, never as compiled by this run."""
+        from .upstreams import configured_upstreams, read_through
+
+        if not configured_upstreams() or self._client is None:
+            return
+        got = read_through(self._client, root, self._version, self._model.folder if self._model else None, self._task,
+                           self._journal_key(), self._area)
+        for warning in got.warnings:
+            self._warn(warning)
+        for module in got.filled:
+            self._before[module] = EntryState.SUCCESS
+            self.run.fetched.append(layout.flat_entry_prefix(self._version, module))
 
     # ------------------------------------------------------------------------------- journal
     def _journal_key(self) -> JournalKey:

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import remote_layout as layout
 from .client import BucketClient
+from .config_fields import names_of
 from .local_cache import version_from_dir_name
 from .records import CachedExport
 
@@ -27,12 +28,16 @@ class Comparison:
 
 
 def differences(record: CachedExport, compiler_version: str | None, flags: Sequence[str] | None,
-                export_config: Mapping[str, Any] | None) -> list[str]:
+                export_config: Mapping[str, Any] | None, target: str | None = None) -> list[str]:
     """Field by field, how `record` differs from this machine's compile. Fields this machine does not state
-    (None) are not compared."""
+    (None) are not compared, nor a target that the record does not know (records from before targets were
+    recorded, which name none in their export config either)."""
     diffs = []
     if compiler_version is not None and record.compiler_version != compiler_version:
         diffs.append(f"compiler version: bucket {record.compiler_version}, here {compiler_version}")
+    there_target = record.effective_target
+    if target is not None and there_target is not None and there_target != target:
+        diffs.append(f"target: bucket {there_target}, here {target}")
     if flags is not None and list(record.compile_flags) != list(flags):
         only_bucket = [flag for flag in record.compile_flags if flag not in flags]
         only_here = [flag for flag in flags if flag not in record.compile_flags]
@@ -40,6 +45,8 @@ def differences(record: CachedExport, compiler_version: str | None, flags: Seque
                                              f"here only: {' '.join(only_here)}" if only_here else "") if part)
         diffs.append(f"compile flags: {detail or 'same flags in another order'}")
     for key, here in sorted((export_config or {}).items()):
+        if target is not None and key in names_of("target"):
+            continue  # compared above, as a target
         there = record.export_config.get(key, "<absent>")
         if str(there).lower() != str(here).lower():
             diffs.append(f"{key}: bucket {there}, here {here}")
@@ -47,9 +54,9 @@ def differences(record: CachedExport, compiler_version: str | None, flags: Seque
 
 
 def nearest(records: Sequence[CachedExport], compiler_version: str | None, flags: Sequence[str] | None,
-            export_config: Mapping[str, Any] | None, limit: int = 3) -> list[Comparison]:
+            export_config: Mapping[str, Any] | None, limit: int = 3, target: str | None = None) -> list[Comparison]:
     """The `limit` records closest to this machine's compile (fewest differences, then oldest first)."""
-    compared = [Comparison(record, differences(record, compiler_version, flags, export_config)) for record in records]
+    compared = [Comparison(record, differences(record, compiler_version, flags, export_config, target)) for record in records]
     return sorted(compared, key=lambda c: (len(c.differences), c.record.created_at))[:limit]
 
 

@@ -266,6 +266,33 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
     return area, client.list(area, recursive=True), existing
 
 
+def pr1102_model_area(client: BucketClient, compiler_version: str, folder: str,
+                      task: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """The model's area in the layout of optimum-neuron's bucket PR (#1102: `neuronxcc-<ver>/<org>/<name>/<task>/`)
+    and its listing without that layout's records (lookup reads those), or None when the bucket has none
+    there. Asked only when this layout's area is empty: a cold miss costs one more listing."""
+    if folder.startswith("local--"):
+        return None
+    area = layout.pr1102_area_prefix(compiler_version, "/".join(folder.split("--")), task)
+    if area is None:
+        return None
+    listing = [item for item in client.list(area, recursive=True)
+               if not layout.is_pr1102_record_path(area, str(item.get("path", "")))]
+    return (area, listing) if listing else None
+
+
+def with_pr1102_area(client: BucketClient, plan: FetchPlan, folder: str, task: str, local: Mapping[str, LocalEntry],
+                     verdicts: Mapping[str, str | None]) -> FetchPlan:
+    """`plan` (of an empty model area) with the entries of the model's area in optimum-neuron PR #1102's layout,
+    when the bucket has one: installed as any others. The plan keeps this layout's area, where the run
+    publishes and records (the other layout is only read)."""
+    found = pr1102_model_area(client, plan.compiler_version, folder, task)
+    if found is None:
+        return plan
+    other = plan_model_area(plan.compiler_version, found[0], found[1], local, verdicts)
+    return replace(plan, ops=other.ops, ignored=other.ignored, remote_modules=other.remote_modules)
+
+
 def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | None, task: str,
                local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False) -> FetchPlan:
     """Ask the bucket what the model's area holds, and plan. Requests: one listing of the model's area
@@ -284,6 +311,8 @@ def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | 
             compilers = running_compilers()
             verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
         plan = replace(plan_model_area(compiler_version, area, listing, local, verdicts), known_models=known_models)
+        if not listing:
+            plan = with_pr1102_area(client, plan, model_folder, task, local, verdicts)
     covered = {op.module for op in plan.ops}
     todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in covered]
     if todo:

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bucket_server.protocol import MAX_RECORD_BYTES
+
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import version_from_dir_name
@@ -24,6 +26,8 @@ class AreaSummary:
     incomplete: int = 0
     bytes: int = 0
     records: int = 0
+    #: The bucket paths of the area's export records (for `ls`, which reads their targets).
+    record_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Inventory:
 def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
     """Group one version's recursive listing into areas; entries count only when complete."""
     modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
-    records: dict[str, int] = {}
+    records: dict[str, list[str]] = {}
     bad_sizes: list[str] = []
     for item in listing:
         path = str(item.get("path", ""))
@@ -48,7 +52,9 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
         if where is None or where.manifest:
             continue
         if where.record:
-            records[where.area] = records.get(where.area, 0) + 1
+            # a record too large to be one is counted, never read (`ls` downloads the listed paths)
+            sane = 0 < (layout.listed_size(item) or 0) <= MAX_RECORD_BYTES
+            records.setdefault(where.area, []).append(path if sane else "")
             continue
         size = layout.listed_size(item)
         if size is None:
@@ -67,8 +73,9 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
             summary.bytes += sum(f.size for f in files.values())
         else:
             summary.incomplete += 1
-    for area, count in records.items():
-        summaries.setdefault(area, AreaSummary(version, area)).records = count
+    for area, paths in records.items():
+        summary = summaries.setdefault(area, AreaSummary(version, area))
+        summary.records, summary.record_paths = len(paths), sorted(path for path in paths if path)
     return sorted(summaries.values(), key=lambda s: (s.area != "", s.area.lower()))
 
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 import enum
 import os
 import re
-import shlex
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import settings
 from .errors import ConfigurationError
-from .neuron_sdk import writes_done_marker
+from .neuron_sdk import ENV_CC_FLAGS, VERSION_PATTERN, cache_dir_from_flags, libneuronxla_cache_root, split_flags, writes_done_marker
 
 DEFAULT_CACHE_ROOT = "/var/tmp/neuron-compile-cache"
-ENV_CC_FLAGS = "NEURON_CC_FLAGS"
 ENV_CACHE_URL = "NEURON_COMPILE_CACHE_URL"
 
 #: Where this project keeps its own bookkeeping (locks, temporary downloads) inside the cache root.
@@ -37,17 +36,19 @@ LOCK_SUFFIX = ".lock"
 #: MODULE_<hlo key>+<flags hash>. Both halves are opaque (read, never recomputed) but must be plain
 #: alphanumerics: a name that is not is noise (or an attack), never an entry.
 _MODULE_RE = re.compile(r"^MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+$")
-_VERSION_DIR_RE = re.compile(r"^neuronxcc-(\d+\.\d+\.\d+(?:\.\d+)?(?:\+[0-9A-Za-z]+)?)$")
+#: `neuronxcc-<version>`, the version as strict as `neuron_sdk.VERSION_PATTERN` (development builds such as
+#: `neuronxcc-2.0.0.22266a0+a69f71e55` included): a folder name is hostile input, locally and in a bucket.
+_VERSION_DIR_RE = re.compile(f"^neuronxcc-({VERSION_PATTERN})$")
 
 
 def is_module_name(name: str) -> bool:
     """Whether `name` is an entry folder name: `MODULE_<alnum>+<alnum>`."""
-    return bool(_MODULE_RE.match(name))
+    return bool(_MODULE_RE.fullmatch(name))
 
 
 def version_from_dir_name(name: str) -> str | None:
     """The compiler version of a `neuronxcc-<version>` folder name, or None for anything else."""
-    match = _VERSION_DIR_RE.match(name)
+    match = _VERSION_DIR_RE.fullmatch(name)
     return match.group(1) if match else None
 
 
@@ -78,32 +79,15 @@ class CacheRoot:
                                      "directory: pass a directory")
 
 
-def _cache_dir_from_flags(flags: list[str]) -> str | None:
-    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
-    found = None
-    for index, token in enumerate(flags):
-        if token.startswith("--cache_dir="):
-            found = token.split("=", 1)[1]
-        elif token == "--cache_dir" and index + 1 < len(flags):
-            found = flags[index + 1]
-    return found
-
-
-def split_flags(value: str) -> list[str]:
-    """NEURON_CC_FLAGS as tokens; a string shlex cannot parse (an odd quote) falls back to whitespace."""
-    try:
-        return shlex.split(value)
-    except ValueError:
-        return value.split()
-
-
 def resolve_cache_root(cache_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> CacheRoot:
     """Resolve the root with libneuronxla's precedence.
 
     1. `cache_dir` given by the caller (an override of this API, not of libneuronxla: the caller is then
-       responsible for passing the same root to the compiler), 2. `--cache_dir` in NEURON_CC_FLAGS,
-    3. NEURON_COMPILE_CACHE_URL, 4. /var/tmp/neuron-compile-cache. `--no_cache` or an s3:// root turns bucket
-    sync off: it is reported through `disabled_reason`, never mistaken for a path.
+       responsible for passing the same root to the compiler); 2. where libneuronxla is installed and
+       `environ` is this process's, what libneuronxla itself answers (`CacheUrl.get_cache_url(<--cache_dir of
+       NEURON_CC_FLAGS>).url`, as torch-neuronx's `neuron_parallel_compile` asks it); else 3. `--cache_dir` in
+       NEURON_CC_FLAGS, 4. NEURON_COMPILE_CACHE_URL, 5. /var/tmp/neuron-compile-cache. `--no_cache` or an s3://
+       root turns bucket sync off: it is reported through `disabled_reason`, never mistaken for a path.
     """
     env = os.environ if environ is None else environ
     flags = split_flags(env.get(ENV_CC_FLAGS, ""))
@@ -112,9 +96,13 @@ def resolve_cache_root(cache_dir: str | os.PathLike[str] | None = None, environ:
             url="", path=None, source=f"--no_cache in {ENV_CC_FLAGS}",
             disabled_reason=f"--no_cache is set in {ENV_CC_FLAGS}: the compiler caches nothing, so there is nothing to fetch or sync",
         )
+    # libneuronxla reads os.environ: its answer is ours only for this process's own environment.
+    from_sdk = libneuronxla_cache_root()[0] if cache_dir is None and env is os.environ else None
     if cache_dir is not None:
         url, source = os.fspath(cache_dir), "argument"
-    elif (from_flags := _cache_dir_from_flags(flags)) is not None:
+    elif from_sdk is not None:
+        url, source = from_sdk, "libneuronxla (CacheUrl.get_cache_url)"
+    elif (from_flags := cache_dir_from_flags(flags)) is not None:
         url, source = from_flags, f"--cache_dir in {ENV_CC_FLAGS}"
     elif env.get(ENV_CACHE_URL):
         url, source = env[ENV_CACHE_URL], ENV_CACHE_URL
@@ -141,7 +129,7 @@ def resolve_cache_root(cache_dir: str | os.PathLike[str] | None = None, environ:
 class EntryState(str, enum.Enum):
     """What libneuronxla would make of an entry (see docs/architecture.md)."""
     SUCCESS = "success"
-    LEGACY_SUCCESS = "legacy_success"  # compilers up to 2.14: a NEFF and no marker
+    LEGACY_SUCCESS = "legacy_success"  # compilers up to 2.14: a NEFF, no marker, no log (maybe a cached failure)
     FAILED = "failed"  # a cached compile failure (model.log), replayed by libneuronxla
     LOCKED = "locked"  # a compile in progress, or a stale lock left by a killed one
     TODO = "todo"  # HLO and flags only: what neuron_parallel_compile's extraction leaves
@@ -149,8 +137,12 @@ class EntryState(str, enum.Enum):
 
     @property
     def publishable(self) -> bool:
-        """Only success entries (and legacy ones) ever leave the machine."""
-        return self in (EntryState.SUCCESS, EntryState.LEGACY_SUCCESS)
+        """Only success entries ever leave the machine. A legacy entry (a NEFF alone, compilers up to 2.14)
+        does only with NEURON_CACHE_PUBLISH_LEGACY=1: those compilers also cached failures as a NEFF
+        (libneuronxla's "Got a cached failed neff"), so a NEFF alone does not prove a success."""
+        if self is EntryState.LEGACY_SUCCESS:
+            return settings.publish_legacy()
+        return self is EntryState.SUCCESS
 
 
 def read_entry_files(path: Path) -> dict[str, int]:

@@ -25,6 +25,7 @@ from .errors import CompilerVersionError
 from .local_cache import version_from_dir_name
 from .neuron_sdk import resolve_compiler_version, validate_compiler_version
 from .records import CachedExport, parse_record
+from .records import record_from_pr1102
 from .server_launcher import hub_endpoint
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -35,6 +36,12 @@ FILTER_KEYS = ALIASES
 
 _memo: dict[tuple[Any, ...], list[CachedExport]] = {}
 _memo_lock = threading.Lock()
+
+
+def _upstreams_key() -> tuple[str, ...]:
+    from .upstreams import configured_upstreams
+
+    return tuple(map(str, configured_upstreams()))
 
 
 def clear_lookup_cache() -> None:
@@ -95,6 +102,54 @@ def read_records(client: BucketClient, paths: list[str]) -> list[CachedExport]:
     return [record for record in records if record is not None]
 
 
+def pr1102_records(client: BucketClient, versions: list[str], model: layout.ModelRef,
+                   tasks: list[str] | None) -> list[CachedExport]:
+    """The records of the layout of optimum-neuron's bucket PR (#1102: `neuronxcc-<ver>/<org>/<name>/<task>/
+    exports/<optimum-neuron version>/<8 hex>.json`, the bare export config), for the versions where this
+    layout has none: a listing per task (and one for the tasks when none is given), one download."""
+    if model.is_local or not versions:
+        return []
+    found: list[tuple[str, str, str]] = []  # (path, task, version)
+    for version in versions:
+        base = f"{layout.version_prefix(version)}/{model.model_id}"
+        for task in tasks if tasks is not None else client.folders(base):
+            area = layout.pr1102_area_prefix(version, model.model_id, task)
+            if area is None:
+                continue
+            listing = client.list(layout.pr1102_exports_prefix(area), recursive=True)
+            found += [(item["path"], task, version) for item in listing if item.get("type") == "file"
+                      and layout.is_pr1102_record_path(area, item["path"]) and 0 < (layout.listed_size(item) or 0) <= MAX_RECORD_BYTES]
+    if not found:
+        return []
+    records = []
+    with tempfile.TemporaryDirectory(prefix="neuron-cache-records-") as tmp:
+        files = [{"path": path, "local_path": str(Path(tmp) / f"{index}.json")} for index, (path, _, _) in enumerate(found)]
+        client.download(files)
+        for item, (path, task, version) in zip(files, found):
+            local = Path(item["local_path"])
+            if local.exists():
+                records.append(record_from_pr1102(local.read_text(encoding="utf-8", errors="replace"), path,
+                                                  model.model_id, task, version))
+    return [record for record in records if record is not None]
+
+
+def read_bucket_records(client: BucketClient, model: layout.ModelRef, tasks: list[str] | None,
+                        compiler_version: str | None, all_versions: bool) -> list[CachedExport]:
+    """A bucket's records of the model: this layout's (every version's in one download), and optimum-neuron PR
+    #1102's for the versions where this layout has none."""
+    versions = _versions(client, compiler_version, all_versions)
+    by_version = {version: _record_paths(client, version, model.folder, tasks) for version in versions}
+    cached = read_records(client, [path for version in versions for path in by_version[version]])
+    return cached + pr1102_records(client, [version for version in versions if not by_version[version]], model, tasks)
+
+
+def upstream_records(model: layout.ModelRef, tasks: list[str] | None, versions: list[str] | None) -> list[CachedExport]:
+    """The records the read-only upstreams hold of the model (see upstreams.py); none when none is set."""
+    from .upstreams import configured_upstreams, upstream_records as read
+
+    return read(model, tasks, versions) if configured_upstreams() else []
+
+
 def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: str | None = None,
                  all_versions: bool = False, bucket: str | BucketRef | None = None, client: BucketClient | None = None,
                  **filters: Any) -> list[CachedExport]:
@@ -114,14 +169,14 @@ def lookup_cache(model_id: str, task: str | None = None, *, compiler_version: st
             compiler_version = resolve_compiler_version(None)
         except CompilerVersionError:
             all_versions = True
-    key = (str(ref), hub_endpoint(), _token_fingerprint(ref), model.folder.lower(), tuple(tasks or ()), compiler_version, all_versions)
+    key = (str(ref), hub_endpoint(), _token_fingerprint(ref), model.folder.lower(), tuple(tasks or ()), compiler_version, all_versions,
+           _upstreams_key())
     with _memo_lock:
         cached = _memo.get(key)
     if cached is None:
         client = client or BucketClient(ref)
-        paths = [path for version in _versions(client, compiler_version, all_versions)
-                 for path in _record_paths(client, version, model.folder, tasks)]
-        cached = read_records(client, paths)  # every version's records in one download
+        cached = read_bucket_records(client, model, tasks, compiler_version, all_versions)
+        cached += upstream_records(model, tasks, None if all_versions else [compiler_version])
         cached.sort(key=lambda record: record.created_at, reverse=True)
         with _memo_lock:
             _memo[key] = cached

@@ -11,15 +11,42 @@ import importlib
 import logging
 import os
 import re
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from .errors import CompilerVersionError
 
-#: neuronx-cc versions look like 2.21.33363.0+82129205 (the +hash part is absent from pip metadata).
-_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(?:\.\d+)?(?:\+[0-9a-zA-Z]+)?$")
+#: neuronx-cc versions look like 2.21.33363.0+82129205 (the +hash part is absent from pip metadata); early
+#: development builds have letters in the fourth part, as in the folder `neuronxcc-2.0.0.22266a0+a69f71e55`.
+#: Every part is bounded and ASCII (`\d` would take any Unicode digit): the version names a folder, locally
+#: and in a bucket, so nothing else may pass.
+VERSION_PATTERN = r"[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,9}(?:\.[0-9]{1,12}[0-9a-z]{0,12})?(?:\+[0-9a-zA-Z]{1,40})?"
+_VERSION_RE = re.compile(f"^{VERSION_PATTERN}$")
 
 ENV_COMPILER_VERSION = "NEURON_CC_VERSION"
+ENV_CC_FLAGS = "NEURON_CC_FLAGS"
+
+
+def split_flags(value: str) -> list[str]:
+    """NEURON_CC_FLAGS as tokens; a string shlex cannot parse (an odd quote) falls back to whitespace."""
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
+def cache_dir_from_flags(flags: list[str]) -> str | None:
+    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
+    found = None
+    for index, token in enumerate(flags):
+        if token.startswith("--cache_dir="):
+            found = token.split("=", 1)[1]
+        elif token == "--cache_dir" and index + 1 < len(flags):
+            found = flags[index + 1]
+    return found
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,7 @@ def validate_compiler_version(version: str, *, source: str) -> str:
     version = version.strip()
     if version.startswith("neuronxcc-"):
         version = version[len("neuronxcc-") :]
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise CompilerVersionError(
             f"compiler version {version!r} from {source} is not a neuronx-cc version "
             "(expected e.g. 2.21.33363.0+82129205, as printed by `neuronx-cc --version`)"
@@ -96,8 +123,9 @@ def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    """(2, 21, 33363, 0) for 2.21.33363.0+82129205: for comparisons such as 'up to 2.14'."""
-    return tuple(int(part) for part in version.split("+", 1)[0].split("."))
+    """(2, 21, 33363, 0) for 2.21.33363.0+82129205, (2, 0, 0, 22266) for 2.0.0.22266a0: for comparisons such
+    as 'up to 2.14' (a development build's letters are ignored)."""
+    return tuple(int(re.match(r"[0-9]*", part).group() or 0) for part in version.split("+", 1)[0].split("."))
 
 
 def writes_done_marker(version: str) -> bool:
@@ -114,7 +142,7 @@ def writes_done_marker(version: str) -> bool:
 # moved an attribute costs a `None`, never an exception.
 
 #: `neuronx-cc --version` prints e.g. "NeuronX Compiler version 2.21.33363.0+82129205".
-_VERSION_IN_TEXT_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+(?:\+[0-9a-zA-Z]+)?)")
+_VERSION_IN_TEXT_RE = re.compile(rf"(?<![\w.])({VERSION_PATTERN})(?![\w.+])")
 
 
 @dataclass(frozen=True)
@@ -138,20 +166,22 @@ def _valid_version(value: object) -> str | None:
     value = value.strip()
     if value.startswith("neuronxcc-"):
         value = value[len("neuronxcc-") :]
-    return value if _VERSION_RE.match(value) else None
+    return value if _VERSION_RE.fullmatch(value) else None
 
 
-def _libneuronxla_cache_url(cache_module: object) -> str | None:
+def _libneuronxla_cache_url(cache_module: object, cache_dir: str | None) -> str | None:
+    """`CacheUrl.get_cache_url(cache_dir).url`, called as torch-neuronx's `neuron_parallel_compile` and Ray's
+    Neuron backend call it: with the `--cache_dir` of NEURON_CC_FLAGS (None when there is none), since
+    libneuronxla's own resolution without the argument ignores that flag."""
     cache_url_cls = getattr(cache_module, "CacheUrl", None)
     get_cache_url = getattr(cache_url_cls, "get_cache_url", None)
     if not callable(get_cache_url):
         return None
-    url = get_cache_url()
-    for attribute in ("url", "cache_url", "path"):
-        value = getattr(url, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    return str(url) if isinstance(url, str) and url else None
+    url = get_cache_url(cache_dir)
+    value = getattr(url, "url", None)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return url.strip() if isinstance(url, str) and url.strip() else None
 
 
 def _libneuronxla_compiler_version(modules: list[object]) -> str | None:
@@ -169,35 +199,63 @@ def _libneuronxla_compiler_version(modules: list[object]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Libneuronxla:
+    """The installed libneuronxla, imported once per process."""
+
+    version: str | None
+    cache_module: object | None
+    compiler_version: str | None
+    compiler_version_source: str | None
+    problem: str | None
+
+
 @lru_cache(maxsize=1)
-def libneuronxla_info() -> LibneuronxlaInfo | None:
-    """libneuronxla's view of the cache, or None when it is absent (or PyPI's placeholder)."""
+def _libneuronxla() -> _Libneuronxla | None:
     try:
         package = importlib.import_module("libneuronxla")
-    except Exception:
+    except Exception:  # absent, or PyPI's placeholder
         return None
-    problems = []
     version = getattr(package, "__version__", None)
+    problem = None
     try:
         cache_module = importlib.import_module("libneuronxla.neuron_cc_cache")
     except Exception as exc:
         cache_module = None
-        problems.append(f"libneuronxla.neuron_cc_cache does not import ({type(exc).__name__})")
-    cache_url = None
-    if cache_module is not None:
-        try:
-            cache_url = _libneuronxla_cache_url(cache_module)
-        except Exception as exc:
-            problems.append(f"CacheUrl.get_cache_url() failed ({type(exc).__name__}: {exc})")
-        if cache_url is None and not problems:
-            problems.append("this libneuronxla has no CacheUrl.get_cache_url()")
+        problem = f"libneuronxla.neuron_cc_cache does not import ({type(exc).__name__})"
     compiler_version = _libneuronxla_compiler_version([m for m in (cache_module, package) if m is not None])
     source = "libneuronxla" if compiler_version else None
     if compiler_version is None and sdk_info().neuronx_cc:
         compiler_version, source = _valid_version(sdk_info().neuronx_cc), "neuronxcc"
+    return _Libneuronxla(str(version) if version else None, cache_module, compiler_version, source, problem)
+
+
+def libneuronxla_cache_root(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(the cache root libneuronxla resolves for NEURON_CC_FLAGS' `--cache_dir`, what went wrong): (None, None)
+    when libneuronxla is absent. Read at each call: the flags and NEURON_COMPILE_CACHE_URL may change."""
+    lib = _libneuronxla()
+    if lib is None:
+        return None, None
+    if lib.cache_module is None:
+        return None, lib.problem
+    env = os.environ if environ is None else environ
+    cache_dir = cache_dir_from_flags(split_flags(env.get(ENV_CC_FLAGS, "")))
+    try:
+        url = _libneuronxla_cache_url(lib.cache_module, cache_dir)
+    except Exception as exc:  # an SDK that changed its API costs a line in `status`, never a run
+        return None, f"CacheUrl.get_cache_url() failed ({type(exc).__name__}: {exc})"
+    return url, None if url else "this libneuronxla has no CacheUrl.get_cache_url()"
+
+
+def libneuronxla_info(environ: Mapping[str, str] | None = None) -> LibneuronxlaInfo | None:
+    """libneuronxla's view of the cache, or None when it is absent (or PyPI's placeholder)."""
+    lib = _libneuronxla()
+    if lib is None:
+        return None
+    cache_url, problem = libneuronxla_cache_root(environ)
     return LibneuronxlaInfo(
-        version=str(version) if version else None, cache_url=cache_url, compiler_version=compiler_version,
-        compiler_version_source=source, problem="; ".join(problems) or None,
+        version=lib.version, cache_url=cache_url, compiler_version=lib.compiler_version,
+        compiler_version_source=lib.compiler_version_source, problem=problem,
     )
 
 
@@ -261,3 +319,112 @@ def format_sdk_summary(summary: dict[str, object], cache_root: str | None = None
         if summary.get("libneuronxla_problem"):
             lines.append(f"libneuronxla: {summary['libneuronxla_problem']}")
     return lines
+
+
+# -------------------------------------------------------------------------------------- compile target
+#
+# From compiler 2.16 on, libneuronxla puts `--target=<t>` in the flags it hashes into the MODULE name
+# (`e30acd3a` is md5 of the JSON list ["--target=trn1"]; aws-neuron/optimum-neuron-cache holds one 2.16 graph
+# as `+613edded` for trn1 and `+7ac4dbae` for trn2, the same flags but the target): entries of trn1, trn2 and
+# inf2 never collide there. Up to 2.15 the target libneuronxla adds is not hashed (an empty flags file,
+# `+d41d8cd9`, beside a `--target=trn1` command line), so one MODULE name may hold a NEFF of either target
+# unless the user pins the target in NEURON_CC_FLAGS. docs/integrations.md cites the sources.
+
+ENV_TARGET_OVERRIDE = "NEURON_PLATFORM_TARGET_OVERRIDE"
+#: The EC2 instance type, readable without the instance metadata service (no network: only the bucket
+#: server talks to the network): on EC2 the DMI product name is e.g. `trn1.32xlarge`.
+DMI_PRODUCT_NAME = Path("/sys/devices/virtual/dmi/id/product_name")
+#: The last version whose MODULE names do not cover the target.
+LAST_VERSION_WITHOUT_TARGET_IN_KEY = (2, 15)
+
+_TARGET_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
+#: An EC2 Neuron instance type; group 1 is its chip's target (trn1n and trn2u instances carry trn1 and trn2 chips).
+_NEURON_INSTANCE_RE = re.compile(r"^((?:trn|inf)[0-9]{1,3})[a-z]{0,3}\.[0-9a-z-]{1,32}$")
+
+
+def normalize_target(value: object) -> str | None:
+    """A compile target as neuronx-cc's `--target` names it (trn1, trn2, inf2...), from a target or an EC2
+    instance type (`trn1.32xlarge` and `trn1n.32xlarge` -> trn1); None for anything else (hostile or unknown
+    input)."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    match = _NEURON_INSTANCE_RE.fullmatch(text)
+    if match:
+        return match.group(1)
+    return text if _TARGET_RE.fullmatch(text) else None
+
+
+def target_from_flags(flags: list[str]) -> str | None:
+    """The last `--target=X` or `--target X` of compiler flags, normalized (None when absent or not a target)."""
+    found = None
+    for index, token in enumerate(flags):
+        if token.startswith("--target="):
+            found = token.split("=", 1)[1]
+        elif token == "--target" and index + 1 < len(flags):
+            found = flags[index + 1]
+    return normalize_target(found) if found is not None else None
+
+
+def instance_type(path: Path = DMI_PRODUCT_NAME) -> str | None:
+    """This EC2 instance's type when it is a Neuron one (`trn1.32xlarge`), from the DMI product name; None
+    elsewhere (another machine, a container without /sys, anything that does not read as a Neuron type)."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(64).decode("ascii", "replace").strip().lower()
+    except OSError:
+        return None
+    return text if _NEURON_INSTANCE_RE.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """The target this machine compiles for, and where that was read."""
+
+    target: str
+    source: str
+
+
+def compile_target(environ: Mapping[str, str] | None = None, export_config: Mapping[str, object] | None = None,
+                   *, dmi_path: Path = DMI_PRODUCT_NAME) -> CompileTarget | None:
+    """What the compiler targets here: `--target` in NEURON_CC_FLAGS, then NEURON_PLATFORM_TARGET_OVERRIDE,
+    then the instance type (DMI), then the export config's `target` / `instance_type`; None when none says."""
+    from .config_fields import value_of
+
+    env = os.environ if environ is None else environ
+    from_flags = target_from_flags(split_flags(env.get(ENV_CC_FLAGS, "")))
+    if from_flags:
+        return CompileTarget(from_flags, f"--target in {ENV_CC_FLAGS}")
+    override = normalize_target(env.get(ENV_TARGET_OVERRIDE))
+    if override:
+        return CompileTarget(override, ENV_TARGET_OVERRIDE)
+    instance = instance_type(dmi_path)
+    if instance:
+        return CompileTarget(normalize_target(instance) or instance, f"instance type {instance}")
+    configured = normalize_target(value_of(export_config or {}, "target"))
+    if configured:
+        return CompileTarget(configured, "the export config")
+    return None
+
+
+def target_in_module_key(compiler_version: str) -> bool:
+    """Whether this compiler's MODULE names cover the target (2.16 and newer)."""
+    return version_tuple(compiler_version)[:2] > LAST_VERSION_WITHOUT_TARGET_IN_KEY
+
+
+_unpinned_warned: set[tuple[str, str]] = set()
+
+
+def unpinned_target_warning(compiler_version: str, bucket: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The one line to warn, once per process and bucket, when a compiler up to 2.15 (whose MODULE names do not
+    cover the target) shares a bucket without `--target` in NEURON_CC_FLAGS; None otherwise."""
+    env = os.environ if environ is None else environ
+    if target_in_module_key(compiler_version) or target_from_flags(split_flags(env.get(ENV_CC_FLAGS, ""))):
+        return None
+    key = (bucket, compiler_version)
+    if key in _unpinned_warned:
+        return None
+    _unpinned_warned.add(key)
+    return (f"neuronx-cc {compiler_version} does not put the compile target in its cache keys: in a bucket shared "
+            f"by trn1, trn2 and inf2 hosts, an entry may hold a NEFF built for another target; add --target=<trn1|trn2|inf2> "
+            f"to {ENV_CC_FLAGS} (or keep one bucket per instance family)")

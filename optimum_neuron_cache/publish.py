@@ -75,7 +75,7 @@ def publish(client: BucketClient, root: Path, key: JournalKey, entries: Iterable
     busy = set(result.in_progress) - journal.listed_elsewhere(key, result.in_progress, record)
     items = {item.entry.name: item for item in plan.items}
     busy = {name for name in busy if not published_meanwhile(state, plan, items[name])}
-    left = journal.settle(record, set(names) - busy)
+    left = journal.settle(record, set(names) - busy - set(result.unconfirmed))  # unconfirmed: a prune raced it
     if own and left is not None:
         close(root, left)
         left = None

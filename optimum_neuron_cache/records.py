@@ -1,8 +1,8 @@
 """Export records: what a later user needs to judge whether a cached compile matches theirs.
 
-One JSON file per (export config, compile flags) under the model's `exports/` folder. The flags are
-NEURON_CC_FLAGS without wrapper flags (which never reach the compiler), so a lookup never claims a match
-that was compiled with other flags.
+One JSON file per (export config, compile flags, compile target) under the model's `exports/` folder. The
+flags are NEURON_CC_FLAGS without wrapper flags (which never reach the compiler), so a lookup never claims a
+match that was compiled with other flags; the target keeps a trn1 and a trn2 build of one configuration apart.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 from . import remote_layout as layout
 from ._version import __version__
-from .config_fields import names_of, same_value
+from .config_fields import names_of, same_value, value_of
 from .local_cache import ENV_CC_FLAGS, split_flags
+from .neuron_sdk import compile_target, normalize_target
 from .remote_layout import area_record_path
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -65,6 +66,9 @@ class ExportRecord:
     export_config: dict[str, Any]
     compile_flags: list[str]
     modules: list[str] = field(default_factory=list)
+    #: The compile target (trn1, trn2, inf2...): see `neuron_sdk.compile_target`. None in records written
+    #: before targets were recorded, and where nothing said it.
+    target: str | None = None
     #: How long each module took to compile here (seconds), where the files tell: what a hit saves.
     compile_seconds: dict[str, float] = field(default_factory=dict)
     #: Xet hash -> `blake3:<hex>` of the files this run uploaded, recorded at publish time: a reader's bucket
@@ -76,9 +80,18 @@ class ExportRecord:
 
     @property
     def record_id(self) -> str:
-        """The record's id: a digest of its export config and compile flags, so one configuration has one record."""
-        key = json.dumps({"export_config": self.export_config, "compile_flags": self.compile_flags}, sort_keys=True)
-        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        """The record's id: a digest of its export config, compile flags and target, so one configuration has one
+        record per target (a trn1 and a trn2 compile of it never overwrite each other). Without a target the
+        digest is the one of records from before targets were recorded."""
+        key: dict[str, Any] = {"export_config": self.export_config, "compile_flags": self.compile_flags}
+        if self.target is not None:
+            key["target"] = self.target
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def effective_target(self) -> str | None:
+        """The recorded target, else (older records) the one the export config states, if any."""
+        return self.target or normalize_target(value_of(self.export_config, "target"))
 
     def to_json(self) -> str:
         """The record as stored in the bucket."""
@@ -88,7 +101,9 @@ class ExportRecord:
 def make_record(model_id: str, task: str, compiler_version: str, export_config: Mapping[str, Any],
                 modules: list[str], environ: Mapping[str, str] | None = None,
                 compile_seconds: Mapping[str, float] | None = None) -> ExportRecord:
-    """A record of this run: the export config made canonical, the compile flags in force, the modules sorted."""
+    """A record of this run: the export config made canonical, the compile flags and target in force, the
+    modules sorted."""
+    found = compile_target(environ, export_config)
     return ExportRecord(
         model_id=model_id,
         task=task,
@@ -96,6 +111,7 @@ def make_record(model_id: str, task: str, compiler_version: str, export_config: 
         export_config=_canonical(dict(export_config)),
         compile_flags=compiler_flags(environ),
         modules=sorted(set(modules)),
+        target=found.target if found else None,
         compile_seconds={name: round(seconds, 3) for name, seconds in sorted((compile_seconds or {}).items())},
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -169,9 +185,15 @@ class CachedExport(ExportRecord):
         return {key: value for key, value in asdict(self).items() if key != "digests"}
 
     def matches(self, filters: Mapping[str, Any]) -> bool:
-        """Whether every given filter matches one of the config keys that carry it (numbers compared as numbers)."""
+        """Whether every given filter matches one of the config keys that carry it (numbers compared as numbers).
+        `target` matches the recorded target (an instance type counts as its family: trn1.32xlarge is trn1),
+        or, in records from before targets were recorded, the export config's."""
         for name, wanted in filters.items():
             if wanted is None:
+                continue
+            if name == "target":
+                if self.effective_target != (normalize_target(wanted) or str(wanted).strip().lower()):
+                    return False
                 continue
             keys = names_of(name)
             values = [self.export_config[key] for key in keys if key in self.export_config]
@@ -225,15 +247,75 @@ def parse_record(text: str, path: str) -> CachedExport | None:
         if not (isinstance(modules, list) and all(isinstance(m, str) and layout.is_module_name(m) for m in modules)):
             raise ValueError("modules is not a list of MODULE names")
         seconds = _compile_seconds(data.get("compile_seconds", {}))
+        target = data.get("target")
+        if target is not None and (not isinstance(target, str) or normalize_target(target) != target):
+            raise ValueError(f"target {target!r} is not a compile target such as trn1")
         digests = data.get("digests", {})  # checked where it is used: by the bucket server
         if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
             digests = {}
         return CachedExport(
             model_id=str(data["model_id"]), task=str(data["task"]), compiler_version=str(data["compiler_version"]),
-            export_config=data["export_config"], compile_flags=flags, modules=modules, compile_seconds=seconds,
-            digests=digests,
+            export_config=data["export_config"], compile_flags=flags, modules=modules, target=target,
+            compile_seconds=seconds, digests=digests,
             created_at=str(data.get("created_at", "")), package_version=str(data.get("package_version", "")), path=path,
         )
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("optimum-neuron-cache: ignoring malformed export record %s: %s", path, exc)
         return None
+
+
+# ------------------------------------------------------------- optimum-neuron's records, read as export records
+
+
+def _registry_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The export configuration of an optimum-neuron registry entry: its `neuron` config (a single model), or
+    each sub-model's `neuron` config by name (a pipeline's MultiModelCacheEntry)."""
+    neuron = data.get("neuron")
+    if isinstance(neuron, dict):
+        config = dict(neuron)
+        if isinstance(data.get("model_type"), str):
+            config.setdefault("model_type", data["model_type"])
+        return config
+    subs = {name: value["neuron"] for name, value in data.items()
+            if isinstance(value, dict) and isinstance(value.get("neuron"), dict)}
+    return subs or None
+
+
+def record_from_registry(text: str, path: str, compiler_version: str) -> CachedExport | None:
+    """An entry of an optimum-neuron Git cache repo's registry (`neuronxcc-<ver>/0_REGISTRY/...`) as an export
+    record, or None (with a warning) when it is not one. It lists no modules: the registry does not say which
+    graphs a configuration compiled (optimum-neuron finds them graph by graph at compile time)."""
+    from .errors import ConfigurationError
+
+    try:
+        data = load_bucket_json(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        model_id, task = data.get("_model_id"), data.get("_task") or layout.DEFAULT_TASK
+        if not isinstance(model_id, str) or layout.hub_model_folder(model_id) is None:
+            raise ValueError(f"_model_id {model_id!r} is not a Hub model id")
+        task = layout.task_name(task) if isinstance(task, str) else layout.DEFAULT_TASK
+        config = _registry_config(data)
+        if config is None:
+            raise ValueError("no neuron configuration")
+    except (ValueError, TypeError, RecursionError, ConfigurationError) as exc:
+        log.warning("optimum-neuron-cache: ignoring registry entry %s: %s", path, exc)
+        return None
+    return CachedExport(model_id=model_id, task=task, compiler_version=compiler_version,
+                        export_config=_canonical(config), compile_flags=[], modules=[], package_version="",
+                        path=path)
+
+
+def record_from_pr1102(text: str, path: str, model_id: str, task: str, compiler_version: str) -> CachedExport | None:
+    """A record of optimum-neuron PR #1102's layout (`exports/<on version>/<sha256(config)[:8]>.json`, the bare
+    export config) as an export record, or None (with a warning) when it is not a JSON object. Its model, task
+    and compiler version are those of the area it was found in; it lists no modules (that layout does not)."""
+    try:
+        data = load_bucket_json(text)
+        if not isinstance(data, dict) or not data:
+            raise ValueError("not a non-empty JSON object")
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.warning("optimum-neuron-cache: ignoring record %s: %s", path, exc)
+        return None
+    return CachedExport(model_id=model_id, task=task, compiler_version=compiler_version,
+                        export_config=_canonical(data), compile_flags=[], modules=[], package_version="", path=path)

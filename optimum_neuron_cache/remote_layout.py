@@ -5,8 +5,15 @@
     neuronxcc-<ver>/models/<org>--<name>/<task>/exports/<record id>.json   export records, for lookup
     neuronxcc-<ver>/models/<org>--<name>/<task>/digests/<id>.json          digest manifests of the area
     neuronxcc-<ver>/digests/MODULE_<key>.json                              digest manifest of a flat entry
+    leases/neuronxcc-<ver>/MODULE_<key>.lease                              compile leases (compile_leases.py)
 
-Other tools (hf-mount users, optimum-neuron) rely on these paths: change them only with a migration.
+Leases sit outside every compiler version's folder, so the flat area stays the local cache tree and no
+fetch, listing of an area or mount of the bucket as a cache root ever meets one as an entry.
+
+Tools outside this package that read these paths (hf-mount users mounting the flat area, scripts reading
+records) rely on them: change them only with a migration. optimum-neuron does not use this layout: its
+released cache is a Git model repo and its unmerged bucket PR (#1102) has a layout of its own; both are read
+here as they are (the functions at the end), never written.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bucket_server.messages import MAX_FILE_BYTES as _MESSAGES_MAX_FILE_BYTES
 
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
@@ -38,6 +47,8 @@ PUBLISHABLE_FILES = frozenset(
 )
 
 MODELS_DIR = "models"
+LEASES_DIR = "leases"
+LEASE_SUFFIX = ".lease"
 EXPORTS_DIR = "exports"
 #: Digest manifests: beside the flat area's entries (never inside them, never installed), and in a model's area.
 DIGESTS_DIR = "digests"
@@ -342,8 +353,9 @@ def parse_version_prefix(name: str) -> str | None:
     return version_from_dir_name(name)
 
 
-#: No file of an entry or record is this large: a listing that says so is corrupt or hostile.
-MAX_FILE_BYTES = 2**40
+#: No file of an entry or record is this large: a listing that says so is corrupt or hostile. One limit, shared
+#: with the client's edge (bucket_server.messages.FileItem), which already leaves such files out of a reply.
+MAX_FILE_BYTES = _MESSAGES_MAX_FILE_BYTES
 
 
 def listed_size(item: Mapping[str, Any]) -> int | None:
@@ -353,3 +365,184 @@ def listed_size(item: Mapping[str, Any]) -> int | None:
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
         return None
     return size
+
+
+# ------------------------------------------------------------------- optimum-neuron's own layouts (read only)
+#
+# Two layouts written by optimum-neuron, read so that what its users have is usable as it is (never written):
+#
+# - its released cache, a Git model repo (e.g. aws-neuron/optimum-neuron-cache; optimum/neuron/cache/hub_cache.py):
+#       neuronxcc-<ver>/MODULE_<key>/<file>                                  entries, as the local cache has them
+#       neuronxcc-<ver>/0_REGISTRY/<optimum-neuron ver>/<...>/<hash>.json     one export configuration each
+#           (a serialized ModelCacheEntry), at <model_type>/<org>/<model>/, or under `inference/` / `training/`
+#           in older releases; an `<arch digest>/` folder (ModelCacheEntry.arch_digest) is accepted as well.
+#           No MODULE keys: optimum-neuron finds entries graph by graph at compile time.
+# - the layout of its unmerged bucket PR (huggingface/optimum-neuron#1102, optimum/neuron/cache/bucket_cache.py):
+#       neuronxcc-<ver>/<org>/<name>/<task>/MODULE_<key>/<file>               a model's area ("default" task)
+#       neuronxcc-<ver>/<org>/<name>/<task>/exports/<on ver>/<8 hex>.json      the bare export config
+
+REGISTRY_DIR = "0_REGISTRY"
+_ON_VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,63}$")
+_REGISTRY_NAME_RE = re.compile(r"^[0-9a-f]{8,128}\.json$")
+_PR1102_RECORD_RE = re.compile(r"^[0-9a-f]{8}\.json$")
+
+
+def hub_model_folder(model_id: str) -> str | None:
+    """`<org>--<name>` (or `<name>`) for a Hub model id read from a remote file, or None when it is not one.
+    Never looks at the local filesystem: a remote model id is never taken for a local directory."""
+    parts = model_id.split("/") if isinstance(model_id, str) else []
+    if not 1 <= len(parts) <= 2 or not all(_HUB_NAME_RE.match(part) and "--" not in part and ".." not in part for part in parts):
+        return None
+    return "--".join(parts)
+
+
+def registry_prefix(compiler_version: str) -> str:
+    """The registry folder of a compiler version in an optimum-neuron Git cache repo."""
+    return f"{version_prefix(compiler_version)}/{REGISTRY_DIR}"
+
+
+@dataclass(frozen=True)
+class RegistryPath:
+    """A registry file of an optimum-neuron Git cache repo, classified from its path alone."""
+
+    compiler_version: str
+    #: The optimum-neuron version that wrote it.
+    on_version: str
+    #: The folders between that version and the file: (arch digest,), (model_type, org, model), or with a mode.
+    folders: tuple[str, ...]
+    name: str
+
+
+def parse_registry_path(compiler_version: str, path: str) -> RegistryPath | None:
+    """`neuronxcc-<ver>/0_REGISTRY/<on ver>/<folders...>/<hash>.json` -> RegistryPath, None for anything else."""
+    prefix = registry_prefix(compiler_version) + "/"
+    if not isinstance(path, str) or not path.startswith(prefix):
+        return None
+    parts = path[len(prefix):].split("/")
+    if not 3 <= len(parts) <= 6 or not _ON_VERSION_RE.match(parts[0]) or not _REGISTRY_NAME_RE.match(parts[-1]):
+        return None
+    if any(not part or part in (".", "..") or not _HUB_NAME_RE.match(part) for part in parts[1:-1]):
+        return None
+    return RegistryPath(compiler_version, parts[0], tuple(parts[1:-1]), parts[-1])
+
+
+def pr1102_area_prefix(compiler_version: str, model_id: str, task: str) -> str | None:
+    """A model's area in the layout of optimum-neuron PR #1102 (`neuronxcc-<ver>/<org>/<name>/<task>`), or None
+    for a model id that layout cannot name (a local directory)."""
+    folder = hub_model_folder(model_id)
+    if folder is None:
+        return None
+    return f"{version_prefix(compiler_version)}/{model_id}/{task}"
+
+
+def pr1102_exports_prefix(area_prefix: str) -> str:
+    """The folder of a PR #1102 area's records (`exports/<optimum-neuron version>/<8 hex>.json` below it)."""
+    return f"{area_prefix}/{EXPORTS_DIR}"
+
+
+def is_pr1102_record_path(area_prefix: str, path: str) -> bool:
+    """Whether `path` is `<area>/exports/<optimum-neuron version>/<8 hex>.json`."""
+    if not isinstance(path, str) or not path.startswith(pr1102_exports_prefix(area_prefix) + "/"):
+        return False
+    parts = path[len(pr1102_exports_prefix(area_prefix)) + 1:].split("/")
+    return len(parts) == 2 and bool(_ON_VERSION_RE.match(parts[0])) and bool(_PR1102_RECORD_RE.match(parts[1]))
+
+
+# ------------------------------------------------------------------ whole-bucket walks (prune, scrub, du)
+#
+# Bucket lifecycle commands see every path of a bucket, not one model's area: these classify a listed path
+# wherever it is, and build the paths of what they remove. Nothing else builds or splits bucket paths.
+
+#: Oldest and newest times a listing may give (2000-01-01 to 2200-01-01): anything else is corrupt or hostile.
+_MIN_TIME, _MAX_TIME = 946684800.0, 7258118400.0
+
+
+def listed_time(item: Mapping[str, Any]) -> float | None:
+    """When a listed file was written to the bucket (seconds since the epoch, the server's `uploaded`), or
+    None when the listing does not say or says something that is not a plausible time. Never the Hub's
+    `mtime`: that is the uploader's local file time, which may be far older than the upload."""
+    value = item.get("uploaded")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _MIN_TIME <= value <= _MAX_TIME:
+        return None  # the range test is also false for NaN
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BucketPath:
+    """A listed path, classified: its compiler version and its place there (see VersionPath)."""
+
+    compiler_version: str
+    where: VersionPath
+
+
+def classify_path(path: str) -> BucketPath | None:
+    """Any bucket path as the layout places it, or None for a name the layout does not allow."""
+    top = path.split("/", 1)[0]
+    version = parse_version_prefix(top)
+    if version is None:
+        return None
+    where = split_version_path(version, path)
+    return BucketPath(version, where) if where is not None else None
+
+
+def area_prefix_of(compiler_version: str, area: str) -> str:
+    """The folder of an area as VersionPath names it: "" is the flat area, else `<model folder>/<task>`."""
+    if not area:
+        return version_prefix(compiler_version)
+    folder, _, task = area.partition("/")
+    return model_area_prefix(compiler_version, folder, task)
+
+
+def entry_prefix_of(compiler_version: str, area: str, module: str) -> str:
+    """An entry's folder in the flat area (area "") or a model's area (`<model folder>/<task>`)."""
+    return area_entry_prefix(area_prefix_of(compiler_version, area), module)
+
+
+def entry_file_of(compiler_version: str, area: str, module: str, filename: str) -> str:
+    """A file of an entry in the flat area (area "") or a model's area (`<model folder>/<task>`)."""
+    return area_file_path(area_prefix_of(compiler_version, area), module, filename)
+
+
+def record_file_of(compiler_version: str, area: str, record_file: str) -> str:
+    """An export record of a model's area (`<model folder>/<task>`), by file name."""
+    return area_record_path(area_prefix_of(compiler_version, area), record_file)
+
+
+def area_folder(area: str) -> str:
+    """The model folder of an area (`<model folder>/<task>` -> `<model folder>`); "" for the flat area."""
+    return area.partition("/")[0]
+
+
+# ----------------------------------------------------------------------------------------- leases
+
+
+def leases_prefix(compiler_version: str | None = None) -> str:
+    """The folder of the compile leases (of one compiler version when given)."""
+    return LEASES_DIR if compiler_version is None else f"{LEASES_DIR}/{version_prefix(compiler_version)}"
+
+
+def lease_path(compiler_version: str, module: str) -> str:
+    """The lease on compiling one graph: `leases/neuronxcc-<ver>/MODULE_<key>.lease`."""
+    if not is_module_name(module):
+        raise ValueError(f"bad module name {module!r}")
+    return f"{leases_prefix(compiler_version)}/{module}{LEASE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class LeasePath:
+    """A lease file found in a listing: which compiler version and graph it is for."""
+
+    compiler_version: str
+    module: str
+
+
+def parse_lease_path(path: str) -> LeasePath | None:
+    """`leases/neuronxcc-<ver>/MODULE_<key>.lease` -> LeasePath, or None for anything else (untrusted)."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != LEASES_DIR or not parts[2].endswith(LEASE_SUFFIX):
+        return None
+    version = version_from_dir_name(parts[1])
+    module = parts[2][: -len(LEASE_SUFFIX)]
+    if version is None or not is_module_name(module):
+        return None
+    return LeasePath(version, module)

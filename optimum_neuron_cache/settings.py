@@ -22,6 +22,7 @@ from .errors import ConfigurationError
 Environ = Mapping[str, str] | None
 
 BUCKET = "NEURON_CACHE_BUCKET"
+UPSTREAM = "NEURON_CACHE_UPSTREAM"
 RUNTIME_DIR = "NEURON_CACHE_RUNTIME_DIR"
 SERVER_MODE = "NEURON_CACHE_SERVER_MODE"
 SERVER_IDLE_TIMEOUT = "NEURON_CACHE_SERVER_IDLE_TIMEOUT"
@@ -29,6 +30,7 @@ SERVER_START_TIMEOUT = "NEURON_CACHE_SERVER_START_TIMEOUT"
 REQUEST_TIMEOUT = "NEURON_CACHE_REQUEST_TIMEOUT"
 LOCK_TIMEOUT = "NEURON_CACHE_LOCK_TIMEOUT"
 VERIFY = "NEURON_CACHE_VERIFY"
+PUBLISH_LEGACY = "NEURON_CACHE_PUBLISH_LEGACY"
 # Passed to the bucket server as arguments, never through its environment.
 RETRY_BUDGET = "NEURON_CACHE_RETRY_BUDGET"
 RETRY_ATTEMPTS = "NEURON_CACHE_RETRY_ATTEMPTS"
@@ -42,6 +44,12 @@ SHIM_PUBLISH = "NEURON_CACHE_SHIM_PUBLISH"
 SHIM_BACKOFF = "NEURON_CACHE_SHIM_BACKOFF"
 SHIM_INSIDE = "NEURON_CACHE_SHIM_INSIDE"
 REAL_COMPILER = "NEURON_CACHE_REAL_COMPILER"
+# Compile leases (compile_leases.py): the shim and the parallel-compile flow.
+LEASES = "NEURON_CACHE_LEASES"
+LEASE_HEARTBEAT = "NEURON_CACHE_LEASE_HEARTBEAT"
+LEASE_STALE = "NEURON_CACHE_LEASE_STALE"
+LEASE_MAX_WAIT = "NEURON_CACHE_LEASE_MAX_WAIT"
+LEASE_POLL = "NEURON_CACHE_LEASE_POLL"
 
 SERVER_MODES = ("auto", "uv", "current")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -113,6 +121,20 @@ def bucket(environ: Environ = None) -> str | None:
     return _raw(BUCKET, environ)
 
 
+def upstream(environ: Environ = None) -> tuple[str, ...] | None:
+    """The read-only upstream sources, in order (comma- or space-separated); None when unset (then the saved
+    setting of `neuron-cache set --upstream` applies). Each is parsed by `upstreams.parse_upstream`."""
+    text = _raw(UPSTREAM, environ)
+    if text is None:
+        return None
+    specs = tuple(part for part in text.replace(",", " ").split() if part)
+    for spec in specs:
+        if any(ord(char) < 32 for char in spec) or len(spec) > 512:
+            raise ConfigurationError(f"{UPSTREAM}={text!r} holds a name that is not a model repo, bucket or directory; "
+                                     "set it to e.g. aws-neuron/optimum-neuron-cache")
+    return specs
+
+
 def runtime_dir(environ: Environ = None) -> str | None:
     """The private directory of the server's socket, lock and log, when the user chose one."""
     return _raw(RUNTIME_DIR, environ)
@@ -146,6 +168,12 @@ def lock_timeout(environ: Environ = None) -> float:
 def verify(environ: Environ = None) -> bool:
     """Whether downloads are checked against their digests (off only to measure what the check costs)."""
     return _flag(VERIFY, True, environ)
+
+
+def publish_legacy(environ: Environ = None) -> bool:
+    """Whether entries of compilers up to 2.14 that hold a NEFF and nothing else are published (off by
+    default: those compilers cached failures as a NEFF too, so such an entry may be a failure)."""
+    return _flag(PUBLISH_LEGACY, False, environ)
 
 
 # ------------------------------------------------------------------------------------ server
@@ -216,7 +244,8 @@ def server_arguments(environ: Environ = None) -> list[str]:
 def check_client(environ: Environ = None) -> None:
     """Validate every setting a client process reads, so bad input fails before any work (and before the
     body of a `hub_neuronx_cache` block), with the one-line error of the first bad variable."""
-    for read in (server_mode, server_idle_timeout, server_start_timeout, request_timeout, lock_timeout, verify):
+    for read in (server_mode, server_idle_timeout, server_start_timeout, request_timeout, lock_timeout, verify,
+                 publish_legacy, leases_enabled, lease_heartbeat, lease_stale, lease_max_wait, lease_poll):
         read(environ)
     server_arguments(environ)
 
@@ -247,3 +276,31 @@ def shim_inside(environ: Environ = None) -> bool:
 def real_compiler(environ: Environ = None) -> str | None:
     """The real neuronx-cc the shim runs, when the user named it."""
     return _raw(REAL_COMPILER, environ)
+
+
+# ------------------------------------------------------------------------------------ leases
+
+
+def leases_enabled(environ: Environ = None) -> bool:
+    """NEURON_CACHE_LEASES=0: compile every missing graph here, without asking other hosts."""
+    return _flag(LEASES, True, environ)
+
+
+def lease_heartbeat(environ: Environ = None) -> float:
+    """Seconds between two renewals of a held compile lease."""
+    return _seconds(LEASE_HEARTBEAT, 10.0, environ)
+
+
+def lease_stale(environ: Environ = None) -> float:
+    """Seconds without a renewal after which another host takes a compile lease over."""
+    return _seconds(LEASE_STALE, 60.0, environ)
+
+
+def lease_max_wait(environ: Environ = None) -> float:
+    """Seconds a host waits at most for another host's compile of a graph before compiling it itself."""
+    return _seconds(LEASE_MAX_WAIT, 7200.0, environ, zero_ok=True)
+
+
+def lease_poll(environ: Environ = None) -> float:
+    """Seconds between two looks at the bucket while waiting on another host's lease."""
+    return _seconds(LEASE_POLL, 2.0, environ)

@@ -51,6 +51,11 @@ class Stats:
     hits_without_duration: int = 0
     #: Remote failures met (each cost a warning line).
     remote_errors: int = 0
+    #: Compile leases (compile_leases.py): graphs compiled here under a lease, fetched after waiting on
+    #: another host's lease, and compiled here although another host compiled them too.
+    lease_compiled: int = 0
+    lease_fetched_after_wait: int = 0
+    lease_compiled_twice: int = 0
 
     def add(self, other: "Stats") -> "Stats":
         """The sum of two sets of figures."""

@@ -4,7 +4,9 @@ Planning asks the bucket about the entries' commit files with one paths-info (ne
 runs in three batches so that a reader never finds a commit file whose content is missing:
   1. upload the content files to the flat area;
   2. copy them to the model's area (server-side, by hash) and add the flat area's commit files;
-  3. add the model area's commit files, then the export record.
+  3. add the model area's commit files, then the export record;
+then one paths-info confirms the content is still there (a concurrent `neuron-cache prune` may have removed
+it between our batches: see prune.py), and removes the commit files of any entry it is not.
 Every publish leaves digest manifests (docs/remote-layout.md): the server describes each file it uploads
 (Xet hash and BLAKE3), and a manifest beside the flat entry and one in the model's area bind the two, so a
 reader's bucket server checks those files by BLAKE3, several times cheaper than recomputing a Xet hash.
@@ -28,6 +30,7 @@ from filelock import Timeout
 from . import crashpoints
 from . import remote_layout as layout
 from .client import BucketClient, ProgressCallback
+from .errors import RemoteError
 from .host_state import HostState
 from .local_cache import LocalEntry, scan_entries
 from .records import ExportRecord
@@ -94,6 +97,9 @@ class SyncResult:
     bytes_uploaded: int = 0
     #: Entries another process of this host is publishing at this instant: not committed yet.
     in_progress: list[str] = field(default_factory=list)
+    #: Entries whose content a concurrent prune removed before their commit files landed: those commit files
+    #: were removed again, and the entries stay journaled.
+    unconfirmed: list[str] = field(default_factory=list)
 
 
 def probe_paths(entries: Iterable[LocalEntry], model_area: str | None, known_in_model_area: Collection[str] = frozenset()) -> list[str]:
@@ -166,8 +172,9 @@ def execute_sync(client: BucketClient, state: HostState, plan: SyncPlan, progres
                 continue
             items.append(dataclasses.replace(item, to_flat=flat, to_model=model))
         _publish(client, items, result, progress, plan.records)
-        state.mark_published(plan.bucket, [_flat_prefix(item) for item in items if item.to_flat]
-                             + [_model_prefix(item) for item in items if item.to_model])
+        confirmed = [item for item in items if item.entry.name not in result.unconfirmed]
+        state.mark_published(plan.bucket, [_flat_prefix(item) for item in confirmed if item.to_flat]
+                             + [_model_prefix(item) for item in confirmed if item.to_model])
         result.record_paths = [path for path, _ in plan.records]
     finally:
         for lock in locks:
@@ -222,10 +229,8 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
                 if name != item.commit:
                     src = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
                     xet_hash = (described.get(src) or {}).get("xet_hash")  # the server need not look it up
-                    # Content the flat area held before: the server describes the copy from our file, if the same.
-                    describe = {} if item.to_flat else {"local_path": str(item.entry.path / name), "describe": True}
                     copies.append({"src": src, "dest": layout.area_file_path(item.to_model, item.entry.name, name),
-                                   **({"xet_hash": xet_hash} if xet_hash else {}), **describe})
+                                   **({"xet_hash": xet_hash} if xet_hash else {})})
         if item.to_flat:
             flat_commits.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit),
                                  "local_path": str(item.entry.path / item.commit),
@@ -240,7 +245,48 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
     last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
     if last:
         _batch(client, add=last)
-    result.published.extend(item.entry.name for item in items)
+    undone = _confirm(client, items)
+    result.published.extend(item.entry.name for item in items if item.entry.name not in undone)
+    result.unconfirmed.extend(sorted(undone))
+
+
+def _content_paths(item: PublishItem) -> list[str]:
+    """Where the item's content files (all but the commit file) now are: flat area, model area, or both."""
+    names = [name for name in item.files if name != item.commit]
+    paths = [layout.flat_file_path(item.entry.compiler_version, item.entry.name, n) for n in names] if item.to_flat else []
+    return paths + ([layout.area_file_path(item.to_model, item.entry.name, n) for n in names] if item.to_model else [])
+
+
+def _commit_paths(item: PublishItem) -> list[str]:
+    paths = [layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit)] if item.to_flat else []
+    return paths + ([layout.area_file_path(item.to_model, item.entry.name, item.commit)] if item.to_model else [])
+
+
+def _confirm(client: BucketClient, items: list[PublishItem]) -> set[str]:
+    """After the last batch, is every content file still there? A `neuron-cache prune` of the same entry that
+    ran between our batches may have removed content we uploaded before our commit file landed. Entries with
+    content missing get their commit files removed again (no reader may install them) and are not counted
+    as published, so they stay journaled for the next run. One paths-info. Best effort: when the bucket cannot
+    be asked right now, nothing more can be done either; only a prune racing at that very moment could have
+    left a half entry, and `neuron-cache scrub` reports it (`--repair` un-commits it)."""
+    wanted = {item.entry.name: _content_paths(item) for item in items}
+    asked = [path for paths in wanted.values() for path in paths]
+    if not asked:
+        return set()
+    try:
+        present = {info["path"] for info in client.paths_info(asked) if isinstance(info.get("path"), str)}
+    except RemoteError as exc:
+        log.info("optimum-neuron-cache: could not confirm the published content: %s", exc)
+        return set()
+    undone = {item.entry.name: item for item in items if any(p not in present for p in wanted[item.entry.name])}
+    if undone:
+        log.warning("optimum-neuron-cache: %d entries lost content to a concurrent prune while they were published "
+                    "(e.g. %s); they stay queued for the next run", len(undone), next(iter(undone)))
+        try:
+            client.batch(delete=[p for item in undone.values() for p in _commit_paths(item)])
+        except RemoteError as exc:
+            log.info("optimum-neuron-cache: could not take back their commit files: %s", exc)
+    return set(undone)
 
 
 def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
@@ -248,8 +294,7 @@ def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
     describes no Xet hash: its own sidecars carry the digests)."""
     bindings = {}
     for name in item.files:
-        info = described.get(layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)) \
-            or (described.get(layout.area_file_path(item.to_model, item.entry.name, name)) if item.to_model else None)
+        info = described.get(layout.flat_file_path(item.entry.compiler_version, item.entry.name, name))
         if isinstance(info, dict) and info.get("xet_hash") and info.get("digest"):
             bindings[str(info["xet_hash"])] = str(info["digest"])
     return bindings

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bucket_server.backends import BackendError
 from bucket_server.backends.dir import DirBackend
+from bucket_server.messages import AddFile
 from optimum_neuron_cache.buckets import parse_bucket
 from optimum_neuron_cache.client import BucketClient
 from stress.scenarios import Figures, _env
@@ -83,12 +84,12 @@ def symlink_flips(workdir: Path, operations: int) -> Figures:
     try:
         for index in range(operations):
             try:
-                backend.batch(add=[{"dest": f"v/models/org--m/MODULE_{index}+a/model.neff", "content": "x"}],
+                backend.batch(add=[AddFile(f"v/models/org--m/MODULE_{index}+a/model.neff", content="x")],
                               copy=[], delete=[])
             except BackendError:
                 pass  # refused: the folder was a symlink, or changed under the write
             listed = backend.list("v", recursive=True) + backend.list("v/models/org--m", recursive=True)
-            if any("planted" in item["path"] for item in listed):
+            if any("planted" in item.path for item in listed):
                 figures.fail(f"operation {index}: a listing showed a file from outside the bucket")
     finally:
         stop.set()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from bucket_server import PROTOCOL_VERSION
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef, read_saved_bucket
 from optimum_neuron_cache.cli import cli
@@ -184,7 +185,7 @@ def test_server_status_and_stop(tmp_path):
     assert "no bucket server is running" in run("server", "status")
     run("create", str(tmp_path / "b"))
     out = run("server", "status")
-    assert "pid: " in out and "socket: " in out and "protocol 1" in out and "idle: " in out
+    assert "pid: " in out and "socket: " in out and f"protocol {PROTOCOL_VERSION}" in out and "idle: " in out
     assert run("server", "stop").strip() == "stopped the bucket server"
     assert running_server() is None
 

@@ -366,22 +366,3 @@ def test_the_fetch_plan_reads_well_named_small_manifests_newest_first():
     plan = plan_model_area("2.21.0.0+abc", area, good + bad, {})
     assert [m.path for m in plan.manifest_files] == [good[i]["path"] for i in range(39, 39 - layout.MAX_AREA_MANIFESTS, -1)]
     assert plan.ignored == (f"{area}/digests/../x.json", f"{area}/digests/short.json")
-
-
-def test_a_graph_the_flat_area_held_already_is_bound_in_the_model_area_too(tmp_path, hub, version):
-    """Another model compiles a graph the flat area holds (shared layers): its entry is copied into the
-    model's area by hash, and the area's manifest binds it, from our file, which has that very Xet hash."""
-    client = BucketClient(BucketRef("hf", BUCKET))
-    client.create()
-    _publish_as("shim", tmp_path / "A", version)
-    with hub_neuronx_cache("org/other", compiler_version=version, bucket=BUCKET, cache_dir=tmp_path / "B") as run:
-        _compile(tmp_path / "B", version, "shim")  # the same graphs, compiled again
-    assert len(run.synced) == 2
-    area = f"neuronxcc-{version}/models/org--other/default"
-    listed = _listed(client, area)
-    manifests = [p for p in listed if "/digests/" in p]
-    assert len(manifests) == 1
-    bound = read_manifest(_download(client, manifests[0], tmp_path / "area.json"))
-    content = [item for path, item in listed.items() if "/MODULE_" in path and item["size"]]
-    assert bound == {item["xet_hash"]: f"blake3:{blake3.blake3((tmp_path / 'B' / f'neuronxcc-{version}' / item['path'].split('/')[-2] / item['path'].split('/')[-1]).read_bytes()).hexdigest()}"
-                     for item in content}

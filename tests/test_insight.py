@@ -25,6 +25,11 @@ OTHER = "2.19.8089.0+8ab9f450"
 CONFIG = {"batch_size": 1, "sequence_length": 1024, "auto_cast_type": "bf16"}
 
 
+@pytest.fixture(autouse=True)
+def no_target_from_the_host(monkeypatch):
+    monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)  # the records' target would follow it
+
+
 @pytest.fixture
 def bucket(tmp_path) -> BucketRef:
     clear_lookup_cache()
@@ -128,8 +133,8 @@ def test_explain_compares_field_by_field(tmp_path, bucket, version, monkeypatch)
     out = CliRunner().invoke(cli, ["explain", "org/m", "--bucket", bucket.location, "--compiler-version", version,
                                    "--batch-size", "8", "--dtype", "fp16"]).output
     lines = out.splitlines()
-    assert lines[0] == f"here: compiler {version}; flags -O1"
-    assert lines[1].startswith(f"1 difference(s): neuronxcc-{version} default auto_cast_type=bf16 batch_size=8")
+    assert lines[0] == f"here: compiler {version}; target (unknown: pass --target); flags -O1"
+    assert lines[1].startswith(f"1 difference(s): neuronxcc-{version} default target=? auto_cast_type=bf16 batch_size=8")
     assert lines[2] == "    auto_cast_type: bucket bf16, here fp16"
     out = CliRunner().invoke(cli, ["explain", "org/m", "--bucket", bucket.location, "--compiler-version", OTHER, "--batch-size", "1"]).output
     assert "compiler version: bucket " in out and f"here {OTHER}" in out

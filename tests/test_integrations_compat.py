@@ -80,6 +80,19 @@ def test_cached_entries_and_their_selection(tmp_path, bucket, version):
     assert [e["batch_size"] for e in select(batch_size=4, instance_type="trn1")] == [4]
 
 
+def test_the_recorded_target_selects_entries_whose_config_names_none(tmp_path, bucket, version, monkeypatch):
+    """A config without a target, compiled for trn2 (pinned in NEURON_CC_FLAGS): optimum-neuron's
+    `instance_type` filter finds it by the record's target."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--target=trn2")
+    config = {"batch_size": 2, "sequence_length": 64, "tensor_parallel_size": 2}
+    with hub_neuronx_cache(model_id="org/phi", task="text-generation", export_config=config, bucket_id=bucket, cache_dir=cache):
+        compile_graph(cache, version, make_graphs(1, seed="phi")[0])
+    select = lambda **kw: select_hub_cached_entries("org/phi", "text-generation", cache_repo_id=bucket, **kw)  # noqa: E731
+    assert [e["target"] for e in select(instance_type="trn2")] == ["trn2"]
+    assert select(instance_type="trn1") == []
+
+
 def test_synchronize_hub_cache_pushes_what_was_compiled_outside_any_block(tmp_path, bucket, version):
     cache = tmp_path / "cache"
     for graph in make_graphs(2, seed="sync"):

@@ -1,7 +1,8 @@
-"""neuron_parallel_compile flows: fetch before extraction, todo entries filled from the flat area, publish after.
+"""neuron_parallel_compile flows: fetch before collection, todo entries filled from the flat area, publish after.
 
-`neuron_parallel_compile` is the simulated one (extract with NEURON_EXTRACT_GRAPHS_ONLY=1, then compile every
-todo entry through `neuronx-cc` on PATH); the training command JIT-compiles a model's graphs as libneuronxla.
+`neuron_parallel_compile` is the simulated one, with the real tool's modes (`collect` runs the command with
+NEURON_EXTRACT_GRAPHS_ONLY=1; `compile` compiles every todo entry through `neuronx-cc` on PATH;
+`collect-and-compile` both); the training command JIT-compiles a model's graphs as libneuronxla.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def test_one_neuron_parallel_compile_call_fetches_hits_through_the_shim_and_publ
     assert len(report.run.fetched) == 3 and report.run.compiled == [] and report.run.synced == []
 
 
-def test_explicit_phases_fill_todo_entries_between_extraction_and_compilation(tmp_path, bucket, version, sdk):
+def test_explicit_phases_fill_todo_entries_between_collection_and_compilation(tmp_path, bucket, version, sdk):
     another_model_published_the_shared_graphs(tmp_path, bucket, version)
     train = [*TRAIN, "--seed", "shared:2", "--seed", "d-own:1"]
-    report = run_parallel_compile(extract_command=["neuron_parallel_compile", "--command", "extract", *train],
-                                  compile_command=["neuron_parallel_compile", "--command", "compile", *train],
+    report = run_parallel_compile(collect_command=["neuron_parallel_compile", "--command", "collect", *train],
+                                  compile_command=["neuron_parallel_compile", "--command", "compile"],
                                   model_id="org/d", bucket=bucket, cache_dir=tmp_path / "D", compiler_version=version,
                                   shim=False)
     assert report.returncode == 0 and compiled(sdk) == 1
@@ -130,3 +131,50 @@ def test_the_run_command_line(tmp_path, bucket, version, sdk):
     record = tmp_path / "r.json"
     BucketClient(bucket).download([{"path": listing.pop(), "local_path": str(record)}])
     assert json.loads(record.read_text())["task"] == "training"
+
+
+def test_the_stand_in_speaks_the_real_modes(tmp_path, version, sdk, monkeypatch):
+    """collect leaves HLO and flags only; scan lists them; compile compiles what was collected; clear-neffs
+    and clear-locks clean up; collect-and-compile compiles only what its own collection extracted; clean
+    removes the cache dir; an unknown mode is refused as argparse would."""
+    cache = tmp_path / "M"
+    monkeypatch.setenv("NEURON_COMPILE_CACHE_URL", str(cache))
+
+    def npc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["neuron_parallel_compile", *args], capture_output=True, text=True, timeout=120)
+
+    done = npc("--command", "collect", *TRAIN, "--seed", "m:2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("for ahead-of-time parallel compilation. No compilation was done.") == 2
+    assert {e.state for e in scan_entries(cache, version)} == {EntryState.TODO} and compiled(sdk) == 0
+    assert "todo[2]:" in npc("--command", "scan").stdout
+    done = npc("--command", "compile", "--num_parallel", "2")
+    assert done.returncode == 0, done.stderr
+    assert {e.state for e in scan_entries(cache, version)} == {EntryState.SUCCESS} and compiled(sdk) == 2
+    assert npc("--command=clear-neffs").returncode == 0
+    assert {e.state for e in scan_entries(cache, version)} == {EntryState.TODO}
+    jit_compile(cache, version, make_graphs(1, seed="left-todo")[0], env={**os.environ, "NEURON_EXTRACT_GRAPHS_ONLY": "1"})
+    lock = next(e.path for e in scan_entries(cache, version)) / "model.hlo_module.pb.lock"
+    lock.write_bytes(b"")
+    assert npc("--command", "clear-locks").returncode == 0 and not lock.exists()
+    done = npc(*TRAIN, "--seed", "m:2")  # collect-and-compile: the two graphs it collected, not the left-over one
+    assert done.returncode == 0, done.stderr
+    assert sorted(e.state.value for e in scan_entries(cache, version)) == ["success", "success", "todo"]
+    assert "done[2]" in npc("--command", "scan-with-failed").stdout
+    assert npc("--command", "clean").returncode == 0 and not cache.exists()
+    refused = npc("--command", "extract", *TRAIN)
+    assert refused.returncode == 2 and "invalid choice: 'extract'" in refused.stderr
+
+
+def test_phases_split_a_neuron_parallel_compile_call_into_its_two_modes():
+    from optimum_neuron_cache.integrations.parallel_compile import _without_cache_dir, split_phases
+
+    collect, compile_ = split_phases(["/opt/bin/neuron_parallel_compile", "--num_parallel=8", "torchrun", "train.py"])
+    assert collect == ["/opt/bin/neuron_parallel_compile", "--command", "collect", "--num_parallel=8", "torchrun", "train.py"]
+    assert compile_ == ["/opt/bin/neuron_parallel_compile", "--command", "compile", "--num_parallel=8"]
+    for bad, said in ((["torchrun", "train.py"], "runs a neuron_parallel_compile call"),
+                      (["neuron_parallel_compile", "--command", "compile"], "drop --command")):
+        with pytest.raises(ValueError, match=said):
+            split_phases(bad)
+    # The view's compile must use the view: --cache_dir (which beats NEURON_COMPILE_CACHE_URL) goes, the rest stays.
+    assert _without_cache_dir("--cache_dir=/fsx/c -O1 --cache_dir /x --target=trn1") == "-O1 --target=trn1"

@@ -18,15 +18,20 @@ ROOT = Path(__file__).parent.parent
 PROBE = textwrap.dedent(
     """
     import json, sys
+    from optimum_neuron_cache.local_cache import resolve_cache_root
     from optimum_neuron_cache.neuron_sdk import libneuronxla_info, sdk_summary, format_sdk_summary, resolve_compiler_version
     info = libneuronxla_info()
-    summary = sdk_summary(sys.argv[1])
+    root = resolve_cache_root()
+    our_root = sys.argv[1] if sys.argv[1] != "-" else (str(root.path) if root.path else None)
+    summary = sdk_summary(our_root)
     try:
         version = resolve_compiler_version(None, environ={})
     except Exception as exc:
         version = "ERROR " + type(exc).__name__
     print(json.dumps({"info": info.__dict__ if info else None, "summary": summary,
-                      "lines": format_sdk_summary(summary, sys.argv[1]), "resolved": version}))
+                      "lines": format_sdk_summary(summary, our_root), "resolved": version,
+                      "root": {"path": str(root.path) if root.path else None, "source": root.source,
+                               "disabled": root.disabled_reason}}))
     """
 )
 
@@ -43,6 +48,15 @@ def probe(tmp_path: Path, packages: dict[str, str], our_root: str = "/var/tmp/ne
     return json.loads(done.stdout)
 
 
+#: A stand-in with the API shape public code relies on (the real package is not installable here):
+#: `libneuronxla.neuron_cc_cache.CacheUrl.get_cache_url(cache_dir=None)` returns an object with `.url` and
+#: `.is_s3()`. Callers pass NEURON_CC_FLAGS' `--cache_dir` themselves: torch-neuronx's
+#: `torch_neuronx/parallel_compile/neuron_parallel_compile.py` (`CacheUrl.get_cache_url(cache_dir)` with
+#: `setup_args().cache_dir`, then `cache_url.url`), Ray's `python/ray/train/torch/xla/config.py`
+#: (`CacheUrl.get_cache_url(explicit_cache_dir)` from a `--cache_dir` regex on NEURON_CC_FLAGS), and
+#: optimum-neuron's `optimum/neuron/cache/hub_cache.py` (`CacheUrl.get_cache_url(cache_dir=cache_dir)`,
+#: `cache_url.is_s3()`). Its own resolution (the argument, NEURON_COMPILE_CACHE_URL, the default) is the one
+#: the SDK docs describe; `FAKE_SDK_DEFAULT_ROOT` stands for an SDK whose default differs from ours.
 LIBNEURONXLA = {
     "libneuronxla/__init__.py": '__version__ = "2.2.4410.0"\n',
     "libneuronxla/neuron_cc_cache.py": """
@@ -52,9 +66,13 @@ LIBNEURONXLA = {
             def __init__(self, url):
                 self.url = url
 
+            def is_s3(self):
+                return self.url.startswith("s3://")
+
             @classmethod
             def get_cache_url(cls, cache_dir=None):
-                return cls(cache_dir or os.environ.get("NEURON_COMPILE_CACHE_URL") or "/var/tmp/neuron-compile-cache")
+                default = os.environ.get("FAKE_SDK_DEFAULT_ROOT", "/var/tmp/neuron-compile-cache")
+                return cls(cache_dir or os.environ.get("NEURON_COMPILE_CACHE_URL") or default)
         """,
 }
 
@@ -109,3 +127,45 @@ def test_the_compiler_version_printed_by_neuronx_cc_is_parsed():
     text = "NeuronX Compiler version 2.21.33363.0+82129205\n\nPython version 3.10.12\nHWM version 2.21.0\n"
     assert parse_compiler_version_output(text) == "2.21.33363.0+82129205"
     assert parse_compiler_version_output("neuronx-cc: command not found") is None
+
+
+def test_the_cache_dir_of_neuron_cc_flags_is_passed_to_libneuronxla(tmp_path):
+    """As torch-neuronx's neuron_parallel_compile does: libneuronxla's resolution without the argument ignores
+    --cache_dir, so `status` would report a mismatch whenever it is set."""
+    out = probe(tmp_path, LIBNEURONXLA, our_root="-", env={"NEURON_CC_FLAGS": "-O1 --cache_dir=/fsx/flags-cache",
+                                                           "NEURON_COMPILE_CACHE_URL": "/fsx/env-cache"})
+    assert out["info"]["cache_url"] == "/fsx/flags-cache"
+    assert out["root"] == {"path": "/fsx/flags-cache", "source": "libneuronxla (CacheUrl.get_cache_url)", "disabled": None}
+    assert out["summary"]["root_mismatch"] is False
+    assert out["lines"][1].startswith("libneuronxla: cache /fsx/flags-cache, compiler")
+
+
+def test_the_cache_root_follows_libneuronxla_where_it_is_installed(tmp_path):
+    out = probe(tmp_path, LIBNEURONXLA, our_root="-", env={"FAKE_SDK_DEFAULT_ROOT": str(tmp_path / "sdk-default")})
+    assert out["root"]["path"] == str(tmp_path / "sdk-default")
+    assert out["root"]["source"] == "libneuronxla (CacheUrl.get_cache_url)"
+    # Without libneuronxla, the same environment gives our own default.
+    assert probe(tmp_path / "none", {}, our_root="-", env={"FAKE_SDK_DEFAULT_ROOT": "/x"})["root"]["path"] == "/var/tmp/neuron-compile-cache"
+
+
+def test_an_s3_root_from_libneuronxla_turns_bucket_sync_off(tmp_path):
+    out = probe(tmp_path, LIBNEURONXLA, our_root="-", env={"NEURON_COMPILE_CACHE_URL": "s3://team/cache"})
+    assert out["root"]["path"] is None and "s3://team/cache" in out["root"]["disabled"]
+
+
+def test_a_failing_libneuronxla_leaves_our_own_resolution(tmp_path):
+    packages = dict(LIBNEURONXLA)
+    packages["libneuronxla/neuron_cc_cache.py"] = textwrap.dedent("""
+        class CacheUrl:
+            @classmethod
+            def get_cache_url(cls, cache_dir=None):
+                raise RuntimeError("no cache for you")
+        """)
+    out = probe(tmp_path, packages, our_root="-", env={"NEURON_CC_FLAGS": "--cache_dir /fsx/c"})
+    assert out["root"] == {"path": "/fsx/c", "source": "--cache_dir in NEURON_CC_FLAGS", "disabled": None}
+    assert "CacheUrl.get_cache_url() failed (RuntimeError: no cache for you)" in out["info"]["problem"]
+
+
+def test_an_explicit_cache_dir_still_wins_and_a_differing_libneuronxla_root_is_reported(tmp_path):
+    out = probe(tmp_path, LIBNEURONXLA, our_root="/somewhere/else", env={"NEURON_CC_FLAGS": "--cache_dir=/fsx/c"})
+    assert out["summary"]["root_mismatch"] is True and out["info"]["cache_url"] == "/fsx/c"

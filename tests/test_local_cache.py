@@ -153,3 +153,89 @@ def test_installed_compiler_version_is_read_from_neuronxcc(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "2.19.8089.0+8ab9f450"
+
+
+# ------------------------------------------------------------------- old and development compiler versions
+
+DEV_VERSION = "2.0.0.22266a0+a69f71e55"  # an early development build's folder, as found in real caches
+
+
+def test_development_version_folders_are_entries_of_a_legacy_compiler(tmp_path):
+    from optimum_neuron_cache import remote_layout as layout
+    from optimum_neuron_cache.local_cache import version_from_dir_name
+    from optimum_neuron_cache.neuron_sdk import validate_compiler_version, version_tuple, writes_done_marker
+
+    assert version_from_dir_name(f"neuronxcc-{DEV_VERSION}") == DEV_VERSION
+    assert layout.parse_version_prefix(f"neuronxcc-{DEV_VERSION}") == DEV_VERSION
+    assert validate_compiler_version(DEV_VERSION, source="test") == DEV_VERSION
+    assert version_tuple(DEV_VERSION) == (2, 0, 0, 22266) and not writes_done_marker(DEV_VERSION)
+    entry = compile_graph(tmp_path, DEV_VERSION, make_graphs(1, seed="dev")[0]).path
+    (found,) = scan_entries(tmp_path)
+    assert (found.compiler_version, found.name, found.state) == (DEV_VERSION, entry.name, EntryState.LEGACY_SUCCESS)
+
+
+@pytest.mark.parametrize("name", [
+    "neuronxcc-2.0.0.22266A0+a69f71e55",  # the fourth part is lowercase
+    "neuronxcc-2.0.0.a22266+a69f71e55",   # ... and starts with a digit
+    "neuronxcc-2.21.0.0\n", "neuronxcc-2.21.0.0 ", "neuronxcc-2.21.0.0+", "neuronxcc-2.21.0.0+ab/cd",
+    "neuronxcc-2.21.0.0+ab..cd", "neuronxcc-٢.٢١.٠", "neuronxcc-2.21.33363.0+" + "a" * 41,
+    "neuronxcc-2.0.0.22266a0-rc1", "neuronxcc-..", "neuronxcc-2.21", "neuronxcc-2.21.0.0.0",
+])
+def test_version_folder_names_are_still_checked_strictly(tmp_path, name):
+    from optimum_neuron_cache import remote_layout as layout
+    from optimum_neuron_cache.local_cache import version_from_dir_name
+
+    assert version_from_dir_name(name) is None and layout.parse_version_prefix(name) is None
+    if "/" not in name and "\n" not in name:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "MODULE_1+a").mkdir()
+        assert scan_entries(tmp_path) == []
+
+
+# ------------------------------------------------------------- flags hashes: JSON or text, whatever the version
+
+#: Versions with both kinds of flags hash in public caches: 2.12 hashes the text (`+2c2d707e` for
+#: "--model-type=transformer --auto-cast=none", aws-neuron-sdk#825), 2.15.128 the JSON list (`+d7517139` for [],
+#: optimum-internal-testing/neuron-testing-cache; `+39f12043`, optimum-neuron#698), 2.15.141 the text
+#: (`+4497a662`, aws-neuron-sdk#1023) and the JSON list (`+b64a7507`, aws-neuron/optimum-neuron-cache).
+HASH_VERSIONS = ["2.12.68.0", "2.14.227.0+2d4f85be", "2.15.128.0+56dc5a86", "2.15.141.0+d3cfc8ca", "2.21.33363.0+82129205"]
+
+
+def test_the_simulated_hashes_are_the_real_ones():
+    from optimum_neuron_cache.testing.simulated_compiler import flags_hash
+
+    assert flags_hash("2.12.68.0", ("--model-type=transformer", "--auto-cast=none"), "text") == "2c2d707e"
+    assert flags_hash("2.14.227.0", (), None) == "d41d8cd9"  # an empty compile_flags.txt
+    assert flags_hash("2.15.128.0", (), "json") == "d7517139"
+    assert flags_hash("2.15.141.0", ("--model-type", "transformer", "-O1", "--model-type=transformer"), "json") == "b64a7507"
+    assert flags_hash("2.22.12471.0", ("--target=trn1",), "json") == "e30acd3a"  # 2.16+: the target is hashed
+    assert flags_hash("2.16.372.0", ("--target=trn1", "--model-type=transformer", "--auto-cast=none", "--execute-repetition=1"), "json") == "613edded"
+    assert flags_hash("2.16.372.0", ("--target=trn2", "--model-type=transformer", "--auto-cast=none", "--execute-repetition=1"), "json") == "7ac4dbae"
+    assert flags_hash("2.16.372.0", ("--target=trn3",), "json") == "70e3f644"  # aws-neuron-sdk NKI quickstart
+
+
+@pytest.mark.parametrize("style", ["json", "text"])
+@pytest.mark.parametrize("version", HASH_VERSIONS)
+def test_entries_of_either_flags_hash_are_read_the_same_way(tmp_path, version, style):
+    from optimum_neuron_cache.testing.simulated_compiler import flags_hash
+
+    flags = ("--model-type=transformer", "-O1")
+    ok, failed = make_graphs(2, seed=f"style-{style}", flags=flags)
+    entry = compile_graph(tmp_path, version, ok, flags_hash_style=style).path
+    with pytest.raises(CompileFailed):
+        compile_graph(tmp_path, version, failed, outcome="failed", flags_hash_style=style)
+    assert entry.name.endswith("+" + flags_hash(version, flags, style))
+    states = {e.name: e.state for e in scan_entries(tmp_path, version)}
+    legacy = version.startswith(("2.12.", "2.14."))
+    assert states[entry.name] is (EntryState.LEGACY_SUCCESS if legacy else EntryState.SUCCESS)
+    assert EntryState.FAILED in states.values()
+    assert compile_graph(tmp_path, version, ok, flags_hash_style=style).hit
+
+
+def test_nothing_in_the_package_computes_a_flags_hash():
+    """The MODULE name is opaque: no code of the package (the simulated compiler aside) hashes flags, so no
+    version boundary can decide how."""
+    package = Path(__file__).resolve().parent.parent / "optimum_neuron_cache"
+    offenders = [str(path.relative_to(package)) for path in package.rglob("*.py")
+                 if "testing" not in path.parts and "md5(" in path.read_text()]
+    assert offenders == []

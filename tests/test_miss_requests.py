@@ -40,10 +40,11 @@ def test_a_miss_costs_the_same_requests_whatever_the_bucket_holds(tmp_path, hub)
         assert [(method, path.replace("test/small", "test/big")) for method, path in small[0]] == big[0]
         assert small[2] == big[2]
         requests, reasons, _ = big
-        # Before any publish: the model's area, then `models/` for the casing; the reason needs no more.
+        # Before any publish: the model's area, `models/` for the casing, the PR #1102 layout's folder of the
+        # model (read-only bridge); the reason needs no more, and no other compiler version is listed.
         reads = [path for method, path in requests if "/tree/" in path]
         assert len(reads) <= 3 and all(f"neuronxcc-{VERSIONS[-1]}".replace("+", "%2B") in path for path in reads)
         if compile_one:
             assert len(reasons) == 1 and "no entries for org/never-seen" in reasons[0]
         else:
-            assert reasons == [] and len(requests) == 2  # nothing compiled, nothing to explain or publish
+            assert reasons == [] and len(requests) == len(reads) <= 3  # nothing compiled: nothing to explain or publish

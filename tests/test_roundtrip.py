@@ -96,7 +96,8 @@ def test_a_second_run_with_nothing_new_is_cheap(tmp_path, bucket, version):
     assert run.requests == 1  # one listing of the model's area, nothing on exit
 
 
-def test_legacy_compiler_entries_round_trip(tmp_path, bucket):
+def test_legacy_compiler_entries_round_trip(tmp_path, bucket, monkeypatch):
+    monkeypatch.setenv("NEURON_CACHE_PUBLISH_LEGACY", "1")  # NEFF-only entries are published on opt-in only
     old = "2.14.227.0+2d4f85be"
     graphs = make_graphs(2, seed="legacy")
     with hub_neuronx_cache("org/old", compiler_version=old, bucket=bucket, cache_dir=tmp_path / "A") as run_a:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bucket_server import PROTOCOL_VERSION
 from bucket_server.protocol import read_frame, write_frame
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, running_server, stop_server
@@ -53,7 +54,7 @@ def test_handshake_status_and_private_socket_dir(tmp_path):
     assert client.list("") == []
     status = client.server_status()
     address = server_address()
-    assert status["protocol"] == 1 and status["pid"] > 0 and status["socket"] == str(address.socket_path)
+    assert status["protocol"] == PROTOCOL_VERSION and status["pid"] > 0 and status["socket"] == str(address.socket_path)
     mode = stat.S_IMODE(address.socket_path.parent.stat().st_mode)
     assert mode == 0o700
     assert running_server()["pid"] == status["pid"]
@@ -278,7 +279,7 @@ def test_a_server_of_another_protocol_is_replaced(tmp_path):
     assert client.list("") == []  # the old server was asked to stop, and ours started
     thread.join(timeout=10)
     assert not thread.is_alive()
-    assert client.server_status()["protocol"] == 1
+    assert client.server_status()["protocol"] == PROTOCOL_VERSION
 
 
 def test_a_hung_server_does_not_hang_the_client(tmp_path, monkeypatch):

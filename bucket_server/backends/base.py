@@ -1,7 +1,8 @@
 """The interface every bucket backend implements, and the checks every one of them applies.
 
-Items on the wire are plain dicts: files are {"type": "file", "path", "size", "xet_hash", "mtime"},
-folders {"type": "directory", "path"}. Paths are bucket-relative, '/'-separated, validated on the way in.
+Backends take and return the typed messages of `bucket_server.messages`: the server has validated a request's
+arguments before a backend sees them (paths are bucket-relative, '/'-separated and safe; local paths are
+absolute), and turns what a backend returns into the reply's JSON.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import abc
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..messages import (
+    AddFile, BatchResult, CopyFile, CreateResult, DownloadFile, DownloadResult, Failure, FileItem, InfoResult,
+    ListItem, MessageError, remote_path,
+)
 from ..protocol import ErrorCode
 
 
@@ -31,70 +36,68 @@ class BackendError(Exception):
 
 
 def validate_remote_path(path: Any, *, allow_root: bool = False) -> str:
-    """Reject what could escape a bucket or a local root: absolute paths, '..', backslashes, NUL, empties."""
-    if not isinstance(path, str):
-        raise BackendError(ErrorCode.BAD_REQUEST, f"remote path must be a string, got {type(path).__name__}")
-    if path == "" and allow_root:
-        return path
-    if (
-        not path
-        or len(path) > 1024
-        or path.startswith("/")
-        or "\\" in path
-        or "\x00" in path
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    ):
-        raise BackendError(ErrorCode.BAD_REQUEST, f"unsafe remote path {path!r}")
-    return path
+    """`messages.remote_path` for a backend's own use: an unsafe path is a BAD_REQUEST BackendError."""
+    try:
+        return remote_path(path, allow_root=allow_root)
+    except MessageError as exc:
+        raise BackendError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
 
 class Backend(abc.ABC):
     """One bucket. Methods are called concurrently from the server's connection threads."""
 
     @abc.abstractmethod
-    def info(self) -> dict[str, Any]:
-        """{"id", "private", "size", "total_files"}; BUCKET_NOT_FOUND when it does not exist."""
+    def info(self) -> InfoResult:
+        """The bucket's id, visibility, size and file count; BUCKET_NOT_FOUND when it does not exist."""
 
     @abc.abstractmethod
-    def create(self, *, private: bool | None) -> dict[str, Any]:
-        """Create the bucket if missing (exists-ok); {"created": bool, "url": str}."""
+    def create(self, *, private: bool | None) -> CreateResult:
+        """Create the bucket if missing (exists-ok)."""
 
     @abc.abstractmethod
-    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+    def list(self, prefix: str, *, recursive: bool) -> list[ListItem]:
         """Files (and, when not recursive, folders) strictly under the folder `prefix` ("" for the root)."""
 
     @abc.abstractmethod
-    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+    def paths_info(self, paths: Sequence[str]) -> list[FileItem]:
         """The files among `paths` that exist; missing ones are left out."""
 
     @abc.abstractmethod
-    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
-        """Download [{"path", "local_path", "size"?, "xet_hash"?, "digest"?, "manifest"?}]; {"files": n,
-        "bytes": n, "failed": [{"path", "reason"}]}. Each file with a digest is checked against it (a
-        manifest's binding for its Xet hash first, see digests.py); one that fails is deleted and listed."""
+    def download(self, files: Sequence[DownloadFile], *, progress: Progress | None = None) -> DownloadResult:
+        """Download each file to its local path. Each file with a digest is checked against it (a manifest's
+        binding for its Xet hash first, see digests.py); one that fails is deleted and listed in `failed`."""
 
     @abc.abstractmethod
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
-              progress: Progress | None = None) -> dict[str, Any]:
+    def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
+              progress: Progress | None = None) -> BatchResult:
         """Apply copies, then adds, then deletes.
 
-        add: [{"dest", "local_path", "describe"?} | {"dest", "content": str}]; copy: [{"src", "dest", "xet_hash"?,
-        "local_path"?, "describe"?}] copies within the bucket (server-side by hash where the backend can). Returns
-        counts, and for the files asked to be described, "described": {dest: {"xet_hash", "digest"}}: what a
-        manifest records for them (a copy is described from its `local_path`, only when that file has the
-        copied content; backends without Xet hashes may describe none).
+        Copies are within the bucket (server-side by hash where the backend can). The result counts them, and
+        describes the added files marked `describe` (their Xet hash and digest): what a manifest records.
         """
 
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """A small advisory lease file (compile leases): {"ok": bool, "content": str | None}, the args already
+        checked by messages.LeaseRequest.
 
-def reject_mismatched(files: list[dict[str, Any]], problems: dict[str, str]) -> list[dict[str, Any]]:
+        read: its content (None when absent). create: write `content` only if no file is there. replace:
+        write `content` only if the file holds `expect`. delete: remove it only if it holds `expect` (any
+        content when `expect` is None). Each is idempotent: redoing one that took effect answers ok (a file
+        that already holds `content`; a file already gone). `content` in the reply is the file's content
+        after the operation, when the backend knows it without another transfer, else None.
+        """
+        raise BackendError(ErrorCode.BAD_REQUEST, f"{type(self).__name__} has no leases")
+
+
+def reject_mismatched(files: Sequence[DownloadFile], problems: dict[str, str]) -> list[Failure]:
     """Delete each downloaded file the verifier found wrong (local path -> why), so the client never sees
-    it; the failures to report, as [{"path", "reason"}]."""
+    it; the failures to report."""
     failed = []
     for item in files:
-        reason = problems.get(str(item["local_path"]))
+        reason = problems.get(item.local_path)
         if reason:
-            Path(item["local_path"]).unlink(missing_ok=True)
-            failed.append({"path": item["path"], "reason": reason})
+            Path(item.local_path).unlink(missing_ok=True)
+            failed.append(Failure(item.path, reason))
     return failed
 
 

@@ -20,10 +20,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..messages import (
+    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, Failure,
+    FileItem, FolderItem, InfoResult, ListItem,
+)
 from ..protocol import ErrorCode
 from ..digests import StreamVerifier, file_digest, publish_algorithm, split
 from . import dirtree
@@ -162,9 +166,9 @@ def _fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def _local_size(item: dict[str, Any]) -> int:
+def _local_size(item: AddFile) -> int:
     try:
-        return os.lstat(item["local_path"]).st_size if "local_path" in item else 0
+        return os.lstat(item.local_path).st_size if item.local_path is not None else 0
     except OSError:
         return 0
 
@@ -219,17 +223,17 @@ class DirBackend(Backend):
             log.warning("directory bucket %s: skipped %d names that are not valid UTF-8 or not safe bucket paths "
                         "(%s%s)", self.root, len(skipped), examples, ", ..." if len(skipped) > 3 else "")
 
-    def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> dict[str, Any]:
+    def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> FileItem:
         raw = dirtree.read_small(shadow, path.rsplit("/", 1)[-1], SIDECAR_MAX_BYTES)
-        return {"type": "file", "path": path, "size": info.st_size, "xet_hash": None, "mtime": info.st_mtime,
-                "digest": sidecar_digest(raw, info)}
+        # Every write lands by a rename of a new file: its mtime is when it was written to the bucket.
+        return FileItem(path, info.st_size, None, info.st_mtime, sidecar_digest(raw, info), uploaded=info.st_mtime)
 
     def _sidecar(self, dirs: Dirs, parts: list[str], info: os.stat_result) -> tuple[str | None, bytes | None]:
         """(digest or STALE or None, the raw sidecar) of the file at `parts`, whose lstat is `info`."""
         raw = dirtree.read_small(dirs.find([DIGESTS, *parts[:-1]]), parts[-1], SIDECAR_MAX_BYTES)
         return sidecar_digest(raw, info), raw
 
-    def _walk(self, dirs: Dirs, parts: list[str], *, with_dirs: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    def _walk(self, dirs: Dirs, parts: list[str], *, with_dirs: Callable[[str], None] | None = None) -> Iterator[FileItem]:
         try:
             top = dirs.get(parts)
         except FileNotFoundError:
@@ -313,22 +317,22 @@ class DirBackend(Backend):
             self._write_sidecar(dirs, incoming, parts, lines)
 
     # ------------------------------------------------------------------------------ interface
-    def info(self) -> dict[str, Any]:
+    def info(self) -> InfoResult:
         """The bucket's size and file count."""
         size = files = 0
         with self._open() as dirs:
             for item in self._walk(dirs, []):
-                size += item["size"]
+                size += item.size
                 files += 1
-        return {"id": str(self.root), "private": True, "size": size, "total_files": files}
+        return InfoResult(str(self.root), True, size, files)
 
-    def create(self, *, private: bool | None) -> dict[str, Any]:
+    def create(self, *, private: bool | None) -> CreateResult:
         """Create the root folder if missing."""
         existed = self.root.is_dir()
         self.root.mkdir(parents=True, exist_ok=True)
-        return {"created": not existed, "url": str(self.root)}
+        return CreateResult(not existed, str(self.root))
 
-    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
+    def list(self, prefix: str, *, recursive: bool) -> list[ListItem]:
         """Files (and, not recursive, folders) under `prefix`, reached without following a symlink."""
         parts = _parts(prefix.rstrip("/"), allow_root=True)
         with self._open() as dirs:
@@ -336,9 +340,9 @@ class DirBackend(Backend):
                 return list(self._walk(dirs, parts))
             folders: list[str] = []
             files = list(self._walk(dirs, parts, with_dirs=folders.append))
-            return sorted([{"type": "directory", "path": path} for path in folders] + files, key=lambda item: item["path"])
+            return sorted([FolderItem(path) for path in folders] + files, key=lambda item: item.path)
 
-    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+    def paths_info(self, paths: Sequence[str]) -> list[FileItem]:
         """The regular files among `paths`, with their digests (a stale sidecar says so)."""
         found = []
         with self._open() as dirs:
@@ -359,40 +363,40 @@ class DirBackend(Backend):
         except (FileNotFoundError, NotADirectoryError):
             raise BackendError(ErrorCode.NOT_FOUND, f"{path} is not in bucket {self.root}") from None
 
-    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
+    def download(self, files: Sequence[DownloadFile], *, progress: Progress | None = None) -> DownloadResult:
         """Copy each file out, checked against its digest a block behind the copy (StreamVerifier): when the
         last byte is copied, little is left to hash. A file whose bytes do not match (or that is far larger
         than announced) is removed and reported, never left for the client. So is a file changed after it
         was published (its sidecar is STALE), or that is a symlink: those are not even copied. Digest
         manifests bind Xet hashes, which a directory bucket does not list: they are copied like any other
         file."""
-        counter = _Counter(progress, sum(int(item.get("size") or 0) for item in files))
+        counter = _Counter(progress, sum(item.size or 0 for item in files))
         verifier = StreamVerifier()
         started = time.perf_counter()
         total = 0
-        failed = []
+        failed: list[Failure] = []
         with self._open() as dirs:
             try:
                 for item in files:
-                    dest = Path(item["local_path"])  # its folder is the client's to make: never recreate a removed one
+                    dest = Path(item.local_path)  # its folder is the client's to make: never recreate a removed one
                     try:
-                        src, parts = self._open_source(dirs, item["path"])
+                        src, parts = self._open_source(dirs, item.path)
                     except Refused as exc:
-                        failed.append({"path": item["path"], "reason": exc.what if exc.path == item["path"] else
-                                       f"is under {dirtree.shown(exc.path)}, which {exc.what}"})
+                        failed.append(Failure(item.path, exc.what if exc.path == item.path else
+                                              f"is under {dirtree.shown(exc.path)}, which {exc.what}"))
                         continue
                     try:
                         info = os.fstat(src)
-                        limit = int(item["size"]) if item.get("size") is not None else None
+                        limit = item.size
                         if limit is not None and info.st_size > limit:
-                            failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
+                            failed.append(Failure(item.path, f"larger than the {limit} bytes listed"))
                             continue
                         recorded, _ = self._sidecar(dirs, parts, info)
                         if recorded == STALE:
-                            failed.append({"path": item["path"], "reason": "changed after it was published (its "
-                                           "size or time differs from its digest record): refused"})
+                            failed.append(Failure(item.path, "changed after it was published (its size or time "
+                                                  "differs from its digest record): refused"))
                             continue
-                        digest = item.get("digest")  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
+                        digest = item.digest  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
                         if digest == STALE:  # published again since the listing
                             digest = recorded
                         try:
@@ -410,14 +414,14 @@ class DirBackend(Backend):
                     if limit is not None and copied > limit:
                         verifier.abandon(str(dest))
                         dest.unlink(missing_ok=True)
-                        failed.append({"path": item["path"], "reason": f"larger than the {limit} bytes listed"})
+                        failed.append(Failure(item.path, f"larger than the {limit} bytes listed"))
                     else:
                         verifier.closed(str(dest), digest)
             finally:
                 copied_in = time.perf_counter() - started
                 problems = verifier.finish()
         log.info("copied %d files in %.3f s, %s", len(files), copied_in, verifier.summary())
-        return {"files": len(files), "bytes": total, "failed": failed + reject_mismatched(files, problems)}
+        return DownloadResult(len(files), total, tuple(failed + reject_mismatched(files, problems)))
 
     def _writable(self, path: str) -> list[str]:
         parts = _parts(path)
@@ -425,13 +429,13 @@ class DirBackend(Backend):
             raise BackendError(ErrorCode.BAD_REQUEST, f"{path}: {parts[0]}/ is the bucket's own bookkeeping")
         return parts
 
-    def _copy(self, dirs: Dirs, incoming: int, item: dict[str, Any], algorithm: str) -> None:
+    def _copy(self, dirs: Dirs, incoming: int, item: CopyFile, algorithm: str) -> None:
         """A copy within the bucket: a hard link where the filesystem allows (else the bytes). It carries the
         source's digest, or its staleness: a file changed after it was published does not become trusted
         by being copied."""
-        dest = self._writable(item["dest"])
+        dest = self._writable(item.dest)
         try:
-            src, parts = self._open_source(dirs, item["src"])
+            src, parts = self._open_source(dirs, item.src)
         except Refused as exc:
             raise self._refused(exc) from None
         tmp = incoming_name()
@@ -442,7 +446,7 @@ class DirBackend(Backend):
                 os.link(parts[-1], tmp, src_dir_fd=dirs.get(parts[:-1]), dst_dir_fd=incoming, follow_symlinks=False)
                 linked = dirtree.lstat(incoming, tmp)
                 if linked is None or (linked.st_dev, linked.st_ino) != (info.st_dev, info.st_ino):
-                    raise BackendError(ErrorCode.INVALID_DATA, f"copy source {item['src']} changed during the copy")
+                    raise BackendError(ErrorCode.INVALID_DATA, f"copy source {item.src} changed during the copy")
             except OSError:  # filesystems without hard links (some mounts): copy the bytes
                 dirtree.unlink(incoming, tmp)
                 out = dirtree.create_file(incoming, tmp)
@@ -462,21 +466,21 @@ class DirBackend(Backend):
             os.close(src)
             dirtree.unlink(incoming, tmp)  # a rename onto a hard link of the same file leaves it in place
 
-    def _add(self, dirs: Dirs, incoming: int, item: dict[str, Any], algorithm: str,
+    def _add(self, dirs: Dirs, incoming: int, item: AddFile, algorithm: str,
              on_bytes: Callable[[int], None] | None) -> str:
-        dest = self._writable(item["dest"])
+        dest = self._writable(item.dest)
         tmp = incoming_name()
         out = dirtree.create_file(incoming, tmp)
         try:
             try:
-                if "local_path" in item:
-                    src = open_upload_source(item["local_path"])
+                if item.local_path is not None:
+                    src = open_upload_source(item.local_path)
                     try:
                         copy_between(src, out, on_bytes)
                     finally:
                         os.close(src)
                 else:
-                    data = memoryview(str(item.get("content", "")).encode("utf-8"))
+                    data = memoryview(item.content.encode("utf-8"))
                     while data:
                         data = data[os.write(out, data):]
                 digest = file_digest(_fd_path(out), algorithm)  # of the bytes that land, read back from the page cache
@@ -488,28 +492,83 @@ class DirBackend(Backend):
             dirtree.unlink(incoming, tmp)
         return digest
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
-              progress: Progress | None = None) -> dict[str, Any]:
+    def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
+              progress: Progress | None = None) -> BatchResult:
         """Copies, then adds, then deletes; each write lands whole (.incoming/, then a rename), with its digest
         sidecar."""
         counter = _Counter(progress, sum(_local_size(item) for item in add))
         algorithm = publish_algorithm()
-        described: dict[str, dict[str, Any]] = {}
+        described: dict[str, Described] = {}
         with self._open() as dirs:
             incoming = self._incoming(dirs)
             for item in copy:
                 self._copy(dirs, incoming, item, algorithm)
             for item in add:
                 digest = self._add(dirs, incoming, item, algorithm, counter.add if progress else None)
-                if item.get("describe") and "local_path" in item:
-                    described[item["dest"]] = {"xet_hash": None, "digest": digest}
+                if item.describe and item.local_path is not None:
+                    described[item.dest] = Described(None, digest)
             for path in delete:
                 parts = self._writable(path)
                 for folder in (parts[:-1], [DIGESTS, *parts[:-1]]):
                     parent = dirs.find(folder)
                     if parent is not None:
                         dirtree.unlink(parent, parts[-1])
-        reply: dict[str, Any] = {"added": len(add), "copied": len(copy), "deleted": len(delete)}
-        if described:
-            reply["described"] = described
-        return reply
+        return BatchResult(len(add), len(copy), len(delete), described)
+
+    # ------------------------------------------------------------------------------------ leases
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """Compile leases, atomic on one filesystem: a new lease is hard-linked into place from `.incoming/`
+        (link() fails when the name exists: an exclusive create whose content is complete before it is
+        visible); a replace or delete first renames the current file away into `.incoming/` (only one
+        caller can), checks what it grabbed, and puts it back when it was not `expect`. No digest sidecar:
+        a lease is never downloaded as an entry."""
+        parts = self._writable(path)
+        with self._open() as dirs:
+            if mode == "read":
+                parent = dirs.find(parts[:-1])
+                return {"ok": True, "content": self._lease_text(parent, parts[-1])}
+            incoming = self._incoming(dirs)
+            parent = self._dir(dirs, parts[:-1], create=True)
+            if mode == "create":
+                return self._lease_link(incoming, parent, parts[-1], str(content))
+            grabbed = incoming_name()
+            try:
+                os.rename(parts[-1], grabbed, src_dir_fd=parent, dst_dir_fd=incoming)
+            except FileNotFoundError:  # nothing there: a delete is done; a replace has nothing to replace
+                return {"ok": mode == "delete", "content": None}
+            try:
+                held = self._lease_text(incoming, grabbed)
+                if expect is not None and held != expect and not (mode == "replace" and held == content):
+                    self._lease_put_back(incoming, grabbed, parent, parts[-1])
+                    return {"ok": False, "content": self._lease_text(parent, parts[-1])}
+                if mode == "delete":
+                    return {"ok": True, "content": None}
+                return self._lease_link(incoming, parent, parts[-1], str(content))
+            finally:
+                dirtree.unlink(incoming, grabbed)
+
+    def _lease_text(self, parent: int | None, name: str) -> str | None:
+        raw = dirtree.read_small(parent, name, LEASE_MAX_BYTES + 1)
+        return None if raw is None else raw.decode("utf-8", "replace")
+
+    def _lease_link(self, incoming: int, parent: int, name: str, content: str) -> dict[str, Any]:
+        tmp = incoming_name()
+        fd = dirtree.create_file(incoming, tmp)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(content)
+            try:
+                os.link(tmp, name, src_dir_fd=incoming, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                held = self._lease_text(parent, name)
+                return {"ok": held == content, "content": held}
+            return {"ok": True, "content": content}
+        finally:
+            dirtree.unlink(incoming, tmp)
+
+    def _lease_put_back(self, incoming: int, grabbed: str, parent: int, name: str) -> None:
+        """Return a grabbed lease that was not the expected one, unless someone made a new one meanwhile."""
+        try:
+            os.link(grabbed, name, src_dir_fd=incoming, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            pass

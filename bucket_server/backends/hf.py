@@ -13,17 +13,21 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..digests import Verifier, file_digest, publish_algorithm, xet_hashes
+from ..digests import Verifier, file_digest, publish_algorithm
+from ..messages import (
+    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, FileItem,
+    FolderItem, InfoResult, ListItem,
+)
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
+from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched
 
 log = logging.getLogger("bucket_server")
 
@@ -270,11 +274,11 @@ def _xet_session() -> Any:
         return _session
 
 
-def _any_bytes(items: list[dict[str, Any]]) -> bool:
+def _any_bytes(items: Sequence[DownloadFile]) -> bool:
     """Whether any of these downloads has written a byte yet (hf_xet writes each file as its data arrives)."""
     for item in items:
         try:
-            if os.lstat(item["local_path"]).st_size > 0:
+            if os.lstat(item.local_path).st_size > 0:
                 return True
         except OSError:
             continue
@@ -285,7 +289,7 @@ def _any_bytes(items: list[dict[str, Any]]) -> bool:
 FIRST_BYTE_POLL = 0.2
 
 
-def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifier,
+def _join_each(group_cm: Any, transfers: list[DownloadFile], verifier: Verifier,
                failed: dict[str, BaseException], first_byte_within: float) -> None:
     """Start every transfer in one Xet download group, hand each file to the verifier as it lands, and put
     each one that fails in `failed` (local path -> error) while the others go on.
@@ -299,12 +303,11 @@ def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifie
     with group_cm as group:
         # Manifests first (the other files' checks wait for them), then largest first: the big files land
         # early, and what is left to hash when the transfer ends is small.
-        handles = {group.start_download_file(hf_xet.XetFileInfo(item["xet_hash"], int(item["size"])),
-                                             str(item["local_path"])): item
-                   for item in sorted(transfers, key=lambda item: (not item.get("manifest"), -int(item["size"])))}
+        handles = {group.start_download_file(hf_xet.XetFileInfo(item.xet_hash, int(item.size)), item.local_path): item
+                   for item in sorted(transfers, key=lambda item: (not item.manifest, -int(item.size)))}
 
         def give_up(exc: BaseException) -> None:
-            failed.update({str(item["local_path"]): exc for item in transfers if str(item["local_path"]) not in failed})
+            failed.update({item.local_path: exc for item in transfers if item.local_path not in failed})
             group.abort()  # the other transfers stop, and their joins return
 
         # A task reads as running until it is joined, failed or not: join each on its own thread (the join
@@ -322,13 +325,13 @@ def _join_each(group_cm: Any, transfers: list[dict[str, Any]], verifier: Verifie
                         try:
                             future.result()  # the file is whole and closed (raises if its transfer failed)
                         except Exception as exc:
-                            failed[str(item["local_path"])] = exc
+                            failed[item.local_path] = exc
                             if not arrived:
                                 give_up(exc)
                                 return
                             continue
                         arrived = True
-                        verifier.submit(str(item["local_path"]), item.get("digest"))
+                        verifier.submit(item.local_path, item.digest)
                     if not arrived and time.monotonic() > deadline:
                         give_up(TimeoutError(f"not a byte came from the Xet storage in {first_byte_within:g} s"))
                         return
@@ -349,60 +352,56 @@ def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list
     return chunks
 
 
-def _digests_of(items: list[dict[str, Any]]) -> dict[str, str]:
+def _digests_of(items: Sequence[AddFile]) -> dict[str, str]:
     """dest -> digest of the local file to upload there; a file that cannot be read is left out (its upload
     reports the error)."""
     algorithm = publish_algorithm()
     digests = {}
     for item in items:
         try:
-            digests[item["dest"]] = file_digest(item["local_path"], algorithm)
+            digests[item.dest] = file_digest(str(item.local_path), algorithm)
         except OSError:
             continue
     return digests
-
-
-def _same_content(items: list[dict[str, Any]], copied: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """dest -> {"xet_hash", "digest"} for copies whose local file has the copied Xet hash (others, and files
-    that cannot be read, are left out: readers check them by their Xet hash)."""
-    if not items:
-        return {}
-    try:
-        hashes = xet_hashes([str(item["local_path"]) for item in items])
-    except Exception as exc:  # best effort: the copy itself does not depend on it
-        log.info("could not describe %d copied files: %s", len(items), exc)
-        return {}
-    matching = [item for item, xet_hash in zip(items, hashes) if xet_hash == copied[item["dest"]]]
-    return {dest: {"xet_hash": copied[dest], "digest": digest} for dest, digest in _digests_of(matching).items()}
 
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None and hasattr(value, "isoformat") else None
 
 
-def _raw_file_item(item: dict[str, Any]) -> dict[str, Any]:
-    """A file of a tree listing as the Hub sent it, as `_file_item` gives a BucketFile (the client validates
-    every field: the listing is bucket data)."""
-    xet_hash, mtime = item.get("xetHash"), None
-    if isinstance(item.get("mtime"), str):
-        try:
-            mtime = datetime.fromisoformat(item["mtime"].replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            mtime = None
-    return {"type": "file", "path": item["path"], "size": item.get("size"), "xet_hash": xet_hash, "mtime": mtime,
-            "digest": f"xet:{xet_hash}" if isinstance(xet_hash, str) and xet_hash else None}
+def _timestamp(value: Any) -> float | None:
+    """A listed ISO time as seconds (None when absent or not one: the client's edge decides what it trusts)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
-def _file_item(bucket_file: Any) -> dict[str, Any]:
+def _raw_file_item(item: dict[str, Any]) -> FileItem:
+    """A file of a tree listing as the Hub sent it, as `_file_item` gives a BucketFile. Its fields are the
+    bucket's word, passed on as they are: the client's edge (messages.FileItem.from_wire) decides."""
+    xet_hash = item.get("xetHash")
+    return FileItem(item["path"], item.get("size"), xet_hash, _timestamp(item.get("mtime")),
+                    f"xet:{xet_hash}" if isinstance(xet_hash, str) and xet_hash else None,
+                    uploaded=_timestamp(item.get("uploadedAt")))
+
+
+def _file_item(bucket_file: Any) -> FileItem:
+    """A file as the Hub lists it. Its fields are the bucket's word, passed on as they are: the client's edge
+    (messages.FileItem.from_wire) decides what it trusts."""
     mtime = getattr(bucket_file, "mtime", None)
-    return {
-        "type": "file",
-        "path": bucket_file.path,
-        "size": bucket_file.size,
-        "xet_hash": bucket_file.xet_hash,
-        "mtime": mtime.timestamp() if mtime is not None else None,
-        "digest": f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
-    }
+    uploaded = getattr(bucket_file, "uploaded_at", None)  # when the bucket got it; `mtime` is the uploader's file time
+    return FileItem(bucket_file.path, bucket_file.size, bucket_file.xet_hash,
+                    mtime.timestamp() if mtime is not None else None,
+                    f"xet:{bucket_file.xet_hash}" if bucket_file.xet_hash else None,
+                    uploaded=uploaded.timestamp() if uploaded is not None else None)
+
+
+#: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
+#: between a racing taker's look and its write (one metadata request), short next to a compile.
+LEASE_SETTLE = 0.5
 
 
 class HfBackend(Backend):
@@ -420,31 +419,30 @@ class HfBackend(Backend):
         all are retried within the policy, and every failure left becomes a coded error."""
         return with_retries(self.policy, f"{what} {self.bucket_id}", lambda: fn(*args, token=self.token, **kwargs))
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> InfoResult:
         """The bucket's id, visibility, size and file count."""
         info = self._call("bucket info", self.api.bucket_info, self.bucket_id)
-        return {"id": info.id, "private": info.private, "size": info.size, "total_files": info.total_files}
+        return InfoResult(info.id, info.private, info.size, info.total_files)
 
-    def create(self, *, private: bool | None) -> dict[str, Any]:
+    def create(self, *, private: bool | None) -> CreateResult:
         """Create the bucket unless it exists (asked first: a token that may read but not create still
         gets `created: False` for an existing bucket)."""
         try:
             self._call("create", self.api.bucket_info, self.bucket_id)
-            return {"created": False, "url": f"{self.api.endpoint}/buckets/{self.bucket_id}"}
+            return CreateResult(False, f"{self.api.endpoint}/buckets/{self.bucket_id}")
         except BackendError as exc:
             if exc.code != ErrorCode.BUCKET_NOT_FOUND:
                 raise
         url = self._call("create", self.api.create_bucket, self.bucket_id, private=private, exist_ok=True)
-        return {"created": True, "url": str(getattr(url, "url", url))}
+        return CreateResult(True, str(getattr(url, "url", url)))
 
-    def list(self, prefix: str, *, recursive: bool) -> list[dict[str, Any]]:
-        """Files (and, when not recursive, folders) strictly under the folder `prefix`; a folder nobody wrote
-        to is empty, not an error."""
-        prefix = validate_remote_path(prefix.rstrip("/"), allow_root=True)
+    def list(self, prefix: str, *, recursive: bool) -> list[ListItem]:
+        """Files (and, when not recursive, folders) strictly under the folder `prefix` (validated at the
+        server's edge, without a trailing '/'); a folder nobody wrote to is empty, not an error."""
         folder = f"{prefix}/" if prefix else ""
 
-        def run() -> list[dict[str, Any]]:
-            items = []
+        def run() -> list[ListItem]:
+            items: list[ListItem] = []
             # The server matches prefixes lexically ("logs" also matches "logs.json"): keep what is inside.
             for item in self._tree(prefix, recursive):
                 path = item.get("path")
@@ -455,7 +453,7 @@ class HfBackend(Backend):
                 if item.get("type") == "file":
                     items.append(_raw_file_item(item))
                 elif item.get("type") == "directory":
-                    items.append({"type": "directory", "path": path})
+                    items.append(FolderItem(path))
             return items
 
         try:
@@ -467,8 +465,8 @@ class HfBackend(Backend):
 
     def _tree(self, prefix: str, recursive: bool) -> Any:
         """The tree listing's items as the Hub sends them (dicts), page after page: what
-        `HfApi.list_bucket_tree` reads, without making a BucketFile of each file, whose two datetime parses
-        were most of a warm run's listing CPU here (about 20 us a file). Through list_bucket_tree on a
+        `HfApi.list_bucket_tree` reads, without making a BucketFile of each file, whose datetime parses were
+        most of a warm run's listing CPU here (about 20 us a file). Through list_bucket_tree on a
         huggingface_hub without the pieces used."""
         try:
             from urllib.parse import quote
@@ -478,60 +476,59 @@ class HfBackend(Backend):
             headers = self.api._build_hf_headers(token=self.token)
         except (ImportError, AttributeError):
             return ({"type": item.type, "path": item.path, "size": getattr(item, "size", None),
-                     "xetHash": getattr(item, "xet_hash", None), "mtime": _iso(getattr(item, "mtime", None))}
+                     "xetHash": getattr(item, "xet_hash", None), "mtime": _iso(getattr(item, "mtime", None)),
+                     "uploadedAt": _iso(getattr(item, "uploaded_at", None))}
                     for item in self.api.list_bucket_tree(self.bucket_id, prefix or None, recursive=recursive, token=self.token))
         encoded = "/" + quote(prefix, safe="") if prefix else ""
         return paginate(f"{self.api.endpoint}/api/buckets/{self.bucket_id}/tree{encoded}", {"recursive": recursive}, headers)
 
-    def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
+    def paths_info(self, paths: Sequence[str]) -> list[FileItem]:
         """The files among `paths` that exist, in one request; missing ones are left out."""
-        for path in paths:
-            validate_remote_path(path)
         if not paths:
             return []
         return with_retries(self.policy, f"paths-info {self.bucket_id}", lambda: [
-            _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, paths, token=self.token)])
+            _file_item(item) for item in self.api.get_bucket_paths_info(self.bucket_id, list(paths), token=self.token)])
 
-    def download(self, files: list[dict[str, Any]], *, progress: Progress | None = None) -> dict[str, Any]:
+    def download(self, files: Sequence[DownloadFile], *, progress: Progress | None = None) -> DownloadResult:
         """Download the files; each one is checked against its digest as soon as it lands, while the others
         still transfer (by the BLAKE3 digest a manifest of the request binds to its Xet hash, else by
         recomputing the Xet hash). A file that does not match is removed and reported."""
-        items = self._with_xet_info([dict(item, path=validate_remote_path(item["path"])) for item in files])
-        total = sum(int(item.get("size") or 0) for item in items)
+        items = self._with_xet_info(list(files))
+        total = sum(int(item.size or 0) for item in items)
         # hf_xet writes the destination files as it goes: their sizes are the progress.
-        with FileSizeWatcher([str(item["local_path"]) for item in items], total, progress):
+        with FileSizeWatcher([item.local_path for item in items], total, progress):
             problems = with_retries(self.policy, f"download from {self.bucket_id}", lambda: self._download_verified(items))
-        return {"files": len(items), "bytes": total, "failed": reject_mismatched(items, problems)}
+        return DownloadResult(len(items), total, tuple(reject_mismatched(items, problems)))
 
-    def _with_xet_info(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _with_xet_info(self, items: list[DownloadFile]) -> list[DownloadFile]:
         """Every file with its Xet hash and size (clients send them from their listing; ask for the rest)."""
-        unknown = [item["path"] for item in items if not (item.get("xet_hash") and item.get("size") is not None)]
+        unknown = [item.path for item in items if not (item.xet_hash and item.size is not None)]
         if not unknown:
             return items
-        known = {info["path"]: info for info in self.paths_info(unknown)}
+        known = {info.path: info for info in self.paths_info(unknown)}
         missing = [path for path in unknown if path not in known]
         if missing:
             raise BackendError(ErrorCode.NOT_FOUND, f"download from {self.bucket_id}: {len(missing)} file(s) not in the "
                                                     f"bucket: {', '.join(missing[:3])}")
-        return [item if item["path"] not in known else
-                {**item, "xet_hash": known[item["path"]]["xet_hash"], "size": known[item["path"]]["size"],
-                 "digest": item.get("digest") or known[item["path"]]["digest"]} for item in items]
+        return [item if item.path not in known else
+                replace(item, xet_hash=known[item.path].xet_hash, size=known[item.path].size,
+                        digest=item.digest or known[item.path].digest) for item in items]
 
-    def _download_verified(self, items: list[dict[str, Any]]) -> dict[str, str]:
+    def _download_verified(self, items: list[DownloadFile]) -> dict[str, str]:
         """One attempt: local path -> why it does not match its digest, or did not transfer."""
         import hf_xet
         from huggingface_hub import BucketFile
 
-        verifier = Verifier(manifests=[str(item["local_path"]) for item in items if item.get("manifest")])
+        verifier = Verifier(manifests=[item.local_path for item in items if item.manifest])
         started = time.perf_counter()
         try:
             if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
                 # An older hf_xet: one call for all, then every hash (no per-file completion to overlap with).
-                pairs = [(BucketFile(type="file", path=item["path"], size=int(item["size"]), xetHash=item["xet_hash"]),
-                          item["local_path"]) for item in items]
+                pairs = [(BucketFile(type="file", path=item.path, size=int(item.size), xetHash=item.xet_hash),
+                          item.local_path) for item in items]
                 self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
-                for item in sorted(items, key=lambda item: not item.get("manifest")):  # manifests first
-                    verifier.submit(str(item["local_path"]), item.get("digest"))
+                for item in sorted(items, key=lambda item: not item.manifest):  # manifests first
+                    verifier.submit(item.local_path, item.digest)
                 not_transferred: dict[str, str] = {}
             else:
                 not_transferred = self._download_each(items, verifier)
@@ -544,7 +541,7 @@ class HfBackend(Backend):
                  verifier.summary())
         return problems
 
-    def _download_each(self, items: list[dict[str, Any]], verifier: Verifier) -> dict[str, str]:
+    def _download_each(self, items: list[DownloadFile], verifier: Verifier) -> dict[str, str]:
         """The transfer as huggingface_hub's download_bucket_files makes it (one Xet download group), but
         each file is handed to the verifier the moment it is complete.
 
@@ -555,13 +552,13 @@ class HfBackend(Backend):
         from huggingface_hub.utils import build_hf_headers
 
         for item in items:
-            if int(item["size"]) == 0:  # nothing to transfer
-                Path(item["local_path"]).write_bytes(b"")
-                verifier.submit(str(item["local_path"]), item.get("digest"))
-        transfers = [item for item in items if int(item["size"]) > 0]
+            if int(item.size) == 0:  # nothing to transfer
+                Path(item.local_path).write_bytes(b"")
+                verifier.submit(item.local_path, item.digest)
+        transfers = [item for item in items if int(item.size) > 0]
         if not transfers:
             return {}
-        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0]["path"], token=self.token)
+        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0].path, token=self.token)
         headers = build_hf_headers(token=self.token)
         group = _xet_session().new_file_download_group(
             token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
@@ -582,55 +579,45 @@ class HfBackend(Backend):
             log.info("download from %s: %s did not come through: %s", self.bucket_id, path, exc)
         return {path: f"did not transfer: {type(exc).__name__}: {exc}" for path, exc in failed.items()}
 
-    def batch(self, *, add: list[dict[str, Any]], copy: list[dict[str, Any]], delete: list[str],
-              progress: Progress | None = None) -> dict[str, Any]:
+    def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
+              progress: Progress | None = None) -> BatchResult:
         """Adds (regular local files or inline content), server-side copies by Xet hash, and deletes, in one
-        commit (or several, to report progress); files marked `describe` get their Xet hash and digest (a
-        copy marked so names the local file it stands for)."""
+        commit (or several, to report progress); files marked `describe` get their Xet hash and digest."""
         copy_ops = []
         if copy:
-            missing = [validate_remote_path(item["src"]) for item in copy if not item.get("xet_hash")]
-            hashes = {item["path"]: item["xet_hash"] for item in self.paths_info(missing)} if missing else {}
+            missing = [item.src for item in copy if not item.xet_hash]
+            hashes = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
             for item in copy:
-                xet_hash = item.get("xet_hash") or hashes.get(item["src"])
+                xet_hash = item.xet_hash or hashes.get(item.src)
                 if not xet_hash:
-                    raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item['src']} is not in bucket {self.bucket_id}")
-                copy_ops.append(("bucket", self.bucket_id, xet_hash, validate_remote_path(item["dest"])))
+                    raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item.src} is not in bucket {self.bucket_id}")
+                copy_ops.append(("bucket", self.bucket_id, xet_hash, item.dest))
         add_ops: list[tuple[Any, str]] = []
         for item in add:
-            dest = validate_remote_path(item["dest"])
-            if "local_path" in item:
-                source = item["local_path"]
+            if item.local_path is not None:
+                source: Any = item.local_path
                 _require_regular_file(source)
             else:
-                source = str(item.get("content", "")).encode("utf-8")
-            add_ops.append((source, dest))
-        delete_ops = [validate_remote_path(path) for path in delete]
-        described = [item for item in add if item.get("describe") and "local_path" in item]
-        # A copy asked to be described names the local file it copies the bucket's version of: it is bound only
-        # if that file has the copied Xet hash (graphs compiled again elsewhere may differ byte for byte).
-        copied = {item["dest"]: op[2] for item, op in zip(copy, copy_ops) if item.get("describe") and "local_path" in item}
+                source = item.content.encode("utf-8")
+            add_ops.append((source, item.dest))
+        delete_ops = list(delete)
+        described = [item for item in add if item.describe and item.local_path is not None]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
             # Digests of the files to describe are computed while they upload (they are read twice either way).
             digests = hasher.submit(_digests_of, described)
-            same = hasher.submit(_same_content, [item for item in copy if item["dest"] in copied], copied)
             self._upload(add_ops, copy_ops, delete_ops, progress)
-            reply: dict[str, Any] = {"added": len(add_ops), "copied": len(copy_ops), "deleted": len(delete_ops)}
-            if described:
-                reply["described"] = self._describe(digests.result())
-            if copied:
-                reply["described"] = {**reply.get("described", {}), **same.result()}
-        return reply
+            described_now = self._describe(digests.result()) if described else {}
+        return BatchResult(len(add_ops), len(copy_ops), len(delete_ops), described_now)
 
-    def _describe(self, digests: dict[str, str]) -> dict[str, dict[str, Any]]:
+    def _describe(self, digests: dict[str, str]) -> dict[str, Described]:
         """dest -> the Xet hash the bucket now lists for it, and its digest. Best effort: the upload has
         succeeded, and a file left undescribed is only checked the slower way by readers."""
         try:
-            listed = {info["path"]: info["xet_hash"] for info in self.paths_info(list(digests))}
+            listed = {info.path: info.xet_hash for info in self.paths_info(list(digests))}
         except BackendError as exc:
             log.info("could not describe %d uploaded files: %s", len(digests), exc.message)
             return {}
-        return {dest: {"xet_hash": listed[dest], "digest": digest} for dest, digest in digests.items() if listed.get(dest)}
+        return {dest: Described(listed[dest], digest) for dest, digest in digests.items() if listed.get(dest)}
 
     def _upload(self, add_ops: list[tuple[Any, str]], copy_ops: list[tuple[str, str, str, str]], delete_ops: list[str],
                 progress: Progress | None) -> None:
@@ -648,3 +635,56 @@ class HfBackend(Backend):
                 progress(done, total)
             if delete_ops:
                 self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
+
+    # ------------------------------------------------------------------------------------ leases
+    def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
+        """Compile leases on a Hub bucket, which has no conditional write: look (one paths-info), write, then
+        read back. A lease is whatever the bucket holds when read back: two hosts writing in the same instant
+        can both read their own bytes back (the later write wins afterwards), so both may compile; leases
+        are advisory and docs/performance.md measures how often. Contents are compared by Xet hash, so only
+        `read` transfers the file."""
+        from ..digests import xet_hash_of_one_chunk
+
+        def current() -> str | None:
+            found = self.paths_info([path])
+            return str(found[0].xet_hash or "") if found else None
+
+        if mode == "read":
+            return {"ok": True, "content": self._read_small(path)}
+        held = current()
+        if mode == "create":
+            if held is not None:
+                return {"ok": held == xet_hash_of_one_chunk(str(content).encode("utf-8")), "content": None}
+        elif held is None:
+            return {"ok": mode == "delete", "content": None}
+        elif mode == "replace" and held == xet_hash_of_one_chunk(str(content).encode("utf-8")):
+            return {"ok": True, "content": content}
+        elif expect is not None and held != xet_hash_of_one_chunk(expect.encode("utf-8")):
+            return {"ok": False, "content": None}
+        if mode == "delete":
+            self._call("lease on", self.api.batch_bucket_files, self.bucket_id, delete=[path])
+            return {"ok": True, "content": None}
+        mine = xet_hash_of_one_chunk(str(content).encode("utf-8"))
+        self._call("lease on", self.api.batch_bucket_files, self.bucket_id, add=[(str(content).encode("utf-8"), path)])
+        ours = current() == mine
+        if ours and mode == "create" and LEASE_SETTLE > 0:
+            # Takers that looked in the same instant write within a request or two of each other: the last write
+            # stands. Reading again once they have all landed leaves (nearly always) that one writer the lease.
+            time.sleep(LEASE_SETTLE)
+            ours = current() == mine
+        return {"ok": ours, "content": content if ours else None}
+
+    def _read_small(self, path: str) -> str | None:
+        """The text of a small file (a lease), or None when it is absent or too large to be one."""
+        import tempfile
+
+        found = self.paths_info([path])
+        if not found or found[0].size > LEASE_MAX_BYTES:
+            return None
+        with tempfile.TemporaryDirectory(prefix="lease-") as folder:
+            local = os.path.join(folder, "lease")
+            result = self.download([DownloadFile(path, local, found[0].size, found[0].xet_hash, found[0].digest)])
+            if result.failed:
+                return None
+            with open(local, "rb") as handle:
+                return handle.read(LEASE_MAX_BYTES + 1).decode("utf-8", "replace")

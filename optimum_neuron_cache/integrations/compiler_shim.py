@@ -12,9 +12,12 @@ The MODULE name in those file names is the cache key. Put this shim first on PAT
 2. if the entry is complete there (its NEFF and its commit file), downloads the NEFF, checks its size
    against the listing, and renames it onto `--output`: the compiler is never run, and libneuronxla
    installs the NEFF into its cache as if it had compiled it;
-3. else runs the real compiler, unchanged (same arguments, stdin/stdout/stderr, exit code), and when it
-   succeeds publishes the entry to the flat area: the HLO and flags libneuronxla put in its cache entry,
-   the new NEFF, then `model.done`, content before commit file.
+3. else takes the graph's compile lease (compile_leases.py): when another host holds a live one, it waits
+   for that host's entry and installs it as in 2, without compiling; an abandoned lease is taken over;
+4. else (or holding the lease) runs the real compiler, unchanged (same arguments, stdin/stdout/stderr, exit
+   code), renewing the lease meanwhile, and when it succeeds publishes the entry to the flat area: the HLO
+   and flags libneuronxla put in its cache entry, the new NEFF, then `model.done`, content before commit
+   file. Then it drops the lease.
 
 This gives hits across models that share graphs, which no per-model fetch can.
 
@@ -31,7 +34,7 @@ Safety:
   into the compile cache by the shim: libneuronxla stays the only writer of its entries.
 
 Environment: NEURON_CACHE_SHIM=0 makes the shim a pure pass-through; NEURON_CACHE_SHIM_PUBLISH=0 turns
-publishing off. The bucket, cache dir and compiler version resolve as everywhere else (NEURON_CACHE_BUCKET,
+publishing off; NEURON_CACHE_LEASES=0 turns compile leases off (NEURON_CACHE_LEASE_* tune them). The bucket, cache dir and compiler version resolve as everywhere else (NEURON_CACHE_BUCKET,
 NEURON_CC_FLAGS / NEURON_COMPILE_CACHE_URL, the installed neuronx-cc or NEURON_CC_VERSION).
 """
 
@@ -50,12 +53,15 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .. import settings
 from ..errors import ConfigurationError
 
 from ..atomic import atomic_write
+
+if TYPE_CHECKING:
+    from ..compile_leases import LeaseKeeper, Waited
 
 SHIM_MARKER = "optimum-neuron-cache compiler shim"
 COMPILER_NAME = "neuronx-cc"
@@ -339,10 +345,51 @@ class _Shim:
         _say(f"{self.request.module}: cached NEFF from {bucket} (neuronxcc-{self.version}), no compile")
         return True
 
+    # -- read-through upstreams (on a bucket miss)
+    def try_upstreams(self) -> bool:
+        """Install the NEFF from the first upstream (NEURON_CACHE_UPSTREAM, `neuron-cache set --upstream`) whose
+        flat area holds this graph complete. True on a hit (the caller then publishes it to the bucket)."""
+        from ..errors import NeuronCacheError
+        from ..upstreams import configured_upstreams, find_entry, install_neff
+
+        if self.version is None:
+            return False
+        try:
+            upstreams = configured_upstreams(self.env)
+        except ConfigurationError as exc:
+            _say(f"{exc} (compiling without upstreams)")
+            return False
+        for upstream in upstreams:
+            if self.bucket_down(str(upstream)):
+                continue
+            try:
+                hit = find_entry(upstream, self.version, self.request.module, self.env)
+                if hit is None or "wrapped_neff.hlo" in hit.files:
+                    continue
+                remote_hlo = hit.files.get(self.request.hlo_name)
+                if remote_hlo is not None and remote_hlo.size != self.request.hlo_path.stat().st_size:
+                    continue
+                problem = install_neff(hit.client, hit.files["model.neff"], self.request.output)
+            except ConfigurationError as exc:
+                _say(f"{exc} (upstream {upstream} skipped)")
+                continue
+            except (NeuronCacheError, OSError) as exc:
+                self.note_down(str(upstream))
+                _say(f"upstream lookup skipped, {upstream}: {exc} (skipped for {self.backoff:g}s)")
+                continue
+            if problem:
+                _say(f"{problem} (upstream {upstream})")
+                continue
+            _say(f"{self.request.module}: cached NEFF from upstream {upstream} (neuronxcc-{self.version}), no compile")
+            return True
+        return False
+
     # -- publish
-    def publish(self) -> None:
+    def publish(self) -> bool | None:
         """Publish the freshly compiled entry to the flat area: libneuronxla's HLO and flags, our NEFF, done.
-        Entries that earlier compiles of this host left in the journal of the flat area go with it."""
+        Entries that earlier compiles of this host left in the journal of the flat area go with it. True when
+        this call published the entry, False when the bucket had it already (another host compiled it too),
+        None when nothing was tried or it failed."""
         import shutil
 
         from .. import remote_layout as layout
@@ -356,17 +403,17 @@ class _Shim:
         from ..publish import defer, publish_leftovers
 
         if self.version is None or self.root is None or not self.request.output.is_file():
-            return
+            return None
         entry_dir = self.root / version_dir_name(self.version) / self.request.module
         flags = [name for name in FLAGS_FILES if (entry_dir / name).is_file() and not (entry_dir / name).is_symlink()]
         if not flags:
-            return  # not libneuronxla's layout: the cache is published by the next context or `neuron-cache sync`
+            return None  # not libneuronxla's layout: the cache is published by the next context or `neuron-cache sync`
         bucket = resolve_bucket(None, self.env)
         key = JournalKey(str(bucket), self.version, None, layout.DEFAULT_TASK)
         if self.bucket_down(str(bucket)):
             with contextlib.suppress(OSError):
                 defer(self.root, key, [self.request.module])
-            return
+            return None
         state = HostState(self.root)
         try:
             with state.temp_dir() as tmp:
@@ -380,15 +427,35 @@ class _Shim:
                     (staged / "model.done").write_bytes(b"")
                 entry = read_entry(staged, self.version)
                 if not entry.state.publishable:
-                    return
+                    return None
                 client = BucketClient(bucket, self.env)
                 publication = publish_leftovers(client, self.root, key, area=None, with_entries=[entry],
                                                 create_bucket=bucket == embedded_default(self.env))
             if publication is not None and self.request.module in publication.result.published:
                 _say(f"{self.request.module}: published to {bucket} ({layout.flat_entry_prefix(self.version, self.request.module)})")
+                return True
+            if publication is not None and self.request.module in publication.plan.present:
+                return False
+            return None
         except (NeuronCacheError, OSError) as exc:
             self.note_down(str(bucket))
             _say(f"publication of {self.request.module} skipped, {bucket}: {exc} (journaled for the next run)")
+            return None
+
+    # -- compile leases
+    def lease_keeper(self) -> "LeaseKeeper | None":
+        """The keeper of this compile's lease, or None: leases off, the bucket known down, no version."""
+        from ..buckets import resolve_bucket
+        from ..client import BucketClient
+        from ..compile_leases import LeaseKeeper, LeaseSettings
+
+        if self.version is None or not _setting(settings.leases_enabled, self.env, True):
+            return None
+        bucket = resolve_bucket(None, self.env)
+        if self.bucket_down(str(bucket)):
+            return None
+        lease_settings = _setting(LeaseSettings.from_env, self.env, LeaseSettings())
+        return LeaseKeeper(BucketClient(bucket, self.env), self.version, lease_settings)
 
 
 # --------------------------------------------------------------------------------------- the command
@@ -446,15 +513,99 @@ def main(argv: list[str] | None = None) -> int:
         shim = _Shim(request, env, real)
         if shim.try_install():
             return 0
+        if shim.try_upstreams():
+            _publish_upstream_hit(shim, env)
+            return 0
     except Exception as exc:  # our bug must never cost the compile
         _say(f"lookup failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
+    keeper = None
+    if shim is not None:
+        try:
+            keeper = shim.lease_keeper()
+        except Exception as exc:
+            _say(f"compile lease skipped ({type(exc).__name__}: {exc}); compiling")
+    if keeper is None:
+        return _compile(shim, real, argv, child_env, env)
+    return _compile_under_lease(shim, keeper, real, argv, child_env, env)
+
+
+def _compile(shim: "_Shim | None", real: str, argv: list[str], child_env: dict[str, str], env: Mapping[str, str]) -> int:
+    """Run the real compiler, then publish what it made; its exit code."""
+    return _compile_and_publish(shim, real, argv, child_env, env)[0]
+
+
+def _compile_and_publish(shim: "_Shim | None", real: str, argv: list[str], child_env: dict[str, str],
+                         env: Mapping[str, str]) -> tuple[int, bool | None]:
+    """(the real compiler's exit code, whether this call published the entry: see `_Shim.publish`)."""
     code = _run(real, argv, child_env)
+    published = None
     if code == 0 and shim is not None and _setting(settings.shim_publish, env, True):
         try:
-            shim.publish()
+            published = shim.publish()
         except Exception as exc:
             _say(f"publication failed unexpectedly ({type(exc).__name__}: {exc})")
+    return code, published
+
+
+def _compile_under_lease(shim: "_Shim", keeper: "LeaseKeeper", real: str, argv: list[str], child_env: dict[str, str],
+                         env: Mapping[str, str]) -> int:
+    """Take the graph's lease, or wait for the host that holds it and install its entry; compile only when
+    this host holds the lease, the wait ran out, or the bucket failed (one line each)."""
+    from ..compile_leases import Action
+    from ..errors import NeuronCacheError
+    from ..stats import Stats, record_run
+
+    module = shim.request.module
+    figures = Stats()
+    with keeper:
+        waited = None
+        try:
+            waited = wait_for_graph_here(keeper, module)
+        except (NeuronCacheError, OSError) as exc:
+            shim.note_down(str(keeper.client.bucket))
+            _say(f"compile lease of {module} skipped, {keeper.client.bucket}: {exc} (compiling)")
+        except Exception as exc:
+            _say(f"compile lease of {module} failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
+        if waited is not None and waited.decision.action is Action.FETCH:
+            try:
+                if shim.try_install():
+                    if waited.waited:
+                        record_run(Stats(lease_fetched_after_wait=1))
+                    return 0
+            except Exception as exc:
+                _say(f"install after waiting failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
+        held = module in keeper.held
+        code, published = _compile_and_publish(shim, real, argv, child_env, env)
+        if held:
+            figures.lease_compiled = 1
+            try:
+                released = keeper.release(module)
+            except Exception as exc:  # the lease goes stale and is swept: nobody waits on it past `stale`
+                _say(f"could not drop the compile lease of {module}: {exc}")
+                released = True
+            if not released or published is False:
+                figures.lease_compiled_twice = 1
+        elif published is False:
+            figures.lease_compiled_twice = 1
+    record_run(figures)
     return code
+
+
+def _publish_upstream_hit(shim: _Shim, env: Mapping[str, str]) -> None:
+    """What an upstream gave goes to the bucket now (the one publish path), so the next run finds it at home."""
+    if not _setting(settings.shim_publish, env, True):
+        return
+    try:
+        shim.publish()
+    except Exception as exc:
+        _say(f"publication of the upstream's entry failed unexpectedly ({type(exc).__name__}: {exc})")
+
+
+def wait_for_graph_here(keeper: "LeaseKeeper", module: str) -> "Waited":
+    """`compile_leases.wait_for_graph`, saying its waits, takeovers and give-ups on stderr."""
+    from ..compile_leases import wait_for_graph
+
+    return wait_for_graph(keeper, module, say=_say)
 
 
 def _read_json(path: Path) -> dict[str, object]:

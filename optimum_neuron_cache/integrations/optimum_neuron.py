@@ -65,8 +65,41 @@ _OPTIMUM_NAMES = {
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+#: Where optimum-neuron's bucket PR (#1102, `optimum/neuron/cache/bucket_utils.py`) saves its bucket setting, in HF_HOME.
+PR1102_SETTING_FILE = "optimum_neuron_cache_bucket"
+
+
+def pr1102_saved_bucket(environ: Mapping[str, str] | None = None) -> BucketRef | None:
+    """The bucket optimum-neuron's bucket PR saved (`optimum-cli neuron cache set`), or None; a name this package
+    cannot read is said once and ignored."""
+    from ..buckets import hf_home, parse_bucket
+    from ..errors import InvalidBucketError
+
+    try:
+        text = (hf_home(environ) / PR1102_SETTING_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text:
+        return None
+    try:
+        return parse_bucket(text)
+    except InvalidBucketError as exc:
+        log.warning("optimum-neuron-cache: ignoring optimum-neuron's saved bucket in %s: %s", hf_home(environ) / PR1102_SETTING_FILE, exc)
+        return None
+
+
 def _bucket(cache_repo_id: str | BucketRef | None, bucket_id: str | BucketRef | None) -> BucketRef:
-    return resolve_bucket(bucket_id if bucket_id is not None else cache_repo_id)
+    """The explicit bucket, else NEURON_CACHE_BUCKET, else this package's saved setting, else the one
+    optimum-neuron's bucket PR saved, else the embedded default: our own settings win."""
+    from .. import settings
+    from ..buckets import read_saved_bucket
+
+    explicit = bucket_id if bucket_id is not None else cache_repo_id
+    if explicit is None and settings.bucket() is None and read_saved_bucket() is None:
+        saved = pr1102_saved_bucket()
+        if saved is not None:
+            return saved
+    return resolve_bucket(explicit)
 
 
 class CompatCacheContext:
@@ -175,8 +208,13 @@ def synchronize_hub_cache(cache_path: str | os.PathLike[str] | None = None, cach
     return None
 
 
-def _as_optimum_entry(config: Mapping[str, Any], task: str, compiler_version: str) -> dict[str, Any]:
+def _as_optimum_entry(config: Mapping[str, Any], task: str, compiler_version: str,
+                      target: str | None = None) -> dict[str, Any]:
+    """An export record as optimum-neuron lists a cached entry: its config under optimum-neuron's names, with
+    the record's compile target where the config states none (so `instance_type` filters by it)."""
     entry = dict(config)
+    if target and value_of(config, "target") is None:
+        entry["target"] = target
     for field, names in _OPTIMUM_NAMES.items():
         value = value_of(config, field)
         if value is not None:
@@ -208,7 +246,8 @@ def get_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id
     except (NeuronCacheError, OSError) as exc:
         log.warning("optimum-neuron-cache: cached entries of %s could not be read: %s", model_id, exc)
         return []
-    return [_as_optimum_entry(record.export_config, record.task, record.compiler_version) for record in records]
+    return [_as_optimum_entry(record.export_config, record.task, record.compiler_version, record.target)
+            for record in records]
 
 
 def select_hub_cached_entries(model_id: str, task: str | None = None, cache_repo_id: str | BucketRef | None = None,

@@ -4,7 +4,10 @@ The Neuron SDK is not installable here (PyPI only has placeholders), so tests, t
 benchmarks compile with this. It follows libneuronxla's protocol (2.15 and newer): a hit when `model.done`
 exists, a replayed failure when `model.log` exists, else take `<hlo>.lock`, write HLO and flags, "compile",
 write `model.neff`, then `model.done`, then drop the lock. Older compilers: `compile_flags.txt`, no marker,
-and up to 2.12 `model.hlo.pb`. Names: `MODULE_<hlo key>+<first 8 hex of md5(flags file)>`.
+and up to 2.12 `model.hlo.pb`. Names: `MODULE_<hlo key>+<first 8 hex of md5(flags)>`, the flags hashed as a
+JSON list or as space-joined text (`flags_hash_style`): real releases do either, and not by a version boundary
+(2.15.128 hashes the JSON list, optimum-neuron#698; 2.15.141 is reported hashing the text, aws-neuron-sdk#1023;
+2.12 hashes the text, aws-neuron-sdk#825), so the project must never derive one from the other.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def hlo_file_name(version: str) -> str:
     return "model.hlo.pb" if version_tuple(version)[:2] <= (2, 12) else "model.hlo_module.pb"
 
 
+#: How the flags half of a MODULE name is hashed: "json" (the JSON list), "text" (space-joined), or None
+#: (the bytes of the flags file the version writes: JSON from 2.15, text before).
+FLAGS_HASH_STYLES = ("json", "text")
+
+
 def flags_file(version: str, flags: tuple[str, ...]) -> tuple[str, bytes]:
     """The flags file of an entry and its bytes: `compile_flags.json` (a JSON list) from 2.15, `compile_flags.txt`
     (space-joined) before."""
@@ -66,10 +74,22 @@ def flags_file(version: str, flags: tuple[str, ...]) -> tuple[str, bytes]:
     return "compile_flags.txt", " ".join(flags).encode()
 
 
-def module_name(version: str, graph: Graph) -> str:
-    """`MODULE_<hlo key>+<first 8 hex of md5(flags file bytes)>`, as the entry's folder is named."""
-    _, flags_bytes = flags_file(version, graph.flags)
-    return f"MODULE_{graph.hlo_key}+{hashlib.md5(flags_bytes).hexdigest()[:8]}"
+def flags_hash(version: str, flags: tuple[str, ...], style: str | None = None) -> str:
+    """The flags half of a MODULE name: first 8 hex of md5 of the flags as `style` serializes them."""
+    if style is None:
+        data = flags_file(version, flags)[1]
+    elif style == "json":
+        data = json.dumps(list(flags)).encode()
+    elif style == "text":
+        data = " ".join(flags).encode()
+    else:
+        raise ValueError(f"flags_hash_style {style!r} is not one of {FLAGS_HASH_STYLES} (or None)")
+    return hashlib.md5(data).hexdigest()[:8]
+
+
+def module_name(version: str, graph: Graph, flags_hash_style: str | None = None) -> str:
+    """`MODULE_<hlo key>+<flags hash>`, as the entry's folder is named."""
+    return f"MODULE_{graph.hlo_key}+{flags_hash(version, graph.flags, flags_hash_style)}"
 
 
 def _neff_bytes(graph: Graph) -> bytes:
@@ -84,21 +104,23 @@ def _write(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def entry_path(root: Path, version: str, graph: Graph) -> Path:
+def entry_path(root: Path, version: str, graph: Graph, flags_hash_style: str | None = None) -> Path:
     """The entry folder a compile of `graph` writes under `root`."""
-    return Path(root) / version_dir_name(version) / module_name(version, graph)
+    return Path(root) / version_dir_name(version) / module_name(version, graph, flags_hash_style)
 
 
 def compile_graph(root: str | os.PathLike[str], version: str, graph: Graph, *, outcome: str = "success",
-                  seconds: float = 0.0) -> CompileResult:
+                  seconds: float = 0.0, flags_hash_style: str | None = None) -> CompileResult:
     """Compile `graph` into the cache at `root`, as libneuronxla + neuronx-cc would.
 
-    outcome: "success"; "failed" (leaves a cached failure); "crash" (killed mid-compile: a stale lock, no
-    NEFF); "todo" (extraction only, as `neuron_parallel_compile --command extract`). `seconds` simulates
-    the compile's duration (the lock is held meanwhile).
+    outcome: "success"; "failed" (leaves a cached failure); "failed_neff" (a failure old compilers cached as a
+    NEFF alone, no log); "crash" (killed mid-compile: a stale lock, no
+    NEFF); "todo" (collection only, as `neuron_parallel_compile --command collect`). `seconds` simulates
+    the compile's duration (the lock is held meanwhile). `flags_hash_style`: "json" or "text" names the
+    entry by that hash of the flags, whatever the version (None: the bytes of the version's flags file).
     """
     started = time.monotonic()
-    path = entry_path(Path(root), version, graph)
+    path = entry_path(Path(root), version, graph, flags_hash_style)
     hlo_name = hlo_file_name(version)
     lock = path / f"{hlo_name}.lock"
     files_now = set(os.listdir(path)) if path.is_dir() else set()
@@ -124,6 +146,10 @@ def compile_graph(root: str | os.PathLike[str], version: str, graph: Graph, *, o
             _write(path / NEFF, b"ERROR")
         lock.unlink()
         raise CompileFailed(f"compilation failed for {path.name}")
+    if outcome == "failed_neff":  # compilers up to 2.14: a failure cached as a NEFF alone ("cached failed neff")
+        _write(path / NEFF, b"ERROR")
+        lock.unlink()
+        raise CompileFailed(f"compilation failed for {path.name} (cached as a NEFF)")
     if outcome != "success":
         raise ValueError(f"unknown outcome {outcome!r}")
     _write(path / NEFF, _neff_bytes(graph))
@@ -158,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=0.0, help="simulated compile time per graph")
     parser.add_argument("--outcome", default="success", choices=["success", "failed", "crash", "todo"])
+    parser.add_argument("--flags-hash-style", choices=FLAGS_HASH_STYLES, default=None,
+                        help="hash the flags as a JSON list or as text (default: as the version's flags file)")
     args = parser.parse_args(argv)
     for graph in make_graphs(args.graphs, seed=args.model):
         try:
-            result = compile_graph(args.cache_dir, args.compiler_version, graph, outcome=args.outcome, seconds=args.seconds)
+            result = compile_graph(args.cache_dir, args.compiler_version, graph, outcome=args.outcome, seconds=args.seconds,
+                                   flags_hash_style=args.flags_hash_style)
         except CompileFailed as exc:
             print(f"FAILED {exc}", file=sys.stderr)
             return 1

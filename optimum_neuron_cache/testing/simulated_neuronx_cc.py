@@ -8,7 +8,9 @@
   `model.done`; else take the lock, write HLO and flags into the entry, call `neuronx-cc` through PATH on
   `model.MODULE_<key>+<hash>.hlo_module.pb` in a work dir, copy the NEFF in, write `model.done`, drop the
   lock (a failure leaves `model.log`). With NEURON_EXTRACT_GRAPHS_ONLY=1 it only writes HLO and flags.
-- `parallel_compile_main`: a `neuron_parallel_compile` command line (`--command extract|compile|all`).
+- `parallel_compile_main`: a `neuron_parallel_compile` command line with the real tool's modes (`--command
+  collect|compile|collect-and-compile|clean|clear-locks|clear-neffs|scan|scan-with-failed`; `analyze` is not
+  simulated), and `--num_parallel`.
 - `train_main`: a "training script" that JIT-compiles the graphs of a model through `jit_compile`.
 
 Knobs for tests (environment): SIMULATED_NEURONX_CC_LOG (a file: one line per real compile),
@@ -22,11 +24,13 @@ import argparse
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write
@@ -166,16 +170,29 @@ def jit_compile(root: str | os.PathLike[str], version: str, graph: Graph, *, com
             output = Path(workdir) / f"model.{module}.neff"
             source.write_bytes(graph.hlo)
             command = [compiler, "compile", "--framework=XLA", str(source), "--output", str(output), *graph.flags, "--verbose=35"]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0 or not output.is_file():
-                (path / LOG).write_text(f"compiler exited {done.returncode}\n{done.stderr}", encoding="utf-8")
-                raise SimulatedCompileError(f"compilation failed for {module} (exit {done.returncode}): {done.stderr.strip()}")
+            returncode, stderr = _run_compiler(command, env)
+            if returncode != 0 or not output.is_file():
+                (path / LOG).write_text(f"compiler exited {returncode}\n{stderr}", encoding="utf-8")
+                raise SimulatedCompileError(f"compilation failed for {module} (exit {returncode}): {stderr.strip()}")
             shutil.copyfile(output, path / NEFF)
         if writes_done_marker(version):
             (path / DONE).write_bytes(b"")
         return JitResult(module, path, hit=False, compiled=True)
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _run_compiler(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the compiler; its stderr is passed on line by line as it comes (what the shim says while it waits
+    on another host is seen at once) and kept for model.log. Its stdout is kept quiet."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    assert process.stderr is not None
+    for line in process.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lines.append(line)
+    return process.wait(), "".join(lines)
 
 
 def _env_root_and_version() -> tuple[Path, str]:
@@ -201,45 +218,148 @@ def train_main(argv: list[str] | None = None) -> int:
                 print(f"FAILED {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            print(("HIT " if result.hit else "COMPILED " if result.compiled else "EXTRACTED ") + result.module)
+            if not result.hit and not result.compiled:  # libneuronxla's line, which neuron_parallel_compile reads
+                print(EXTRACTED_LINE.format(path=result.path / hlo_file_name(version)))
+            else:
+                print(("HIT " if result.hit else "COMPILED ") + result.module)
     return 1 if failed else 0
 
 
+#: `neuron_parallel_compile --command` choices, as torch-neuronx's argparse lists them (docs/integrations.md).
+PARALLEL_COMPILE_COMMANDS = ("collect-and-compile", "collect", "clear-locks", "clear-neffs", "compile", "clean",
+                             "scan", "scan-with-failed", "analyze")
+#: What libneuronxla's wrapper logs for each graph it extracts; `collect-and-compile` compiles the graphs these
+#: lines name (the real tool reads them from its trial run's log).
+EXTRACTED_LINE = "Extracting graphs ({path}) for ahead-of-time parallel compilation. No compilation was done."
+_EXTRACTED_RE = re.compile(r"Extracting graphs \((.+?)\) for ahead-of-time")
+
+
+@dataclass
+class _ParallelArgs:
+    command: str = "collect-and-compile"
+    num_parallel: int = 2
+    rest: list[str] = field(default_factory=list)
+
+
+def _parallel_args(argv: list[str]) -> _ParallelArgs | str:
+    """The stand-in's options (`--command X`, `--num_parallel N`) before the training command; or why not."""
+    args = _ParallelArgs()
+    tokens = list(argv)
+    while tokens and tokens[0].startswith("--"):
+        name, _, value = tokens.pop(0).partition("=")
+        if name not in ("--command", "--num_parallel"):
+            tokens.insert(0, f"{name}={value}" if value else name)
+            break
+        if not value:
+            if not tokens:
+                return f"{name} needs a value"
+            value = tokens.pop(0)
+        if name == "--command":
+            if value not in PARALLEL_COMPILE_COMMANDS:
+                return f"argument --command: invalid choice: {value!r} (choose from {', '.join(PARALLEL_COMPILE_COMMANDS)})"
+            args.command = value
+        else:
+            if not value.isdecimal() or int(value) < 1:
+                return f"argument --num_parallel: {value!r} is not a whole number >= 1"
+            args.num_parallel = int(value)
+    args.rest = tokens
+    return args
+
+
+def _collect(command: list[str]) -> tuple[int, list[Path]]:
+    """Run the training command with NEURON_EXTRACT_GRAPHS_ONLY=1 (HLO and flags only, no compile), echoing
+    its output; (exit code, the HLO paths its extraction lines name)."""
+    if not command:
+        print("neuron_parallel_compile: give the training command", file=sys.stderr)
+        return 2, []
+    process = subprocess.Popen(command, env={**os.environ, ENV_EXTRACT_ONLY: "1"}, stdout=subprocess.PIPE, text=True)
+    extracted: list[Path] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        match = _EXTRACTED_RE.search(line)
+        if match:
+            extracted.append(Path(match.group(1)))
+    sys.stdout.flush()
+    return process.wait(), extracted
+
+
+def _graph_of(entry_path: Path, files: dict[str, int]) -> Graph:
+    hlo = next((entry_path / name).read_bytes() for name in ("model.hlo_module.pb", "model.hlo.pb") if name in files)
+    flags_path = entry_path / ("compile_flags.json" if "compile_flags.json" in files else "compile_flags.txt")
+    raw = flags_path.read_text(encoding="utf-8")
+    return Graph(hlo=hlo, flags=tuple(json.loads(raw)) if flags_path.suffix == ".json" else tuple(raw.split()))
+
+
+def _compile_todo(root: Path, version: str, only: set[Path] | None, workers: int) -> int:
+    """Compile the todo entries (all of them, or those of `only`), `workers` at a time, each through
+    `jit_compile` (lock, neuronx-cc on PATH, NEFF, done). The number that failed."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_EXTRACT_ONLY}
+    todo = [entry for entry in scan_entries(root, version)
+            if entry.state is EntryState.TODO and (only is None or entry.path.resolve() in only)]
+
+    def one(entry) -> bool:
+        try:
+            jit_compile(root, version, _graph_of(entry.path, entry.files), env=env)
+        except SimulatedCompileError as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, sorted(todo, key=lambda entry: entry.name)))
+    print(f"Total graphs: {len(results)}\nTotal successful compilations: {sum(results)}\n"
+          f"Total failed compilations: {len(results) - sum(results)}")
+    return len(results) - sum(results)
+
+
+def _scan(root: Path, version: str, with_failed: bool) -> None:
+    """todo, locked, done (and failed apart, with `scan-with-failed`) HLOs of the cache, one list each."""
+    groups: dict[str, list[str]] = {"todo": [], "locked": [], "done": [], "failed": []}
+    for entry in scan_entries(root, version):
+        state = {EntryState.TODO: "todo", EntryState.LOCKED: "locked", EntryState.FAILED: "failed"}.get(entry.state, "done")
+        groups["done" if state == "failed" and not with_failed else state].append(entry.name)
+    for name, items in groups.items():
+        if name != "failed" or with_failed:
+            print(f"{name}[{len(items)}]: {sorted(items)}")
+
+
 def parallel_compile_main(argv: list[str] | None = None) -> int:
-    """`neuron_parallel_compile [--command extract|compile|all] <command...>`, simulated."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = "all"
-    if argv[:1] == ["--command"] and len(argv) > 1:
-        command, argv = argv[1], argv[2:]
-    elif argv and argv[0].startswith("--command="):
-        command, argv = argv[0].split("=", 1)[1], argv[1:]
-    if command in ("extract", "all"):
-        if not argv:
-            print("neuron_parallel_compile: give the training command", file=sys.stderr)
-            return 2
-        code = subprocess.run(argv, env={**os.environ, ENV_EXTRACT_ONLY: "1"}, check=False).returncode
-        if code != 0:
-            return code
-    if command in ("compile", "all"):
-        root, version = _env_root_and_version()
-        env = {k: v for k, v in os.environ.items() if k != ENV_EXTRACT_ONLY}
-        failed = 0
-        for entry in scan_entries(root, version):
-            if entry.state is not EntryState.TODO:
-                continue
-            hlo = next((entry.path / name).read_bytes() for name in ("model.hlo_module.pb", "model.hlo.pb") if name in entry.files)
-            flags_path = entry.path / ("compile_flags.json" if "compile_flags.json" in entry.files else "compile_flags.txt")
-            raw = flags_path.read_text(encoding="utf-8")
-            flags = tuple(json.loads(raw)) if flags_path.suffix == ".json" else tuple(raw.split())
-            try:
-                jit_compile(root, version, Graph(hlo=hlo, flags=flags), env=env)
-            except SimulatedCompileError as exc:
-                print(f"FAILED {exc}", file=sys.stderr)
-                failed += 1
-        return 1 if failed else 0
-    if command not in ("extract", "compile", "all"):
-        print(f"neuron_parallel_compile: unknown command {command!r}", file=sys.stderr)
+    """`neuron_parallel_compile [--command MODE] [--num_parallel N] <training command...>`, simulated.
+
+    Modes as torch-neuronx's: `collect` runs the command with NEURON_EXTRACT_GRAPHS_ONLY=1 (todo entries: HLO
+    and flags, no NEFF); `compile` compiles every todo entry of the cache, N at a time; `collect-and-compile`
+    (the default) collects, then compiles the graphs this collection extracted; `clean` removes the cache
+    dir; `clear-locks` removes lock files; `clear-neffs` removes NEFFs (and done markers), leaving todo
+    entries; `scan` and `scan-with-failed` list todo/locked/done(/failed) entries. `analyze` checks operator
+    support on hardware: not simulated (exit 2).
+    """
+    parsed = _parallel_args(sys.argv[1:] if argv is None else list(argv))
+    if isinstance(parsed, str):
+        print(f"neuron_parallel_compile: error: {parsed}", file=sys.stderr)
         return 2
+    if parsed.command == "analyze":
+        print("neuron_parallel_compile: --command analyze is not simulated", file=sys.stderr)
+        return 2
+    extracted: list[Path] | None = None
+    if parsed.command in ("collect", "collect-and-compile"):
+        code, extracted = _collect(parsed.rest)
+        if code != 0 or parsed.command == "collect":
+            return code
+    root, version = _env_root_and_version()
+    if parsed.command in ("compile", "collect-and-compile"):
+        only = None if extracted is None else {path.parent.resolve() for path in extracted}
+        return 1 if _compile_todo(root, version, only, parsed.num_parallel) else 0
+    if parsed.command == "clean":
+        shutil.rmtree(root, ignore_errors=True)
+    elif parsed.command in ("clear-locks", "clear-neffs"):
+        names = (lambda name: name.endswith(".lock")) if parsed.command == "clear-locks" else (lambda name: name in (NEFF, DONE))
+        for entry in scan_entries(root, version):
+            for name in entry.files:
+                if names(name):
+                    (entry.path / name).unlink(missing_ok=True)
+    else:
+        _scan(root, version, parsed.command == "scan-with-failed")
     return 0
 
 

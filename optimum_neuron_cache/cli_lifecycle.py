@@ -1,0 +1,225 @@
+"""`neuron-cache prune`, `scrub` and `du`: a bucket over its lifetime. Registered on the CLI group by cli.py.
+
+Exit codes as for every command (cli.py); `scrub` also exits 1 when it finds a problem, so that a scheduled
+job can alert on it. Each has `--json` (always valid JSON).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from . import remote_layout as layout
+from .client import BucketClient
+from .neuron_sdk import validate_compiler_version
+from .prune import PrunePlan, PrunePolicy, execute_prune, parse_age, plan_prune
+from .scrub import DEFAULT_STALE_AFTER, repair as repair_entries, scrub as run_scrub
+from .survey import survey_bucket
+from .usage import bucket_usage
+
+
+def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    return None if value is None else parse_age(value)
+
+
+def _versions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(validate_compiler_version(v, source=param.opts[0]) for v in value)
+
+
+def policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The prune policy, shared by `prune` (what to remove) and `du` (what that would free)."""
+    for option in reversed([
+        click.option("--keep-versions", type=click.IntRange(min=0), help="Keep the newest K compiler versions, remove the others."),
+        click.option("--drop-version", "drop_versions", multiple=True, callback=_versions, help="Remove this compiler version (repeatable)."),
+        click.option("--model", "models", multiple=True, help="Remove this model's areas and export records (repeatable)."),
+        click.option("--task", "-t", default=None, help="With --model: only this task's area."),
+        click.option("--model-version", "model_versions", multiple=True, callback=_versions,
+                     help="With --model: only under this compiler version (repeatable; default: every version)."),
+        click.option("--unreferenced-older-than", "unreferenced", callback=_age, metavar="AGE",
+                     help="Remove flat entries no model area or export record references, written more than AGE ago (e.g. 30d)."),
+        click.option("--incomplete-older-than", "incomplete", callback=_age, metavar="AGE",
+                     help="Remove entries that never got their commit file (a publisher that died), written more than AGE ago."),
+        click.option("--dangling-records", is_flag=True, help="Remove export records naming entries their area no longer holds."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _policy(keep_versions: int | None, drop_versions: tuple[str, ...], models: tuple[str, ...], task: str | None,
+            model_versions: tuple[str, ...], unreferenced: float | None, incomplete: float | None,
+            dangling_records: bool) -> PrunePolicy:
+    if (task or model_versions) and not models:
+        raise click.UsageError("--task and --model-version go with --model")
+    folders = tuple(layout.model_ref(model).folder for model in models)
+    return PrunePolicy(keep_versions=keep_versions, drop_versions=drop_versions, models=folders,
+                       task=layout.task_name(task) if task else None, model_versions=model_versions,
+                       unreferenced_older_than=unreferenced, incomplete_older_than=incomplete,
+                       dangling_records=dangling_records)
+
+
+def _plan_dict(plan: PrunePlan) -> dict[str, Any]:
+    return {"records": [asdict(r) for r in plan.records], "entries": [asdict(e) for e in plan.entries],
+            "strays": [asdict(s) for s in plan.strays], "files": plan.files, "bytes": plan.bytes,
+            "complete_before": plan.complete_before, "complete_after": plan.complete_after}
+
+
+def register(cli: click.Group) -> None:
+    """Add the commands to the `neuron-cache` group."""
+    from .cli import Output, _bucket, _json, _table, bucket_option, size, version_option
+
+    @cli.command()
+    @bucket_option
+    @policy_options
+    @click.option("--all", "allow_all", is_flag=True, help="Allow a plan that removes every complete entry.")
+    @click.option("--yes", "-y", is_flag=True, help="Carry the plan out (default: only show it).")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    def prune(out: Output, bucket: str | None, keep_versions: int | None, drop_versions: tuple[str, ...],
+              models: tuple[str, ...], task: str | None, model_versions: tuple[str, ...], unreferenced: float | None,
+              incomplete: float | None, dangling_records: bool, allow_all: bool, yes: bool, as_json: bool) -> None:
+        """Remove from the bucket what a policy says nobody needs; shows the plan unless --yes.
+
+        An entry goes commit file first, then content; export records before the entries they name."""
+        policy = _policy(keep_versions, drop_versions, models, task, model_versions, unreferenced, incomplete, dangling_records)
+        if policy.empty:
+            raise click.UsageError("say what to remove: --keep-versions, --drop-version, --model, "
+                                   "--unreferenced-older-than, --incomplete-older-than or --dangling-records")
+        ref = _bucket(bucket)
+        client = BucketClient(ref)
+        plan = plan_prune(survey_bucket(client, with_records=policy.needs_records), policy, allow_all=allow_all)
+        verb = "removed" if yes else "would remove"
+        if not as_json:
+            for record in plan.records:
+                out.info(f"{verb} {record.path} ({size(record.bytes)}): {record.reason}")
+            for entry in plan.entries:
+                where = layout.entry_prefix_of(entry.compiler_version, entry.area, entry.module)
+                out.info(f"{verb} {where} ({size(entry.bytes)}): {entry.reason}")
+            for stray in plan.strays:
+                out.info(f"{verb} {stray.path} ({size(stray.bytes)}): {stray.reason}")
+        result = None
+        if yes and not plan.empty:
+            progress, close = _count_bar(out, "prune")
+            try:
+                result = execute_prune(client, plan, progress=progress)
+            finally:
+                close()
+        if as_json:
+            click.echo(_json({"bucket": str(ref), "executed": result is not None, "plan": _plan_dict(plan),
+                              "result": asdict(result) if result else None}))
+            return
+        if plan.empty:
+            click.echo(f"nothing to prune in {ref}")
+            return
+        summary = (f"{len(plan.entries)} entries, {len(plan.records)} export records"
+                   + (f", {len(plan.strays)} other files" if plan.strays else "") + f" ({size(plan.bytes)})")
+        if result is None:
+            click.echo(f"would remove {summary} from {ref}; run again with --yes to remove them")
+            return
+        click.echo(f"removed {summary} from {ref}")
+        if result.rewritten_removed:
+            click.echo(f"removed again {len(result.rewritten_removed)} commit files a concurrent publisher wrote over "
+                       "removed content")
+        if result.republished:
+            click.echo(f"left {len(result.republished)} entries a concurrent publisher published again meanwhile")
+
+    @cli.command(name="scrub")
+    @bucket_option
+    @version_option
+    @click.option("--read", is_flag=True, help="Also read every committed file back, hashed against its digest.")
+    @click.option("--stale-after", callback=_age, metavar="AGE",
+                  help="Report entries without a commit file written more than AGE ago (default 1d).")
+    @click.option("--repair", is_flag=True, help="Remove the commit files of entries found missing, short or corrupt.")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    def scrub(out: Output, bucket: str | None, compiler_version: str | None, read: bool, stale_after: float | None,
+              repair: bool, as_json: bool) -> None:
+        """Re-check what the bucket holds against its digests; exits 1 when it finds a problem."""
+        ref = _bucket(bucket)
+        client = BucketClient(ref)
+        progress, close = out.progress("scrub") if read else (None, lambda: None)
+        try:
+            report = run_scrub(client, compiler_version=compiler_version, read=read,
+                               stale_after=DEFAULT_STALE_AFTER if stale_after is None else stale_after, progress=progress)
+        finally:
+            close()
+        if repair:
+            repair_entries(client, report)
+        if as_json:
+            click.echo(_json({"bucket": str(ref), "ok": report.ok, "entries": report.entries, "files": report.files,
+                              "records": report.records, "read_files": report.read_files, "read_bytes": report.read_bytes,
+                              "unverifiable": report.unverifiable,
+                              "findings": [{**asdict(f), "problem": f.problem.value} for f in report.findings],
+                              "repaired": report.repaired}))
+        else:
+            for finding in report.findings:
+                click.echo(f"{finding.problem.value:15} {finding.path}: {finding.detail}")
+            checked = f"checked {report.entries} entries ({report.files} files) and {report.records} export records in {ref}"
+            if read:
+                checked += f"; read back {report.read_files} files ({size(report.read_bytes)})"
+                if report.unverifiable:
+                    checked += f", {report.unverifiable} without a digest to check against"
+            click.echo(f"{checked}: " + ("no problem" if report.ok else f"{len(report.findings)} problems"))
+            if report.repaired:
+                click.echo(f"removed {len(report.repaired)} commit files of bad entries: the next compile of those "
+                           "graphs publishes them again")
+        if not report.ok:
+            sys.exit(1)
+
+    @cli.command(name="du")
+    @bucket_option
+    @version_option
+    @policy_options
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def du(bucket: str | None, compiler_version: str | None, keep_versions: int | None, drop_versions: tuple[str, ...],
+           models: tuple[str, ...], task: str | None, model_versions: tuple[str, ...], unreferenced: float | None,
+           incomplete: float | None, dangling_records: bool, as_json: bool) -> None:
+        """Bytes per compiler version, per model, unreferenced; with prune options, what that prune would free."""
+        policy = _policy(keep_versions, drop_versions, models, task, model_versions, unreferenced, incomplete, dangling_records)
+        ref = _bucket(bucket)
+        survey = survey_bucket(BucketClient(ref), compiler_version=compiler_version, with_records=True)
+        usage = bucket_usage(survey, policy)
+        if as_json:
+            click.echo(_json({"bucket": str(ref), "bytes": usage.bytes, "unique_bytes": usage.unique_bytes,
+                              "unreferenced_bytes": usage.unreferenced_bytes,
+                              "versions": [asdict(v) for v in usage.versions], "models": [asdict(m) for m in usage.models],
+                              "prune": asdict(usage.prune) if usage.prune else None}))
+            return
+        if not usage.versions:
+            click.echo(f"{ref} holds no compiler version folder")
+            return
+        rows = [("COMPILER", "ENTRIES", "SIZE", "UNIQUE", "FLAT", "MODELS", "RECORDS", "OTHER", "UNREFERENCED")]
+        for v in usage.versions:
+            rows.append((v.compiler_version, str(v.entries), size(v.bytes), size(v.unique_bytes), size(v.flat_bytes),
+                         size(v.model_bytes), size(v.record_bytes), size(v.other_bytes),
+                         f"{size(v.unreferenced_bytes)} ({v.unreferenced_entries})"))
+        _table(rows)
+        if usage.models:
+            click.echo("")
+            rows = [("COMPILER", "MODEL", "TASKS", "ENTRIES", "SIZE", "RECORDS")]
+            rows += [(m.compiler_version, m.model, ",".join(m.tasks), str(m.entries), size(m.bytes), str(m.records))
+                     for m in usage.models]
+            _table(rows)
+        click.echo(f"\ntotal {size(usage.bytes)} listed, {size(usage.unique_bytes)} unique content, "
+                   f"{size(usage.unreferenced_bytes)} in flat entries nothing references")
+        if usage.prune is not None:
+            click.echo(f"this prune would remove {usage.prune.entries} entries and {usage.prune.records} export records, "
+                       f"freeing {size(usage.prune.bytes)}")
+
+
+def _count_bar(out: Any, description: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A tqdm bar counting files on a terminal (nothing otherwise, or with --quiet)."""
+    if out.quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    bar = tqdm(desc=description, unit="file", file=sys.stderr, leave=False, total=0)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(max(0, done - bar.n))
+
+    return update, bar.close

@@ -1,0 +1,373 @@
+"""Compile leases: the bucket server's lease operation on both backends, the planner, and hosts sharing compiles.
+
+"Hosts" here are processes with their own compile cache and their own bucket server (their own runtime dir),
+against one bucket, as separate machines would be. Waits are polls of the bucket (or events), never sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from optimum_neuron_cache import remote_layout as layout
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.compile_leases import (
+    Action,
+    Holder,
+    LeaseSettings,
+    Probe,
+    Watch,
+    decide,
+    observe,
+    probe,
+)
+from optimum_neuron_cache.testing.simulated_compiler import make_graphs, module_name
+
+from .polling import wait_until
+
+MODULE = "MODULE_123+abcdef01"
+
+
+def test_the_lease_operation_is_conditional_and_idempotent(bucket, version):
+    client = BucketClient(bucket)
+    path = layout.lease_path(version, MODULE)
+    assert client.lease(path, "read") == {"ok": True, "content": None}
+    assert client.lease(path, "create", content="a")["ok"]
+    assert client.lease(path, "create", content="a")["ok"]  # a resent create of ours: still ours
+    assert not client.lease(path, "create", content="b")["ok"]  # someone else's: refused
+    assert client.lease(path, "read")["content"] == "a"
+    assert not client.lease(path, "replace", content="b", expect="x")["ok"]  # not what it holds
+    assert client.lease(path, "read")["content"] == "a"
+    assert client.lease(path, "replace", content="b", expect="a")["ok"]
+    assert client.lease(path, "replace", content="b", expect="a")["ok"]  # resent: it holds our bytes
+    assert not client.lease(path, "delete", expect="a")["ok"]
+    assert client.lease(path, "delete", expect="b")["ok"]
+    assert client.lease(path, "delete", expect="b")["ok"]  # already gone
+    assert not client.lease(path, "replace", content="c", expect="b")["ok"]  # nothing to replace
+    # Leases never show in the flat area nor in any compiler version's folder.
+    client.lease(path, "create", content="a")
+    assert client.list(layout.version_prefix(version)) == []
+    assert [item["path"] for item in client.list(layout.leases_prefix())] == [path]
+
+
+def test_bad_lease_requests_are_refused(bucket, version):
+    from optimum_neuron_cache.errors import RemoteInvalidDataError
+
+    client = BucketClient(bucket)
+    path = layout.lease_path(version, MODULE)
+    for kwargs in ({"mode": "steal"}, {"mode": "create"}, {"mode": "replace", "content": "a"},
+                   {"mode": "create", "content": "x" * 5000}):
+        with pytest.raises(RemoteInvalidDataError):
+            client.lease(path, **kwargs)
+    with pytest.raises(RemoteInvalidDataError):
+        client.lease("../escape", "create", content="a")
+
+
+def test_a_directory_bucket_gives_a_lease_to_exactly_one_of_many_racing_takers(tmp_path, version):
+    from bucket_server.backends.dir import DirBackend
+
+    backend = DirBackend(str(tmp_path / "b"))
+    backend.create(private=None)
+    path = layout.lease_path(version, MODULE)
+    start = threading.Barrier(16)
+    won: list[str] = []
+
+    def take(name: str) -> None:
+        start.wait()
+        if backend.lease(path, "create", content=name)["ok"]:
+            won.append(name)
+
+    threads = [threading.Thread(target=take, args=(f"taker-{i}",)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and backend.lease(path, "read")["content"] == won[0]
+    # Takeovers race the same way: one wins.
+    won.clear()
+    start.reset()
+
+    def take_over(name: str) -> None:
+        start.wait()
+        if backend.lease(path, "replace", content=name, expect=current)["ok"]:
+            won.append(name)
+
+    current = backend.lease(path, "read")["content"]
+    threads = [threading.Thread(target=take_over, args=(f"new-{i}",)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and backend.lease(path, "read")["content"] == won[0]
+
+
+# ------------------------------------------------------------------------------------ the planner
+
+SETTINGS = LeaseSettings(heartbeat=1.0, stale=5.0, max_wait=100.0, poll=0.05)
+
+
+def test_the_planner_decides_with_reasons():
+    other = Holder(host="elsewhere", pid=1234, started=1.0, token="t", boot="another-boot")
+    assert decide(Probe(MODULE, True, ("sig",)), None, 0.0, SETTINGS).action is Action.FETCH
+    assert decide(Probe(MODULE, False, None), None, 0.0, SETTINGS).action is Action.TAKE
+    watches: dict[str, Watch] = {}
+    watch = observe(watches, Probe(MODULE, False, (1,)), now=10.0)
+    watch.holder = other
+    waiting = decide(Probe(MODULE, False, (1,)), watch, 12.0, SETTINGS)
+    assert waiting.action is Action.WAIT and "elsewhere pid 1234" in waiting.reason
+    observe(watches, Probe(MODULE, False, (2,)), now=14.0)  # a heartbeat: the file changed
+    assert decide(Probe(MODULE, False, (2,)), watch, 18.0, SETTINGS).action is Action.WAIT
+    stale = decide(Probe(MODULE, False, (2,)), watch, 19.5, SETTINGS)
+    assert stale.action is Action.TAKEOVER and "no heartbeat for 6s" in stale.reason
+    watch.changed_at = 108.0  # heartbeats go on, but the wait has lasted more than max_wait
+    assert decide(Probe(MODULE, False, (3,)), watch, 110.5, SETTINGS).action is Action.COMPILE
+    dead = Holder.of_this_process()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    watch = Watch((1,), 0.0, 0.0, holder=Holder(dead.host, child.pid, 1.0, "t", dead.boot))
+    assert decide(Probe(MODULE, False, (1,)), watch, 0.1, SETTINGS).action is Action.TAKEOVER
+
+
+@pytest.mark.parametrize("text", ["", "nan", "[]", '{"host": "h"}', '{"host": "h", "pid": -1, "started": 1, "token": "t", "boot": "", "beat": 0}',
+                                  '{"host": "h", "pid": 5, "started": NaN, "token": "t", "boot": "", "beat": 0}',
+                                  '{"host": "h", "pid": true, "started": 1, "token": "t", "boot": "", "beat": 0}'])
+def test_a_lease_file_is_hostile_input(text):
+    assert Holder.parse(text) is None
+
+
+def test_holders_round_trip():
+    holder = Holder.of_this_process()
+    assert Holder.parse(holder.text()) == holder
+    assert Holder.parse(holder.renewed().text()).beat == 1
+
+
+# ------------------------------------------------------------------------------- hosts sharing compiles
+
+HOSTS = int(os.environ.get("NEURON_CACHE_TEST_LEASE_HOSTS", "3"))
+GRAPHS = int(os.environ.get("NEURON_CACHE_TEST_LEASE_GRAPHS", "3"))
+SECONDS = float(os.environ.get("NEURON_CACHE_TEST_LEASE_SECONDS", "0.3"))
+
+
+@pytest.fixture
+def dir_bucket(tmp_path) -> str:
+    path = tmp_path / "bucket"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def hub_http(tmp_path, monkeypatch):
+    """A Hub emulator serving Xet over HTTP (several hosts' servers transfer at once), and a bucket on it."""
+    from hub_emulator import HubEmulator
+
+    from optimum_neuron_cache.buckets import BucketRef
+    from optimum_neuron_cache.client import stop_server
+
+    emulator = HubEmulator(tmp_path / "hub", xet="http").start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+    BucketClient(BucketRef("hf", "team/leases")).create()
+    try:
+        yield emulator, "team/leases"
+    finally:
+        stop_server()
+        emulator.stop()
+
+
+@pytest.mark.parametrize("mode", ["shim", "phases"])
+def test_hosts_on_a_directory_bucket_compile_each_graph_once_and_all_end_with_every_entry(tmp_path, dir_bucket, mode):
+    from stress.leases import run_hosts
+
+    figures = run_hosts(tmp_path / "w", dir_bucket, mode=mode, hosts=HOSTS, graphs=GRAPHS, seconds=SECONDS, timeout=300)
+    assert figures.notes == [] and figures.ok_hosts == HOSTS
+    assert figures.complete_hosts == HOSTS
+    assert figures.compiles == GRAPHS  # not HOSTS x GRAPHS
+    assert figures.lease_compiled == GRAPHS and figures.lease_compiled_twice == 0
+    assert BucketClient(layout_ref(dir_bucket)).list(layout.leases_prefix()) == []  # every holder dropped its leases
+
+
+def layout_ref(bucket: str):
+    from optimum_neuron_cache.buckets import parse_bucket
+
+    return parse_bucket(bucket)
+
+
+def test_hosts_on_a_hub_bucket_share_compiles_and_all_end_with_every_entry(tmp_path, hub_http):
+    from stress.leases import run_hosts
+
+    _, bucket = hub_http
+    figures = run_hosts(tmp_path / "w", bucket, mode="shim", hosts=2, graphs=GRAPHS, seconds=SECONDS, timeout=300)
+    assert figures.notes == [] and figures.complete_hosts == 2
+    # Write-then-read-back leases can let two hosts compile a graph in a race: never all of them.
+    assert GRAPHS <= figures.compiles < 2 * GRAPHS
+    assert figures.lease_fetched_after_wait >= 1
+
+
+@pytest.mark.parametrize("mode", ["shim", "phases"])
+def test_a_dead_holders_leases_are_taken_over_once_stale(tmp_path, dir_bucket, mode):
+    from stress.leases import run_hosts
+
+    figures = run_hosts(tmp_path / "w", dir_bucket, mode=mode, hosts=2, graphs=2, seconds=SECONDS, dead=2,
+                        extra={"NEURON_CACHE_LEASE_STALE": "1"}, timeout=300)
+    assert figures.notes == [] and figures.complete_hosts == 2
+    assert figures.compiles == 2
+
+
+def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path, dir_bucket, version):
+    """No stale timeout to wait: the holder's pid is gone on this very machine (a staleness wait would run
+    into the test's deadline, with the timeout set to an hour)."""
+    from stress.leases import VERSION, run_hosts
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    mine = Holder.of_this_process()
+    dead = Holder(host=mine.host, pid=child.pid, started=mine.started, token="gone", boot=mine.boot)
+    module = module_name(VERSION, make_graphs(1, seed="lease")[0])
+    BucketClient(layout_ref(dir_bucket)).lease(layout.lease_path(VERSION, module), "create", content=dead.text())
+    figures = run_hosts(tmp_path / "w", dir_bucket, mode="shim", hosts=1, graphs=1, seconds=SECONDS,
+                        extra={"NEURON_CACHE_LEASE_STALE": "3600"}, timeout=120)
+    assert figures.notes == [] and figures.complete_hosts == 1 and figures.compiles == 1
+
+
+@pytest.mark.parametrize("backend", ["dir", "hf"])
+def test_a_bucket_failing_mid_wait_leaves_the_waiter_compiling_itself(tmp_path, backend, request):
+    """Another host holds a live lease (renewed by this test); the waiting host's bucket then fails: it
+    compiles the graph itself, with one line, and ends with the entry."""
+    from stress.leases import VERSION, Hosts
+
+    if backend == "dir":
+        bucket = request.getfixturevalue("dir_bucket")
+        extra: dict[str, str] = {}
+    else:
+        emulator, bucket = request.getfixturevalue("hub_http")
+        extra = {"NEURON_CACHE_RETRY_BUDGET": "1", "NEURON_CACHE_XET_RETRY_DURATION": "1"}
+    client = BucketClient(layout_ref(bucket))
+    module = module_name(VERSION, make_graphs(1, seed="lease")[0])
+    path = layout.lease_path(VERSION, module)
+    holder = Holder(host="busy-host", pid=77, started=1.0, token="busy", boot="busy-boot")
+    client.lease(path, "create", content=holder.text())
+    stop = threading.Event()
+
+    def renew() -> None:
+        current = holder
+        while not stop.wait(0.2):
+            renewed = current.renewed()
+            try:
+                if client.lease(path, "replace", content=renewed.text(), expect=current.text())["ok"]:
+                    current = renewed
+            except Exception:
+                return  # the bucket failed: as for any holder
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    hosts = Hosts(tmp_path / "w", bucket, mode="shim", hosts=1, graphs=1, seconds=SECONDS,
+                  extra={"NEURON_CACHE_LEASE_STALE": "3600", **extra})
+    try:
+        wait_until(lambda: "busy-host pid 77 is compiling it" in hosts.stderr(0), "the host to wait on the lease")
+        if backend == "dir":
+            os.rename(bucket, f"{bucket}.gone")
+        else:
+            emulator.add_fault(None, ".*", 503, times=None)
+        figures = hosts.finish(timeout=120)
+    finally:
+        stop.set()
+        renewer.join()
+    assert figures.notes == [] and figures.complete_hosts == 1 and figures.compiles == 1
+    said = hosts.stderr(0)
+    assert "compile lease of" in said and "(compiling)" in said
+
+
+def test_a_lease_whose_heartbeat_goes_on_is_never_taken_over(bucket, version):
+    """The holder renews far more often than the waiter's stale timeout, for longer than that timeout; the
+    waiter only waits, and takes the lease (not takes it over) once the holder drops it."""
+    from optimum_neuron_cache.compile_leases import LeaseKeeper, wait_for_graph
+
+    client = BucketClient(bucket)
+    holder = LeaseKeeper(client, version, LeaseSettings(heartbeat=0.05, stale=60.0, max_wait=600.0, poll=0.05))
+    waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=0.5, max_wait=600.0, poll=0.02))
+    with holder:
+        assert holder.take(MODULE)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(wait_for_graph(waiter, MODULE)))
+        thread.start()
+        # Beats for at least three stale timeouts' worth (0.05 s each): the waiter saw the lease change all along.
+        wait_until(lambda: holder.held[MODULE].holder.beat >= 30, "thirty heartbeats")
+        assert thread.is_alive() and not holder.lost(MODULE)
+        assert holder.release(MODULE)
+        thread.join()
+    waited = outcome[0]
+    assert waited.waited and waited.decision.action is Action.TAKE
+    assert Action.TAKEOVER not in {d.action for d in waited.decisions}
+    assert waiter.release(MODULE)
+
+
+def test_the_leases_command_lists_holders_and_sweeps_what_is_left(tmp_path, bucket, version):
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph
+    from optimum_neuron_cache import hub_neuronx_cache
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "optimum_neuron_cache", *args, "--bucket", str(bucket)],
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("leases").stdout.strip() == f"{bucket} holds no compile leases"
+    committed, live = (module_name(version, graph) for graph in make_graphs(2, seed="listed"))
+    keeper = LeaseKeeper(BucketClient(bucket), version, LeaseSettings())
+    assert keeper.take(committed) and keeper.take(live)
+    # The holder of `committed` published it and died before dropping its lease.
+    with hub_neuronx_cache(compiler_version=version, bucket=bucket, cache_dir=tmp_path / "c"):
+        compile_graph(tmp_path / "c", version, make_graphs(2, seed="listed")[0])
+    listed = cli("leases")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{keeper.holder.host} pid {os.getpid()}" in listed.stdout and committed in listed.stdout and live in listed.stdout
+    swept = cli("leases", "--sweep", "--json")
+    assert swept.returncode == 0, swept.stderr
+    import json
+
+    data = json.loads(swept.stdout)
+    assert data["swept"] == [f"{version}/{committed}"]
+    assert [lease["module"] for lease in data["leases"]] == [live] and data["leases"][0]["holder"]["pid"] == os.getpid()
+    assert [item["path"] for item in BucketClient(bucket).list(layout.leases_prefix())] == [layout.lease_path(version, live)]
+    assert keeper.release(live)
+    assert BucketClient(bucket).list(layout.leases_prefix()) == []
+
+
+def test_scrub_takes_leases_for_what_they_are(tmp_path, bucket, version):
+    """A live lease, and the folder a directory bucket keeps once it is dropped, are not strays."""
+    from optimum_neuron_cache import hub_neuronx_cache
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+    from optimum_neuron_cache.testing.simulated_compiler import compile_graph
+
+    with hub_neuronx_cache(compiler_version=version, bucket=bucket, cache_dir=tmp_path / "c"):
+        compile_graph(tmp_path / "c", version, make_graphs(1, seed="scrubbed")[0])
+    keeper = LeaseKeeper(BucketClient(bucket), version, LeaseSettings())
+    assert keeper.take(MODULE)
+
+    def scrub() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "optimum_neuron_cache", "scrub", "--bucket", str(bucket)],
+                              capture_output=True, text=True, timeout=120)
+
+    for _ in ("held", "dropped"):
+        done = scrub()
+        assert done.returncode == 0 and "no problem" in done.stdout, done.stdout + done.stderr
+        keeper.release(MODULE)
+
+
+def test_a_lease_taken_over_by_one_waiter_is_not_taken_over_again_by_another(bucket, version):
+    """Two waiters judged the same lease stale; the first takes it over; the second, acting on what it saw,
+    must leave the first's fresh lease alone (and a lease that is gone is not taken blindly either)."""
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+
+    client = BucketClient(bucket)
+    dead = Holder(host="dead-host", pid=4242, started=1.0, token="dead", boot="dead-boot")
+    assert client.lease(layout.lease_path(version, MODULE), "create", content=dead.text())["ok"]
+    stale = probe(client, version, [MODULE])[MODULE].lease
+    first, second = (LeaseKeeper(client, version, LeaseSettings()) for _ in range(2))
+    assert first.take_over(MODULE, stale)
+    assert not second.take_over(MODULE, stale)
+    assert Holder.parse(client.lease(layout.lease_path(version, MODULE), "read")["content"]) == first.holder
+    assert first.release(MODULE)
+    assert not second.take_over(MODULE, stale)  # gone: the next look decides (the entry may be committed)

@@ -1,0 +1,281 @@
+"""`neuron-cache prune`: plans that say what goes and why, executed records first, then commit files, then
+content; never a half entry, even with a publisher of the same entries running at the same time in another
+process. On the emulator (hf) and a directory bucket."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.cli import cli
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.errors import NeuronCacheError
+from optimum_neuron_cache.journal import Journal, JournalKey
+from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
+from optimum_neuron_cache.prune import PrunePolicy, execute_prune, plan_prune
+from optimum_neuron_cache.survey import survey_bucket
+from optimum_neuron_cache.sync import sync_cache
+from optimum_neuron_cache.testing.invariants import bucket_violations, reference_sizes
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+
+OLD = "2.20.1.0+aaaa"
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def uri(ref: BucketRef) -> str:
+    return f"hf://buckets/{ref.location}" if ref.kind == "hf" else ref.location
+
+
+def publish_model(root: Path, ref: BucketRef, version: str, model: str, seed: str, count: int,
+                  task: str = "text-generation", config: dict[str, Any] | None = None) -> list[str]:
+    """Compile `count` graphs under a hub_neuronx_cache run: flat area, model area and an export record."""
+    with hub_neuronx_cache(model, task=task, export_config=config or {"batch_size": 1}, compiler_version=version,
+                           bucket=ref, cache_dir=root) as run_:
+        for graph in make_graphs(count, seed=seed):
+            compile_graph(root, version, graph)
+    assert not run_.warnings, run_.warnings
+    return sorted(key.rsplit("/", 1)[1] for key in run_.synced)
+
+
+def complete_modules(ref: BucketRef, version: str, area: str = "") -> set[str]:
+    survey = survey_bucket(BucketClient(ref), compiler_version=version)
+    found = survey.versions.get(version)
+    return found.complete_in(area) if found else set()
+
+
+def test_keep_versions_plans_then_removes_older_versions_whole(tmp_path, bucket, version):
+    publish_model(tmp_path / "old", bucket, OLD, "org/m", "p", 2)
+    publish_model(tmp_path / "new", bucket, version, "org/m", "p", 2)
+    client = BucketClient(bucket)
+    before = client.list("", recursive=True)
+
+    plan = json.loads(run("prune", "--bucket", uri(bucket), "--keep-versions", "1", "--json"))
+    assert plan["executed"] is False and plan["result"] is None
+    assert {e["compiler_version"] for e in plan["plan"]["entries"]} == {OLD}
+    assert len(plan["plan"]["entries"]) == 4 and len(plan["plan"]["records"]) == 1  # flat + area copies, one record
+    assert all("newest 1 compiler versions" in e["reason"] for e in plan["plan"]["entries"])
+    assert plan["plan"]["complete_before"] == 8 and plan["plan"]["complete_after"] == 4
+    assert client.list("", recursive=True) == before  # showing the plan changes nothing
+
+    out = run("prune", "--bucket", uri(bucket), "--keep-versions", "1", "--yes")
+    assert "removed 4 entries, 1 export records" in out
+    assert client.list(f"neuronxcc-{OLD}", recursive=True) == []
+    assert len(complete_modules(bucket, version, "org--m/text-generation")) == 2
+    clear_lookup_cache()
+    assert lookup_cache("org/m", "text-generation", compiler_version=OLD, bucket=bucket) == []
+    assert len(lookup_cache("org/m", "text-generation", compiler_version=version, bucket=bucket)) == 1
+    assert "nothing to prune" in run("prune", "--bucket", uri(bucket), "--keep-versions", "1")
+
+
+def test_a_named_model_goes_with_its_records_and_the_flat_entries_only_it_used(tmp_path, bucket, version):
+    a = publish_model(tmp_path / "a", bucket, version, "org/a", "shared", 3)
+    b = publish_model(tmp_path / "b", bucket, version, "org/b", "shared", 1)  # b's one graph is also a's
+    assert b[0] in a
+    out = run("prune", "--bucket", uri(bucket), "--model", "ORG/A", "--unreferenced-older-than", "0s", "--yes")
+    assert "removed 5 entries, 1 export records" in out  # a's 3 area copies, a's 2 flat entries b does not use
+    assert complete_modules(bucket, version, "org--a/text-generation") == set()
+    assert complete_modules(bucket, version, "") == set(b)  # the shared one stays: b's area references it
+    assert complete_modules(bucket, version, "org--b/text-generation") == set(b)
+    clear_lookup_cache()
+    assert lookup_cache("org/a", "text-generation", compiler_version=version, bucket=bucket) == []
+    assert bucket_violations(BucketClient(bucket).list("", recursive=True), version,
+                             reference_sizes(tmp_path / "a", version)) == []
+
+
+def test_unreferenced_flat_entries_go_only_once_old_enough(tmp_path, bucket, version):
+    publish_model(tmp_path / "m", bucket, version, "org/m", "m", 1)
+    for graph in make_graphs(2, seed="flat-only"):
+        compile_graph(tmp_path / "flat", version, graph)
+    sync_cache(BucketClient(bucket), tmp_path / "flat")  # flat area only: no model area, no record names them
+    survey = survey_bucket(BucketClient(bucket), with_records=True)
+    policy = PrunePolicy(unreferenced_older_than=86400.0)
+    assert plan_prune(survey, policy).empty  # just written
+    plan = plan_prune(survey, policy, now=time.time() + 2 * 86400)
+    flat_only = {graph_entry.module for graph_entry in plan.entries}
+    assert len(flat_only) == 2 and all(e.area == "" and "references it" in e.reason for e in plan.entries)
+    assert "last written 2d ago" in plan.entries[0].reason
+    # A listing that does not say when a file landed is never judged old.
+    for found in survey.versions.values():
+        for entry in found.entries.values():
+            entry.files = {name: type(f)(f.path, f.size, f.xet_hash, f.digest, None) for name, f in entry.files.items()}
+    assert plan_prune(survey, policy, now=time.time() + 2 * 86400).empty
+
+
+def test_a_plan_that_removes_everything_is_refused_unless_told(tmp_path, bucket, version):
+    publish_model(tmp_path / "m", bucket, version, "org/m", "all", 2)
+    result = CliRunner().invoke(cli, ["prune", "--bucket", uri(bucket), "--keep-versions", "0", "--yes"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "would remove all 4 complete entries" in result.output
+    assert len(complete_modules(bucket, version)) == 2  # nothing touched
+    run("prune", "--bucket", uri(bucket), "--keep-versions", "0", "--all", "--yes")
+    assert BucketClient(bucket).list("", recursive=True) == []
+    run("prune", "--bucket", uri(bucket), code=2)  # no policy: say what to remove
+    run("prune", "--bucket", uri(bucket), "--unreferenced-older-than", "30 days", code=2)
+    run("prune", "--bucket", uri(bucket), "--task", "x", code=2)  # --task goes with --model
+    run("prune", "--bucket", uri(bucket), "--drop-version", "latest", code=2)
+
+
+def test_records_whose_entries_are_gone_are_removed_after_a_grace(tmp_path, bucket, version):
+    modules = publish_model(tmp_path / "m", bucket, version, "org/m", "dangle", 2)
+    publish_model(tmp_path / "n", bucket, version, "org/m", "other", 1, config={"batch_size": 4})
+    client = BucketClient(bucket)
+    client.batch(delete=[f"neuronxcc-{version}/models/org--m/text-generation/{modules[0]}/model.done"])
+    survey = survey_bucket(client, with_records=True)
+    policy = PrunePolicy(dangling_records=True)
+    assert plan_prune(survey, policy).empty  # a record this young may be landing with its entries
+    plan = plan_prune(survey, policy, now=time.time() + 7200)
+    assert len(plan.records) == 1 and not plan.entries
+    assert "1 of its 2 entries are gone" in plan.records[0].reason
+    execute_prune(client, plan)
+    clear_lookup_cache()
+    records = lookup_cache("org/m", "text-generation", compiler_version=version, bucket=bucket)
+    assert [r.export_config for r in records] == [{"batch_size": 4}]
+
+
+class RecordingClient(BucketClient):
+    """A real client that remembers what each batch deleted."""
+
+    def __init__(self, ref: BucketRef) -> None:
+        super().__init__(ref)
+        self.deleted: list[list[str]] = []
+
+    def batch(self, *, add=None, copy=None, delete=None, progress=None):
+        self.deleted.append(list(delete or []))
+        return super().batch(add=add, copy=copy, delete=delete, progress=progress)
+
+
+def test_records_then_commit_files_then_content_in_batches(tmp_path, bucket, version):
+    publish_model(tmp_path / "m", bucket, version, "org/m", "order", 3)
+    client = RecordingClient(bucket)
+    plan = plan_prune(survey_bucket(client), PrunePolicy(models=("org--m",)))
+    progress: list[tuple[int, int]] = []
+    result = execute_prune(client, plan, batch=2, progress=lambda done, total: progress.append((done, total)))
+    sent = [path for batch in client.deleted for path in batch]
+    assert all(len(batch) <= 2 for batch in client.deleted) and len(sent) == plan.files == result.files_deleted
+    kinds = ["record" if "/exports/" in p else "commit" if p.endswith("/model.done") else "content" for p in sent]
+    assert kinds == sorted(kinds, key=["record", "commit", "content"].index)  # records, then commits, then content
+    assert progress[-1] == (plan.files, plan.files) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+
+# ------------------------------------------------------------------------ a publisher racing a prune
+
+class PausingClient(BucketClient):
+    """A real client that stops after its n-th batch until told to go on (events, never sleeps)."""
+
+    def __init__(self, ref: BucketRef, pause_after: int | None, reached: Any, resume: Any) -> None:
+        super().__init__(ref)
+        self.pause_after, self.reached, self.resume, self.batches = pause_after, reached, resume, 0
+
+    def batch(self, **kwargs: Any) -> Any:
+        reply = super().batch(**kwargs)
+        self.batches += 1
+        if self.batches == self.pause_after:
+            self.reached.set()
+            assert self.resume.wait(120), "never told to go on"
+        return reply
+
+
+def publisher_process(kind: str, location: str, root: str, to_model: bool, pause_after: int | None, reached: Any,
+                      resume: Any, results: Any) -> None:
+    """Another process publishing the same entries (sync to the flat area, and the model's area with to_model)."""
+    client = PausingClient(BucketRef(kind, location), pause_after, reached, resume)
+    try:
+        report = sync_cache(client, Path(root), model_folder="org--race" if to_model else None, task="text-generation")
+    except NeuronCacheError as exc:  # its copies into the model's area find no source: the batch fails whole
+        results.put({"published": [], "unconfirmed": [], "error": str(exc)})
+        return
+    result = report[0].result
+    results.put({"published": result.published, "unconfirmed": result.unconfirmed, "error": None})
+
+
+@pytest.mark.parametrize("race", [
+    # prune removed the commit files; the publisher uploads content, then the prune removes it and checks
+    # (nothing committed yet), then the publisher commits: its own check finds its content gone.
+    "publisher-commits-after-the-prune",
+    # the publisher publishes whole between the prune's commit and content batches: the prune's last check
+    # finds commit files over removed content and removes them again.
+    "publisher-between-the-prune-batches",
+    # the publisher publishes whole after the prune removed everything, before its last check: left whole.
+    "publisher-before-the-prune-check",
+])
+@pytest.mark.parametrize("to_model", [False, True], ids=["flat", "flat+model"])
+def test_a_prune_racing_a_publisher_of_the_same_entries_leaves_no_half_entry(tmp_path, bucket, version, race, to_model):
+    root = tmp_path / "cache"
+    for graph in make_graphs(2, seed="race", neff_size=50_000):
+        compile_graph(root, version, graph)
+    assert sync_cache(BucketClient(bucket), root, model_folder="org--race", task="text-generation")[0].result.published
+    ctx = multiprocessing.get_context("spawn")
+    p_reached, p_resume, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    r_reached, r_resume = threading.Event(), threading.Event()
+    prune_pause = {"publisher-commits-after-the-prune": 1, "publisher-between-the-prune-batches": 1,
+                   "publisher-before-the-prune-check": 2}[race]
+    publisher_pause = 1 if race == "publisher-commits-after-the-prune" else None
+    client = PausingClient(bucket, prune_pause, r_reached, r_resume)
+    policy = PrunePolicy(models=("org--race",), unreferenced_older_than=0.0)
+    plan = plan_prune(survey_bucket(client, with_records=True), policy, now=time.time() + 1, allow_all=True)
+    assert len(plan.entries) == 4
+    pruned: dict[str, Any] = {}
+    pruner = threading.Thread(target=lambda: pruned.setdefault("result", execute_prune(client, plan)))
+    pruner.start()
+    assert r_reached.wait(120)
+    publisher = ctx.Process(target=publisher_process, args=(bucket.kind, bucket.location, str(root), to_model, publisher_pause,
+                                                            p_reached, p_resume, results))
+    publisher.start()
+    try:
+        if publisher_pause:
+            assert p_reached.wait(120), "the publisher never uploaded its content"
+        else:
+            publisher.join(120)
+        r_resume.set()
+        pruner.join(120)
+        p_resume.set()
+        publisher.join(120)
+        published = results.get(timeout=60)
+    finally:
+        r_resume.set()
+        p_resume.set()
+        publisher.join(10)
+        if publisher.is_alive():
+            publisher.kill()
+    assert publisher.exitcode == 0 and not pruner.is_alive()
+    result = pruned["result"]
+    listing = BucketClient(bucket).list("", recursive=True)
+    assert bucket_violations(listing, version, reference_sizes(root, version)) == []
+    names = {e.name for e in _entries(root, version)}
+    areas = ["", "org--race/text-generation"] if to_model else [""]
+    committed = {area: complete_modules(bucket, version, area) for area in ["", "org--race/text-generation"]}
+    if race == "publisher-commits-after-the-prune":
+        if to_model:  # its copies into the model's area found no source (removed by the prune): its batch failed
+            assert "not in bucket" in published["error"]
+        else:  # its check found its content gone and took its commit files back
+            assert set(published["unconfirmed"]) == names and not published["published"]
+        assert committed == {"": set(), "org--race/text-generation": set()} and not result.rewritten_removed
+        key = JournalKey(str(BucketClient(bucket).bucket), version, "org--race" if to_model else None, "text-generation")
+        assert {name for record in Journal(root).leftovers(key) for name in record.entries} == names  # queued
+    elif race == "publisher-between-the-prune-batches":
+        assert set(published["published"]) == names
+        assert committed == {"": set(), "org--race/text-generation": set()}
+        assert len(result.rewritten_removed) == 2 * len(areas)  # the commit files it wrote over removed content
+    else:
+        assert set(published["published"]) == names and len(result.republished) == 2 * len(areas)
+        assert all(committed[area] == names for area in areas)  # whole again, and left so
+
+
+def _entries(root: Path, version: str) -> list[Any]:
+    from optimum_neuron_cache.local_cache import scan_entries
+
+    return [e for e in scan_entries(root, version) if e.state.publishable]
