@@ -237,14 +237,20 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
                                  **({"describe": True} if item.entry.files[item.commit] else {})})
             result.bytes_uploaded += item.entry.files[item.commit]
     flat_manifests = _flat_manifests(items, described, legacy=False)
-    if copies or flat_commits or flat_manifests:
-        described.update(_batch(client, copy=copies, add=flat_commits + flat_manifests).get("described") or {})
-    last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
-             "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
-    last += [_record_item(record, path, described) for path, record in records]
-    last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
-    if last:
-        _batch(client, add=last)
+    try:
+        if copies or flat_commits or flat_manifests:
+            described.update(_batch(client, copy=copies, add=flat_commits + flat_manifests).get("described") or {})
+        last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
+                 "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
+        last += [_record_item(record, path, described) for path, record in records]
+        last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
+        if last:
+            _batch(client, add=last)
+    except RemoteError:
+        # The Hub may apply a batch in part: its adds (commit files) land while copies whose source a concurrent
+        # prune removed fail. Take back the commit files of entries whose content is not all there, then fail.
+        _confirm(client, items)
+        raise
     undone = _confirm(client, items)
     result.published.extend(item.entry.name for item in items if item.entry.name not in undone)
     result.unconfirmed.extend(sorted(undone))
