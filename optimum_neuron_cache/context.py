@@ -107,6 +107,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
         )
         self._client: BucketClient | None = None
+        self._client_later = False
         self._remote_ok = True
         self._area: str | None = None
         self._area_modules: set[str] = set()
@@ -284,12 +285,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"fetch skipped, bucket {self._bucket}: {note.error} (this host's fetch met it; the run goes "
                        "on without the bucket, and what it compiles is published by a later run)")
             return
-        try:
-            self._client = BucketClient(self._bucket)
-        except NeuronCacheError as exc:
-            self._remote_failed("fetch", exc)
-            return
-        self._area, self._known_models = note.area, note.known_models
+        self._client_later = True  # made on exit, only if there is something to publish or explain: connecting
+        self._area, self._known_models = note.area, note.known_models  # costs the server a handshake per rank
         self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
         entries = self._entries()
         self._local = {entry.name: entry for entry in entries}  # what exit compares with
@@ -298,6 +295,15 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._before.setdefault(entry.name, entry.state)
                 if not self._before[entry.name].publishable:
                     self._before[entry.name] = entry.state
+
+    def _late_client(self) -> None:
+        """The client of a run that took its host's fetch note, made when exit first needs the bucket."""
+        if self._client is None and self._client_later and self._remote_ok:
+            self._client_later = False
+            try:
+                self._client = BucketClient(self._bucket)
+            except NeuronCacheError as exc:
+                self._remote_failed("sync", exc)
 
     def _read_through(self, root: Path) -> None:
         """What the bucket lacked, from the read-only upstreams (upstreams.py): the model's area of upstream
@@ -468,7 +474,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         fetched = {layout.module_of(key) for key in self.run.fetched}
         self.run.compiled = [layout.flat_entry_prefix(self._version, name) for name in sorted(new)]
         log.debug("optimum-neuron-cache: hits (fetched) %s; misses (compiled here) %s", sorted(fetched), sorted(new))
-        if new and self._remote_ok and self._model is not None:
+        if new:
+            self._late_client()
+        if new and self._remote_ok and self._model is not None and self._client is not None:
             self._explain_misses(new)
         recovered = {layout.module_of(key) for key in self.run.recovered}
         candidates = [entries[name] for name in sorted(new | recovered) if name in entries and entries[name].state.publishable]
@@ -481,6 +489,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                                                   window=False, export_config=self._export_config)
             for leftover in self._leftovers:
                 journal.drop(leftover)
+        if candidates or self._leftovers or self._export_config is not None:
+            self._late_client()
         if not self._remote_ok or self._client is None:
             if candidates:
                 log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))
