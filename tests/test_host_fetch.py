@@ -127,3 +127,33 @@ def bucket(request, tmp_path: Path):
         request.getfixturevalue("hub")
         return BucketRef("hf", "test/ranks")
     return BucketRef("dir", str(tmp_path / "bucket"))
+
+
+def test_a_rank_that_took_the_note_and_compiled_publishes_what_it_compiled(tmp_path, version, monkeypatch):
+    """A waiting rank makes no request to enter; if its body compiles, exit connects and publishes as usual."""
+    bucket, cache = BucketRef("dir", str(tmp_path / "bucket")), tmp_path / "cache"
+    BucketClient(bucket).create()
+    key = "\0".join((str(bucket), version, "org--ranks", "default"))
+    gate = HostFetchGate(HostState(cache).fetch_gate_path(key), key)
+    assert gate.lead()
+    waiting = threading.Event()
+    wait = HostFetchGate.wait
+    monkeypatch.setattr(HostFetchGate, "wait", lambda self, timeout: (waiting.set(), wait(self, timeout))[1])
+    runs = []
+
+    def rank() -> None:
+        with hub_neuronx_cache("org/ranks", compiler_version=version, bucket=bucket, cache_dir=cache) as run:
+            runs.append(run.requests)
+            compile_graph(cache, version, make_graphs(1, seed="after-the-note", neff_size=20_000)[0])
+        runs.append(run)
+
+    thread = threading.Thread(target=rank)
+    thread.start()
+    assert waiting.wait(60)
+    area = f"neuronxcc-{version}/models/org--ranks/default"
+    gate.release(FetchNote(key, time.time(), True, "", area, (), (), None))
+    thread.join(60)
+    requests_on_enter, run = runs
+    assert run.waited_for_host_fetch and requests_on_enter == 0
+    assert len(run.synced) == 1 and run.warnings == [] and run.requests >= 1
+    assert any(item["path"].startswith(area) for item in BucketClient(bucket).list(area, recursive=True))
