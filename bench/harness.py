@@ -120,9 +120,11 @@ class BenchEnv:
 
 
 def entry_bytes(files: list[dict]) -> int:
-    """Bytes of cache-entry files among a download's files. Export records (small JSON read along with the
-    entries, for their compile durations) are metadata, not bytes the compile needs: not counted."""
-    return sum(int(item.get("size") or 0) for item in files if "/exports/" not in str(item.get("path", "")))
+    """Bytes of cache-entry files among a download's files. Export records and digest manifests (small JSON
+    read along with the entries, for compile durations and cheaper checks) are metadata, not bytes the compile
+    needs: not counted."""
+    return sum(int(item.get("size") or 0) for item in files if not item.get("manifest")
+               and "/exports/" not in str(item.get("path", "")) and "/digests/" not in str(item.get("path", "")))
 
 
 class DownloadCounter:

@@ -3,7 +3,8 @@
 It imports everything first, prints `ready`, waits for a line on stdin (the start signal, sent to every rank
 at once), enters and exits `hub_neuronx_cache`, and prints one JSON line: monotonic start and end times
 (CLOCK_MONOTONIC is system-wide, so the parent compares them across processes), requests to the bucket
-server, the bytes this rank asked the server to download, and what it installed.
+server, the bytes this rank asked the server to download, what it installed, its CPU time after the signal, and
+whether it waited for another rank's fetch (the host's fetch gate).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> int:
     ended = time.monotonic()
     cpu = time.process_time() - cpu0
     print(json.dumps({"start": started, "end": ended, "cpu": cpu, "requests": run.requests, "bytes_requested": requested[0],
-                      "fetched": len(run.fetched), "bytes_installed": run.bytes_downloaded, "warnings": run.warnings}), flush=True)
+                      "fetched": len(run.fetched), "bytes_installed": run.bytes_downloaded, "warnings": run.warnings,
+                      "waited": run.waited_for_host_fetch}), flush=True)
     return 0
 
 

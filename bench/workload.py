@@ -31,6 +31,9 @@ from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, Graph
 FLAGS = ("--model-type=transformer", "--auto-cast=none", "--target=trn1")
 TASK = "text-generation"
 TARGET_MODEL = "bench-org/Target-Model-7B"
+#: The same workload published without an export config (a trainer run without one, the compiler shim, `neuron-cache
+#: sync`): no export record, only the digest manifests every publish leaves.
+PLAIN_MODEL = "bench-org/Plain-Model-7B"
 PUBLISHED_FILES = ("model.hlo_module.pb", "compile_flags.json", "model.neff", "model.done")
 
 

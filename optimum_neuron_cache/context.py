@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,10 +22,10 @@ from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
-from .fetch import fetch_model
+from .fetch import FetchNote, HostFetchGate, fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
-from .local_cache import EntryState, LocalEntry, resolve_cache_root, scan_entries
+from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
@@ -69,6 +70,9 @@ class CacheRun:
     miss_reasons: list[str] = field(default_factory=list)
     #: Requests sent to the bucket server by this run.
     requests: int = 0
+    #: True when another process of this host was fetching the same area: this run waited, then took what
+    #: that fetch found (no request, no plan).
+    waited_for_host_fetch: bool = False
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
     #: This run's figures, as added to the host's totals (`neuron-cache stats`); final after the block.
@@ -103,11 +107,13 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
         )
         self._client: BucketClient | None = None
+        self._client_later = False
         self._remote_ok = True
         self._area: str | None = None
         self._area_modules: set[str] = set()
         self._area_records: set[str] = set()
         self._before: dict[str, EntryState] = {}
+        self._local: dict[str, LocalEntry] = {}
         self._records_read: list[CachedExport] = []
         self._known_models: tuple[str, ...] | None = None
         self._journal_record: RunRecord | None = None
@@ -177,13 +183,26 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         except OSError:
             pass
         local = {entry.name: entry for entry in self._entries()}
+        self._local = local
         self._before = {name: entry.state for name, entry in local.items()}
         self._open_journal(root, local)
+        gate = self._gate(root)
+        if gate is not None and not self._lead(gate):
+            note = self._wait(gate)
+            if note is not None:  # another process of this host fetched this very area meanwhile: take its note
+                self._take_note(note)
+                self._count_requests()
+                return self.run
+            gate = gate if self._lead(gate) else None  # it died or gave up: fetch here
+        note: FetchNote | None = None
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
                                   self._task, local, missing_bucket_is_empty=self._is_embedded_default())
-        except (NeuronCacheError, OSError) as exc:
+        except NeuronCacheError as exc:
+            self._remote_failed("fetch", exc)
+            note = self._note(ok=False, error=str(exc))
+        except OSError as exc:
             self._remote_failed("fetch", exc)
         except Exception as exc:  # a bug of ours must never stop the user's compile
             self._remote_failed("fetch", RuntimeError(f"{type(exc).__name__}: {exc}"))
@@ -194,6 +213,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
             self._known_models = fetched.plan.known_models
             self._records_read = fetched.result.exports_read
+            note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)
             self.run.fetched = [layout.flat_entry_prefix(self._version, module) for module in fetched.result.fetched]
             self.run.bytes_downloaded = fetched.result.bytes
@@ -211,9 +231,79 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._read_through(root)
             except Exception as exc:  # upstreams are a bonus: never a reason to stop the user's compile
                 self._warn(f"upstreams not read: {exc}")
+        finally:
+            if gate is not None:
+                gate.release(note)
         self.run.stats.fetches = 1 if self._client is not None else 0
         self._count_requests()
         return self.run
+
+    # -------------------------------------------------------------------------- one fetch per host
+    def _gate_key(self) -> str:
+        key = self._journal_key()
+        return "\0".join((key.bucket, key.compiler_version, (key.model_folder or "").lower(), key.task))
+
+    def _gate(self, root: Path) -> HostFetchGate | None:
+        """This area's host-wide fetch gate (None when it cannot be made: then every process fetches, and the
+        entry locks still download each file once)."""
+        try:
+            return HostFetchGate(HostState(root).fetch_gate_path(self._gate_key()), self._gate_key())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _wait(gate: HostFetchGate) -> FetchNote | None:
+        """The note of the fetch this process waited for, or None (then it fetches itself)."""
+        try:
+            return gate.wait(settings.lock_timeout())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _lead(gate: HostFetchGate) -> bool:
+        """Whether this process fetches (it took the gate, or the gate cannot be used)."""
+        try:
+            return gate.lead()
+        except OSError:
+            return True
+
+    def _note(self, *, ok: bool, error: str = "") -> FetchNote:
+        """What this fetch found, for the processes of this host waiting on the gate."""
+        text = self._gate_key()
+        if not ok:
+            return FetchNote(text, time.time(), False, error)
+        return FetchNote(text, time.time(), True, "", self._area, tuple(sorted(self._area_modules)),
+                         tuple(sorted(self._area_records)), self._known_models)
+
+    def _take_note(self, note: FetchNote) -> None:
+        """Another process of this host fetched this area while this one waited: what it found stands for this
+        run (no request), and what it installed was there before this run's body."""
+        self.run.waited_for_host_fetch = True
+        if not note.ok:
+            self._remote_ok = False
+            self.run.stats.remote_errors += 1
+            self._warn(f"fetch skipped, bucket {self._bucket}: {note.error} (this host's fetch met it; the run goes "
+                       "on without the bucket, and what it compiles is published by a later run)")
+            return
+        self._client_later = True  # made on exit, only if there is something to publish or explain: connecting
+        self._area, self._known_models = note.area, note.known_models  # costs the server a handshake per rank
+        self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
+        entries = self._entries()
+        self._local = {entry.name: entry for entry in entries}  # what exit compares with
+        for entry in entries:
+            if entry.state.publishable:
+                self._before.setdefault(entry.name, entry.state)
+                if not self._before[entry.name].publishable:
+                    self._before[entry.name] = entry.state
+
+    def _late_client(self) -> None:
+        """The client of a run that took its host's fetch note, made when exit first needs the bucket."""
+        if self._client is None and self._client_later and self._remote_ok:
+            self._client_later = False
+            try:
+                self._client = BucketClient(self._bucket)
+            except NeuronCacheError as exc:
+                self._remote_failed("sync", exc)
 
     def _read_through(self, root: Path) -> None:
         """What the bucket lacked, from the read-only upstreams (upstreams.py): the model's area of upstream
@@ -357,13 +447,36 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                             config=self._export_config, compiled=new, used=used, earlier=earlier,
                             recorded=self._area_records, previous=self._records_read)
 
+    def _exit_entries(self) -> dict[str, LocalEntry]:
+        """The entries at exit, from one listing of the version folder: those complete at enter are taken as
+        they were (nothing rewrites a complete entry: compiles and fetches only add entries), the others are
+        read again. A warm run thus reads its version folder, not every entry's files a second time."""
+        assert self._root.path is not None
+        folder = self._root.path / version_dir_name(self._version)
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):  # as scan_entries: a symlinked version folder is not read
+                return {}
+            with os.scandir(folder) as items:
+                names = sorted(item.name for item in items if is_module_name(item.name) and item.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            return {entry.name: entry for entry in self._entries()}
+        entries = {}
+        for name in names:
+            known = self._local.get(name)
+            entries[name] = known if known is not None and known.state.publishable else read_entry(folder / name, self._version)
+        return entries
+
     def _sync(self, root: Path) -> None:
-        entries = {entry.name: entry for entry in self._entries()}
+        entries = self._exit_entries()
         new = self._new_entries(entries)
         fetched = {layout.module_of(key) for key in self.run.fetched}
         self.run.compiled = [layout.flat_entry_prefix(self._version, name) for name in sorted(new)]
         log.debug("optimum-neuron-cache: hits (fetched) %s; misses (compiled here) %s", sorted(fetched), sorted(new))
-        if new and self._remote_ok and self._model is not None:
+        if new:
+            self._late_client()
+        if new and self._remote_ok and self._model is not None and self._client is not None:
             self._explain_misses(new)
         recovered = {layout.module_of(key) for key in self.run.recovered}
         candidates = [entries[name] for name in sorted(new | recovered) if name in entries and entries[name].state.publishable]
@@ -376,6 +489,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                                                   window=False, export_config=self._export_config)
             for leftover in self._leftovers:
                 journal.drop(leftover)
+        if candidates or self._leftovers or self._export_config is not None:
+            self._late_client()
         if not self._remote_ok or self._client is None:
             if candidates:
                 log.info("optimum-neuron-cache: %d entries queued for publishing by a later run", len(candidates))

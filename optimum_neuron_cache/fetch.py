@@ -7,17 +7,24 @@ carries out the operations that move bytes: every needed file in one download re
 folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
 existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file
 once: the others wait, then find it installed. Dry runs, progress and reports read the plan.
+
+The model area's digest manifests (docs/remote-layout.md) ride along with the first download, for the server
+to check files by BLAKE3; they land in the temporary folder, never in an entry. `HostFetchGate` makes the
+processes of one host that enter the same area together fetch once: the others take the fetcher's note.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import fcntl
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +89,10 @@ class FetchPlan:
     #: The records themselves (small JSON, under the size cap): downloaded in the same request as the
     #: entries, for what they tell about them (compile durations, digests).
     record_files: tuple[RemoteFile, ...] = ()
+    #: Digest manifests that bind Xet hashes of the files to BLAKE3 digests recorded at publish (the model
+    #: area's newest, and those of filled flat entries): downloaded with the first transfer, read by the
+    #: server only, never installed.
+    manifest_files: tuple[RemoteFile, ...] = ()
     #: Paths in the listing that the layout does not allow (skipped; said once).
     ignored: tuple[str, ...] = ()
     #: The folders under this version's `models/`, when the model's area was empty and they were listed to find
@@ -155,31 +166,50 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
                     local: Mapping[str, LocalEntry], lock_verdicts: Mapping[str, str | None] | None = None) -> FetchPlan:
     """The plan for one listing of the model's area (pure: no I/O). `lock_verdicts`: for locally locked
     entries, None when the lock can be told stale, else why it cannot."""
-    listing = list(listing)
     exports = layout.area_exports_prefix(area_prefix) + "/"
-    record_names, record_files, ignored = set(), [], []
-    for item in listing:
+    record_names, record_files, manifests, ignored = set(), [], [], []
+    modules: dict[str, dict[str, RemoteFile]] = {}
+    for item in listing:  # each path parsed once: a warm run's listing is most of its client-side work
         path = str(item.get("path", ""))
-        if path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
+        is_file = item.get("type", "file") == "file"
+        parsed = layout.parse_area_path(path, area_prefix) if is_file else None
+        if parsed is not None:
+            remote = layout.remote_file(item)
+            if remote is not None:
+                modules.setdefault(parsed.module, {})[parsed.filename] = remote
+        elif path.startswith(exports) and path.endswith(".json") and "/" not in path[len(exports):]:
             record_names.add(path[len(exports):])
             remote = layout.remote_file(item)
             if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
                 record_files.append(remote)
-        elif item.get("type", "file") == "file" and layout.parse_area_path(path, area_prefix) is None:
+        elif layout.is_area_manifest(path, area_prefix):
+            remote = layout.remote_file(item)
+            if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
+                manifests.append((_listed_time(item), remote))
+        elif is_file:
             ignored.append(path)
+    newest = tuple(remote for _, remote in sorted(manifests, key=lambda pair: (-pair[0], pair[1].path)))
     ops, complete = [], set()
-    for module, files in sorted(_group_by_module(listing, area_prefix).items()):
+    for module, files in sorted(modules.items()):
         if complete_remote_entry(files, compiler_version):
             complete.add(module)
             ops.append(_local_op(module, files, local.get(module), lock_verdicts or {}))
     return FetchPlan(compiler_version, area_prefix, tuple(ops), frozenset(complete), frozenset(record_names),
-                     tuple(record_files), tuple(ignored))
+                     tuple(record_files), newest[:layout.MAX_AREA_MANIFESTS], tuple(ignored))
+
+
+def _listed_time(item: Mapping[str, Any]) -> float:
+    """A listed modification time, for ordering only (a hostile or missing one reads as 0)."""
+    mtime = item.get("mtime")
+    return float(mtime) if isinstance(mtime, (int, float)) and not isinstance(mtime, bool) and 0 <= mtime < 1e11 else 0.0
 
 
 def flat_probe_paths(compiler_version: str, modules: Iterable[str]) -> list[str]:
-    """The flat-area paths to ask about (one paths-info) to learn what the flat area holds of `modules`."""
-    return [layout.flat_file_path(compiler_version, module, name)
-            for module in modules for name in sorted(layout.PUBLISHABLE_FILES)]
+    """The flat-area paths to ask about (one paths-info) to learn what the flat area holds of `modules`, and
+    their digest manifests."""
+    return [path for module in modules
+            for path in [*(layout.flat_file_path(compiler_version, module, name) for name in sorted(layout.PUBLISHABLE_FILES)),
+                         layout.flat_manifest_path(compiler_version, module)]]
 
 
 def todo_probe_paths(compiler_version: str, todo: Iterable[LocalEntry]) -> list[str]:
@@ -193,9 +223,18 @@ def complete_flat_entries(compiler_version: str, paths_info: Iterable[Mapping[st
     return {module: files for module, files in found.items() if complete_remote_entry(files, compiler_version)}
 
 
+def flat_manifests(compiler_version: str, paths_info: Iterable[Mapping[str, Any]],
+                   modules: Iterable[str]) -> tuple[RemoteFile, ...]:
+    """The digest manifests of `modules` in a paths-info answer about the flat area (pure)."""
+    wanted = {layout.flat_manifest_path(compiler_version, module) for module in modules}
+    found = [layout.remote_file(item) for item in paths_info if item.get("path") in wanted]
+    return tuple(remote for remote in found if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES)
+
+
 def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
     """`plan` with fill operations for the todo entries whose complete copy the flat area holds (pure)."""
     version = plan.compiler_version
+    paths_info = list(paths_info)
     found = complete_flat_entries(version, paths_info)
     fills = []
     for entry in todo:
@@ -203,7 +242,8 @@ def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iter
         if files:
             missing = tuple(f for name, f in files.items() if name not in entry.files)
             fills.append(FetchOp(entry.name, Action.FILL, "a todo entry here, filled from the flat area", missing, "flat"))
-    return replace(plan, ops=plan.ops + tuple(fills))
+    manifests = flat_manifests(version, paths_info, (op.module for op in fills))
+    return replace(plan, ops=plan.ops + tuple(fills), manifest_files=plan.manifest_files + manifests)
 
 
 def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
@@ -354,11 +394,26 @@ def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
             "digest": remote.digest if settings.verify() else None}
 
 
-def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]]) -> dict[Path, str]:
+def _manifest_requests(manifests: Sequence[RemoteFile], folder: Path) -> list[dict[str, Any]]:
+    """Digest manifests to download into `folder` (never into an entry), for the server to read; none when
+    verification is off (nothing would read them)."""
+    if not settings.verify():
+        return []
+    return [{**_request(remote, folder / f"manifest-{index}.json"), "manifest": True} for index, remote in enumerate(manifests)]
+
+
+def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]],
+                     manifests: Sequence[RemoteFile] = ()) -> dict[Path, str]:
     """Download single files to the given local paths, in one request: each checked by the server against its
-    digest (a mismatch is removed there) and by size here. Returns local path -> why it cannot be used; a
-    failing request raises (RemoteError)."""
-    reply = client.download([_request(remote, path) for remote, path in files]) or {}
+    digest (a mismatch is removed there; `manifests` bind cheaper digests, see plan_fetch) and by size here.
+    The manifests land beside the first file, and are removed. Returns local path -> why it cannot be used;
+    a failing request raises (RemoteError)."""
+    extra = _manifest_requests(manifests, files[0][1].parent) if files else []
+    try:
+        reply = client.download([_request(remote, path) for remote, path in files] + extra) or {}
+    finally:
+        for item in extra:
+            Path(item["local_path"]).unlink(missing_ok=True)
     refused = {str(item.get("path")): str(item.get("reason")) for item in reply.get("failed", []) if isinstance(item, dict)}
     problems: dict[Path, str] = {}
     for remote, path in files:
@@ -405,8 +460,8 @@ class _Fetcher:
                     held.append(item)
                 except Timeout:
                     waiting.append(item)
-            # The model's export records ride along with the first download (one request, no extra session).
-            self._download_and_install(held, result, progress, plan.record_files)
+            # The model's export records and digest manifests ride along with the first download (one request).
+            self._download_and_install(held, result, progress, plan.record_files, plan.manifest_files)
             for lock in (locks[item.module] for item in held):
                 lock.release()
             held = []
@@ -429,7 +484,7 @@ class _Fetcher:
                     continue
                 held.append(item)  # the holder failed: this process fetches it itself
             if held:
-                self._download_and_install(held, result, progress)
+                self._download_and_install(held, result, progress, (), plan.manifest_files)
         finally:
             for item in held:
                 locks[item.module].release()
@@ -453,7 +508,7 @@ class _Fetcher:
         return kept
 
     def _download(self, items: list[FetchOp], tmp: Path, result: FetchResult, progress: ProgressCallback | None,
-                  record_files: Sequence[RemoteFile] = ()) -> list[FetchOp]:
+                  record_files: Sequence[RemoteFile] = (), manifest_files: Sequence[RemoteFile] = ()) -> list[FetchOp]:
         """Download every item in one request. If that fails, one bad entry (a corrupt or lying remote copy)
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
@@ -461,7 +516,8 @@ class _Fetcher:
         records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": settings.verify()}
                    for index, remote in enumerate(record_files)]
         try:
-            reply = self.client.download(self._requests(items, tmp) + records, progress=progress)
+            reply = self.client.download(self._requests(items, tmp) + records + _manifest_requests(manifest_files, tmp),
+                                         progress=progress)
             for record in records:
                 local = Path(record["local_path"])
                 if local.exists():
@@ -495,7 +551,7 @@ class _Fetcher:
         return downloaded
 
     def _download_and_install(self, items: list[FetchOp], result: FetchResult, progress: ProgressCallback | None,
-                              record_files: Sequence[RemoteFile] = ()) -> None:
+                              record_files: Sequence[RemoteFile] = (), manifest_files: Sequence[RemoteFile] = ()) -> None:
         needed = [item for item in items if _still_needed(item, self.target(item.module), self.version)]
         result.installed_by_others.extend(item.module for item in items if item not in needed)
         if not needed:
@@ -503,7 +559,7 @@ class _Fetcher:
         with self.state.temp_dir() as tmp:
             for item in needed:
                 (tmp / item.module).mkdir()
-            downloaded = self._download(needed, tmp, result, progress, record_files)
+            downloaded = self._download(needed, tmp, result, progress, record_files, manifest_files)
             for item in downloaded:
                 staged = tmp / item.module
                 problem = _size_problem(item, staged)
@@ -548,3 +604,118 @@ def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_f
         log.warning("optimum-neuron-cache: skipped %d name(s) the layout does not allow in %s (e.g. %r)",
                     len(plan.ignored), plan.area, plan.ignored[0][:200])
     return ModelFetch(plan.area, plan, execute_fetch(client, root, plan, progress))
+
+
+# ------------------------------------------------------------------------------ one fetch per host
+
+
+@dataclass(frozen=True)
+class FetchNote:
+    """What a host's fetch of a model area found, left for the processes that waited for it: they take it
+    instead of listing the bucket and planning again."""
+
+    key: str
+    finished_at: float
+    #: False when the fetch failed as a whole (the bucket unavailable): `error` says why, once for everyone.
+    ok: bool
+    error: str = ""
+    area: str | None = None
+    remote_modules: tuple[str, ...] = ()
+    record_names: tuple[str, ...] = ()
+    known_models: tuple[str, ...] | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes, key: str) -> FetchNote | None:
+        """The note in a gate file, or None when it is not one of `key` (torn, foreign, malformed)."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("key") != key:
+                return None
+            names = [data.get(name) for name in ("remote_modules", "record_names")]
+            known = data.get("known_models")
+            if not all(isinstance(items, list) and all(isinstance(n, str) for n in items) for items in names) or \
+                    not (known is None or (isinstance(known, list) and all(isinstance(n, str) for n in known))) or \
+                    not isinstance(data.get("finished_at"), (int, float)) or not isinstance(data.get("ok"), bool) or \
+                    not isinstance(data.get("error", ""), str) or not (data.get("area") is None or isinstance(data["area"], str)):
+                return None
+            return cls(key, float(data["finished_at"]), data["ok"], data.get("error", ""), data.get("area"),
+                       tuple(names[0]), tuple(names[1]), tuple(known) if known is not None else None)
+        except (ValueError, TypeError):
+            return None
+
+
+class HostFetchGate:
+    """One fetch of a model area per host at a time: 32 ranks entering together make one listing, one plan and
+    one download; the other 31 wait on the gate, then take the fetcher's note (no request, no plan).
+
+    The gate is a lock file (`HostState.fetch_gate_path`). `lead` takes it exclusively without waiting: the
+    holder fetches, then `release`s it with its note written into the same file (one pwrite, no rename: a
+    warm run pays microseconds for it). A process that cannot lead `wait`s for a shared lock (the fetcher is
+    done), reads the note, and lets go at once. The kernel releases a dead holder's lock: waiters then find a
+    note that is not fresh, and fetch themselves."""
+
+    #: A note older than this when the wait began is another fetch's: the waiter fetches itself.
+    FRESH_SECONDS = 5.0
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self._fd: int | None = None
+
+    def lead(self) -> bool:
+        """Take the gate if nobody holds it: True means this process fetches (then `release`)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self, note: FetchNote | None) -> None:
+        """Leave the note (None: a fetch that did not finish: waiters fetch themselves), then let go."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            data = note.to_json() if note is not None else b""
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # releases the lock
+
+    def wait(self, timeout: float) -> FetchNote | None:
+        """Wait (bounded) until the fetcher lets go, and return its note; None when there is none to take (it
+        died, failed before planning, or the wait timed out): then the caller fetches itself.
+
+        The wait is a blocking flock on a helper thread (a waiting rank uses no CPU, and wakes the moment the
+        fetcher lets go); the thread owns the file, and one that outlives a timed-out wait closes it when it
+        gets the lock."""
+        began = time.time()
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        read: list[bytes] = []
+        done = threading.Event()
+
+        def block() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                read.append(os.pread(fd, MAX_RECORD_BYTES, 0))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+                done.set()
+
+        threading.Thread(target=block, name="fetch-gate", daemon=True).start()
+        if not done.wait(timeout) or not read:
+            return None
+        note = FetchNote.parse(read[0], self.key)
+        return note if note is not None and note.finished_at >= began - self.FRESH_SECONDS else None

@@ -1,7 +1,8 @@
 """What this project keeps inside the cache root, beside libneuronxla's folders (under `.optimum-neuron-cache/`).
 
 - `locks/`: per-entry file locks, node-wide. They are flock locks (filelock), released by the kernel when
-  their holder dies, so a killed process never blocks anyone: liveness, not age.
+  their holder dies, so a killed process never blocks anyone: liveness, not age. `locks/fetch-<key>` is the
+  host-wide gate of fetching one model area (fetch.HostFetchGate), which also holds its last fetch's note.
 - `tmp/<host>.<pid>.<random>/`: downloads in progress, on the cache's filesystem so an entry is renamed into place
   whole. Left over by a killed process, they are removed by the next run.
 - `journal/`: the write-ahead journal of publications (journal.py).
@@ -15,15 +16,17 @@ integrations/session.py) and `shim/` (the compiler shim's memo and "bucket is do
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import Timeout
 
 from .local_cache import STATE_DIR_NAME, version_dir_name
 from .processes import alive
@@ -35,13 +38,23 @@ class HostState:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.base = root / STATE_DIR_NAME
+        self._lock_folders: set[Path] = set()
 
     # ---------------------------------------------------------------------------------- locks
-    def entry_lock(self, compiler_version: str, module: str, purpose: str) -> FileLock:
+    def entry_lock(self, compiler_version: str, module: str, purpose: str) -> EntryLock:
         """The node-wide lock of one entry for `purpose` ("fetch" or "publish")."""
         folder = self.base / "locks" / version_dir_name(compiler_version)
+        if folder not in self._lock_folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lock_folders.add(folder)
+        return EntryLock(folder / f"{module}.{purpose}.lock")
+
+    def fetch_gate_path(self, key: str) -> Path:
+        """The host-wide gate of fetching what `key` names (bucket, compiler version, model area): a lock file
+        whose holder fetches while the others wait, and which then holds what the fetch found."""
+        folder = self.base / "locks"
         folder.mkdir(parents=True, exist_ok=True)
-        return FileLock(folder / f"{module}.{purpose}.lock")
+        return folder / f"fetch-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
     # ------------------------------------------------------------------------------ publications
     def _published_marker(self, bucket: str, destination: str) -> Path:
@@ -96,3 +109,48 @@ class HostState:
         """A temp folder of this host whose process is gone."""
         owner, _, pid = path.name.rpartition(".")[0].rpartition(".")
         return owner == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+
+
+class EntryLock:
+    """A flock on one lock file, as filelock's FileLock takes it on Unix (the two exclude each other), for the
+    16 or more entries a fetch or a publish locks at once: about 20 microseconds each instead of 250.
+    `acquire` raises filelock's Timeout, like FileLock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def is_locked(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def lock_file(self) -> str:
+        """The lock file's path (as FileLock names it)."""
+        return str(self.path)
+
+    def acquire(self, timeout: float = -1, poll_interval: float = 0.05) -> None:
+        """Take the lock, polling until `timeout` seconds have passed (0: one try; negative: no limit)."""
+        if self._fd is not None:
+            return
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Timeout(str(self.path)) from None
+                    time.sleep(poll_interval)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go (closing the file releases the flock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

@@ -49,7 +49,7 @@ def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSu
     for item in listing:
         path = str(item.get("path", ""))
         where = layout.split_version_path(version, path) if item.get("type", "file") == "file" else None
-        if where is None:
+        if where is None or where.manifest:
             continue
         if where.record:
             # a record too large to be one is counted, never read (`ls` downloads the listed paths)

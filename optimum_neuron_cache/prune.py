@@ -92,7 +92,7 @@ class RemoveFile:
     path: str
     bytes: int
     reason: str
-    kind: str  # "record" or "stray"
+    kind: str  # "record", "stray" or "manifest" (a digest manifest of what goes)
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | 
         records += [RemoveFile(r.file.path, r.file.size, dropped_why, "record") for r in found.records]
         entries += [_entry_op(e, dropped_why) for e in found.entries.values()]
         strays += [RemoveFile(f.path, f.size, dropped_why, "stray") for f in found.bad_names]
+        strays += [RemoveFile(f.path, f.size, dropped_why, "manifest") for f in found.manifests]
         return
     gone: set[tuple[str, str]] = set()
     named_records = set()
@@ -192,6 +193,7 @@ def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | 
                 entries.append(_entry_op(entry, "no model area or export record references it, last written "
                                                 f"{_age_text(now - (entry.newest_upload or now))} ago"))
                 gone.add(key)
+    strays += _manifests_gone(found, gone, policy)
     if policy.dangling_records:
         for record in kept_records:
             if record.record is None or not record.record.modules:
@@ -203,6 +205,22 @@ def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | 
                 records.append(RemoveFile(record.file.path, record.file.size,
                                           f"{len(missing)} of its {len(record.record.modules)} entries are gone from its area",
                                           "record"))
+
+
+def _manifests_gone(found: VersionSurvey, gone: set[tuple[str, str]], policy: PrunePolicy) -> list[RemoveFile]:
+    """Digest manifests that describe only what this prune removes: a removed flat entry's, and those of an
+    area named for removal (a manifest left behind binds nothing a reader downloads: harmless, but litter)."""
+    version = found.compiler_version
+    flat_gone = {module for area, module in gone if not area}
+    removed = []
+    for listed in found.manifests:
+        where = layout.split_version_path(version, listed.path)
+        if where is None:
+            continue
+        if (not where.area and where.manifest[:-len(".json")] in flat_gone) or \
+                (where.area and _area_named(where.area, version, policy)):
+            removed.append(RemoveFile(listed.path, listed.size, "describes only what this prune removes", "manifest"))
+    return removed
 
 
 def _older(uploaded: float | None, age: float, now: float) -> bool:

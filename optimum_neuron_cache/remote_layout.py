@@ -3,6 +3,8 @@
     neuronxcc-<ver>/MODULE_<key>/<file>                                    flat area: the local cache tree, as is
     neuronxcc-<ver>/models/<org>--<name>/<task>/MODULE_<key>/<file>        per-model area
     neuronxcc-<ver>/models/<org>--<name>/<task>/exports/<record id>.json   export records, for lookup
+    neuronxcc-<ver>/models/<org>--<name>/<task>/digests/<id>.json          digest manifests of the area
+    neuronxcc-<ver>/digests/MODULE_<key>.json                              digest manifest of a flat entry
     leases/neuronxcc-<ver>/MODULE_<key>.lease                              compile leases (compile_leases.py)
 
 Leases sit outside every compiler version's folder, so the flat area stays the local cache tree and no
@@ -17,6 +19,7 @@ here as they are (the functions at the end), never written.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -47,6 +50,8 @@ MODELS_DIR = "models"
 LEASES_DIR = "leases"
 LEASE_SUFFIX = ".lease"
 EXPORTS_DIR = "exports"
+#: Digest manifests: beside the flat area's entries (never inside them, never installed), and in a model's area.
+DIGESTS_DIR = "digests"
 DEFAULT_TASK = "default"
 
 # Hub repo names: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
@@ -213,6 +218,40 @@ def export_record_path(compiler_version: str, folder: str, task: str, record_id:
     return area_record_path(model_area_prefix(compiler_version, folder, task), f"{record_id}.json")
 
 
+# ------------------------------------------------------------------------------ digest manifests
+
+
+def flat_manifest_path(compiler_version: str, module: str) -> str:
+    """The digest manifest of one flat-area entry: beside the entries, not in one (the flat area's MODULE
+    folders stay the local cache tree, as is)."""
+    return f"{version_prefix(compiler_version)}/{DIGESTS_DIR}/{module}.json"
+
+
+def area_manifests_prefix(area_prefix: str) -> str:
+    """The folder of a model area's digest manifests (one per publication to the area)."""
+    return f"{area_prefix}/{DIGESTS_DIR}"
+
+
+#: A manifest id: 16 hex characters of the sha256 of its bindings.
+_MANIFEST_ID_RE = re.compile(r"^[0-9a-f]{16}\.json$")
+#: A model area holds one manifest per publication; a fetch reads at most this many (the newest).
+MAX_AREA_MANIFESTS = 32
+
+
+def is_area_manifest(path: str, area_prefix: str) -> bool:
+    """Whether a listed path is one of a model area's digest manifests (`<area>/digests/<16 hex>.json`)."""
+    prefix = area_manifests_prefix(area_prefix) + "/"
+    return path.startswith(prefix) and bool(_MANIFEST_ID_RE.match(path[len(prefix):]))
+
+
+def digest_manifest(bindings: Mapping[str, str]) -> tuple[str, str]:
+    """(file name, content) of a digest manifest binding Xet hashes to digests recorded at publish:
+    `{"schema": 1, "digests": {xet hash: "blake3:<hex>"}}`, the same `digests` object export records carry.
+    Named by content, so publishing the same bindings twice writes one file."""
+    content = json.dumps({"schema": 1, "digests": dict(sorted(bindings.items()))}, sort_keys=True, separators=(",", ":"))
+    return f"{hashlib.sha256(content.encode()).hexdigest()[:16]}.json", content
+
+
 def module_of(entry_key: str) -> str:
     """The MODULE name of an entry key (`neuronxcc-<ver>/MODULE_...`, as `flat_entry_prefix` makes it)."""
     return entry_key.rsplit("/", 1)[-1]
@@ -221,12 +260,14 @@ def module_of(entry_key: str) -> str:
 @dataclass(frozen=True)
 class VersionPath:
     """A path under a compiler version's folder, classified: an entry's file (flat area when `area` is "",
-    else `<model folder>/<task>`), or an export record (`module` and `filename` empty, `record` set)."""
+    else `<model folder>/<task>`), an export record (`module` and `filename` empty, `record` set), or a
+    digest manifest (`manifest` set: the flat area's `MODULE_<key>.json`, or an area's `<id>.json`)."""
 
     area: str
     module: str = ""
     filename: str = ""
     record: str = ""
+    manifest: str = ""
 
 
 def split_version_path(compiler_version: str, path: str) -> VersionPath | None:
@@ -237,12 +278,16 @@ def split_version_path(compiler_version: str, path: str) -> VersionPath | None:
     parts = path[len(prefix):].split("/")
     if len(parts) == 2 and is_module_name(parts[0]) and is_publishable(parts[1]):
         return VersionPath("", parts[0], parts[1])
+    if len(parts) == 2 and parts[0] == DIGESTS_DIR and parts[1].endswith(".json") and is_module_name(parts[1][:-5]):
+        return VersionPath("", manifest=parts[1])
     if len(parts) == 5 and parts[0] == MODELS_DIR:
         area = f"{parts[1]}/{parts[2]}"
         if is_module_name(parts[3]) and is_publishable(parts[4]):
             return VersionPath(area, parts[3], parts[4])
         if parts[3] == EXPORTS_DIR and parts[4].endswith(".json"):
             return VersionPath(area, record=parts[4])
+        if parts[3] == DIGESTS_DIR and _MANIFEST_ID_RE.match(parts[4]):
+            return VersionPath(area, manifest=parts[4])
     return None
 
 

@@ -1,16 +1,22 @@
 """Honest stats for this host: what the cache fetched, compiled, published and saved, per run and in total.
 
-Kept in one small JSON file under the user's cache dir, updated under a file lock so that concurrent
-processes add up instead of overwriting each other. `neuron-cache stats` shows it; `stats --zero` resets. A figure that is not a finite, non-negative number
-within bounds (a poisoned or hand-edited file) reads as 0 with one warning: the file never crashes a reader,
-and what it holds is always valid JSON.
+Kept in small files under the user's cache dir, safe under concurrency. A run appends one line to
+`stats.log` (one `write` with O_APPEND: no lock, no rename, about 50 microseconds; the warm path cannot afford
+a locked read-modify-write with a rename, a few milliseconds on ext4). `stats.json` holds the totals the log
+was folded into: a run that finds the log over FOLD_BYTES folds it, under a lock (`_fold`). Readers add the
+log to `stats.json`. `neuron-cache stats` shows it; `stats --zero` resets. A figure that is not a finite,
+non-negative number within bounds (a poisoned or hand-edited file) reads as 0 with one warning: the files
+never crash a reader, and what they hold is always valid JSON.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -86,37 +92,140 @@ class Stats:
 
 
 def stats_path() -> Path:
-    """The host's stats file, under the user's cache dir."""
+    """The host's stats file (the folded totals), under the user's cache dir."""
     return user_cache_dir() / "stats.json"
 
 
-def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
-    """(last run, total)."""
-    path = path or stats_path()
+#: A log larger than this is folded into stats.json by the run that finds it so (about 400 runs).
+FOLD_BYTES = 64 * 1024
+#: The most of a log (or of a log being folded) that is read: a larger one is not ours.
+MAX_LOG_BYTES = 16 * FOLD_BYTES
+
+
+def _log_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".log")
+
+
+def _folding(path: Path) -> list[Path]:
+    """Logs moved aside to be folded (`stats.<random>.folding`), by a fold that may have died meanwhile."""
+    try:
+        return sorted(path.parent.glob(f"{path.stem}.*.folding"))
+    except OSError:
+        return []
+
+
+def _read_json(path: Path) -> tuple[dict, Stats, Stats]:
+    """(the document, last run, total) of stats.json; an unreadable one reads as zeros."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return Stats(), Stats()
+        return {}, Stats(), Stats()
     if not isinstance(data, dict):
-        return Stats(), Stats()
-    return (Stats.from_dict(data.get("last_run"), where=f"{path} (last run)"),
+        return {}, Stats(), Stats()
+    return (data, Stats.from_dict(data.get("last_run"), where=f"{path} (last run)"),
             Stats.from_dict(data.get("total"), where=f"{path} (total)"))
 
 
-def _write(path: Path, last: Stats, total: Stats) -> None:
+def _read_log(log_path: Path) -> list[Stats]:
+    """The runs a log holds, in order. A line that is not a run (a torn write, a hand edit) is skipped."""
+    try:
+        with open(log_path, "rb") as handle:
+            raw = handle.read(MAX_LOG_BYTES)
+    except OSError:
+        return []
+    runs = []
+    for line in raw.splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("run"), dict):
+            runs.append(Stats.from_dict(data["run"], where=f"{log_path} (a run)"))
+    return runs
+
+
+def read_stats(path: Path | None = None) -> tuple[Stats, Stats]:
+    """(last run, total): stats.json, plus the runs logged since it was written."""
+    path = path or stats_path()
+    data, last, total = _read_json(path)
+    folded = data.get("folded") if isinstance(data.get("folded"), list) else []
+    for log_path in [*(p for p in _folding(path) if p.name not in folded), _log_path(path)]:
+        for run in _read_log(log_path):
+            total, last = total.add(run), run
+    return last, total
+
+
+def _write(path: Path, last: Stats, total: Stats, folded: list[str] = ()) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"last_run": asdict(last), "total": asdict(total)}, indent=1, allow_nan=False))
+    atomic_write(path, json.dumps({"last_run": asdict(last), "total": asdict(total), "folded": list(folded)},
+                                  indent=1, allow_nan=False))
+
+
+def _append(log_path: Path, line: bytes) -> int:
+    """Append one line in one write; returns the log's size after it. A shared flock keeps a fold from
+    reading the log while the line is being written, and a log a fold moved away meanwhile is not written
+    to (its inode is no longer the path's): the line goes to the new log."""
+    for _ in range(3):
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(log_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.write(fd, line)
+                return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    raise OSError(f"{log_path} kept moving")
+
+
+def _fold(path: Path) -> None:
+    """Fold the log into stats.json, under the lock: move the log aside, wait for writers still appending to
+    it (an exclusive flock), add its runs to the totals, then remove it. stats.json names the logs it has
+    folded, so a fold that dies before the removal is never counted twice."""
+    with FileLock(str(path) + ".lock", timeout=10):
+        aside = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}.folding")
+        try:
+            os.rename(_log_path(path), aside)
+        except FileNotFoundError:
+            pass
+        data, last, total = _read_json(path)
+        folded = set(data.get("folded") or []) if isinstance(data.get("folded"), list) else set()
+        for log_path in _folding(path):
+            if log_path.name in folded:  # counted already, by a fold that died before removing it
+                log_path.unlink(missing_ok=True)
+        pending = [p for p in _folding(path) if p.name not in folded]
+        for log_path in pending:
+            try:
+                fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the appenders that opened it before it moved are done
+            finally:
+                os.close(fd)
+            for run in _read_log(log_path):
+                total, last = total.add(run), run
+        _write(path, last, total, sorted(p.name for p in pending))
+        for log_path in pending:
+            log_path.unlink(missing_ok=True)
 
 
 def record_run(run: Stats, path: Path | None = None) -> None:
-    """Add one run's figures to the total, under the lock; never fails the caller."""
+    """Add one run's figures to the host's: one appended line; never fails the caller."""
     path = path or stats_path()
     try:
-        run = Stats.from_dict(asdict(run), where="this run's stats")  # a bad figure never enters the totals
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=10):
-            _, total = read_stats(path)
-            _write(path, run, total.add(run))
+        run = Stats.from_dict(asdict(run), where="this run's stats")  # a bad figure never enters the files
+        line = b"\n" + json.dumps({"run": asdict(run)}, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+        try:
+            size = _append(_log_path(path), line)
+        except FileNotFoundError:  # the first run of the host: no cache dir yet
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = _append(_log_path(path), line)
+        if size > FOLD_BYTES:
+            _fold(path)
     except Exception:  # stats are a convenience: a read-only home or a stuck lock must not break a compile
         pass
 
@@ -126,4 +235,6 @@ def zero_stats(path: Path | None = None) -> None:
     path = path or stats_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=10):
+        for log_path in [_log_path(path), *_folding(path)]:
+            log_path.unlink(missing_ok=True)
         _write(path, Stats(), Stats())

@@ -105,6 +105,8 @@ class VersionSurvey:
     records: list[RecordFile] = field(default_factory=list)
     #: Listed files the layout does not allow under this version (and their sizes, when valid).
     bad_names: list[ListedFile] = field(default_factory=list)
+    #: Digest manifests (docs/remote-layout.md): metadata publishes write, neither entries nor strays.
+    manifests: list[ListedFile] = field(default_factory=list)
     #: Whether the records were downloaded and parsed (their `record` is then None only when unreadable).
     records_read: bool = False
 
@@ -170,6 +172,8 @@ def add_listing(survey: BucketSurvey, version: str, listing: Iterable[Mapping[st
             found.bad_names.append(listed)
         elif where.record:
             found.records.append(RecordFile(version, where.area, listed))
+        elif where.manifest:
+            found.manifests.append(listed)
         else:
             entry = found.entries.setdefault((where.area, where.module), RemoteEntry(version, where.area, where.module))
             entry.files[where.filename] = listed

@@ -7,9 +7,10 @@ runs in three batches so that a reader never finds a commit file whose content i
   3. add the model area's commit files, then the export record;
 then one paths-info confirms the content is still there (a concurrent `neuron-cache prune` may have removed
 it between our batches: see prune.py), and removes the commit files of any entry it is not.
-The export record binds the Xet hash of each content file uploaded in 1 to its BLAKE3 digest (the server
-describes what it uploaded): a reader's bucket server checks those files by BLAKE3, several times cheaper
-than recomputing a Xet hash.
+Every publish leaves digest manifests (docs/remote-layout.md): the server describes each file it uploads
+(Xet hash and BLAKE3), and a manifest beside the flat entry and one in the model's area bind the two, so a
+reader's bucket server checks those files by BLAKE3, several times cheaper than recomputing a Xet hash.
+Export records carry the same bindings (readers of earlier versions use those).
 Only allow-listed files of success entries ever leave the machine; a node-wide lock per entry makes many
 ranks exiting at once publish each entry once.
 """
@@ -208,19 +209,18 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
              records: tuple[RecordWrite, ...] = ()) -> None:
     """The three batches (content; copies and flat commit files; model commit files), the export records
     riding with the last one: a record only names entries, and readers install an entry only once it is
-    committed."""
-    describe = {"describe": True} if records else {}
+    committed. Digest manifests ride with the batch after the one that described the files they bind."""
     content: list[dict[str, Any]] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
                 if name != item.commit:
                     content.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
-                                    "local_path": str(item.entry.path / name), **describe})
+                                    "local_path": str(item.entry.path / name), "describe": True})
                     result.bytes_uploaded += item.entry.files[name]
     described: dict[str, Any] = {}
     if content:
-        described = _batch(client, progress, add=content).get("described") or {}
+        described.update(_batch(client, progress, add=content).get("described") or {})
     copies: list[dict[str, Any]] = []
     flat_commits: list[dict[str, Any]] = []
     for item in items:
@@ -233,15 +233,24 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
                                    **({"xet_hash": xet_hash} if xet_hash else {})})
         if item.to_flat:
             flat_commits.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit),
-                                 "local_path": str(item.entry.path / item.commit)})
+                                 "local_path": str(item.entry.path / item.commit),
+                                 **({"describe": True} if item.entry.files[item.commit] else {})})
             result.bytes_uploaded += item.entry.files[item.commit]
-    if copies or flat_commits:
-        _batch(client, copy=copies, add=flat_commits)
-    last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
-             "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
-    last += [_record_item(record, path, described) for path, record in records]
-    if last:
-        _batch(client, add=last)
+    flat_manifests = _flat_manifests(items, described, legacy=False)
+    try:
+        if copies or flat_commits or flat_manifests:
+            described.update(_batch(client, copy=copies, add=flat_commits + flat_manifests).get("described") or {})
+        last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
+                 "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
+        last += [_record_item(record, path, described) for path, record in records]
+        last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
+        if last:
+            _batch(client, add=last)
+    except RemoteError:
+        # The Hub may apply a batch in part: its adds (commit files) land while copies whose source a concurrent
+        # prune removed fail. Take back the commit files of entries whose content is not all there, then fail.
+        _confirm(client, items)
+        raise
     undone = _confirm(client, items)
     result.published.extend(item.entry.name for item in items if item.entry.name not in undone)
     result.unconfirmed.extend(sorted(undone))
@@ -284,6 +293,42 @@ def _confirm(client: BucketClient, items: list[PublishItem]) -> set[str]:
         except RemoteError as exc:
             log.info("optimum-neuron-cache: could not take back their commit files: %s", exc)
     return set(undone)
+
+
+def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
+    """Xet hash -> digest of the item's files the server described (a Hub bucket; a directory bucket
+    describes no Xet hash: its own sidecars carry the digests)."""
+    bindings = {}
+    for name in item.files:
+        info = described.get(layout.flat_file_path(item.entry.compiler_version, item.entry.name, name))
+        if isinstance(info, dict) and info.get("xet_hash") and info.get("digest"):
+            bindings[str(info["xet_hash"])] = str(info["digest"])
+    return bindings
+
+
+def _flat_manifests(items: list[PublishItem], described: dict[str, Any], *, legacy: bool) -> list[dict[str, Any]]:
+    """The digest manifests of the flat entries published (`digests/MODULE_<key>.json`). An entry's manifest
+    rides in the batch after its files were described: the second batch, or the last one for an entry whose
+    commit file has content to bind (`legacy`: the NEFF of a compiler up to 2.14)."""
+    return [{"dest": layout.flat_manifest_path(item.entry.compiler_version, item.entry.name),
+             "content": layout.digest_manifest(bindings)[1]}
+            for item in items if item.to_flat and legacy == bool(item.entry.files[item.commit])
+            if (bindings := _bindings(item, described))]
+
+
+def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:
+    """One digest manifest per model area published to, binding every file of its entries that the
+    server described (`<area>/digests/<id>.json`, named by content)."""
+    by_area: dict[str, dict[str, str]] = {}
+    for item in items:
+        if item.to_model:
+            by_area.setdefault(item.to_model, {}).update(_bindings(item, described))
+    manifests = []
+    for area, bindings in sorted(by_area.items()):
+        if bindings:
+            name, text = layout.digest_manifest(bindings)
+            manifests.append({"dest": f"{layout.area_manifests_prefix(area)}/{name}", "content": text})
+    return manifests
 
 
 def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:

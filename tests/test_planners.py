@@ -88,7 +88,7 @@ def test_todo_entries_are_filled_only_from_complete_flat_entries(tmp_path, versi
         compile_graph(tmp_path, version, graph, outcome="todo")
     todo = scan_entries(tmp_path, version)
     probes = todo_probe_paths(version, todo)
-    assert len(probes) == 2 * len(layout.PUBLISHABLE_FILES)
+    assert len(probes) == 2 * (len(layout.PUBLISHABLE_FILES) + 1)  # and each entry's digest manifest
     whole, partial = (entry.name for entry in todo)
     answer = [{"type": "file", "path": layout.flat_file_path(version, whole, name), "size": size} for name, size in COMPLETE.items()]
     answer.append({"type": "file", "path": layout.flat_file_path(version, partial, "model.neff"), "size": 100})

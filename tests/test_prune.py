@@ -260,7 +260,8 @@ def test_a_prune_racing_a_publisher_of_the_same_entries_leaves_no_half_entry(tmp
     committed = {area: complete_modules(bucket, version, area) for area in ["", "org--race/text-generation"]}
     if race == "publisher-commits-after-the-prune":
         if to_model:  # its copies into the model's area found no source (removed by the prune): its batch failed
-            assert "not in bucket" in published["error"]
+            # (before sending anything, or, copying by a known Xet hash, in part: its commit files taken back)
+            assert published["error"]
         else:  # its check found its content gone and took its commit files back
             assert set(published["unconfirmed"]) == names and not published["published"]
         assert committed == {"": set(), "org--race/text-generation": set()} and not result.rewritten_removed

@@ -103,3 +103,20 @@ def test_paths_under_a_version_are_classified_or_refused():
                     f"neuronxcc-{v}/models/org--m/default/MODULE_1+a/sub/model.neff", "neuronxcc-2.0.0/MODULE_1+a/model.neff",
                     f"neuronxcc-{v}/models/org--m/default/exports/x.txt"):
         assert split_version_path(v, hostile) is None
+
+
+def test_digest_manifests_have_their_own_places_beside_the_entries():
+    v = "2.21.0.0+abc"
+    module = "MODULE_123+abc"
+    assert layout.flat_manifest_path(v, module) == f"neuronxcc-{v}/digests/{module}.json"
+    assert layout.split_version_path(v, layout.flat_manifest_path(v, module)) == layout.VersionPath("", manifest=f"{module}.json")
+    area = layout.model_area_prefix(v, "org--m", "default")
+    name, text = layout.digest_manifest({"b" * 64: "blake3:" + "1" * 64, "a" * 64: "blake3:" + "2" * 64})
+    assert layout.digest_manifest({"a" * 64: "blake3:" + "2" * 64, "b" * 64: "blake3:" + "1" * 64}) == (name, text)
+    assert layout.is_area_manifest(f"{area}/digests/{name}", area)
+    assert layout.split_version_path(v, f"{area}/digests/{name}") == layout.VersionPath("org--m/default", manifest=name)
+    for bad in (f"neuronxcc-{v}/digests/x.json", f"neuronxcc-{v}/digests/{module}/model.neff",
+                f"{area}/digests/{name[:-5]}.txt", f"{area}/digests/../{name}"):
+        assert layout.split_version_path(v, bad) is None and not layout.is_area_manifest(bad, area)
+    # Nothing about a manifest looks like an entry of the local cache tree.
+    assert layout.parse_area_path(layout.flat_manifest_path(v, module), layout.version_prefix(v)) is None

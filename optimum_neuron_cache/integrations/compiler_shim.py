@@ -291,7 +291,7 @@ class _Shim:
         from ..buckets import embedded_default, resolve_bucket
         from ..client import BucketClient
         from ..errors import BucketNotFoundError, NeuronCacheError
-        from ..fetch import complete_flat_entries, download_checked, flat_probe_paths
+        from ..fetch import complete_flat_entries, download_checked, flat_manifests, flat_probe_paths
 
         if self.version is None:
             return False
@@ -327,7 +327,8 @@ class _Shim:
         try:
             staged = staging / "model.neff"
             try:
-                problems = download_checked(client, [(files["model.neff"], staged)])
+                problems = download_checked(client, [(files["model.neff"], staged)],
+                                            flat_manifests(self.version, info, [self.request.module]))
             except (NeuronCacheError, OSError) as exc:
                 self.note_down(str(bucket))
                 _say(f"download of {prefix}/model.neff failed: {exc}; compiling")

@@ -53,7 +53,8 @@ def bucket_violations(listing: Iterable[Mapping[str, Any]], version: str,
         if not path.startswith(prefix):
             continue
         parts = path[len(prefix):].split("/")
-        if parts[0] == layout.MODELS_DIR and len(parts) == 5 and parts[3] == layout.EXPORTS_DIR:
+        where = layout.split_version_path(version, path)
+        if where is not None and (where.record or where.manifest):  # metadata the publish writes, not entries
             continue
         if parts[-1] not in layout.PUBLISHABLE_FILES:
             problems.append(f"{path}: not an allow-listed file")
