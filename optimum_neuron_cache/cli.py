@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import remote_layout as layout
-from .buckets import BucketRef, parse_bucket, resolve_bucket, save_bucket, setting_path
+from .buckets import BucketRef, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import FetchPlan, execute_fetch, plan_fetch
@@ -36,7 +36,9 @@ from .lookup import FILTER_KEYS, lookup_cache
 from .records import compiler_flags
 from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
-from .neuron_sdk import format_sdk_summary, resolve_compiler_version, sdk_summary, validate_compiler_version
+from .neuron_sdk import (
+    format_sdk_summary, resolve_compiler_version, sdk_summary, unpinned_target_warning, validate_compiler_version,
+)
 from .sync import sync_cache
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -223,6 +225,7 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     root = _root(cache_dir, create=not dry_run)
     version = resolve_compiler_version(compiler_version)
     ref = _bucket(bucket)
+    _warn_unpinned_target(version, ref)
     client = BucketClient(ref)
     local = {entry.name: entry for entry in scan_entries(root, version)}
     plan = plan_fetch(client, version, model.folder, task_name, local)
@@ -254,6 +257,13 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if result.failed:
         sys.exit(1)
+
+
+def _warn_unpinned_target(version: str, ref: BucketRef) -> None:
+    """Compilers up to 2.15 leave the target out of MODULE names: say so once, as a run does, when a shared
+    bucket is used without `--target` pinned in NEURON_CC_FLAGS (docs/integrations.md, compile targets)."""
+    if ref != embedded_default() and (line := unpinned_target_warning(version, str(ref))):
+        click.echo(f"warning: {line}", err=True)
 
 
 def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: str, folder: str, task: str,
@@ -301,6 +311,8 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
     total_entries = total_bytes = 0
     for version_sync in report:
         plan = version_sync.plan
+        if plan.items:
+            _warn_unpinned_target(version_sync.compiler_version, ref)
         for item in plan.items:
             where = " + ".join(["flat"] * item.to_flat + ([item.to_model.split("/models/", 1)[1]] if item.to_model else []))
             out.info(f"{'would publish' if dry_run else 'published'} neuronxcc-{version_sync.compiler_version}/{item.entry.name} -> {where}")

@@ -205,3 +205,28 @@ def test_entries_of_either_flags_hash_round_trip_at_every_version(tmp_path, buck
             for graph in graphs:
                 assert compile_graph(b, version, graph, flags_hash_style=style).hit
         assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == names, version
+
+
+def test_cli_sync_and_fetch_warn_like_a_run_when_the_target_is_not_pinned(tmp_path, monkeypatch):
+    """`neuron-cache sync` and `fetch` with a compiler up to 2.15 and a shared bucket: the same one line."""
+    warning = "does not put the compile target in its cache keys"
+    cache = tmp_path / "cache"
+    compile_graph(cache, MID, make_graphs(1, seed="cli-warn")[0])
+    runner = CliRunner()
+    shared = BucketRef("dir", str(tmp_path / "cli-shared"))
+    BucketClient(shared).create()
+    synced = runner.invoke(cli, ["sync", "--cache-dir", str(cache), "--bucket", shared.location])
+    assert synced.exit_code == 0 and synced.output.count(warning) == 1, synced.output
+    pinned = BucketRef("dir", str(tmp_path / "cli-pinned"))
+    BucketClient(pinned).create()
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--target=trn1")
+    for args in (["sync", "--cache-dir", str(cache)], ["fetch", "org/m", "--cache-dir", str(tmp_path / "other"),
+                                                         "--compiler-version", MID]):
+        result = runner.invoke(cli, [*args, "--bucket", pinned.location])
+        assert result.exit_code == 0 and warning not in result.output, result.output
+    monkeypatch.delenv("NEURON_CC_FLAGS")
+    fresh = BucketRef("dir", str(tmp_path / "cli-fresh"))
+    BucketClient(fresh).create()
+    fetched = runner.invoke(cli, ["fetch", "org/m", "--cache-dir", str(tmp_path / "other"), "--compiler-version", MID,
+                                  "--bucket", fresh.location])
+    assert fetched.exit_code == 0 and fetched.output.count(warning) == 1, fetched.output
