@@ -261,6 +261,28 @@ def stop_server(environ: Mapping[str, str] | None = None, timeout: float = 10.0)
     return True
 
 
+def result_of(op: str, reply: dict[str, Any], where: str) -> Any:
+    """A reply's typed result, validated here, once (for bucket and model-repo requests alike): an error reply
+    raises its typed exception; a result that cannot be trusted raises RemoteInvalidDataError; a listing's
+    untrusted items are left out, with one warning naming `where`."""
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        code = str(error.get("code"))
+        text = str(error.get("message") or code)
+        if code == ErrorCode.BAD_REQUEST.value:
+            raise RemoteInvalidDataError(text)
+        raise _ERRORS.get(code, ServerError)(text)
+    try:
+        result = parse_result(op, reply.get("result"))
+    except MessageError as exc:
+        raise RemoteInvalidDataError(f"{op} on {where}: the reply cannot be trusted: {exc}") from None
+    skipped = getattr(result, "skipped", ())
+    if skipped:
+        log.warning("optimum-neuron-cache: %s on %s: skipped %d listed item(s) that cannot be trusted, e.g. %s",
+                    op, where, len(skipped), skipped[0])
+    return result
+
+
 class BucketClient:
     """Bucket operations for one bucket, through the bucket server."""
 
@@ -284,23 +306,7 @@ class BucketClient:
         if self._token:
             message["auth"] = {"token": self._token}
         self.requests += 1
-        reply = _connection(self.environ).request(message, progress)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            code = str(error.get("code"))
-            text = str(error.get("message") or code)
-            if code == ErrorCode.BAD_REQUEST.value:
-                raise RemoteInvalidDataError(text)
-            raise _ERRORS.get(code, ServerError)(text)
-        try:
-            result = parse_result(op, reply.get("result"))
-        except MessageError as exc:
-            raise RemoteInvalidDataError(f"{op} on bucket {self.bucket}: the reply cannot be trusted: {exc}") from None
-        skipped = getattr(result, "skipped", ())
-        if skipped:
-            log.warning("optimum-neuron-cache: %s on bucket %s: skipped %d listed item(s) that cannot be trusted, "
-                        "e.g. %s", op, self.bucket, len(skipped), skipped[0])
-        return result
+        return result_of(op, _connection(self.environ).request(message, progress), f"bucket {self.bucket}")
 
     # Bucket operations (see bucket_server.backends.base.Backend for their contracts); each returns the
     # validated result in its wire form.

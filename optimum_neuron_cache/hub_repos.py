@@ -7,26 +7,21 @@ sizes checked here, each entry renamed into place whole.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bucket_server.messages import MessageError, parse_result
-from bucket_server.protocol import ErrorCode
-
 from .buckets import BucketRef
-from .client import _ERRORS, ProgressCallback, _connection, read_token
+from .client import ProgressCallback, _connection, read_token, result_of
 from . import settings
-from .errors import ConfigurationError, RemoteInvalidDataError
+from .errors import ConfigurationError
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID_RE = re.compile(rf"^{_PART}/{_PART}$")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
 MODELS_SCHEME = "hf://models/"
-log = logging.getLogger("optimum_neuron_cache")
 
 
 @dataclass(frozen=True)
@@ -83,22 +78,7 @@ class RepoClient:
         if self._token:
             message["auth"] = {"token": self._token}
         self.requests += 1
-        reply = _connection(self.environ).request(message, progress)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            code, text = str(error.get("code")), str(error.get("message") or error.get("code"))
-            if code == ErrorCode.BAD_REQUEST.value:
-                raise RemoteInvalidDataError(text)
-            raise _ERRORS.get(code, RemoteInvalidDataError)(text)
-        try:  # validated once, here, as BucketClient.send does: an untrusted listed file costs only itself
-            result = parse_result(op, reply.get("result"))
-        except MessageError as exc:
-            raise RemoteInvalidDataError(f"{op} on {self.repo}: the reply cannot be trusted: {exc}") from None
-        skipped = getattr(result, "skipped", ())
-        if skipped:
-            log.warning("optimum-neuron-cache: %s on %s: skipped %d listed item(s) that cannot be trusted, e.g. %s",
-                        op, self.repo, len(skipped), skipped[0])
-        return result.to_wire()
+        return result_of(op, _connection(self.environ).request(message, progress), str(self.repo)).to_wire()
 
     def resolve(self) -> str:
         """The commit sha the revision points at now."""
