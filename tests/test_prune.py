@@ -26,18 +26,9 @@ from optimum_neuron_cache.survey import survey_bucket
 from optimum_neuron_cache.sync import sync_cache
 from optimum_neuron_cache.testing.invariants import bucket_violations, reference_sizes
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+from tests.lifecycle_helpers import run, uri
 
 OLD = "2.20.1.0+aaaa"
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def uri(ref: BucketRef) -> str:
-    return f"hf://buckets/{ref.location}" if ref.kind == "hf" else ref.location
 
 
 def publish_model(root: Path, ref: BucketRef, version: str, model: str, seed: str, count: int,

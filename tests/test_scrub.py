@@ -18,16 +18,7 @@ from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.scrub import Problem, check_listing
 from optimum_neuron_cache.survey import survey_bucket
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def uri(ref: BucketRef) -> str:
-    return f"hf://buckets/{ref.location}" if ref.kind == "hf" else ref.location
+from tests.lifecycle_helpers import run, uri
 
 
 def publish(root: Path, ref: BucketRef, version: str, count: int = 3, seed: str = "scrub") -> list[str]:

@@ -7,12 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from click.testing import CliRunner
-
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache import remote_layout as layout
 from optimum_neuron_cache.buckets import BucketRef
-from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.prune import PrunePolicy, plan_prune
 from optimum_neuron_cache.survey import BucketSurvey, add_listing, survey_bucket
@@ -20,18 +17,9 @@ from optimum_neuron_cache.sync import sync_cache
 from optimum_neuron_cache.testing.invariants import reference_entries, reference_sizes
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.usage import bucket_usage
+from tests.lifecycle_helpers import run, uri
 
 OLD = "2.20.1.0+aaaa"
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def uri(ref: BucketRef) -> str:
-    return f"hf://buckets/{ref.location}" if ref.kind == "hf" else ref.location
 
 
 def publish_model(root: Path, ref: BucketRef, version: str, model: str, seed: str, count: int) -> None:
