@@ -239,15 +239,12 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         return self.run
 
     # -------------------------------------------------------------------------- one fetch per host
-    def _gate_key(self) -> str:
-        key = self._journal_key()
-        return "\0".join((key.bucket, key.compiler_version, (key.model_folder or "").lower(), key.task))
-
     def _gate(self, root: Path) -> HostFetchGate | None:
         """This area's host-wide fetch gate (None when it cannot be made: then every process fetches, and the
         entry locks still download each file once)."""
         try:
-            return HostFetchGate(HostState(root).fetch_gate_path(self._gate_key()), self._gate_key())
+            key = self._journal_key().text
+            return HostFetchGate(HostState(root).fetch_gate_path(key), key)
         except OSError:
             return None
 
@@ -269,7 +266,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
 
     def _note(self, *, ok: bool, error: str = "") -> FetchNote:
         """What this fetch found, for the processes of this host waiting on the gate."""
-        text = self._gate_key()
+        text = self._journal_key().text
         if not ok:
             return FetchNote(text, time.time(), False, error)
         return FetchNote(text, time.time(), True, "", self._area, tuple(sorted(self._area_modules)),

@@ -56,11 +56,16 @@ class JournalKey:
     task: str
 
     @property
+    def text(self) -> str:
+        """The key as one string, model folder case-folded (model ids ignore case): what names its journal
+        records (`digest`) and its host-wide fetch gate (`fetch.HostFetchGate`)."""
+        folder = self.model_folder.lower() if self.model_folder is not None else ""
+        return "\0".join((self.bucket, self.compiler_version, folder, self.task))
+
+    @property
     def digest(self) -> str:
-        """A short digest of the key (model folder case-folded), the first part of a record's file name."""
-        folder = self.model_folder.lower() if self.model_folder is not None else ""  # model ids ignore case
-        text = "\0".join((self.bucket, self.compiler_version, folder, self.task))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """A short digest of the key's text, the first part of a record's file name."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.fetch import FetchNote, HostFetchGate
 from optimum_neuron_cache.host_state import HostState
+from optimum_neuron_cache.journal import JournalKey
 from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from tests.polling import wait_until
@@ -76,18 +77,26 @@ def test_ranks_entering_together_fetch_once_and_the_others_ask_nothing(tmp_path,
     assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
 
 
-def test_a_failed_host_fetch_is_not_retried_by_the_ranks_that_waited_for_it(tmp_path, version, monkeypatch):
-    """The fetcher's failure is in its note: a waiting rank warns once with it and goes on without the bucket
-    (no request of its own, no retry budget spent again). The test holds the gate as a fetcher would, and
-    the rank runs on a thread (flock locks are per open file: it waits like another process)."""
+def held_gate(tmp_path: Path, version: str, monkeypatch) -> tuple[BucketRef, Path, HostFetchGate, threading.Event]:
+    """A directory bucket, a cache, the gate of `org/ranks`'s area held as a fetcher holds it, and an event set
+    when a rank starts waiting on it (flock locks are per open file: a rank on a thread waits like another
+    process)."""
     bucket, cache = BucketRef("dir", str(tmp_path / "bucket")), tmp_path / "cache"
     BucketClient(bucket).create()
-    key = "\0".join((str(bucket), version, "org--ranks", "default"))
+    key = JournalKey(str(bucket), version, "org--ranks", "default").text
     gate = HostFetchGate(HostState(cache).fetch_gate_path(key), key)
     assert gate.lead()
     waiting = threading.Event()
     wait = HostFetchGate.wait
     monkeypatch.setattr(HostFetchGate, "wait", lambda self, timeout: (waiting.set(), wait(self, timeout))[1])
+    return bucket, cache, gate, waiting
+
+
+def test_a_failed_host_fetch_is_not_retried_by_the_ranks_that_waited_for_it(tmp_path, version, monkeypatch):
+    """The fetcher's failure is in its note: a waiting rank warns once with it and goes on without the bucket
+    (no request of its own, no retry budget spent again). The test holds the gate as a fetcher would, and
+    the rank runs on a thread (flock locks are per open file: it waits like another process)."""
+    bucket, cache, gate, waiting = held_gate(tmp_path, version, monkeypatch)
     runs = []
 
     def rank() -> None:
@@ -98,7 +107,7 @@ def test_a_failed_host_fetch_is_not_retried_by_the_ranks_that_waited_for_it(tmp_
     thread = threading.Thread(target=rank)
     thread.start()
     assert waiting.wait(60)
-    gate.release(FetchNote(key, time.time(), False, "bucket unreachable (as the fetcher met it)"))
+    gate.release(FetchNote(gate.key, time.time(), False, "bucket unreachable (as the fetcher met it)"))
     thread.join(60)
     (run,) = runs
     assert run.waited_for_host_fetch and run.requests == 0
@@ -131,14 +140,7 @@ def bucket(request, tmp_path: Path):
 
 def test_a_rank_that_took_the_note_and_compiled_publishes_what_it_compiled(tmp_path, version, monkeypatch):
     """A waiting rank makes no request to enter; if its body compiles, exit connects and publishes as usual."""
-    bucket, cache = BucketRef("dir", str(tmp_path / "bucket")), tmp_path / "cache"
-    BucketClient(bucket).create()
-    key = "\0".join((str(bucket), version, "org--ranks", "default"))
-    gate = HostFetchGate(HostState(cache).fetch_gate_path(key), key)
-    assert gate.lead()
-    waiting = threading.Event()
-    wait = HostFetchGate.wait
-    monkeypatch.setattr(HostFetchGate, "wait", lambda self, timeout: (waiting.set(), wait(self, timeout))[1])
+    bucket, cache, gate, waiting = held_gate(tmp_path, version, monkeypatch)
     runs = []
 
     def rank() -> None:
@@ -151,7 +153,7 @@ def test_a_rank_that_took_the_note_and_compiled_publishes_what_it_compiled(tmp_p
     thread.start()
     assert waiting.wait(60)
     area = f"neuronxcc-{version}/models/org--ranks/default"
-    gate.release(FetchNote(key, time.time(), True, "", area, (), (), None))
+    gate.release(FetchNote(gate.key, time.time(), True, "", area, (), (), None))
     thread.join(60)
     requests_on_enter, run = runs
     assert run.waited_for_host_fetch and requests_on_enter == 0
