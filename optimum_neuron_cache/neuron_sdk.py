@@ -38,15 +38,20 @@ def split_flags(value: str) -> list[str]:
         return value.split()
 
 
-def cache_dir_from_flags(flags: list[str]) -> str | None:
-    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
+def last_flag_value(flags: list[str], name: str) -> str | None:
+    """The value of the last `NAME=X` or `NAME X` in compiler flags (an argparse parser keeps the last one)."""
     found = None
     for index, token in enumerate(flags):
-        if token.startswith("--cache_dir="):
+        if token.startswith(f"{name}="):
             found = token.split("=", 1)[1]
-        elif token == "--cache_dir" and index + 1 < len(flags):
+        elif token == name and index + 1 < len(flags):
             found = flags[index + 1]
     return found
+
+
+def cache_dir_from_flags(flags: list[str]) -> str | None:
+    """The value of the last --cache_dir=X or --cache_dir X, as libneuronxla's parser keeps the last one."""
+    return last_flag_value(flags, "--cache_dir")
 
 
 @dataclass(frozen=True)
@@ -357,12 +362,7 @@ def normalize_target(value: object) -> str | None:
 
 def target_from_flags(flags: list[str]) -> str | None:
     """The last `--target=X` or `--target X` of compiler flags, normalized (None when absent or not a target)."""
-    found = None
-    for index, token in enumerate(flags):
-        if token.startswith("--target="):
-            found = token.split("=", 1)[1]
-        elif token == "--target" and index + 1 < len(flags):
-            found = flags[index + 1]
+    found = last_flag_value(flags, "--target")
     return normalize_target(found) if found is not None else None
 
 
