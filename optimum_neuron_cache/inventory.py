@@ -12,6 +12,7 @@ from bucket_server.protocol import MAX_RECORD_BYTES
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import version_from_dir_name
+from .survey import BucketSurvey, add_listing
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -42,37 +43,25 @@ class Inventory:
 
 
 def summarize(version: str, listing: Iterable[Mapping[str, Any]]) -> list[AreaSummary]:
-    """Group one version's recursive listing into areas; entries count only when complete."""
-    modules: dict[tuple[str, str], dict[str, layout.RemoteFile]] = {}
-    records: dict[str, list[str]] = {}
-    bad_sizes: list[str] = []
-    for item in listing:
-        path = str(item.get("path", ""))
-        where = layout.split_version_path(version, path) if item.get("type", "file") == "file" else None
-        if where is None or where.manifest:
-            continue
-        if where.record:
-            # a record too large to be one is counted, never read (`ls` downloads the listed paths)
-            sane = 0 < (layout.listed_size(item) or 0) <= MAX_RECORD_BYTES
-            records.setdefault(where.area, []).append(path if sane else "")
-            continue
-        size = layout.listed_size(item)
-        if size is None:
-            bad_sizes.append(path)
-            continue
-        files = modules.setdefault((where.area, where.module), {})
-        files[where.filename] = layout.RemoteFile(where.filename, path, size, item.get("xet_hash"))
-    if bad_sizes:
+    """Group one version's recursive listing into areas; entries count only when complete. The listing is
+    classified as `prune`, `scrub` and `du` classify it (survey.add_listing)."""
+    survey = BucketSurvey()
+    found = add_listing(survey, version, listing)
+    if survey.bad_sizes:
         log.warning("optimum-neuron-cache: skipped %d listed file(s) whose size is not a valid number of bytes, "
-                    "e.g. %s", len(bad_sizes), bad_sizes[0])
+                    "e.g. %s", len(survey.bad_sizes), survey.bad_sizes[0])
     summaries: dict[str, AreaSummary] = {}
-    for (area, _module), files in modules.items():
+    for (area, _module), entry in found.entries.items():
         summary = summaries.setdefault(area, AreaSummary(version, area))
-        if layout.complete_remote_entry(files, version):
+        if entry.complete:
             summary.entries += 1
-            summary.bytes += sum(f.size for f in files.values())
+            summary.bytes += entry.bytes
         else:
             summary.incomplete += 1
+    records: dict[str, list[str]] = {}
+    for record in found.records:
+        # a record too large to be one is counted, never read (`ls` downloads the listed paths)
+        records.setdefault(record.area, []).append(record.file.path if 0 < record.file.size <= MAX_RECORD_BYTES else "")
     for area, paths in records.items():
         summary = summaries.setdefault(area, AreaSummary(version, area))
         summary.records, summary.record_paths = len(paths), sorted(path for path in paths if path)
