@@ -898,15 +898,28 @@ def concurrent(site: Site) -> dict[str, Any]:
                   targets, checks)
 
 
-def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
+def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold: bool = True,
+            **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+    """Start `procs` ranks (each imports, then says ready), signal them all at once, and collect their reports:
+    (the signal's monotonic time, the reports, the server's I/O and CPU and the Hub's requests meanwhile).
+
+    `broadcast`: the signal is the close of one pipe all ranks read (one wake-up of all of them), rather than a
+    line written to each rank's stdin in turn (each write may hand the CPU to the rank it wakes, so the last
+    rank hears the signal tens of ms late). `hold`: ranks stay alive until all have reported (bench/worker.py)."""
     world = site.world
-    cache = fresh(world.env, f"ranks-{procs}")
-    spec = json.dumps({"model": TARGET_MODEL, "task": TASK, "version": world.version, "bucket": str(site.ref), "cache_dir": str(cache)})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-    workers = [subprocess.Popen([sys.executable, "-m", "bench.worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, cwd=str(REPO_ROOT), env=env) for _ in range(procs)]
+    read_end, write_end = os.pipe() if broadcast else (None, None)
+    spec = json.dumps({"model": TARGET_MODEL, "task": TASK, "version": world.version, "bucket": str(site.ref),
+                       "cache_dir": str(cache), "signal_fd": read_end, "hold": hold, **spec_extra})
+    workers: list[subprocess.Popen] = []
     try:
+        workers = [subprocess.Popen([sys.executable, "-m", "bench.worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True, cwd=str(REPO_ROOT), env=env, pass_fds=(read_end,) if broadcast else ())
+                   for _ in range(procs)]
+        if read_end is not None:
+            os.close(read_end)
+            read_end = None
         for worker in workers:
             line = worker.stdout.readline().strip()
             if line != "ready":
@@ -915,18 +928,35 @@ def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
         cpu0 = proc_cpu(site.pid) if site.pid else None
         with site.hub() as box:
             started = time.monotonic()
-            for worker in workers:
-                worker.stdin.write("\n")
-                worker.stdin.flush()
+            if write_end is not None:
+                os.close(write_end)
+                write_end = None
+            else:
+                for worker in workers:
+                    worker.stdin.write("\n")
+                    worker.stdin.flush()
             reports = [json.loads(worker.stdout.readline()) for worker in workers]
-            for worker in workers:
-                worker.wait(timeout=300)
+        io1 = site.server_io()
+        cpu1 = proc_cpu(site.pid) if site.pid else None
+        for worker in workers:
+            worker.stdin.close()
+        for worker in workers:
+            worker.wait(timeout=300)
     finally:
+        for end in (read_end, write_end):
+            if end is not None:
+                os.close(end)
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-    io1 = site.server_io()
-    cpu1 = proc_cpu(site.pid) if site.pid else None
+    return started, reports, {**box, "server_bytes_written": io_delta(io0, io1),
+                              "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None}
+
+
+def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
+    world = site.world
+    cache = fresh(world.env, f"ranks-{procs}")
+    started, reports, server = _launch(site, procs, cache)
     ended = max(report["end"] for report in reports)
     installed = sum(report["fetched"] for report in reports)
     entries = [entry for entry in scan_entries(cache, world.version) if entry.state.publishable]
@@ -942,12 +972,11 @@ def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
         "waiting_rank_requests_max": max((report["requests"] for report in waiting), default=None),
         "waiting_rank_cpu_ms_median": round(statistics.median(r["cpu"] for r in waiting) * 1000, 2) if waiting else None,
         "waiting_rank_cpu_ms_max": round(max(r["cpu"] for r in waiting) * 1000, 2) if waiting else None,
-        "requests": sum(report["requests"] for report in reports), **box,
+        "requests": sum(report["requests"] for report in reports),
         "bytes_transferred": sum(report["bytes_requested"] for report in reports),
-        "server_bytes_written": io_delta(io0, io1),
         # where the time goes on a small machine: CPU of the ranks (after the start signal) and of the server
         "ranks_cpu_s": round(sum(report.get("cpu", 0.0) for report in reports), 4),
-        "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None,
+        **server,
     })
 
 

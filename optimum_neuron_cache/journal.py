@@ -5,7 +5,11 @@ the local cache; the journal tells the next run of the same model and task on th
 
 One small JSON file per run under `<root>/.optimum-neuron-cache/journal/`, named
 `<key digest>-<host digest>-<pid>-<pid start>-<random>.json`, so that liveness is read from the name and a
-warm run writes and removes one file of its own (no read-modify-write shared by 32 ranks). A record says:
+warm run writes and removes one file of its own (no read-modify-write shared by 32 ranks). A closed record is
+named `...-<random>.closed.json` (its owner renames it so as it closes it), so an enter reads only the records
+it may have to act on (closed ones, and those of dead owners), never the open records of the live runs beside
+it: 32 ranks entering together read none of each other's records.
+A record says:
 
 - **window**: "every entry that became complete while I ran is mine to publish". Written on enter, before the
   body, when no entry name is known yet. A later run seals the window of a dead owner (the time it noticed
@@ -44,6 +48,8 @@ JOURNAL_DIR = "journal"
 SCHEMA = 1
 #: A journal file is a few kB (MODULE names); anything larger is not ours and is not read.
 MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
+#: How the name of a closed record ends (an open one ends with plain `.json`).
+CLOSED_SUFFIX = ".closed.json"
 
 
 @dataclass(frozen=True)
@@ -135,14 +141,24 @@ class Journal:
         """Write a new record of this process; returns it with its path."""
         self.folder.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        name = f"{record.key.digest}-{_host_digest()}-{pid}-{pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}.json"
-        written = replace(record, path=self.folder / name)
+        name = f"{record.key.digest}-{_host_digest()}-{pid}-{pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}"
+        written = replace(record, path=self.folder / (name + (".json" if record.open else CLOSED_SUFFIX)))
         self._write(written)
         return written
 
     def update(self, record: RunRecord, **changes: Any) -> RunRecord:
-        """Rewrite a record of this process with `changes` (RunRecord fields)."""
+        """Rewrite a record of this process with `changes` (RunRecord fields). Closing it renames it first (to
+        `CLOSED_SUFFIX`), then writes it: there is one file at every instant, and a reader that finds the new
+        name with the old content takes it for open, as it was a moment before."""
         updated = replace(record, **changes)
+        path = updated.path
+        if not updated.open and path is not None and not path.name.endswith(CLOSED_SUFFIX):
+            closed = path.with_name(path.name[:-len(".json")] + CLOSED_SUFFIX)
+            try:
+                os.rename(path, closed)
+            except FileNotFoundError:  # gone meanwhile: written anew under its closed name, as it was before
+                pass
+            updated = replace(updated, path=closed)
         self._write(updated)
         return updated
 
@@ -166,25 +182,38 @@ class Journal:
         atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
-    def _files(self) -> list[tuple[Path, list[str]]]:
-        """(path, parts of its name) of every record; temp files of writers that died are removed."""
+    def _files(self) -> list[tuple[Path, list[str], bool]]:
+        """(path, parts of its name, whether the name says closed) of every record; temp files of writers that
+        died are removed."""
         try:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
         for name in names:  # `.<record name>.<pid>.<random>.tmp` (atomic.temp_name), left by a writer killed before its rename
-            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".json")[0].split("-")):
+            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".")[0].split("-")):
                 (self.folder / name).unlink(missing_ok=True)
-        return [(self.folder / name, name[:-5].split("-")) for name in names
-                if name.endswith(".json") and not name.startswith(".")]
+        found = []
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            closed = name.endswith(CLOSED_SUFFIX)
+            found.append((self.folder / name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
+        return found
 
     def _read(self, path: Path) -> RunRecord | None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
-        with os.fdopen(fd, "rb") as handle:
-            raw = handle.read(MAX_JOURNAL_FILE_BYTES + 1)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_JOURNAL_FILE_BYTES:
+                return None
+            raw = os.read(fd, size + 1)  # one read: the file is small (a larger one is not ours)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
 
     def _dead(self, parts: list[str]) -> bool:
@@ -210,13 +239,14 @@ class Journal:
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
         owner's window (of any key) is sealed on the way, so that what this host compiles from now on is
-        never attributed to a dead run."""
+        never attributed to a dead run. The record of a live owner is read only when its name says closed:
+        an open one is its owner's business (so 32 ranks entering at once read none of each other's)."""
         now = time.time() if now is None else now
         found = []
-        for path, parts in self._files():
+        for path, parts, closed in self._files():
             mine = len(parts) == 5 and parts[0] == key.digest
             dead = self._dead(parts)
-            if not (mine or dead):
+            if not (mine and closed or dead):
                 continue
             record = self._read(path)
             if record is None:

@@ -164,3 +164,44 @@ def test_neuron_cache_sync_publishes_each_entry_once_with_a_killed_runs_leftover
     assert done.exit_code == 0, done.output
     assert done.output.count("published neuronxcc-") == 2 and "published 2 entries" in done.output
     assert list(Journal(cache).folder.iterdir()) == []
+
+
+LIVE_RUN = """
+import json, sys
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+spec = json.loads(sys.argv[1])
+with hub_neuronx_cache("org/m", compiler_version=spec["version"], bucket=spec["bucket"], cache_dir=spec["cache"]) as run:
+    print("in the body", flush=True)
+    sys.stdin.readline()
+    compile_graph(spec["cache"], spec["version"], make_graphs(1, seed="live")[0])
+print(json.dumps(run.warnings), flush=True)
+sys.stdin.readline()  # alive after its block, its record closed
+"""
+
+
+def test_a_live_runs_record_is_a_leftover_only_once_it_is_closed(tmp_path, version):
+    """Another process of the host inside its block: its record is its own business (an enter leaves it alone,
+    and reads none of it: the name says open); once that run has closed its record with an entry it could not
+    publish (no bucket), it is anyone's while the process lives on."""
+    from optimum_neuron_cache.journal import JournalKey
+
+    ref = BucketRef("dir", str(tmp_path / "missing-bucket"))
+    cache = tmp_path / "cache"
+    spec = {"version": version, "bucket": ref.location, "cache": str(cache)}
+    live = subprocess.Popen([sys.executable, "-c", LIVE_RUN, json.dumps(spec)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert live.stdout.readline().strip() == "in the body"
+        key = JournalKey(str(ref), version, "org--m", "default")
+        journal = Journal(cache)
+        assert journal.leftovers(key) == []
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert len(json.loads(live.stdout.readline())) == 1  # the bucket is missing: one warning
+        left = journal.leftovers(key)
+        assert [record.entries for record in left] == [(module_name(version, make_graphs(1, seed="live")[0]),)]
+        assert live.poll() is None and not left[0].open
+    finally:
+        live.stdin.close()
+        live.wait(timeout=60)
