@@ -65,6 +65,35 @@ def _trace(phases: dict[str, list[float]]) -> None:
         setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
+class _Collections:
+    """The garbage collections that ran, and the CPU they took: a full collection can cost a rank several ms,
+    wherever in its code the allocation that triggers it happens to fall."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[float, int, float]] = []  # (cpu at start, generation, cpu seconds)
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            self.done.append((self._started, info["generation"], time.process_time() - self._started))
+
+    def since(self, cpu0: float) -> dict[str, Any]:
+        """Collections since `cpu0` (process CPU time): how many of each generation, and their CPU in ms."""
+        mine = [(generation, cpu) for started, generation, cpu in self.done if started >= cpu0]
+        return {"count": [sum(1 for g, _ in mine if g == gen) for gen in range(3)],
+                "cpu_ms": round(sum(cpu for _, cpu in mine) * 1000, 3)}
+
+
+def _count_collections() -> _Collections:
+    import gc
+
+    counter = _Collections()
+    gc.callbacks.append(counter)
+    return counter
+
+
 def _wait_for_signal(fd: int | None) -> None:
     """Block until the start signal: EOF on the pipe every rank shares (the parent closes its end, and the kernel
     wakes all ranks at once), or else a line on stdin."""
@@ -110,6 +139,7 @@ def main(argv: list[str]) -> int:
     BucketClient.download = counting_download
     phases: dict[str, list[float]] = {}
     _trace(phases)
+    collections = _count_collections()
     context = hub_neuronx_cache(spec["model"], spec["task"], compiler_version=spec["version"], bucket=spec["bucket"],
                                 cache_dir=spec["cache_dir"])
     print("ready", flush=True)
@@ -123,7 +153,8 @@ def main(argv: list[str]) -> int:
     cpu = time.process_time() - cpu0
     _report({"start": started, "signalled": signalled, "end": ended, "cpu": cpu, "requests": run.requests,
              "bytes_requested": requested[0], "fetched": len(run.fetched), "bytes_installed": run.bytes_downloaded,
-             "warnings": run.warnings, "waited": run.waited_for_host_fetch, "phases": phases}, hold)
+             "warnings": run.warnings, "waited": run.waited_for_host_fetch, "phases": phases,
+             "gc": collections.since(cpu0)}, hold)
     return 0
 
 

@@ -285,9 +285,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._client_later = True  # made on exit, only if there is something to publish or explain: connecting
         self._area, self._known_models = note.area, note.known_models  # costs the server a handshake per rank
         self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
-        entries = self._entries()
-        self._local = {entry.name: entry for entry in entries}  # what exit compares with
-        for entry in entries:
+        self._local = self._exit_entries()  # what exit compares with; entries complete at enter are not read again
+        for entry in self._local.values():
             if entry.state.publishable:
                 self._before.setdefault(entry.name, entry.state)
                 if not self._before[entry.name].publishable:
@@ -445,9 +444,10 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                             recorded=self._area_records, previous=self._records_read)
 
     def _exit_entries(self) -> dict[str, LocalEntry]:
-        """The entries at exit, from one listing of the version folder: those complete at enter are taken as
-        they were (nothing rewrites a complete entry: compiles and fetches only add entries), the others are
-        read again. A warm run thus reads its version folder, not every entry's files a second time."""
+        """The entries now (at exit, or when a waiting run takes its host's fetch note), from one listing of the
+        version folder: those complete at enter are taken as they were (nothing rewrites a complete entry:
+        compiles and fetches only add entries), the others are read again. A warm run thus reads its version
+        folder, not every entry's files a second time."""
         assert self._root.path is not None
         folder = self._root.path / version_dir_name(self._version)
         try:

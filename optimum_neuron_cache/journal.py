@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,8 @@ class RunRecord:
 
     def to_json(self) -> str:
         """The record as written on disk (its path is not part of it)."""
-        data = asdict(self)
-        data.pop("path")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}  # asdict without its deep copy
+        data["key"] = {f.name: getattr(self.key, f.name) for f in fields(self.key)}
         return json.dumps({"schema": SCHEMA, **data}, sort_keys=True)
 
     def window_entries(self, entries: Iterable[LocalEntry], until: float) -> set[str]:

@@ -9,18 +9,34 @@ from __future__ import annotations
 import os
 
 
+#: Whether /proc tells processes' start times (Linux). Read once: it does not change while we run.
+_HAS_PROC = os.path.isdir("/proc/self")
+#: /proc/<pid>/stat is one line; its start time (field 22) lies well inside its first 4 kB.
+_STAT_BYTES = 4096
+
+
 def pid_start(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot, or None (gone, or no /proc)."""
+    """The process's start time in clock ticks after boot, or None (gone, or no /proc). One raw read: an enter
+    checks the owner of every journal record beside its own (32 ranks: 31 each)."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, _STAT_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return int(raw.rsplit(b")", 1)[1].split()[19])
+    except (ValueError, IndexError):
         return None
 
 
 def alive(pid: int, start: int | None = None) -> bool:
     """Whether `pid` runs, and, when its `start` is given and /proc can tell, is still the same process."""
-    if start is not None and os.path.isdir("/proc/self"):
+    if start is not None and _HAS_PROC:
         return pid_start(pid) == start
     try:
         os.kill(pid, 0)

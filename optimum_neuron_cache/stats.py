@@ -57,6 +57,10 @@ class Stats:
     lease_fetched_after_wait: int = 0
     lease_compiled_twice: int = 0
 
+    def figures(self) -> dict[str, int | float]:
+        """The figures as a flat dict (what `asdict` gives, without its deep copy: every field is a number)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def add(self, other: "Stats") -> "Stats":
         """The sum of two sets of figures."""
         return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Stats)})
@@ -217,8 +221,11 @@ def record_run(run: Stats, path: Path | None = None) -> None:
     """Add one run's figures to the host's: one appended line; never fails the caller."""
     path = path or stats_path()
     try:
-        run = Stats.from_dict(asdict(run), where="this run's stats")  # a bad figure never enters the files
-        line = b"\n" + json.dumps({"run": asdict(run)}, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+        figures = run.figures()
+        checked = Stats.from_dict(figures, where="this run's stats")  # a bad figure never enters the files
+        if checked != run:
+            figures = checked.figures()
+        line = b"\n" + json.dumps({"run": figures}, allow_nan=False, separators=(",", ":")).encode() + b"\n"
         try:
             size = _append(_log_path(path), line)
         except FileNotFoundError:  # the first run of the host: no cache dir yet
