@@ -870,20 +870,29 @@ def noop_cold_server(site: Site) -> dict[str, Any]:
 
 def concurrent(site: Site) -> dict[str, Any]:
     """N processes enter at once with a cold cache (one cache dir, as ranks of one host): bytes transferred
-    against bytes needed, and wall time (start signal to the last exit) against one process."""
+    against bytes needed, and wall time (start signal to the last exit of the block) against one process.
+
+    The ranks import first, then wait for one signal that wakes them all at once, and stay alive after their
+    block until every rank has reported (as ranks of a real run go on into their body). Baseline
+    `trivial_ranks`: as many processes doing the same imports, signal and report without entering the block,
+    the floor of waking that many processes on this machine. Each sample says where the time went, from the
+    ranks' traced phases (bench/worker.py): when the fetching rank began its fetch, how long the fetch took,
+    and the tail from its release of the host's fetch gate to the last rank's exit."""
     world, cfg = site.world, site.world.cfg
     checks: list[str] = []
-    results: dict[int, list[Sample]] = {1: [], cfg.procs: []}
+    results: dict[str, list[Sample]] = {"one": [], "many": [], "trivial": []}
     for _ in range(cfg.reps):
-        for procs in (1, cfg.procs):
-            results[procs].append(_ranks(site, procs, checks))
-    one = summarize(results[1], bytes_needed=world.target_bytes)
-    many = summarize(results[cfg.procs], bytes_needed=world.target_bytes)
+        results["one"].append(_ranks(site, 1, checks))
+        results["many"].append(_ranks(site, cfg.procs, checks))
+        results["trivial"].append(_trivial_ranks(site, cfg.procs))
+    one = summarize(results["one"], bytes_needed=world.target_bytes)
+    many = summarize(results["many"], bytes_needed=world.target_bytes)
+    trivial = summarize(results["trivial"])
     wall = ratio(many["median_s"], one["median_s"])
     moved = many.get("bytes_transferred")
     bytes_ratio = ratio(moved, world.target_bytes)
-    waiting_requests = max((sample.extra.get("waiting_rank_requests_max") or 0 for sample in results[cfg.procs]), default=0)
-    waiting_cpu = max((sample.extra.get("waiting_rank_cpu_ms_max") or 0.0 for sample in results[cfg.procs]), default=0.0)
+    waiting_requests = max((sample.extra.get("waiting_rank_requests_max") or 0 for sample in results["many"]), default=0)
+    waiting_cpu = max((sample.extra.get("waiting_rank_cpu_ms_max") or 0.0 for sample in results["many"]), default=0.0)
     targets = [
         target("bytes transferred equal bytes needed", moved == world.target_bytes, bytes_ratio),
         target("each waiting rank sends at most 1 request to the server", waiting_requests <= 1, waiting_requests),
@@ -892,16 +901,34 @@ def concurrent(site: Site) -> dict[str, Any]:
         target("wall time within 2x of one process (hf)" if site.backend == "hf" else "wall time within 2x of one process",
                wall is not None and wall <= 2.0, wall),
     ]
+    notes = (f"{cfg.procs} trivial processes (same imports, signal and report, no block) take "
+             f"{trivial['median_s'] * 1000:.1f} ms from the signal to the last report: the floor of waking them. "
+             f"Of the {cfg.procs}-rank wall ({many['median_s'] * 1000:.0f} ms), medians: the fetching rank began its "
+             f"fetch {_ms(many.get('fetch_start_ms'))} after the signal (alone: {_ms(one.get('fetch_start_ms'))}), the "
+             f"fetch took {_ms(many.get('fetch_ms'))} (alone: {_ms(one.get('fetch_ms'))}), and the last rank left "
+             f"{_ms(many.get('tail_ms'))} after the fetcher released the gate; ranks' CPU {_ms(many.get('ranks_cpu_ms'))} "
+             f"(waiting rank: {_ms(many.get('waiting_rank_cpu_ms_median'))}, of which before the gate "
+             f"{_ms(many.get('waiting_rank_cpu_before_gate_ms_median'))}), server CPU "
+             f"{_ms(many.get('server_cpu_ms'))} (alone: {_ms(one.get('server_cpu_ms'))})"
+             + (f", this process's (the Hub emulator's) {_ms(many.get('bench_cpu_ms'))} (alone: {_ms(one.get('bench_cpu_ms'))})"
+                if site.backend == "hf" else "") + ".")
     return figure(f"{site.backend}.concurrent", site.backend,
                   f"{cfg.procs} processes enter at once, cold cache ({len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB)",
-                  many, {"one_process": one}, {"ours/one_process": wall, "bytes_transferred/bytes_needed": bytes_ratio},
-                  targets, checks)
+                  many, {"one_process": one, "trivial_ranks": trivial},
+                  {"ours/one_process": wall, "bytes_transferred/bytes_needed": bytes_ratio,
+                   "trivial_ranks/one_process": ratio(trivial["median_s"], one["median_s"])},
+                  targets, checks, notes)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f} ms" if value is not None else "n/a"
 
 
 def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold: bool = True,
             **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Start `procs` ranks (each imports, then says ready), signal them all at once, and collect their reports:
-    (the signal's monotonic time, the reports, the server's I/O and CPU and the Hub's requests meanwhile).
+    (the signal's monotonic time, the reports, the server's I/O and CPU, this process's CPU (the Hub emulator runs
+    in it) and the Hub's requests meanwhile).
 
     `broadcast`: the signal is the close of one pipe all ranks read (one wake-up of all of them), rather than a
     line written to each rank's stdin in turn (each write may hand the CPU to the rank it wakes, so the last
@@ -927,7 +954,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
         io0 = site.server_io()
         cpu0 = proc_cpu(site.pid) if site.pid else None
         with site.hub() as box:
-            started = time.monotonic()
+            started, bench_cpu0 = time.monotonic(), time.process_time()
             if write_end is not None:
                 os.close(write_end)
                 write_end = None
@@ -936,6 +963,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
                     worker.stdin.write("\n")
                     worker.stdin.flush()
             reports = [json.loads(worker.stdout.readline()) for worker in workers]
+            bench_cpu = time.process_time() - bench_cpu0
         io1 = site.server_io()
         cpu1 = proc_cpu(site.pid) if site.pid else None
         for worker in workers:
@@ -949,7 +977,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-    return started, reports, {**box, "server_bytes_written": io_delta(io0, io1),
+    return started, reports, {**box, "server_bytes_written": io_delta(io0, io1), "bench_cpu_s": bench_cpu,
                               "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None}
 
 
@@ -966,18 +994,58 @@ def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
         if report["warnings"]:
             checks.append(f"a rank warned: {report['warnings']}")
     waiting = [report for report in reports if report.get("waited")]
+    server_cpu, bench_cpu = server.pop("server_cpu_s", None), server.pop("bench_cpu_s")
     return Sample(ended - started, {
         # the ranks that waited on the host's fetch gate, then took the fetch's note: what each one costs
         "waiting_ranks": len(waiting),
         "waiting_rank_requests_max": max((report["requests"] for report in waiting), default=None),
         "waiting_rank_cpu_ms_median": round(statistics.median(r["cpu"] for r in waiting) * 1000, 2) if waiting else None,
         "waiting_rank_cpu_ms_max": round(max(r["cpu"] for r in waiting) * 1000, 2) if waiting else None,
+        "waiting_rank_cpu_before_gate_ms_median": _median_ms(_cpu_before_gate(r) for r in waiting),
+        "waiting_rank_gc_ms_max": max((r.get("gc", {}).get("cpu_ms", 0.0) for r in waiting), default=None),
         "requests": sum(report["requests"] for report in reports),
         "bytes_transferred": sum(report["bytes_requested"] for report in reports),
-        # where the time goes on a small machine: CPU of the ranks (after the start signal) and of the server
-        "ranks_cpu_s": round(sum(report.get("cpu", 0.0) for report in reports), 4),
+        # where the time goes on a small machine: CPU of the ranks (after the start signal), of the server and of
+        # this process (the Hub emulator runs in it), and the fetching rank's timeline
+        "ranks_cpu_ms": round(sum(report.get("cpu", 0.0) for report in reports) * 1000, 1),
+        "server_cpu_ms": round(server_cpu * 1000, 1) if server_cpu is not None else None,
+        "bench_cpu_ms": round(bench_cpu * 1000, 1),
+        **_fetcher_timeline(reports, started),
         **server,
     })
+
+
+def _trivial_ranks(site: Site, procs: int) -> Sample:
+    """As many processes as ranks, with the same imports, signal and report, that never enter the block."""
+    started, reports, _ = _launch(site, procs, fresh(site.world.env, "ranks-trivial"), trivial=True)
+    return Sample(max(report["end"] for report in reports) - started, {})
+
+
+def _median_ms(values) -> float | None:
+    found = [value for value in values if value is not None]
+    return round(statistics.median(found) * 1000, 2) if found else None
+
+
+def _cpu_before_gate(report: dict[str, Any]) -> float | None:
+    """A waiting rank's CPU from the signal until it began to wait on the gate (its traced phases)."""
+    phases = report.get("phases", {})
+    if "_wait" not in phases:
+        return None
+    after = sum(phases[name][2] for name in ("_wait", "_take_note", "__exit__") if name in phases)
+    return max(0.0, report["cpu"] - after)  # what follows the wait is the note, the exit and a few microseconds
+
+
+def _fetcher_timeline(reports: list[dict[str, Any]], started: float) -> dict[str, float | None]:
+    """The fetching rank's phases relative to the signal (ms): when its fetch began, how long it took, and the
+    tail from its release of the host's fetch gate to the last rank's exit."""
+    fetcher = next((report for report in reports if not report.get("waited") and "fetch_model" in report.get("phases", {})), None)
+    if fetcher is None:
+        return {"fetch_start_ms": None, "fetch_ms": None, "tail_ms": None}
+    phases = fetcher["phases"]
+    begin, end, _ = phases["fetch_model"]
+    released = phases.get("release", [end, end])[1]
+    return {"fetch_start_ms": round((begin - started) * 1000, 1), "fetch_ms": round((end - begin) * 1000, 1),
+            "tail_ms": round((max(report["end"] for report in reports) - released) * 1000, 1)}
 
 
 # ------------------------------------------------------------------------------------- lookup

@@ -25,16 +25,19 @@ from typing import Any
 
 #: (module, attribute path) of the steps whose time each rank reports. A name the code no longer has is skipped.
 TRACED = (
+    ("optimum_neuron_cache.context", "hub_neuronx_cache.__enter__"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._open_journal"),
+    ("optimum_neuron_cache.context", "Journal.leftovers"),
+    ("optimum_neuron_cache.context", "Journal.begin"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._lead"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._wait"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._take_note"),
     ("optimum_neuron_cache.context", "fetch_model"),
+    ("optimum_neuron_cache.fetch", "HostFetchGate.release"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache.__exit__"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._sync"),
     ("optimum_neuron_cache.context", "hub_neuronx_cache._close_journal"),
     ("optimum_neuron_cache.context", "record_run"),
-    ("optimum_neuron_cache.fetch", "HostFetchGate.release"),
 )
 
 
