@@ -218,11 +218,15 @@ def _fold(path: Path) -> None:
 
 
 def record_run(run: Stats, path: Path | None = None) -> None:
-    """Add one run's figures to the host's: one appended line; never fails the caller."""
+    """Add one run's figures to the host's: one appended line; never fails the caller. A run with nothing to
+    add (a rank that took another process's fetch and compiled nothing: 31 of 32 ranks entering together)
+    writes no line, so the last run shown is the last one that did something."""
     path = path or stats_path()
     try:
         figures = run.figures()
         checked = Stats.from_dict(figures, where="this run's stats")  # a bad figure never enters the files
+        if checked == Stats():
+            return
         if checked != run:
             figures = checked.figures()
         line = b"\n" + json.dumps({"run": figures}, allow_nan=False, separators=(",", ":")).encode() + b"\n"

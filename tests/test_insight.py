@@ -174,6 +174,14 @@ for _ in range(int(sys.argv[1])):
 """
 
 
+def test_a_run_with_nothing_to_add_leaves_the_last_run_shown(tmp_path):
+    """A rank that took another process's fetch and compiled nothing adds no line: `stats` still shows the run
+    that did the work as the last one."""
+    record_run(Stats(fetches=1, hits=2))
+    record_run(Stats())
+    assert read_stats() == (Stats(fetches=1, hits=2), Stats(fetches=1, hits=2))
+
+
 def test_stats_add_up_across_concurrent_processes(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", ADD, "25"], env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(6)]
     assert [proc.wait(timeout=120) for proc in procs] == [0] * 6
