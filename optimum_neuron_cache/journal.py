@@ -182,22 +182,23 @@ class Journal:
         atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
-    def _files(self) -> list[tuple[Path, list[str], bool]]:
-        """(path, parts of its name, whether the name says closed) of every record; temp files of writers that
+    def _files(self) -> list[tuple[str, list[str], bool]]:
+        """(name, parts of the name, whether the name says closed) of every record; temp files of writers that
         died are removed."""
         try:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        host = _host_digest()
         for name in names:  # `.<record name>.<pid>.<random>.tmp` (atomic.temp_name), left by a writer killed before its rename
-            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".")[0].split("-")):
+            if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".")[0].split("-"), host):
                 (self.folder / name).unlink(missing_ok=True)
         found = []
         for name in names:
             if name.startswith(".") or not name.endswith(".json"):
                 continue
             closed = name.endswith(CLOSED_SUFFIX)
-            found.append((self.folder / name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
+            found.append((name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
         return found
 
     def _read(self, path: Path) -> RunRecord | None:
@@ -216,9 +217,10 @@ class Journal:
             os.close(fd)
         return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
 
-    def _dead(self, parts: list[str]) -> bool:
-        """Whether the owner named in a record's file name is a process of this host that is gone."""
-        if len(parts) != 5 or parts[1] != _host_digest() or not parts[2].isdigit() or not parts[3].isdigit():
+    def _dead(self, parts: list[str], host: str) -> bool:
+        """Whether the owner named in a record's file name is a process of this host (`host`: _host_digest()) that
+        is gone."""
+        if len(parts) != 5 or parts[1] != host or not parts[2].isdigit() or not parts[3].isdigit():
             return False  # another host's (a cache root on a shared filesystem): its pids mean nothing here
         pid, start = int(parts[2]), int(parts[3])
         return pid != os.getpid() and not alive(pid, start or None)
@@ -229,9 +231,9 @@ class Journal:
         wanted, found = set(names), set()
         if not wanted:
             return found
-        for path, parts in self._files():
-            if parts[0] == key.digest and path != mine.path:
-                record = self._read(path)
+        for name, parts, _closed in self._files():
+            if parts[0] == key.digest and (mine.path is None or name != mine.path.name):
+                record = self._read(self.folder / name)
                 if record is not None and record.key.digest == key.digest:
                     found |= wanted & set(record.entries)
         return found
@@ -243,12 +245,13 @@ class Journal:
         an open one is its owner's business (so 32 ranks entering at once read none of each other's)."""
         now = time.time() if now is None else now
         found = []
-        for path, parts, closed in self._files():
-            mine = len(parts) == 5 and parts[0] == key.digest
-            dead = self._dead(parts)
+        host, digest = _host_digest(), key.digest
+        for name, parts, closed in self._files():
+            mine = len(parts) == 5 and parts[0] == digest
+            dead = self._dead(parts, host)
             if not (mine and closed or dead):
                 continue
-            record = self._read(path)
+            record = self._read(self.folder / name)
             if record is None:
                 continue
             if dead and record.open:

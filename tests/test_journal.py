@@ -205,3 +205,20 @@ def test_a_live_runs_record_is_a_leftover_only_once_it_is_closed(tmp_path, versi
     finally:
         live.stdin.close()
         live.wait(timeout=60)
+
+
+def test_names_another_publisher_journaled_are_seen_open_or_closed(tmp_path, version):
+    """A publisher that finds an entry's publish lock taken asks whether another record lists it (that process
+    wrote the name before its first byte): open records of live runs count here, and closed ones too."""
+    from optimum_neuron_cache.journal import JournalKey, RunRecord
+
+    journal = Journal(tmp_path / "cache")
+    key = JournalKey("dir:///bucket", version, "org--m", "default")
+    mine = journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_1+a", "MODULE_2+a")))
+    journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_2+a", "MODULE_3+a")))  # a live run, open
+    closed = journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_4+a",)))
+    journal.update(closed, open=False)
+    journal.begin(RunRecord(key=JournalKey("dir:///other", version, "org--m", "default"), started=0.0,
+                            entries=("MODULE_1+a",)))  # another key's
+    names = ["MODULE_1+a", "MODULE_2+a", "MODULE_4+a", "MODULE_5+a"]
+    assert journal.listed_elsewhere(key, names, mine) == {"MODULE_2+a", "MODULE_4+a"}
