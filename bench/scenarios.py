@@ -874,20 +874,21 @@ def concurrent(site: Site) -> dict[str, Any]:
 
     The ranks import first, then wait for one signal that wakes them all at once, and stay alive after their
     block until every rank has reported (as ranks of a real run go on into their body). Baseline
-    `trivial_ranks`: as many processes doing the same imports, signal and report without entering the block,
-    the floor of waking that many processes on this machine. Each sample says where the time went, from the
-    ranks' traced phases (bench/worker.py): when the fetching rank began its fetch, how long the fetch took,
-    and the tail from its release of the host's fetch gate to the last rank's exit."""
+    `beside_idle_ranks`: one rank fetching beside N-1 processes with the same imports that wake on the same
+    signal, report and stay, without entering the block: what merely having that many processes on the host
+    costs the fetch. Each sample says where the time went, from the ranks' traced phases (bench/worker.py):
+    when the fetching rank began its fetch, how long the fetch took, and the tail from its release of the
+    host's fetch gate to the last rank's exit."""
     world, cfg = site.world, site.world.cfg
     checks: list[str] = []
-    results: dict[str, list[Sample]] = {"one": [], "many": [], "trivial": []}
+    results: dict[str, list[Sample]] = {"one": [], "many": [], "idle": []}
     for _ in range(cfg.reps):
         results["one"].append(_ranks(site, 1, checks))
         results["many"].append(_ranks(site, cfg.procs, checks))
-        results["trivial"].append(_trivial_ranks(site, cfg.procs))
+        results["idle"].append(_ranks(site, cfg.procs, checks, others={"trivial": True}))
     one = summarize(results["one"], bytes_needed=world.target_bytes)
     many = summarize(results["many"], bytes_needed=world.target_bytes)
-    trivial = summarize(results["trivial"])
+    idle = summarize(results["idle"], bytes_needed=world.target_bytes)
     wall = ratio(many["median_s"], one["median_s"])
     moved = many.get("bytes_transferred")
     bytes_ratio = ratio(moved, world.target_bytes)
@@ -901,22 +902,22 @@ def concurrent(site: Site) -> dict[str, Any]:
         target("wall time within 2x of one process (hf)" if site.backend == "hf" else "wall time within 2x of one process",
                wall is not None and wall <= 2.0, wall),
     ]
-    notes = (f"{cfg.procs} trivial processes (same imports, signal and report, no block) take "
-             f"{trivial['median_s'] * 1000:.1f} ms from the signal to the last report: the floor of waking them. "
-             f"Of the {cfg.procs}-rank wall ({many['median_s'] * 1000:.0f} ms), medians: the fetching rank began its "
-             f"fetch {_ms(many.get('fetch_start_ms'))} after the signal (alone: {_ms(one.get('fetch_start_ms'))}), the "
-             f"fetch took {_ms(many.get('fetch_ms'))} (alone: {_ms(one.get('fetch_ms'))}), and the last rank left "
-             f"{_ms(many.get('tail_ms'))} after the fetcher released the gate; ranks' CPU {_ms(many.get('ranks_cpu_ms'))} "
-             f"(waiting rank: {_ms(many.get('waiting_rank_cpu_ms_median'))}, of which before the gate "
-             f"{_ms(many.get('waiting_rank_cpu_before_gate_ms_median'))}), server CPU "
-             f"{_ms(many.get('server_cpu_ms'))} (alone: {_ms(one.get('server_cpu_ms'))})"
-             + (f", this process's (the Hub emulator's) {_ms(many.get('bench_cpu_ms'))} (alone: {_ms(one.get('bench_cpu_ms'))})"
-                if site.backend == "hf" else "") + ".")
+    emulator = site.backend == "hf"
+    notes = (f"Medians. One rank fetching beside {cfg.procs - 1} idle ones: {idle['median_s'] * 1000:.0f} ms, fetch "
+             f"{_ms(idle.get('fetch_ms'))}, server CPU {_ms(idle.get('server_cpu_ms'))} (alone: {one['median_s'] * 1000:.0f} ms, "
+             f"fetch {_ms(one.get('fetch_ms'))}, server CPU {_ms(one.get('server_cpu_ms'))}). {cfg.procs} ranks "
+             f"({many['median_s'] * 1000:.0f} ms): the fetching rank began its fetch {_ms(many.get('fetch_start_ms'))} "
+             f"after the signal, the fetch took {_ms(many.get('fetch_ms'))} (server CPU {_ms(many.get('server_cpu_ms'))}"
+             + (f", Hub emulator CPU {_ms(many.get('bench_cpu_ms'))}, alone {_ms(one.get('bench_cpu_ms'))}" if emulator else "")
+             + f"), and the last rank left {_ms(many.get('tail_ms'))} after the fetcher released the gate. Ranks' CPU "
+             f"{_ms(many.get('ranks_cpu_ms'))}; a waiting rank's {_ms(many.get('waiting_rank_cpu_ms_median'))}, of which "
+             f"{_ms(many.get('waiting_rank_cpu_before_gate_ms_median'))} before it waits on the gate.")
     return figure(f"{site.backend}.concurrent", site.backend,
                   f"{cfg.procs} processes enter at once, cold cache ({len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB)",
-                  many, {"one_process": one, "trivial_ranks": trivial},
+                  many, {"one_process": one, "beside_idle_ranks": idle},
                   {"ours/one_process": wall, "bytes_transferred/bytes_needed": bytes_ratio,
-                   "trivial_ranks/one_process": ratio(trivial["median_s"], one["median_s"])},
+                   "beside_idle_ranks/one_process": ratio(idle["median_s"], one["median_s"]),
+                   "ours/beside_idle_ranks": ratio(many["median_s"], idle["median_s"])},
                   targets, checks, notes)
 
 
@@ -925,7 +926,7 @@ def _ms(value: float | None) -> str:
 
 
 def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold: bool = True,
-            **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+            others: dict[str, Any] | None = None, **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Start `procs` ranks (each imports, then says ready), signal them all at once, and collect their reports:
     (the signal's monotonic time, the reports, the server's I/O and CPU, this process's CPU (the Hub emulator runs
     in it) and the Hub's requests meanwhile).
@@ -937,13 +938,14 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     read_end, write_end = os.pipe() if broadcast else (None, None)
-    spec = json.dumps({"model": TARGET_MODEL, "task": TASK, "version": world.version, "bucket": str(site.ref),
-                       "cache_dir": str(cache), "signal_fd": read_end, "hold": hold, **spec_extra})
+    spec = {"model": TARGET_MODEL, "task": TASK, "version": world.version, "bucket": str(site.ref),
+            "cache_dir": str(cache), "signal_fd": read_end, "hold": hold, **spec_extra}
+    specs = [json.dumps(spec if rank == 0 or others is None else {**spec, **others}) for rank in range(procs)]
     workers: list[subprocess.Popen] = []
     try:
-        workers = [subprocess.Popen([sys.executable, "-m", "bench.worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        workers = [subprocess.Popen([sys.executable, "-m", "bench.worker", specs[rank]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, cwd=str(REPO_ROOT), env=env, pass_fds=(read_end,) if broadcast else ())
-                   for _ in range(procs)]
+                   for rank in range(procs)]
         if read_end is not None:
             os.close(read_end)
             read_end = None
@@ -981,17 +983,18 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
                               "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None}
 
 
-def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
+def _ranks(site: Site, procs: int, checks: list[str], others: dict[str, Any] | None = None) -> Sample:
+    """`procs` ranks on one cold cache (`others`: what every rank but the first does instead, for a baseline)."""
     world = site.world
     cache = fresh(world.env, f"ranks-{procs}")
-    started, reports, server = _launch(site, procs, cache)
+    started, reports, server = _launch(site, procs, cache, others=others)
     ended = max(report["end"] for report in reports)
-    installed = sum(report["fetched"] for report in reports)
+    installed = sum(report.get("fetched", 0) for report in reports)
     entries = [entry for entry in scan_entries(cache, world.version) if entry.state.publishable]
     if installed != len(world.target_modules) or len(entries) != len(world.target_modules):
         checks.append(f"{procs} ranks installed {installed} entries, the cache holds {len(entries)}, expected {len(world.target_modules)}")
     for report in reports:
-        if report["warnings"]:
+        if report.get("warnings"):
             checks.append(f"a rank warned: {report['warnings']}")
     waiting = [report for report in reports if report.get("waited")]
     server_cpu, bench_cpu = server.pop("server_cpu_s", None), server.pop("bench_cpu_s")
@@ -1003,8 +1006,8 @@ def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
         "waiting_rank_cpu_ms_max": round(max(r["cpu"] for r in waiting) * 1000, 2) if waiting else None,
         "waiting_rank_cpu_before_gate_ms_median": _median_ms(_cpu_before_gate(r) for r in waiting),
         "waiting_rank_gc_ms_max": max((r.get("gc", {}).get("cpu_ms", 0.0) for r in waiting), default=None),
-        "requests": sum(report["requests"] for report in reports),
-        "bytes_transferred": sum(report["bytes_requested"] for report in reports),
+        "requests": sum(report.get("requests", 0) for report in reports),
+        "bytes_transferred": sum(report.get("bytes_requested", 0) for report in reports),
         # where the time goes on a small machine: CPU of the ranks (after the start signal), of the server and of
         # this process (the Hub emulator runs in it), and the fetching rank's timeline
         "ranks_cpu_ms": round(sum(report.get("cpu", 0.0) for report in reports) * 1000, 1),
@@ -1013,12 +1016,6 @@ def _ranks(site: Site, procs: int, checks: list[str]) -> Sample:
         **_fetcher_timeline(reports, started),
         **server,
     })
-
-
-def _trivial_ranks(site: Site, procs: int) -> Sample:
-    """As many processes as ranks, with the same imports, signal and report, that never enter the block."""
-    started, reports, _ = _launch(site, procs, fresh(site.world.env, "ranks-trivial"), trivial=True)
-    return Sample(max(report["end"] for report in reports) - started, {})
 
 
 def _median_ms(values) -> float | None:

@@ -10,7 +10,7 @@ whether it waited for another rank's fetch (the host's fetch gate).
 ended (monotonic seconds) and the CPU it used. Wrapping a step costs about a microsecond.
 
 With `"trivial": true` the rank imports the same modules and does the same signal and report dance, but never
-enters the context: the floor of starting, signalling and scheduling that many processes on this machine.
+enters the context (the baseline of one fetching rank beside idle ones).
 """
 
 from __future__ import annotations
