@@ -116,10 +116,14 @@ class _Connection:
                 time.sleep(0.05 * (attempt + 1))
 
     def _connect_once(self) -> None:
-        ensure_server(self.address, self.environ)
         # Through the verified runtime directory, with a full backlog retried, and refused unless the server
-        # is our own uid: nothing is written before that check.
-        self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
+        # is our own uid: nothing is written before that check. The server is started (or a stale socket
+        # replaced) only when no server answers: a running one costs a warm run one connect, not two.
+        try:
+            self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
+        except (FileNotFoundError, ConnectionRefusedError):
+            ensure_server(self.address, self.environ)
+            self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
         reply = self._exchange({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
         if not reply.get("ok"):
             error = reply.get("error") or {}
