@@ -773,12 +773,17 @@ def _noop_parts(site: Site, cache: Path) -> dict[str, float]:
     if site.emulator is not None and hasattr(site.emulator, "op_tree"):  # its handlers, called in-process
         emulator = {
             "emulator's own time for that listing": median_ms(lambda: site.emulator.op_tree(None, BUCKET_ID, site.area(), True)),
+            "emulator's own time for the stamp's paths-info": median_ms(
+                lambda: site.emulator.op_paths_info(None, BUCKET_ID, [layout.area_stamp_path(site.area())])),
             "emulator's own time for the bare paths-info": median_ms(
                 lambda: site.emulator.op_paths_info(None, BUCKET_ID, [f"{site.area()}/x"])),
         }
     return {
         "connect + handshake": median_ms(connect),
-        "listing of the model's area (connected)": median_ms(lambda: client.list(site.area(), recursive=True)),
+        "paths-info of the area's stamp (connected; what a warm run asks)": median_ms(
+            lambda: client.paths_info([layout.area_stamp_path(site.area())])),
+        "listing of the model's area (connected; what a warm run asked before area stamps)": median_ms(
+            lambda: client.list(site.area(), recursive=True)),
         **emulator,
         "local scan (x2: enter and exit)": median_ms(lambda: scan_entries(cache, version)),
         "journal window (write + remove)": median_ms(lambda: journal.drop(journal.begin(

@@ -337,9 +337,14 @@ def _stamps(items: list[PublishItem], records: tuple[RecordWrite, ...]) -> list[
     """A new stamp for every model area this publication writes to (docs/remote-layout.md#area-stamps): the
     hosts that listed the area before see it change, and list it again."""
     areas = {item.to_model for item in items if item.to_model}
-    areas |= {area for path, _ in records if (area := layout.record_area(path)) is not None}
+    return stamp_items(areas | {area for path, _ in records if (area := layout.record_area(path)) is not None})
+
+
+def stamp_items(areas: Iterable[str]) -> list[dict[str, Any]]:
+    """Batch adds of a new stamp for each model area (docs/remote-layout.md#area-stamps), to ride last in the
+    batch that changes the area: every writer into an area uses this."""
     return [{"dest": layout.area_stamp_path(area), "content": layout.area_stamp(time.time(), secrets.token_hex(16))}
-            for area in sorted(areas)]
+            for area in sorted(set(areas))]
 
 
 def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:
