@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -693,7 +693,7 @@ class FetchNote:
     listed_at: float = 0.0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":")).encode()
 
     @classmethod
     def parse(cls, raw: bytes, key: str) -> FetchNote | None:
@@ -734,6 +734,7 @@ class HostFetchGate:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = path, key
         self._fd: int | None = None
+        self._size = 0  # of the gate file when taken: a shorter note is padded to it, never truncated
         #: The note the last fetch of this area on this host left (read by `lead`): its listing may stand in for
         #: this one's while the area's stamp is unchanged (`memo_applies`).
         self.previous: FetchNote | None = None
@@ -743,7 +744,9 @@ class HostFetchGate:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.previous = FetchNote.parse(os.pread(fd, MAX_RECORD_BYTES, 0), self.key)
+            raw = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
+            self._size = len(raw)
+            self.previous = FetchNote.parse(raw, self.key)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -760,8 +763,9 @@ class HostFetchGate:
             return
         try:
             data = note.to_json() if note is not None else b""
+            if len(data) < self._size:  # JSON allows trailing blanks; all blanks is no note: no ftruncate
+                data += b" " * (self._size - len(data))
             os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
         except OSError:
             pass
         finally:
