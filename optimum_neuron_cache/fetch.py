@@ -102,8 +102,6 @@ class FetchPlan:
     #: when that listing was made: what a later run of this host compares to skip the listing (`memo_plan`).
     stamp: str | None = None
     listed_at: float = 0.0
-    #: True when the plan comes from this host's last listing of the area (`memo_plan`), not a listing now.
-    from_memo: bool = False
 
     @property
     def items(self) -> tuple[FetchOp, ...]:
@@ -325,8 +323,7 @@ def memo_plan(memo: FetchNote, compiler_version: str) -> FetchPlan:
     assert memo.area is not None
     why = "complete here (the area's stamp is unchanged since this host listed it)"
     return FetchPlan(compiler_version, memo.area, tuple(FetchOp(module, Action.PRESENT, why) for module in sorted(memo.remote_modules)),
-                     frozenset(memo.remote_modules), frozenset(memo.record_names), stamp=memo.stamp, listed_at=memo.listed_at,
-                     from_memo=True)
+                     frozenset(memo.remote_modules), frozenset(memo.record_names), stamp=memo.stamp, listed_at=memo.listed_at)
 
 
 def read_stamp(client: BucketClient, area: str) -> str | None:
