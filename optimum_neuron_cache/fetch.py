@@ -402,7 +402,7 @@ def _size_problem(item: FetchOp, staged: Path) -> str | None:
     (the content itself was checked by the server against its digest)."""
     for remote in item.files:
         try:
-            info = os.lstat(staged / remote.filename)
+            info = os.lstat(f"{staged}{os.sep}{remote.filename}")
         except FileNotFoundError:
             return f"{remote.filename} was not downloaded"
         if info.st_size != remote.size:
@@ -411,15 +411,21 @@ def _size_problem(item: FetchOp, staged: Path) -> str | None:
 
 
 def _install_whole(staged: Path, target: Path) -> bool:
-    """Rename a complete entry into place; False if something appeared there meanwhile (kept as is)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(staged, target)  # fails on a non-empty target: never overwrites an entry
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            return False
-        raise
+    """Rename a complete entry into place; False if something appeared there meanwhile (kept as is). The
+    version folder is made only when the rename finds it missing (one syscall per entry, not two)."""
+    for attempt in (1, 2):
+        try:
+            os.rename(staged, target)  # fails on a non-empty target: never overwrites an entry
+            return True
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.isdir(staged):
+                raise
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+    return False
 
 
 def _install_replace(staged: Path, target: Path, aside: Path) -> bool:
@@ -447,7 +453,7 @@ def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bo
     return True
 
 
-def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
+def _request(remote: RemoteFile, local_path: Path | str) -> dict[str, Any]:
     """One file of a download request: size and hash let the server skip a metadata request, the digest
     is what the server checks the bytes against (no digest, no check)."""
     return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
@@ -552,7 +558,8 @@ class _Fetcher:
 
     @staticmethod
     def _requests(items: list[FetchOp], tmp: Path) -> list[dict[str, Any]]:
-        return [_request(remote, tmp / item.module / remote.filename) for item in items for remote in item.files]
+        # Paths joined as text: a fetch names every file of every entry, and Path joins cost several times more.
+        return [_request(remote, f"{tmp}{os.sep}{item.module}{os.sep}{remote.filename}") for item in items for remote in item.files]
 
     @staticmethod
     def _reject_unverified(items: list[FetchOp], reply: dict[str, Any], result: FetchResult) -> list[FetchOp]:
