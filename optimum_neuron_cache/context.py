@@ -107,6 +107,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
         )
         self._client: BucketClient | None = None
+        self._embedded: bool | None = None
         self._client_later = False
         self._remote_ok = True
         self._area: str | None = None
@@ -170,7 +171,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
 
     # -------------------------------------------------------------------------------- enter
     def _is_embedded_default(self) -> bool:
-        return self._bucket == embedded_default()
+        if self._embedded is None:  # asked on enter and on exit; the answer reads the environment and a path
+            self._embedded = self._bucket == embedded_default()
+        return self._embedded
 
     def __enter__(self) -> CacheRun:
         if self._root.path is None:
