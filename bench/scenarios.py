@@ -367,12 +367,29 @@ def fetch_cold(site: Site) -> dict[str, Any]:
         ratios["ours/plain_copy"] = ratio(ours_stats["median_s"], baselines["plain_copy"]["median_s"])
         value = ratios["ours/plain_copy"]
         targets.append(target("within 10% of a plain copy (ours/copy <= 1.10)", value is not None and value <= 1.10, value))
+    paired: list[str] = []
+    # Robust to a busy machine: the median of the pairs' ratios, and what each method costs in CPU (on 2 cores
+    # a CPU-bound fetch's wall time follows its CPU).
+    for name, base, mine in (("direct_download", direct_samples, ours_samples), ("plain_copy", copy_samples, ours_samples),
+                             ("direct_download_no_record", plain_direct, plain_samples)):
+        if base:
+            label = "ours_no_record" if mine is plain_samples else "ours"
+            for key, value in ((f"{label}/{name} (median of pairs)", _paired(mine, base)),
+                               (f"{label}/{name} (CPU, median of pairs)", _paired(mine, base, "cpu_s"))):
+                if value is not None:  # a tiny smoke sample may use no measurable CPU (10 ms ticks)
+                    ratios[key] = value
+                    paired.append(f"{key} {value:.2f}x")
     moved = ours_stats.get("bytes_transferred")
     if moved is not None and moved < needed:
         checks.append(f"ours transferred {moved} bytes, fewer than the {needed} needed")
     cpu = [(name, stats.get("server_cpu_s")) for name, stats in (("ours", ours_stats), *baselines.items())]
     notes = "server CPU per fetch (median): " + ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in cpu
                                                             if isinstance(value, (int, float)))
+    every = [(name, stats.get("cpu_s")) for name, stats in (("ours", ours_stats), *baselines.items())]
+    notes += "; CPU per fetch, client, emulator and server (median): " + ", ".join(
+        f"{name} {value * 1e3:.0f} ms" for name, value in every if isinstance(value, (int, float)))
+    if paired:
+        notes += "; " + ", ".join(paired)
     return figure(f"{site.backend}.fetch_cold", site.backend,
                   f"fetch {len(world.target_modules)} entries ({needed / 1e6:.1f} MB) into a cold cache, {site.models} models in the bucket",
                   ours_stats, baselines, ratios, targets, checks, notes)
@@ -388,9 +405,10 @@ def _cold_fetch(site: Site, scratch: str, label: str, checks: list[str], model: 
     asked = DownloadCounter.total
 
     def run_it() -> dict[str, Any]:
+        cpu = _cpu_seconds(site)
         with site.hub() as box, site.context(cache, model) as run:
             pass
-        return {"requests": run.requests, **box, "_run": run}
+        return {"requests": run.requests, **box, "_run": run, "cpu_s": _cpu_seconds(site) - cpu}
 
     cpu0 = proc_cpu(site.pid) if site.pid else None
     sample = timed(run_it)
@@ -465,6 +483,21 @@ def verify_cost(site: Site, link_rate: float | None = None) -> dict[str, Any]:
                           "pairs, <= 1.05)", value <= 1.05, value)], checks, notes)
 
 
+def _cpu_seconds(site: Site | None = None) -> float:
+    """CPU seconds used so far by this process (the client, the Hub emulator's threads, an in-process
+    baseline) and, given a site, its bucket server: what a sample costs the machine, whatever its load."""
+    server = proc_cpu(site.pid) if site is not None and site.pid else 0.0
+    return (proc_cpu() or 0.0) + (server or 0.0)
+
+
+def _paired(ours: list[Sample], base: list[Sample], key: str | None = None) -> float | None:
+    """The median of the ratios of samples taken in the same repetition (by time, or by `key`): a drift of
+    the machine moves both halves of a pair alike."""
+    pairs = [(a.seconds, b.seconds) if key is None else (a.extra.get(key), b.extra.get(key)) for a, b in zip(ours, base)]
+    ratios = [a / b for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def _direct_download(site: Site, files: list[dict[str, Any]], area: str) -> Sample:
     from huggingface_hub import BucketFile
 
@@ -474,11 +507,12 @@ def _direct_download(site: Site, files: list[dict[str, Any]], area: str) -> Samp
     io0 = proc_io()
 
     def run_it() -> dict[str, Any]:
+        cpu = _cpu_seconds()
         with site.hub() as box:
             for folder in {str(local.parent) for _, local in pairs}:  # as the user's download would
                 os.makedirs(folder, exist_ok=True)
             site.api.download_bucket_files(BUCKET_ID, [(remote, str(local)) for remote, local in pairs])
-        return dict(box)
+        return {**box, "cpu_s": _cpu_seconds() - cpu}
 
     sample = timed(run_it)
     sample.extra["bytes_transferred"] = io_delta(io0, proc_io())
@@ -509,11 +543,13 @@ def _plain_copy_down(site: Site, files: list[dict[str, Any]], area: str) -> Samp
     pairs = [(site.root / item["path"], local_target(dest, site.world.flat_dir, item["path"], area)) for item in files]
     io0 = proc_io()
 
-    def run_it() -> None:
+    def run_it() -> dict[str, Any]:
+        cpu = _cpu_seconds()
         for folder in {str(local.parent) for _, local in pairs}:
             os.makedirs(folder, exist_ok=True)
         for source, local in pairs:
             shutil.copyfile(source, local)
+        return {"cpu_s": _cpu_seconds() - cpu}
 
     sample = timed(run_it)
     sample.extra["bytes_transferred"] = io_delta(io0, proc_io())
@@ -773,12 +809,17 @@ def _noop_parts(site: Site, cache: Path) -> dict[str, float]:
     if site.emulator is not None and hasattr(site.emulator, "op_tree"):  # its handlers, called in-process
         emulator = {
             "emulator's own time for that listing": median_ms(lambda: site.emulator.op_tree(None, BUCKET_ID, site.area(), True)),
+            "emulator's own time for the stamp's paths-info": median_ms(
+                lambda: site.emulator.op_paths_info(None, BUCKET_ID, [layout.area_stamp_path(site.area())])),
             "emulator's own time for the bare paths-info": median_ms(
                 lambda: site.emulator.op_paths_info(None, BUCKET_ID, [f"{site.area()}/x"])),
         }
     return {
         "connect + handshake": median_ms(connect),
-        "listing of the model's area (connected)": median_ms(lambda: client.list(site.area(), recursive=True)),
+        "paths-info of the area's stamp (connected; what a warm run asks)": median_ms(
+            lambda: client.paths_info([layout.area_stamp_path(site.area())])),
+        "listing of the model's area (connected; what a warm run asked before area stamps)": median_ms(
+            lambda: client.list(site.area(), recursive=True)),
         **emulator,
         "local scan (x2: enter and exit)": median_ms(lambda: scan_entries(cache, version)),
         "journal window (write + remove)": median_ms(lambda: journal.drop(journal.begin(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import math
 import os
@@ -18,6 +19,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
@@ -94,30 +97,56 @@ def _hub_version() -> str | None:
         return None
 
 
-class _Heartbeat:
-    """While a request runs, a frame {"id", "heartbeat": true} every few seconds: the client tells a long
-    transfer from a hung server by these, and gives up on a server that sends nothing for a while."""
+class Heartbeats:
+    """While a request runs, a frame {"id", "heartbeat": true} at least every HEARTBEAT_INTERVAL: the client tells
+    a long transfer from a hung server by these, and gives up on a server that sends nothing for a while.
 
-    def __init__(self, conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> None:
-        self.conn, self.request_id, self.write_lock = conn, request_id, write_lock
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+    One thread beats for every running request of the server: a thread per request cost each request, a
+    handshake as much as a download, a thread start and join. A request whose connection is busy writing (a
+    reply or a progress frame) skips that beat: the frame being written says the same."""
+
+    def __init__(self, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        #: token -> [connection, request id, its write lock, when it last got a frame from us]
+        self._running: dict[int, list[Any]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def running(self, conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Iterator[None]:
+        """Beat for this request while the block runs."""
+        token = next(self._tokens)
+        with self._lock:
+            self._running[token] = [conn, request_id, write_lock, time.monotonic()]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(token, None)
 
     def _run(self) -> None:
-        while not self.stop.wait(HEARTBEAT_INTERVAL):
-            try:
-                with self.write_lock:
-                    write_frame(self.conn, {"id": self.request_id, "heartbeat": True})
-            except OSError:
-                return
-
-    def __enter__(self) -> "_Heartbeat":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+        while True:
+            time.sleep(self.interval / 4)
+            now = time.monotonic()
+            with self._lock:
+                due = [(token, beat) for token, beat in self._running.items() if now - beat[3] >= self.interval / 2]
+            for token, (conn, request_id, write_lock, _) in due:
+                if not write_lock.acquire(blocking=False):
+                    continue
+                try:
+                    with self._lock:
+                        if token not in self._running:  # finished meanwhile: its reply may be on the wire already
+                            continue
+                        self._running[token][3] = now
+                    write_frame(conn, {"id": request_id, "heartbeat": True})
+                except OSError:
+                    pass
+                finally:
+                    write_lock.release()
 
 
 @dataclass
@@ -159,6 +188,7 @@ class BucketServer:
         self.backlog = backlog
         self._dir_fd = -1
         self.activity = Activity()
+        self.heartbeats = Heartbeats()
         self.started = time.time()
         self.stopping = threading.Event()
         self._hf_api: Any = None
@@ -344,9 +374,8 @@ class BucketServer:
                 if request.get("progress"):
                     request["_emit"] = _progress_emitter(conn, request.get("id"), write_lock)
                 self.activity.change(requests=1)
-                heartbeat = _Heartbeat(conn, request.get("id"), write_lock)
                 try:
-                    with heartbeat:
+                    with self.heartbeats.running(conn, request.get("id"), write_lock):
                         response = self.handle(request)
                     try:
                         with write_lock:

@@ -64,7 +64,7 @@ def _policy(keep_versions: int | None, drop_versions: tuple[str, ...], models: t
 
 def _plan_dict(plan: PrunePlan) -> dict[str, Any]:
     return {"records": [asdict(r) for r in plan.records], "entries": [asdict(e) for e in plan.entries],
-            "strays": [asdict(s) for s in plan.strays], "files": plan.files, "bytes": plan.bytes,
+            "strays": [asdict(s) for s in plan.strays], "stamps": [asdict(s) for s in plan.stamps], "files": plan.files, "bytes": plan.bytes,
             "complete_before": plan.complete_before, "complete_after": plan.complete_after}
 
 
@@ -99,7 +99,7 @@ def register(cli: click.Group) -> None:
             for entry in plan.entries:
                 where = layout.entry_prefix_of(entry.compiler_version, entry.area, entry.module)
                 out.info(f"{verb} {where} ({size(entry.bytes)}): {entry.reason}")
-            for stray in plan.strays:
+            for stray in [*plan.strays, *plan.stamps]:
                 out.info(f"{verb} {stray.path} ({size(stray.bytes)}): {stray.reason}")
         result = None
         if yes and not plan.empty:

@@ -26,7 +26,7 @@ from bucket_server.messages import (
     OPS, AddFile, BatchRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
     LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StatusRequest, StatusResult, op_of, parse_result,
 )
-from bucket_server.protocol import ErrorCode, FrameError, read_frame, write_frame
+from bucket_server.protocol import ErrorCode, FrameError, encode, read_frame, write_frame
 
 from . import crashpoints
 from ._version import __version__
@@ -49,6 +49,9 @@ log = logging.getLogger("optimum_neuron_cache")
 CONNECT_ATTEMPTS = 4
 #: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
 _ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
+#: Read-only operations sent right behind the handshake on a new connection, without waiting for its reply: a
+#: server of another protocol version may run one before the client hangs up on it, which changes nothing.
+_PIPELINED = frozenset({"list", "paths_info", "info"})
 #: progress(done_bytes, total_bytes) of a transfer, reported by the server while it runs.
 ProgressCallback = Callable[[int, int], None]
 #: Operations that can be sent twice with the same effect: retried once after a server restart (messages.OPS
@@ -100,49 +103,67 @@ class _Connection:
         #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
         self.timeout = settings.request_timeout(environ)
 
-    def _connect(self) -> None:
-        """Connect and shake hands. A server that is dying (killed, but its socket not yet closed by the
-        kernel) can still accept a connection and then reset it: that is a failed start, not a failed
-        request, so connecting is tried a few times, each time through ensure_server. So is a refused connect
-        or a missing socket: a server that is restarting, or exiting idle as we connect."""
+    def _connect(self, first: dict[str, Any] | None = None) -> int | None:
+        """Connect and shake hands; with `first` (a read-only request), send it right behind the handshake and
+        return its id, for the caller to await its reply: a warm run's one request costs one round trip, not
+        two. A server that is dying (killed, but its socket not yet closed by the kernel) can still accept a
+        connection and then reset it: that is a failed start, not a failed request, so connecting is tried a
+        few times, each time through ensure_server. So is a refused connect or a missing socket: a server that
+        is restarting, or exiting idle as we connect."""
         for attempt in range(CONNECT_ATTEMPTS):
             try:
-                self._connect_once()
-                return
+                return self._connect_once(dict(first) if first is not None else None)
             except (ConnectionError, FileNotFoundError, FrameError):
                 self.close()
                 if attempt + 1 == CONNECT_ATTEMPTS:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
-    def _connect_once(self) -> None:
-        ensure_server(self.address, self.environ)
+    def _connect_once(self, first: dict[str, Any] | None) -> int | None:
         # Through the verified runtime directory, with a full backlog retried, and refused unless the server
-        # is our own uid: nothing is written before that check.
-        self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
-        reply = self._exchange({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
+        # is our own uid: nothing is written before that check. The server is started (or a stale socket
+        # replaced) only when no server answers: a running one costs a warm run one connect, not two.
+        try:
+            self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
+        except (FileNotFoundError, ConnectionRefusedError):
+            ensure_server(self.address, self.environ)
+            self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
+        hello = self._numbered({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
+        frames = [hello] if first is None else [hello, self._numbered(first)]
+        self.sock.sendall(b"".join(encode(frame) for frame in frames))
+        reply = self._await(hello["id"])
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            self.close()
+            self.close()  # a server of another protocol may have run `first`: read-only, so harmless
             if error.get("code") == ErrorCode.PROTOCOL_MISMATCH.value:
                 raise ProtocolMismatchError(f"bucket server at {self.address.socket_path}: {error.get('message')}")
             raise ServerError(f"bucket server handshake failed: {error.get('message')}")
         self.server_info = reply["result"]
+        return frames[1]["id"] if first is not None else None
 
-    def _exchange(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
-        assert self.sock is not None
+    def _numbered(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         self.next_id += 1
         message["id"] = self.next_id
         if progress is not None:
             message["progress"] = True
-        write_frame(self.sock, message)
+        return message
+
+    def _exchange(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        assert self.sock is not None
+        write_frame(self.sock, self._numbered(message, progress))
         if message["op"] in _ON_THE_WIRE:
             crashpoints.reached(_ON_THE_WIRE[message["op"]])
+        return self._await(message["id"], progress)
+
+    def _await(self, request_id: int, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """The reply to request `request_id`, passing progress frames on and skipping heartbeats."""
+        assert self.sock is not None
         while True:
             reply = read_frame(self.sock)
             if reply is None:
                 raise ConnectionResetError("the bucket server closed the connection")
-            if reply.get("id") != message["id"]:
+            if reply.get("id") != request_id:
                 raise FrameError("reply does not match the request")
             if "ok" not in reply:  # a heartbeat or a progress frame: the request is still running
                 if progress is not None and isinstance(reply.get("progress"), dict):
@@ -163,7 +184,9 @@ class _Connection:
             for attempt in range(attempts):
                 try:
                     if self.sock is None:
-                        self._connect()
+                        first = self._connect(message if message["op"] in _PIPELINED and progress is None else None)
+                        if first is not None:
+                            return self._await(first)
                     return self._exchange(dict(message), progress)
                 except ProtocolMismatchError:
                     self._replace_server()

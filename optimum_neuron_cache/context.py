@@ -22,7 +22,7 @@ from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
-from .fetch import FetchNote, HostFetchGate, fetch_model
+from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
@@ -107,6 +107,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
         )
         self._client: BucketClient | None = None
+        self._embedded: bool | None = None
         self._client_later = False
         self._remote_ok = True
         self._area: str | None = None
@@ -116,6 +117,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._local: dict[str, LocalEntry] = {}
         self._records_read: list[CachedExport] = []
         self._known_models: tuple[str, ...] | None = None
+        self._plan: FetchPlan | None = None  # the fetch's plan (this process fetched), for the note it leaves
         self._journal_record: RunRecord | None = None
         #: Journal records of earlier runs of this key that nobody will publish, read on enter.
         self._leftovers: list[RunRecord] = []
@@ -169,7 +171,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
 
     # -------------------------------------------------------------------------------- enter
     def _is_embedded_default(self) -> bool:
-        return self._bucket == embedded_default()
+        if self._embedded is None:  # asked on enter and on exit; the answer reads the environment and a path
+            self._embedded = self._bucket == embedded_default()
+        return self._embedded
 
     def __enter__(self) -> CacheRun:
         if self._root.path is None:
@@ -198,7 +202,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
-                                  self._task, local, missing_bucket_is_empty=self._is_embedded_default())
+                                  self._task, local, missing_bucket_is_empty=self._is_embedded_default(),
+                                  memo=gate.previous if gate is not None else None)
         except NeuronCacheError as exc:
             self._remote_failed("fetch", exc)
             note = self._note(ok=False, error=str(exc))
@@ -212,6 +217,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._area = fetched.area
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
             self._known_models = fetched.plan.known_models
+            self._plan = fetched.plan
             self._records_read = fetched.result.exports_read
             note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)
@@ -269,8 +275,10 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         text = self._journal_key().text
         if not ok:
             return FetchNote(text, time.time(), False, error)
+        plan = self._plan
         return FetchNote(text, time.time(), True, "", self._area, tuple(sorted(self._area_modules)),
-                         tuple(sorted(self._area_records)), self._known_models)
+                         tuple(sorted(self._area_records)), self._known_models,
+                         plan.stamp if plan is not None else None, plan.listed_at if plan is not None else 0.0)
 
     def _take_note(self, note: FetchNote) -> None:
         """Another process of this host fetched this area while this one waited: what it found stands for this

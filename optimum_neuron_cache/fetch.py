@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +98,10 @@ class FetchPlan:
     #: The folders under this version's `models/`, when the model's area was empty and they were listed to find
     #: the casing the bucket has (None: not listed). A miss explains itself from them.
     known_models: tuple[str, ...] | None = None
+    #: The area's stamp as it was when the area was listed (`layout.stamp_token`; None: the area has none), and
+    #: when that listing was made: what a later run of this host compares to skip the listing (`memo_plan`).
+    stamp: str | None = None
+    listed_at: float = 0.0
 
     @property
     def items(self) -> tuple[FetchOp, ...]:
@@ -167,8 +171,10 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
     """The plan for one listing of the model's area (pure: no I/O). `lock_verdicts`: for locally locked
     entries, None when the lock can be told stale, else why it cannot."""
     exports = layout.area_exports_prefix(area_prefix) + "/"
+    stamp_path = layout.area_stamp_path(area_prefix)
     record_names, record_files, manifests, ignored = set(), [], [], []
     modules: dict[str, dict[str, RemoteFile]] = {}
+    stamp: str | None = None
     for item in listing:  # each path parsed once: a warm run's listing is most of its client-side work
         path = str(item.get("path", ""))
         is_file = item.get("type", "file") == "file"
@@ -186,6 +192,8 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
             remote = layout.remote_file(item)
             if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES:
                 manifests.append((_listed_time(item), remote))
+        elif path == stamp_path:
+            stamp = layout.stamp_token(item)
         elif is_file:
             ignored.append(path)
     newest = tuple(remote for _, remote in sorted(manifests, key=lambda pair: (-pair[0], pair[1].path)))
@@ -195,7 +203,7 @@ def plan_model_area(compiler_version: str, area_prefix: str, listing: Iterable[M
             complete.add(module)
             ops.append(_local_op(module, files, local.get(module), lock_verdicts or {}))
     return FetchPlan(compiler_version, area_prefix, tuple(ops), frozenset(complete), frozenset(record_names),
-                     tuple(record_files), newest[:layout.MAX_AREA_MANIFESTS], tuple(ignored))
+                     tuple(record_files), newest[:layout.MAX_AREA_MANIFESTS], tuple(ignored), stamp=stamp)
 
 
 def _listed_time(item: Mapping[str, Any]) -> float:
@@ -293,30 +301,82 @@ def with_pr1102_area(client: BucketClient, plan: FetchPlan, folder: str, task: s
     return replace(plan, ops=other.ops, ignored=other.ignored, remote_modules=other.remote_modules)
 
 
+#: A host lists a model's area at least this often, even while its stamp is unchanged: what writers that leave
+#: no stamp publish (earlier versions of this package, a publication killed before its last batch) is seen
+#: within this time.
+MEMO_SECONDS = 600.0
+
+
+def memo_applies(memo: FetchNote | None, compiler_version: str, local: Mapping[str, LocalEntry], now: float) -> bool:
+    """Whether this host's last fetch of the area (its note) may stand in for a listing, provided the area's stamp
+    is still the one it saw (pure): that fetch listed the area less than MEMO_SECONDS ago and found a stamp,
+    and every complete entry it found is complete here (else there is something to install or replace)."""
+    return (memo is not None and memo.ok and memo.stamp is not None and memo.area is not None
+            and memo.area.startswith(layout.models_prefix(compiler_version) + "/")
+            and 0 <= now - memo.listed_at < MEMO_SECONDS
+            and all((entry := local.get(module)) is not None and entry.state.publishable for module in memo.remote_modules))
+
+
+def memo_plan(memo: FetchNote, compiler_version: str) -> FetchPlan:
+    """The plan for an area whose stamp is the one `memo`'s listing saw, when `memo_applies` (pure): everything
+    that listing found complete is complete here."""
+    assert memo.area is not None
+    why = "complete here (the area's stamp is unchanged since this host listed it)"
+    return FetchPlan(compiler_version, memo.area, tuple(FetchOp(module, Action.PRESENT, why) for module in sorted(memo.remote_modules)),
+                     frozenset(memo.remote_modules), frozenset(memo.record_names), stamp=memo.stamp, listed_at=memo.listed_at)
+
+
+def read_stamp(client: BucketClient, area: str) -> str | None:
+    """The area's stamp as the bucket lists it now (`layout.stamp_token`), or None when it has none. One paths-info."""
+    path = layout.area_stamp_path(area)
+    return next((layout.stamp_token(item) for item in client.paths_info([path]) if item.get("path") == path), None)
+
+
 def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | None, task: str,
-               local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False) -> FetchPlan:
+               local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
+               memo: FetchNote | None = None) -> FetchPlan:
     """Ask the bucket what the model's area holds, and plan. Requests: one listing of the model's area
-    (three when the casing differs from the bucket's), one paths-info when there are todo entries."""
+    (three when the casing differs from the bucket's), one paths-info when there are todo entries. With
+    `memo` (this host's last fetch of the area, see `memo_applies`), one paths-info of the area's stamp first:
+    unchanged, it replaces the listing."""
     plan = FetchPlan(compiler_version)
     if model_folder is not None:
+        asked_at = time.time()  # before any request: a change after this instant changes the stamp read below
         try:
-            area, listing, known_models = resolve_model_area(client, compiler_version, model_folder, task)
+            pre_read = None
+            if memo is not None and memo.area is not None and memo_applies(memo, compiler_version, local, asked_at):
+                pre_read = (memo.area, read_stamp(client, memo.area))
+            if memo is not None and pre_read is not None and pre_read[1] is not None and pre_read[1] == memo.stamp:
+                plan = memo_plan(memo, compiler_version)
+            else:
+                plan = _plan_listed(client, compiler_version, model_folder, task, local, asked_at, pre_read)
         except BucketNotFoundError:
             if not missing_bucket_is_empty:
                 raise
             return FetchPlan(compiler_version, layout.model_area_prefix(compiler_version, model_folder, task), known_models=())
-        locked = [entry for entry in local.values() if entry.state is EntryState.LOCKED]
-        verdicts: dict[str, str | None] = {}
-        if locked:
-            compilers = running_compilers()
-            verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
-        plan = replace(plan_model_area(compiler_version, area, listing, local, verdicts), known_models=known_models)
-        if not listing:
-            plan = with_pr1102_area(client, plan, model_folder, task, local, verdicts)
     covered = {op.module for op in plan.ops}
     todo = [entry for entry in local.values() if entry.state is EntryState.TODO and entry.name not in covered]
     if todo:
         plan = plan_todo_fill(plan, todo, client.paths_info(todo_probe_paths(compiler_version, todo)))
+    return plan
+
+
+def _plan_listed(client: BucketClient, compiler_version: str, model_folder: str, task: str, local: Mapping[str, LocalEntry],
+                 asked_at: float, pre_read: tuple[str, str | None] | None) -> FetchPlan:
+    """The plan from a listing of the model's area. The stamp kept for the next run is the one read before the
+    listing when there was one (`pre_read`: an area and its stamp), else the listing's own (sorted first in it)."""
+    area, listing, known_models = resolve_model_area(client, compiler_version, model_folder, task)
+    locked = [entry for entry in local.values() if entry.state is EntryState.LOCKED]
+    verdicts: dict[str, str | None] = {}
+    if locked:
+        compilers = running_compilers()
+        verdicts = {entry.name: why_not_stale(entry, compilers) for entry in locked}
+    plan = plan_model_area(compiler_version, area, listing, local, verdicts)
+    if pre_read is not None and pre_read[0] == area:
+        plan = replace(plan, stamp=pre_read[1])
+    plan = replace(plan, known_models=known_models, listed_at=asked_at)
+    if not listing:
+        plan = with_pr1102_area(client, plan, model_folder, task, local, verdicts)
     return plan
 
 
@@ -342,7 +402,7 @@ def _size_problem(item: FetchOp, staged: Path) -> str | None:
     (the content itself was checked by the server against its digest)."""
     for remote in item.files:
         try:
-            info = os.lstat(staged / remote.filename)
+            info = os.lstat(f"{staged}{os.sep}{remote.filename}")
         except FileNotFoundError:
             return f"{remote.filename} was not downloaded"
         if info.st_size != remote.size:
@@ -351,15 +411,21 @@ def _size_problem(item: FetchOp, staged: Path) -> str | None:
 
 
 def _install_whole(staged: Path, target: Path) -> bool:
-    """Rename a complete entry into place; False if something appeared there meanwhile (kept as is)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(staged, target)  # fails on a non-empty target: never overwrites an entry
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            return False
-        raise
+    """Rename a complete entry into place; False if something appeared there meanwhile (kept as is). The
+    version folder is made only when the rename finds it missing (one syscall per entry, not two)."""
+    for attempt in (1, 2):
+        try:
+            os.rename(staged, target)  # fails on a non-empty target: never overwrites an entry
+            return True
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.isdir(staged):
+                raise
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+    return False
 
 
 def _install_replace(staged: Path, target: Path, aside: Path) -> bool:
@@ -387,7 +453,7 @@ def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bo
     return True
 
 
-def _request(remote: RemoteFile, local_path: Path) -> dict[str, Any]:
+def _request(remote: RemoteFile, local_path: Path | str) -> dict[str, Any]:
     """One file of a download request: size and hash let the server skip a metadata request, the digest
     is what the server checks the bytes against (no digest, no check)."""
     return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
@@ -492,7 +558,8 @@ class _Fetcher:
 
     @staticmethod
     def _requests(items: list[FetchOp], tmp: Path) -> list[dict[str, Any]]:
-        return [_request(remote, tmp / item.module / remote.filename) for item in items for remote in item.files]
+        # Paths joined as text: a fetch names every file of every entry, and Path joins cost several times more.
+        return [_request(remote, f"{tmp}{os.sep}{item.module}{os.sep}{remote.filename}") for item in items for remote in item.files]
 
     @staticmethod
     def _reject_unverified(items: list[FetchOp], reply: dict[str, Any], result: FetchResult) -> list[FetchOp]:
@@ -596,10 +663,11 @@ class ModelFetch:
 
 def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_folder: str | None, task: str,
                 local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
-                progress: ProgressCallback | None = None) -> ModelFetch:
+                progress: ProgressCallback | None = None, memo: FetchNote | None = None) -> ModelFetch:
     """Plan, then execute: install the model's entries the local cache lacks, and fill local todo entries
-    from the flat area. Requests: those of `plan_fetch`, then one download."""
-    plan = plan_fetch(client, compiler_version, model_folder, task, local, missing_bucket_is_empty=missing_bucket_is_empty)
+    from the flat area. Requests: those of `plan_fetch`, then one download (none when nothing is needed)."""
+    plan = plan_fetch(client, compiler_version, model_folder, task, local, missing_bucket_is_empty=missing_bucket_is_empty,
+                      memo=memo)
     if plan.ignored:
         log.warning("optimum-neuron-cache: skipped %d name(s) the layout does not allow in %s (e.g. %r)",
                     len(plan.ignored), plan.area, plan.ignored[0][:200])
@@ -623,9 +691,13 @@ class FetchNote:
     remote_modules: tuple[str, ...] = ()
     record_names: tuple[str, ...] = ()
     known_models: tuple[str, ...] | None = None
+    #: The area's stamp when it was last listed, and when (`FetchPlan.stamp`, `listed_at`): the next run of this
+    #: host compares the stamp instead of listing again (`memo_applies`).
+    stamp: str | None = None
+    listed_at: float = 0.0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":")).encode()
 
     @classmethod
     def parse(cls, raw: bytes, key: str) -> FetchNote | None:
@@ -639,10 +711,13 @@ class FetchNote:
             if not all(isinstance(items, list) and all(isinstance(n, str) for n in items) for items in names) or \
                     not (known is None or (isinstance(known, list) and all(isinstance(n, str) for n in known))) or \
                     not isinstance(data.get("finished_at"), (int, float)) or not isinstance(data.get("ok"), bool) or \
-                    not isinstance(data.get("error", ""), str) or not (data.get("area") is None or isinstance(data["area"], str)):
+                    not isinstance(data.get("error", ""), str) or not (data.get("area") is None or isinstance(data["area"], str)) or \
+                    not (data.get("stamp") is None or isinstance(data["stamp"], str)) or \
+                    isinstance(data.get("listed_at", 0.0), bool) or not isinstance(data.get("listed_at", 0.0), (int, float)):
                 return None
             return cls(key, float(data["finished_at"]), data["ok"], data.get("error", ""), data.get("area"),
-                       tuple(names[0]), tuple(names[1]), tuple(known) if known is not None else None)
+                       tuple(names[0]), tuple(names[1]), tuple(known) if known is not None else None,
+                       data.get("stamp"), float(data.get("listed_at", 0.0)))
         except (ValueError, TypeError):
             return None
 
@@ -663,12 +738,19 @@ class HostFetchGate:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = path, key
         self._fd: int | None = None
+        self._size = 0  # of the gate file when taken: a shorter note is padded to it, never truncated
+        #: The note the last fetch of this area on this host left (read by `lead`): its listing may stand in for
+        #: this one's while the area's stamp is unchanged (`memo_applies`).
+        self.previous: FetchNote | None = None
 
     def lead(self) -> bool:
         """Take the gate if nobody holds it: True means this process fetches (then `release`)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raw = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
+            self._size = len(raw)
+            self.previous = FetchNote.parse(raw, self.key)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -685,8 +767,9 @@ class HostFetchGate:
             return
         try:
             data = note.to_json() if note is not None else b""
+            if len(data) < self._size:  # JSON allows trailing blanks; all blanks is no note: no ftruncate
+                data += b" " * (self._size - len(data))
             os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
         except OSError:
             pass
         finally:

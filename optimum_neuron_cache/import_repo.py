@@ -34,6 +34,7 @@ from .buckets import BucketRef
 from .client import BucketClient
 from .hub_repos import RepoClient, RepoRef
 from .records import ExportRecord, record_from_registry
+from .sync import stamp_items
 from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -292,7 +293,9 @@ def execute_import(plan: ImportPlan, repo: RepoClient, bucket: BucketClient, *, 
     records = list(plan.records)
     for start in range(0, len(records), CHUNK):
         chunk = records[start:start + CHUNK]
-        bucket.batch(add=[{"dest": op.name, "content": op.record.to_json()} for op in chunk if op.record is not None])
+        writes = [{"dest": op.name, "content": op.record.to_json()} for op in chunk if op.record is not None]
+        areas = {area for write in writes if (area := layout.record_area(write["dest"])) is not None}
+        bucket.batch(add=writes + stamp_items(areas))  # the stamps last: hosts that listed those areas list again
         result.records += [op.name for op in chunk]
         if progress is not None:
             progress(len(chunk))

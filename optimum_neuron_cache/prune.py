@@ -92,7 +92,7 @@ class RemoveFile:
     path: str
     bytes: int
     reason: str
-    kind: str  # "record", "stray" or "manifest" (a digest manifest of what goes)
+    kind: str  # "record", "stray", "manifest" (a digest manifest of what goes) or "stamp" (an area's stamp)
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,9 @@ class PrunePlan:
     records: tuple[RemoveFile, ...] = ()
     entries: tuple[RemoveEntry, ...] = ()
     strays: tuple[RemoveFile, ...] = ()
+    #: The stamps of the model areas the plan changes, removed first: hosts that listed an area before list it
+    #: again (docs/remote-layout.md#area-stamps) until a publication stamps it anew.
+    stamps: tuple[RemoveFile, ...] = ()
     #: Complete entries in the bucket (every area) before and after the plan.
     complete_before: int = 0
     complete_after: int = 0
@@ -109,12 +112,13 @@ class PrunePlan:
     @property
     def bytes(self) -> int:
         """Bytes the plan frees (listed sizes; on a Hub bucket, copies share storage, so the bill drops less)."""
-        return sum(r.bytes for r in self.records) + sum(e.bytes for e in self.entries) + sum(s.bytes for s in self.strays)
+        return (sum(r.bytes for r in self.records) + sum(e.bytes for e in self.entries) + sum(s.bytes for s in self.strays)
+                + sum(s.bytes for s in self.stamps))
 
     @property
     def files(self) -> int:
         """Files the plan deletes."""
-        return (len(self.records) + len(self.strays)
+        return (len(self.records) + len(self.strays) + len(self.stamps)
                 + sum(len(e.commit_paths) + len(e.content_paths) for e in self.entries))
 
     @property
@@ -158,8 +162,19 @@ def _area_named(area: str, version: str, policy: PrunePolicy) -> bool:
             and (policy.task is None or task == policy.task))
 
 
+def _stamps_of_changed_areas(found: VersionSurvey, records: list[RemoveFile], entries: list[RemoveEntry],
+                             version_dropped: bool) -> list[RemoveFile]:
+    """The stamps of the areas of this version that the removals change (all of them when the version goes)."""
+    wheres = [layout.split_version_path(found.compiler_version, r.path) for r in records]
+    changed = {where.area for where in wheres if where is not None and where.area}
+    changed |= {e.area for e in entries if e.compiler_version == found.compiler_version and e.area}
+    return [RemoveFile(f.path, f.size, "the area changes: hosts that listed it list it again", "stamp")
+            for area, f in sorted(found.stamps.items()) if version_dropped or area in changed]
+
+
 def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | None, now: float,
-                  records: list[RemoveFile], entries: list[RemoveEntry], strays: list[RemoveFile]) -> None:
+                  records: list[RemoveFile], entries: list[RemoveEntry], strays: list[RemoveFile],
+                  stamps: list[RemoveFile]) -> None:
     """The removals of one compiler version, appended to the lists."""
     version = found.compiler_version
     if dropped_why is not None:
@@ -167,6 +182,7 @@ def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | 
         entries += [_entry_op(e, dropped_why) for e in found.entries.values()]
         strays += [RemoveFile(f.path, f.size, dropped_why, "stray") for f in found.bad_names]
         strays += [RemoveFile(f.path, f.size, dropped_why, "manifest") for f in found.manifests]
+        stamps += _stamps_of_changed_areas(found, records, entries, True)
         return
     gone: set[tuple[str, str]] = set()
     named_records = set()
@@ -205,6 +221,7 @@ def _plan_version(found: VersionSurvey, policy: PrunePolicy, dropped_why: str | 
                 records.append(RemoveFile(record.file.path, record.file.size,
                                           f"{len(missing)} of its {len(record.record.modules)} entries are gone from its area",
                                           "record"))
+    stamps += _stamps_of_changed_areas(found, records, entries, False)
 
 
 def _manifests_gone(found: VersionSurvey, gone: set[tuple[str, str]], policy: PrunePolicy) -> list[RemoveFile]:
@@ -243,10 +260,11 @@ def plan_prune(survey: BucketSurvey, policy: PrunePolicy, *, now: float | None =
     records: list[RemoveFile] = []
     entries: list[RemoveEntry] = []
     strays: list[RemoveFile] = []
+    stamps: list[RemoveFile] = []
     for version in survey.ordered_versions():
-        _plan_version(survey.versions[version], policy, dropped.get(version), now, records, entries, strays)
+        _plan_version(survey.versions[version], policy, dropped.get(version), now, records, entries, strays, stamps)
     before = survey.complete_entries()
-    plan = PrunePlan(tuple(records), tuple(entries), tuple(strays), before,
+    plan = PrunePlan(tuple(records), tuple(entries), tuple(strays), tuple(stamps), before,
                      before - sum(1 for e in entries if e.complete))
     if plan.removes_everything and not allow_all:
         raise PruneRefused(f"this prune would remove all {before} complete entries of the bucket; "
@@ -284,12 +302,12 @@ def _delete(client: BucketClient, paths: Sequence[str], batch: int, done: list[i
 
 def execute_prune(client: BucketClient, plan: PrunePlan, *, batch: int = BATCH_PATHS,
                   progress: CountProgress | None = None) -> PruneResult:
-    """Carry out the plan: records, then commit files, then content and strays, `batch` paths per request;
-    then make sure no commit file a concurrent publisher wrote meanwhile is left over missing content."""
+    """Carry out the plan: area stamps, records, then commit files, then content and strays, `batch` paths per
+    request; then make sure no commit file a concurrent publisher wrote meanwhile is left over missing content."""
     result = PruneResult()
     done = [0]
     total = plan.files
-    first = [r.path for r in plan.records] + [p for e in plan.entries for p in e.commit_paths]
+    first = [s.path for s in plan.stamps] + [r.path for r in plan.records] + [p for e in plan.entries for p in e.commit_paths]
     _delete(client, first, batch, done, total, progress)
     rest = [p for e in plan.entries for p in e.content_paths] + [s.path for s in plan.strays]
     _delete(client, rest, batch, done, total, progress)

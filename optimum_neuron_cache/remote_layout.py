@@ -4,6 +4,7 @@
     neuronxcc-<ver>/models/<org>--<name>/<task>/MODULE_<key>/<file>        per-model area
     neuronxcc-<ver>/models/<org>--<name>/<task>/exports/<record id>.json   export records, for lookup
     neuronxcc-<ver>/models/<org>--<name>/<task>/digests/<id>.json          digest manifests of the area
+    neuronxcc-<ver>/models/<org>--<name>/<task>/.stamp.json                the area's stamp: new at every change
     neuronxcc-<ver>/digests/MODULE_<key>.json                              digest manifest of a flat entry
     leases/neuronxcc-<ver>/MODULE_<key>.lease                              compile leases (compile_leases.py)
 
@@ -52,6 +53,10 @@ LEASE_SUFFIX = ".lease"
 EXPORTS_DIR = "exports"
 #: Digest manifests: beside the flat area's entries (never inside them, never installed), and in a model's area.
 DIGESTS_DIR = "digests"
+#: A model area's stamp: rewritten (new bytes) by every publication to the area, removed by a prune of it. A
+#: warm run asks for this one path instead of listing the area (fetch.memo_plan). Its leading dot sorts it
+#: before every other name of the area, so a paged listing reads it before the entries it vouches for.
+AREA_STAMP = ".stamp.json"
 DEFAULT_TASK = "default"
 
 # Hub repo names: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
@@ -211,6 +216,12 @@ def area_record_path(area_prefix: str, record_file: str) -> str:
     return f"{area_exports_prefix(area_prefix)}/{record_file}"
 
 
+def record_area(record_path: str) -> str | None:
+    """The model area of an export record's path (`<area>/exports/<name>.json`), or None for another path."""
+    area, _, rest = record_path.rpartition(f"/{EXPORTS_DIR}/")
+    return area if area and rest.endswith(".json") and "/" not in rest else None
+
+
 def export_record_path(compiler_version: str, folder: str, task: str, record_id: str) -> str:
     """Where an export record lives; a malformed record id raises ValueError."""
     if not _RECORD_ID_RE.match(record_id):
@@ -252,6 +263,32 @@ def digest_manifest(bindings: Mapping[str, str]) -> tuple[str, str]:
     return f"{hashlib.sha256(content.encode()).hexdigest()[:16]}.json", content
 
 
+# ------------------------------------------------------------------------------------- area stamps
+
+
+def area_stamp_path(area_prefix: str) -> str:
+    """The stamp of a model area (`<area>/.stamp.json`)."""
+    return f"{area_prefix}/{AREA_STAMP}"
+
+
+def area_stamp(written: float, nonce: str) -> str:
+    """A new stamp's content: `{"schema": 1, "written": <time>, "nonce": <hex>}`. Only its identity matters
+    (readers compare what the bucket lists for it, never read it): the nonce makes every stamp new bytes."""
+    return json.dumps({"schema": 1, "written": round(written, 3), "nonce": nonce}, separators=(",", ":"))
+
+
+def stamp_token(item: Mapping[str, Any] | None) -> str | None:
+    """What identifies one version of an area's stamp, from a listing or paths-info item: its size and
+    content hash (Xet hash on the Hub, digest in a directory bucket). None when the item cannot tell versions
+    apart (no hash, a stale digest, an untrusted size): a reader then lists the area."""
+    if item is None or item.get("type", "file") != "file":
+        return None
+    remote = remote_file(item)
+    if remote is None or not (remote.xet_hash or remote.digest) or remote.digest == "stale":
+        return None
+    return f"{remote.size}:{remote.xet_hash or ''}:{remote.digest or ''}"
+
+
 def module_of(entry_key: str) -> str:
     """The MODULE name of an entry key (`neuronxcc-<ver>/MODULE_...`, as `flat_entry_prefix` makes it)."""
     return entry_key.rsplit("/", 1)[-1]
@@ -260,14 +297,17 @@ def module_of(entry_key: str) -> str:
 @dataclass(frozen=True)
 class VersionPath:
     """A path under a compiler version's folder, classified: an entry's file (flat area when `area` is "",
-    else `<model folder>/<task>`), an export record (`module` and `filename` empty, `record` set), or a
-    digest manifest (`manifest` set: the flat area's `MODULE_<key>.json`, or an area's `<id>.json`)."""
+    else `<model folder>/<task>`), an export record (`module` and `filename` empty, `record` set), a
+    digest manifest (`manifest` set: the flat area's `MODULE_<key>.json`, or an area's `<id>.json`), or an
+    area's stamp (`stamp`)."""
 
     area: str
     module: str = ""
     filename: str = ""
     record: str = ""
     manifest: str = ""
+    #: The area's stamp (`AREA_STAMP`).
+    stamp: bool = False
 
 
 def split_version_path(compiler_version: str, path: str) -> VersionPath | None:
@@ -280,6 +320,8 @@ def split_version_path(compiler_version: str, path: str) -> VersionPath | None:
         return VersionPath("", parts[0], parts[1])
     if len(parts) == 2 and parts[0] == DIGESTS_DIR and parts[1].endswith(".json") and is_module_name(parts[1][:-5]):
         return VersionPath("", manifest=parts[1])
+    if len(parts) == 4 and parts[0] == MODELS_DIR and parts[3] == AREA_STAMP:
+        return VersionPath(f"{parts[1]}/{parts[2]}", stamp=True)
     if len(parts) == 5 and parts[0] == MODELS_DIR:
         area = f"{parts[1]}/{parts[2]}"
         if is_module_name(parts[3]) and is_publishable(parts[4]):

@@ -107,6 +107,8 @@ class VersionSurvey:
     bad_names: list[ListedFile] = field(default_factory=list)
     #: Digest manifests (docs/remote-layout.md): metadata publishes write, neither entries nor strays.
     manifests: list[ListedFile] = field(default_factory=list)
+    #: Model areas' stamps (docs/remote-layout.md#area-stamps), by area (`<model folder>/<task>`).
+    stamps: dict[str, ListedFile] = field(default_factory=dict)
     #: Whether the records were downloaded and parsed (their `record` is then None only when unreadable).
     records_read: bool = False
 
@@ -174,6 +176,8 @@ def add_listing(survey: BucketSurvey, version: str, listing: Iterable[Mapping[st
             found.records.append(RecordFile(version, where.area, listed))
         elif where.manifest:
             found.manifests.append(listed)
+        elif where.stamp:
+            found.stamps[where.area] = listed
         else:
             entry = found.entries.setdefault((where.area, where.module), RemoteEntry(version, where.area, where.module))
             entry.files[where.filename] = listed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -244,6 +245,7 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
                  "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
         last += [_record_item(record, path, described) for path, record in records]
         last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
+        last += _stamps(items, records)  # last: a reader that sees a new stamp sees everything above
         if last:
             _batch(client, add=last)
     except RemoteError:
@@ -329,6 +331,20 @@ def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list
             name, text = layout.digest_manifest(bindings)
             manifests.append({"dest": f"{layout.area_manifests_prefix(area)}/{name}", "content": text})
     return manifests
+
+
+def _stamps(items: list[PublishItem], records: tuple[RecordWrite, ...]) -> list[dict[str, Any]]:
+    """A new stamp for every model area this publication writes to (docs/remote-layout.md#area-stamps): the
+    hosts that listed the area before see it change, and list it again."""
+    areas = {item.to_model for item in items if item.to_model}
+    return stamp_items(areas | {area for path, _ in records if (area := layout.record_area(path)) is not None})
+
+
+def stamp_items(areas: Iterable[str]) -> list[dict[str, Any]]:
+    """Batch adds of a new stamp for each model area (docs/remote-layout.md#area-stamps), to ride last in the
+    batch that changes the area: every writer into an area uses this."""
+    return [{"dest": layout.area_stamp_path(area), "content": layout.area_stamp(time.time(), secrets.token_hex(16))}
+            for area in sorted(set(areas))]
 
 
 def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def _version_usage(found: VersionSurvey) -> tuple[VersionUsage, list[ModelUsage]
         model.bytes += record.file.size
         if task not in model.tasks:
             model.tasks.append(task)
-    for listed in found.manifests:  # digest manifests: metadata publishes write, counted with the records
+    for listed in [*found.manifests, *found.stamps.values()]:  # metadata publishes write, counted with the records
         usage.record_bytes += listed.size
         unique(None, listed.path, listed.size)
     for listed in found.bad_names:

@@ -172,8 +172,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and ") Z " not in stat.read_text()
+    try:
+        return ") Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone (and reaped) between the two looks: ProcessLookupError or FileNotFoundError
+        return False
 
 
 def crash_fetch(workdir: Path, bucket: str, trials: int, seed: int = 0, graphs: int = 5, neff_size: int = 4_000_000,

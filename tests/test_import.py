@@ -83,6 +83,8 @@ def test_plan_then_import_then_nothing_left(hub, cache_repo, target: BucketRef):
 
     record = parse_record(_read(target, record_op.name), record_op.name)
     assert record is not None and record.export_config["tp_degree"] == 8 and record.modules == []
+    # The record changed its model's area: the area got a new stamp with it (hosts that listed it list again).
+    assert f"{V}/models/meta-llama--Llama-3.1-8B/text-generation/.stamp.json" in files
     clear_lookup_cache()
     found = lookup_cache("meta-llama/Llama-3.1-8B", "text-generation", compiler_version=VERSION, bucket=target)
     assert [r.export_config["batch_size"] for r in found] == [4]

@@ -157,8 +157,10 @@ def test_records_then_commit_files_then_content_in_batches(tmp_path, bucket, ver
     result = execute_prune(client, plan, batch=2, progress=lambda done, total: progress.append((done, total)))
     sent = [path for batch in client.deleted for path in batch]
     assert all(len(batch) <= 2 for batch in client.deleted) and len(sent) == plan.files == result.files_deleted
-    kinds = ["record" if "/exports/" in p else "commit" if p.endswith("/model.done") else "content" for p in sent]
-    assert kinds == sorted(kinds, key=["record", "commit", "content"].index)  # records, then commits, then content
+    kinds = ["stamp" if p.endswith("/.stamp.json") else "record" if "/exports/" in p
+             else "commit" if p.endswith("/model.done") else "content" for p in sent]
+    # The area's stamp (hosts list the area again), records, then commits, then content.
+    assert kinds == sorted(kinds, key=["stamp", "record", "commit", "content"].index) and kinds[0] == "stamp"
     assert progress[-1] == (plan.files, plan.files) and [d for d, _ in progress] == sorted(d for d, _ in progress)
 
 

@@ -49,9 +49,9 @@ def test_round_trip_shares_entries_and_nothing_else(tmp_path, bucket, version, m
     assert run_a.record and run_a.record.endswith(".json")
 
     paths = remote_paths(bucket)
-    def metadata(path: str) -> bool:  # export records and digest manifests: written by the publish, not local files
+    def metadata(path: str) -> bool:  # export records, digest manifests, area stamps: written by the publish, not local files
         where = split_version_path(version, path)
-        return where is not None and bool(where.record or where.manifest)
+        return where is not None and bool(where.record or where.manifest or where.stamp)
 
     assert all(path.rsplit("/", 1)[1] in PUBLISHABLE_FILES or metadata(path) for path in paths), paths
     modules = {path.split("/")[1] for path in paths if path.split("/")[1].startswith("MODULE_")}

@@ -301,3 +301,21 @@ def _call_and_catch(tmp_path: Path, error: type[Exception]) -> str:
     except error as exc:
         return type(exc).__name__
     return "no error"
+
+
+def test_one_thread_beats_for_every_running_request_until_it_ends():
+    """A client tells a long request from a hung server by the heartbeats: each running request gets them, from
+    one thread for the whole server (not a thread per request), and none once it has ended."""
+    from bucket_server.server import Heartbeats
+
+    beats = Heartbeats(interval=0.05)
+    (a_server, a_client), (b_server, b_client) = socket.socketpair(), socket.socketpair()
+    a_client.settimeout(10), b_client.settimeout(10)
+    with beats.running(a_server, "a", threading.Lock()), beats.running(b_server, "b", threading.Lock()):
+        for _ in range(2):
+            assert read_frame(a_client) == {"id": "a", "heartbeat": True}
+            assert read_frame(b_client) == {"id": "b", "heartbeat": True}
+        assert [t.name for t in threading.enumerate()].count("heartbeats") == 1
+    assert beats._running == {}  # ended: nothing left to beat for
+    for sock in (a_server, a_client, b_server, b_client):
+        sock.close()

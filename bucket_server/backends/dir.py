@@ -391,14 +391,17 @@ class DirBackend(Backend):
                         if limit is not None and info.st_size > limit:
                             failed.append(Failure(item.path, f"larger than the {limit} bytes listed"))
                             continue
-                        recorded, _ = self._sidecar(dirs, parts, info)
-                        if recorded == STALE:
-                            failed.append(Failure(item.path, "changed after it was published (its size or time "
-                                                  "differs from its digest record): refused"))
-                            continue
                         digest = item.digest  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
-                        if digest == STALE:  # published again since the listing
-                            digest = recorded
+                        if digest is None or split(digest) is None:  # the sidecar decides (STALE, no digest)
+                            recorded, _ = self._sidecar(dirs, parts, info)
+                            if recorded == STALE:
+                                failed.append(Failure(item.path, "changed after it was published (its size or "
+                                                      "time differs from its digest record): refused"))
+                                continue
+                            if digest == STALE:  # published again since the listing
+                                digest = recorded
+                        # else the bytes are checked against the listing's digest, which a file changed since
+                        # then fails: its sidecar need not be read a second time (one read per file, not two)
                         try:
                             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
                         except FileNotFoundError:

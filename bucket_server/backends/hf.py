@@ -7,6 +7,7 @@ process of the user, whatever token each holds. It is passed to HfApi per call, 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -272,6 +273,26 @@ def _xet_session() -> Any:
 
             _session = hf_xet.XetSession()
         return _session
+
+
+@dataclass(frozen=True)
+class XetConnection:
+    """Where a bucket's Xet storage is and a read token for it: what each download group needs first."""
+
+    refresh_route: str  # the bucket's xet-read-token URL, the same for every file of the bucket
+    endpoint: str
+    token: str
+    expires: float  # Unix seconds
+
+
+#: A connection is reused for at most this long (and never within a minute of its token's expiry): a
+#: server serves the burst of processes of one job, and a user whose access was taken away keeps it no
+#: longer than this.
+XET_CONNECTION_REUSE = 300.0
+XET_CONNECTION_MARGIN = 60.0
+_connections_lock = threading.Lock()
+#: (Hub endpoint, bucket, sha256 of the HF token) -> (connection, when it was fetched, monotonic).
+_connections: dict[tuple[str, str, str], tuple[XetConnection, float]] = {}
 
 
 def _any_bytes(items: Sequence[DownloadFile]) -> bool:
@@ -558,10 +579,11 @@ class HfBackend(Backend):
         transfers = [item for item in items if int(item.size) > 0]
         if not transfers:
             return {}
-        metadata = self.api.get_bucket_file_metadata(self.bucket_id, transfers[0].path, token=self.token)
         headers = build_hf_headers(token=self.token)
+        connection = self._xet_connection(transfers[0].path, headers)
         group = _xet_session().new_file_download_group(
-            token_refresh_url=metadata.xet_file_data.refresh_route, token_refresh_headers=headers,
+            endpoint=connection.endpoint, token=connection.token, token_expiry_unix_secs=int(connection.expires),
+            token_refresh_url=connection.refresh_route, token_refresh_headers=headers,
             custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
         )
         failed: dict[str, BaseException] = {}
@@ -569,8 +591,11 @@ class HfBackend(Backend):
             _join_each(group, transfers, verifier, failed, first_byte_within=self.policy.budget)
         except Exception as exc:
             if not failed:
+                self._forget_xet_connection()
                 raise
             log.debug("download group of %s closed with: %s", self.bucket_id, exc)  # a failure already counted
+        if failed:  # whatever failed, the next attempt asks the Hub for a fresh connection
+            self._forget_xet_connection()
         if failed and len(failed) == len(transfers):
             first = next(iter(failed.values()))
             cause = map_exception(first, f"download from {self.bucket_id}")
@@ -578,6 +603,52 @@ class HfBackend(Backend):
         for path, exc in failed.items():
             log.info("download from %s: %s did not come through: %s", self.bucket_id, path, exc)
         return {path: f"did not transfer: {type(exc).__name__}: {exc}" for path, exc in failed.items()}
+
+    def _connection_key(self) -> tuple[str, str, str]:
+        # The HF token only as a digest: a connection is never shared between tokens, and none is kept.
+        return (str(getattr(self.api, "endpoint", "")), self.bucket_id,
+                hashlib.sha256((self.token or "").encode("utf-8")).hexdigest())
+
+    def _forget_xet_connection(self) -> None:
+        with _connections_lock:
+            _connections.pop(self._connection_key(), None)
+
+    def _xet_connection(self, some_path: str, headers: dict[str, str]) -> XetConnection:
+        """The bucket's Xet connection, reused from an earlier download of this server while its token is
+        good: a download then makes no metadata request and no token request before its transfers (two
+        round trips of the Hub's; huggingface_hub's `download_bucket_files` makes both at every call). Else
+        the refresh route from one file's metadata ("same for all files in this bucket", as
+        huggingface_hub's `download_bucket_files` says), then a token from it."""
+        key = self._connection_key()
+        now = time.time()
+        with _connections_lock:
+            cached = _connections.get(key)
+        if cached is not None:
+            connection, fetched = cached
+            if time.monotonic() - fetched < XET_CONNECTION_REUSE and connection.expires - now > XET_CONNECTION_MARGIN:
+                return connection
+        route = cached[0].refresh_route if cached is not None else \
+            self.api.get_bucket_file_metadata(self.bucket_id, some_path, token=self.token).xet_file_data.refresh_route
+        connection = self._fetch_xet_connection(route, headers)
+        with _connections_lock:
+            _connections[key] = (connection, time.monotonic())
+        return connection
+
+    def _fetch_xet_connection(self, route: str, headers: dict[str, str]) -> XetConnection:
+        """A read token from the refresh route: the JSON `{"accessToken", "exp", "casUrl"}` hf_xet itself
+        expects of that route (its `new_file_download_group` docs)."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        response = get_session().get(route, headers=headers)
+        hf_raise_for_status(response)
+        body = response.json()
+        token, expires, endpoint = (body.get("accessToken"), body.get("exp"), body.get("casUrl")) \
+            if isinstance(body, dict) else (None, None, None)
+        if not (isinstance(token, str) and token and isinstance(endpoint, str) and endpoint
+                and isinstance(expires, (int, float)) and not isinstance(expires, bool) and math.isfinite(expires)):
+            raise BackendError(ErrorCode.INVALID_DATA, f"download from {self.bucket_id}: the Xet token route "
+                                                       "answered without a token, expiry and storage URL")
+        return XetConnection(route, endpoint, token, float(expires))
 
     def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
               progress: Progress | None = None) -> BatchResult:

@@ -54,7 +54,7 @@ def bucket_violations(listing: Iterable[Mapping[str, Any]], version: str,
             continue
         parts = path[len(prefix):].split("/")
         where = layout.split_version_path(version, path)
-        if where is not None and (where.record or where.manifest):  # metadata the publish writes, not entries
+        if where is not None and (where.record or where.manifest or where.stamp):  # metadata the publish writes, not entries
             continue
         if parts[-1] not in layout.PUBLISHABLE_FILES:
             problems.append(f"{path}: not an allow-listed file")
