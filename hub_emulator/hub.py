@@ -243,6 +243,12 @@ class RequestLog:
         with self._lock:
             return [(r.method, r.path) for r in self._items]
 
+    def since(self, index: int) -> list[RequestRecord]:
+        """The records from position `index` on (what a block that began at `len(log) == index` saw): O(new
+        records), where `records()` copies the whole log."""
+        with self._lock:
+            return self._items[index:]
+
     def count(self, method: str | None = None, path_regex: str | None = None) -> int:
         return len(self.records(method, path_regex))
 
