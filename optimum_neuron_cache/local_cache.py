@@ -10,7 +10,7 @@ import enum
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,21 +145,60 @@ class EntryState(str, enum.Enum):
         return self is EntryState.SUCCESS
 
 
-def read_entry_files(path: Path) -> dict[str, int]:
-    """Regular files directly inside an entry, name -> size. Symlinks and folders are ignored, never followed."""
-    files: dict[str, int] = {}
+class EntryFiles(Mapping[str, int]):
+    """The regular files directly inside an entry, name -> size. The names come from one read of the folder
+    (the kernel's file types: symlinks and folders are left out, never followed); each size is read (lstat)
+    the first time it is asked for, so that a warm run, which classifies its entries by their names only,
+    makes no stat call per file. A file gone by then reads as 0 bytes."""
+
+    __slots__ = ("_folder", "_names", "_sizes")
+
+    def __init__(self, folder: str, names: Iterable[str]) -> None:
+        self._folder = folder
+        self._names = frozenset(names)
+        self._sizes: dict[str, int] = {}
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(name)
+        size = self._sizes.get(name)
+        if size is None:
+            try:
+                info = os.lstat(os.path.join(self._folder, name))
+                size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+            except OSError:
+                size = 0
+            self._sizes[name] = size
+        return size
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"EntryFiles({sorted(self._names)!r})"
+
+
+def read_entry_files(path: Path) -> EntryFiles:
+    """Regular files directly inside an entry (see EntryFiles). Symlinks and folders are ignored, never followed."""
+    folder = os.fspath(path)
+    names = []
     try:
-        with os.scandir(path) as it:
+        with os.scandir(folder) as it:
             for item in it:
                 try:
-                    info = item.stat(follow_symlinks=False)
+                    if item.is_file(follow_symlinks=False):
+                        names.append(item.name)
                 except OSError:
                     continue
-                if stat.S_ISREG(info.st_mode):
-                    files[item.name] = info.st_size
     except (FileNotFoundError, NotADirectoryError):
-        return {}
-    return files
+        return EntryFiles(folder, ())
+    return EntryFiles(folder, names)
 
 
 def classify(files: Mapping[str, int], compiler_version: str) -> EntryState:
