@@ -380,7 +380,7 @@ def _digests_of(items: Sequence[AddFile]) -> dict[str, str]:
     digests = {}
     for item in items:
         try:
-            digests[item.dest] = file_digest(str(item.local_path), algorithm)
+            digests[item.dest] = file_digest(str(item.local_path), algorithm, every_core=False)  # beside the upload
         except OSError:
             continue
     return digests
