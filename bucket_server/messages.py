@@ -30,6 +30,10 @@ from typing import Any, Union
 
 #: No file of a cache entry or record is this large: a listing that says so is corrupt or hostile.
 MAX_FILE_BYTES = 2**40
+#: The digest a directory bucket lists for a file whose sidecar does not describe it (changed after it was
+#: published, or the sidecar tampered with): never handed over, never a version of anything. One value, for
+#: the backend that lists it and every reader.
+STALE_DIGEST = "stale"
 #: A request or reply's byte total (a sum of file sizes) is below this: exactly representable as a float.
 MAX_TOTAL_BYTES = 2**53
 #: The longest remote path accepted (buckets have their own, smaller limits).
@@ -158,8 +162,8 @@ class FileItem:
     size: int
     xet_hash: str | None = None
     mtime: float | None = None
-    #: What the bytes hash to (`xet:<hex>`, `blake3:<hex>`, `sha256:<hex>`), "stale" for a directory bucket's
-    #: file changed after it was published, or None.
+    #: What the bytes hash to (`xet:<hex>`, `blake3:<hex>`, `sha256:<hex>`), STALE_DIGEST for a directory
+    #: bucket's file changed after it was published, or None.
     digest: str | None = None
     #: When the bucket got the file (the Hub's upload time; a directory bucket's file time), or None. `mtime`
     #: is, on the Hub, the uploader's local file time: ages (prune, scrub) are judged by this one.

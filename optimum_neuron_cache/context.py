@@ -107,7 +107,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             bucket=str(self._bucket), cache_dir=self._root.path, enabled=self._root.path is not None,
         )
         self._client: BucketClient | None = None
-        self._embedded: bool | None = None
+        #: Whether the bucket is the embedded default (a missing one is then created, never an error).
+        self._embedded = self._bucket == embedded_default()
         self._client_later = False
         self._remote_ok = True
         self._area: str | None = None
@@ -170,17 +171,12 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self.run.requests = self._client.requests
 
     # -------------------------------------------------------------------------------- enter
-    def _is_embedded_default(self) -> bool:
-        if self._embedded is None:  # asked on enter and on exit; the answer reads the environment and a path
-            self._embedded = self._bucket == embedded_default()
-        return self._embedded
-
     def __enter__(self) -> CacheRun:
         if self._root.path is None:
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
             return self.run
         root = self._root.path
-        if not self._is_embedded_default() and (line := unpinned_target_warning(self._version, str(self._bucket))):
+        if not self._embedded and (line := unpinned_target_warning(self._version, str(self._bucket))):
             self._warn(line)  # compilers up to 2.15: the target is not in the MODULE name (once per process)
         try:
             HostState(root).remove_stale_temp_dirs()
@@ -202,7 +198,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         try:
             self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
-                                  self._task, local, missing_bucket_is_empty=self._is_embedded_default(),
+                                  self._task, local, missing_bucket_is_empty=self._embedded,
                                   memo=gate.previous if gate is not None else None)
         except NeuronCacheError as exc:
             self._remote_failed("fetch", exc)
@@ -505,7 +501,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return
         publication = publish(self._client, root, self._journal_key(), candidates, area=self._area,
                               known_in_area=self._area_modules, records=writes, record=self._journal_record,
-                              create_bucket=self._is_embedded_default())
+                              create_bucket=self._embedded)
         self._journal_record = publication.record
         self.run.synced = [layout.flat_entry_prefix(self._version, name) for name in sorted(publication.result.published)]
         self.run.bytes_uploaded = publication.result.bytes_uploaded

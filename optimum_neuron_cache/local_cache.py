@@ -151,11 +151,12 @@ class EntryFiles(Mapping[str, int]):
     the first time it is asked for, so that a warm run, which classifies its entries by their names only,
     makes no stat call per file. A file gone by then reads as 0 bytes."""
 
-    __slots__ = ("_folder", "_names", "_sizes")
+    __slots__ = ("_folder", "_names", "_order", "_sizes")
 
     def __init__(self, folder: str, names: Iterable[str]) -> None:
         self._folder = folder
-        self._names = frozenset(names)
+        self._order = tuple(sorted(set(names)))
+        self._names = frozenset(self._order)
         self._sizes: dict[str, int] = {}
 
     def __getitem__(self, name: str) -> int:
@@ -175,13 +176,13 @@ class EntryFiles(Mapping[str, int]):
         return name in self._names
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._names))
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._names)
 
     def __repr__(self) -> str:
-        return f"EntryFiles({sorted(self._names)!r})"
+        return f"EntryFiles({list(self._order)!r})"
 
 
 def read_entry_files(path: Path) -> EntryFiles:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bucket_server.messages import MAX_FILE_BYTES as _MESSAGES_MAX_FILE_BYTES
+from bucket_server.messages import STALE_DIGEST
 
 from .errors import ConfigurationError, InvalidModelIdError
 from .local_cache import DONE, NEFF, is_module_name, version_dir_name, version_from_dir_name
@@ -284,7 +285,7 @@ def stamp_token(item: Mapping[str, Any] | None) -> str | None:
     if item is None or item.get("type", "file") != "file":
         return None
     remote = remote_file(item)
-    if remote is None or not (remote.xet_hash or remote.digest) or remote.digest == "stale":
+    if remote is None or not (remote.xet_hash or remote.digest) or remote.digest == STALE_DIGEST:
         return None
     return f"{remote.size}:{remote.xet_hash or ''}:{remote.digest or ''}"
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bucket_server.messages import STALE_DIGEST
+
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import NEFF
@@ -37,8 +39,6 @@ from .survey import BucketSurvey, ListedFile, RemoteEntry, VersionSurvey
 DEFAULT_STALE_AFTER = 24 * 3600.0
 #: Bytes read back per download request when scrubbing by reading (the temp folder holds at most this much).
 READ_BATCH_BYTES = 2 << 30
-#: What a listing gives as the digest of a directory bucket's file changed after it was published.
-STALE_DIGEST = "stale"
 
 
 class Problem(str, enum.Enum):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bucket_server.messages import STALE_DIGEST
+
 from .prune import PrunePlan, PrunePolicy, plan_prune
 from .survey import BucketSurvey, VersionSurvey
-
-STALE_DIGEST = "stale"
 
 
 @dataclass

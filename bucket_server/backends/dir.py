@@ -26,7 +26,7 @@ from typing import Any
 
 from ..messages import (
     LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, Failure,
-    FileItem, FolderItem, InfoResult, ListItem,
+    STALE_DIGEST, FileItem, FolderItem, InfoResult, ListItem,
 )
 from ..protocol import ErrorCode
 from ..digests import StreamVerifier, file_digest, publish_algorithm, split
@@ -46,7 +46,7 @@ HIDDEN = (INCOMING, DIGESTS)
 NO_DIGEST = "none"
 #: What a listing gives as the digest of a file whose sidecar does not describe it: changed after it was
 #: published (or the sidecar was tampered with). `download` refuses such a file.
-STALE = "stale"
+STALE = STALE_DIGEST
 SIDECAR_MAX_BYTES = 4096
 #: `.incoming/` files of a dead writer of this host are swept at once; any writer's after this long.
 INCOMING_MAX_AGE = 24 * 3600.0
