@@ -100,8 +100,64 @@ class _Connection:
         self.sock: socket.socket | None = None
         self.server_info: dict[str, Any] = {}
         self.next_id = 0
+        #: The id of a handshake sent ahead (`start_handshake`) whose reply the next request reads first.
+        self.handshake: int | None = None
         #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
         self.timeout = settings.request_timeout(environ)
+
+    def start_handshake(self) -> None:
+        """Connect and send the handshake now, without waiting for its reply: the first request reads it, so the
+        round trip overlaps whatever the caller does meanwhile (a warm run's local scan and journal). Only a
+        server that is running and not busy is connected to here: starting one, a full backlog and every
+        failure are left to the first request, which meets them as it would without this."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self.sock is not None:
+                return
+            try:
+                sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid,
+                                      on_busy=_leave_to_the_request)
+            except Exception:
+                return
+            try:
+                hello = self._hello()
+                sock.sendall(encode(hello))
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, Exception):  # Ctrl-C goes up; a failed send is the request's to meet
+                    raise
+                return
+            self.sock, self.handshake = sock, hello["id"]
+        finally:
+            self.lock.release()
+
+    def _finish_handshake(self) -> None:
+        """Read the reply of the handshake `start_handshake` sent; a connection that failed meanwhile is
+        closed, for the request to connect anew as it would have."""
+        hello_id, self.handshake = self.handshake, None
+        if hello_id is None or self.sock is None:
+            return
+        try:
+            reply = self._await(hello_id)
+        except (OSError, FrameError):
+            self.close()
+            return
+        self._check_hello(reply)
+
+    def _hello(self) -> dict[str, Any]:
+        return self._numbered({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
+
+    def _check_hello(self, reply: dict[str, Any]) -> None:
+        """Take the server's handshake reply, or hang up and raise (ProtocolMismatchError: the caller replaces
+        the server)."""
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            self.close()  # a server of another protocol may have run a request sent behind the handshake: read-only, so harmless
+            if error.get("code") == ErrorCode.PROTOCOL_MISMATCH.value:
+                raise ProtocolMismatchError(f"bucket server at {self.address.socket_path}: {error.get('message')}")
+            raise ServerError(f"bucket server handshake failed: {error.get('message')}")
+        self.server_info = reply["result"]
 
     def _connect(self, first: dict[str, Any] | None = None) -> int | None:
         """Connect and shake hands; with `first` (a read-only request), send it right behind the handshake and
@@ -129,17 +185,10 @@ class _Connection:
         except (FileNotFoundError, ConnectionRefusedError):
             ensure_server(self.address, self.environ)
             self.sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid)
-        hello = self._numbered({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
+        hello = self._hello()
         frames = [hello] if first is None else [hello, self._numbered(first)]
         self.sock.sendall(b"".join(encode(frame) for frame in frames))
-        reply = self._await(hello["id"])
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            self.close()  # a server of another protocol may have run `first`: read-only, so harmless
-            if error.get("code") == ErrorCode.PROTOCOL_MISMATCH.value:
-                raise ProtocolMismatchError(f"bucket server at {self.address.socket_path}: {error.get('message')}")
-            raise ServerError(f"bucket server handshake failed: {error.get('message')}")
-        self.server_info = reply["result"]
+        self._check_hello(self._await(hello["id"]))
         return frames[1]["id"] if first is not None else None
 
     def _numbered(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -172,6 +221,7 @@ class _Connection:
             return reply
 
     def close(self) -> None:
+        self.handshake = None
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -183,6 +233,8 @@ class _Connection:
         with self.lock:
             for attempt in range(attempts):
                 try:
+                    if self.handshake is not None:
+                        self._finish_handshake()
                     if self.sock is None:
                         first = self._connect(message if message["op"] in _PIPELINED and progress is None else None)
                         if first is not None:
@@ -220,14 +272,23 @@ class _Connection:
             rundir.unlink(self.address.socket_path.name)
 
 
+class _Busy(Exception):
+    """The server's listen backlog is full: an early handshake leaves the waiting to the request."""
+
+
+def _leave_to_the_request() -> None:
+    raise _Busy()
+
+
 #: One connection per (socket, pid): a deliberate cache, so the handshake is paid once per process.
 #: The pid is part of the key so that a fork()ed child never shares its parent's socket.
 _connections: dict[tuple[Path, int], _Connection] = {}
 _connections_lock = threading.Lock()
 
 
-def _connection(environ: Mapping[str, str]) -> _Connection:
-    address = server_address(environ)
+def _connection(environ: Mapping[str, str], address: ServerAddress | None = None) -> _Connection:
+    """This process's connection to the server of `environ` (at `address` when the caller knows it already)."""
+    address = server_address(environ) if address is None else address
     key = (address.socket_path, os.getpid())
     with _connections_lock:
         conn = _connections.get(key)
@@ -319,6 +380,20 @@ class BucketClient:
         self._token = read_token(env) if bucket.kind == "hf" else None
         #: Requests sent by this client: the figure benchmarks and "cheap when warm" are judged by.
         self.requests = 0
+        self._address: ServerAddress | None = None  # the server's, worked out at the first request
+
+    def _connection(self) -> _Connection:
+        if self._address is None:
+            self._address = server_address(self.environ)
+        return _connection(self.environ, self._address)
+
+    def connect_ahead(self) -> None:
+        """Start connecting to a running server now (see `_Connection.start_handshake`): the first request then
+        finds the handshake done. Never raises, never starts a server, sends no request."""
+        try:
+            self._connection().start_handshake()
+        except Exception:
+            return  # a bad address or setting: the first request raises it, as it would without this
 
     def send(self, request: Any, *, progress: ProgressCallback | None = None) -> Any:
         """Send one typed request (a request class of bucket_server.messages) and return its typed result,
@@ -329,7 +404,7 @@ class BucketClient:
         if self._token:
             message["auth"] = {"token": self._token}
         self.requests += 1
-        return result_of(op, _connection(self.environ).request(message, progress), f"bucket {self.bucket}")
+        return result_of(op, self._connection().request(message, progress), f"bucket {self.bucket}")
 
     # Bucket operations (see bucket_server.backends.base.Backend for their contracts); each returns the
     # validated result in its wire form.

@@ -176,6 +176,10 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
             return self.run
         root = self._root.path
+        gate = self._gate(root)
+        leading = gate is None or self._lead(gate)
+        if leading:  # this process fetches: its handshake with the server runs while it reads its cache below
+            self._connect_ahead()
         if not self._embedded and (line := unpinned_target_warning(self._version, str(self._bucket))):
             self._warn(line)  # compilers up to 2.15: the target is not in the MODULE name (once per process)
         try:
@@ -186,8 +190,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._local = local
         self._before = {name: entry.state for name, entry in local.items()}
         self._open_journal(root, local)
-        gate = self._gate(root)
-        if gate is not None and not self._lead(gate):
+        if gate is not None and not leading:
             note = self._wait(gate)
             if note is not None:  # another process of this host fetched this very area meanwhile: take its note
                 self._take_note(note)
@@ -196,7 +199,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             gate = gate if self._lead(gate) else None  # it died or gave up: fetch here
         note: FetchNote | None = None
         try:
-            self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
+            if self._client is None:
+                self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
                                   self._task, local, missing_bucket_is_empty=self._embedded,
                                   memo=gate.previous if gate is not None else None)
@@ -249,6 +253,16 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return HostFetchGate(HostState(root).fetch_gate_path(key), key)
         except OSError:
             return None
+
+    def _connect_ahead(self) -> None:
+        """The fetching process's client, connecting to a running server at once (`BucketClient.connect_ahead`):
+        the handshake's round trip overlaps the local scan and the journal. A client that cannot be made is
+        made again in the fetch, which meets the error there."""
+        try:
+            self._client = BucketClient(self._bucket)
+        except Exception:
+            return
+        self._client.connect_ahead()
 
     @staticmethod
     def _wait(gate: HostFetchGate) -> FetchNote | None:
