@@ -100,40 +100,58 @@ class _Connection:
         self.sock: socket.socket | None = None
         self.server_info: dict[str, Any] = {}
         self.next_id = 0
-        #: The id of a handshake sent ahead (`start_handshake`) whose reply the next request reads first.
+        #: The id of a handshake sent ahead (`send_ahead`) whose reply the next request reads first.
         self.handshake: int | None = None
+        #: A read-only request sent ahead (`send_ahead`): (its id, the message without its id). The next request
+        #: reads its reply: its own if it is the same message, else the reply is dropped.
+        self.ahead: tuple[int, dict[str, Any]] | None = None
         #: The server sends a frame at least every 5 s while a request runs: silence this long means it hung.
         self.timeout = settings.request_timeout(environ)
 
-    def start_handshake(self) -> None:
-        """Connect and send the handshake now, without waiting for its reply: the first request reads it, so the
-        round trip overlaps whatever the caller does meanwhile (a warm run's local scan and journal). Only a
-        server that is running and not busy is connected to here: starting one, a full backlog and every
-        failure are left to the first request, which meets them as it would without this."""
-        if not self.lock.acquire(blocking=False):
-            return
+    def send_ahead(self, first: dict[str, Any] | None = None) -> bool:
+        """Connect and send the handshake now, without waiting for its reply (the next request reads it), so the
+        round trip overlaps whatever the caller does meanwhile (a warm run's local scan and journal). With
+        `first` (a read-only request the caller expects to send next), send it too, behind the handshake or on
+        the connection already open: the next request that is the same message takes its reply, any other
+        drops it. Only a server that is running and not busy is connected to here: starting one, a full backlog
+        and every failure are left to the next request, which meets them as it would without this. Returns
+        whether `first` was sent."""
+        if not self.lock.acquire(blocking=False):  # another thread of this process is talking to the server
+            return False
         try:
-            if self.sock is not None:
-                return
+            if self.ahead is not None:
+                return False
+            sock, frames = self.sock, []
+            if sock is None:
+                try:
+                    sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid,
+                                          on_busy=_leave_to_the_request)
+                except Exception:
+                    return False
+                frames.append(self._hello())
+            if first is not None and first["op"] in _PIPELINED:
+                frames.append(self._numbered(dict(first)))
+            if not frames:
+                return False
             try:
-                sock = connect_server(self.address, self.timeout, expected_uid=self.expected_uid,
-                                      on_busy=_leave_to_the_request)
-            except Exception:
-                return
-            try:
-                hello = self._hello()
-                sock.sendall(encode(hello))
+                sock.sendall(b"".join(encode(frame) for frame in frames))
             except BaseException as exc:
                 sock.close()
+                self.close()
                 if not isinstance(exc, Exception):  # Ctrl-C goes up; a failed send is the request's to meet
                     raise
-                return
-            self.sock, self.handshake = sock, hello["id"]
+                return False
+            if self.sock is None:
+                self.sock, self.handshake = sock, frames[0]["id"]
+            if frames[-1]["op"] != "hello":
+                self.ahead = (frames[-1]["id"], dict(first))  # type: ignore[arg-type]
+                return True
+            return False
         finally:
             self.lock.release()
 
     def _finish_handshake(self) -> None:
-        """Read the reply of the handshake `start_handshake` sent; a connection that failed meanwhile is
+        """Read the reply of the handshake `send_ahead` sent; a connection that failed meanwhile is
         closed, for the request to connect anew as it would have."""
         hello_id, self.handshake = self.handshake, None
         if hello_id is None or self.sock is None:
@@ -144,6 +162,20 @@ class _Connection:
             self.close()
             return
         self._check_hello(reply)
+
+    def _take_ahead(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply of the request sent ahead when it is `message`; else it is read and dropped (None). A
+        connection that failed meanwhile is closed (None), for the request to connect anew."""
+        assert self.ahead is not None
+        (ahead_id, sent), self.ahead = self.ahead, None
+        if self.sock is None:
+            return None
+        try:
+            reply = self._await(ahead_id)
+        except (OSError, FrameError):
+            self.close()
+            return None
+        return reply if sent == message else None
 
     def _hello(self) -> dict[str, Any]:
         return self._numbered({"op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client_version": __version__}})
@@ -221,7 +253,7 @@ class _Connection:
             return reply
 
     def close(self) -> None:
-        self.handshake = None
+        self.handshake = self.ahead = None
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -229,17 +261,23 @@ class _Connection:
                 self.sock = None
 
     def request(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        return self.request_counted(message, progress)[0]
+
+    def request_counted(self, message: dict[str, Any], progress: ProgressCallback | None = None) -> tuple[dict[str, Any], bool]:
+        """The reply to `message`, and whether it was sent here (False: it was sent ahead, `send_ahead`)."""
         attempts = 2 if message["op"] in IDEMPOTENT else 1
         with self.lock:
             for attempt in range(attempts):
                 try:
                     if self.handshake is not None:
                         self._finish_handshake()
+                    if self.ahead is not None and (reply := self._take_ahead(message)) is not None:
+                        return reply, False
                     if self.sock is None:
                         first = self._connect(message if message["op"] in _PIPELINED and progress is None else None)
                         if first is not None:
-                            return self._await(first)
-                    return self._exchange(dict(message), progress)
+                            return self._await(first), True
+                    return self._exchange(dict(message), progress), True
                 except ProtocolMismatchError:
                     self._replace_server()
                     if attempt + 1 == attempts:
@@ -387,11 +425,20 @@ class BucketClient:
             self._address = server_address(self.environ)
         return _connection(self.environ, self._address)
 
-    def connect_ahead(self) -> None:
-        """Start connecting to a running server now (see `_Connection.start_handshake`): the first request then
-        finds the handshake done. Never raises, never starts a server, sends no request."""
+    def _message(self, request: Any) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": op_of(request).name, "args": request.to_wire(), "bucket": self.bucket.to_wire()}
+        if self._token:
+            message["auth"] = {"token": self._token}
+        return message
+
+    def connect_ahead(self, first: PathsInfoRequest | ListRequest | InfoRequest | None = None) -> None:
+        """Start connecting to a running server now (see `_Connection.send_ahead`): the next request then finds
+        the handshake done. With `first`, a read-only request this client expects to send next, send it too,
+        on a new connection or the one already open: sending the same request later takes its reply (any other
+        request drops it). Never raises, never starts a server."""
         try:
-            self._connection().start_handshake()
+            if self._connection().send_ahead(self._message(first) if first is not None else None):
+                self.requests += 1
         except Exception:
             return  # a bad address or setting: the first request raises it, as it would without this
 
@@ -399,12 +446,12 @@ class BucketClient:
         """Send one typed request (a request class of bucket_server.messages) and return its typed result,
         validated here, once. An error reply raises its typed exception; a result that cannot be trusted
         raises RemoteInvalidDataError; a listing's untrusted items are left out, with one warning."""
-        op = op_of(request).name
-        message: dict[str, Any] = {"op": op, "args": request.to_wire(), "bucket": self.bucket.to_wire()}
-        if self._token:
-            message["auth"] = {"token": self._token}
+        message = self._message(request)
         self.requests += 1
-        return result_of(op, self._connection().request(message, progress), f"bucket {self.bucket}")
+        reply, sent = self._connection().request_counted(message, progress)
+        if not sent:  # sent ahead, and counted then
+            self.requests -= 1
+        return result_of(message["op"], reply, f"bucket {self.bucket}")
 
     # Bucket operations (see bucket_server.backends.base.Backend for their contracts); each returns the
     # validated result in its wire form.

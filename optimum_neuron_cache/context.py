@@ -22,7 +22,7 @@ from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
-from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model
+from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model, stamp_request
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
@@ -178,8 +178,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         root = self._root.path
         gate = self._gate(root)
         leading = gate is None or self._lead(gate)
-        if leading:  # this process fetches: its handshake with the server runs while it reads its cache below
-            self._connect_ahead()
+        if leading:  # this process fetches: its first request runs while it reads its cache below
+            self._connect_ahead(gate.previous if gate is not None else None)
         if not self._embedded and (line := unpinned_target_warning(self._version, str(self._bucket))):
             self._warn(line)  # compilers up to 2.15: the target is not in the MODULE name (once per process)
         try:
@@ -254,15 +254,17 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         except OSError:
             return None
 
-    def _connect_ahead(self) -> None:
-        """The fetching process's client, connecting to a running server at once (`BucketClient.connect_ahead`):
-        the handshake's round trip overlaps the local scan and the journal. A client that cannot be made is
-        made again in the fetch, which meets the error there."""
+    def _connect_ahead(self, memo: FetchNote | None) -> None:
+        """The fetching process's client, connecting to a running server at once (`BucketClient.connect_ahead`),
+        with the paths-info of the area's stamp right behind the handshake when this host's last fetch of the
+        area may stand in for a listing (`fetch.stamp_request`): a warm run's one request overlaps its local scan
+        and journal. A client that cannot be made is made again in the fetch, which meets the error there."""
         try:
             self._client = BucketClient(self._bucket)
         except Exception:
             return
-        self._client.connect_ahead()
+        first = stamp_request(memo, self._version, time.time()) if self._model is not None else None
+        self._client.connect_ahead(first)
 
     @staticmethod
     def _wait(gate: HostFetchGate) -> FetchNote | None:

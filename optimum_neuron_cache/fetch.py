@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from filelock import Timeout
 
+from bucket_server.messages import PathsInfoRequest
 from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import crashpoints
@@ -307,14 +308,31 @@ def with_pr1102_area(client: BucketClient, plan: FetchPlan, folder: str, task: s
 MEMO_SECONDS = 600.0
 
 
-def memo_applies(memo: FetchNote | None, compiler_version: str, local: Mapping[str, LocalEntry], now: float) -> bool:
-    """Whether this host's last fetch of the area (its note) may stand in for a listing, provided the area's stamp
-    is still the one it saw (pure): that fetch listed the area less than MEMO_SECONDS ago and found a stamp,
-    and every complete entry it found is complete here (else there is something to install or replace)."""
+def memo_fresh(memo: FetchNote | None, compiler_version: str, now: float) -> bool:
+    """What `memo_applies` asks of the note alone (pure): it listed an area of this compiler less than
+    MEMO_SECONDS ago and found a stamp there."""
     return (memo is not None and memo.ok and memo.stamp is not None and memo.area is not None
             and memo.area.startswith(layout.models_prefix(compiler_version) + "/")
-            and 0 <= now - memo.listed_at < MEMO_SECONDS
+            and 0 <= now - memo.listed_at < MEMO_SECONDS)
+
+
+def memo_applies(memo: FetchNote | None, compiler_version: str, local: Mapping[str, LocalEntry], now: float) -> bool:
+    """Whether this host's last fetch of the area (its note) may stand in for a listing, provided the area's stamp
+    is still the one it saw (pure): the note is fresh (`memo_fresh`), and every complete entry it found is
+    complete here (else there is something to install or replace)."""
+    return (memo_fresh(memo, compiler_version, now) and memo is not None
             and all((entry := local.get(module)) is not None and entry.state.publishable for module in memo.remote_modules))
+
+
+def stamp_request(memo: FetchNote | None, compiler_version: str, now: float) -> PathsInfoRequest | None:
+    """The request `plan_fetch` sends first when `memo` applies (the paths-info of `read_stamp`), or None when the
+    note alone shows it cannot apply. A warm run sends it ahead, behind its handshake, before reading its local
+    cache (`BucketClient.connect_ahead`); when the local cache then shows the memo does not apply, its reply is
+    dropped and the area listed, one request more."""
+    if not memo_fresh(memo, compiler_version, now):
+        return None
+    assert memo is not None and memo.area is not None
+    return PathsInfoRequest((layout.area_stamp_path(memo.area),))
 
 
 def memo_plan(memo: FetchNote, compiler_version: str) -> FetchPlan:
