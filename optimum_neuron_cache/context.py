@@ -30,7 +30,7 @@ from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
 from .publish import close, publish
-from .records import CachedExport, compiler_flags, exit_records, make_record
+from .records import CachedExport, compiler_flags, exit_records, record_id_for
 from .sigterm import SigtermHook
 from .stats import Stats, record_run
 from .sync import RecordWrite
@@ -438,9 +438,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             log.debug("optimum-neuron-cache: could not read the export records: %s", exc)
             return
         flags = compiler_flags()
-        mine = make_record(self._model.model_id, self._task, self._version, self._export_config or {}, []) \
-            if self._export_config is not None else None
-        same = [r for r in records if mine is not None and r.record_id == mine.record_id]
+        mine = record_id_for(self._export_config) if self._export_config is not None else None
+        same = [r for r in records if r.record_id == mine]
         if same:
             missing = sorted(set(same[0].modules) - set(self._area_modules))
             self._miss(f"the record of this configuration lists {len(same[0].modules)} entries, the bucket held "

@@ -83,10 +83,7 @@ class ExportRecord:
         """The record's id: a digest of its export config, compile flags and target, so one configuration has one
         record per target (a trn1 and a trn2 compile of it never overwrite each other). Without a target the
         digest is the one of records from before targets were recorded."""
-        key: dict[str, Any] = {"export_config": self.export_config, "compile_flags": self.compile_flags}
-        if self.target is not None:
-            key["target"] = self.target
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        return _record_id(self.export_config, self.compile_flags, self.target)
 
     @property
     def effective_target(self) -> str | None:
@@ -96,6 +93,20 @@ class ExportRecord:
     def to_json(self) -> str:
         """The record as stored in the bucket."""
         return json.dumps(asdict(self), sort_keys=True, indent=1) + "\n"
+
+
+def _record_id(export_config: Mapping[str, Any], compile_flags: list[str], target: str | None) -> str:
+    key: dict[str, Any] = {"export_config": export_config, "compile_flags": compile_flags}
+    if target is not None:
+        key["target"] = target
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def record_id_for(export_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> str:
+    """The id `make_record` would give a record of `export_config` here, without making the record: what an exit
+    asks of each configuration to know whether its record is in the bucket already."""
+    found = compile_target(environ, export_config)
+    return _record_id(_canonical(dict(export_config)), compiler_flags(environ), found.target if found else None)
 
 
 def make_record(model_id: str, task: str, compiler_version: str, export_config: Mapping[str, Any],
@@ -143,18 +154,17 @@ def exit_records(model_id: str, task: str, compiler_version: str, area: str, ent
     """
     configs: dict[str, tuple[Mapping[str, Any], set[str]]] = {}
     for earlier_config, names in earlier:
-        probe = make_record(model_id, task, compiler_version, earlier_config, [])
-        configs.setdefault(probe.record_id, (earlier_config, set()))[1].update(names)
+        configs.setdefault(record_id_for(earlier_config), (earlier_config, set()))[1].update(names)
     if config is not None:
-        probe = make_record(model_id, task, compiler_version, config, [])
-        before = configs.get(probe.record_id, ({}, set()))[1]
+        record_id = record_id_for(config)
+        before = configs.get(record_id, ({}, set()))[1]
         if compiled or before:
             modules = set(compiled) | before
-        elif f"{probe.record_id}.json" in recorded:
+        elif f"{record_id}.json" in recorded:
             modules = set()  # recorded already, and nothing new was compiled
         else:
             modules = set(used)
-        configs[probe.record_id] = (config, modules)
+        configs[record_id] = (config, modules)
     digests = {record.record_id: record.digests for record in previous if record.digests}
     writes = []
     for record_id, (record_config, modules) in sorted(configs.items()):

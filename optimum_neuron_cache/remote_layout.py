@@ -121,8 +121,8 @@ def _local_model_folder(path: Path) -> str:
 def model_ref(model_id: str | os.PathLike[str]) -> ModelRef:
     """Validate a model id and give its bucket folder. Local directories are keyed by content."""
     text = os.fspath(model_id)
-    path = Path(text).expanduser()
-    if text and path.is_dir():  # as transformers' from_pretrained does: an existing directory is local
+    if text and os.path.isdir(os.path.expanduser(text)):  # as transformers' from_pretrained does: an existing directory is local
+        path = Path(text).expanduser()
         return ModelRef(model_id=str(path.resolve()), folder=_local_model_folder(path.resolve()), is_local=True)
     parts = text.split("/")
     if not text or len(parts) > 2:

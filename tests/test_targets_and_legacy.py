@@ -22,7 +22,7 @@ from optimum_neuron_cache.errors import ConfigurationError
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
 from optimum_neuron_cache.neuron_sdk import compile_target, instance_type, normalize_target, target_from_flags
-from optimum_neuron_cache.records import ExportRecord, make_record, parse_record
+from optimum_neuron_cache.records import ExportRecord, make_record, parse_record, record_id_for
 from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 
 CONFIG = {"batch_size": 1, "sequence_length": 1024, "auto_cast_type": "bf16"}
@@ -87,6 +87,10 @@ def test_one_configuration_has_one_record_per_target():
     untargeted = ExportRecord("gpt2", "default", "2.21.0.0", CONFIG, [])
     old_key = json.dumps({"export_config": CONFIG, "compile_flags": []}, sort_keys=True)
     assert untargeted.record_id == hashlib.sha256(old_key.encode()).hexdigest()[:16]
+    # What an exit asks (is this configuration's record in the bucket?) is the id of the record it would write.
+    for env in ({"NEURON_PLATFORM_TARGET_OVERRIDE": "trn2"}, {"NEURON_CC_FLAGS": "--target=inf2 -O1 --cache_dir=/x"}, {}):
+        for config in (CONFIG, {"batch_size": 1, "nested": {"b": [1, 2], "a": 1.5}}):
+            assert record_id_for(config, env) == make_record("gpt2", "default", "2.21.0.0", config, [], env).record_id
 
 
 def test_old_records_stay_readable_and_hostile_targets_are_refused(caplog):
