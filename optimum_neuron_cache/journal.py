@@ -108,6 +108,17 @@ class RunRecord:
         return found
 
 
+_own_starts: dict[int, int | None] = {}
+
+
+def _own_start(pid: int) -> int | None:
+    """This process's start time (`pid_start`), read once per process: it never changes while the process runs
+    (keyed by pid, so a forked child reads its own)."""
+    if pid not in _own_starts:
+        _own_starts[pid] = pid_start(pid)
+    return _own_starts[pid]
+
+
 def _host_digest() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -138,12 +149,16 @@ class Journal:
         self.folder = root / STATE_DIR_NAME / JOURNAL_DIR
 
     def begin(self, record: RunRecord) -> RunRecord:
-        """Write a new record of this process; returns it with its path."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write a new record of this process; returns it with its path. The folder is made when missing (the
+        first run of a cache root), not checked at every enter."""
         pid = os.getpid()
-        name = f"{record.key.digest}-{_host_digest()}-{pid}-{pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}"
+        name = f"{record.key.digest}-{_host_digest()}-{pid}-{_own_start(pid) or 0}-{uuid.uuid4().hex[:8]}"
         written = replace(record, path=self.folder / (name + (".json" if record.open else CLOSED_SUFFIX)))
-        self._write(written)
+        try:
+            self._write(written)
+        except FileNotFoundError:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write(written)
         return written
 
     def update(self, record: RunRecord, **changes: Any) -> RunRecord:
