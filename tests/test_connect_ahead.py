@@ -11,7 +11,7 @@ import socket
 import threading
 from pathlib import Path
 
-from bucket_server.messages import ListRequest, PathsInfoRequest
+from bucket_server.messages import PathsInfoRequest
 from bucket_server.protocol import read_frame, write_frame
 from optimum_neuron_cache import client as client_module
 from optimum_neuron_cache.buckets import BucketRef
