@@ -5,4 +5,4 @@ caller's own, possibly pinned, `huggingface_hub` never matters. Importing this p
 the standard library: the client side (`optimum_neuron_cache.client`) uses `bucket_server.protocol`.
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3

@@ -503,6 +503,55 @@ class BatchRequest:
                 "delete": list(self.delete)}
 
 
+#: A commit applies at most this many phases (a publish needs two).
+MAX_PHASES = 8
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """Upload the bytes of files that a `commit` on the same connection will add, and add them nowhere yet:
+    a publish then pays one transfer session for all its batches. Files marked `describe` come back with
+    their Xet hash and digest (keyed by `dest`), which is what the publisher writes its manifests from."""
+
+    add: tuple[AddFile, ...] = ()
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "StageRequest":
+        """Every path must be safe, every local path absolute."""
+        args = _args(value, "stage")
+        return cls(tuple(AddFile.from_wire(item) for item in wire_array(args.get("add", []), "add")))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"add"}."""
+        return {"add": [item.to_wire() for item in self.add]}
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Batches applied in order, each only once the one before it has landed whole: what makes "content
+    before commit file" one request. `stage` names a stage of this connection whose bytes the adds reuse
+    (by local path or content), "" for none; every other byte is uploaded before the first phase."""
+
+    stage: str = ""
+    phases: tuple[BatchRequest, ...] = ()
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "CommitRequest":
+        """One to MAX_PHASES phases, each a batch's args."""
+        args = _args(value, "commit")
+        stage = args.get("stage", "")
+        if not isinstance(stage, str) or len(stage) > 64:
+            raise MessageError(f"stage must be a short string, got {_short(stage)}")
+        phases = wire_array(args.get("phases"), "phases")
+        if not 1 <= len(phases) <= MAX_PHASES:
+            raise MessageError(f"a commit has 1 to {MAX_PHASES} phases, got {len(phases)}")
+        return cls(stage, tuple(BatchRequest.from_wire(phase) for phase in phases))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"stage", "phases"}."""
+        return {"stage": self.stage, "phases": [phase.to_wire() for phase in self.phases]}
+
+
 # ---------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class StatusResult:
@@ -689,6 +738,46 @@ class BatchResult:
         if self.described:
             wire["described"] = {dest: info.to_wire() for dest, info in self.described.items()}
         return wire
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The stage's name on this connection ("" when the backend stages nothing: a directory bucket writes
+    at commit), and the staged files marked `describe` (dest -> Described)."""
+
+    stage: str = ""
+    described: Mapping[str, Described] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "StageResult":
+        """A stage reply."""
+        item = wire_object(value, "stage reply")
+        stage = item.get("stage", "")
+        if not isinstance(stage, str) or len(stage) > 64:
+            raise MessageError(f"stage must be a short string, got {_short(stage)}")
+        described = wire_object(item.get("described", {}), "described")
+        return cls(stage, {remote_path(dest, "described dest"): Described.from_wire(info) for dest, info in described.items()})
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"stage", "described"}."""
+        return {"stage": self.stage, "described": {dest: info.to_wire() for dest, info in self.described.items()}}
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What each phase did, in order (all of them: a phase that fails fails the request)."""
+
+    phases: tuple[BatchResult, ...] = ()
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "CommitResult":
+        """A commit reply."""
+        item = wire_object(value, "commit reply")
+        return cls(tuple(BatchResult.from_wire(phase) for phase in wire_array(item.get("phases", []), "phases")))
+
+    def to_wire(self) -> dict[str, Any]:
+        """{"phases"}."""
+        return {"phases": [phase.to_wire() for phase in self.phases]}
 
 
 # ---------------------------------------------------------------------------------------------- model repos
@@ -970,6 +1059,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("paths_info", PathsInfoRequest, PathsInfoResult),
     Op("download", DownloadRequest, DownloadResult),
     Op("batch", BatchRequest, BatchResult),
+    # A stage lives on its connection (nothing of it is visible): staging again over a new one is harmless,
+    # but a commit sent again over a new connection finds no stage there, so it is not resent.
+    Op("stage", StageRequest, StageResult),
+    Op("commit", CommitRequest, CommitResult, idempotent=False),
     Op("repo_info", RepoInfoRequest, RepoInfoResult),
     Op("repo_list", RepoListRequest, RepoListResult),
     Op("repo_paths_info", RepoPathsInfoRequest, RepoPathsInfoResult),

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import socket
 import sys
 import threading
@@ -27,10 +28,11 @@ from typing import Any, Callable, NoReturn
 
 from . import PROTOCOL_VERSION
 from .backends import Backend, BackendError
+from .backends.base import Staged
 from .messages import (
-    OPS, BatchRequest, DownloadRequest, HelloRequest, ListRequest, ListResult, MessageError,
+    OPS, BatchRequest, CommitRequest, CommitResult, DownloadRequest, HelloRequest, ListRequest, ListResult, MessageError,
     LeaseResult, PathsInfoRequest, PathsInfoResult, RepoCopyRequest, RepoCopyResult, RepoInfoResult, RepoListResult,
-    RepoPathsInfoResult, ShutdownResult, StatusResult, parse_request,
+    RepoPathsInfoResult, ShutdownResult, StageRequest, StageResult, StatusResult, parse_request,
 )
 from .private_dir import UnsafeRuntimeDir, open_private_dir, peer_uid
 from .protocol import ErrorCode, FrameError, read_frame, write_frame
@@ -219,6 +221,35 @@ class Activity:
             return time.monotonic() - self.last_change
 
 
+class ConnectionStages:
+    """The stages a connection made and has not committed yet (by name). Requests on one connection run one
+    after the other, so no lock. At most MAX_OPEN of them: a client that stages without committing lets its
+    oldest go."""
+
+    MAX_OPEN = 4
+
+    def __init__(self) -> None:
+        self._open: dict[str, Staged] = {}
+
+    def keep(self, staged: Staged) -> str:
+        name = secrets.token_hex(8)
+        self._open[name] = staged
+        while len(self._open) > self.MAX_OPEN:
+            self._open.pop(next(iter(self._open))).abort()
+        return name
+
+    def take(self, name: str) -> Staged:
+        staged = self._open.pop(name, None)
+        if staged is None:
+            raise BackendError(ErrorCode.NOT_FOUND, f"no stage {name!r} on this connection (the server restarted, "
+                                                    "or it was committed already): stage again")
+        return staged
+
+    def abort_all(self) -> None:
+        while self._open:
+            self._open.popitem()[1].abort()
+
+
 class BucketServer:
     """The server: accepts connections on its socket, serves each on a thread of its own while it lasts
     (`ConnectionThreads`), exits when idle."""
@@ -251,6 +282,8 @@ class BucketServer:
             "paths_info": self.op_paths_info,
             "download": lambda req, args: self.backend(req).download(args.files, progress=req.get("_emit")),
             "batch": self.op_batch,
+            "stage": self.op_stage,
+            "commit": self.op_commit,
             # Model repos, read only (optimum-neuron's Git caches): request["repo"] = {"type": "model", "id", "revision"}.
             "repo_info": lambda req, args: RepoInfoResult.from_wire(self.repo(req).resolve()),
             "repo_list": lambda req, args: RepoListResult.from_wire(self.repo(req).list(args.prefix, recursive=args.recursive)),
@@ -360,6 +393,25 @@ class BucketServer:
         return self.backend(request).batch(add=args.add, copy=args.copy, delete=args.delete,
                                            progress=request.get("_emit"))
 
+    def op_stage(self, request: dict[str, Any], args: StageRequest) -> StageResult:
+        """Upload the bytes a commit of this connection will add; the stage is kept under a new name on the
+        connection (until its commit, or until the connection closes)."""
+        staged, result = self.backend(request).stage(args.add, progress=request.get("_emit"))
+        if staged is None:
+            return result
+        stages: ConnectionStages = request["_stages"]
+        return StageResult(stages.keep(staged), result.described)
+
+    def op_commit(self, request: dict[str, Any], args: CommitRequest) -> CommitResult:
+        """The phases in order, with the bytes of the named stage of this connection."""
+        stages: ConnectionStages = request["_stages"]
+        staged = stages.take(args.stage) if args.stage else None
+        try:
+            return self.backend(request).commit(staged, args.phases, progress=request.get("_emit"))
+        finally:
+            if staged is not None:
+                staged.abort()  # committed (nothing left to let go) or failed (nothing of it was added)
+
     # ------------------------------------------------------------------------------ connections
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request -> its reply frame. Never raises: the args are validated here, once, into the op's
@@ -377,6 +429,7 @@ class BucketServer:
             except MessageError as exc:
                 raise BackendError(ErrorCode.BAD_REQUEST, f"bad arguments for {op}: {exc}") from None
             request.setdefault("_emit", None)
+            request.setdefault("_stages", ConnectionStages())  # a request handled alone: its own, empty
             result = handler(request, args)
             if not isinstance(result, OPS[op].result):
                 raise BackendError(ErrorCode.INTERNAL, f"the {op} handler returned a {type(result).__name__}, "
@@ -399,6 +452,7 @@ class BucketServer:
         """Requests of one client, one after the other, until it hangs up; another uid gets nothing."""
         self.activity.change(connections=1)
         write_lock = threading.Lock()
+        stages = ConnectionStages()
         try:
             uid = peer_uid(conn)
             if uid is not None and uid != os.getuid():
@@ -418,6 +472,7 @@ class BucketServer:
                     return
                 if request.get("progress"):
                     request["_emit"] = _progress_emitter(conn, request.get("id"), write_lock)
+                request["_stages"] = stages
                 self.activity.change(requests=1)
                 try:
                     with self.heartbeats.running(conn, request.get("id"), write_lock):
@@ -436,6 +491,7 @@ class BucketServer:
         except OSError as exc:
             log.info("connection ended: %s", exc)
         finally:
+            stages.abort_all()  # the client is gone: its stages will never be committed
             conn.close()
             self.activity.change(connections=-1)
 

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.messages import (
-    OPS, AddFile, BatchRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
-    LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StatusRequest, StatusResult, op_of, parse_result,
+    OPS, AddFile, BatchRequest, CommitRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
+    LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StageRequest, StatusRequest, StatusResult, op_of,
+    parse_result,
 )
 from bucket_server.protocol import ErrorCode, FrameError, encode, read_frame, write_frame
 
@@ -48,7 +49,7 @@ log = logging.getLogger("optimum_neuron_cache")
 
 CONNECT_ATTEMPTS = 4
 #: Crash-test phases (crashpoints.py) reached once a request of these operations is on the wire.
-_ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent"}
+_ON_THE_WIRE = {"download": "download-sent", "batch": "batch-sent", "stage": "stage-sent", "commit": "commit-sent"}
 #: Read-only operations sent right behind the handshake on a new connection, without waiting for its reply: a
 #: server of another protocol version may run one before the client hangs up on it, which changes nothing.
 _PIPELINED = frozenset({"list", "paths_info", "info"})
@@ -491,6 +492,18 @@ class BucketClient:
         request = BatchRequest(_typed(AddFile, add or (), "batch"), _typed(CopyFile, copy or (), "batch"),
                                tuple(delete or ()))
         return self.send(request, progress=progress).to_wire()
+
+    def stage(self, add: Iterable[AddFile | Mapping[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Upload the bytes of files a `commit` will add, adding them nowhere yet; see Backend.stage:
+        {"stage", "described"}."""
+        return self.send(StageRequest(_typed(AddFile, add, "stage")), progress=progress).to_wire()
+
+    def commit(self, stage: str, phases: Iterable[Mapping[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Batches applied in order, each once the one before it landed, with the bytes of `stage`; see
+        Backend.commit. A phase is {"add", "copy", "delete"} (each optional; items as `batch` takes them)."""
+        typed = tuple(BatchRequest(_typed(AddFile, phase.get("add", ()), "commit"), _typed(CopyFile, phase.get("copy", ()), "commit"),
+                                   tuple(phase.get("delete", ()))) for phase in phases)
+        return self.send(CommitRequest(stage, typed), progress=progress).to_wire()
 
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
         """A compile lease file: read, create, replace or delete it, conditionally; see Backend.lease."""

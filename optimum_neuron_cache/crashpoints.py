@@ -19,8 +19,11 @@ PHASES = {
     "journal-write": "a journal record is written to its temp file, not yet renamed into place",
     "download-sent": "a download request is on the wire: the bucket server is transferring into the run's temp folder",
     "install": "before installing the n-th fetched entry (n-1 are in place)",
-    "batch-sent": "the n-th publish batch is on the wire: the bucket server is uploading it",
-    "batch-done": "the n-th publish batch is acknowledged, the next one not yet sent",
+    "stage-sent": "a publish's stage is on the wire: the bucket server is uploading its bytes, nothing added yet",
+    "stage-done": "a publish's bytes are staged, its commit not yet sent",
+    "commit-sent": "a publish's commit is on the wire: the bucket server is adding content, then commit files",
+    "commit-done": "a publish's commit is acknowledged (everything committed), the journal not yet settled",
+    "batch-sent": "the n-th batch (a prune's, a scrub's, an import's) is on the wire",
 }
 
 _counts: dict[str, int] = {}

@@ -36,10 +36,12 @@ from .errors import ServerError, ServerStartError
 
 ENV_RUNTIME_DIR = settings.RUNTIME_DIR
 HUB_REQUIREMENT = "huggingface_hub>=1.5,<3"
-#: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers (1.2 and newer chunk
-#: as the Hub does, so the Xet hashes of what it uploads can be recomputed from the bytes), tenacity for
-#: retries, blake3 for the digests of directory buckets.
-SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.2", "tenacity>=8.2", "blake3>=1.0")
+#: The server's environment: a bucket-capable huggingface_hub, hf_xet for its transfers (1.6 and newer have
+#: the upload sessions a publish stages its bytes in, `XetSession.new_upload_commit`, which huggingface_hub 2
+#: uploads through too), tenacity for retries, blake3 for the digests.
+SERVER_REQUIREMENTS = (HUB_REQUIREMENT, "hf_xet>=1.6", "tenacity>=8.2", "blake3>=1.0")
+#: The oldest hf_xet the server runs with (SERVER_REQUIREMENTS).
+MIN_HF_XET = (1, 6)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Never handed to the server's environment: the token travels per request (never in argv or environ of a
 #: long-lived process), PYTHONPATH could put the caller's old huggingface_hub in front of the isolated one, and
@@ -159,19 +161,23 @@ def server_address(environ: Mapping[str, str] | None = None) -> ServerAddress:
 
 
 def _current_has_bucket_client() -> bool:
-    """Whether this interpreter can run the server itself: huggingface_hub>=1.5 and hf_xet, read from
+    """Whether this interpreter can run the server itself: huggingface_hub>=1.5,<3 and hf_xet>=1.6, read from
     metadata (importing them here could load the very version we must stay away from)."""
     try:
-        version = importlib.metadata.version("huggingface_hub")
-        for name in SERVER_REQUIREMENTS[1:]:
-            importlib.metadata.version(name.split(">")[0].split("=")[0])
+        versions = {name: importlib.metadata.version(name.split(">")[0].split("=")[0]) for name in SERVER_REQUIREMENTS}
     except importlib.metadata.PackageNotFoundError:
         return False
+    hub, xet = _release(versions[HUB_REQUIREMENT]), _release(versions[SERVER_REQUIREMENTS[1]])
+    return hub is not None and xet is not None and (1, 5) <= hub < (3, 0) and xet >= MIN_HF_XET
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string, None when it does not start with two numbers."""
     try:
         major, minor = (int(part) for part in version.split(".")[:2])
     except ValueError:
-        return False
-    return (1, 5) <= (major, minor) < (3, 0)
+        return None
+    return major, minor
 
 
 def server_commands(address: ServerAddress, environ: Mapping[str, str] | None = None) -> list[list[str]]:

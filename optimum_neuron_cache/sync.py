@@ -1,12 +1,13 @@
 """Sync: plan which local success entries the bucket lacks, then publish them, content before commit file.
 
 Planning asks the bucket about the entries' commit files with one paths-info (never a listing). Publishing
-runs in three batches so that a reader never finds a commit file whose content is missing:
-  1. upload the content files to the flat area;
-  2. copy them to the model's area (server-side, by hash) and add the flat area's commit files;
-  3. add the model area's commit files, then the export record;
+is two requests, so that a reader never finds a commit file whose content is missing:
+  - a stage: the server uploads every byte (one Xet upload session) and adds nothing yet;
+  - a commit of two phases, the second sent by the server only once the first has landed whole:
+    1. the content files, into the flat area and the model's area;
+    2. the commit files of both areas, the digest manifests, the export records, the areas' stamps;
 then one paths-info confirms the content is still there (a concurrent `neuron-cache prune` may have removed
-it between our batches: see prune.py), and removes the commit files of any entry it is not.
+it between the phases: see prune.py), and removes the commit files of any entry it is not.
 Every publish leaves digest manifests (docs/remote-layout.md): the server describes each file it uploads
 (Xet hash and BLAKE3), and a manifest beside the flat entry and one in the model's area bind the two, so a
 reader's bucket server checks those files by BLAKE3, several times cheaper than recomputing a Xet hash.
@@ -200,54 +201,48 @@ def _model_prefix(item: PublishItem) -> str:
     return layout.area_entry_prefix(item.to_model, item.entry.name) + "/"
 
 
-def _batch(client: BucketClient, progress: ProgressCallback | None = None, **operations: Any) -> dict[str, Any]:
-    reply = client.batch(progress=progress, **operations) or {}
-    crashpoints.reached("batch-done")
-    return reply
-
-
 def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult, progress: ProgressCallback | None,
              records: tuple[RecordWrite, ...] = ()) -> None:
-    """The three batches (content; copies and flat commit files; model commit files), the export records
-    riding with the last one: a record only names entries, and readers install an entry only once it is
-    committed. Digest manifests ride with the batch after the one that described the files they bind."""
-    content: list[dict[str, Any]] = []
+    """Stage every byte the items upload (their files, commit files included) and get them described; then
+    one commit of two phases: the content (to the flat area; to the model's area by the staged bytes, or by a
+    copy of the flat area's), then the commit files, the digest manifests that bind the described files, the
+    export records and the areas' stamps (last). A record only names entries, and readers install an entry
+    only once it is committed."""
+    staged: list[dict[str, Any]] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
-                if name != item.commit:
-                    content.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
-                                    "local_path": str(item.entry.path / name), "describe": True})
-                    result.bytes_uploaded += item.entry.files[name]
+                staged.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
+                               "local_path": str(item.entry.path / name),
+                               **({"describe": True} if name != item.commit or item.entry.files[name] else {})})
+                result.bytes_uploaded += item.entry.files[name]
     described: dict[str, Any] = {}
-    if content:
-        described.update(_batch(client, progress, add=content).get("described") or {})
+    stage = ""
+    if staged:
+        reply = client.stage(staged, progress=progress)
+        crashpoints.reached("stage-done")
+        stage, described = reply.get("stage") or "", reply.get("described") or {}
+    content: list[dict[str, Any]] = []
     copies: list[dict[str, Any]] = []
-    flat_commits: list[dict[str, Any]] = []
+    commits: list[dict[str, Any]] = []
     for item in items:
-        if item.to_model:
-            for name in item.files:
-                if name != item.commit:
-                    src = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
-                    xet_hash = (described.get(src) or {}).get("xet_hash")  # the server need not look it up
-                    copies.append({"src": src, "dest": layout.area_file_path(item.to_model, item.entry.name, name),
-                                   **({"xet_hash": xet_hash} if xet_hash else {})})
-        if item.to_flat:
-            flat_commits.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, item.commit),
-                                 "local_path": str(item.entry.path / item.commit),
-                                 **({"describe": True} if item.entry.files[item.commit] else {})})
-            result.bytes_uploaded += item.entry.files[item.commit]
-    flat_manifests = _flat_manifests(items, described, legacy=False)
+        for name in item.files:
+            local = {"local_path": str(item.entry.path / name)}
+            flat = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
+            area = layout.area_file_path(item.to_model, item.entry.name, name) if item.to_model else None
+            into = commits if name == item.commit else content
+            if item.to_flat:
+                into.append({"dest": flat, **local})
+            if area and (item.to_flat or name == item.commit):
+                into.append({"dest": area, **local})  # the bytes staged for the flat area (or the commit file's)
+            elif area:  # the flat area holds the entry already: copy its content there, by hash, on the Hub's side
+                copies.append({"src": flat, "dest": area})
+    last = commits + [_record_item(record, path, described) for path, record in records]
+    last += _flat_manifests(items, described) + _area_manifests(items, described)
+    last += _stamps(items, records)  # last: a reader that sees a new stamp sees everything above
     try:
-        if copies or flat_commits or flat_manifests:
-            described.update(_batch(client, copy=copies, add=flat_commits + flat_manifests).get("described") or {})
-        last = [{"dest": layout.area_file_path(item.to_model, item.entry.name, item.commit),
-                 "local_path": str(item.entry.path / item.commit)} for item in items if item.to_model]
-        last += [_record_item(record, path, described) for path, record in records]
-        last += _flat_manifests(items, described, legacy=True) + _area_manifests(items, described)
-        last += _stamps(items, records)  # last: a reader that sees a new stamp sees everything above
-        if last:
-            _batch(client, add=last)
+        client.commit(stage, [{"add": content, "copy": copies}, {"add": last}], progress=progress)
+        crashpoints.reached("commit-done")
     except RemoteError:
         # The Hub may apply a batch in part: its adds (commit files) land while copies whose source a concurrent
         # prune removed fail. Take back the commit files of entries whose content is not all there, then fail.
@@ -308,14 +303,12 @@ def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
     return bindings
 
 
-def _flat_manifests(items: list[PublishItem], described: dict[str, Any], *, legacy: bool) -> list[dict[str, Any]]:
-    """The digest manifests of the flat entries published (`digests/MODULE_<key>.json`). An entry's manifest
-    rides in the batch after its files were described: the second batch, or the last one for an entry whose
-    commit file has content to bind (`legacy`: the NEFF of a compiler up to 2.14)."""
+def _flat_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:
+    """The digest manifests of the flat entries published (`digests/MODULE_<key>.json`), from what the stage
+    described."""
     return [{"dest": layout.flat_manifest_path(item.entry.compiler_version, item.entry.name),
              "content": layout.digest_manifest(bindings)[1]}
-            for item in items if item.to_flat and legacy == bool(item.entry.files[item.commit])
-            if (bindings := _bindings(item, described))]
+            for item in items if item.to_flat if (bindings := _bindings(item, described))]
 
 
 def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:

@@ -46,12 +46,10 @@ PHASES: tuple[str, ...] = (
     "body:kill",  # compiled, killed in the body (SIGKILL)
     "body:term",  # compiled, stopped in the body (SIGTERM, as schedulers do)
     "journal-write@2",  # exit: the names being journaled before the first byte goes up
-    "batch-sent@1",  # content being uploaded
-    "batch-done@1",
-    "batch-sent@2",  # copies to the model's area and flat commit files
-    "batch-done@2",
-    "batch-sent@3",  # model-area commit files and the export record
-    "batch-done@3",  # everything committed, the journal not yet settled
+    "stage-sent@1",  # every byte being uploaded, nothing added to the bucket yet
+    "stage-done@1",  # staged, the commit not yet sent
+    "commit-sent@1",  # the server adding the content, then the commit files, manifests, record and stamp
+    "commit-done@1",  # everything committed, the journal not yet settled
 )
 EXPORT_CONFIG = {"batch_size": 1, "sequence_length": 128}
 TASK = "text-generation"

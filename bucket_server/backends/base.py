@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..messages import (
-    AddFile, BatchResult, CopyFile, CreateResult, DownloadFile, DownloadResult, Failure, FileItem, InfoResult,
-    ListItem, MessageError, remote_path,
+    AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, DownloadFile, DownloadResult, Failure,
+    FileItem, InfoResult, ListItem, MessageError, StageResult, remote_path,
 )
 from ..protocol import ErrorCode
 
@@ -76,6 +76,26 @@ class Backend(abc.ABC):
         describes the added files marked `describe` (their Xet hash and digest): what a manifest records.
         """
 
+    def stage(self, add: Sequence[AddFile], *, progress: Progress | None = None) -> tuple["Staged | None", StageResult]:
+        """Upload the bytes of `add` for a later `commit`, adding them nowhere: (what the commit reuses, or None
+        when this backend stages nothing; the reply, describing the files marked `describe`). This default
+        stages nothing: a backend whose writes cost nothing per batch (a directory) writes at commit."""
+        return None, StageResult()
+
+    def commit(self, staged: "Staged | None", phases: Sequence[BatchRequest], *,
+               progress: Progress | None = None) -> CommitResult:
+        """Apply `phases` in order, each a batch, each only once the one before it has landed: a failure in one
+        stops there (the phases after it are not applied). `staged` is what `stage` returned on this
+        connection. This default runs each phase as a `batch`; progress counts the bytes of every phase."""
+        total = sum(local_size(item) for phase in phases for item in phase.add)
+        results, done = [], 0
+        for phase in phases:
+            size = sum(local_size(item) for item in phase.add)
+            report = (lambda now, _of, base=done: progress(base + now, total)) if progress is not None else None
+            results.append(self.batch(add=phase.add, copy=phase.copy, delete=phase.delete, progress=report))
+            done += size
+        return CommitResult(tuple(results))
+
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
         """A small advisory lease file (compile leases): {"ok": bool, "content": str | None}, the args already
         checked by messages.LeaseRequest.
@@ -87,6 +107,23 @@ class Backend(abc.ABC):
         after the operation, when the backend knows it without another transfer, else None.
         """
         raise BackendError(ErrorCode.BAD_REQUEST, f"{type(self).__name__} has no leases")
+
+
+class Staged(abc.ABC):
+    """What a backend's `stage` uploaded, held by the server for the connection that staged it."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Let it go unused (its connection closed, or its commit failed): nothing was added anywhere."""
+
+
+def local_size(item: AddFile) -> int:
+    """The bytes of an add's local file, which progress counts (0 for inline content, and for a file that is
+    gone: its write reports that)."""
+    try:
+        return os.lstat(item.local_path).st_size if item.local_path is not None else 0
+    except OSError:
+        return 0
 
 
 def reject_mismatched(files: Sequence[DownloadFile], problems: dict[str, str]) -> list[Failure]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import math
 import os
@@ -24,11 +25,11 @@ from typing import Any
 
 from ..digests import Verifier, file_digest, publish_algorithm
 from ..messages import (
-    LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, FileItem,
-    FolderItem, InfoResult, ListItem,
+    LEASE_MAX_BYTES, AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, Described, DownloadFile,
+    DownloadResult, FileItem, FolderItem, InfoResult, ListItem, StageResult,
 )
 from ..protocol import ErrorCode
-from .base import Backend, BackendError, FileSizeWatcher, Progress, reject_mismatched
+from .base import Backend, BackendError, FileSizeWatcher, Progress, Staged, reject_mismatched
 
 log = logging.getLogger("bucket_server")
 
@@ -142,6 +143,15 @@ def configure_http(policy: RetryPolicy) -> None:
         _configured = True
 
 
+class PartialBatchError(Exception):
+    """The Hub applied a batch in part and listed what failed (a retry redoes it whole: every operation is
+    idempotent)."""
+
+    def __init__(self, failed: int) -> None:
+        super().__init__(f"{failed} bucket operation(s) failed")
+        self.failed = failed
+
+
 def _retry_after(exc: BaseException) -> float | None:
     response = getattr(exc, "response", None)
     value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
@@ -229,6 +239,8 @@ def map_exception(exc: BaseException, what: str) -> BackendError:
         return BackendError(ErrorCode.BUCKET_NOT_FOUND, f"{what}: 404 Not Found")
     if status is not None and (status == 408 or status == 429 or status >= 500):
         return BackendError(ErrorCode.UNAVAILABLE, f"{what}: HTTP {status} from the Hub", retryable=True)
+    if isinstance(exc, PartialBatchError):
+        return BackendError(ErrorCode.UNAVAILABLE, f"{what}: {exc}", retryable=True)
     if isinstance(exc, getattr(hf_errors, "BucketBatchError", ())):
         failures = getattr(exc, "failures", None) or []
         return BackendError(ErrorCode.UNAVAILABLE, f"{what}: {len(failures)} bucket operation(s) failed", retryable=True)
@@ -256,7 +268,6 @@ def _require_regular_file(path: str) -> None:
         raise BackendError(ErrorCode.BAD_REQUEST, f"local file {path} is not a regular file (symlinks are never uploaded)")
 
 
-PROGRESS_CHUNK = 64 * 1024 * 1024
 #: Threads that wait on a download's files (each blocks in hf_xet, without the GIL, until its file lands).
 JOINERS = 16
 
@@ -361,29 +372,80 @@ def _join_each(group_cm: Any, transfers: list[DownloadFile], verifier: Verifier,
                 raise
 
 
-def _chunks_by_size(items: list[Any], sizes: list[int], limit: int) -> list[list[tuple[Any, int]]]:
-    chunks: list[list[tuple[Any, int]]] = [[]]
-    filled = 0
-    for item, size in zip(items, sizes):
-        if chunks[-1] and filled + size > limit:
-            chunks.append([])
-            filled = 0
-        chunks[-1].append((item, size))
-        filled += size
-    return chunks
-
-
-def _digests_of(items: Sequence[AddFile]) -> dict[str, str]:
-    """dest -> digest of the local file to upload there; a file that cannot be read is left out (its upload
-    reports the error)."""
+def _digests_of(items: Sequence[AddFile]) -> dict[str, tuple[str, str]]:
+    """dest -> (source key, digest) of the local file to upload there; a file that cannot be read is left out
+    (its upload reports the error)."""
     algorithm = publish_algorithm()
     digests = {}
     for item in items:
         try:
-            digests[item.dest] = file_digest(str(item.local_path), algorithm, every_core=False)  # beside the upload
-        except OSError:
+            digests[item.dest] = (_source_key(item), file_digest(str(item.local_path), algorithm, every_core=False))
+        except OSError:  # beside the upload, on one core
             continue
     return digests
+
+
+def _source_key(item: AddFile) -> str:
+    """What an add uploads, as a key: its local file, or its content. Two adds of the same file upload once."""
+    if item.local_path is not None:
+        return f"file:{item.local_path}"
+    return "content:" + hashlib.sha256(item.content.encode("utf-8")).hexdigest()
+
+
+def _source_of(item: AddFile) -> str | bytes:
+    return item.local_path if item.local_path is not None else item.content.encode("utf-8")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _add_line(item: AddFile, xet_hash: str) -> dict[str, Any]:
+    """A batch's addFile line; `mtime` is the local file's (milliseconds), as huggingface_hub sends it."""
+    mtime = _now_ms()
+    if item.local_path is not None:
+        try:
+            mtime = int(os.stat(item.local_path).st_mtime * 1000)
+        except OSError:
+            pass
+    return {"type": "addFile", "path": item.dest, "xetHash": xet_hash, "mtime": mtime}
+
+
+def _abort(session: Any) -> None:
+    try:
+        session.abort()
+    except Exception as exc:  # already failed or finished: nothing more to let go
+        log.debug("aborting an upload session: %s", exc)
+
+
+class _ProgressRelay:
+    """hf_xet's progress callback for an upload session, passed on as (done, total) bytes to whichever
+    request's progress the session now serves: the stage's, then none, then the commit's (a frame under a
+    request id whose reply was sent would break the client's stream)."""
+
+    def __init__(self, target: Progress | None) -> None:
+        self.target = target
+
+    def __call__(self, group: Any, _items: Any = None) -> None:
+        target = self.target
+        if target is not None:
+            target(int(group.total_bytes_completed), int(group.total_bytes))
+
+
+class HfStaged(Staged):
+    """A stage on a Hub bucket: its open upload session, what it took in, and where from."""
+
+    def __init__(self, owner: tuple[str, str, str], session: Any, uploaded: dict[str, tuple[str, int]],
+                 sources: dict[str, str | bytes], relay: _ProgressRelay) -> None:
+        self.owner = owner  # the bucket and token it was made for (HfBackend._connection_key)
+        self.session = session
+        self.uploaded = uploaded
+        self.sources = sources
+        self.relay = relay
+
+    def abort(self) -> None:
+        self.relay.target = None
+        _abort(self.session)
 
 
 def _iso(value: Any) -> str | None:
@@ -653,59 +715,150 @@ class HfBackend(Backend):
     def batch(self, *, add: Sequence[AddFile], copy: Sequence[CopyFile], delete: Sequence[str],
               progress: Progress | None = None) -> BatchResult:
         """Adds (regular local files or inline content), server-side copies by Xet hash, and deletes, in one
-        commit (or several, to report progress); files marked `describe` get their Xet hash and digest."""
-        copy_ops = []
-        if copy:
-            missing = [item.src for item in copy if not item.xet_hash]
-            hashes = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
-            for item in copy:
-                xet_hash = item.xet_hash or hashes.get(item.src)
+        commit of one phase; files marked `describe` get their Xet hash and digest."""
+        return self.commit(None, [BatchRequest(tuple(add), tuple(copy), tuple(delete))], progress=progress).phases[0]
+
+    def stage(self, add: Sequence[AddFile], *, progress: Progress | None = None) -> tuple[Staged | None, StageResult]:
+        """Upload the bytes of `add` in a Xet upload session left open for the commit, and describe those
+        marked `describe` (the Xet hash hf_xet computed as it took them in, and their digest). Nothing is
+        added to the bucket: the session's data is pushed to the Xet storage by the commit, and a stage whose
+        connection closes is aborted."""
+        sources = {_source_key(item): _source_of(item) for item in add}
+        relay = _ProgressRelay(progress)
+
+        def attempt() -> tuple[Any, dict[str, tuple[str, int]]]:
+            session = self._open_upload(relay)
+            try:
+                return session, self._start_uploads(session, sources)
+            except BaseException:
+                _abort(session)
+                raise
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
+            # Digests are computed while hf_xet takes the files in (they are read twice either way).
+            digests = hasher.submit(_digests_of, [item for item in add if item.describe and item.local_path is not None])
+            session, uploaded = with_retries(self.policy, f"stage on {self.bucket_id}", attempt)
+            described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
+        relay.target = None  # the stage's reply is sent: no more progress frames under its id
+        return HfStaged(self._connection_key(), session, uploaded, sources, relay), StageResult("", described)
+
+    def commit(self, staged: Staged | None, phases: Sequence[BatchRequest], *,
+               progress: Progress | None = None) -> CommitResult:
+        """Every byte first, in one Xet upload session (the stage's, with what the phases add beyond it), then
+        each phase as one batch request to the Hub, in order, each sent only once the one before it landed."""
+        if staged is not None and not (isinstance(staged, HfStaged) and staged.owner == self._connection_key()):
+            raise BackendError(ErrorCode.BAD_REQUEST, f"commit on {self.bucket_id}: the stage was made for another "
+                                                      "bucket or token")
+        adds = [item for phase in phases for item in phase.add]
+        copies = [item for phase in phases for item in phase.copy]
+        missing = [item.src for item in copies if not item.xet_hash]
+        sources = {_source_key(item): _source_of(item) for item in adds}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
+            digests = hasher.submit(_digests_of, [item for item in adds if item.describe and item.local_path is not None])
+            copied = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
+            uploaded = self._push(staged, sources, progress)
+            described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
+        results = []
+        for phase in phases:
+            lines = [_add_line(item, uploaded[_source_key(item)][0]) for item in phase.add]
+            for item in phase.copy:
+                xet_hash = item.xet_hash or copied.get(item.src)
                 if not xet_hash:
                     raise BackendError(ErrorCode.NOT_FOUND, f"copy source {item.src} is not in bucket {self.bucket_id}")
-                copy_ops.append(("bucket", self.bucket_id, xet_hash, item.dest))
-        add_ops: list[tuple[Any, str]] = []
-        for item in add:
-            if item.local_path is not None:
-                source: Any = item.local_path
-                _require_regular_file(source)
-            else:
-                source = item.content.encode("utf-8")
-            add_ops.append((source, item.dest))
-        delete_ops = list(delete)
-        described = [item for item in add if item.describe and item.local_path is not None]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
-            # Digests of the files to describe are computed while they upload (they are read twice either way).
-            digests = hasher.submit(_digests_of, described)
-            self._upload(add_ops, copy_ops, delete_ops, progress)
-            described_now = self._describe(digests.result()) if described else {}
-        return BatchResult(len(add_ops), len(copy_ops), len(delete_ops), described_now)
+                lines.append({"type": "copyFile", "path": item.dest, "xetHash": xet_hash, "mtime": _now_ms(),
+                              "sourceRepoType": "bucket", "sourceRepoId": self.bucket_id})
+            lines += [{"type": "deleteFile", "path": path} for path in phase.delete]
+            if lines:
+                body = b"".join(json.dumps(line).encode("utf-8") + b"\n" for line in lines)
+                with_retries(self.policy, f"batch on {self.bucket_id}", lambda body=body: self._post_batch(body))
+            results.append(BatchResult(len(phase.add), len(phase.copy), len(phase.delete),
+                                       {item.dest: described[item.dest] for item in phase.add if item.dest in described}))
+        return CommitResult(tuple(results))
 
-    def _describe(self, digests: dict[str, str]) -> dict[str, Described]:
-        """dest -> the Xet hash the bucket now lists for it, and its digest. Best effort: the upload has
-        succeeded, and a file left undescribed is only checked the slower way by readers."""
-        try:
-            listed = {info.path: info.xet_hash for info in self.paths_info(list(digests))}
-        except BackendError as exc:
-            log.info("could not describe %d uploaded files: %s", len(digests), exc.message)
+    def _push(self, staged: Staged | None, sources: dict[str, str | bytes], progress: Progress | None) -> dict[str, tuple[str, int]]:
+        """source key -> (Xet hash, size) of every source, all of them in the Xet storage when this returns:
+        the stage's session gets what it lacks, then is finished. A session that fails is not reused: a retry
+        uploads everything again in a new one (the storage dedups what had arrived), and a staged file that
+        reads differently then has changed since it was staged, which fails the commit."""
+        held = staged if isinstance(staged, HfStaged) else None
+        everything = {**(held.sources if held else {}), **sources}
+        if not everything:
             return {}
-        return {dest: Described(listed[dest], digest) for dest, digest in digests.items() if listed.get(dest)}
+        relay = held.relay if held else _ProgressRelay(None)
+        relay.target = progress
+        first = [held.session] if held else []
 
-    def _upload(self, add_ops: list[tuple[Any, str]], copy_ops: list[tuple[str, str, str, str]], delete_ops: list[str],
-                progress: Progress | None) -> None:
-        if progress is None or len(add_ops) <= 1:
-            self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=add_ops, copy=copy_ops, delete=delete_ops)
-        else:
-            # HfApi reports no upload progress to its caller: when progress is asked for, upload in chunks of
-            # about PROGRESS_CHUNK bytes (several Hub commits instead of one) and report after each.
-            sizes = [len(src) if isinstance(src, bytes) else os.path.getsize(src) for src, _ in add_ops]
-            total, done = sum(sizes), 0
-            self._call("batch on", self.api.batch_bucket_files, self.bucket_id, copy=copy_ops)
-            for chunk in _chunks_by_size(add_ops, sizes, PROGRESS_CHUNK):
-                self._call("batch on", self.api.batch_bucket_files, self.bucket_id, add=[op for op, _ in chunk])
-                done += sum(size for _, size in chunk)
-                progress(done, total)
-            if delete_ops:
-                self._call("batch on", self.api.batch_bucket_files, self.bucket_id, delete=delete_ops)
+        def attempt() -> dict[str, tuple[str, int]]:
+            reuse = first.pop() if first else None
+            session = reuse or self._open_upload(relay)
+            try:
+                got = {**held.uploaded} if reuse is not None and held else {}
+                got.update(self._start_uploads(session, {k: v for k, v in everything.items() if k not in got}))
+                session.wait_to_finish()
+            except BaseException:
+                _abort(session)
+                raise
+            return got
+
+        try:
+            uploaded = with_retries(self.policy, f"upload to {self.bucket_id}", attempt)
+        finally:
+            relay.target = None
+        changed = [key for key, (xet_hash, _) in (held.uploaded.items() if held else ()) if uploaded[key][0] != xet_hash]
+        if changed:
+            raise BackendError(ErrorCode.BAD_REQUEST, f"commit on {self.bucket_id}: {changed[0].partition(':')[2]} "
+                                                      "changed after it was staged")
+        return uploaded
+
+    def _open_upload(self, relay: "_ProgressRelay") -> Any:
+        """A Xet upload session for this bucket: its write token from the bucket's token route (hf-storage-
+        buckets: `GET /api/buckets/{id}/xet-write-token` answers `{accessToken, exp, casUrl}`), fetched by hf_xet
+        itself, and refreshed by it when it runs out."""
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = build_hf_headers(token=self.token)
+        return _xet_session().new_upload_commit(
+            token_refresh_url=f"{self.api.endpoint}/api/buckets/{self.bucket_id}/xet-write-token",
+            token_refresh_headers=headers, progress_callback=relay,
+            custom_headers={key: value for key, value in headers.items() if key.lower() != "authorization"},
+        )
+
+    @staticmethod
+    def _start_uploads(session: Any, sources: dict[str, str | bytes]) -> dict[str, tuple[str, int]]:
+        """Hand every source to the session, then wait until hf_xet has taken each in (chunked and hashed; its
+        data may still be on its way to the storage): source key -> (Xet hash, size)."""
+        import hf_xet
+
+        skip = {"sha256": hf_xet.SKIP_SHA256} if hasattr(hf_xet, "SKIP_SHA256") else {}
+        handles = {}
+        for key, source in sources.items():
+            if isinstance(source, bytes):
+                handles[key] = session.start_upload_bytes(source, **skip)
+            else:
+                _require_regular_file(source)
+                handles[key] = session.start_upload_file(source, **skip)
+        uploaded = {}
+        for key, handle in handles.items():
+            info = handle.result().xet_info
+            uploaded[key] = (str(info.hash), int(info.file_size))
+        return uploaded
+
+    def _post_batch(self, body: bytes) -> None:
+        """One batch request (hf-storage-buckets: `POST /api/buckets/{id}/batch`, NDJSON lines `addFile`,
+        `copyFile`, `deleteFile`): the Hub applies what it can and lists what failed, in a 200 or a 422."""
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        headers = {**build_hf_headers(token=self.token), "Content-Type": "application/x-ndjson"}
+        response = get_session().post(f"{self.api.endpoint}/api/buckets/{self.bucket_id}/batch", headers=headers,
+                                      content=body)
+        if response.status_code in (200, 422):
+            try:
+                failed = response.json().get("failed")
+            except (ValueError, AttributeError):
+                failed = None
+            if isinstance(failed, list) and failed:
+                raise PartialBatchError(len(failed))
+        hf_raise_for_status(response)
 
     # ------------------------------------------------------------------------------------ leases
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
@@ -733,10 +886,10 @@ class HfBackend(Backend):
         elif expect is not None and held != xet_hash_of_one_chunk(expect.encode("utf-8")):
             return {"ok": False, "content": None}
         if mode == "delete":
-            self._call("lease on", self.api.batch_bucket_files, self.bucket_id, delete=[path])
+            self.batch(add=(), copy=(), delete=(path,))
             return {"ok": True, "content": None}
         mine = xet_hash_of_one_chunk(str(content).encode("utf-8"))
-        self._call("lease on", self.api.batch_bucket_files, self.bucket_id, add=[(str(content).encode("utf-8"), path)])
+        self.batch(add=(AddFile(path, content=str(content)),), copy=(), delete=())
         ours = current() == mine
         if ours and mode == "create" and LEASE_SETTLE > 0:
             # Takers that looked in the same instant write within a request or two of each other: the last write
