@@ -197,6 +197,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._count_requests()
                 return self.run
             gate = gate if self._lead(gate) else None  # it died or gave up: fetch here
+        upstreams = self._upstreams()  # read while the request sent ahead is out, not after its reply
         note: FetchNote | None = None
         try:
             if self._client is None:
@@ -234,7 +235,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             saved = time_saved(fetched.result.fetched, fetched.result.exports_read)
             self.run.stats.seconds_saved, self.run.stats.hits_without_duration = saved
             try:
-                self._read_through(root)
+                self._read_through(root, upstreams)
             except Exception as exc:  # upstreams are a bonus: never a reason to stop the user's compile
                 self._warn(f"upstreams not read: {exc}")
         finally:
@@ -321,13 +322,26 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             except NeuronCacheError as exc:
                 self._remote_failed("sync", exc)
 
-    def _read_through(self, root: Path) -> None:
-        """What the bucket lacked, from the read-only upstreams (upstreams.py): the model's area of upstream
-        buckets, todo entries from any upstream. Published to the bucket before the body, so the next run
-        finds them at home; counted as fetched, never as compiled by this run."""
-        from .upstreams import configured_upstreams, read_through
+    @staticmethod
+    def _upstreams() -> bool | Exception:
+        """Whether read-through upstreams are configured, or why they cannot be read (`_read_through` says it)."""
+        from .upstreams import configured_upstreams
 
-        if not configured_upstreams() or self._client is None:
+        try:
+            return bool(configured_upstreams())
+        except Exception as exc:
+            return exc
+
+    def _read_through(self, root: Path, upstreams: bool | Exception) -> None:
+        """What the bucket lacked, from the read-only upstreams (upstreams.py; `upstreams`: whether any are
+        configured, read before the fetch): the model's area of upstream buckets, todo entries from any
+        upstream. Published to the bucket before the body, so the next run finds them at home; counted as
+        fetched, never as compiled by this run."""
+        from .upstreams import read_through
+
+        if isinstance(upstreams, Exception):
+            raise upstreams
+        if not upstreams or self._client is None:
             return
         got = read_through(self._client, root, self._version, self._model.folder if self._model else None, self._task,
                            self._journal_key(), self._area)
