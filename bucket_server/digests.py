@@ -38,7 +38,7 @@ ALGORITHMS = ("xet", "blake3", "sha256")
 def split(digest: str) -> tuple[str, str] | None:
     """(algorithm, hex) of a digest string such as `blake3:<hex>`, or None when it is not one."""
     algorithm, _, value = digest.partition(":")
-    if algorithm not in ALGORITHMS or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if algorithm not in ALGORITHMS or len(value) != 64 or value.strip("0123456789abcdef"):  # lowercase hex only
         return None
     return algorithm, value
 
