@@ -552,17 +552,23 @@ class DirBackend(Backend):
         out = dirtree.create_file(incoming, tmp)
         try:
             try:
+                hasher = streaming_hasher(algorithm)  # of the bytes that land: those written from its buffer
                 if item.local_path is not None:
                     src = open_upload_source(item.local_path)
                     try:
-                        copy_between(src, out, on_bytes)
+                        if hasher is not None:
+                            copy_hashed(src, out, hasher, on_bytes)
+                        else:
+                            copy_between(src, out, on_bytes)
                     finally:
                         os.close(src)
                 else:
                     data = memoryview(item.content.encode("utf-8"))
+                    if hasher is not None:
+                        hasher.update(data)
                     while data:
                         data = data[os.write(out, data):]
-                digest = file_digest(_fd_path(out), algorithm)  # of the bytes that land, read back from the page cache
+                digest = f"{algorithm}:{hasher.hexdigest()}" if hasher is not None else file_digest(_fd_path(out), algorithm)
                 landed = os.fstat(out)
             finally:
                 os.close(out)
