@@ -32,7 +32,7 @@ from ..messages import (
 from ..protocol import ErrorCode
 from ..digests import file_digest, mismatch_reason, mismatches, publish_algorithm, split, streaming_hasher
 from . import dirtree
-from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
+from .base import Backend, BackendError, Progress, local_size, reject_mismatched, validate_remote_path
 from .dirtree import Dirs, Refused
 
 log = logging.getLogger("bucket_server")
@@ -222,13 +222,6 @@ def open_upload_source(source: str | os.PathLike[str]) -> int:
 def _fd_path(fd: int) -> str:
     """A path that opens the very file behind `fd` (Linux), for hashing it by name."""
     return f"/proc/self/fd/{fd}"
-
-
-def _local_size(item: AddFile) -> int:
-    try:
-        return os.lstat(item.local_path).st_size if item.local_path is not None else 0
-    except OSError:
-        return 0
 
 
 class _Counter:
@@ -581,7 +574,7 @@ class DirBackend(Backend):
               progress: Progress | None = None) -> BatchResult:
         """Copies, then adds, then deletes; each write lands whole (.incoming/, then a rename), with its digest
         sidecar."""
-        counter = _Counter(progress, sum(_local_size(item) for item in add))
+        counter = _Counter(progress, sum(local_size(item) for item in add))
         algorithm = publish_algorithm()
         described: dict[str, Described] = {}
         with self._open() as dirs:
