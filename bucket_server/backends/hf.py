@@ -761,7 +761,7 @@ class HfBackend(Backend):
             digests = hasher.submit(_digests_of, [item for item in add if item.describe and item.local_path is not None])
             session, uploaded = with_retries(self.policy, f"stage on {self.bucket_id}", attempt)
             described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
-        relay.target = None  # the stage's reply is sent: no more progress frames under its id
+        relay.target = None  # the stage is done: no progress frame may follow its reply under its id
         return HfStaged(self._connection_key(), session, uploaded, sources, relay), StageResult("", described)
 
     def commit(self, staged: Staged | None, phases: Sequence[BatchRequest], *,
