@@ -6,9 +6,10 @@ file, recorded when it was published (older ones kept a sha256, still checked). 
 match is never handed to the client.
 
 Hashing costs CPU, not I/O (the file was just written, it is in the page cache), so it runs beside the
-transfer: a `Verifier` hashes each whole file on its own thread as soon as hf_xet hands it over (Hub), a
-`StreamVerifier` each block as soon as the server's own copy has written it (directory buckets). Little is
-left to hash when the transfer ends.
+transfer: a `Verifier` hashes each whole file on its own thread as soon as hf_xet hands it over (Hub). In a
+directory bucket the server's own copy hashes each block between its read and its write
+(`backends/dir.py::copy_checked`, a `streaming_hasher`), several files at once. Little is left to hash when
+the transfer ends.
 
 Recomputing a Xet hash (content-defined chunking, then a Merkle tree) runs at about 1.5 GB/s on one core;
 BLAKE3 runs at about 7 GB/s, and spreads one file over every core. So a download may name *digest
@@ -37,7 +38,7 @@ ALGORITHMS = ("xet", "blake3", "sha256")
 def split(digest: str) -> tuple[str, str] | None:
     """(algorithm, hex) of a digest string such as `blake3:<hex>`, or None when it is not one."""
     algorithm, _, value = digest.partition(":")
-    if algorithm not in ALGORITHMS or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if algorithm not in ALGORITHMS or len(value) != 64 or value.strip("0123456789abcdef"):  # lowercase hex only
         return None
     return algorithm, value
 
@@ -162,7 +163,7 @@ def mismatch_reason(algorithm: str, expected: str, got: str) -> str:
     return f"content does not match its {_NAMES[algorithm]} (expected {expected[:12]}…, got {got[:12]}…)"
 
 
-def _streaming_hasher(algorithm: str) -> Any:
+def streaming_hasher(algorithm: str) -> Any:
     """A hasher fed block by block (BLAKE3, sha256), or None (a Xet hash needs the whole file)."""
     if algorithm == "sha256":
         return hashlib.sha256()
@@ -313,73 +314,3 @@ class Verifier(_BackgroundCheck):
     def summary(self) -> str:
         """For the server log: the wait after the transfer and how many files a manifest's digest checked."""
         return f"{super().summary()} ({self.by_manifest} files checked by a manifest's digest)"
-
-
-class StreamVerifier(_BackgroundCheck):
-    """Checks files while they are still being written, a block behind the writer: for copies whose loop
-    the server owns (directory buckets). The writer says how far each file is `written`, then `closed`;
-    the background thread reads each new block back (from the page cache, into a reused buffer) and feeds
-    the file's hasher, so when the last byte is written, at most a block is left to hash. It is the
-    written bytes that are checked, not the source's. A digest that cannot be computed block by block is
-    checked whole when the file is closed."""
-
-    BLOCK = 1 << 20
-    _thread_name = "verify-stream"
-
-    def written(self, path: str, digest: str | None, upto: int) -> None:
-        """The file at `path` holds `upto` bytes: hash what is new."""
-        if digest:
-            self._put(("written", path, digest, upto))
-
-    def closed(self, path: str, digest: str | None) -> None:
-        """The file at `path` is complete: finish its hash and compare."""
-        if digest:
-            self._put(("closed", path, digest, None))
-
-    def abandon(self, path: str) -> None:
-        """The file is rejected for another reason (and removed): stop checking it, report nothing."""
-        self._put(("abandon", path, None, None))
-
-    def _run(self) -> None:
-        streams: dict[str, tuple[Any, int, int]] = {}  # path -> (hasher, fd, bytes hashed)
-        buffer = memoryview(bytearray(self.BLOCK))
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                for _, fd, _ in streams.values():
-                    os.close(fd)
-                return
-            kind, path, digest, upto = item
-            if kind == "abandon":
-                self._problems.pop(path, None)
-                if path in streams:
-                    os.close(streams.pop(path)[1])
-                continue
-            if path in self._problems:  # failed already: nothing more to learn
-                continue
-            try:
-                parsed = split(digest)
-                hasher = _streaming_hasher(parsed[0]) if parsed else None
-                if hasher is None:  # checked whole, once complete
-                    if kind == "closed":
-                        self._problems.update(mismatches([(path, digest)]))
-                    continue
-                if path not in streams:
-                    streams[path] = (hasher, os.open(path, os.O_RDONLY), 0)
-                hasher, fd, done = streams[path]
-                while upto is None or done < upto:
-                    want = self.BLOCK if upto is None else min(self.BLOCK, upto - done)
-                    got = os.preadv(fd, [buffer[:want]], done)
-                    if not got:
-                        break
-                    hasher.update(buffer[:got])
-                    done += got
-                streams[path] = (hasher, fd, done)
-                if kind == "closed":
-                    os.close(streams.pop(path)[1])
-                    if hasher.hexdigest() != parsed[1]:
-                        self._problems[path] = mismatch_reason(parsed[0], parsed[1], hasher.hexdigest())
-            except OSError as exc:
-                if path in streams:
-                    os.close(streams.pop(path)[1])
-                self._problems[path] = f"could not be read back to check it ({type(exc).__name__}: {exc})"

@@ -240,6 +240,8 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
     last = commits + [_record_item(record, path, described) for path, record in records]
     last += _flat_manifests(items, described) + _area_manifests(items, described)
     last += _stamps(items, records)  # last: a reader that sees a new stamp sees everything above
+    if not (content or copies or last):
+        return
     try:
         client.commit(stage, [{"add": content, "copy": copies}, {"add": last}], progress=progress)
         crashpoints.reached("commit-done")

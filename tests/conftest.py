@@ -82,5 +82,19 @@ def bucket(request, tmp_path: Path):
 
 
 @pytest.fixture
+def dir_bucket(tmp_path: Path):
+    """A created directory bucket, the process's lookup cache cleared: modules whose tests take this one kind
+    of bucket define their `bucket` fixture from it."""
+    from optimum_neuron_cache.buckets import BucketRef
+    from optimum_neuron_cache.client import BucketClient
+    from optimum_neuron_cache.lookup import clear_lookup_cache
+
+    clear_lookup_cache()
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    return ref
+
+
+@pytest.fixture
 def version() -> str:
     return COMPILER_VERSION

@@ -31,11 +31,8 @@ def no_target_from_the_host(monkeypatch):
 
 
 @pytest.fixture
-def bucket(tmp_path) -> BucketRef:
-    clear_lookup_cache()
-    ref = BucketRef("dir", str(tmp_path / "bucket"))
-    BucketClient(ref).create()
-    return ref
+def bucket(dir_bucket) -> BucketRef:
+    return dir_bucket
 
 
 def publish(tmp_path, bucket, version, *, model="org/m", task=None, config=CONFIG, graphs=2, seed="insight", seconds=0.0):

@@ -160,3 +160,18 @@ def test_an_exit_publishes_through_one_upload_session(hub, tmp_path, version):
         assert layout.flat_file_path(version, name, "model.done") in listed
         assert layout.area_file_path(area, name, "model.done") in listed
     assert run.record in listed and layout.area_stamp_path(area) in listed
+
+
+def test_a_connection_keeps_its_four_latest_stages(hub, tmp_path):
+    """A client that stages without committing cannot pile up open upload sessions in the server: its
+    oldest stage goes when a fifth is made."""
+    client = BucketClient(HF)
+    client.create()
+    path = _files(tmp_path, count=1)[0]
+    add = [{"dest": "a/f0.bin", "local_path": str(path)}]
+    names = [client.stage(add)["stage"] for _ in range(5)]
+    with pytest.raises(RemoteError, match="stage again"):
+        client.commit(names[0], [{"add": add}])
+    assert _present(client, ["a/f0.bin"]) == set()
+    client.commit(names[4], [{"add": add}])
+    assert _present(client, ["a/f0.bin"]) == {"a/f0.bin"}

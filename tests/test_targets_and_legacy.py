@@ -37,11 +37,8 @@ def no_target_from_the_host(monkeypatch):
 
 
 @pytest.fixture
-def bucket(tmp_path) -> BucketRef:
-    clear_lookup_cache()
-    ref = BucketRef("dir", str(tmp_path / "bucket"))
-    BucketClient(ref).create()
-    return ref
+def bucket(dir_bucket) -> BucketRef:
+    return dir_bucket
 
 
 def publish(tmp_path: Path, bucket: BucketRef, version: str, *, name: str, model: str = "org/m", seed: str = "t",

@@ -16,9 +16,9 @@ from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_
 from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 
 
-def _publish(tmp_path: Path, bucket, version: str, graphs: int = 2) -> list[str]:
+def _publish(tmp_path: Path, bucket, version: str, graphs: int = 2, neff_size: int = 300_000) -> list[str]:
     with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
-        for graph in make_graphs(graphs, seed="verified", neff_size=300_000):
+        for graph in make_graphs(graphs, seed="verified", neff_size=neff_size):
             compile_graph(tmp_path / "A", version, graph)
     return [key.rsplit("/", 1)[1] for key in run.synced]
 
@@ -48,6 +48,27 @@ def test_directory_buckets_record_digests_and_a_flipped_byte_never_reaches_the_c
     assert "BLAKE3" in run.warnings[0]
     assert sorted(hit) == [False, True]  # the corrupt entry compiled as a miss, the other a hit
     assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
+
+
+@pytest.mark.parametrize("where", ["second block", "last byte"])
+def test_a_directory_download_checks_every_block_of_the_files_it_copies_together(tmp_path, version, where):
+    """A directory download copies several files at once, hashing each block between its read and its write:
+    a byte flipped past the first block of one large file, or in its last byte, fails that entry alone; the
+    entries copied beside it land whole."""
+    from bucket_server.backends.dir import CHECKED_BLOCK
+
+    bucket = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(bucket).create()
+    size = 2 * CHECKED_BLOCK + CHECKED_BLOCK // 2
+    modules = _publish(tmp_path, bucket, version, graphs=4, neff_size=size)
+    bad = Path(bucket.location) / f"neuronxcc-{version}/models/org--v/default/{modules[2]}/model.neff"
+    _flip_byte_keeping_size_and_mtime(bad, CHECKED_BLOCK + 10 if where == "second block" else bad.stat().st_size - 1)
+    with hub_neuronx_cache("org/v", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "B") as run:
+        pass
+    assert sorted(key.rsplit("/", 1)[1] for key in run.fetched) == sorted(modules[:2] + modules[3:])
+    assert len(run.warnings) == 1 and modules[2] in run.warnings[0] and "BLAKE3" in run.warnings[0]
+    assert local_violations(tmp_path / "B", version, reference_entries(tmp_path / "A", version)) == []
+    assert not any(entry.name == modules[2] for entry in scan_entries(tmp_path / "B", version))
 
 
 def _xorbs(cas: Path) -> list[Path]:

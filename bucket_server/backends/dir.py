@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ from ..messages import (
     STALE_DIGEST, FileItem, FolderItem, InfoResult, ListItem,
 )
 from ..protocol import ErrorCode
-from ..digests import StreamVerifier, file_digest, publish_algorithm, split
+from ..digests import file_digest, mismatch_reason, mismatches, publish_algorithm, split, streaming_hasher
 from . import dirtree
-from .base import Backend, BackendError, Progress, reject_mismatched, validate_remote_path
+from .base import Backend, BackendError, Progress, local_size, reject_mismatched, validate_remote_path
 from .dirtree import Dirs, Refused
 
 log = logging.getLogger("bucket_server")
@@ -105,15 +106,13 @@ def _abandoned(name: str, info: os.stat_result, now: float) -> bool:
 
 
 COPY_STEP = 4 << 20
-"""Small enough that a file's check follows its copy closely (StreamVerifier), large enough to cost nothing."""
+"""What a sendfile copy moves per call (a progress report after each)."""
 
 
-def copy_between(src: int, dst: int, on_bytes: Callable[[int], None] | None = None, limit: int | None = None,
-                 written: Callable[[int], None] | None = None) -> int:
+def copy_between(src: int, dst: int, on_bytes: Callable[[int], None] | None = None, limit: int | None = None) -> int:
     """Copy the bytes of the open regular file `src` into `dst`; the bytes move inside the kernel (sendfile)
     where it can, never through Python. limit: stop after this many bytes plus one (a file far larger than
-    announced is not copied whole). on_bytes(moved) and written(bytes so far) are called after each step
-    of COPY_STEP bytes."""
+    announced is not copied whole). on_bytes(moved) is called after each step of COPY_STEP bytes."""
     wanted = limit + 1 if limit is not None else None
     copied = 0
     while wanted is None or copied < wanted:
@@ -124,8 +123,6 @@ def copy_between(src: int, dst: int, on_bytes: Callable[[int], None] | None = No
         copied += moved
         if on_bytes is not None:
             on_bytes(moved)
-        if written is not None:
-            written(copied)
     return copied
 
 
@@ -142,6 +139,67 @@ def _copy_step(src: int, dst: int, offset: int, count: int) -> int:
     while view:
         view = view[os.write(dst, view):]
     return len(data)
+
+
+#: What a checked copy reads, hashes and writes at a time: small enough to stay in the core's cache from the
+#: read to the write, so the hash and the write read it there rather than from memory.
+CHECKED_BLOCK = 1 << 20
+_buffers = threading.local()
+
+
+def copy_hashed(src: int, dst: int, hasher: Any, on_bytes: Callable[[int], None] | None = None,
+                limit: int | None = None) -> int:
+    """Copy `src` into `dst` through one reused buffer, feeding the hasher each block between its read and
+    its write: the bytes hashed are the very bytes written, read once. (A sendfile copy, then reading the
+    copy back to hash it, costs a second pass over every byte.) limit and on_bytes as in copy_between."""
+    buffer = getattr(_buffers, "block", None)
+    if buffer is None:
+        buffer = _buffers.block = memoryview(bytearray(CHECKED_BLOCK))
+    wanted = limit + 1 if limit is not None else None
+    copied = 0
+    while wanted is None or copied < wanted:
+        got = os.readv(src, [buffer if wanted is None or wanted - copied >= CHECKED_BLOCK else buffer[:wanted - copied]])
+        if not got:
+            break
+        block = buffer[:got]
+        hasher.update(block)
+        while block:
+            block = block[os.write(dst, block):]
+        copied += got
+        if on_bytes is not None:
+            on_bytes(got)
+    return copied
+
+
+def copy_checked(src: int, dst: int, dest: str, digest: str | None, limit: int | None,
+                 on_bytes: Callable[[int], None] | None) -> tuple[int, str | None]:
+    """Copy `src` into `dst` (the file at local path `dest`) and check the bytes written against `digest`;
+    closes both descriptors. Returns (bytes copied, why they do not match, or None). No digest: sizes only.
+    A digest that cannot be computed block by block (a Xet hash) is checked on the whole file after."""
+    parsed = split(digest) if digest else None
+    hasher = streaming_hasher(parsed[0]) if parsed else None
+    try:
+        try:
+            if hasher is None:
+                copied = copy_between(src, dst, on_bytes, limit)
+            else:
+                copied = copy_hashed(src, dst, hasher, on_bytes, limit)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    if not digest or (limit is not None and copied > limit):
+        return copied, None
+    if hasher is None:
+        return copied, mismatches([(dest, digest)]).get(dest)
+    got = hasher.hexdigest()
+    return copied, None if got == parsed[1] else mismatch_reason(parsed[0], parsed[1], got)
+
+
+#: Files copied at once by a download: each worker copies and checks whole files, so that the check of one
+#: runs on one core while the copy of another runs on the next (on 2 cores, the check no longer waits for
+#: the copy's core to be free). A few more help on a network filesystem, where each read waits on the wire.
+COPIERS = max(2, min(4, os.cpu_count() or 1))
 
 
 _SENDFILE_FILES = sys.platform.startswith("linux") and hasattr(os, "sendfile")
@@ -166,25 +224,21 @@ def _fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def _local_size(item: AddFile) -> int:
-    try:
-        return os.lstat(item.local_path).st_size if item.local_path is not None else 0
-    except OSError:
-        return 0
-
-
 class _Counter:
-    """Bytes moved so far, reported to a progress callback."""
+    """Bytes moved so far, reported to a progress callback (from any thread)."""
 
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress = progress
         self.total = total
         self.done = 0
+        self._lock = threading.Lock()
 
     def add(self, count: int) -> None:
-        self.done += count
+        with self._lock:
+            self.done += count
+            done = self.done
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress(done, self.total)
 
 
 def _parts(path: str, *, allow_root: bool = False) -> list[str]:
@@ -364,67 +418,82 @@ class DirBackend(Backend):
             raise BackendError(ErrorCode.NOT_FOUND, f"{path} is not in bucket {self.root}") from None
 
     def download(self, files: Sequence[DownloadFile], *, progress: Progress | None = None) -> DownloadResult:
-        """Copy each file out, checked against its digest a block behind the copy (StreamVerifier): when the
-        last byte is copied, little is left to hash. A file whose bytes do not match (or that is far larger
-        than announced) is removed and reported, never left for the client. So is a file changed after it
-        was published (its sidecar is STALE), or that is a symlink: those are not even copied. Digest
-        manifests bind Xet hashes, which a directory bucket does not list: they are copied like any other
-        file."""
+        """Copy each file out, hashing each block between its read and its write (copy_checked), on COPIERS
+        threads, largest files first. A file whose bytes do not match (or that is far larger than announced)
+        is removed and reported, never left for the client. So is a file changed after it was published
+        (its sidecar is STALE), or that is a symlink: those are not even copied. Digest manifests bind Xet
+        hashes, which a directory bucket does not list: they are copied like any other file."""
         counter = _Counter(progress, sum(item.size or 0 for item in files))
-        verifier = StreamVerifier()
+        on_bytes = counter.add if progress else None
         started = time.perf_counter()
-        total = 0
         failed: list[Failure] = []
-        with self._open() as dirs:
+        problems: dict[str, str] = {}
+        total = 0
+        error: BaseException | None = None
+        jobs: list[tuple[DownloadFile, Future[tuple[int, str | None]]]] = []
+        with self._open() as dirs, ThreadPoolExecutor(max_workers=max(1, min(COPIERS, len(files))),
+                                                      thread_name_prefix="dir-copy") as pool:
             try:
-                for item in files:
-                    dest = Path(item.local_path)  # its folder is the client's to make: never recreate a removed one
-                    try:
-                        src, parts = self._open_source(dirs, item.path)
-                    except Refused as exc:
-                        failed.append(Failure(item.path, exc.what if exc.path == item.path else
-                                              f"is under {dirtree.shown(exc.path)}, which {exc.what}"))
-                        continue
-                    try:
-                        info = os.fstat(src)
-                        limit = item.size
-                        if limit is not None and info.st_size > limit:
-                            failed.append(Failure(item.path, f"larger than the {limit} bytes listed"))
-                            continue
-                        digest = item.digest  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
-                        if digest is None or split(digest) is None:  # the sidecar decides (STALE, no digest)
-                            recorded, _ = self._sidecar(dirs, parts, info)
-                            if recorded == STALE:
-                                failed.append(Failure(item.path, "changed after it was published (its size or "
-                                                      "time differs from its digest record): refused"))
-                                continue
-                            if digest == STALE:  # published again since the listing
-                                digest = recorded
-                        # else the bytes are checked against the listing's digest, which a file changed since
-                        # then fails: its sidecar need not be read a second time (one read per file, not two)
-                        try:
-                            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-                        except FileNotFoundError:
-                            raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {dest}: its folder is gone") from None
-                        try:
-                            copied = copy_between(src, out, counter.add if progress else None, limit=limit,
-                                                  written=lambda upto: verifier.written(str(dest), digest, upto))
-                        finally:
-                            os.close(out)
-                    finally:
-                        os.close(src)
-                    total += copied
-                    if limit is not None and copied > limit:
-                        verifier.abandon(str(dest))
-                        dest.unlink(missing_ok=True)
-                        failed.append(Failure(item.path, f"larger than the {limit} bytes listed"))
-                    else:
-                        verifier.closed(str(dest), digest)
+                # Largest first: the cores finish together rather than one waiting on a big file at the end.
+                for item in sorted(files, key=lambda item: -(item.size or 0)):
+                    opened = self._open_copy(dirs, item, failed)
+                    if opened is not None:
+                        src, out, digest = opened
+                        jobs.append((item, pool.submit(copy_checked, src, out, item.local_path, digest, item.size, on_bytes)))
             finally:
-                copied_in = time.perf_counter() - started
-                problems = verifier.finish()
-        log.info("copied %d files in %.3f s, %s", len(files), copied_in, verifier.summary())
+                for item, job in jobs:
+                    try:
+                        copied, why = job.result()
+                    except BaseException as exc:  # a failing write (a full disk): the download fails, after the others
+                        error = error or exc
+                        Path(item.local_path).unlink(missing_ok=True)
+                        continue
+                    total += copied
+                    if item.size is not None and copied > item.size:
+                        Path(item.local_path).unlink(missing_ok=True)
+                        failed.append(Failure(item.path, f"larger than the {item.size} bytes listed"))
+                    elif why is not None:
+                        problems[item.local_path] = why
+        if error is not None:
+            raise error
+        log.info("copied and checked %d files in %.3f s", len(files), time.perf_counter() - started)
         return DownloadResult(len(files), total, tuple(failed + reject_mismatched(files, problems)))
+
+    def _open_copy(self, dirs: Dirs, item: DownloadFile, failed: list[Failure]) -> tuple[int, int, str | None] | None:
+        """The source (from the bucket, never through a symlink) and the destination of one file to download,
+        open, and the digest to check it against; None (a failure added) when it must not be copied."""
+        try:
+            src, parts = self._open_source(dirs, item.path)
+        except Refused as exc:
+            failed.append(Failure(item.path, exc.what if exc.path == item.path else
+                                  f"is under {dirtree.shown(exc.path)}, which {exc.what}"))
+            return None
+        try:
+            info = os.fstat(src)
+            if item.size is not None and info.st_size > item.size:
+                failed.append(Failure(item.path, f"larger than the {item.size} bytes listed"))
+                os.close(src)
+                return None
+            digest = item.digest  # None: sizes only (no sidecar, or NEURON_CACHE_VERIFY=0)
+            if digest is None or split(digest) is None:  # the sidecar decides (STALE, no digest)
+                recorded, _ = self._sidecar(dirs, parts, info)
+                if recorded == STALE:
+                    failed.append(Failure(item.path, "changed after it was published (its size or time differs "
+                                                     "from its digest record): refused"))
+                    os.close(src)
+                    return None
+                if digest == STALE:  # published again since the listing
+                    digest = recorded
+            # else the bytes are checked against the listing's digest, which a file changed since then fails:
+            # its sidecar need not be read a second time (one read per file, not two)
+            try:  # its folder is the client's to make: never recreate a removed one
+                out = os.open(item.local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                raise BackendError(ErrorCode.BAD_REQUEST, f"cannot write {item.local_path}: its folder is gone") from None
+        except BaseException:
+            os.close(src)
+            raise
+        return src, out, digest
 
     def _writable(self, path: str) -> list[str]:
         parts = _parts(path)
@@ -476,17 +545,23 @@ class DirBackend(Backend):
         out = dirtree.create_file(incoming, tmp)
         try:
             try:
+                hasher = streaming_hasher(algorithm)  # of the bytes that land: those written from its buffer
                 if item.local_path is not None:
                     src = open_upload_source(item.local_path)
                     try:
-                        copy_between(src, out, on_bytes)
+                        if hasher is not None:
+                            copy_hashed(src, out, hasher, on_bytes)
+                        else:
+                            copy_between(src, out, on_bytes)
                     finally:
                         os.close(src)
                 else:
                     data = memoryview(item.content.encode("utf-8"))
+                    if hasher is not None:
+                        hasher.update(data)
                     while data:
                         data = data[os.write(out, data):]
-                digest = file_digest(_fd_path(out), algorithm)  # of the bytes that land, read back from the page cache
+                digest = f"{algorithm}:{hasher.hexdigest()}" if hasher is not None else file_digest(_fd_path(out), algorithm)
                 landed = os.fstat(out)
             finally:
                 os.close(out)
@@ -499,7 +574,7 @@ class DirBackend(Backend):
               progress: Progress | None = None) -> BatchResult:
         """Copies, then adds, then deletes; each write lands whole (.incoming/, then a rename), with its digest
         sidecar."""
-        counter = _Counter(progress, sum(_local_size(item) for item in add))
+        counter = _Counter(progress, sum(local_size(item) for item in add))
         algorithm = publish_algorithm()
         described: dict[str, Described] = {}
         with self._open() as dirs:

@@ -12,11 +12,12 @@ import json
 import logging
 import math
 import os
+import queue
 import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -335,41 +336,62 @@ def _join_each(group_cm: Any, transfers: list[DownloadFile], verifier: Verifier,
     with group_cm as group:
         # Manifests first (the other files' checks wait for them), then largest first: the big files land
         # early, and what is left to hash when the transfer ends is small.
-        handles = {group.start_download_file(hf_xet.XetFileInfo(item.xet_hash, int(item.size)), item.local_path): item
-                   for item in sorted(transfers, key=lambda item: (not item.manifest, -int(item.size)))}
+        todo: queue.SimpleQueue[tuple[Any, DownloadFile]] = queue.SimpleQueue()
+        for item in sorted(transfers, key=lambda item: (not item.manifest, -int(item.size))):
+            todo.put((group.start_download_file(hf_xet.XetFileInfo(item.xet_hash, int(item.size)), item.local_path), item))
+        started = todo.qsize()
+        landed: queue.SimpleQueue[tuple[DownloadFile, BaseException | None]] = queue.SimpleQueue()
+
+        def join() -> None:
+            # A task reads as running until it is joined, failed or not: each joiner blocks in one join at a
+            # time (which releases the GIL), and the files come out of `landed` in the order they finish.
+            while True:
+                try:
+                    handle, item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    handle.result()  # the file is whole and closed (raises if its transfer failed)
+                except BaseException as exc:
+                    landed.put((item, exc))
+                else:
+                    landed.put((item, None))
 
         def give_up(exc: BaseException) -> None:
             failed.update({item.local_path: exc for item in transfers if item.local_path not in failed})
             group.abort()  # the other transfers stop, and their joins return
 
-        # A task reads as running until it is joined, failed or not: join each on its own thread (the join
-        # releases the GIL) and take them in the order they finish.
-        with ThreadPoolExecutor(max_workers=min(JOINERS, len(handles)), thread_name_prefix="xet-join") as joiners:
-            pending = {joiners.submit(handle.result): item for handle, item in handles.items()}
-            deadline = time.monotonic() + first_byte_within
-            arrived = False
-            try:
-                while pending:
-                    done, _ = wait(pending, timeout=None if arrived else FIRST_BYTE_POLL, return_when=FIRST_COMPLETED)
-                    arrived = arrived or _any_bytes(transfers)
-                    for future in done:
-                        item = pending.pop(future)
-                        try:
-                            future.result()  # the file is whole and closed (raises if its transfer failed)
-                        except Exception as exc:
-                            failed[item.local_path] = exc
-                            if not arrived:
-                                give_up(exc)
-                                return
-                            continue
-                        arrived = True
-                        verifier.submit(item.local_path, item.digest)
-                    if not arrived and time.monotonic() > deadline:
-                        give_up(TimeoutError(f"not a byte came from the Xet storage in {first_byte_within:g} s"))
+        joiners = [threading.Thread(target=join, name="xet-join", daemon=True) for _ in range(min(JOINERS, started))]
+        for joiner in joiners:
+            joiner.start()
+        deadline = time.monotonic() + first_byte_within
+        arrived = False
+        try:
+            for _ in range(started):
+                while True:
+                    try:
+                        item, exc = landed.get(timeout=None if arrived else FIRST_BYTE_POLL)
+                        break
+                    except queue.Empty:
+                        arrived = _any_bytes(transfers)
+                        if not arrived and time.monotonic() > deadline:
+                            give_up(TimeoutError(f"not a byte came from the Xet storage in {first_byte_within:g} s"))
+                            return
+                arrived = arrived or _any_bytes(transfers)
+                if exc is not None:
+                    failed[item.local_path] = exc
+                    if not arrived:
+                        give_up(exc)
                         return
-            except BaseException:
-                group.abort()
-                raise
+                    continue
+                arrived = True
+                verifier.submit(item.local_path, item.digest)
+        except BaseException:
+            group.abort()
+            raise
+        finally:
+            for joiner in joiners:  # after an abort, the joins left return at once
+                joiner.join()
 
 
 def _digests_of(items: Sequence[AddFile]) -> dict[str, tuple[str, str]]:
@@ -739,7 +761,7 @@ class HfBackend(Backend):
             digests = hasher.submit(_digests_of, [item for item in add if item.describe and item.local_path is not None])
             session, uploaded = with_retries(self.policy, f"stage on {self.bucket_id}", attempt)
             described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
-        relay.target = None  # the stage's reply is sent: no more progress frames under its id
+        relay.target = None  # the stage is done: no progress frame may follow its reply under its id
         return HfStaged(self._connection_key(), session, uploaded, sources, relay), StageResult("", described)
 
     def commit(self, staged: Staged | None, phases: Sequence[BatchRequest], *,
