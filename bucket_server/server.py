@@ -434,7 +434,9 @@ class BucketServer:
             if not isinstance(result, OPS[op].result):
                 raise BackendError(ErrorCode.INTERNAL, f"the {op} handler returned a {type(result).__name__}, "
                                                        f"not a {OPS[op].result.__name__}")
-            log.info("%s ok in %.3fs", op, time.monotonic() - started)
+            # A handshake or a status is no event worth a line (one per connection: a warm run pays the write).
+            log.log(logging.DEBUG if op in ("hello", "status") else logging.INFO, "%s ok in %.3fs", op,
+                    time.monotonic() - started)
             return {"id": request_id, "ok": True, "result": result.to_wire()}
         except BackendError as exc:
             log.info("%s failed in %.3fs: %s: %s", op, time.monotonic() - started, exc.code.value, exc.message)
