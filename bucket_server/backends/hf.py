@@ -311,7 +311,7 @@ _connections: dict[tuple[str, str, str], tuple[XetConnection, float]] = {}
 #: of about 58 MB per fetch of the benchmark's 179 MB). glibc's malloc serves every buffer above its mapping
 #: threshold (128 kB, growing with what is freed, at most 32 MB) with a fresh mapping and unmaps it when
 #: freed, and gives a heap's free top back to the system above its trim threshold: each fetch then faults in
-#: and zeroes fresh pages for most of what it moves (29,000 to 36,000 page faults per 179 MB, about 80 ms of
+#: and zeroes fresh pages for most of what it moves (29,000 to 36,000 page faults per 179 MB, 74 to 110 ms of
 #: CPU, in the server as in a direct `download_bucket_files`). The server keeps freed buffers for the next
 #: download of the burst instead (docs/performance.md, the cold fetch), and gives them back once idle.
 MALLOC_MMAP_THRESHOLD = 128 << 20  # above the largest Xorb (64 MiB): such buffers come from the heap
@@ -332,9 +332,8 @@ def _glibc() -> Any:
         _libc = False
         try:
             import ctypes
-            import platform
 
-            if platform.libc_ver()[0] == "glibc":
+            if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
                 libc = ctypes.CDLL(None)
                 if libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and \
                         libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD):
