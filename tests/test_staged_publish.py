@@ -175,3 +175,24 @@ def test_a_connection_keeps_its_four_latest_stages(hub, tmp_path):
     assert _present(client, ["a/f0.bin"]) == set()
     client.commit(names[4], [{"add": add}])
     assert _present(client, ["a/f0.bin"]) == {"a/f0.bin"}
+
+
+def test_a_directory_bucket_writes_each_published_file_once(tmp_path, version):
+    """A directory bucket stages nothing: the commit writes each local file once (to the flat area) and links
+    it into the model's area, as its copies always did, instead of copying the bytes again."""
+    from optimum_neuron_cache.sync import sync_cache
+
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    root = tmp_path / "cache"
+    for graph in make_graphs(2, seed="once"):
+        compile_graph(root, version, graph)
+    report = sync_cache(BucketClient(ref), root, model_folder="org--once", task="text-generation")
+    published = report[0].result.published
+    assert len(published) == 2
+    area = layout.model_area_prefix(version, "org--once", "text-generation")
+    for name in published:
+        for file in ("model.neff", "model.done"):
+            flat = Path(ref.location) / layout.flat_file_path(version, name, file)
+            there = Path(ref.location) / layout.area_file_path(area, name, file)
+            assert flat.read_bytes() == there.read_bytes() and flat.stat().st_ino == there.stat().st_ino

@@ -86,14 +86,31 @@ class Backend(abc.ABC):
                progress: Progress | None = None) -> CommitResult:
         """Apply `phases` in order, each a batch, each only once the one before it has landed: a failure in one
         stops there (the phases after it are not applied). `staged` is what `stage` returned on this
-        connection. This default runs each phase as a `batch`; progress counts the bytes of every phase."""
-        total = sum(local_size(item) for phase in phases for item in phase.add)
-        results, done = [], 0
+        connection. This default runs each phase as a `batch`. A local file the commit already wrote (to
+        the flat area) is copied within the bucket where it goes again (the model's area: a hard link in a
+        directory), right after the phase's own writes. Progress counts the bytes of every phase."""
+        written: dict[str, str] = {}  # local path -> where this commit writes it first
+        plan: list[tuple[list[AddFile], list[CopyFile]]] = []
         for phase in phases:
-            size = sum(local_size(item) for item in phase.add)
+            adds, again = [], []
+            for item in phase.add:
+                first = written.get(item.local_path) if item.local_path is not None else None
+                if first is None:
+                    adds.append(item)
+                    if item.local_path is not None:
+                        written[item.local_path] = item.dest
+                else:
+                    again.append(CopyFile(first, item.dest))
+            plan.append((adds, again))
+        total = sum(local_size(item) for adds, _ in plan for item in adds)
+        results, done = [], 0
+        for phase, (adds, again) in zip(phases, plan):
             report = (lambda now, _of, base=done: progress(base + now, total)) if progress is not None else None
-            results.append(self.batch(add=phase.add, copy=phase.copy, delete=phase.delete, progress=report))
-            done += size
+            result = self.batch(add=adds, copy=phase.copy, delete=phase.delete, progress=report)
+            if again:
+                self.batch(add=(), copy=again, delete=())
+            results.append(BatchResult(len(phase.add), len(phase.copy), len(phase.delete), result.described))
+            done += sum(local_size(item) for item in adds)
         return CommitResult(tuple(results))
 
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
