@@ -630,8 +630,8 @@ def sync_figures(site: Site) -> list[dict[str, Any]]:
               for name, stats in baselines.items()}
     title = (f"sync a finished compile: {sizes.entries} new entries ({needed / 1e6:.1f} MB) + {sizes.failed} failed + "
              f"{sizes.locked} locked, {site.models} models in the bucket")
-    notes = ("ours publishes the flat area, the model's area (by the staged bytes' Xet hash) and an export record, "
-             "in one upload session and two batch requests; "
+    notes = ("ours publishes the flat area, the model's area (the Hub: by the staged bytes' Xet hash, in one upload "
+             "session and two batch requests; a directory: hard links) and an export record; "
              "`hf buckets sync` uploads the flat tree as is, failed entries, logs and lock files included")
     sync_fig = figure(f"{site.backend}.sync_new", site.backend, title, ours, baselines, ratios, [], checks, notes)
 
