@@ -477,8 +477,22 @@ def _source_key(item: AddFile) -> str:
     return "content:" + hashlib.sha256(item.content.encode("utf-8")).hexdigest()
 
 
-def _source_of(item: AddFile) -> str | bytes:
-    return item.local_path if item.local_path is not None else item.content.encode("utf-8")
+def _sources(items: Sequence[AddFile]) -> dict[str, str | bytes]:
+    """What `items` upload, by source key: a local path, or the content's bytes."""
+    return {_source_key(item): item.local_path if item.local_path is not None else item.content.encode("utf-8")
+            for item in items}
+
+
+def _described_while(items: Sequence[AddFile], upload: Callable[[], Any],
+                     hashes: Callable[[Any], dict[str, tuple[str, int]]]) -> tuple[Any, dict[str, Described]]:
+    """Run `upload` while the local files of `items` marked `describe` are hashed beside it (they are read
+    twice either way), then describe them by the Xet hash the upload gave their source: (what `upload`
+    returned, dest -> Described). `hashes` picks source key -> (Xet hash, size) out of what it returned."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
+        digests = hasher.submit(_digests_of, [item for item in items if item.describe and item.local_path is not None])
+        got = upload()
+        uploaded = hashes(got)
+        return got, {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
 
 
 def _now_ms() -> int:
@@ -684,22 +698,10 @@ class HfBackend(Backend):
 
     def _download_verified(self, items: list[DownloadFile]) -> dict[str, str]:
         """One attempt: local path -> why it does not match its digest, or did not transfer."""
-        import hf_xet
-        from huggingface_hub import BucketFile
-
         verifier = Verifier(manifests=[item.local_path for item in items if item.manifest])
         started = time.perf_counter()
-        try:
-            if not hasattr(hf_xet, "XetSession") or not hasattr(self.api, "get_bucket_file_metadata"):
-                # An older hf_xet: one call for all, then every hash (no per-file completion to overlap with).
-                pairs = [(BucketFile(type="file", path=item.path, size=int(item.size), xetHash=item.xet_hash),
-                          item.local_path) for item in items]
-                self.api.download_bucket_files(self.bucket_id, pairs, raise_on_missing_files=True, token=self.token)
-                for item in sorted(items, key=lambda item: not item.manifest):  # manifests first
-                    verifier.submit(item.local_path, item.digest)
-                not_transferred: dict[str, str] = {}
-            else:
-                not_transferred = self._download_each(items, verifier)
+        try:  # hf_xet >= 1.6 (SERVER_REQUIREMENTS) has the download groups _download_each uses
+            not_transferred = self._download_each(items, verifier)
         except BaseException:
             verifier.finish()
             raise
@@ -811,7 +813,7 @@ class HfBackend(Backend):
         marked `describe` (the Xet hash hf_xet computed as it took them in, and their digest). Nothing is
         added to the bucket: the session's data is pushed to the Xet storage by the commit, and a stage whose
         connection closes is aborted."""
-        sources = {_source_key(item): _source_of(item) for item in add}
+        sources = _sources(add)
         relay = _ProgressRelay(progress)
 
         def attempt() -> tuple[Any, dict[str, tuple[str, int]]]:
@@ -822,11 +824,8 @@ class HfBackend(Backend):
                 _abort(session)
                 raise
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
-            # Digests are computed while hf_xet takes the files in (they are read twice either way).
-            digests = hasher.submit(_digests_of, [item for item in add if item.describe and item.local_path is not None])
-            session, uploaded = with_retries(self.policy, f"stage on {self.bucket_id}", attempt)
-            described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
+        (session, uploaded), described = _described_while(
+            add, lambda: with_retries(self.policy, f"stage on {self.bucket_id}", attempt), lambda got: got[1])
         relay.target = None  # the stage is done: no progress frame may follow its reply under its id
         return HfStaged(self._connection_key(), session, uploaded, sources, relay), StageResult("", described)
 
@@ -840,12 +839,8 @@ class HfBackend(Backend):
         adds = [item for phase in phases for item in phase.add]
         copies = [item for phase in phases for item in phase.copy]
         missing = [item.src for item in copies if not item.xet_hash]
-        sources = {_source_key(item): _source_of(item) for item in adds}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe") as hasher:
-            digests = hasher.submit(_digests_of, [item for item in adds if item.describe and item.local_path is not None])
-            copied = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
-            uploaded = self._push(staged, sources, progress)
-            described = {dest: Described(uploaded[key][0], digest) for dest, (key, digest) in digests.result().items()}
+        copied = {info.path: info.xet_hash for info in self.paths_info(missing)} if missing else {}
+        uploaded, described = _described_while(adds, lambda: self._push(staged, _sources(adds), progress), lambda got: got)
         results = []
         for phase in phases:
             lines = [_add_line(item, uploaded[_source_key(item)][0]) for item in phase.add]
