@@ -14,6 +14,7 @@ from typing import Any
 from . import FIGURES
 from .config import BACKENDS, DEFAULT, SMOKE, with_overrides
 from .harness import BenchEnv, write_json
+from .machine import MachineMark, adopt_orphans, others_share
 from .report import SMOKE_NOTE, render
 
 
@@ -76,6 +77,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown figure groups {sorted(unknown)}; choose from {list(FIGURES)}")
     started = time.monotonic()
     load_before = [round(x, 2) for x in os.getloadavg()]
+    adopt_orphans()
+    mark = MachineMark.now()
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -120,7 +123,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "smoke": cfg.smoke,
         "config": {**asdict(cfg), "sizes": asdict(cfg.sizes)},
-        "environment": {**environment(), "load_average_at_start": load_before},
+        "environment": {**environment(), "load_average_at_start": load_before,
+                        "others_cpu_share": others_share(mark, os.cpu_count() or 1)},
         "seconds": round(time.monotonic() - started, 1),
         "figures": figures,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .machine import BUSY_SHARE
+
 
 def _time(seconds: float | None) -> str:
     if seconds is None:
@@ -95,9 +97,16 @@ def render(results: dict[str, Any]) -> str:
     header = (f"{results.get('command', '')}: {env.get('cpus')} CPUs, load average {env.get('load_average_at_start')} at start, "
               f"{env.get('load_average')} at end; huggingface_hub {env.get('huggingface_hub')}, hf_xet {env.get('hf_xet')}; "
               f"Hub emulator Xet mode {results.get('config', {}).get('xet')}")
-    load = max((env.get("load_average_at_start") or [0])[:1] + (env.get("load_average") or [0])[:1])
-    if env.get("cpus") and load > env["cpus"]:
-        header += f"\n**Warning: the machine was busy (load {load} on {env['cpus']} CPUs): timings are not trustworthy.**"
+    others = env.get("others_cpu_share")
+    if others is not None:
+        header += f"; other processes used {others:.0%} of the CPUs during the run"
+        if others > BUSY_SHARE:
+            header += (f"\n**Warning: the machine was busy (other processes used {others:.0%} of its {env.get('cpus')} CPUs): "
+                       "timings are not trustworthy.**")
+    else:  # no /proc/stat: the load average at the start is all there is
+        load = (env.get("load_average_at_start") or [0])[0]
+        if env.get("cpus") and load > env["cpus"]:
+            header += f"\n**Warning: the machine was busy (load {load} on {env['cpus']} CPUs at the start): timings are not trustworthy.**"
     smoke = bool(results.get("smoke"))
     parts = [header, figures_table(figures)]
     if smoke:

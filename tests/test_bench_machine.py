@@ -1,0 +1,69 @@
+"""The benchmark tells a busy machine from its own work: other processes' CPU is flagged, its own process
+tree's (a server orphaned by the worker that spawned it included) is not.
+
+Each case runs the measurement in a fresh process (it makes itself a subreaper and reaps every child), and
+every wait is on a process's end or a pipe's close, not a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.machine import BUSY_SHARE, machine_busy_s
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(machine_busy_s() is None, reason="needs /proc/stat (Linux)")
+
+#: Burns this much CPU, then exits.
+BURN = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+
+MEASURE = textwrap.dedent("""
+    import os, subprocess, sys
+    from bench.machine import MachineMark, adopt_orphans, others_share
+    assert adopt_orphans()
+    mark = MachineMark.now()
+    if sys.argv[1] == "orphan":
+        # A child that starts a burner and exits at once: the burner is orphaned, and adopted by this process.
+        launcher = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True)"
+        subprocess.run([sys.executable, "-c", launcher, sys.argv[2]], check=True)
+        os.waitpid(-1, 0)  # the adopted burner's end
+    else:
+        # A burner that is not ours: start it, then wait until it closes the pipe it holds (its end).
+        os.write(int(sys.argv[3]), b"go")
+        os.read(int(sys.argv[2]), 1)
+    print(others_share(mark, os.cpu_count() or 1))
+""")
+
+
+def _measure(*args: str, pass_fds: tuple[int, ...] = ()) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", MEASURE, *args], env=env, pass_fds=pass_fds, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return float(out.strip())
+
+
+def test_an_orphaned_descendant_counts_as_the_benchmarks_own():
+    assert _measure("orphan", BURN) < BUSY_SHARE
+
+
+def test_a_process_outside_the_benchmark_makes_the_run_busy():
+    read_end, write_end = os.pipe()
+    go_read, go_write = os.pipe()
+    wait_go = f"import os\nos.read({go_read}, 1)\n"
+    burner = subprocess.Popen([sys.executable, "-c", wait_go + BURN], pass_fds=(write_end, go_read))
+    os.close(write_end)  # the burner holds the only write end: its exit closes the pipe
+    os.close(go_read)
+    try:
+        share = _measure("foreign", str(read_end), str(go_write), pass_fds=(read_end, go_write))
+    finally:
+        os.close(read_end)
+        os.close(go_write)
+        burner.wait()
+    assert share > BUSY_SHARE
