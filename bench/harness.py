@@ -119,11 +119,12 @@ class BenchEnv:
         self._emulators.remove(emulator)
 
 
-def entry_bytes(files: list[dict]) -> int:
-    """Bytes of cache-entry files among a download's files. Export records and digest manifests (small JSON
-    read along with the entries, for compile durations and cheaper checks) are metadata, not bytes the compile
-    needs: not counted."""
-    return sum(int(item.get("size") or 0) for item in files if not item.get("manifest")
+def entry_bytes(files: list[Any]) -> int:
+    """Bytes of cache-entry files among a download's files (DownloadFile, or their wire form). Export records
+    and digest manifests (small JSON read along with the entries, for compile durations and cheaper checks) are
+    metadata, not bytes the compile needs: not counted."""
+    wire = [item.to_wire() if hasattr(item, "to_wire") else item for item in files]
+    return sum(int(item.get("size") or 0) for item in wire if not item.get("manifest")
                and "/exports/" not in str(item.get("path", "")) and "/digests/" not in str(item.get("path", "")))
 
 

@@ -498,10 +498,14 @@ class BucketClient:
         {"stage", "described"}."""
         return self.send(StageRequest(_typed(AddFile, add, "stage")), progress=progress).to_wire()
 
-    def commit(self, stage: str, phases: Iterable[Mapping[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    def commit(self, stage: str, phases: Iterable[BatchRequest | Mapping[str, Any]], *,
+               progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Batches applied in order, each once the one before it landed, with the bytes of `stage`; see
-        Backend.commit. A phase is {"add", "copy", "delete"} (each optional; items as `batch` takes them)."""
-        typed = tuple(BatchRequest(_typed(AddFile, phase.get("add", ()), "commit"), _typed(CopyFile, phase.get("copy", ()), "commit"),
+        Backend.commit. A phase is a BatchRequest, or its wire form {"add", "copy", "delete"} (each optional;
+        items as `batch` takes them)."""
+        typed = tuple(BatchRequest(_typed(AddFile, phase.add, "commit"), _typed(CopyFile, phase.copy, "commit"), phase.delete)
+                      if isinstance(phase, BatchRequest) else
+                      BatchRequest(_typed(AddFile, phase.get("add", ()), "commit"), _typed(CopyFile, phase.get("copy", ()), "commit"),
                                    tuple(phase.get("delete", ()))) for phase in phases)
         return self.send(CommitRequest(stage, typed), progress=progress).to_wire()
 
@@ -518,10 +522,10 @@ _Item = TypeVar("_Item")
 
 
 def _typed(cls: type[_Item], items: Iterable[Any], op: str) -> tuple[_Item, ...]:
-    """Request items as `cls`, from their wire form where a caller gave a dict: one that the server would
-    refuse (an unsafe path, a relative local path) raises RemoteInvalidDataError, as the server's bad_request
-    would, before anything is sent."""
+    """Request items as `cls` (given typed, or in their wire form), checked as the server checks them: one
+    that it would refuse (an unsafe path, a relative local path) raises RemoteInvalidDataError, as the
+    server's bad_request would, before anything is sent."""
     try:
-        return tuple(item if isinstance(item, cls) else cls.from_wire(item) for item in items)  # type: ignore[attr-defined]
+        return tuple(cls.from_wire(item.to_wire() if isinstance(item, cls) else item) for item in items)  # type: ignore[attr-defined]
     except MessageError as exc:
         raise RemoteInvalidDataError(f"bad {op} request: {exc}") from None

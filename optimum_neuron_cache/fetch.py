@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from filelock import Timeout
 
-from bucket_server.messages import PathsInfoRequest
+from bucket_server.messages import DownloadFile, PathsInfoRequest
 from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import crashpoints
@@ -471,19 +471,19 @@ def _install_fill(item: FetchOp, staged: Path, target: Path, version: str) -> bo
     return True
 
 
-def _request(remote: RemoteFile, local_path: Path | str) -> dict[str, Any]:
+def _request(remote: RemoteFile, local_path: Path | str, *, manifest: bool = False) -> DownloadFile:
     """One file of a download request: size and hash let the server skip a metadata request, the digest
     is what the server checks the bytes against (no digest, no check)."""
-    return {"path": remote.path, "local_path": str(local_path), "size": remote.size, "xet_hash": remote.xet_hash,
-            "digest": remote.digest if settings.verify() else None}
+    return DownloadFile(remote.path, str(local_path), remote.size, remote.xet_hash,
+                        remote.digest if settings.verify() else None, manifest)
 
 
-def _manifest_requests(manifests: Sequence[RemoteFile], folder: Path) -> list[dict[str, Any]]:
+def _manifest_requests(manifests: Sequence[RemoteFile], folder: Path) -> list[DownloadFile]:
     """Digest manifests to download into `folder` (never into an entry), for the server to read; none when
     verification is off (nothing would read them)."""
     if not settings.verify():
         return []
-    return [{**_request(remote, folder / f"manifest-{index}.json"), "manifest": True} for index, remote in enumerate(manifests)]
+    return [_request(remote, folder / f"manifest-{index}.json", manifest=True) for index, remote in enumerate(manifests)]
 
 
 def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Path]],
@@ -497,7 +497,7 @@ def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Pat
         reply = client.download([_request(remote, path) for remote, path in files] + extra) or {}
     finally:
         for item in extra:
-            Path(item["local_path"]).unlink(missing_ok=True)
+            Path(item.local_path).unlink(missing_ok=True)
     refused = {str(item.get("path")): str(item.get("reason")) for item in reply.get("failed", []) if isinstance(item, dict)}
     problems: dict[Path, str] = {}
     for remote, path in files:
@@ -575,7 +575,7 @@ class _Fetcher:
         return result
 
     @staticmethod
-    def _requests(items: list[FetchOp], tmp: Path) -> list[dict[str, Any]]:
+    def _requests(items: list[FetchOp], tmp: Path) -> list[DownloadFile]:
         # Paths joined as text: a fetch names every file of every entry, and Path joins cost several times more.
         return [_request(remote, f"{tmp}{os.sep}{item.module}{os.sep}{remote.filename}") for item in items for remote in item.files]
 
@@ -598,15 +598,15 @@ class _Fetcher:
         must not cost the others: retry entry by entry, giving up after two failures in a row (then the
         bucket itself is failing, and the error goes up as one). Returns the items downloaded."""
         # The records are also digest manifests: the server checks files whose Xet hash they bind by BLAKE3.
-        records = [{**_request(remote, tmp / f"record-{index}.json"), "manifest": settings.verify()}
+        records = [_request(remote, tmp / f"record-{index}.json", manifest=settings.verify())
                    for index, remote in enumerate(record_files)]
         try:
             reply = self.client.download(self._requests(items, tmp) + records + _manifest_requests(manifest_files, tmp),
                                          progress=progress)
             for record in records:
-                local = Path(record["local_path"])
+                local = Path(record.local_path)
                 if local.exists():
-                    parsed = parse_record(local.read_text(encoding="utf-8", errors="replace"), record["path"])
+                    parsed = parse_record(local.read_text(encoding="utf-8", errors="replace"), record.path)
                     if parsed is not None:
                         result.exports_read.append(parsed)
             return self._reject_unverified(items, reply, result)

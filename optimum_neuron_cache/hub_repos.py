@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from bucket_server.messages import DownloadFile
 
 from .buckets import BucketRef
 from .client import ProgressCallback, _connection, read_token, result_of
@@ -100,9 +102,13 @@ class RepoClient:
     def paths_info(self, paths: list[str]) -> list[dict[str, Any]]:
         return self.call("repo_paths_info", paths=paths) if paths else []
 
-    def download(self, files: list[dict[str, Any]], *, progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Download files to local paths, each verified by the server; see bucket_server.backends.repo."""
-        files = [{**item, "blob_id": item.get("blob_id")} for item in files]
+    def download(self, files: Iterable[DownloadFile | Mapping[str, Any]], *,
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Download files to local paths, each verified by the server; see bucket_server.backends.repo. Files
+        are DownloadFile (what a bucket's download takes: `fetch.download_checked` reads either), or their wire
+        form with an optional "blob_id"."""
+        wire = [item.to_wire() if isinstance(item, DownloadFile) else dict(item) for item in files]
+        files = [{**item, "blob_id": item.get("blob_id")} for item in wire]
         return self.call("repo_download", files=files, progress=progress)
 
     def copy_into(self, bucket: BucketRef, copies: list[dict[str, Any]]) -> dict[str, Any]:

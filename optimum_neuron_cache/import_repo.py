@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bucket_server.messages import AddFile
 from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import remote_layout as layout
@@ -250,7 +251,7 @@ def _put(plan: ImportPlan, repo: RepoClient, bucket: BucketClient, files: list[t
             if f.path in refused or not path.is_file() or path.stat().st_size != f.size:
                 failed.add(dest)
             else:
-                ready.append({"dest": dest, "local_path": str(path)})
+                ready.append(AddFile(dest, str(path)))
         if ready:
             bucket.batch(add=ready)
             result.bytes_streamed += sum(f.size for dest, f in streams if dest not in failed)
@@ -293,8 +294,8 @@ def execute_import(plan: ImportPlan, repo: RepoClient, bucket: BucketClient, *, 
     records = list(plan.records)
     for start in range(0, len(records), CHUNK):
         chunk = records[start:start + CHUNK]
-        writes = [{"dest": op.name, "content": op.record.to_json()} for op in chunk if op.record is not None]
-        areas = {area for write in writes if (area := layout.record_area(write["dest"])) is not None}
+        writes = [AddFile(op.name, content=op.record.to_json()) for op in chunk if op.record is not None]
+        areas = {area for write in writes if (area := layout.record_area(write.dest)) is not None}
         bucket.batch(add=writes + stamp_items(areas))  # the stamps last: hosts that listed those areas list again
         result.records += [op.name for op in chunk]
         if progress is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bucket_server.protocol import MAX_RECORD_BYTES
+from bucket_server.messages import DownloadFile
 
 from . import remote_layout as layout
 from .config_fields import ALIASES
@@ -95,10 +96,10 @@ def read_records(client: BucketClient, paths: list[str]) -> list[CachedExport]:
     if not paths:
         return []
     with tempfile.TemporaryDirectory(prefix="neuron-cache-records-") as tmp:
-        files = [{"path": path, "local_path": str(Path(tmp) / f"{index}.json")} for index, path in enumerate(paths)]
+        files = [DownloadFile(path, str(Path(tmp) / f"{index}.json")) for index, path in enumerate(paths)]
         client.download(files)
-        records = [parse_record(Path(item["local_path"]).read_text(encoding="utf-8", errors="replace"), item["path"])
-                   for item in files if Path(item["local_path"]).exists()]
+        records = [parse_record(Path(item.local_path).read_text(encoding="utf-8", errors="replace"), item.path)
+                   for item in files if Path(item.local_path).exists()]
     return [record for record in records if record is not None]
 
 
@@ -123,10 +124,10 @@ def pr1102_records(client: BucketClient, versions: list[str], model: layout.Mode
         return []
     records = []
     with tempfile.TemporaryDirectory(prefix="neuron-cache-records-") as tmp:
-        files = [{"path": path, "local_path": str(Path(tmp) / f"{index}.json")} for index, (path, _, _) in enumerate(found)]
+        files = [DownloadFile(path, str(Path(tmp) / f"{index}.json")) for index, (path, _, _) in enumerate(found)]
         client.download(files)
         for item, (path, task, version) in zip(files, found):
-            local = Path(item["local_path"])
+            local = Path(item.local_path)
             if local.exists():
                 records.append(record_from_pr1102(local.read_text(encoding="utf-8", errors="replace"), path,
                                                   model.model_id, task, version))

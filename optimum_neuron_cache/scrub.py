@@ -243,7 +243,7 @@ def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubRe
         hashes = {f.xet_hash for _, f in batch if f.xet_hash}
         manifests = [r.file for r in records if hashes & set(r.record.digests)] if hashes else []  # type: ignore[union-attr]
         with tempfile.TemporaryDirectory(prefix="neuron-cache-scrub-") as tmp:
-            items = [{**m.download_item(str(Path(tmp) / f"m{i}.json")), "manifest": True} for i, m in enumerate(manifests)]
+            items = [m.download_item(str(Path(tmp) / f"m{i}.json"), manifest=True) for i, m in enumerate(manifests)]
             items += [listed.download_item(str(Path(tmp) / str(i))) for i, (_, listed) in enumerate(batch)]
             reply = client.download(items) or {}
         by_path = {listed.path: entry for entry, listed in batch}

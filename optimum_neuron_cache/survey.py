@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bucket_server.messages import DownloadFile
+
 from . import remote_layout as layout
 from .client import BucketClient
 from .local_cache import version_from_dir_name
@@ -34,14 +36,10 @@ class ListedFile:
     #: When the bucket got it (None: the listing did not say; ages then never judge it old).
     uploaded: float | None
 
-    def download_item(self, local_path: str) -> dict[str, Any]:
-        """The `download` request item that reads it back, checked against its digest by the server."""
-        item: dict[str, Any] = {"path": self.path, "local_path": local_path, "size": self.size}
-        if self.xet_hash:
-            item["xet_hash"] = self.xet_hash
-        if self.digest:
-            item["digest"] = self.digest
-        return item
+    def download_item(self, local_path: str, *, manifest: bool = False) -> DownloadFile:
+        """The `download` request item that reads it back, checked against its digest by the server (a
+        `manifest`: read by the server for the digests it binds)."""
+        return DownloadFile(self.path, local_path, self.size, self.xet_hash or None, self.digest or None, manifest)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from typing import Any
 
 from filelock import Timeout
 
+from bucket_server.messages import AddFile, BatchRequest, CopyFile
+
 from . import crashpoints
 from . import remote_layout as layout
 from .client import BucketClient, ProgressCallback
@@ -208,13 +210,13 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
     copy of the flat area's), then the commit files, the digest manifests that bind the described files, the
     export records and the areas' stamps (last). A record only names entries, and readers install an entry
     only once it is committed."""
-    staged: list[dict[str, Any]] = []
+    staged: list[AddFile] = []
     for item in items:
         if item.to_flat:
             for name in item.files:
-                staged.append({"dest": layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
-                               "local_path": str(item.entry.path / name),
-                               **({"describe": True} if name != item.commit or item.entry.files[name] else {})})
+                staged.append(AddFile(layout.flat_file_path(item.entry.compiler_version, item.entry.name, name),
+                                      str(item.entry.path / name),
+                                      describe=name != item.commit or bool(item.entry.files[name])))
                 result.bytes_uploaded += item.entry.files[name]
     described: dict[str, Any] = {}
     stage = ""
@@ -222,28 +224,29 @@ def _publish(client: BucketClient, items: list[PublishItem], result: SyncResult,
         reply = client.stage(staged, progress=progress)
         crashpoints.reached("stage-done")
         stage, described = reply.get("stage") or "", reply.get("described") or {}
-    content: list[dict[str, Any]] = []
-    copies: list[dict[str, Any]] = []
-    commits: list[dict[str, Any]] = []
+    content: list[AddFile] = []
+    copies: list[CopyFile] = []
+    commits: list[AddFile] = []
     for item in items:
         for name in item.files:
-            local = {"local_path": str(item.entry.path / name)}
+            local = str(item.entry.path / name)
             flat = layout.flat_file_path(item.entry.compiler_version, item.entry.name, name)
             area = layout.area_file_path(item.to_model, item.entry.name, name) if item.to_model else None
             into = commits if name == item.commit else content
             if item.to_flat:
-                into.append({"dest": flat, **local})
+                into.append(AddFile(flat, local))
             if area and (item.to_flat or name == item.commit):
-                into.append({"dest": area, **local})  # the bytes staged for the flat area (or the commit file's)
+                into.append(AddFile(area, local))  # the bytes staged for the flat area (or the commit file's)
             elif area:  # the flat area holds the entry already: copy its content there, by hash, on the Hub's side
-                copies.append({"src": flat, "dest": area})
+                copies.append(CopyFile(flat, area))
     last = commits + [_record_item(record, path, described) for path, record in records]
     last += _flat_manifests(items, described) + _area_manifests(items, described)
     last += _stamps(items, records)  # last: a reader that sees a new stamp sees everything above
     if not (content or copies or last):
         return
     try:
-        client.commit(stage, [{"add": content, "copy": copies}, {"add": last}], progress=progress)
+        client.commit(stage, [BatchRequest(tuple(content), tuple(copies), ()), BatchRequest(tuple(last), (), ())],
+                      progress=progress)
         crashpoints.reached("commit-done")
     except RemoteError:
         # The Hub may apply a batch in part: its adds (commit files) land while copies whose source a concurrent
@@ -305,15 +308,15 @@ def _bindings(item: PublishItem, described: dict[str, Any]) -> dict[str, str]:
     return bindings
 
 
-def _flat_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:
+def _flat_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[AddFile]:
     """The digest manifests of the flat entries published (`digests/MODULE_<key>.json`), from what the stage
     described."""
-    return [{"dest": layout.flat_manifest_path(item.entry.compiler_version, item.entry.name),
-             "content": layout.digest_manifest(bindings)[1]}
+    return [AddFile(layout.flat_manifest_path(item.entry.compiler_version, item.entry.name),
+                    content=layout.digest_manifest(bindings)[1])
             for item in items if item.to_flat if (bindings := _bindings(item, described))]
 
 
-def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[dict[str, Any]]:
+def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list[AddFile]:
     """One digest manifest per model area published to, binding every file of its entries that the
     server described (`<area>/digests/<id>.json`, named by content)."""
     by_area: dict[str, dict[str, str]] = {}
@@ -324,32 +327,32 @@ def _area_manifests(items: list[PublishItem], described: dict[str, Any]) -> list
     for area, bindings in sorted(by_area.items()):
         if bindings:
             name, text = layout.digest_manifest(bindings)
-            manifests.append({"dest": f"{layout.area_manifests_prefix(area)}/{name}", "content": text})
+            manifests.append(AddFile(f"{layout.area_manifests_prefix(area)}/{name}", content=text))
     return manifests
 
 
-def _stamps(items: list[PublishItem], records: tuple[RecordWrite, ...]) -> list[dict[str, Any]]:
+def _stamps(items: list[PublishItem], records: tuple[RecordWrite, ...]) -> list[AddFile]:
     """A new stamp for every model area this publication writes to (docs/remote-layout.md#area-stamps): the
     hosts that listed the area before see it change, and list it again."""
     areas = {item.to_model for item in items if item.to_model}
     return stamp_items(areas | {area for path, _ in records if (area := layout.record_area(path)) is not None})
 
 
-def stamp_items(areas: Iterable[str]) -> list[dict[str, Any]]:
+def stamp_items(areas: Iterable[str]) -> list[AddFile]:
     """Batch adds of a new stamp for each model area (docs/remote-layout.md#area-stamps), to ride last in the
     batch that changes the area: every writer into an area uses this."""
-    return [{"dest": layout.area_stamp_path(area), "content": layout.area_stamp(time.time(), secrets.token_hex(16))}
+    return [AddFile(layout.area_stamp_path(area), content=layout.area_stamp(time.time(), secrets.token_hex(16)))
             for area in sorted(set(areas))]
 
 
-def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> dict[str, Any]:
+def _record_item(record: ExportRecord, path: str, described: dict[str, Any]) -> AddFile:
     """The export record as a batch add, with the digests the server recorded for the files it uploaded
     added to those it already carries."""
     digests = {info["xet_hash"]: info["digest"] for info in described.values()
                if isinstance(info, dict) and info.get("xet_hash") and info.get("digest")}
     if digests:
         record = dataclasses.replace(record, digests=dict(sorted({**record.digests, **digests}.items())))
-    return {"dest": path, "content": record.to_json()}
+    return AddFile(path, content=record.to_json())
 
 
 @dataclass

@@ -167,9 +167,9 @@ def test_a_truncated_remote_file_is_never_installed(tmp_path, version, caplog):
 
     def truncating_download(self, files, **kwargs):
         result = real_download(self, files, **kwargs)
-        for item in files:
-            if item["path"].endswith("model.neff"):
-                Path(item["local_path"]).write_bytes(b"short")
+        for item in files:  # DownloadFile requests, as the fetch sends them
+            if item.path.endswith("model.neff"):
+                Path(item.local_path).write_bytes(b"short")
         return result
 
     with caplog.at_level(logging.WARNING, logger="optimum_neuron_cache"):
