@@ -13,7 +13,6 @@ from typing import Any
 from . import remote_layout as layout
 from .client import BucketClient
 from .config_fields import names_of
-from .local_cache import version_from_dir_name
 from .records import CachedExport
 
 #: Versions looked at when telling "entries exist only for other compiler versions" (bounded cost).
@@ -96,7 +95,7 @@ def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: 
         tasks_here = client.folders(layout.model_folder_prefix(compiler_version, here[0]))
     if tasks_here:
         return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(sorted(tasks_here))}"
-    versions = sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v and v != compiler_version)
+    versions = [v for v in layout.versions_in(client.folders("")) if v != compiler_version]
     others = [v for v in versions[-MAX_VERSIONS_PROBED:]
               if any(name.lower() == wanted for name in client.folders(layout.models_prefix(v)))]
     if others:

@@ -11,7 +11,6 @@ from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .local_cache import version_from_dir_name
 from .survey import BucketSurvey, add_listing
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -73,7 +72,7 @@ def bucket_inventory(client: BucketClient, *, compiler_version: str | None = Non
     if compiler_version:
         versions = [compiler_version]
     else:
-        versions = sorted(v for v in map(version_from_dir_name, client.folders("")) if v)
+        versions = layout.versions_in(client.folders(""))
     inventory = Inventory()
     for version in versions:
         if model_folder:

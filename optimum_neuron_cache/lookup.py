@@ -23,7 +23,6 @@ from .config_fields import ALIASES
 from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
 from .errors import CompilerVersionError
-from .local_cache import version_from_dir_name
 from .neuron_sdk import resolve_compiler_version, validate_compiler_version
 from .records import CachedExport, parse_record
 from .records import record_from_pr1102
@@ -59,7 +58,7 @@ def _token_fingerprint(bucket: BucketRef) -> str | None:
 def _versions(client: BucketClient, compiler_version: str | None, all_versions: bool) -> list[str]:
     if compiler_version and not all_versions:
         return [compiler_version]
-    return sorted(v for v in (version_from_dir_name(name) for name in client.folders("")) if v)
+    return layout.versions_in(client.folders(""))
 
 
 def _export_paths(client: BucketClient, version: str, folder: str, tasks: list[str]) -> list[str]:

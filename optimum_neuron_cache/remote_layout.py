@@ -396,6 +396,13 @@ def parse_version_prefix(name: str) -> str | None:
     return version_from_dir_name(name)
 
 
+def versions_in(root_folders: Iterable[str]) -> list[str]:
+    """The compiler versions among the names of a bucket's (or repo's) top-level folders, sorted: every other
+    name is noise (`client.folders("")` gives the names; the survey, which reports the noise, lists the root
+    itself)."""
+    return sorted({version for name in root_folders if (version := parse_version_prefix(name))})
+
+
 #: No file of an entry or record is this large: a listing that says so is corrupt or hostile. One limit, shared
 #: with the client's edge (bucket_server.messages.FileItem), which already leaves such files out of a reply.
 MAX_FILE_BYTES = _MESSAGES_MAX_FILE_BYTES

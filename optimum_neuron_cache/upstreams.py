@@ -211,7 +211,7 @@ def registry_records(client: RepoClient, model_id: str, tasks: list[str] | None,
     from .records import record_from_registry
 
     if versions is None:
-        versions = [version for name in client.folders("") if (version := layout.parse_version_prefix(name))]
+        versions = layout.versions_in(client.folders(""))
     wanted = tuple(part.lower() for part in model_id.split("/"))
     found: list[tuple[RemoteFile, str]] = []
     for version in versions:

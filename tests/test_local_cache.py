@@ -192,6 +192,14 @@ def test_version_folder_names_are_still_checked_strictly(tmp_path, name):
         assert scan_entries(tmp_path) == []
 
 
+
+def test_the_versions_of_a_bucket_root_leave_every_other_name_out():
+    from optimum_neuron_cache import remote_layout as layout
+
+    root = ["neuronxcc-2.21.33363.0+82129205", "leases", "neuronxcc-..", "neuronxcc-2.21", f"neuronxcc-{DEV_VERSION}",
+            "neuronxcc-2.19.64268.0+e9ba6c7b", "MODULE_1+a", "neuronxcc-2.21.33363.0+82129205"]
+    assert layout.versions_in(root) == sorted({DEV_VERSION, "2.19.64268.0+e9ba6c7b", "2.21.33363.0+82129205"})
+
 # ------------------------------------------------------------- flags hashes: JSON or text, whatever the version
 
 #: Versions with both kinds of flags hash in public caches: 2.12 hashes the text (`+2c2d707e` for
