@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -330,33 +331,30 @@ def fetch_cold(site: Site) -> dict[str, Any]:
     plain_direct: list[Sample] = []
     first_samples: list[Sample] = []
     first_direct: list[Sample] = []
-    for rep in range(cfg.reps):  # interleaved, alternating who goes first, so that drifts hit every method alike
-        if rep % 2:
-            ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
-        if site.backend == "hf":
-            direct_samples.append(_direct_download(site, files, area))
-        else:
-            copy_samples.append(_plain_copy_down(site, files, area))
-        if not rep % 2:
-            ours_samples.append(_cold_fetch(site, "fetch-ours", "ours", checks))
+    baseline = (lambda: _direct_download(site, files, area)) if site.backend == "hf" else (lambda: _plain_copy_down(site, files, area))
+
+    def first_fetch() -> Sample:  # a job's one fetch: the first download of a server just started (untimed)
+        stop_server()
+        site.warm()
+        return _cold_fetch(site, "fetch-first", "ours_first_fetch", checks)
+
+    for rep in range(cfg.reps):
+        mine, theirs = _alternated(rep, lambda: _cold_fetch(site, "fetch-ours", "ours", checks), baseline)
+        ours_samples.append(mine)
+        (direct_samples if site.backend == "hf" else copy_samples).append(theirs)
         if site.backend == "hf":  # the model published without a record: checked by its digest manifests
-            if rep % 2:
-                plain_samples.append(_cold_fetch(site, "fetch-plain", "ours_no_record", checks, PLAIN_MODEL))
-            plain_direct.append(_direct_download(site, plain_files, site.area(PLAIN_MODEL)))
-            if not rep % 2:
-                plain_samples.append(_cold_fetch(site, "fetch-plain", "ours_no_record", checks, PLAIN_MODEL))
+            mine, theirs = _alternated(rep, lambda: _cold_fetch(site, "fetch-plain", "ours_no_record", checks, PLAIN_MODEL),
+                                       lambda: _direct_download(site, plain_files, site.area(PLAIN_MODEL)))
+            plain_samples.append(mine)
+            plain_direct.append(theirs)
             if rep < cfg.slow_reps:
                 sync_samples.append(_hf_sync_down(site))
     for rep in range(cfg.reps if site.backend == "hf" else 0):
-        # A job's one fetch: the first download of a server just started, against the first download of a
-        # fresh process; both have huggingface_hub imported and nothing of hf_xet yet (started untimed).
-        if rep % 2:
-            first_direct.append(_direct_download_first(site, files, area))
-        stop_server()
-        site.warm()
-        first_samples.append(_cold_fetch(site, "fetch-first", "ours_first_fetch", checks))
-        if not rep % 2:
-            first_direct.append(_direct_download_first(site, files, area))
+        # Against the first download of a fresh process; both have huggingface_hub imported and nothing of
+        # hf_xet yet.
+        theirs, mine = _alternated(rep, lambda: _direct_download_first(site, files, area), first_fetch)
+        first_samples.append(mine)
+        first_direct.append(theirs)
     ours_stats = summarize(ours_samples, bytes_needed=needed)
     ratios: dict[str, float | None] = {}
     targets = []
@@ -412,6 +410,16 @@ def fetch_cold(site: Site) -> dict[str, Any]:
     return figure(f"{site.backend}.fetch_cold", site.backend,
                   f"fetch {len(world.target_modules)} entries ({needed / 1e6:.1f} MB) into a cold cache, {site.models} models in the bucket",
                   ours_stats, baselines, ratios, targets, checks, notes)
+
+
+def _alternated(rep: int, first: Callable[[], Sample], second: Callable[[], Sample]) -> tuple[Sample, Sample]:
+    """One sample of each side, `first` going first in odd repetitions and second in even ones, so that a drift
+    of the machine hits both sides alike: (first's sample, second's sample)."""
+    if rep % 2:
+        a = first()
+        return a, second()
+    b = second()
+    return first(), b
 
 
 def _cold_fetch(site: Site, scratch: str, label: str, checks: list[str], model: str = TARGET_MODEL) -> Sample:

@@ -503,11 +503,7 @@ class BucketClient:
         """Batches applied in order, each once the one before it landed, with the bytes of `stage`; see
         Backend.commit. A phase is a BatchRequest, or its wire form {"add", "copy", "delete"} (each optional;
         items as `batch` takes them)."""
-        typed = tuple(BatchRequest(_typed(AddFile, phase.add, "commit"), _typed(CopyFile, phase.copy, "commit"), phase.delete)
-                      if isinstance(phase, BatchRequest) else
-                      BatchRequest(_typed(AddFile, phase.get("add", ()), "commit"), _typed(CopyFile, phase.get("copy", ()), "commit"),
-                                   tuple(phase.get("delete", ()))) for phase in phases)
-        return self.send(CommitRequest(stage, typed), progress=progress).to_wire()
+        return self.send(CommitRequest(stage, _typed(BatchRequest, phases, "commit")), progress=progress).to_wire()
 
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
         """A compile lease file: read, create, replace or delete it, conditionally; see Backend.lease."""

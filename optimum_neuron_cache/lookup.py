@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bucket_server.protocol import MAX_RECORD_BYTES
 from bucket_server.messages import DownloadFile
+from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import remote_layout as layout
 from .config_fields import ALIASES
