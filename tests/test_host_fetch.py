@@ -22,6 +22,7 @@ from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.fetch import FetchNote, HostFetchGate
 from optimum_neuron_cache.host_state import HostState
 from optimum_neuron_cache.journal import JournalKey
+from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from tests.polling import wait_until
@@ -45,10 +46,11 @@ RANK = textwrap.dedent(
 )
 
 
-def _ranks(tmp_path: Path, bucket: str, version: str, cache: Path, module: str) -> list[dict]:
+def _ranks(tmp_path: Path, bucket: str, version: str, cache: Path, module: str, others: int) -> list[dict]:
     """Start the ranks together. The test holds one entry's fetch lock until every rank has entered (its
-    journal record is written just before the gate): the fetch cannot end before the last rank reaches the
-    gate, so every other rank finds it held, however the machine schedules them."""
+    journal record is written just before the gate) and the fetcher has installed the `others` entries: the
+    fetch cannot end before the last rank reaches the gate, so every other rank finds it held, and the fetcher
+    found the held entry held, however the machine schedules them."""
     go = tmp_path / "go"
     lock = HostState(cache).entry_lock(version, module, "fetch")
     lock.acquire()
@@ -57,6 +59,8 @@ def _ranks(tmp_path: Path, bucket: str, version: str, cache: Path, module: str) 
     go.touch()
     journal = HostState(cache).base / "journal"
     wait_until(lambda: journal.is_dir() and len(list(journal.iterdir())) >= RANKS, "every rank to enter")
+    wait_until(lambda: sum(entry.state is EntryState.SUCCESS for entry in scan_entries(cache, version)) >= others,
+               "the fetcher to install the entries nobody held")
     lock.release()
     assert [proc.wait(timeout=300) for proc in procs] == [0] * RANKS
     return [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(RANKS)]
@@ -67,7 +71,7 @@ def test_ranks_entering_together_fetch_once_and_the_others_ask_nothing(tmp_path,
     with hub_neuronx_cache("org/ranks", compiler_version=version, bucket=bucket, cache_dir=tmp_path / "A") as run:
         for graph in make_graphs(6, seed="ranks", neff_size=400_000):
             compile_graph(tmp_path / "A", version, graph)
-    ranks = _ranks(tmp_path, str(bucket), version, tmp_path / "B", layout.module_of(run.synced[0]))
+    ranks = _ranks(tmp_path, str(bucket), version, tmp_path / "B", layout.module_of(run.synced[0]), others=5)
     fetchers = [rank for rank in ranks if rank["fetched"]]
     # The fetcher: the listing, one download, and one more for the entry the test held meanwhile.
     assert len(fetchers) == 1 and fetchers[0]["fetched"] == 6 and fetchers[0]["requests"] == 3
