@@ -15,8 +15,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1040,10 +1041,17 @@ def _ms(value: float | None) -> str:
 
 
 def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold: bool = True,
-            others: dict[str, Any] | None = None, **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+            others: dict[str, Any] | None = None, free_first: Sequence[Path] = (),
+            **spec_extra: Any) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Start `procs` ranks (each imports, then says ready), signal them all at once, and collect their reports:
     (the signal's monotonic time, the reports, the server's I/O and CPU, this process's CPU (the Hub emulator runs
     in it) and the Hub's requests meanwhile).
+
+    `free_first`: folders removed once every rank is ready, just before the signal: the samples before this one,
+    whose page cache the fetch then writes into, whatever the number of ranks and however long their imports
+    took. This VM hands memory that stayed free for about 2 s back to its host, and a fetch that writes into it
+    costs up to twice the CPU (docs/performance.md, "Twelfth run"): freed at the start of the sample, one rank
+    (0.2 s of imports) would write into memory freed a moment ago and 32 ranks (3 s) into memory handed back.
 
     `broadcast`: the signal is the close of one pipe all ranks read (one wake-up of all of them), rather than a
     line written to each rank's stdin in turn (each write may hand the CPU to the rank it wakes, so the last
@@ -1067,6 +1075,8 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
             line = worker.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"worker failed to start: {line!r}")
+        for path in free_first:
+            shutil.rmtree(path)
         io0 = site.server_io()
         cpu0 = proc_cpu(site.pid) if site.pid else None
         with site.hub() as box:
@@ -1100,8 +1110,11 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
 def _ranks(site: Site, procs: int, checks: list[str], others: dict[str, Any] | None = None) -> Sample:
     """`procs` ranks on one cold cache (`others`: what every rank but the first does instead, for a baseline)."""
     world = site.world
-    cache = fresh(world.env, f"ranks-{procs}")
-    started, reports, server = _launch(site, procs, cache, others=others)
+    scratch = world.env.root / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="ranks-", dir=scratch))
+    earlier = [path for path in scratch.glob("ranks-*") if path != cache]
+    started, reports, server = _launch(site, procs, cache, others=others, free_first=earlier)
     ended = max(report["end"] for report in reports)
     installed = sum(report.get("fetched", 0) for report in reports)
     entries = [entry for entry in scan_entries(cache, world.version) if entry.state.publishable]
