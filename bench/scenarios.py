@@ -42,6 +42,7 @@ from .harness import (
     io_delta,
     proc_cpu,
     proc_io,
+    release,
     server_pid,
     summarize,
     timed,
@@ -298,11 +299,16 @@ class Site:
 
 
 def fresh(env: BenchEnv, name: str) -> Path:
-    path = env.root / "scratch" / name
-    if path.exists():
-        shutil.rmtree(path)
+    """The empty scratch folder `name`, its earlier contents released (`release`): call it right before the
+    sample that writes there."""
+    path = scratch_path(env, name)
+    release([path])
     path.mkdir(parents=True)
     return path
+
+
+def scratch_path(env: BenchEnv, name: str) -> Path:
+    return env.root / "scratch" / name
 
 
 def local_target(cache: Path, flat_dir: str, remote_path: str, area: str) -> Path:
@@ -570,7 +576,7 @@ print(json.dumps({"seconds": time.monotonic() - started, "cpu_s": time.process_t
 def _direct_download_first(site: Site, files: list[dict[str, Any]], area: str) -> Sample:
     """The same download as `_direct_download`, as the first one of a fresh process (started untimed); its
     time is the call's, its CPU the process's during the call plus the emulator's."""
-    dest = fresh(site.world.env, "fetch-direct-first")
+    dest = scratch_path(site.world.env, "fetch-direct-first")
     spec = {"endpoint": site.emulator.endpoint, "bucket": BUCKET_ID,
             "files": [{**item, "local": str(local_target(dest, site.world.flat_dir, item["path"], area))} for item in files]}
     child = subprocess.Popen([sys.executable, "-c", FIRST_DOWNLOAD, json.dumps(spec)], stdin=subprocess.PIPE,
@@ -578,6 +584,7 @@ def _direct_download_first(site: Site, files: list[dict[str, Any]], area: str) -
     try:
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError("the first-download process did not start")
+        fresh(site.world.env, dest.name)  # after the process's start, as `first_fetch` does after the server's
         gc.collect()
         os.sync()
         cpu = _cpu_seconds()
@@ -1047,11 +1054,10 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
     (the signal's monotonic time, the reports, the server's I/O and CPU, this process's CPU (the Hub emulator runs
     in it) and the Hub's requests meanwhile).
 
-    `free_first`: folders removed once every rank is ready, just before the signal: the samples before this one,
-    whose page cache the fetch then writes into, whatever the number of ranks and however long their imports
-    took. This VM hands memory that stayed free for about 2 s back to its host, and a fetch that writes into it
-    costs up to twice the CPU (docs/performance.md, "Twelfth run"): freed at the start of the sample, one rank
-    (0.2 s of imports) would write into memory freed a moment ago and 32 ranks (3 s) into memory handed back.
+    `free_first`: the folders of the samples before, released (`release`) once every rank is ready, just before
+    the signal, whatever the number of ranks and however long their imports took: freed before the ranks
+    start, one rank (0.2 s of imports) would write into memory freed a moment ago and 32 ranks (3 s) into
+    memory handed back to the VM's host.
 
     `broadcast`: the signal is the close of one pipe all ranks read (one wake-up of all of them), rather than a
     line written to each rank's stdin in turn (each write may hand the CPU to the rank it wakes, so the last
@@ -1075,8 +1081,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
             line = worker.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"worker failed to start: {line!r}")
-        for path in free_first:
-            shutil.rmtree(path)
+        release(free_first)
         io0 = site.server_io()
         cpu0 = proc_cpu(site.pid) if site.pid else None
         with site.hub() as box:
