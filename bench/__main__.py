@@ -14,7 +14,7 @@ from typing import Any
 from . import FIGURES
 from .config import BACKENDS, DEFAULT, SMOKE, with_overrides
 from .harness import BenchEnv, write_json
-from .machine import MachineMark, adopt_orphans, others_share
+from .machine import MachineMark, adopt_orphans, others_share, page_reporting, reported_mb
 from .report import SMOKE_NOTE, render
 
 
@@ -79,7 +79,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     load_before = [round(x, 2) for x in os.getloadavg()]
     adopt_orphans()
-    mark = MachineMark.now()
+    mark, reporting = MachineMark.now(), page_reporting()
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -125,7 +125,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke": cfg.smoke,
         "config": {**asdict(cfg), "sizes": asdict(cfg.sizes)},
         "environment": {**environment(), "load_average_at_start": load_before,
-                        "others_cpu_share": others_share(mark, os.cpu_count() or 1)},
+                        "others_cpu_share": others_share(mark, os.cpu_count() or 1),
+                        "vm_reported_mb": reported_mb(reporting, page_reporting())},
         "seconds": round(time.monotonic() - started, 1),
         "figures": figures,
     }

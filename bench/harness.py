@@ -25,6 +25,8 @@ from optimum_neuron_cache import client as client_module
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, running_server, stop_server
 
+from .machine import page_reporting, reported_mb
+
 _CLEARED = (
     "NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL", "NEURON_CACHE_BUCKET", "NEURON_CC_VERSION",
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN_PATH",
@@ -218,12 +220,18 @@ def release(paths: Iterable[Path]) -> None:
 
 def timed(fn: Callable[[], dict[str, Any] | None]) -> Sample:
     """Time one sample. Dirty pages left by the samples before (`hf buckets sync` writes 2 GB) are flushed
-    first, so that no sample pays for the writeback of another."""
+    first, so that no sample pays for the writeback of another. `vm_reported_mb`: the free memory the guest
+    handed to its host during the sample, where the kernel counts it (`release`)."""
     gc.collect()
     os.sync()
+    reporting = page_reporting()
     started = time.perf_counter()
     extra = fn() or {}
-    return Sample(time.perf_counter() - started, extra)
+    seconds = time.perf_counter() - started
+    reported = reported_mb(reporting, page_reporting())
+    if reported is not None:
+        extra.setdefault("vm_reported_mb", reported)
+    return Sample(seconds, extra)
 
 
 def summarize(samples: list[Sample], **fixed: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""How much of the machine other work took while the benchmark ran.
+"""What the machine did beside the benchmark: how much of it other work took while the benchmark ran, and
+how much free memory the guest handed back to its host (free page reporting, on VMs whose kernel counts it).
 
 The load average cannot say: on 2 cores the benchmark's own client, emulator and bucket server keep it near 3
 by themselves. What can: the CPU time the whole machine spent (`/proc/stat`) minus the CPU time of the
@@ -14,6 +15,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 #: prctl(2) option: orphaned descendants are reparented to this process instead of init.
 PR_SET_CHILD_SUBREAPER = 36
@@ -89,3 +91,38 @@ def others_share(start: MachineMark, cpus: int) -> float | None:
         return None
     others = (end.busy_s - start.busy_s) - (end.own_s - start.own_s)
     return round(max(others, 0.0) / (wall * cpus), 3)
+
+
+#: Where Linux's free page reporting shows its parameters (and, on some kernels, counters).
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
+
+
+@dataclass(frozen=True)
+class PageReporting:
+    """Linux free page reporting: the guest hands free blocks of 2^order pages to its host, and the next write
+    into one waits for the host to give it back. `passes` and `reported_kib` are counters that some kernels
+    export beside the order (this project's development VM does; mainline does not): None where absent."""
+
+    order: int
+    passes: int | None
+    reported_kib: int | None
+
+
+def page_reporting(parameters: Path = PAGE_REPORTING) -> PageReporting | None:
+    """The machine's free page reporting now, or None where the kernel has none (bare metal, most VMs)."""
+
+    def number(name: str) -> int | None:
+        try:
+            return int((parameters / name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    order = number("page_reporting_order")
+    return None if order is None else PageReporting(order, number("passes"), number("reported_kib"))
+
+
+def reported_mb(before: PageReporting | None, after: PageReporting | None) -> float | None:
+    """MB the guest reported to its host between two readings, where the kernel counts it."""
+    if before is None or after is None or before.reported_kib is None or after.reported_kib is None:
+        return None
+    return round((after.reported_kib - before.reported_kib) / 1024, 1)

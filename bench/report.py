@@ -107,6 +107,10 @@ def render(results: dict[str, Any]) -> str:
         load = (env.get("load_average_at_start") or [0])[0]
         if env.get("cpus") and load > env["cpus"]:
             header += f"\n**Warning: the machine was busy (load {load} on {env['cpus']} CPUs at the start): timings are not trustworthy.**"
+    reported = env.get("vm_reported_mb")
+    if reported is not None:
+        header += (f"; the guest handed {reported / 1024:.1f} GB of free memory to its host during the run (free page "
+                   "reporting: a sample's `vm_reported_mb` says how much during it)")
     smoke = bool(results.get("smoke"))
     parts = [header, figures_table(figures)]
     if smoke:

@@ -47,6 +47,7 @@ from .harness import (
     summarize,
     timed,
 )
+from .machine import page_reporting, reported_mb
 from .workload import (
     PLAIN_MODEL,
     PUBLISHED_FILES,
@@ -1084,6 +1085,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
         release(free_first)
         io0 = site.server_io()
         cpu0 = proc_cpu(site.pid) if site.pid else None
+        reporting = page_reporting()
         with site.hub() as box:
             started, bench_cpu0 = time.monotonic(), time.process_time()
             if write_end is not None:
@@ -1109,6 +1111,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
             if worker.poll() is None:
                 worker.kill()
     return started, reports, {**box, "server_bytes_written": io_delta(io0, io1), "bench_cpu_s": bench_cpu,
+                              "vm_reported_mb": reported_mb(reporting, page_reporting()),
                               "server_cpu_s": round(cpu1 - cpu0, 4) if cpu0 is not None and cpu1 is not None else None}
 
 

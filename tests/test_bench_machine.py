@@ -70,3 +70,21 @@ def test_a_process_outside_the_benchmark_makes_the_run_busy():
         os.close(go_write)
         burner.wait()
     assert share > BUSY_SHARE
+
+
+def test_free_page_reporting_is_read_where_the_kernel_has_it_and_counted_where_it_counts(tmp_path):
+    """Mainline kernels show only the order; some VMs' kernels count passes and reported KiB beside it; bare
+    metal has no such folder. The benchmark reports MB handed to the host only where it is counted."""
+    from bench.machine import PageReporting, page_reporting, reported_mb
+
+    assert page_reporting(tmp_path / "absent") is None
+    (tmp_path / "page_reporting_order").write_text("9\n")
+    mainline = page_reporting(tmp_path)
+    assert mainline == PageReporting(9, None, None) and reported_mb(mainline, mainline) is None
+    (tmp_path / "passes").write_text("8032\n")
+    (tmp_path / "reported_kib").write_text("952885848\n")
+    before = page_reporting(tmp_path)
+    (tmp_path / "reported_kib").write_text(str(952885848 + 120 * 1024) + "\n")
+    assert before == PageReporting(9, 8032, 952885848) and reported_mb(before, page_reporting(tmp_path)) == 120.0
+    (tmp_path / "reported_kib").write_text("garbage\n")
+    assert page_reporting(tmp_path).reported_kib is None and reported_mb(before, page_reporting(tmp_path)) is None
