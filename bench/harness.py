@@ -235,8 +235,12 @@ def timed(fn: Callable[[], dict[str, Any] | None]) -> Sample:
 
 
 def summarize(samples: list[Sample], **fixed: Any) -> dict[str, Any]:
-    """Median time over the samples, and for each counter the median too (they are usually constant)."""
+    """Median time over the samples, and for each counter the median too (they are usually constant). The MB
+    the VM handed to its host during each sample are kept per sample (`samples_vm_reported_mb`), beside
+    `samples_s`: they tell which samples wrote into memory the host had to give back."""
     out: dict[str, Any] = {"median_s": statistics.median(s.seconds for s in samples), "samples_s": [round(s.seconds, 6) for s in samples]}
+    if any(s.extra.get("vm_reported_mb") is not None for s in samples):
+        out["samples_vm_reported_mb"] = [s.extra.get("vm_reported_mb") for s in samples]
     keys = sorted({key for s in samples for key in s.extra})
     for key in keys:
         values = [s.extra[key] for s in samples if s.extra.get(key) is not None]
