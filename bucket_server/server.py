@@ -69,23 +69,31 @@ HEARTBEAT_INTERVAL = 5.0
 
 def _remove_uncollected(args: DownloadRequest) -> None:
     """The client of a download is gone (killed mid-transfer): nobody will collect its files. Remove what this
-    server wrote for it, and the folders that held them once empty (its entry folders and its temp folder),
-    so that a download still running when the next run swept the dead client's temp folder leaves nothing.
-    The local paths were validated (absolute) at the server's edge."""
+    server wrote for it, and the folders that held them once empty (a file's folder and the one above it),
+    up to the deepest folder that holds every file of the request (the client's temp folder: records and
+    manifests sit in it, entries one level down) and never above it: the folder that holds the client's temp
+    folder is shared with other clients. So a download still running when the next run swept the dead
+    client's temp folder leaves nothing. The local paths were validated (absolute) at the server's edge."""
+    paths = [item.local_path for item in args.files]
+    if not paths:
+        return
+    top = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath([os.path.dirname(path) for path in paths])
     folders: set[str] = set()
-    for item in args.files:
-        path = item.local_path
+    for path in paths:
         try:
             os.unlink(path)
         except OSError:
             pass
-        folders.update((os.path.dirname(path), os.path.dirname(os.path.dirname(path))))
+        folder = os.path.dirname(path)
+        for candidate in (folder, os.path.dirname(folder)):  # an entry's folder and the temp folder above it
+            if candidate == top or candidate.startswith(top.rstrip(os.sep) + os.sep):
+                folders.add(candidate)
     for folder in sorted(folders, key=len, reverse=True):  # deepest first; a folder with anything else stays
         try:
             os.rmdir(folder)
         except OSError:
             pass
-    log.info("download abandoned by its client: removed %d files it would have collected", len(args.files))
+    log.info("download abandoned by its client: removed %d files it would have collected", len(paths))
 
 
 @functools.lru_cache(maxsize=1)

@@ -163,7 +163,7 @@ def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(
     # A running neuronx-cc: its lock may be live, so locks are left alone (exit 1), failures still go.
     fake = tmp_path / "bin" / "neuronx-cc"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.write_text("#!/bin/sh\nsleep 600\n")  # killed below; alive however slowly the cleanup runs
     fake.chmod(0o755)
     proc = subprocess.Popen([str(fake)])
     try:
@@ -274,6 +274,9 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
     hub.clear_faults()
     # The next run heals: leftovers of the interrupted one are cleaned, the entries fetched.
     assert run("fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version).startswith("fetched 2 entries")
+    # The interrupted run's download may still be running in the server (its requests were held 5 s): once it
+    # ends, nothing of it is left either.
+    wait_until(lambda: (running_server() or {}).get("requests", 0) == 0, "the server to end the interrupted download")
     assert not any((tmp_path / "B" / ".optimum-neuron-cache" / "tmp").iterdir())
 
 

@@ -319,3 +319,28 @@ def test_one_thread_beats_for_every_running_request_until_it_ends():
     assert beats._running == {}  # ended: nothing left to beat for
     for sock in (a_server, a_client, b_server, b_client):
         sock.close()
+
+
+def test_an_abandoned_download_leaves_nothing_of_its_own_and_never_touches_the_shared_temp_folder(tmp_path):
+    """A client killed mid-download never collects its files: the server removes them and the folders it
+    emptied, up to the client's own temp folder, and never the folder that holds every client's temp folder
+    (records and manifests sit directly in the client's temp folder, entries one level down)."""
+    from bucket_server.messages import DownloadFile, DownloadRequest
+    from bucket_server.server import _remove_uncollected
+
+    shared = tmp_path / "cache" / ".optimum-neuron-cache" / "tmp"
+    dead, alive = shared / "tmp-dead", shared / "tmp-alive"
+    files = [dead / "MODULE_1+a" / "model.neff", dead / "MODULE_2+b" / "model.neff", dead / "record-0.json"]
+    for path in files + [alive / "MODULE_3+c" / "model.neff"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    _remove_uncollected(DownloadRequest(tuple(DownloadFile(f"p{i}", str(path)) for i, path in enumerate(files))))
+    assert not dead.exists() and (alive / "MODULE_3+c" / "model.neff").exists()
+    (alive / "MODULE_3+c" / "model.neff").unlink()
+    (alive / "MODULE_3+c").rmdir()
+    alive.rmdir()
+    # A request of one file removes its folder only: the shared folder stays, empty.
+    (dead / "record-0.json").parent.mkdir()
+    (dead / "record-0.json").write_bytes(b"x")
+    _remove_uncollected(DownloadRequest((DownloadFile("p", str(dead / "record-0.json")),)))
+    assert not dead.exists() and shared.is_dir()
