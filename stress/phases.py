@@ -21,20 +21,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache import remote_layout as layout
-from optimum_neuron_cache.client import BucketClient, running_server
+from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.host_state import HostState
 from optimum_neuron_cache.journal import Journal
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.sync import sync_cache
-from stress.scenarios import VERSION, Figures, _env, _listing, _ref
+from stress.scenarios import VERSION, Figures, _env, _listing, _ref, wait_until_the_server_is_idle
 from optimum_neuron_cache.testing.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
 
 #: (phase, how the child dies) in the order a run meets them. `NAME@n`: the n-th time the phase is reached.
@@ -139,19 +138,9 @@ def _healed(bucket: str, cache: Path, model: str, new_modules: set[str], referen
     left = sorted(os.listdir(journal.folder)) if journal.folder.is_dir() else []
     if left:
         problems.append(f"journal files left: {left}")
-    _wait_until_the_server_is_idle()  # a dead client's download may still be running: the server removes it
+    wait_until_the_server_is_idle()  # a dead client's download may still be running: the server removes it
     tmp = cache / ".optimum-neuron-cache" / "tmp"
     stale = [path.name for path in tmp.iterdir() if HostState.is_stale_temp_dir(path)] if tmp.is_dir() else []
     if stale:
         problems.append(f"temp folders of dead processes left: {stale}")
     return "; ".join(problems[:4]) or None
-
-
-def _wait_until_the_server_is_idle(deadline: float = 60.0) -> None:
-    """Poll the bucket server until no request runs (its own count), or the deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        info = running_server()
-        if info is None or info.get("requests", 0) == 0:
-            return
-        time.sleep(0.02)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimum_neuron_cache.buckets import BucketRef
-from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.client import BucketClient, running_server
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.testing.invariants import bucket_violations, local_violations, reference_entries, reference_sizes
@@ -142,8 +142,6 @@ def _listing(bucket: str) -> list[dict]:
 
 
 def _server_pid() -> int | None:
-    from optimum_neuron_cache.client import running_server
-
     info = running_server()
     return info["pid"] if info else None
 
@@ -202,11 +200,22 @@ def crash_fetch(workdir: Path, bucket: str, trials: int, seed: int = 0, graphs: 
         states = {e.name: e.state for e in scan_entries(cache, VERSION)}
         if set(states) != set(reference) or set(states.values()) != {EntryState.SUCCESS} or local_violations(cache, VERSION, reference):
             figures.fail(f"trial {trial}: not healed: {states}")
+        wait_until_the_server_is_idle()  # the killed client's download may still run: the server removes it
         tmp = cache / ".optimum-neuron-cache" / "tmp"
         leftovers = [path.name for path in tmp.iterdir() if _dead(path)] if tmp.is_dir() else []
         if leftovers:
             figures.fail(f"trial {trial}: leftover temp folders of dead processes {leftovers}")
     return figures
+
+
+def wait_until_the_server_is_idle(deadline: float = 60.0) -> None:
+    """Poll the bucket server until no request runs (its own count), or the deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        info = running_server()
+        if info is None or info.get("requests", 0) == 0:
+            return
+        time.sleep(0.02)
 
 
 def _dead(path: Path) -> bool:

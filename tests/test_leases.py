@@ -210,8 +210,10 @@ def test_hosts_on_a_hub_bucket_share_compiles_and_all_end_with_every_entry(tmp_p
 def test_a_dead_holders_leases_are_taken_over_once_stale(tmp_path, dir_bucket, mode):
     from stress.leases import run_hosts
 
+    # Stale after 2.5 s, renewed every 0.2 s: the dead holder's leases are taken over, a live holder's never is,
+    # even when a loaded machine delays a heartbeat by seconds.
     figures = run_hosts(tmp_path / "w", dir_bucket, mode=mode, hosts=2, graphs=2, seconds=SECONDS, dead=2,
-                        extra={"NEURON_CACHE_LEASE_STALE": "1"}, timeout=300)
+                        extra={"NEURON_CACHE_LEASE_STALE": "2.5", "NEURON_CACHE_LEASE_HEARTBEAT": "0.2"}, timeout=300)
     assert figures.notes == [] and figures.complete_hosts == 2
     assert figures.compiles == 2
 
@@ -287,14 +289,15 @@ def test_a_lease_whose_heartbeat_goes_on_is_never_taken_over(bucket, version):
 
     client = BucketClient(bucket)
     holder = LeaseKeeper(client, version, LeaseSettings(heartbeat=0.05, stale=60.0, max_wait=600.0, poll=0.05))
-    waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=0.5, max_wait=600.0, poll=0.02))
+    # Stale after 1.5 s, 30 heartbeats: only a heartbeat delayed 1.5 s by a loaded machine would look stale.
+    waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=1.5, max_wait=600.0, poll=0.02))
     with holder:
         assert holder.take(MODULE)
         outcome = []
         thread = threading.Thread(target=lambda: outcome.append(wait_for_graph(waiter, MODULE)))
         thread.start()
         # Beats for at least three stale timeouts' worth (0.05 s each): the waiter saw the lease change all along.
-        wait_until(lambda: holder.held[MODULE].holder.beat >= 30, "thirty heartbeats")
+        wait_until(lambda: holder.held[MODULE].holder.beat >= 90, "ninety heartbeats")
         assert thread.is_alive() and not holder.lost(MODULE)
         assert holder.release(MODULE)
         thread.join()
