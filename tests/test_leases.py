@@ -290,7 +290,7 @@ def test_a_lease_whose_heartbeat_goes_on_is_never_taken_over(bucket, version):
 
     client = BucketClient(bucket)
     holder = LeaseKeeper(client, version, LeaseSettings(heartbeat=0.05, stale=60.0, max_wait=600.0, poll=0.05))
-    # Stale after 1.5 s, 30 heartbeats: only a heartbeat delayed 1.5 s by a loaded machine would look stale.
+    # Stale after 1.5 s, the time of 30 heartbeats: only a heartbeat delayed 1.5 s by a loaded machine looks stale.
     waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=1.5, max_wait=600.0, poll=0.02))
     with holder:
         assert holder.take(MODULE)
