@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -165,11 +166,17 @@ def _write(path: Path, last: Stats, total: Stats, folded: list[str] = ()) -> Non
                                   indent=1, allow_nan=False))
 
 
+#: How long an append keeps trying when folds keep moving the log away from under it (each try is one open).
+APPEND_PATIENCE_S = 5.0
+
+
 def _append(log_path: Path, line: bytes) -> int:
     """Append one line in one write; returns the log's size after it. A shared flock keeps a fold from
     reading the log while the line is being written, and a log a fold moved away meanwhile is not written
-    to (its inode is no longer the path's): the line goes to the new log."""
-    for _ in range(3):
+    to (its inode is no longer the path's): the line goes to the new log, however many folds run meanwhile
+    (bounded by time, not by a count of tries: many writers on one host can make several folds in a row)."""
+    deadline = time.monotonic() + APPEND_PATIENCE_S
+    while time.monotonic() < deadline:
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)

@@ -189,6 +189,35 @@ def test_stats_add_up_across_concurrent_processes(tmp_path):
     assert data["total"]["hits"] == 300
 
 
+def test_a_run_is_counted_however_many_folds_move_the_log_from_under_it(tmp_path, monkeypatch):
+    """Many writers on one host fold the log over and over: each fold moves it aside between a writer's open
+    and its write. The writer goes on to the new log until its line is in, rather than giving up after a few
+    tries and dropping the run (a fold is simulated five times in a row, at the exact point a real one lands)."""
+    import fcntl
+
+    from optimum_neuron_cache import stats
+
+    record_run(Stats(fetches=1, hits=1))
+    log = stats._log_path(stats.stats_path())
+    moved = []
+    flock = fcntl.flock
+
+    def fold_meanwhile(fd: int, operation: int) -> None:
+        if len(moved) < 5:  # a fold renames the log after this writer opened it, before its inode check
+            aside = log.with_name(f"aside-{len(moved)}")
+            os.rename(log, aside)
+            moved.append(aside)
+        flock(fd, operation)
+
+    monkeypatch.setattr(stats.fcntl, "flock", fold_meanwhile)
+    record_run(Stats(fetches=1, hits=2))
+    monkeypatch.setattr(stats.fcntl, "flock", flock)
+    assert len(moved) == 5
+    # The moved logs are what the folds would add up: with them, every run is counted once.
+    runs = [line for path in [*moved, log] for line in path.read_text().splitlines() if line.strip()]
+    assert len(runs) == 2 and json.loads(runs[-1])["run"]["hits"] == 2
+
+
 # ------------------------------------------------- numbers from the bucket are validated (issue 16, section 4)
 
 
