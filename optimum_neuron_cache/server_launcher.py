@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.metadata
 import os
 import random
 import socket
@@ -162,7 +161,10 @@ def server_address(environ: Mapping[str, str] | None = None) -> ServerAddress:
 
 def _current_has_bucket_client() -> bool:
     """Whether this interpreter can run the server itself: huggingface_hub>=1.5,<3 and hf_xet>=1.6, read from
-    metadata (importing them here could load the very version we must stay away from)."""
+    metadata (importing them here could load the very version we must stay away from). importlib.metadata is
+    imported here, when a server is to be started: it costs about 15 ms of every process's start otherwise."""
+    import importlib.metadata
+
     try:
         versions = {name: importlib.metadata.version(name.split(">")[0].split("=")[0]) for name in SERVER_REQUIREMENTS}
     except importlib.metadata.PackageNotFoundError:
