@@ -20,7 +20,7 @@ class Config:
     procs: int = 32
     #: Repetitions of the figures that move data (medians over them). Seven, not three: on the development VM,
     #: which hands freed memory back to its host, 5 cold fetches in 31 cost 1.4x to 2.5x the median's CPU
-    #: (docs/performance.md, "the VM's slow mode"), and a median of three can land on them.
+    #: (docs/performance.md, "The VM's page reporting"), and a median of three can land on them.
     reps: int = 7
     #: Repetitions of the slow baselines that are far from every target (`hf buckets sync`, 1 to 5 s each).
     slow_reps: int = 3

@@ -302,14 +302,15 @@ class Site:
 def fresh(env: BenchEnv, name: str) -> Path:
     """The empty scratch folder `name`, its earlier contents released (`release`): call it right before the
     sample that writes there."""
-    path = scratch_path(env, name)
+    path = scratch_root(env) / name
     release([path])
     path.mkdir(parents=True)
     return path
 
 
-def scratch_path(env: BenchEnv, name: str) -> Path:
-    return env.root / "scratch" / name
+def scratch_root(env: BenchEnv) -> Path:
+    """Where every sample's files live (one folder per kind of sample, under it)."""
+    return env.root / "scratch"
 
 
 def local_target(cache: Path, flat_dir: str, remote_path: str, area: str) -> Path:
@@ -577,7 +578,7 @@ print(json.dumps({"seconds": time.monotonic() - started, "cpu_s": time.process_t
 def _direct_download_first(site: Site, files: list[dict[str, Any]], area: str) -> Sample:
     """The same download as `_direct_download`, as the first one of a fresh process (started untimed); its
     time is the call's, its CPU the process's during the call plus the emulator's."""
-    dest = scratch_path(site.world.env, "fetch-direct-first")
+    dest = scratch_root(site.world.env) / "fetch-direct-first"
     spec = {"endpoint": site.emulator.endpoint, "bucket": BUCKET_ID,
             "files": [{**item, "local": str(local_target(dest, site.world.flat_dir, item["path"], area))} for item in files]}
     child = subprocess.Popen([sys.executable, "-c", FIRST_DOWNLOAD, json.dumps(spec)], stdin=subprocess.PIPE,
@@ -1118,7 +1119,7 @@ def _launch(site: Site, procs: int, cache: Path, *, broadcast: bool = True, hold
 def _ranks(site: Site, procs: int, checks: list[str], others: dict[str, Any] | None = None) -> Sample:
     """`procs` ranks on one cold cache (`others`: what every rank but the first does instead, for a baseline)."""
     world = site.world
-    scratch = world.env.root / "scratch"
+    scratch = scratch_root(world.env)
     scratch.mkdir(parents=True, exist_ok=True)
     cache = Path(tempfile.mkdtemp(prefix="ranks-", dir=scratch))
     earlier = [path for path in scratch.glob("ranks-*") if path != cache]

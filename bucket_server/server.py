@@ -77,7 +77,7 @@ def _remove_uncollected(args: DownloadRequest) -> None:
     paths = [item.local_path for item in args.files]
     if not paths:
         return
-    top = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath([os.path.dirname(path) for path in paths])
+    top = os.path.commonpath([os.path.dirname(path) for path in paths])
     folders: set[str] = set()
     for path in paths:
         try:
