@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-                            "load_average": [round(x, 2) for x in os.getloadavg()]}
+                            "load_average": [round(x, 2) for x in os.getloadavg()],
+                            # PYTHONDONTWRITEBYTECODE: a module never compiled before is compiled at each import
+                            "writes_bytecode": not sys.dont_write_bytecode}
     for package in ("huggingface_hub", "hf_xet", "uv"):
         try:
             from importlib.metadata import version

@@ -111,6 +111,10 @@ def render(results: dict[str, Any]) -> str:
     if reported is not None:
         header += (f"; the guest handed {reported / 1024:.1f} GB of free memory to its host during the run (free page "
                    "reporting: a sample's `vm_reported_mb` says how much during it)")
+    if env.get("writes_bytecode") is False:
+        header += ("; PYTHONDONTWRITEBYTECODE is set: a process compiles from source every module whose bytecode "
+                   "nobody wrote (the cold-start figure: the server's own environment, unless uv compiled it when it "
+                   "installed it; every process: the project's and its dependencies' modules, unless compiled at install)")
     smoke = bool(results.get("smoke"))
     parts = [header, figures_table(figures)]
     if smoke:

@@ -210,9 +210,12 @@ def server_command(address: ServerAddress, environ: Mapping[str, str] | None = N
     except Exception as exc:
         raise ServerStartError(f"cannot find the uv binary to start the bucket server ({exc}): pip install uv") from None
     # --python: reuse this interpreter as the base (no Python download); --isolated/--no-project: ignore any
-    # project or user environment around us.
+    # project or user environment around us; --compile-bytecode: the environment is compiled once, when uv
+    # installs it, so that no start compiles huggingface_hub from source (about 300 ms of each start where
+    # PYTHONDONTWRITEBYTECODE is set, as in AWS's Neuron container examples: docs/performance.md).
     withs = [arg for requirement in SERVER_REQUIREMENTS for arg in ("--with", requirement)]
-    return [uv, "run", "--isolated", "--no-project", "--quiet", "--python", sys.executable, *withs, "python", "-s", *args]
+    return [uv, "run", "--isolated", "--no-project", "--quiet", "--compile-bytecode", "--python", sys.executable, *withs,
+            "python", "-s", *args]
 
 
 def check_peer_uid(sock: socket.socket, expected_uid: int, where: Path) -> None:

@@ -88,3 +88,22 @@ def test_free_page_reporting_is_read_where_the_kernel_has_it_and_counted_where_i
     assert before == PageReporting(9, 8032, 952885848) and reported_mb(before, page_reporting(tmp_path)) == 120.0
     (tmp_path / "reported_kib").write_text("garbage\n")
     assert page_reporting(tmp_path).reported_kib is None and reported_mb(before, page_reporting(tmp_path)) is None
+
+
+@pytest.mark.parametrize("setting", ["1", ""])
+def test_the_benchmark_says_when_python_writes_no_bytecode(setting, tmp_path):
+    """Under PYTHONDONTWRITEBYTECODE (set on the development VM, and in AWS's Neuron container examples) every
+    module nobody compiled is compiled again at each start: the cold-start and import figures include it, and
+    the report says so."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path)  # whatever it writes stays out of the checkout
+    if setting:
+        env["PYTHONDONTWRITEBYTECODE"] = setting
+    script = ("import json; from bench.__main__ import environment; from bench.report import render; "
+              "env = environment(); print(json.dumps([env['writes_bytecode'], "
+              "render({'command': 'x', 'environment': env, 'figures': []})]))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    writes, report = json.loads(out.stdout)
+    assert writes is (not setting)
+    assert ("PYTHONDONTWRITEBYTECODE is set" in report) is bool(setting)

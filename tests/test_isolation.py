@@ -74,3 +74,40 @@ def test_works_whatever_huggingface_hub_the_caller_has(tmp_path, hub, version, c
     major, minor = (int(x) for x in report["server_hub"].split(".")[:2])
     assert (major, minor) >= (1, 5)
     assert not report["server_python"].startswith(str(tmp_path / "venv"))  # uv's environment, not the caller's
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A pure-Python wheel of one module, written by hand: uv installs it with no index and no build step."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": b"VALUE = 1\n",
+             f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n".encode(),
+             f"{name}-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+                     for path, data in files.items()) + f"{name}-0.1.dist-info/RECORD,,\n"
+    wheel = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in {**files, f"{name}-0.1.dist-info/RECORD": record.encode()}.items():
+            archive.writestr(path, data)
+    return wheel
+
+
+def test_the_server_environment_is_compiled_when_uv_installs_it(tmp_path, monkeypatch):
+    """Where PYTHONDONTWRITEBYTECODE is set (AWS's Neuron container examples set it), nothing ever writes the
+    bytecode of the server's environment: unless uv compiles it at install, every server start compiles
+    huggingface_hub from source again (about 300 ms). The launcher's own uv command, on a wheel of ours."""
+    from optimum_neuron_cache import server_launcher, settings
+
+    wheel = _wheel(tmp_path, "onc_probe_pkg")
+    monkeypatch.setattr(server_launcher, "SERVER_REQUIREMENTS", (f"onc_probe_pkg @ {wheel.as_uri()}",))
+    env = {**os.environ, settings.SERVER_MODE: "uv", "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = server_launcher.server_commands(server_launcher.server_address(env), env)[0]
+    assert "--offline" in command  # the first try: no index needed
+    probe = ("import importlib.util, os, onc_probe_pkg; "
+             "print(os.path.exists(importlib.util.cache_from_source(onc_probe_pkg.__file__)))")
+    out = subprocess.run([*command[: command.index("python") + 1], "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
