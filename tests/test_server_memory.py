@@ -39,3 +39,20 @@ def test_freed_transfer_buffers_are_kept_during_a_burst_and_given_back_when_idle
     finally:
         hf._download_ended(round_)
     wait_until(lambda: kept - _rss() > BUFFER // 2, "the idle server to give the kept buffer back")
+
+
+@pytest.mark.skipif(not _glibc(), reason="the server tunes glibc's malloc only")
+def test_a_burst_of_downloads_keeps_one_trim_pending_not_one_thread_each(monkeypatch):
+    """Each download's end schedules the trim anew: the earlier one is cancelled, so a server that serves a
+    burst of a thousand fetches does not hold a thousand sleeping timer threads for MALLOC_KEEP_IDLE."""
+    import threading
+
+    monkeypatch.setattr(hf, "MALLOC_KEEP_IDLE", 60.0)
+    timers = lambda: sum(isinstance(thread, threading.Timer) for thread in threading.enumerate())  # noqa: E731
+    before = timers()
+    for _ in range(20):
+        hf._download_ended(hf._download_started())
+    try:  # a cancelled timer's thread ends as soon as it wakes
+        wait_until(lambda: timers() <= max(before, 1), "the cancelled trims' threads to end")
+    finally:
+        hf._trim_timer.cancel()

@@ -323,6 +323,7 @@ _malloc_lock = threading.Lock()
 _libc: Any = None  # glibc, once tuned; False: another C library (musl, macOS), left as it is
 _malloc_round = 0  # downloads started so far: a trim is for the round it was scheduled in only
 _malloc_running = 0  # downloads running
+_trim_timer: threading.Timer | None = None  # the one trim pending: each download's end replaces it
 
 
 def _glibc() -> Any:
@@ -354,8 +355,9 @@ def _download_started() -> int:
 
 
 def _download_ended(round_: int) -> None:
-    """In MALLOC_KEEP_IDLE seconds, if no download ran since this one, give the kept buffers back."""
-    global _malloc_running
+    """In MALLOC_KEEP_IDLE seconds, if no download ran since this one, give the kept buffers back. One trim
+    is pending at a time: a burst of downloads keeps one timer thread, not one per download."""
+    global _malloc_running, _trim_timer
 
     def trim() -> None:
         with _malloc_lock:
@@ -364,10 +366,12 @@ def _download_ended(round_: int) -> None:
 
     with _malloc_lock:
         _malloc_running -= 1
-    if _libc:
-        timer = threading.Timer(MALLOC_KEEP_IDLE, trim)
-        timer.daemon = True
-        timer.start()
+        if _libc:
+            if _trim_timer is not None:
+                _trim_timer.cancel()  # a later round's trim supersedes it
+            _trim_timer = threading.Timer(MALLOC_KEEP_IDLE, trim)
+            _trim_timer.daemon = True
+            _trim_timer.start()
 
 
 def _any_bytes(items: Sequence[DownloadFile]) -> bool:
