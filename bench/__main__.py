@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks that the harness works, not the figures (targets are not judged)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/<time>.json)")
     parser.add_argument("--reps", type=int, help="repetitions of the figures that move data")
+    parser.add_argument("--fetch-reps", type=int, help="repetitions of the cold fetch figures (default 21: their targets are narrower than a median of 7 can resolve)")
     parser.add_argument("--slow-reps", type=int, help="repetitions of the slow baselines far from any target (hf buckets sync)")
     parser.add_argument("--fast-reps", type=int, help="repetitions of the millisecond figures")
     parser.add_argument("--entries", type=int, help="MODULE entries of the benchmarked model (2 to 40)")
@@ -70,7 +71,7 @@ def environment() -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     base = SMOKE if args.smoke else DEFAULT
-    cfg = with_overrides(base, reps=args.reps, slow_reps=args.slow_reps, fast_reps=args.fast_reps, entries=args.entries, models=args.models,
+    cfg = with_overrides(base, reps=args.reps, fetch_reps=args.fetch_reps, slow_reps=args.slow_reps, fast_reps=args.fast_reps, entries=args.entries, models=args.models,
                          lookup_models=args.lookup_models, procs=args.procs, neff_median=args.neff_median,
                          neff_max=args.neff_max, verify_reps=args.verify_reps, link_rate=args.link_rate,
                          cold_modes=args.cold_modes, backends=args.backends, xet=args.xet)

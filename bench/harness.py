@@ -253,6 +253,26 @@ def summarize(samples: list[Sample], **fixed: Any) -> dict[str, Any]:
     return out
 
 
+def ratio_interval(ours: list[float], base: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float] | None:
+    """How far a ratio of medians (ours / base) could move by chance: the central `level` share of that ratio
+    over `draws` resamplings of the repetitions (a repetition keeps its pair together). On a noisy VM the
+    median of 7 samples moves by 10% or more from run to run; a target judged on one run must be read with
+    it. Deterministic (fixed seed); None below 3 pairs."""
+    import random
+
+    pairs = [(a, b) for a, b in zip(ours, base) if a > 0 and b > 0]
+    if len(pairs) < 3:
+        return None
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(draws):
+        drawn = [pairs[rng.randrange(len(pairs))] for _ in pairs]
+        ratios.append(statistics.median(a for a, _ in drawn) / statistics.median(b for _, b in drawn))
+    ratios.sort()
+    cut = int(draws * (1 - level) / 2)
+    return ratios[cut], ratios[draws - 1 - cut]
+
+
 @contextmanager
 def hub_requests(emulator: Any | None) -> Iterator[dict[str, int]]:
     """Counts the HTTP requests the emulator saw inside the block (into the yielded dict, key 'hub_requests')."""

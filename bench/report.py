@@ -81,6 +81,8 @@ def targets_table(figures: list[dict[str, Any]], *, smoke: bool = False) -> str:
         for item in fig["targets"]:
             value = item["value"]
             shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            if item.get("interval"):  # how far the ratio could move by chance (bench.harness.ratio_interval)
+                shown += f" (by chance {item['interval'][0]:.2f} to {item['interval'][1]:.2f})"
             met = "not judged (smoke)" if smoke else "yes" if item["met"] else "**MISSED**"
             lines.append(_row([fig["id"], item["text"], shown, met]))
     return "\n".join(lines)

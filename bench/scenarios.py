@@ -42,6 +42,7 @@ from .harness import (
     io_delta,
     proc_cpu,
     proc_io,
+    ratio_interval,
     release,
     server_pid,
     summarize,
@@ -76,8 +77,16 @@ def figure(fid: str, backend: str, title: str, ours: dict[str, Any], baselines: 
             "targets": targets or [], "checks": checks or [], "notes": notes}
 
 
-def target(text: str, met: bool, value: Any) -> dict[str, Any]:
-    return {"text": text, "met": bool(met), "value": value}
+def target(text: str, met: bool, value: Any, interval: tuple[float, float] | None = None) -> dict[str, Any]:
+    """A target and whether the run met it; `interval`: how far its ratio could move by chance (ratio_interval)."""
+    out = {"text": text, "met": bool(met), "value": value}
+    if interval is not None:
+        out["interval"] = [round(bound, 4) for bound in interval]
+    return out
+
+
+def _chance(mine: list[Sample], base: list[Sample]) -> tuple[float, float] | None:
+    return ratio_interval([s.seconds for s in mine], [s.seconds for s in base])
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -347,7 +356,7 @@ def fetch_cold(site: Site) -> dict[str, Any]:
         site.warm()
         return _cold_fetch(site, "fetch-first", "ours_first_fetch", checks)
 
-    for rep in range(cfg.reps):
+    for rep in range(cfg.fetch_reps):
         mine, theirs = _alternated(rep, lambda: _cold_fetch(site, "fetch-ours", "ours", checks), baseline)
         ours_samples.append(mine)
         (direct_samples if site.backend == "hf" else copy_samples).append(theirs)
@@ -358,7 +367,7 @@ def fetch_cold(site: Site) -> dict[str, Any]:
             plain_direct.append(theirs)
             if rep < cfg.slow_reps:
                 sync_samples.append(_hf_sync_down(site))
-    for rep in range(cfg.reps if site.backend == "hf" else 0):
+    for rep in range(cfg.fetch_reps if site.backend == "hf" else 0):
         # Against the first download of a fresh process; both have huggingface_hub imported and nothing of
         # hf_xet yet.
         theirs, mine = _alternated(rep, lambda: _direct_download_first(site, files, area), first_fetch)
@@ -373,7 +382,8 @@ def fetch_cold(site: Site) -> dict[str, Any]:
         ratios["ours/direct_download"] = ratio(ours_stats["median_s"], baselines["direct_download"]["median_s"])
         ratios["hf_buckets_sync/ours"] = ratio(baselines["hf_buckets_sync"]["median_s"], ours_stats["median_s"])
         value = ratios["ours/direct_download"]
-        targets.append(target("within 10% of the direct download (ours/direct <= 1.10)", value is not None and value <= 1.10, value))
+        targets.append(target("within 10% of the direct download (ours/direct <= 1.10)", value is not None and value <= 1.10, value,
+                              _chance(ours_samples, direct_samples)))
         baselines["ours_first_fetch"] = summarize(first_samples, bytes_needed=needed)
         baselines["direct_download_first"] = summarize(first_direct, bytes_needed=needed)
         ratios["ours_first_fetch/direct_download_first"] = ratio(baselines["ours_first_fetch"]["median_s"],
@@ -383,7 +393,7 @@ def fetch_cold(site: Site) -> dict[str, Any]:
         value = ratios["ours_no_record/direct_download_no_record"] = ratio(
             baselines["ours_no_record"]["median_s"], baselines["direct_download_no_record"]["median_s"])
         targets.append(target("without an export record, within 10% of the direct download (<= 1.10)",
-                              value is not None and value <= 1.10, value))
+                              value is not None and value <= 1.10, value, _chance(plain_samples, plain_direct)))
         value = ratios["hf_buckets_sync/ours"]
         targets.append(target(f"at least 3x faster than `hf buckets sync` ({site.models} models in the bucket)",
                               value is not None and value >= 3.0, value))
@@ -391,7 +401,8 @@ def fetch_cold(site: Site) -> dict[str, Any]:
         baselines["plain_copy"] = summarize(copy_samples, bytes_needed=needed)
         ratios["ours/plain_copy"] = ratio(ours_stats["median_s"], baselines["plain_copy"]["median_s"])
         value = ratios["ours/plain_copy"]
-        targets.append(target("within 20% of a plain copy, verified (ours/copy <= 1.20)", value is not None and value <= 1.20, value))
+        targets.append(target("within 20% of a plain copy, verified (ours/copy <= 1.20)", value is not None and value <= 1.20, value,
+                              _chance(ours_samples, copy_samples)))
     paired: list[str] = []
     # Robust to a busy machine: the median of the pairs' ratios, and what each method costs in CPU (on 2 cores
     # a CPU-bound fetch's wall time follows its CPU).
@@ -405,6 +416,11 @@ def fetch_cold(site: Site) -> dict[str, Any]:
                 if value is not None:  # a tiny smoke sample may use no measurable CPU (10 ms ticks)
                     ratios[key] = value
                     paired.append(f"{key} {value:.2f}x")
+            interval = _chance(mine, base)
+            if interval is not None:
+                ratios[f"{label}/{name} (90% interval, low)"], ratios[f"{label}/{name} (90% interval, high)"] = interval
+                paired.append(f"{label}/{name} could be {interval[0]:.2f}x to {interval[1]:.2f}x by chance "
+                              f"(90% of {len(mine)}-pair resamplings)")
     moved = ours_stats.get("bytes_transferred")
     if moved is not None and moved < needed:
         checks.append(f"ours transferred {moved} bytes, fewer than the {needed} needed")
