@@ -48,7 +48,10 @@ def test_a_burst_of_downloads_keeps_one_trim_pending_not_one_thread_each(monkeyp
     import threading
 
     monkeypatch.setattr(hf, "MALLOC_KEEP_IDLE", 60.0)
-    timers = lambda: sum(isinstance(thread, threading.Timer) for thread in threading.enumerate())  # noqa: E731
+
+    def timers() -> int:
+        return sum(isinstance(thread, threading.Timer) for thread in threading.enumerate())
+
     before = timers()
     for _ in range(20):
         hf._download_ended(hf._download_started())
