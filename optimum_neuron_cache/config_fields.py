@@ -1,8 +1,8 @@
-"""The fields of an export config that matter for a match, under every name exporters give them: one table.
+"""The fields of an export config that matter for a match, under every name and spelling exporters give them.
 
-Exporters and trainers name the same thing differently (`tp_degree`, `num_cores`, `tensor_parallel_size`).
-Deriving a config from a call (integrations/export.py), filtering records (`lookup`, `explain`) and answering
-in optimum-neuron's names (integrations/optimum_neuron.py) all read this table.
+Names: `tp_degree` = `num_cores` = `tensor_parallel_size`. Values: `bf16` = `bfloat16` = `torch.bfloat16`,
+`fp16` = `float16`, `fp32` = `float32`. Deriving a config from a call, filtering records (`lookup`, `fetch`),
+explaining a miss and answering in optimum-neuron's names all compare through this module, so they agree.
 """
 
 from __future__ import annotations
@@ -21,6 +21,25 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: A dtype's spellings -> its short name (the one export configs record).
+DTYPES: dict[str, str] = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+                          "float32": "fp32", "fp32": "fp32", "float": "fp32", "float8_e4m3fn": "fp8_e4m3",
+                          "fp8": "fp8"}
+
+
+def normalize_dtype(value: Any) -> str:
+    """torch.bfloat16, "bfloat16", "bf16" -> "bf16" (and fp16, fp32); anything else as its trimmed lower text."""
+    text = str(value).strip().lower()
+    if text.startswith("torch."):
+        text = text[len("torch."):]
+    return DTYPES.get(text, text)
+
+
+def canonical(name: str) -> str:
+    """The canonical key a config key carries (`tp_degree` -> `tensor_parallel_size`), or the key itself."""
+    return next((field for field, names in ALIASES.items() if name in names), name)
+
+
 def names_of(field: str) -> tuple[str, ...]:
     """The names that carry `field` (a canonical key), or the field itself for any other key."""
     return ALIASES.get(field, (field,))
@@ -31,9 +50,11 @@ def value_of(config: Mapping[str, Any], field: str) -> Any:
     return next((config[name] for name in names_of(field) if name in config), None)
 
 
-def same_value(value: Any, wanted: Any) -> bool:
-    """Whether a config value matches a wanted one: as integers when both are numbers, else as trimmed
-    case-insensitive text (`BF16` matches `bf16`, `4` matches 4)."""
+def same_value(value: Any, wanted: Any, field: str = "") -> bool:
+    """Whether a config value matches a wanted one for `field` (any of its names): dtypes by meaning, else as
+    integers when both are numbers, else as trimmed case-insensitive text (`BF16` matches `bf16`, `4` matches 4)."""
+    if canonical(field) == "dtype":
+        return normalize_dtype(value) == normalize_dtype(wanted)
     try:
         return int(value) == int(wanted)
     except (TypeError, ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .config_fields import names_of
+from .config_fields import canonical, names_of, same_value, value_of
 from .records import CachedExport
 
 #: Versions looked at when telling "entries exist only for other compiler versions" (bounded cost).
@@ -46,9 +46,10 @@ def differences(record: CachedExport, compiler_version: str | None, flags: Seque
     for key, here in sorted((export_config or {}).items()):
         if target is not None and key in names_of("target"):
             continue  # compared above, as a target
-        there = record.export_config.get(key, "<absent>")
-        if str(there).lower() != str(here).lower():
-            diffs.append(f"{key}: bucket {there}, here {here}")
+        there = record.export_config[key] if key in record.export_config else value_of(record.export_config,
+                                                                                       canonical(key))
+        if there is None or not same_value(there, here, key):
+            diffs.append(f"{key}: bucket {'<absent>' if there is None else there}, here {here}")
     return diffs
 
 

@@ -207,7 +207,7 @@ class CachedExport(ExportRecord):
                 continue
             keys = names_of(name)
             values = [self.export_config[key] for key in keys if key in self.export_config]
-            if not any(same_value(value, wanted) for value in values):
+            if not any(same_value(value, wanted, name) for value in values):
                 return False
         return True
 

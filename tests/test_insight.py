@@ -316,3 +316,29 @@ def test_stats_folded_while_other_processes_append_lose_nothing(tmp_path):
     last, total = read_stats()
     assert (total.fetches, total.hits) == (160, 320) and last == Stats(fetches=1, hits=2)
     assert json.loads(stats_path().read_text())["total"]["fetches"] > 0  # folds happened
+
+
+def test_dtypes_and_field_names_match_by_meaning_in_lookup_and_explain(tmp_path, bucket, version, monkeypatch):
+    """`bf16`, `bfloat16` and `torch.bfloat16` are one dtype, and `tp_degree` is `tensor_parallel_size`, for lookup,
+    explain and optimum-neuron's selection alike: a migrating user's `--dtype bfloat16` is not a false miss."""
+    from optimum_neuron_cache.integrations.optimum_neuron import select_hub_cached_entries
+
+    monkeypatch.delenv("NEURON_CC_FLAGS", raising=False)
+    publish(tmp_path, bucket, version, config={**CONFIG, "tensor_parallel_size": 2})  # auto_cast_type: bf16
+    publish(tmp_path, bucket, version, config={"batch_size": 4, "torch_dtype": "bfloat16"}, seed="named")
+    for spelling in ("bf16", "bfloat16", "torch.bfloat16", "BFloat16"):
+        clear_lookup_cache()
+        out = CliRunner().invoke(cli, ["lookup", "org/m", "--bucket", bucket.location, "--compiler-version", version,
+                                       "--dtype", spelling, "--json"]).output
+        assert sorted(record["export_config"]["batch_size"] for record in json.loads(out)) == [1, 4], spelling
+    clear_lookup_cache()
+    out = CliRunner().invoke(cli, ["lookup", "org/m", "--bucket", bucket.location, "--compiler-version", version,
+                                   "--dtype", "float16", "--json"]).output
+    assert json.loads(out) == []
+    clear_lookup_cache()
+    out = CliRunner().invoke(cli, ["explain", "org/m", "--bucket", bucket.location, "--compiler-version", version,
+                                   "--batch-size", "1", "--dtype", "bfloat16",
+                                   "--config", '{"tp_degree": 2, "sequence_length": 1024}']).output
+    assert out.splitlines()[1].startswith(f"match: neuronxcc-{version} default"), out
+    selected = select_hub_cached_entries("org/m", bucket_id=bucket, compiler_version=version, torch_dtype="bf16")
+    assert sorted(entry["batch_size"] for entry in selected) == [1, 4]

@@ -36,7 +36,7 @@ from typing import Any, TypeVar, overload
 
 from .. import remote_layout as layout
 from ..buckets import BucketRef
-from ..config_fields import ALIASES
+from ..config_fields import ALIASES, normalize_dtype
 from ..context import hub_neuronx_cache
 from ..errors import ConfigurationError
 
@@ -50,16 +50,6 @@ TASK_ARGUMENTS = ("task",)
 #: Canonical export-config key -> the argument / attribute names exporters give it (first found wins).
 CONFIG_ALIASES = ALIASES
 COMPILER_ARGUMENTS = ("compiler_args", "compiler_flags")
-_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
-           "float32": "fp32", "fp32": "fp32", "float": "fp32", "float8_e4m3fn": "fp8_e4m3", "fp8": "fp8"}
-
-
-def normalize_dtype(value: Any) -> str:
-    """torch.bfloat16, "bfloat16", "bf16" -> "bf16" (and fp16, fp32); anything else as its string."""
-    text = str(value).strip().lower()
-    if text.startswith("torch."):
-        text = text[len("torch."):]
-    return _DTYPES.get(text, text)
 
 
 def _plain(value: Any) -> Any:

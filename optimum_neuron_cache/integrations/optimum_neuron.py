@@ -47,8 +47,7 @@ from ..context import hub_neuronx_cache as _core_cache
 from ..errors import ConfigurationError, NeuronCacheError
 from ..local_cache import resolve_cache_root
 from ..lookup import lookup_cache
-from ..config_fields import same_value, value_of
-from .export import normalize_dtype
+from ..config_fields import normalize_dtype, same_value, value_of
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -258,12 +257,11 @@ def select_hub_cached_entries(model_id: str, task: str | None = None, cache_repo
     """`get_hub_cached_entries` filtered like optimum-neuron's (each given value must match exactly;
     dtypes compare by meaning: torch.bfloat16 == "bfloat16" == "bf16")."""
     wanted = {"target": instance_type, "batch_size": batch_size, "sequence_length": sequence_length,
-              "tp_degree": tensor_parallel_size}
+              "tp_degree": tensor_parallel_size, "torch_dtype": torch_dtype}
     selected = []
     for entry in get_hub_cached_entries(model_id, task, cache_repo_id, compiler_version=compiler_version, bucket_id=bucket_id):
-        if any(value is not None and (key not in entry or not same_value(entry[key], value)) for key, value in wanted.items()):
-            continue
-        if torch_dtype is not None and normalize_dtype(entry.get("torch_dtype", "")) != normalize_dtype(torch_dtype):
+        if any(value is not None and (key not in entry or not same_value(entry[key], value, key))
+               for key, value in wanted.items()):
             continue
         selected.append(entry)
     return selected
