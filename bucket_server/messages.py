@@ -638,10 +638,12 @@ class InfoResult:
 
 @dataclass(frozen=True)
 class CreateResult:
-    """Whether the bucket was created now (False: it existed), and where it is."""
+    """Whether the bucket was created now (False: it existed), where it is, and the id the Hub gave it (its
+    namespace and casing may differ from the one asked for; '' for a directory)."""
 
     created: bool
     url: str
+    bucket_id: str = ""
 
     @classmethod
     def from_wire(cls, value: Any) -> "CreateResult":
@@ -650,11 +652,11 @@ class CreateResult:
         created = item.get("created")
         if not isinstance(created, bool):
             raise MessageError(f"created must be true or false, got {_short(created)}")
-        return cls(created, bounded_text(item.get("url"), "url"))
+        return cls(created, bounded_text(item.get("url"), "url"), bounded_text(item.get("bucket_id", ""), "bucket_id"))
 
     def to_wire(self) -> dict[str, Any]:
-        """{"created", "url"}."""
-        return {"created": self.created, "url": self.url}
+        """{"created", "url", "bucket_id"}."""
+        return {"created": self.created, "url": self.url, "bucket_id": self.bucket_id}
 
 
 @dataclass(frozen=True)

@@ -159,13 +159,20 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 
 @cli.command()
 @click.argument("bucket")
-@click.option("--private", is_flag=True, help="Create a private Hub bucket.")
+@click.option("--public", is_flag=True, help="Create a public Hub bucket (private by default).")
+@click.option("--private", is_flag=True, hidden=True, help="The default; kept for scripts that pass it.")
 @click.pass_obj
-def create(out: Output, bucket: str, private: bool) -> None:
-    """Create BUCKET (a Hub bucket or a directory; exists-ok) and make it the default."""
+def create(out: Output, bucket: str, public: bool, private: bool) -> None:
+    """Create BUCKET (a private Hub bucket unless --public, or a directory; exists-ok) and make it the default."""
+    if public and private:
+        raise click.UsageError("--public and --private contradict each other: give one")
     ref = _bucket(parse_bucket(bucket))
-    result = BucketClient(ref).create(private=private or None)
-    click.echo(f"{'created' if result.get('created') else 'exists'}: {ref}")
+    result = BucketClient(ref).create(private=not public)
+    if ref.kind == "hf" and result.bucket_id and result.bucket_id != ref.location:
+        named = _bucket(parse_bucket(result.bucket_id))  # the Hub's namespace and casing, as later commands need
+        click.echo(f"the Hub names {ref} {named}")
+        ref = named
+    click.echo(f"{'created' if result.created else 'exists'}: {ref}")
     save_bucket(ref)
     click.echo(f"default bucket: {ref} (saved in {setting_path()})")
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from bucket_server import PROTOCOL_VERSION
 from bucket_server.messages import (
-    OPS, AddFile, BatchRequest, CommitRequest, CopyFile, CreateRequest, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
+    OPS, AddFile, BatchRequest, CommitRequest, CopyFile, CreateRequest, CreateResult, DownloadFile, DownloadRequest, FolderItem, InfoRequest,
     LeaseRequest, ListRequest, MessageError, PathsInfoRequest, StageRequest, StatusRequest, StatusResult, op_of,
     parse_result,
 )
@@ -460,9 +460,9 @@ class BucketClient:
         """The bucket's id, privacy, size and file count (BucketNotFoundError when it does not exist)."""
         return self.send(InfoRequest()).to_wire()
 
-    def create(self, *, private: bool | None = None) -> dict[str, Any]:
-        """Create the bucket if missing (exists-ok): {"created", "url"}."""
-        return self.send(CreateRequest(private)).to_wire()
+    def create(self, *, private: bool | None = None) -> CreateResult:
+        """Create the bucket if missing (exists-ok): whether it was created, and the id the Hub gave it."""
+        return self.send(CreateRequest(private))
 
     def list(self, prefix: str, *, recursive: bool = True) -> list[dict[str, Any]]:
         """The files (and, not recursive, folders) strictly under the folder `prefix`."""

@@ -383,3 +383,18 @@ def test_a_refusing_disk_is_one_line_and_exit_1(tmp_path):
     result = CliRunner().invoke(cli, ["set", str(tmp_path / "bucket")], env={"HF_HOME": str(home)})
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_create_makes_a_private_bucket_and_saves_the_id_the_hub_gave(hub):
+    """`create` is private unless --public (as optimum-cli's), and saves the bucket under the id the Hub returned:
+    `me/x` is created in the caller's namespace, and later commands must find it there."""
+    out = run("create", "me/private-one")
+    assert "the Hub names hf://buckets/me/private-one hf://buckets/" in out
+    saved = read_saved_bucket()
+    assert saved is not None and saved.endswith("/private-one") and not saved.startswith("me/"), saved
+    assert BucketClient(_ref(saved)).info()["private"] is True
+    run("ls")  # the saved id is one the Hub knows
+    run("create", "me/public-one", "--public")
+    public = read_saved_bucket()
+    assert public is not None and BucketClient(_ref(public)).info()["private"] is False
+    run("create", "me/x", "--public", "--private", code=2)

@@ -39,7 +39,7 @@ WIRE = {
                     "connections": 1, "requests": 0, "idle_for": 0.0}),
     "shutdown": ({}, {"stopping": True}),
     "info": ({}, {"id": "org/bucket", "private": True, "size": 1234, "total_files": 3}),
-    "create": ({"private": None}, {"created": False, "url": "http://h/buckets/org/bucket"}),
+    "create": ({"private": None}, {"created": False, "url": "http://h/buckets/org/bucket", "bucket_id": "org/bucket"}),
     "list": ({"prefix": "neuronxcc-2.21/models", "recursive": False},
              [{"type": "directory", "path": "neuronxcc-2.21/models/org--m"},
               {"type": "file", "path": "neuronxcc-2.21/models/x.json", "size": 12, "xet_hash": XET, "mtime": 1.5e9,

@@ -614,13 +614,13 @@ class HfBackend(Backend):
         """Create the bucket unless it exists (asked first: a token that may read but not create still
         gets `created: False` for an existing bucket)."""
         try:
-            self._call("create", self.api.bucket_info, self.bucket_id)
-            return CreateResult(False, f"{self.api.endpoint}/buckets/{self.bucket_id}")
+            info = self._call("create", self.api.bucket_info, self.bucket_id)
+            return CreateResult(False, f"{self.api.endpoint}/buckets/{info.id}", str(info.id))
         except BackendError as exc:
             if exc.code != ErrorCode.BUCKET_NOT_FOUND:
                 raise
         url = self._call("create", self.api.create_bucket, self.bucket_id, private=private, exist_ok=True)
-        return CreateResult(True, str(getattr(url, "url", url)))
+        return CreateResult(True, str(getattr(url, "url", url)), str(getattr(url, "bucket_id", "") or self.bucket_id))
 
     def list(self, prefix: str, *, recursive: bool) -> list[ListItem]:
         """Files (and, when not recursive, folders) strictly under the folder `prefix` (validated at the
