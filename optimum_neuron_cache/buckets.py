@@ -115,15 +115,22 @@ def save_bucket(bucket: BucketRef | None, environ: Mapping[str, str] | None = No
 
 def resolve_bucket(explicit: str | BucketRef | None = None, environ: Mapping[str, str] | None = None) -> BucketRef:
     """The bucket to use: the explicit one, else NEURON_CACHE_BUCKET, else the saved one, else the embedded default."""
+    return bucket_and_source(explicit, environ)[0]
+
+
+def bucket_and_source(explicit: str | BucketRef | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[BucketRef, str]:
+    """The bucket to use (as `resolve_bucket`), and where it was named: "argument", the variable, the saved
+    setting's file, or "embedded default"."""
     if isinstance(explicit, BucketRef):
-        return explicit
+        return explicit, "argument"
     env = os.environ if environ is None else environ
     if explicit:
-        return parse_bucket(explicit)
+        return parse_bucket(explicit), "argument"
     from_env = settings.bucket(env)
     if from_env:
-        return parse_bucket(from_env)
+        return parse_bucket(from_env), ENV_BUCKET
     saved = read_saved_bucket(env)
     if saved:
-        return parse_bucket(saved)
-    return embedded_default(env)
+        return parse_bucket(saved), f"saved in {setting_path(env)}"
+    return embedded_default(env), "embedded default"

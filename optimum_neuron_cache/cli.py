@@ -22,7 +22,10 @@ from tqdm import tqdm
 
 from . import __version__
 from . import remote_layout as layout
-from .buckets import BucketRef, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path
+from . import settings
+from .buckets import (
+    BucketRef, bucket_and_source, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path,
+)
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import FetchPlan, execute_fetch, plan_fetch
@@ -37,9 +40,11 @@ from .records import compiler_flags
 from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
 from .neuron_sdk import (
-    format_sdk_summary, resolve_compiler_version, sdk_summary, unpinned_target_warning, validate_compiler_version,
+    ENV_COMPILER_VERSION, compile_target, compiler_version_and_source, format_sdk_summary, resolve_compiler_version,
+    sdk_summary, unpinned_target_warning, validate_compiler_version,
 )
 from .sync import sync_cache
+from .upstreams import configured_upstreams, parse_upstream, save_upstreams, setting_path as upstreams_path
 
 log = logging.getLogger("optimum_neuron_cache")
 
@@ -200,8 +205,6 @@ def set_(bucket: str | None, unset: bool, upstreams: tuple[str, ...]) -> None:
 
 def _set_upstreams(specs: tuple[str, ...]) -> None:
     """Save the upstreams (`--upstream ''` alone forgets them)."""
-    from .upstreams import configured_upstreams, parse_upstream, save_upstreams
-
     parsed = [parse_upstream(spec) for spec in specs if spec.strip()]
     path = save_upstreams(parsed)
     if parsed:
@@ -344,8 +347,6 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
             sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None, config_json: str | None,
             bucket: str | None) -> None:
     """Why MODEL_ID would miss: this machine's compiler, target, flags and export config against the nearest records."""
-    from .neuron_sdk import compile_target
-
     try:
         version = resolve_compiler_version(compiler_version)
     except ConfigurationError:
@@ -530,24 +531,34 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(cache_dir: str | None, as_json: bool) -> None:
-    """The local compile cache: entries by state, sizes, compiler versions, Neuron SDK."""
+    """What the cache will do here, and what it did: the effective configuration (each value with where it came
+    from), the local compile cache by state, the Neuron SDK, and this host's hit rate."""
     root = resolve_cache_root(cache_dir)
     root.require_directory("--cache-dir" if cache_dir is not None else None)
     versions = cache_status(root.path) if root.path else []
     sdk = sdk_summary(str(root.path) if root.path else None)
+    configuration = _configuration(root)
+    _, total = read_stats()
+    looked_up = total.hits + total.misses
+    hit_rate = round(total.hits / looked_up, 4) if looked_up else None
     if as_json:
         click.echo(_json({
             "cache_dir": str(root.path) if root.path else root.url, "source": root.source, "sync_disabled": root.disabled_reason,
             "versions": [{"compiler_version": v.compiler_version, "states": dict(v.states), "bytes": v.bytes} for v in versions],
             "sdk": sdk, "bucket": str(resolve_bucket(None)),
+            "configuration": [{"name": name, "value": value, "source": source} for name, value, source in configuration],
+            "hits": total.hits, "misses": total.misses, "hit_rate": hit_rate,
         }))
         return
-    click.echo(f"cache dir: {root.path or root.url} ({root.source})")
+    for name, value, source in configuration:
+        click.echo(f"{name}: {value}" + (f" ({source})" if source else ""))
     if root.disabled_reason:
         click.echo(f"bucket sync: off ({root.disabled_reason})")
-    click.echo(f"bucket: {resolve_bucket(None)}")
     for line in format_sdk_summary(sdk, str(root.path) if root.path else None):
         click.echo(line)
+    if looked_up:
+        click.echo(f"hit rate: {hit_rate:.0%} ({total.hits} hits, {total.misses} misses on this host; "
+                   "`neuron-cache stats` for the rest)")
     if not versions:
         click.echo("no entries")
         return
@@ -556,6 +567,30 @@ def status(cache_dir: str | None, as_json: bool) -> None:
     for version in versions:
         rows.append((version.compiler_version, *[str(version.states.get(state, 0)) for state in states], size(version.bytes)))
     _table(rows)
+
+
+def _configuration(root: CacheRoot) -> list[tuple[str, str, str]]:
+    """(what, value, where it came from) for everything that decides what the cache does here: the bucket, the
+    cache dir, the compiler version and target, the upstreams, and every variable that is set."""
+    bucket, bucket_source = bucket_and_source(None)
+    rows = [("bucket", str(bucket), bucket_source), ("cache dir", str(root.path or root.url), root.source)]
+    try:
+        rows.append(("compiler", *compiler_version_and_source(None)))
+    except ConfigurationError:
+        rows.append(("compiler", "unknown", f"no Neuron SDK here: set {ENV_COMPILER_VERSION} or pass --compiler-version"))
+    found = compile_target(None, None)
+    rows.append(("target", found.target, found.source) if found else
+                ("target", "unknown", "not a Neuron instance: set NEURON_PLATFORM_TARGET_OVERRIDE or pass --target"))
+    upstreams = configured_upstreams()
+    upstream_source = (settings.UPSTREAM if settings.upstream() is not None
+                       else f"saved in {upstreams_path()}" if upstreams else "")
+    rows.append(("upstreams", ", ".join(map(str, upstreams)) or "none", upstream_source))
+    for name in (*settings.VARIABLES, *settings.FOREIGN_VARIABLES):
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            shown = "(set, not shown)" if name in settings.SECRET_VARIABLES else value
+            rows.append((name, shown, "environment"))
+    return rows
 
 
 @cli.command()

@@ -103,11 +103,17 @@ def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str
     reports, when neuronxcc itself does not import); then NEURON_CC_VERSION.
     Never guessed from the cache's folders.
     """
+    return compiler_version_and_source(explicit, environ)[0]
+
+
+def compiler_version_and_source(explicit: str | None = None,
+                                environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The compiler version (as `resolve_compiler_version`) and where it came from."""
     env = os.environ if environ is None else environ
-    installed = sdk_info().neuronx_cc
+    installed, source = sdk_info().neuronx_cc, "the installed neuronx-cc"
     if not installed:  # libneuronxla without an importable neuronxcc may still say which compiler it drives
         lib = libneuronxla_info()
-        installed = lib.compiler_version if lib else None
+        installed, source = (lib.compiler_version if lib else None), "libneuronxla"
     if explicit:
         version = validate_compiler_version(explicit, source="the compiler_version argument")
         if installed and version != installed:
@@ -115,12 +121,12 @@ def resolve_compiler_version(explicit: str | None = None, environ: dict[str, str
                 "optimum-neuron-cache: compiler_version %s differs from the installed neuronx-cc %s: its entries "
                 "live in neuronxcc-%s, which this compiler does not read", version, installed, version,
             )
-        return version
+        return version, "argument"
     if installed:
-        return validate_compiler_version(installed, source="neuronxcc.__version__")
+        return validate_compiler_version(installed, source="neuronxcc.__version__"), source
     from_env = env.get(ENV_COMPILER_VERSION)
     if from_env:
-        return validate_compiler_version(from_env, source=ENV_COMPILER_VERSION)
+        return validate_compiler_version(from_env, source=ENV_COMPILER_VERSION), ENV_COMPILER_VERSION
     raise CompilerVersionError(
         "cannot tell the neuronx-cc version: the Neuron SDK is not installed here; "
         f"pass compiler_version=... (CLI: --compiler-version) or set {ENV_COMPILER_VERSION}=2.21.33363.0+82129205"

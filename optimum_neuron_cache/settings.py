@@ -51,6 +51,15 @@ LEASE_STALE = "NEURON_CACHE_LEASE_STALE"
 LEASE_MAX_WAIT = "NEURON_CACHE_LEASE_MAX_WAIT"
 LEASE_POLL = "NEURON_CACHE_LEASE_POLL"
 
+#: Every variable above: `neuron-cache status` shows the ones set.
+VARIABLES = tuple(value for name, value in list(globals().items())
+                  if name.isupper() and isinstance(value, str) and value.startswith("NEURON_CACHE_"))
+#: Other tools' variables that change what the cache does (read where they are used).
+FOREIGN_VARIABLES = ("NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL", "NEURON_CC_VERSION",
+                     "NEURON_PLATFORM_TARGET_OVERRIDE", "HF_ENDPOINT", "HF_HOME", "HF_TOKEN")
+#: Variables whose value is never printed.
+SECRET_VARIABLES = ("HF_TOKEN",)
+
 SERVER_MODES = ("auto", "uv", "current")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: No duration we read means more than this: a larger value is a typo (and overflows socket timeouts).

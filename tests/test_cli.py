@@ -25,6 +25,7 @@ from optimum_neuron_cache.client import BucketClient, running_server
 from optimum_neuron_cache.compile_locks import running_compilers
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache
+from optimum_neuron_cache.stats import Stats, record_run
 from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 from tests.polling import wait_until
 
@@ -398,3 +399,29 @@ def test_create_makes_a_private_bucket_and_saves_the_id_the_hub_gave(hub):
     public = read_saved_bucket()
     assert public is not None and BucketClient(_ref(public)).info()["private"] is False
     run("create", "me/x", "--public", "--private", code=2)
+
+
+def test_status_says_what_the_cache_will_do_and_where_each_value_came_from(tmp_path, monkeypatch, version):
+    """`status` is the `hf env` / `ccache -p` of the cache: the bucket, cache dir, compiler and target in force,
+    each with its source, every variable that is set (a token never printed), and the host's hit rate."""
+    monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)
+    monkeypatch.setenv("NEURON_CC_VERSION", version)
+    monkeypatch.setenv("NEURON_CACHE_LOCK_TIMEOUT", "30")
+    monkeypatch.setenv("HF_TOKEN", "hf_never_printed")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    out = run("status", "--cache-dir", str(cache))
+    assert "(embedded default)" in out.splitlines()[0]
+    assert f"cache dir: {cache} (argument)" in out
+    assert f"compiler: {version} (NEURON_CC_VERSION)" in out
+    assert "target: unknown (not a Neuron instance" in out
+    assert "NEURON_CACHE_LOCK_TIMEOUT: 30 (environment)" in out
+    assert "HF_TOKEN: (set, not shown)" in out and "hf_never_printed" not in out
+    run("set", str(tmp_path / "team-bucket"))
+    monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", "trn2")
+    record_run(Stats(hits=3, misses=1))
+    data = json.loads(run("status", "--cache-dir", str(cache), "--json"))
+    rows = {row["name"]: row for row in data["configuration"]}
+    assert rows["bucket"]["value"] == str(tmp_path / "team-bucket") and rows["bucket"]["source"].startswith("saved in ")
+    assert rows["target"] == {"name": "target", "value": "trn2", "source": "NEURON_PLATFORM_TARGET_OVERRIDE"}
+    assert data["hit_rate"] == 0.75 and "hf_never_printed" not in json.dumps(data)
