@@ -27,6 +27,7 @@ from .buckets import (
     BucketRef, bucket_and_source, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path,
 )
 from .client import BucketClient, ProgressCallback, running_server, stop_server
+from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import FetchPlan, execute_fetch, plan_fetch
 from .journal import JournalKey
@@ -606,14 +607,15 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
         failed = locks = True
     keep = resolve_compiler_version(compiler_version) if old_versions else None
     root = _root(cache_dir)
-    plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep)
+    plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep,
+                        compilers=running_compilers() if locks else [])
     for message in plan.refused:
         click.echo(f"warning: {message}", err=True)
     for removal in plan.removals:
         click.echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
     freed = plan.bytes if dry_run else execute_cleanup(plan)
     click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {len(plan.removals)} removals" if plan.removals else "nothing to clean up")
-    if plan.refused:
+    if plan.refused and not dry_run:  # a preview that shows what it would leave alone has done what was asked
         sys.exit(1)
 
 

@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compile_locks import running_compilers
 from .host_state import HostState
 from .local_cache import LOCK_SUFFIX, STATE_DIR_NAME, EntryState, iter_version_dirs, scan_entries
 
@@ -71,11 +70,11 @@ def tree_size(path: Path, skip: tuple[str, ...] = ()) -> int:
     return total
 
 
-def plan_cleanup(root: Path, *, failed: bool, locks: bool, old_versions: bool, keep_version: str | None) -> CleanupPlan:
-    """What to remove: cached failures, stale locks (never while neuronx-cc runs here), other compiler versions,
-    leftover downloads of dead processes."""
+def plan_cleanup(root: Path, *, failed: bool, locks: bool, old_versions: bool, keep_version: str | None,
+                 compilers: list[int]) -> CleanupPlan:
+    """What to remove: cached failures, stale locks (never while one of `compilers`, the pids of the host's
+    neuronx-cc processes, runs), other compiler versions, leftover downloads of dead processes."""
     plan = CleanupPlan()
-    compilers = running_compilers() if locks else []
     if locks and compilers:
         plan.refused.append(f"stale locks left alone: neuronx-cc is running on this host (pid {', '.join(map(str, compilers))})")
     for entry in scan_entries(root):

@@ -25,6 +25,7 @@ from optimum_neuron_cache.client import BucketClient, running_server
 from optimum_neuron_cache.compile_locks import running_compilers
 from optimum_neuron_cache.local_cache import EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache
+from optimum_neuron_cache.maintenance import execute_cleanup, plan_cleanup
 from optimum_neuron_cache.stats import Stats, record_run
 from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 from tests.polling import wait_until
@@ -151,6 +152,7 @@ def test_malformed_records_are_ignored_with_a_warning(tmp_path, version):
 
 
 def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(tmp_path, version):
+    """The plan, given which compilers run (the CLI passes the host's): no test depends on the host's processes."""
     root = tmp_path / "cache"
     ok, bad, crashed = make_graphs(3, seed="cleanup")
     compile_graph(root, version, ok)
@@ -158,10 +160,27 @@ def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(
         compile_graph(root, version, bad, outcome="failed")
     compile_graph(root, version, crashed, outcome="crash")
     compile_graph(root, "2.19.1.0+abc", ok)
-    out = run("cleanup", "--cache-dir", str(root), "--dry-run")
-    assert "would remove" in out and "failed compile" in out and "stale lock" in out
-    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.FAILED, EntryState.LOCKED}
-    # A running neuronx-cc: its lock may be live, so locks are left alone (exit 1), failures still go.
+    states = lambda: {e.state for e in scan_entries(root, version)}  # noqa: E731
+    plan = plan_cleanup(root, failed=True, locks=True, old_versions=False, keep_version=None, compilers=[])
+    assert sorted(removal.reason for removal in plan.removals) == ["failed compile (cached failure)", "stale lock"]
+    assert states() == {EntryState.SUCCESS, EntryState.FAILED, EntryState.LOCKED}  # a plan removes nothing
+    # A running neuronx-cc: its lock may be live, so locks are left alone, failures still go.
+    running = plan_cleanup(root, failed=True, locks=True, old_versions=False, keep_version=None, compilers=[4242])
+    assert [removal.reason for removal in running.removals] == ["failed compile (cached failure)"]
+    assert running.refused == ["stale locks left alone: neuronx-cc is running on this host (pid 4242)"]
+    execute_cleanup(running)
+    assert states() == {EntryState.SUCCESS, EntryState.LOCKED}
+    execute_cleanup(plan_cleanup(root, failed=False, locks=True, old_versions=False, keep_version=None, compilers=[]))
+    assert states() == {EntryState.SUCCESS, EntryState.TODO}
+    run("cleanup", "--cache-dir", str(root), "--old-versions", "--compiler-version", version)
+    assert [v.name for v in root.iterdir() if v.name.startswith("neuronxcc-")] == [f"neuronxcc-{version}"]
+
+
+def test_cleanup_leaves_locks_alone_while_neuronx_cc_runs_and_a_preview_exits_0(tmp_path, version):
+    """A neuronx-cc running on the host (a fake one here, certain to run whatever else the host runs): the lock
+    stays, the run says why and exits 1; a preview says the same and exits 0 (it did what was asked)."""
+    root = tmp_path / "cache"
+    compile_graph(root, version, make_graphs(1, seed="live-lock")[0], outcome="crash")
     fake = tmp_path / "bin" / "neuronx-cc"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nsleep 600\n")  # killed below; alive however slowly the cleanup runs
@@ -169,17 +188,14 @@ def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(
     proc = subprocess.Popen([str(fake)])
     try:
         wait_until(lambda: proc.pid in running_compilers(), "the fake neuronx-cc to show in /proc")
+        preview = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root), "--dry-run"])
+        assert preview.exit_code == 0 and "neuronx-cc is running" in preview.output, preview.output
         result = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root)])
         assert result.exit_code == 1 and "neuronx-cc is running" in result.output
     finally:
         proc.kill()
         proc.wait()
-    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.LOCKED}
-    run("cleanup", "--cache-dir", str(root), "--locks")
-    assert {e.state for e in scan_entries(root, version)} == {EntryState.SUCCESS, EntryState.TODO}
-    run("cleanup", "--cache-dir", str(root), "--old-versions", "--compiler-version", version)
-    assert [v.name for v in root.iterdir() if v.name.startswith("neuronxcc-")] == [f"neuronxcc-{version}"]
-    assert "nothing to clean up" in run("cleanup", "--cache-dir", str(root))
+    assert {e.state for e in scan_entries(root, version)} == {EntryState.LOCKED}
 
 
 def test_server_status_and_stop(tmp_path):
