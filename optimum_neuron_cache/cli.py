@@ -8,6 +8,7 @@ rates) appear on fetch and sync when stderr is a terminal, unless `--quiet`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,11 @@ def size(count: int) -> str:
     return tqdm.format_sizeof(count, suffix="B", divisor=1000)
 
 
+def plural(count: int, one: str, many: str) -> str:
+    """"1 entry", "3 entries"."""
+    return f"{count} {one if count == 1 else many}"
+
+
 class Output:
     """Where the CLI writes: results on stdout; progress on stderr, only for a terminal."""
 
@@ -81,21 +87,45 @@ class Output:
             click.echo(message)
 
 
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """`-q` after a subcommand means what it means before one."""
+    out = ctx.find_object(Output)
+    if value and out is not None:
+        out.quiet = True
+
+
+class CacheCommand(click.Command):
+    """A command that also takes `-q/--quiet` after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_quiet,
+                                        help="No progress bars and no informational output."))
+
+
 class CacheGroup(click.Group):
-    """Turns the project's errors into one line and an exit code; Ctrl-C into exit 130."""
+    """Turns every error into one line (`error: ...`) and an exit code; Ctrl-C into exit 130; a closed pipe
+    (`| head`) into a quiet exit."""
+
+    command_class = CacheCommand
+    group_class = type
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; the project's errors become one line and exit 2 (bad input) or 1, Ctrl-C exit 130."""
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:  # click's own (usage, bad parameter): the same style as ours
+            hint = f" (see `{exc.ctx.command_path} --help`)" if isinstance(exc, click.UsageError) and exc.ctx else ""
+            click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+            ctx.exit(exc.exit_code)
         except NeuronCacheError as exc:
             if ctx.find_object(Output) and ctx.find_object(Output).debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2 if isinstance(exc, ConfigurationError) else 1)
         except OSError as exc:  # the disk said no (permissions, a full disk...): one line, not a traceback
-            if ctx.find_object(Output) and ctx.find_object(Output).debug:
-                raise
+            if exc.errno == errno.EPIPE or (ctx.find_object(Output) and ctx.find_object(Output).debug):
+                raise  # a reader that stopped reading (`| head`): click exits without a word
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
@@ -244,7 +274,7 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         for op in plan.ops:
             size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
             out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{size_text}: {op.reason}")
-        out.info(f"would fetch {len(plan.items)} entries ({size(plan.bytes_needed)})" if plan.items else "nothing to fetch")
+        out.info(f"would fetch {plural(len(plan.items), 'entry', 'entries')} ({size(plan.bytes_needed)})" if plan.items else "nothing to fetch")
         return
     HostState(root).remove_stale_temp_dirs()
     progress, close = out.progress("fetch")
@@ -258,7 +288,7 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task_name, model.model_id)}")
     else:
         present = len(plan.remote_modules) - len(plan.items)
-        out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
+        out.info(f"fetched {plural(len(result.fetched), 'entry', 'entries')} ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
     for module, why in result.failed:
         click.echo(f"warning: {module} not fetched: {why}", err=True)
@@ -289,7 +319,7 @@ def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: s
         return
     if publication is not None and publication.result.published:
         record_run(Stats(publishes=len(publication.result.published), bytes_uploaded=publication.result.bytes_uploaded))
-        out.info(f"published {len(publication.result.published)} entries that earlier runs of {folder} left unpublished")
+        out.info(f"published {plural(len(publication.result.published), 'entry', 'entries')} that earlier runs of {folder} left unpublished")
 
 
 @cli.command()
@@ -614,7 +644,7 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
     for removal in plan.removals:
         click.echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
     freed = plan.bytes if dry_run else execute_cleanup(plan)
-    click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {len(plan.removals)} removals" if plan.removals else "nothing to clean up")
+    click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {plural(len(plan.removals), 'removal', 'removals')}" if plan.removals else "nothing to clean up")
     if plan.refused and not dry_run:  # a preview that shows what it would leave alone has done what was asked
         sys.exit(1)
 
@@ -789,7 +819,7 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
     finally:
         if bar is not None:
             bar.close()
-    out.info(f"imported {len(result.imported)} entries ({size(result.bytes_copied)} copied by Xet hash, "
+    out.info(f"imported {plural(len(result.imported), 'entry', 'entries')} ({size(result.bytes_copied)} copied by Xet hash, "
              f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
     for name, why in result.failed:
         click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)

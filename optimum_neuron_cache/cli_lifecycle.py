@@ -70,7 +70,7 @@ def _plan_dict(plan: PrunePlan) -> dict[str, Any]:
 
 def register(cli: click.Group) -> None:
     """Add the commands to the `neuron-cache` group."""
-    from .cli import Output, _bucket, _json, _table, bucket_option, size, version_option
+    from .cli import Output, _bucket, _json, _table, bucket_option, plural, size, version_option
 
     @cli.command()
     @bucket_option
@@ -115,7 +115,7 @@ def register(cli: click.Group) -> None:
         if plan.empty:
             click.echo(f"nothing to prune in {ref}")
             return
-        summary = (f"{len(plan.entries)} entries, {len(plan.records)} export records"
+        summary = (f"{plural(len(plan.entries), 'entry', 'entries')}, {plural(len(plan.records), 'export record', 'export records')}"
                    + (f", {len(plan.strays)} other files" if plan.strays else "") + f" ({size(plan.bytes)})")
         if result is None:
             click.echo(f"would remove {summary} from {ref}; run again with --yes to remove them")
@@ -125,7 +125,7 @@ def register(cli: click.Group) -> None:
             click.echo(f"removed again {len(result.rewritten_removed)} commit files a concurrent publisher wrote over "
                        "removed content")
         if result.republished:
-            click.echo(f"left {len(result.republished)} entries a concurrent publisher published again meanwhile")
+            click.echo(f"left {plural(len(result.republished), 'entry', 'entries')} a concurrent publisher published again meanwhile")
 
     @cli.command(name="scrub")
     @bucket_option
@@ -163,7 +163,7 @@ def register(cli: click.Group) -> None:
                 checked += f"; read back {report.read_files} files ({size(report.read_bytes)})"
                 if report.unverifiable:
                     checked += f", {report.unverifiable} without a digest to check against"
-            click.echo(f"{checked}: " + ("no problem" if report.ok else f"{len(report.findings)} problems"))
+            click.echo(f"{checked}: " + ("no problem" if report.ok else plural(len(report.findings), "problem", "problems")))
             if report.repaired:
                 click.echo(f"removed {len(report.repaired)} commit files of bad entries: the next compile of those "
                            "graphs publishes them again")

@@ -262,12 +262,12 @@ def test_progress_bars_on_a_terminal_and_plain_output_otherwise(tmp_path, versio
     _, status = os.waitpid(pid, 0)
     text = output.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
-    assert "fetched 1 entries" in text
+    assert "fetched 1 entry " in text
     assert "B/s" in text  # a tqdm bar with a rate was drawn
     # Not a terminal: plain lines only.
     plain = subprocess.run(_cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "C"), "--compiler-version", version]),
                            env=env, capture_output=True, text=True, check=True)
-    assert plain.stderr == "" and plain.stdout.startswith("fetched 1 entries")
+    assert plain.stderr == "" and plain.stdout.startswith("fetched 1 entry ")
     quiet = subprocess.run(_cli_process(["-q", "fetch", "org/big", "--cache-dir", str(tmp_path / "D"), "--compiler-version", version]),
                            env=env, capture_output=True, text=True, check=True)
     assert quiet.stdout == ""
@@ -441,3 +441,37 @@ def test_status_says_what_the_cache_will_do_and_where_each_value_came_from(tmp_p
     assert rows["bucket"]["value"] == str(tmp_path / "team-bucket") and rows["bucket"]["source"].startswith("saved in ")
     assert rows["target"] == {"name": "target", "value": "trn2", "source": "NEURON_PLATFORM_TARGET_OVERRIDE"}
     assert data["hit_rate"] == 0.75 and "hf_never_printed" not in json.dumps(data)
+
+
+def test_errors_have_one_style_and_quiet_goes_anywhere(tmp_path, version):
+    """click's own errors read like the project's (`error: ...`, no usage block), and `-q` is accepted after the
+    subcommand as before it."""
+    for args, wanted in ((["lookup"], "error: Missing argument 'MODEL_ID' (see `neuron-cache lookup --help`)"),
+                         (["nosuch"], "error: No such command 'nosuch' (see `neuron-cache --help`)"),
+                         (["lookup", "org/m", "--batch-size", "x"], "error: Invalid value for '--batch-size'")):
+        result = CliRunner().invoke(cli, args, prog_name="neuron-cache")
+        assert result.exit_code == 2 and result.output.startswith(wanted), result.output
+        assert "Usage:" not in result.output and "Error:" not in result.output
+    root = tmp_path / "cache"
+    compile_graph(root, version, make_graphs(1, seed="quiet")[0])
+    bucket = str(tmp_path / "b")
+    run("create", bucket)
+    assert run("sync", "--cache-dir", str(root), "--bucket", bucket, "--compiler-version", version, "-q") == ""
+    assert run("-q", "fetch", "org/m", "--cache-dir", str(root), "--bucket", bucket, "--compiler-version", version) == ""
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, version):
+    """`neuron-cache ... | head -1`: the reader stops reading; no `[Errno 32] Broken pipe`, no traceback."""
+    root = tmp_path / "cache" / f"neuronxcc-{version}"
+    for index in range(1500):  # far more output than a pipe holds
+        entry = root / f"MODULE_{index}+e30acd3a"
+        entry.mkdir(parents=True)
+        (entry / "model.log").write_text("failed")
+    env = {**os.environ, "NEURON_CC_VERSION": version}
+    command = [sys.executable, "-m", "optimum_neuron_cache", "cleanup", "--cache-dir", str(tmp_path / "cache"),
+               "--dry-run"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"would remove ")
+    proc.stdout.close()  # as `head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert b"Broken pipe" not in err and b"Traceback" not in err and b"error" not in err, err
