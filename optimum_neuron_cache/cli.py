@@ -25,7 +25,7 @@ from . import remote_layout as layout
 from .buckets import BucketRef, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import FetchPlan, execute_fetch, plan_fetch
+from .fetch import FetchPlan, execute_fetch, heal_line, plan_fetch
 from .journal import JournalKey
 from .publish import publish_leftovers
 from .host_state import HostState
@@ -249,6 +249,8 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         present = len(plan.remote_modules) - len(plan.items)
         out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
+    if line := heal_line(result.healed, version):
+        out.info(line)
     for module, why in result.failed:
         click.echo(f"warning: {module} not fetched: {why}", err=True)
     for module, why in plan.stranded:
