@@ -8,7 +8,8 @@ libneuronxla's wrapper calls the compiler by name, through PATH, once per graph 
 The MODULE name in those file names is the cache key. Put this shim first on PATH
 (`install_compiler_shim(dir)` then `PATH=dir:$PATH`, or `compiler_shim_on_path()` in-process) and each call:
 
-1. looks up `neuronxcc-<ver>/MODULE_.../` in the bucket's flat area (one paths-info request);
+1. looks up `neuronxcc-<ver>/MODULE_.../` in the bucket's flat area (one paths-info request, which also asks
+   for the host's cached failures: those the flat area holds complete are swapped for it, fetch.py);
 2. if the entry is complete there (its NEFF and its commit file), downloads the NEFF, checks its size
    against the listing, and renames it onto `--output`: the compiler is never run, and libneuronxla
    installs the NEFF into its cache as if it had compiled it;
