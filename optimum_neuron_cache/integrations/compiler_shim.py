@@ -75,6 +75,9 @@ ENV_PUBLISH = settings.SHIM_PUBLISH
 ENV_BACKOFF = settings.SHIM_BACKOFF
 _T = TypeVar("_T")
 
+#: Cached failures asked about per lookup, at most: with its own graph, the paths-info stays one request upstream.
+MAX_FAILURES_ASKED = 100
+
 _INPUT_RE = re.compile(r"(MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+)\.(hlo_module\.pb|hlo\.pb)$")
 
 
@@ -353,12 +356,14 @@ class _Shim:
 
     # -- cached failures of this host, healed by the flat area (asked in the lookup's paths-info)
     def cached_failures(self) -> "list[LocalEntry]":
-        """This compiler version's cached failures (model.log) in the local cache: libneuronxla replays them."""
+        """This compiler version's cached failures (model.log) in the local cache, which libneuronxla replays (the
+        first MAX_FAILURES_ASKED by name)."""
         from ..local_cache import EntryState, scan_entries
 
         if self.root is None or self.version is None:
             return []
-        return [entry for entry in scan_entries(self.root, self.version) if entry.state is EntryState.FAILED]
+        failed = [entry for entry in scan_entries(self.root, self.version) if entry.state is EntryState.FAILED]
+        return failed[:MAX_FAILURES_ASKED]
 
     def heal(self, client: "BucketClient", failed: "list[LocalEntry]", info: list[dict[str, object]]) -> None:
         """Swap the cached failures whose complete entry the flat area holds for the bucket's, and say so (one
