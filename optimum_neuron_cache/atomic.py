@@ -2,11 +2,13 @@
 
 Every small file this package writes (the saved bucket setting, the host's stats, journal records, the shim,
 session status files) goes through `atomic_write`: a temporary file beside the target (unique per process and
-call, so two writers, or a writer and a signal handler, never share one), then a rename.
+call, so two writers, or a writer and a signal handler, never share one), then a rename. `exchange` swaps two
+folders in one step (a fetched entry for a cached failure, fetch.py).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -34,3 +36,25 @@ def atomic_write(path: Path, data: str | bytes, *, mode: int | None = None,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: renameat2's flag that swaps its two paths (Linux 3.15+, glibc 2.28+; ext4, xfs, btrfs, tmpfs among others).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (`renameat2(RENAME_EXCHANGE)`): at every instant each path names one of the two,
+    whole. False when this system or filesystem cannot (the caller then falls back); other errors raise OSError."""
+    import ctypes  # rarely needed: kept off the package's import path
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(first), None, os.fspath(second))

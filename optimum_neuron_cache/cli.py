@@ -30,7 +30,7 @@ from .buckets import (
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import FetchPlan, execute_fetch, plan_fetch
+from .fetch import FetchPlan, execute_fetch, heal_line, plan_fetch
 from .journal import JournalKey
 from .publish import publish_leftovers
 from .host_state import HostState
@@ -290,6 +290,8 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         present = len(plan.remote_modules) - len(plan.items)
         out.info(f"fetched {plural(len(result.fetched), 'entry', 'entries')} ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
+    if line := heal_line(result.healed, version):
+        out.info(line)
     for module, why in result.failed:
         click.echo(f"warning: {module} not fetched: {why}", err=True)
     for module, why in plan.stranded:

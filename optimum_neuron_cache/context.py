@@ -22,7 +22,7 @@ from . import settings
 from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
-from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model, stamp_request
+from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model, heal_line, stamp_request
 from .host_state import HostState
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
@@ -228,6 +228,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._warn(f"entry {prefix}/{module} not fetched: {why}")
             for module in fetched.result.replaced:
                 self._warn(f"entry {prefix}/{module} was locked by a compile that died: replaced by the bucket's complete entry")
+            if line := heal_line(fetched.result.healed, self._version):
+                self._warn(line)
             for module, why in fetched.plan.stranded:
                 self._warn(f"entry {prefix}/{module} is complete in the bucket but locked here, and the lock cannot be "
                            f"told stale ({why}); if no compile is running, run `neuron-cache cleanup --locks` and run again")

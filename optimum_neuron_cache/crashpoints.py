@@ -19,6 +19,8 @@ PHASES = {
     "journal-write": "a journal record is written to its temp file, not yet renamed into place",
     "download-sent": "a download request is on the wire: the bucket server is transferring into the run's temp folder",
     "install": "before installing the n-th fetched entry (n-1 are in place)",
+    "heal": "the n-th cached failure swapped for the bucket's entry, the failure not yet removed (without "
+            "RENAME_EXCHANGE: moved aside, the bucket's entry not yet renamed in)",
     "stage-sent": "a publish's stage is on the wire: the bucket server is uploading its bytes, nothing added yet",
     "stage-done": "a publish's bytes are staged, its commit not yet sent",
     "commit-sent": "a publish's commit is on the wire: the bucket server is adding content, then commit files",

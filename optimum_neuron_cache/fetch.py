@@ -2,7 +2,7 @@
 
 `plan_fetch` reads one listing of the model's area (plus one paths-info for local todo entries) and returns an
 immutable `FetchPlan`: one typed operation per entry, each with its reason (install, fill a todo entry,
-replace an entry a dead compile left locked; or why nothing is done: present, locked, kept). `execute_fetch`
+replace an entry a dead compile left locked, heal a cached failure; or why nothing is done). `execute_fetch`
 carries out the operations that move bytes: every needed file in one download request, into a temporary
 folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
 existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file
@@ -15,6 +15,7 @@ processes of one host that enter the same area together fetch once: the others t
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -33,7 +34,7 @@ from filelock import Timeout
 from bucket_server.messages import DownloadFile, PathsInfoRequest
 from bucket_server.protocol import MAX_RECORD_BYTES
 
-from . import crashpoints
+from . import atomic, crashpoints
 from . import remote_layout as layout
 from . import settings
 from .client import BucketClient, ProgressCallback
@@ -54,13 +55,14 @@ class Action(str, enum.Enum):
     INSTALL = "install"  # not here: the whole entry is renamed into place
     FILL = "fill"  # a todo entry here (HLO and flags only): the missing files are added, commit file last
     REPLACE = "replace"  # stranded here by a compile lock that can be told stale: replaced whole
+    HEAL = "heal"  # a cached failure here (model.log), complete in the bucket: swapped whole for the bucket's
     PRESENT = "present"  # complete here already
     LOCKED = "locked"  # a compile lock here that cannot be told stale: left alone, and said
-    KEEP = "keep"  # anything else here (a cached failure, an incomplete entry): never overwritten
+    KEEP = "keep"  # anything else here (an incomplete entry): never overwritten
 
 
 #: The actions that download files.
-TRANSFERS = frozenset({Action.INSTALL, Action.FILL, Action.REPLACE})
+TRANSFERS = frozenset({Action.INSTALL, Action.FILL, Action.REPLACE, Action.HEAL})
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ class FetchResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (module, why): the remote copy failed a check
     #: Entries whose stale compile lock was replaced by the bucket's complete copy (also in `fetched`).
     replaced: list[str] = field(default_factory=list)
+    #: Cached failures (model.log) swapped for the bucket's complete copy (also in `fetched`).
+    healed: list[str] = field(default_factory=list)
     #: The model's export records, read in the same request as the entries (when entries were downloaded).
     exports_read: list[CachedExport] = field(default_factory=list)
     bytes: int = 0
@@ -150,6 +154,20 @@ def _group_by_module(listing: Iterable[Mapping[str, Any]], area_prefix: str) -> 
     return modules
 
 
+#: Why a cached failure is replaced: libneuronxla replays it ("Got a cached failed neff") until it is removed.
+HEAL_REASON = "a cached failure here (model.log), which libneuronxla would replay: swapped for the bucket's"
+
+
+def heal_line(healed: Sequence[str], compiler_version: str) -> str | None:
+    """The one line that says cached failures were replaced by the bucket's entries (None: none were)."""
+    if not healed:
+        return None
+    noun = "entry" if len(healed) == 1 else "entries"
+    shown = ", ".join(f"{version_dir_name(compiler_version)}/{module}" for module in sorted(healed)[:3])
+    more = f" and {len(healed) - 3} more" if len(healed) > 3 else ""
+    return f"replaced {len(healed)} failed local {noun} with the bucket's complete copy ({shown}{more})"
+
+
 def _local_op(module: str, files: Mapping[str, RemoteFile], entry: LocalEntry | None,
               lock_verdicts: Mapping[str, str | None]) -> FetchOp:
     if entry is None:
@@ -162,6 +180,8 @@ def _local_op(module: str, files: Mapping[str, RemoteFile], entry: LocalEntry | 
         if why is None:
             return FetchOp(module, Action.REPLACE, "a compile that died left its lock here", tuple(files.values()))
         return FetchOp(module, Action.LOCKED, why)
+    if entry.state is EntryState.FAILED:
+        return FetchOp(module, Action.HEAL, HEAL_REASON, tuple(files.values()))
     if entry.state.publishable:
         return FetchOp(module, Action.PRESENT, "complete here")
     return FetchOp(module, Action.KEEP, f"{entry.state.value} here: never overwritten")
@@ -240,17 +260,21 @@ def flat_manifests(compiler_version: str, paths_info: Iterable[Mapping[str, Any]
     return tuple(remote for remote in found if remote is not None and 0 < remote.size <= MAX_RECORD_BYTES)
 
 
-def plan_todo_fill(plan: FetchPlan, todo: Iterable[LocalEntry], paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
-    """`plan` with fill operations for the todo entries whose complete copy the flat area holds (pure)."""
+def plan_todo_fill(plan: FetchPlan, entries: Iterable[LocalEntry],
+                   paths_info: Iterable[Mapping[str, Any]]) -> FetchPlan:
+    """`plan` with operations for the local entries whose complete copy the flat area holds (pure): a fill for
+    each todo entry, a heal for each cached failure (the compiler shim's lookup); others are left out."""
     version = plan.compiler_version
     paths_info = list(paths_info)
     found = complete_flat_entries(version, paths_info)
     fills = []
-    for entry in todo:
+    for entry in entries:
         files = found.get(entry.name, {})
-        if files:
+        if files and entry.state is EntryState.TODO:
             missing = tuple(f for name, f in files.items() if name not in entry.files)
             fills.append(FetchOp(entry.name, Action.FILL, "a todo entry here, filled from the flat area", missing, "flat"))
+        elif files and entry.state is EntryState.FAILED:
+            fills.append(FetchOp(entry.name, Action.HEAL, HEAL_REASON, tuple(files.values()), "flat"))
     manifests = flat_manifests(version, paths_info, (op.module for op in fills))
     return replace(plan, ops=plan.ops + tuple(fills), manifest_files=plan.manifest_files + manifests)
 
@@ -406,6 +430,8 @@ def _still_needed(op: FetchOp, target: Path, version: str) -> bool:
     entry = read_entry(target, version)
     if op.action is Action.REPLACE:
         return entry.state is EntryState.LOCKED
+    if op.action is Action.HEAL:
+        return entry.state is EntryState.FAILED
     if not entry.files:
         return op.action is Action.INSTALL
     return op.action is Action.FILL and entry.state is EntryState.TODO
@@ -453,6 +479,36 @@ def _install_replace(staged: Path, target: Path, aside: Path) -> bool:
         os.rename(target, aside)
     except OSError:
         return False
+    return _install_whole(staged, target)
+
+
+def _install_heal(staged: Path, target: Path, aside: Path, version: str) -> bool:
+    """Swap a cached failure for the bucket's complete entry, whole: one `renameat2(RENAME_EXCHANGE)` where the
+    filesystem has it (the failure lands in the run's temp folder, removed with it), else moved aside, then the
+    complete entry renamed in. Only a failure with no compile lock is touched: one that gained a lock meanwhile
+    (a compile retrying it) is put back. False when the entry is no longer a cached failure (kept as is)."""
+    if _read_state(target, version) is not EntryState.FAILED:
+        return False
+    try:
+        swapped = atomic.exchange(staged, target)
+    except OSError:  # the failure went away between the look and the swap
+        return False
+    if swapped:
+        crashpoints.reached("heal")
+        if any(name.endswith(LOCK_SUFFIX) for name in read_entry(staged, version).files):
+            with contextlib.suppress(OSError):  # a compile took the failure between the look and the swap
+                atomic.exchange(staged, target)
+            return False
+        return True
+    try:
+        os.rename(target, aside)
+    except OSError:
+        return False
+    if any(name.endswith(LOCK_SUFFIX) for name in read_entry(aside, version).files):
+        with contextlib.suppress(OSError):
+            os.rename(aside, target)
+        return False
+    crashpoints.reached("heal")
     return _install_whole(staged, target)
 
 
@@ -511,6 +567,14 @@ def download_checked(client: BucketClient, files: Sequence[tuple[RemoteFile, Pat
         if size != remote.size:
             problems[path] = f"{remote.path} has {size if size is not None else 'no'} bytes, the bucket lists {remote.size}"
     return problems
+
+
+def heal_from_flat(client: BucketClient, root: Path, compiler_version: str, entries: Iterable[LocalEntry],
+                   paths_info: Iterable[Mapping[str, Any]]) -> FetchResult:
+    """Swap the cached failures among `entries` whose complete copy a paths-info answer about the flat area shows
+    (the compiler shim's lookup asks for them with its own graph: no request but the download)."""
+    failed = [entry for entry in entries if entry.state is EntryState.FAILED]
+    return execute_fetch(client, root, plan_todo_fill(FetchPlan(compiler_version), failed, paths_info))
 
 
 def execute_fetch(client: BucketClient, root: Path, plan: FetchPlan, progress: ProgressCallback | None = None) -> FetchResult:
@@ -658,12 +722,16 @@ class _Fetcher:
                 elif item.action is Action.REPLACE:
                     installed = _read_state(target, self.version) is EntryState.LOCKED and \
                         _install_replace(staged, target, tmp / f"stale-{item.module}")
+                elif item.action is Action.HEAL:
+                    installed = _install_heal(staged, target, tmp / f"failed-{item.module}", self.version)
                 else:
                     installed = _install_whole(staged, target)
                 if installed:
                     result.fetched.append(item.module)
                     if item.action is Action.REPLACE:
                         result.replaced.append(item.module)
+                    elif item.action is Action.HEAL:
+                        result.healed.append(item.module)
                     result.bytes += sum(f.size for f in item.files)
                 else:
                     result.skipped.append((item.module, "a local entry appeared meanwhile; kept it"))

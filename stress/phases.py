@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from optimum_neuron_cache import remote_layout as layout
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.host_state import HostState
 from optimum_neuron_cache.journal import Journal
-from optimum_neuron_cache.local_cache import EntryState, scan_entries
+from optimum_neuron_cache.local_cache import FLAGS_FILES, HLO_FILES, EntryState, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from optimum_neuron_cache.sync import sync_cache
@@ -42,6 +43,7 @@ PHASES: tuple[str, ...] = (
     "download-sent@1",  # fetching the seed entries: the server is transferring
     "install@1",  # downloaded and checked, none installed
     "install@2",  # one of the seed entries installed
+    "heal@1",  # a cached failure of a seed entry here, swapped for the bucket's, not yet removed
     "body:kill",  # compiled, killed in the body (SIGKILL)
     "body:term",  # compiled, stopped in the body (SIGTERM, as schedulers do)
     "journal-write@2",  # exit: the names being journaled before the first byte goes up
@@ -83,6 +85,8 @@ def _trial(work: Path, bucket: str, client: BucketClient, phase: str, trial: int
     model = f"org/phase-{hashlib.sha256(f'{phase}:{trial}:{work}'.encode()).hexdigest()[:10]}"
     sync_cache(client, source, compiler_version=VERSION, model_folder=layout.model_ref(model).folder, task=TASK)
     cache = work / "cache"
+    if phase.startswith("heal"):
+        _cached_failure(source, cache)
     new_seed = f"new-{model}"
     spec = {"model": model, "task": TASK, "export_config": EXPORT_CONFIG, "compiler_version": VERSION,
             "bucket": bucket, "cache_dir": str(cache), "graphs": new_graphs, "seed": new_seed, "neff_size": neff_size}
@@ -112,6 +116,18 @@ def _trial(work: Path, bucket: str, client: BucketClient, phase: str, trial: int
         for graph in graphs:
             compile_graph(cache, VERSION, graph)
     return _healed(bucket, cache, model, new_modules, reference, sizes, run.warnings)
+
+
+def _cached_failure(source: Path, cache: Path) -> None:
+    """A compile of the first seed entry that failed in `cache` (its HLO and flags, and `model.log`): what the
+    `heal` phase swaps for the bucket's entry."""
+    first = scan_entries(source, VERSION)[0]
+    failed = cache / first.key
+    failed.mkdir(parents=True)
+    for name in first.files:
+        if name in HLO_FILES or name in FLAGS_FILES:
+            shutil.copyfile(first.path / name, failed / name)
+    (failed / "model.log").write_text("ERROR: neuronx-cc was killed (out of memory)\n", encoding="utf-8")
 
 
 def _healed(bucket: str, cache: Path, model: str, new_modules: set[str], reference: dict, sizes: dict,

@@ -43,9 +43,9 @@ def test_each_remote_entry_gets_one_operation_with_its_reason(tmp_path, version)
     assert actions[names[1]][0] is Action.PRESENT
     assert actions[names[2]][0] is Action.FILL
     assert actions[names[3]] == (Action.LOCKED, "neuronx-cc is running")
-    assert actions[names[4]][0] is Action.KEEP and "failed" in actions[names[4]][1]
+    assert actions[names[4]][0] is Action.HEAL and "cached failure" in actions[names[4]][1]
     assert names[5] not in actions and plan.remote_modules == frozenset(names[:5])
-    assert {op.module for op in plan.items} == {names[0], names[2]}
+    assert {op.module for op in plan.items} == {names[0], names[2], names[4]}
     assert plan.stranded == [(names[3], "neuronx-cc is running")]
     fill = next(op for op in plan.ops if op.module == names[2])
     assert {f.filename for f in fill.files} == {"model.neff", "model.done"}  # only what the todo entry lacks

@@ -8,7 +8,8 @@ libneuronxla's wrapper calls the compiler by name, through PATH, once per graph 
 The MODULE name in those file names is the cache key. Put this shim first on PATH
 (`install_compiler_shim(dir)` then `PATH=dir:$PATH`, or `compiler_shim_on_path()` in-process) and each call:
 
-1. looks up `neuronxcc-<ver>/MODULE_.../` in the bucket's flat area (one paths-info request);
+1. looks up `neuronxcc-<ver>/MODULE_.../` in the bucket's flat area (one paths-info request, which also asks
+   for the host's cached failures: those the flat area holds complete are swapped for it, fetch.py);
 2. if the entry is complete there (its NEFF and its commit file), downloads the NEFF, checks its size
    against the listing, and renames it onto `--output`: the compiler is never run, and libneuronxla
    installs the NEFF into its cache as if it had compiled it;
@@ -61,7 +62,9 @@ from ..errors import ConfigurationError
 from ..atomic import atomic_write
 
 if TYPE_CHECKING:
+    from ..client import BucketClient
     from ..compile_leases import LeaseKeeper, Waited
+    from ..local_cache import LocalEntry
 
 SHIM_MARKER = "optimum-neuron-cache compiler shim"
 COMPILER_NAME = "neuronx-cc"
@@ -71,6 +74,9 @@ ENV_SHIM = settings.SHIM
 ENV_PUBLISH = settings.SHIM_PUBLISH
 ENV_BACKOFF = settings.SHIM_BACKOFF
 _T = TypeVar("_T")
+
+#: Cached failures asked about per lookup, at most: with its own graph, the paths-info stays one request upstream.
+MAX_FAILURES_ASKED = 100
 
 _INPUT_RE = re.compile(r"(MODULE_[0-9A-Za-z]+\+[0-9A-Za-z]+)\.(hlo_module\.pb|hlo\.pb)$")
 
@@ -299,9 +305,10 @@ class _Shim:
         if self.bucket_down(str(bucket)):
             return False
         prefix = layout.flat_entry_prefix(self.version, self.request.module)
+        failed = self.cached_failures()
         try:
             client = BucketClient(bucket, self.env)
-            info = client.paths_info(flat_probe_paths(self.version, [self.request.module]))
+            info = client.paths_info(flat_probe_paths(self.version, [self.request.module, *(e.name for e in failed)]))
         except BucketNotFoundError:
             if bucket != embedded_default(self.env):
                 _say(f"bucket {bucket} not found; compiling")
@@ -313,6 +320,8 @@ class _Shim:
             self.note_down(str(bucket))
             _say(f"bucket lookup skipped, {bucket}: {exc} (compiling; the bucket is skipped for {self.backoff:g}s)")
             return False
+        if failed:
+            self.heal(client, failed, info)
         files = complete_flat_entries(self.version, info).get(self.request.module)
         if files is None:
             return False
@@ -344,6 +353,31 @@ class _Shim:
                 staging.rmdir()
         _say(f"{self.request.module}: cached NEFF from {bucket} (neuronxcc-{self.version}), no compile")
         return True
+
+    # -- cached failures of this host, healed by the flat area (asked in the lookup's paths-info)
+    def cached_failures(self) -> "list[LocalEntry]":
+        """This compiler version's cached failures (model.log) in the local cache, which libneuronxla replays (the
+        first MAX_FAILURES_ASKED by name)."""
+        from ..local_cache import EntryState, scan_entries
+
+        if self.root is None or self.version is None:
+            return []
+        failed = [entry for entry in scan_entries(self.root, self.version) if entry.state is EntryState.FAILED]
+        return failed[:MAX_FAILURES_ASKED]
+
+    def heal(self, client: "BucketClient", failed: "list[LocalEntry]", info: list[dict[str, object]]) -> None:
+        """Swap the cached failures whose complete entry the flat area holds for the bucket's, and say so (one
+        line). Anything going wrong costs one line, never the lookup of this compile's own graph."""
+        from ..fetch import heal_from_flat, heal_line
+
+        assert self.root is not None and self.version is not None
+        try:
+            result = heal_from_flat(client, self.root, self.version, failed, info)
+        except Exception as exc:
+            _say(f"cached failures not replaced by the bucket's entries ({type(exc).__name__}: {exc})")
+            return
+        if line := heal_line(result.healed, self.version):
+            _say(line)
 
     # -- read-through upstreams (on a bucket miss)
     def try_upstreams(self) -> bool:
