@@ -139,3 +139,18 @@ def test_cli_import_dry_run_and_run(hub, cache_repo, tmp_path: Path):
     assert bad.exit_code == 2 and "is not `org/name`" in bad.output
     missing = runner.invoke(cli, ["import", "nobody/nothing", "--bucket", str(bucket_dir)])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_an_entry_stored_in_lfs_not_xet_is_imported(hub, tmp_path: Path):
+    """Older repo files sit in LFS outside Xet: streamed, and verified by their LFS sha256 (not the pointer's blob id)."""
+    neff = b"\x02NEFF" + bytes(range(256)) * 40
+    hub.create_model_repo(REPO, {f"{V}/MODULE_7+ab/model.neff": {"lfs": neff}, f"{V}/MODULE_7+ab/model.done": b""})
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    repo, bucket = RepoClient(RepoRef(REPO)), BucketClient(ref)
+    plan = plan_import(repo, bucket)
+    assert [(op.action, op.name) for op in plan.entries] == [(ImportAction.STREAM, "MODULE_7+ab")]
+    result = execute_import(plan, repo, bucket)
+    assert result.imported == [f"{V}/MODULE_7+ab"] and not result.failed
+    assert (tmp_path / "bucket" / V / "MODULE_7+ab" / "model.neff").read_bytes() == neff
+    assert not plan_import(repo, bucket).entries
