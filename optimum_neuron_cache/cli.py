@@ -343,12 +343,7 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
         version = resolve_compiler_version(compiler_version)
     except ConfigurationError:
         version = None  # no SDK here: compare everything else, across every version in the bucket
-    try:
-        config = json.loads(config_json) if config_json else {}
-    except ValueError as exc:
-        raise click.BadParameter(f"--config is not JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise click.BadParameter("--config must be a JSON object")
+    config = _json_object(click.get_current_context(), None, config_json, "--config") or {}
     stated = {"batch_size": batch_size, "sequence_length": sequence_length,
               "tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
     here_target = _target_option(target) or (found.target if (found := compile_target(None, config)) else None)
@@ -578,16 +573,45 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
 # ------------------------------------------------------------------------- parallel compile, shim
 
 
-def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    if value is None:
+#: An export config nests a few levels; anything deeper is a mistake or an attack (and would break the code after).
+MAX_JSON_DEPTH = 32
+
+
+def _json_object(ctx: click.Context, param: click.Parameter | None, value: str | None,
+                 hint: str | None = None) -> dict[str, Any] | None:
+    """A JSON object option (--config, --export-config), parsed once here: anything else is one usage line."""
+    if value is None or value == "":
         return None
     try:
         parsed = json.loads(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}") from None
+    except RecursionError:
+        parsed = None  # nested past the decoder's bound: said below as too deep
+        depth = MAX_JSON_DEPTH + 1
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param=param, param_hint=hint) from None
+    except ValueError:  # int("9" * 5000): over Python's limit of integer digits
+        raise click.BadParameter("holds an integer of more than 4,300 digits: no export config field is that large",
+                                 param=param, param_hint=hint) from None
+    else:
+        depth = _json_depth(parsed)
+    if depth > MAX_JSON_DEPTH:
+        raise click.BadParameter(f"nests arrays or objects deeper than {MAX_JSON_DEPTH} levels; pass the export "
+                                 "config as a flat object, e.g. '{\"batch_size\": 1}'", param=param, param_hint=hint)
     if not isinstance(parsed, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"batch_size\": 1}'")
+        raise click.BadParameter("must be a JSON object, e.g. '{\"batch_size\": 1}'", param=param, param_hint=hint)
     return parsed
+
+
+def _json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @cli.group(name="parallel-compile")
