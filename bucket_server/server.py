@@ -47,7 +47,9 @@ _HAS_PROC_FD = os.path.isdir("/proc/self/fd")
 
 def _plain_id(value: Any) -> bool:
     """Whether a request's id is one the reply can echo: none, an integer or a short string (never a nested value)."""
-    return value is None or (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and len(value) <= 256)
+    if isinstance(value, str):
+        return len(value) <= 256
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Callable[[int, int], None]:
@@ -461,8 +463,9 @@ class BucketServer:
             return {"id": request_id, "ok": False, "error": {"code": ErrorCode.BAD_REQUEST.value, "message": f"bad arguments for {op}: {exc!r}", "retryable": False}}
         except RecursionError:  # args nested just under the decoder's bound, then too deep for a repr or a walk
             log.info("%s bad request: arguments nested too deeply", op)
-            return {"id": request_id, "ok": False, "error": {"code": ErrorCode.BAD_REQUEST.value,
-                                                             "message": f"bad arguments for {op}: nested too deeply", "retryable": False}}
+            return {"id": request_id, "ok": False, "error": {
+                "code": ErrorCode.BAD_REQUEST.value, "message": f"bad arguments for {op}: nested too deeply",
+                "retryable": False}}
         except Exception as exc:
             log.error("%s crashed: %s", op, traceback.format_exc())
             return {"id": request_id, "ok": False, "error": {"code": ErrorCode.INTERNAL.value, "message": f"{op}: {type(exc).__name__}: {exc}", "retryable": False}}

@@ -1064,7 +1064,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         if path.startswith("/lfs-cdn/") and method in ("GET", "HEAD"):
-            self._send(200, emu.lfs_object(path[len("/lfs-cdn/"):]), {"Content-Type": "application/octet-stream"}, head=head)
+            data = emu.lfs_object(path[len("/lfs-cdn/"):])
+            self._send(200, data, {"Content-Type": "application/octet-stream"}, head=head)
             return
 
         if path.startswith("/api/models/") or (_MODEL_RESOLVE_ROUTE.match(path) and not path.startswith(("/api/", "/buckets/"))):
@@ -1165,7 +1166,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if f.get("lfs"):
                 headers.update({"ETag": f'"{f["sha256"]}"', "X-Linked-Etag": f'"{f["sha256"]}"',
-                                "X-Linked-Size": str(f["size"]), "Location": f"{self._endpoint()}/lfs-cdn/{f['sha256']}"})
+                                "X-Linked-Size": str(f["size"]),
+                                "Location": f"{self._endpoint()}/lfs-cdn/{f['sha256']}"})
                 self._send(302, b"", headers, head=head)
                 return
             self._send(200, bytes.fromhex(f["content"]), headers, head=head)

@@ -59,7 +59,9 @@ def same_source(upstream: Upstream) -> tuple[str, ...]:
     """What tells two upstreams apart: a model repo's id regardless of case (the Hub resolves `Org/Name` and
     `org/name` to one repo) and its revision, a Hub bucket's id, a directory's normalized path."""
     if isinstance(upstream, RepoRef):
-        revision = upstream.revision.lower() if len(upstream.revision) == 40 and upstream.revision.isalnum() else upstream.revision
+        revision = upstream.revision
+        if len(revision) == 40 and revision.isalnum():  # a commit sha, in either case
+            revision = revision.lower()
         return ("model", upstream.repo_id.lower(), revision)
     return (upstream.kind, os.path.normpath(upstream.location) if upstream.kind == "dir" else upstream.location)
 

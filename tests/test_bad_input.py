@@ -192,11 +192,13 @@ def test_deeply_nested_or_huge_json_options_are_one_usage_line(tmp_path, option)
     from optimum_neuron_cache.cli import cli
 
     marker = tmp_path / "ran"
-    for value in ("[" * 100_000 + "]" * 100_000, '{"a": ' + "[" * 200 + "]" * 200 + "}", '{"batch_size": ' + "9" * 5000 + "}"):
+    for value in ("[" * 100_000 + "]" * 100_000, '{"a": ' + "[" * 200 + "]" * 200 + "}",
+                  '{"batch_size": ' + "9" * 5000 + "}"):
         args = (["explain", "org/m", "--config", value, "--bucket", str(tmp_path / "b")] if option == "explain" else
                 ["parallel-compile", "run", "--export-config", value, "--", "touch", str(marker)])
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
-        assert "Traceback" not in result.output and result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
+        assert "Traceback" not in result.output
+        assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
         assert "4,300 digits" in result.output or "deeper than" in result.output
     assert not marker.exists()

@@ -142,7 +142,7 @@ def test_cli_import_dry_run_and_run(hub, cache_repo, tmp_path: Path):
 
 
 def test_an_entry_stored_in_lfs_not_xet_is_imported(hub, tmp_path: Path):
-    """Older repo files sit in LFS outside Xet: streamed, and verified by their LFS sha256 (not the pointer's blob id)."""
+    """Older repo files sit in LFS outside Xet: streamed, verified by their LFS sha256 (not the pointer's blob id)."""
     neff = b"\x02NEFF" + bytes(range(256)) * 40
     hub.create_model_repo(REPO, {f"{V}/MODULE_7+ab/model.neff": {"lfs": neff}, f"{V}/MODULE_7+ab/model.done": b""})
     ref = BucketRef("dir", str(tmp_path / "bucket"))

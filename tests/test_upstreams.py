@@ -216,13 +216,14 @@ def test_an_upstream_named_twice_is_asked_once(tmp_path, hub, version, monkeypat
 
     from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
 
-    entry = {"_entry_class": "SingleModelCacheEntry", "_model_id": "meta-llama/Llama-3.1-8B", "_task": "text-generation",
-             "model_type": "llama", "neuron": {"batch_size": 4, "sequence_length": 4096, "tp_degree": 8}}
+    entry = {"_entry_class": "SingleModelCacheEntry", "_model_id": "meta-llama/Llama-3.1-8B",
+             "_task": "text-generation", "model_type": "llama",
+             "neuron": {"batch_size": 4, "sequence_length": 4096, "tp_degree": 8}}
     hub.create_model_repo(REPO, {f"{version_dir_name(version)}/0_REGISTRY/0.4.1/llama/meta-llama/Llama-3.1-8B/"
                                  "0123456789abcdef0123.json": json.dumps(entry).encode()})
     team = tmp_path / "team-bucket"
-    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"{REPO} hf://models/{REPO} {REPO.upper()} {team} {team}/../team-bucket "
-                                                f"{REPO}@v2 hf://buckets/team/cache")
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"{REPO} hf://models/{REPO} {REPO.upper()} {team} "
+                                                f"{team}/../team-bucket {REPO}@v2 hf://buckets/team/cache")
     assert configured_upstreams() == (RepoRef(REPO), BucketRef("dir", str(team)), RepoRef(REPO, "v2"),
                                       BucketRef("hf", "team/cache"))
     save_upstreams([RepoRef(REPO), RepoRef(REPO.upper()), BucketRef("hf", "team/cache")])
