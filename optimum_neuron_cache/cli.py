@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -44,6 +45,33 @@ from .sync import sync_cache
 log = logging.getLogger("optimum_neuron_cache")
 
 
+#: What a terminal acts on rather than shows: C0 controls (ESC starts its escape sequences), DEL, C1 controls
+#: (0x9b is a one-byte CSI), and the bidirectional overrides that reorder what is shown.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: Any) -> str:
+    """Text for a terminal, with every control character shown as an escape (`\\x1b`): anything read from a
+    bucket, a repo or the local state folder goes through this before it is printed (JSON output is ASCII)."""
+    return _TERMINAL_CONTROLS.sub(lambda found: "\\x%02x" % ord(found[0]) if ord(found[0]) < 0x100
+                                  else "\\u%04x" % ord(found[0]), str(text))
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    """Log lines on the terminal escaped as `terminal_safe` does: a message is one line, a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(terminal_safe(line) for line in super().formatException(ei).split("\n"))
+
+
+def echo(message: Any, err: bool = False) -> None:
+    """One line on stdout (or stderr) with its control characters escaped: the print of bucket-derived text."""
+    click.echo(terminal_safe(message), err=err)
+
+
 def size(count: int) -> str:
     """A byte count for people (kB, MB, GB: powers of 1000)."""
     return tqdm.format_sizeof(count, suffix="B", divisor=1000)
@@ -72,7 +100,7 @@ class Output:
     def info(self, message: str) -> None:
         """A result line on stdout, unless --quiet."""
         if not self.quiet:
-            click.echo(message)
+            echo(message)
 
 
 class CacheGroup(click.Group):
@@ -85,12 +113,12 @@ class CacheGroup(click.Group):
         except NeuronCacheError as exc:
             if ctx.find_object(Output) and ctx.find_object(Output).debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", err=True)
             ctx.exit(2 if isinstance(exc, ConfigurationError) else 1)
         except OSError as exc:  # the disk said no (permissions, a full disk...): one line, not a traceback
             if ctx.find_object(Output) and ctx.find_object(Output).debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing partial was left in the cache", err=True)
@@ -150,7 +178,10 @@ task_option = click.option("--task", "-t", default=None, help="The task (default
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Share AWS Neuron compile artifacts through Hugging Face Storage Buckets."""
+    fresh = not logging.getLogger().handlers
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if fresh:  # the handler basicConfig made (not one a host program or pytest installed)
+        logging.getLogger().handlers[0].setFormatter(_TerminalSafeFormatter("%(levelname)s %(message)s"))
     ctx.obj = Output(quiet, debug)
 
 
@@ -250,9 +281,9 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         out.info(f"fetched {len(result.fetched)} entries ({size(result.bytes)}) into {target}; "
                  f"{present + len(result.installed_by_others)} already present")
     for module, why in result.failed:
-        click.echo(f"warning: {module} not fetched: {why}", err=True)
+        echo(f"warning: {module} not fetched: {why}", err=True)
     for module, why in plan.stranded:
-        click.echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
+        echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
                    "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
     _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if result.failed:
@@ -368,10 +399,10 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
     comparisons.sort(key=lambda item: (len(item[0]), item[1].created_at))
     for diffs, record in comparisons[:3]:
         config_text = " ".join(f"{k}={v}" for k, v in sorted(record.export_config.items()))
-        click.echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} {record.task} "
-                   f"target={record.effective_target or '?'} {config_text}")
+        echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} "
+             f"{record.task} target={record.effective_target or '?'} {config_text}")
         for diff in diffs:
-            click.echo(f"    {diff}")
+            echo(f"    {diff}")
 
 
 @cli.command(name="stats")
@@ -447,8 +478,9 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
         return
     for record in records:
         config = " ".join(f"{key}={value}" for key, value in sorted(record.export_config.items()))
-        click.echo(f"neuronxcc-{record.compiler_version}  {record.task}  target={record.effective_target or '?'}  {config}")
-        click.echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  created: {record.created_at}")
+        echo(f"neuronxcc-{record.compiler_version}  {record.task}  target={record.effective_target or '?'}  {config}")
+        echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  "
+             f"created: {record.created_at}")
 
 
 @cli.command(name="ls")
@@ -506,6 +538,7 @@ def _target_option(value: str | None) -> str | None:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(terminal_safe(cell) for cell in row) for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -530,12 +563,12 @@ def status(cache_dir: str | None, as_json: bool) -> None:
             "sdk": sdk, "bucket": str(resolve_bucket(None)),
         }))
         return
-    click.echo(f"cache dir: {root.path or root.url} ({root.source})")
+    echo(f"cache dir: {root.path or root.url} ({root.source})")
     if root.disabled_reason:
-        click.echo(f"bucket sync: off ({root.disabled_reason})")
-    click.echo(f"bucket: {resolve_bucket(None)}")
+        echo(f"bucket sync: off ({root.disabled_reason})")
+    echo(f"bucket: {resolve_bucket(None)}")
     for line in format_sdk_summary(sdk, str(root.path) if root.path else None):
-        click.echo(line)
+        echo(line)
     if not versions:
         click.echo("no entries")
         return
@@ -561,9 +594,9 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
     root = _root(cache_dir)
     plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep)
     for message in plan.refused:
-        click.echo(f"warning: {message}", err=True)
+        echo(f"warning: {message}", err=True)
     for removal in plan.removals:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
+        echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
     freed = plan.bytes if dry_run else execute_cleanup(plan)
     click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {len(plan.removals)} removals" if plan.removals else "nothing to clean up")
     if plan.refused:
@@ -674,7 +707,7 @@ def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compil
 
     result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        echo(f"warning: {warning}", err=True)
     click.echo(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
 
 
@@ -703,7 +736,7 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
                           "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
         return
     for lease in removed:
-        click.echo(f"swept {lease.compiler_version}/{lease.module}")
+        echo(f"swept {lease.compiler_version}/{lease.module}")
     if not found:
         click.echo(f"{client.bucket} holds no compile leases")
         return
@@ -772,7 +805,7 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
     out.info(f"imported {len(result.imported)} entries ({size(result.bytes_copied)} copied by Xet hash, "
              f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
     for name, why in result.failed:
-        click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
+        echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
     if result.failed:
         sys.exit(1)
 
