@@ -238,3 +238,19 @@ def test_an_upstream_named_twice_is_asked_once(tmp_path, hub, version, monkeypat
     records = lookup_cache("meta-llama/Llama-3.1-8B", compiler_version=version, bucket=bucket)
     assert [r.export_config["batch_size"] for r in records] == [4]
     assert hub.requests.count("GET", r"^/api/models/[^/]+/[^/]+(/revision/[^/]+)?$") == 1  # one repo info
+
+
+def test_the_shim_reads_through_an_entry_stored_in_lfs_not_xet(tmp_path, hub, hub_bucket, version, shim_log, monkeypatch):
+    """A Git cache repo whose NEFFs sit in LFS outside Xet (older uploads): read through, checked by LFS sha256."""
+    graph = make_graphs(1, seed="lfs-graph")[0]
+    compile_graph(tmp_path / "origin", version, graph)
+    path = entry_path(tmp_path / "origin", version, graph)
+    hub.create_model_repo(REPO, {f"{version_dir_name(version)}/{path.name}/{item.name}":
+                                 {"lfs": item.read_bytes()} if item.name == "model.neff" else item.read_bytes()
+                                 for item in sorted(path.iterdir())})
+    use(hub_bucket, tmp_path / "B", monkeypatch)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    result = jit_compile(tmp_path / "B", version, graph)
+    assert compiles(shim_log) == []
+    assert (result.path / "model.neff").read_bytes() == (path / "model.neff").read_bytes()
+    assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{path.name}/model.done"])
