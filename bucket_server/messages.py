@@ -48,8 +48,11 @@ class MessageError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- field checks
 def _short(value: Any) -> str:
-    """A value as an error names it: its repr, cut short (a hostile path may be long)."""
-    text = repr(value)
+    """A value as an error names it: its repr, cut short (a hostile path may be long, a hostile value deep)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deeply, or an int too long to print
+        return f"<a {type(value).__name__} that cannot be shown>"
     return text if len(text) <= 120 else text[:117] + "..."
 
 

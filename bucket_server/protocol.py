@@ -74,10 +74,21 @@ def read_frame(sock: socket.socket) -> dict[str, Any] | None:
     payload = _recv_exact(sock, size) if size else b""
     if payload is None:
         raise FrameError("peer hung up in the middle of a frame")
+    return decode_payload(payload)
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """A frame's payload as its message; FrameError for anything that is not one JSON object this process
+    can read (a hostile peer's nesting deeper than the decoder's recursion bound, an integer over Python's
+    digit limit), never another exception."""
     try:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"frame is not UTF-8 JSON: {exc}") from None
+    except ValueError:  # int("1" * 5000): over sys.get_int_max_str_digits()
+        raise FrameError("frame holds an integer with more digits than Python reads (4,300 by default)") from None
+    except RecursionError:
+        raise FrameError("frame nests JSON arrays or objects too deeply") from None
     if not isinstance(message, dict):
         raise FrameError("frame is not a JSON object")
     return message

@@ -45,6 +45,13 @@ SERVER_VERSION = "0.1.0"
 _HAS_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
+def _plain_id(value: Any) -> bool:
+    """Whether a request's id is one the reply can echo: none, an integer or a short string (never a nested value)."""
+    if isinstance(value, str):
+        return len(value) <= 256
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _progress_emitter(conn: socket.socket, request_id: Any, write_lock: threading.Lock) -> Callable[[int, int], None]:
     """Progress frames for a request that asked for them: {"id", "progress": {"done", "total"}}, at most
     ten a second (plus the last one), written under the connection's lock (backends report from threads)."""
@@ -454,6 +461,11 @@ class BucketServer:
         except (KeyError, TypeError, ValueError) as exc:
             log.info("%s bad request: %r", op, exc)
             return {"id": request_id, "ok": False, "error": {"code": ErrorCode.BAD_REQUEST.value, "message": f"bad arguments for {op}: {exc!r}", "retryable": False}}
+        except RecursionError:  # args nested just under the decoder's bound, then too deep for a repr or a walk
+            log.info("%s bad request: arguments nested too deeply", op)
+            return {"id": request_id, "ok": False, "error": {
+                "code": ErrorCode.BAD_REQUEST.value, "message": f"bad arguments for {op}: nested too deeply",
+                "retryable": False}}
         except Exception as exc:
             log.error("%s crashed: %s", op, traceback.format_exc())
             return {"id": request_id, "ok": False, "error": {"code": ErrorCode.INTERNAL.value, "message": f"{op}: {type(exc).__name__}: {exc}", "retryable": False}}
@@ -480,6 +492,12 @@ class BucketServer:
                     return
                 if request is None:
                     return
+                if not _plain_id(request.get("id")):  # echoed in every frame of the reply: it must encode back
+                    with write_lock:
+                        write_frame(conn, {"id": None, "ok": False, "error": {
+                            "code": ErrorCode.BAD_REQUEST.value, "message": "a request's id is a number or a string",
+                            "retryable": False}})
+                    continue
                 if request.get("progress"):
                     request["_emit"] = _progress_emitter(conn, request.get("id"), write_lock)
                 request["_stages"] = stages

@@ -38,7 +38,10 @@ commit sha, percent-encoded as huggingface_hub sends it)::
     GET    /api/models/{id}/xet-read-token/{rev}   as for buckets
     HEAD   /{ns}/{name}/resolve/{rev}/{path}       X-Repo-Commit, ETag; a Xet-backed file adds X-Xet-Hash,
                                                    X-Linked-Size and Link rel="xet-auth" (content only through Xet);
-                                                   a regular file's GET serves its bytes
+                                                   a regular file's GET serves its bytes; an LFS file (not Xet)
+                                                   answers 302 to /lfs-cdn/{sha256} with X-Linked-Size and
+                                                   X-Linked-Etag (its sha256), as the Hub sends it to its LFS CDN
+    GET    /lfs-cdn/{sha256}                       an LFS file's bytes (no token: the Hub's CDN URLs are signed)
     batch copyFile with sourceRepoType "model"     copies a Xet-backed file of the repo (any revision) by hash
 
 Xet CAS endpoints in HTTP mode, relative to ``cas_url`` (Xet spec, hub-docs ``docs/xet/api.md``; the first group
@@ -319,7 +322,8 @@ class _Bucket:
 @dataclass
 class _ModelRepo:
     """A model repo: branches -> commit sha, commit sha -> its files (path -> {size, oid, xetHash?, sha256?,
-    content?}). A file with `content` (hex) is a regular Git file; one with `xetHash` is Xet-backed."""
+    content?, lfs?}). A file with `content` (hex) is a regular Git file, or with `lfs` an LFS file (its `oid`
+    the Git blob id of its LFS pointer, its `sha256` that of its bytes); one with `xetHash` is Xet-backed."""
 
     id: str
     private: bool
@@ -350,12 +354,17 @@ def _git_blob_oid(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer a repo's Git tree holds for an LFS file (git-lfs spec v1)."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
 def _repo_file_item(path: str, f: dict[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {"type": "file", "oid": f["oid"], "size": f["size"], "path": path}
     if f.get("xetHash"):
         item["xetHash"] = f["xetHash"]
-        if f.get("sha256"):
-            item["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}
+    if f.get("sha256") and (f.get("xetHash") or f.get("lfs")):
+        item["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": len(_lfs_pointer(f["sha256"], f["size"]))}
     return item
 
 
@@ -503,15 +512,21 @@ class HubEmulator:
     def create_model_repo(self, repo_id: str, files: dict[str, bytes | dict[str, Any]], *, private: bool = False,
                           branch: str = "main") -> str:
         """Commit `files` as the whole content of `branch` of model repo `repo_id` (made if missing); returns
-        the commit sha. A value is the bytes of a regular Git file, or ``{"xetHash", "size"}`` of a Xet-backed
-        file whose bytes the Xet store already holds (e.g. ``emulator.bucket_file(bucket, path)`` after an upload
-        to a bucket: the Hub dedups by hash the same way)."""
+        the commit sha. A value is the bytes of a regular Git file, ``{"lfs": bytes}`` of an LFS file stored
+        outside Xet (listed with its LFS sha256, its Git oid that of its pointer), or ``{"xetHash", "size"}`` of a
+        Xet-backed file whose bytes the Xet store already holds (e.g. ``emulator.bucket_file(bucket, path)`` after
+        an upload to a bucket: the Hub dedups by hash the same way)."""
         import hashlib
 
         stored: dict[str, dict[str, Any]] = {}
         for path, value in files.items():
             if isinstance(value, (bytes, bytearray)):
                 stored[path] = {"size": len(value), "oid": _git_blob_oid(bytes(value)), "content": bytes(value).hex()}
+            elif "lfs" in value:
+                data = bytes(value["lfs"])
+                sha256 = hashlib.sha256(data).hexdigest()
+                stored[path] = {"size": len(data), "oid": _git_blob_oid(_lfs_pointer(sha256, len(data))),
+                                "sha256": sha256, "lfs": True, "content": data.hex()}
             else:
                 pointer = f"xet {value['xetHash']} {value['size']}".encode()
                 stored[path] = {"size": int(value["size"]), "oid": _git_blob_oid(pointer),
@@ -796,6 +811,16 @@ class HubEmulator:
                 raise HttpError(404, f"Entry {path} not found in {repo_id}", error_code="EntryNotFound")
             return sha, dict(f)
 
+    def lfs_object(self, sha256: str) -> bytes:
+        """The bytes of an LFS file (not Xet) of any model repo, by sha256 (the Hub's LFS CDN)."""
+        with self._lock:
+            for repo in self._models.values():
+                for files in repo.commits.values():
+                    for f in files.values():
+                        if f.get("lfs") and f.get("sha256") == sha256:
+                            return bytes.fromhex(f["content"])
+        raise HttpError(404, f"LFS object {sha256} not found")
+
     def op_batch(self, caller, bucket_id: str, raw: bytes) -> tuple[int, dict]:
         try:
             ops = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
@@ -1038,6 +1063,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"type": "user", "name": caller.user, "orgs": [{"name": o} for o in caller.orgs]})
             return
 
+        if path.startswith("/lfs-cdn/") and method in ("GET", "HEAD"):
+            data = emu.lfs_object(path[len("/lfs-cdn/"):])
+            self._send(200, data, {"Content-Type": "application/octet-stream"}, head=head)
+            return
+
         if path.startswith("/api/models/") or (_MODEL_RESOLVE_ROUTE.match(path) and not path.startswith(("/api/", "/buckets/"))):
             self._route_model(caller, method, path, query, body, head)
             return
@@ -1133,6 +1163,12 @@ class _Handler(BaseHTTPRequestHandler):
                     "Content-Length": "0",
                 })
                 self._send(200, b"", headers, head=head)
+                return
+            if f.get("lfs"):
+                headers.update({"ETag": f'"{f["sha256"]}"', "X-Linked-Etag": f'"{f["sha256"]}"',
+                                "X-Linked-Size": str(f["size"]),
+                                "Location": f"{self._endpoint()}/lfs-cdn/{f['sha256']}"})
+                self._send(302, b"", headers, head=head)
                 return
             self._send(200, bytes.fromhex(f["content"]), headers, head=head)
             return

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -51,6 +52,33 @@ from .upstreams import configured_upstreams, parse_upstream, save_upstreams, set
 log = logging.getLogger("optimum_neuron_cache")
 
 
+#: What a terminal acts on rather than shows: C0 controls (ESC starts its escape sequences), DEL, C1 controls
+#: (0x9b is a one-byte CSI), and the bidirectional overrides that reorder what is shown.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: Any) -> str:
+    """Text for a terminal, with every control character shown as an escape (`\\x1b`): anything read from a
+    bucket, a repo or the local state folder goes through this before it is printed (JSON output is ASCII)."""
+    return _TERMINAL_CONTROLS.sub(lambda found: "\\x%02x" % ord(found[0]) if ord(found[0]) < 0x100
+                                  else "\\u%04x" % ord(found[0]), str(text))
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    """Log lines on the terminal escaped as `terminal_safe` does: a message is one line, a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(terminal_safe(line) for line in super().formatException(ei).split("\n"))
+
+
+def echo(message: Any, err: bool = False) -> None:
+    """One line on stdout (or stderr) with its control characters escaped: the print of bucket-derived text."""
+    click.echo(terminal_safe(message), err=err)
+
+
 def size(count: int) -> str:
     """A byte count for people (kB, MB, GB: powers of 1000)."""
     return tqdm.format_sizeof(count, suffix="B", divisor=1000)
@@ -84,7 +112,7 @@ class Output:
     def info(self, message: str) -> None:
         """A result line on stdout, unless --quiet."""
         if not self.quiet:
-            click.echo(message)
+            echo(message)
 
 
 def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -116,17 +144,17 @@ class CacheGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException as exc:  # click's own (usage, bad parameter): the same style as ours
             hint = f" (see `{exc.ctx.command_path} --help`)" if isinstance(exc, click.UsageError) and exc.ctx else ""
-            click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+            echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
             ctx.exit(exc.exit_code)
         except NeuronCacheError as exc:
             if ctx.find_object(Output) and ctx.find_object(Output).debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", err=True)
             ctx.exit(2 if isinstance(exc, ConfigurationError) else 1)
         except OSError as exc:  # the disk said no (permissions, a full disk...): one line, not a traceback
             if exc.errno == errno.EPIPE or (ctx.find_object(Output) and ctx.find_object(Output).debug):
                 raise  # a reader that stopped reading (`| head`): click exits without a word
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing partial was left in the cache", err=True)
@@ -186,7 +214,10 @@ task_option = click.option("--task", "-t", default=None, help="The task (default
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Share AWS Neuron compile artifacts through Hugging Face Storage Buckets."""
+    fresh = not logging.getLogger().handlers
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if fresh:  # the handler basicConfig made (not one a host program or pytest installed)
+        logging.getLogger().handlers[0].setFormatter(_TerminalSafeFormatter("%(levelname)s %(message)s"))
     ctx.obj = Output(quiet, debug)
 
 
@@ -293,9 +324,9 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     if line := heal_line(result.healed, version):
         out.info(line)
     for module, why in result.failed:
-        click.echo(f"warning: {module} not fetched: {why}", err=True)
+        echo(f"warning: {module} not fetched: {why}", err=True)
     for module, why in plan.stranded:
-        click.echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
+        echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
                    "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
     _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if result.failed:
@@ -384,12 +415,7 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
         version = resolve_compiler_version(compiler_version)
     except ConfigurationError:
         version = None  # no SDK here: compare everything else, across every version in the bucket
-    try:
-        config = json.loads(config_json) if config_json else {}
-    except ValueError as exc:
-        raise click.BadParameter(f"--config is not JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise click.BadParameter("--config must be a JSON object")
+    config = _json_object(click.get_current_context(), None, config_json, "--config") or {}
     stated = {"batch_size": batch_size, "sequence_length": sequence_length,
               "tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
     here_target = _target_option(target) or (found.target if (found := compile_target(None, config)) else None)
@@ -414,10 +440,10 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
     comparisons.sort(key=lambda item: (len(item[0]), item[1].created_at))
     for diffs, record in comparisons[:3]:
         config_text = " ".join(f"{k}={v}" for k, v in sorted(record.export_config.items()))
-        click.echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} {record.task} "
-                   f"target={record.effective_target or '?'} {config_text}")
+        echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} "
+             f"{record.task} target={record.effective_target or '?'} {config_text}")
         for diff in diffs:
-            click.echo(f"    {diff}")
+            echo(f"    {diff}")
 
 
 @cli.command(name="stats")
@@ -493,8 +519,9 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
         return
     for record in records:
         config = " ".join(f"{key}={value}" for key, value in sorted(record.export_config.items()))
-        click.echo(f"neuronxcc-{record.compiler_version}  {record.task}  target={record.effective_target or '?'}  {config}")
-        click.echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  created: {record.created_at}")
+        echo(f"neuronxcc-{record.compiler_version}  {record.task}  target={record.effective_target or '?'}  {config}")
+        echo(f"    flags: {' '.join(record.compile_flags) or '(none)'}  modules: {len(record.modules)}  "
+             f"created: {record.created_at}")
 
 
 @cli.command(name="ls")
@@ -552,6 +579,7 @@ def _target_option(value: str | None) -> str | None:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(terminal_safe(cell) for cell in row) for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -584,14 +612,14 @@ def status(cache_dir: str | None, as_json: bool) -> None:
         }))
         return
     for name, value, source in configuration:
-        click.echo(f"{name}: {value}" + (f" ({source})" if source else ""))
+        echo(f"{name}: {value}" + (f" ({source})" if source else ""))
     if root.disabled_reason:
-        click.echo(f"bucket sync: off ({root.disabled_reason})")
+        echo(f"bucket sync: off ({root.disabled_reason})")
     for line in format_sdk_summary(sdk, str(root.path) if root.path else None):
-        click.echo(line)
+        echo(line)
     if looked_up:
-        click.echo(f"hit rate: {hit_rate:.0%} ({total.hits} hits, {total.misses} misses on this host; "
-                   "`neuron-cache stats` for the rest)")
+        echo(f"hit rate: {hit_rate:.0%} ({total.hits} hits, {total.misses} misses on this host; "
+             "`neuron-cache stats` for the rest)")
     if not versions:
         click.echo("no entries")
         return
@@ -642,9 +670,9 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
     plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep,
                         compilers=running_compilers() if locks else [])
     for message in plan.refused:
-        click.echo(f"warning: {message}", err=True)
+        echo(f"warning: {message}", err=True)
     for removal in plan.removals:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
+        echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
     freed = plan.bytes if dry_run else execute_cleanup(plan)
     click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {plural(len(plan.removals), 'removal', 'removals')}" if plan.removals else "nothing to clean up")
     if plan.refused and not dry_run:  # a preview that shows what it would leave alone has done what was asked
@@ -654,16 +682,45 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
 # ------------------------------------------------------------------------- parallel compile, shim
 
 
-def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    if value is None:
+#: An export config nests a few levels; anything deeper is a mistake or an attack (and would break the code after).
+MAX_JSON_DEPTH = 32
+
+
+def _json_object(ctx: click.Context, param: click.Parameter | None, value: str | None,
+                 hint: str | None = None) -> dict[str, Any] | None:
+    """A JSON object option (--config, --export-config), parsed once here: anything else is one usage line."""
+    if value is None or value == "":
         return None
     try:
         parsed = json.loads(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}") from None
+    except RecursionError:
+        parsed = None  # nested past the decoder's bound: said below as too deep
+        depth = MAX_JSON_DEPTH + 1
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param=param, param_hint=hint) from None
+    except ValueError:  # int("9" * 5000): over Python's limit of integer digits
+        raise click.BadParameter("holds an integer of more than 4,300 digits: no export config field is that large",
+                                 param=param, param_hint=hint) from None
+    else:
+        depth = _json_depth(parsed)
+    if depth > MAX_JSON_DEPTH:
+        raise click.BadParameter(f"nests arrays or objects deeper than {MAX_JSON_DEPTH} levels; pass the export "
+                                 "config as a flat object, e.g. '{\"batch_size\": 1}'", param=param, param_hint=hint)
     if not isinstance(parsed, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"batch_size\": 1}'")
+        raise click.BadParameter("must be a JSON object, e.g. '{\"batch_size\": 1}'", param=param, param_hint=hint)
     return parsed
+
+
+def _json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @cli.group(name="parallel-compile")
@@ -726,7 +783,7 @@ def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compil
 
     result = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        echo(f"warning: {warning}", err=True)
     click.echo(f"filled {len(result.filled)} of {len(result.todo)} todo entries from the flat area")
 
 
@@ -755,7 +812,7 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
                           "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
         return
     for lease in removed:
-        click.echo(f"swept {lease.compiler_version}/{lease.module}")
+        echo(f"swept {lease.compiler_version}/{lease.module}")
     if not found:
         click.echo(f"{client.bucket} holds no compile leases")
         return
@@ -824,7 +881,7 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
     out.info(f"imported {plural(len(result.imported), 'entry', 'entries')} ({size(result.bytes_copied)} copied by Xet hash, "
              f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
     for name, why in result.failed:
-        click.echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
+        echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
     if result.failed:
         sys.exit(1)
 

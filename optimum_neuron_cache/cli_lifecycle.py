@@ -70,7 +70,7 @@ def _plan_dict(plan: PrunePlan) -> dict[str, Any]:
 
 def register(cli: click.Group) -> None:
     """Add the commands to the `neuron-cache` group."""
-    from .cli import Output, _bucket, _json, _table, bucket_option, plural, size, version_option
+    from .cli import Output, _bucket, _json, _table, bucket_option, echo, plural, size, version_option
 
     @cli.command()
     @bucket_option
@@ -157,7 +157,7 @@ def register(cli: click.Group) -> None:
                               "repaired": report.repaired}))
         else:
             for finding in report.findings:
-                click.echo(f"{finding.problem.value:15} {finding.path}: {finding.detail}")
+                echo(f"{finding.problem.value:15} {finding.path}: {finding.detail}")
             checked = f"checked {report.entries} entries ({report.files} files) and {report.records} export records in {ref}"
             if read:
                 checked += f"; read back {report.read_files} files ({size(report.read_bytes)})"

@@ -88,6 +88,11 @@ def read_token(environ: Mapping[str, str] | None = None) -> str | None:
     return token or None
 
 
+def _count(value: Any) -> int | None:
+    """A progress figure of a reply: a whole number of bytes (a float, a bool, text or a huge number is None)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
+
+
 class _Connection:
     """One socket to the server; requests on it are serialized by a lock."""
 
@@ -249,7 +254,9 @@ class _Connection:
                 raise FrameError("reply does not match the request")
             if "ok" not in reply:  # a heartbeat or a progress frame: the request is still running
                 if progress is not None and isinstance(reply.get("progress"), dict):
-                    progress(int(reply["progress"].get("done", 0)), int(reply["progress"].get("total", 0)))
+                    done, total = (_count(reply["progress"].get(name)) for name in ("done", "total"))
+                    if done is not None and total is not None:  # a figure that is no count is left out
+                        progress(done, total)
                 continue
             return reply
 
@@ -397,8 +404,9 @@ def result_of(op: str, reply: dict[str, Any], where: str) -> Any:
         raise _ERRORS.get(code, ServerError)(text)
     try:
         result = parse_result(op, reply.get("result"))
-    except MessageError as exc:
-        raise RemoteInvalidDataError(f"{op} on {where}: the reply cannot be trusted: {exc}") from None
+    except (MessageError, RecursionError) as exc:
+        raise RemoteInvalidDataError(f"{op} on {where}: the reply cannot be trusted: "
+                                     f"{exc if isinstance(exc, MessageError) else 'nested too deeply'}") from None
     skipped = getattr(result, "skipped", ())
     if skipped:
         log.warning("optimum-neuron-cache: %s on %s: skipped %d listed item(s) that cannot be trusted, e.g. %s",

@@ -176,10 +176,17 @@ def _read_registry(repo: RepoClient, version: str, files: list[RemoteFile]) -> l
 
 
 def _record_ops(bucket: BucketClient, version: str, records: Iterable[ExportRecord]) -> list[ImportOp]:
+    """Model ids are case-insensitive on the Hub: one model folder per model, in the casing the bucket has
+    (else the first one the registry gives), so that `Meta-Llama/X` and `meta-llama/X` share one area."""
+    records = list(records)
+    casing: dict[str, str] = {}
+    if records:  # the bucket's casing wins (one listing of the version's model folders)
+        casing = {name.lower(): name for name in sorted(bucket.folders(layout.models_prefix(version)), reverse=True)}
     by_path: dict[str, ExportRecord] = {}
     for record in records:  # a registry entry and its aliases are one record
         folder = layout.hub_model_folder(record.model_id)
         if folder is not None:
+            folder = casing.setdefault(folder.lower(), folder)
             by_path.setdefault(layout.export_record_path(version, folder, record.task, record.record_id), record)
     present = _bucket_has(bucket, sorted(by_path))
     return [ImportOp(ImportAction.SKIP if path in present else ImportAction.RECORD, version, path,
@@ -191,7 +198,8 @@ def _record_ops(bucket: BucketClient, version: str, records: Iterable[ExportReco
 def plan_import(repo: RepoClient, bucket: BucketClient, *, versions: Iterable[str] | None = None) -> ImportPlan:
     """Read the repo (pinned to one commit) and the bucket; return what importing would do. Requests: one
     repo_info, one listing of the repo's root and one per compiler version folder, one download of the
-    registry entries, and one bucket paths-info each for the entries and the records."""
+    registry entries, one bucket listing of its model folders and one bucket paths-info each for the entries
+    and the records."""
     pinned = repo.pinned()
     wanted = set(versions) if versions is not None else None
     ops: list[ImportOp] = []

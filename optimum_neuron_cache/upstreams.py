@@ -55,6 +55,28 @@ def parse_upstream(spec: str) -> Upstream:
                                  f"(hf://buckets/ns/name) or a directory: {exc}") from None
 
 
+def same_source(upstream: Upstream) -> tuple[str, ...]:
+    """What tells two upstreams apart: a model repo's id regardless of case (the Hub resolves `Org/Name` and
+    `org/name` to one repo) and its revision, a Hub bucket's id, a directory's normalized path."""
+    if isinstance(upstream, RepoRef):
+        revision = upstream.revision
+        if len(revision) == 40 and revision.isalnum():  # a commit sha, in either case
+            revision = revision.lower()
+        return ("model", upstream.repo_id.lower(), revision)
+    return (upstream.kind, os.path.normpath(upstream.location) if upstream.kind == "dir" else upstream.location)
+
+
+def unique_upstreams(upstreams: Iterable[Upstream]) -> tuple[Upstream, ...]:
+    """The upstreams in order, each source once (its first spelling kept): a source named twice is asked once."""
+    seen: set[tuple[str, ...]] = set()
+    unique = []
+    for upstream in upstreams:
+        if same_source(upstream) not in seen:
+            seen.add(same_source(upstream))
+            unique.append(upstream)
+    return tuple(unique)
+
+
 def setting_path(environ: Mapping[str, str] | None = None) -> Path:
     """The file holding the saved upstreams (`neuron-cache set --upstream`), one per line."""
     return hf_home(environ) / SETTING_FILE_NAME
@@ -63,7 +85,7 @@ def setting_path(environ: Mapping[str, str] | None = None) -> Path:
 def save_upstreams(upstreams: Iterable[Upstream], environ: Mapping[str, str] | None = None) -> Path:
     """Save the upstreams (none: forget them), atomically."""
     path = setting_path(environ)
-    names = [str(upstream) for upstream in upstreams]
+    names = [str(upstream) for upstream in unique_upstreams(upstreams)]
     if not names:
         path.unlink(missing_ok=True)
         return path
@@ -73,14 +95,15 @@ def save_upstreams(upstreams: Iterable[Upstream], environ: Mapping[str, str] | N
 
 
 def configured_upstreams(environ: Mapping[str, str] | None = None) -> tuple[Upstream, ...]:
-    """NEURON_CACHE_UPSTREAM, else the saved setting, else none; a bad name raises ConfigurationError."""
+    """NEURON_CACHE_UPSTREAM, else the saved setting, else none, each source once; a bad name raises
+    ConfigurationError."""
     specs = settings.upstream(environ)
     if specs is None:
         try:
             specs = tuple(line.strip() for line in setting_path(environ).read_text(encoding="utf-8").splitlines() if line.strip())
         except (FileNotFoundError, NotADirectoryError):
             specs = ()
-    return tuple(parse_upstream(spec) for spec in specs)
+    return unique_upstreams(parse_upstream(spec) for spec in specs)
 
 
 def client_for(upstream: Upstream, environ: Mapping[str, str] | None = None) -> RepoClient | BucketClient:

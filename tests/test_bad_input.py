@@ -181,3 +181,24 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_the_body(tmp_path, version
         with hub_neuronx_cache("org/m", compiler_version=version, bucket=str(tmp_path / "b"), cache_dir=not_a_dir):
             ran.append(True)
     assert ran == [] and not_a_dir.read_text() == "a file"
+
+
+@pytest.mark.parametrize("option", ["explain", "export-config"])
+def test_deeply_nested_or_huge_json_options_are_one_usage_line(tmp_path, option):
+    """`explain --config` and `parallel-compile run --export-config` with JSON nested past the decoder's bound, nested
+    deeper than any export config, or holding a 5,000-digit integer: one usage line (exit 2), never a traceback."""
+    from click.testing import CliRunner
+
+    from optimum_neuron_cache.cli import cli
+
+    marker = tmp_path / "ran"
+    for value in ("[" * 100_000 + "]" * 100_000, '{"a": ' + "[" * 200 + "]" * 200 + "}",
+                  '{"batch_size": ' + "9" * 5000 + "}"):
+        args = (["explain", "org/m", "--config", value, "--bucket", str(tmp_path / "b")] if option == "explain" else
+                ["parallel-compile", "run", "--export-config", value, "--", "touch", str(marker)])
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
+        assert "4,300 digits" in result.output or "deeper than" in result.output
+    assert not marker.exists()

@@ -145,3 +145,21 @@ def test_the_emulator_serves_model_repos_to_the_real_huggingface_hub(tmp_path):
         path = hf_hub_download("team/cache", "a/b.txt", revision=second, token="owner", cache_dir=tmp_path / "hf",
                                endpoint=hub.endpoint)
         assert Path(path).read_bytes() == b"hello"
+
+
+def test_an_lfs_file_not_in_xet_is_verified_by_its_lfs_sha256(hub, tmp_path: Path):
+    """An LFS file outside Xet: the listing's Git oid is its pointer's, so only its LFS sha256 can check its bytes."""
+    import hashlib
+
+    path = "neuronxcc-2.21.33363.0+82129205/MODULE_1+ab/model.neff"
+    hub.create_model_repo("aws-neuron/optimum-neuron-cache", {path: {"lfs": NEFF}})
+    client = RepoClient(RepoRef("aws-neuron/optimum-neuron-cache"))
+    [item] = client.paths_info([path])
+    assert item["xet_hash"] is None and item["size"] == len(NEFF)
+    assert item["digest"] == f"sha256:{hashlib.sha256(NEFF).hexdigest()}"
+    reply = client.download([{**item, "local_path": str(tmp_path / "model.neff")},
+                             {"path": path, "local_path": str(tmp_path / "looked-up.neff")}])  # the server looks it up
+    assert reply["failed"] == []
+    assert (tmp_path / "model.neff").read_bytes() == NEFF == (tmp_path / "looked-up.neff").read_bytes()
+    lying = client.download([{**item, "digest": "sha256:" + "1" * 64, "local_path": str(tmp_path / "lying.neff")}])
+    assert [failure["path"] for failure in lying["failed"]] == [path] and not (tmp_path / "lying.neff").exists()

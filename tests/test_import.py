@@ -139,3 +139,46 @@ def test_cli_import_dry_run_and_run(hub, cache_repo, tmp_path: Path):
     assert bad.exit_code == 2 and "is not `org/name`" in bad.output
     missing = runner.invoke(cli, ["import", "nobody/nothing", "--bucket", str(bucket_dir)])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_an_entry_stored_in_lfs_not_xet_is_imported(hub, tmp_path: Path):
+    """Older repo files sit in LFS outside Xet: streamed, verified by their LFS sha256 (not the pointer's blob id)."""
+    neff = b"\x02NEFF" + bytes(range(256)) * 40
+    hub.create_model_repo(REPO, {f"{V}/MODULE_7+ab/model.neff": {"lfs": neff}, f"{V}/MODULE_7+ab/model.done": b""})
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    repo, bucket = RepoClient(RepoRef(REPO)), BucketClient(ref)
+    plan = plan_import(repo, bucket)
+    assert [(op.action, op.name) for op in plan.entries] == [(ImportAction.STREAM, "MODULE_7+ab")]
+    result = execute_import(plan, repo, bucket)
+    assert result.imported == [f"{V}/MODULE_7+ab"] and not result.failed
+    assert (tmp_path / "bucket" / V / "MODULE_7+ab" / "model.neff").read_bytes() == neff
+    assert not plan_import(repo, bucket).entries
+
+
+def _registry(model_id: str, batch_size: int) -> tuple[str, bytes]:
+    entry = {**ENTRY, "_model_id": model_id, "neuron": {**ENTRY["neuron"], "batch_size": batch_size}}
+    return f"{V}/0_REGISTRY/0.4.1/llama/{model_id}/{batch_size:020d}.json", json.dumps(entry).encode()
+
+
+def test_registry_entries_of_one_model_in_two_casings_share_one_model_folder(hub, tmp_path: Path):
+    """Hub model ids are case-insensitive: `Meta-Llama/X` and `meta-llama/X` are one model, one folder in the
+    bucket (the bucket's casing wins; within one import, the first seen), and lookup finds all in either casing."""
+    models = f"{V}/models"
+    earlier = hub.create_model_repo(REPO, dict([_registry("meta-llama/Llama-3.1-8B", 4)]))
+    hub.create_model_repo(REPO, dict([_registry("Meta-Llama/Llama-3.1-8B", 8), _registry("meta-llama/Llama-3.1-8B", 4),
+                                      _registry("META-LLAMA/llama-3.1-8b", 16)]))
+    fresh, used = BucketRef("dir", str(tmp_path / "fresh")), BucketRef("dir", str(tmp_path / "used"))
+    for ref in (fresh, used):
+        BucketClient(ref).create()
+    execute_import(plan_import(RepoClient(RepoRef(REPO, earlier)), BucketClient(used)), RepoClient(RepoRef(REPO)),
+                   BucketClient(used))
+    assert BucketClient(used).folders(models) == ["meta-llama--Llama-3.1-8B"]
+    for ref, folder in ((fresh, "META-LLAMA--llama-3.1-8b"), (used, "meta-llama--Llama-3.1-8B")):
+        repo, bucket = RepoClient(RepoRef(REPO)), BucketClient(ref)
+        execute_import(plan_import(repo, bucket), repo, bucket)
+        assert bucket.folders(models) == [folder]
+        for model_id in ("Meta-Llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B", "META-LLAMA/llama-3.1-8b"):
+            clear_lookup_cache()
+            found = lookup_cache(model_id, "text-generation", compiler_version=VERSION, bucket=ref)
+            assert sorted(r.export_config["batch_size"] for r in found) == [4, 8, 16], (ref, model_id)

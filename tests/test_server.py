@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -344,3 +345,55 @@ def test_an_abandoned_download_leaves_nothing_of_its_own_and_never_touches_the_s
     (dead / "record-0.json").write_bytes(b"x")
     _remove_uncollected(DownloadRequest((DownloadFile("p", str(dead / "record-0.json")),)))
     assert not dead.exists() and shared.is_dir()
+
+
+def test_frames_nested_too_deeply_or_with_huge_integers_get_bad_request(tmp_path):
+    """A frame the JSON decoder cannot read (nesting past its bound, an integer over Python's 4,300-digit limit) or
+    whose id cannot be echoed gets a bad_request reply, never a crash; the server serves the next client."""
+    client = _dir_client(tmp_path)
+    pid = client.server_status()["pid"]
+    path = server_address().socket_path
+    deep = b'{"id": 1, "op": "status", "args": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    huge = b'{"id": 1, "op": "list", "args": {"prefix": "", "recursive": ' + b"9" * 5000 + b"}}"
+    for payload in (deep, huge):
+        sock = _raw(path)
+        sock.sendall(struct.pack(">I", len(payload)) + payload)
+        reply = read_frame(sock)
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
+        sock.close()
+    sock = _raw(path)
+    nested_id = b'{"id": ' + b"[" * 900 + b"]" * 900 + b', "op": "status", "args": {}}'
+    sock.sendall(struct.pack(">I", len(nested_id)) + nested_id)
+    assert read_frame(sock)["error"]["code"] == "bad_request"
+    write_frame(sock, {"id": 2, "op": "status", "args": {}})  # the stream is still in step
+    assert read_frame(sock)["result"]["pid"] == pid
+    sock.close()
+    assert client.server_status()["pid"] == pid
+    log = server_address().log_path.read_text()
+    assert "crashed" not in log and "Traceback" not in log
+
+
+def test_the_client_reads_a_hostile_reply_as_one_error(tmp_path):
+    """The client decodes a reply the same way: a frame nested too deeply or with a huge integer is a FrameError
+    (then one ServerError line), never a RecursionError or ValueError from deep in the decoder."""
+    from bucket_server.protocol import FrameError
+
+    left, right = socket.socketpair()
+    with left, right:
+        for payload in (b"[" * 100_000 + b"]" * 100_000, b'{"id": ' + b"7" * 5000 + b"}"):
+            right.sendall(struct.pack(">I", len(payload)) + payload)
+            with pytest.raises(FrameError):
+                read_frame(left)
+        # Progress figures that are no counts (1e999 reads as inf, text, a bool) are left out, never raised.
+        from optimum_neuron_cache.client import _Connection
+
+        connection = _Connection(server_address(), dict(os.environ))
+        connection.sock = left
+        for figures in ({"done": 1e999, "total": 5}, {"done": "x", "total": 5}, {"done": True, "total": [1]}):
+            right.sendall(struct.pack(">I", len(body := json.dumps({"id": 3, "progress": figures}).encode())) + body)
+        right.sendall(struct.pack(">I", len(body := b'{"id": 3, "progress": {"done": 1, "total": 5}}')) + body)
+        write_frame(right, {"id": 3, "ok": True, "result": {}})
+        seen = []
+        assert connection._await(3, lambda done, total: seen.append((done, total)))["ok"] is True
+        assert seen == [(1, 5)]
+        connection.sock = None

@@ -207,3 +207,50 @@ def test_a_run_fetches_a_model_from_an_upstream_bucket_and_publishes_it_home(tmp
                            cache_dir=tmp_path / "C") as again:
         pass
     assert len(again.fetched) == 2  # at home now
+
+
+def test_an_upstream_named_twice_is_asked_once(tmp_path, hub, version, monkeypatch):
+    """The same source in several spellings (a prefix, the repo id's casing, a directory's path) is one upstream:
+    read once, its records listed once."""
+    import json
+
+    from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
+
+    entry = {"_entry_class": "SingleModelCacheEntry", "_model_id": "meta-llama/Llama-3.1-8B",
+             "_task": "text-generation", "model_type": "llama",
+             "neuron": {"batch_size": 4, "sequence_length": 4096, "tp_degree": 8}}
+    hub.create_model_repo(REPO, {f"{version_dir_name(version)}/0_REGISTRY/0.4.1/llama/meta-llama/Llama-3.1-8B/"
+                                 "0123456789abcdef0123.json": json.dumps(entry).encode()})
+    team = tmp_path / "team-bucket"
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"{REPO} hf://models/{REPO} {REPO.upper()} {team} "
+                                                f"{team}/../team-bucket {REPO}@v2 hf://buckets/team/cache")
+    assert configured_upstreams() == (RepoRef(REPO), BucketRef("dir", str(team)), RepoRef(REPO, "v2"),
+                                      BucketRef("hf", "team/cache"))
+    save_upstreams([RepoRef(REPO), RepoRef(REPO.upper()), BucketRef("hf", "team/cache")])
+    monkeypatch.delenv("NEURON_CACHE_UPSTREAM")
+    assert configured_upstreams() == (RepoRef(REPO), BucketRef("hf", "team/cache"))
+
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", f"{REPO} hf://models/{REPO} {REPO.upper()}")
+    bucket = BucketRef("dir", str(tmp_path / "b"))
+    BucketClient(bucket).create()
+    clear_lookup_cache()
+    hub.reset_counts()
+    records = lookup_cache("meta-llama/Llama-3.1-8B", compiler_version=version, bucket=bucket)
+    assert [r.export_config["batch_size"] for r in records] == [4]
+    assert hub.requests.count("GET", r"^/api/models/[^/]+/[^/]+(/revision/[^/]+)?$") == 1  # one repo info
+
+
+def test_the_shim_reads_through_an_entry_stored_in_lfs_not_xet(tmp_path, hub, hub_bucket, version, shim_log, monkeypatch):
+    """A Git cache repo whose NEFFs sit in LFS outside Xet (older uploads): read through, checked by LFS sha256."""
+    graph = make_graphs(1, seed="lfs-graph")[0]
+    compile_graph(tmp_path / "origin", version, graph)
+    path = entry_path(tmp_path / "origin", version, graph)
+    hub.create_model_repo(REPO, {f"{version_dir_name(version)}/{path.name}/{item.name}":
+                                 {"lfs": item.read_bytes()} if item.name == "model.neff" else item.read_bytes()
+                                 for item in sorted(path.iterdir())})
+    use(hub_bucket, tmp_path / "B", monkeypatch)
+    monkeypatch.setenv("NEURON_CACHE_UPSTREAM", REPO)
+    result = jit_compile(tmp_path / "B", version, graph)
+    assert compiles(shim_log) == []
+    assert (result.path / "model.neff").read_bytes() == (path / "model.neff").read_bytes()
+    assert BucketClient(hub_bucket).paths_info([f"{version_dir_name(version)}/{path.name}/model.done"])

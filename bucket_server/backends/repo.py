@@ -6,8 +6,8 @@ left out of a listing. Every Hub call runs within the server's retry policy (`hf
 timeouts `hf.configure_http` gives every request of this process.
 
 Downloads are verified like a bucket's: a Xet-backed file by its Xet hash (hf_xet, on the `Verifier`'s
-thread as it lands), a regular Git file by its Git blob id (and its LFS sha256 when it has one), and a file
-that does not match is deleted and reported, never handed over.
+thread as it lands), an LFS file stored outside Xet by its LFS sha256 (its Git blob id is its pointer's), a
+regular Git file by its Git blob id; a file that does not match is deleted and reported, never handed over.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..digests import Verifier
+from ..digests import Verifier, mismatches
 from ..messages import DownloadResult, RepoDownloadFile
 from ..protocol import ErrorCode
 from .base import BackendError, FileSizeWatcher, Progress, reject_mismatched, validate_remote_path
@@ -195,7 +195,8 @@ class RepoSource:
         return problems
 
     def _download_git(self, item: RepoDownloadFile) -> dict[str, str]:
-        """A regular Git file over HTTP, checked by size and Git blob id."""
+        """A file stored in Git or in LFS (not Xet) over HTTP, checked by size, then by its LFS sha256 (the
+        `sha256:` digest the listing gives an LFS file) or else its Git blob id."""
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -213,6 +214,8 @@ class RepoSource:
                     if written > limit:
                         return {local: f"is larger than the {limit} bytes the repo lists"}
                     out.write(piece)
+        if isinstance(item.digest, str) and item.digest.startswith("sha256:"):  # LFS: the blob id is the pointer's
+            return mismatches([(local, item.digest)], every_core=False)
         expected = item.blob_id
         if isinstance(expected, str) and git_blob_id(local) != expected:
             return {local: "content does not match its Git blob id"}
