@@ -199,6 +199,6 @@ def test_deeply_nested_or_huge_json_options_are_one_usage_line(tmp_path, option)
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
-        assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
+        assert result.output.strip().splitlines()[-1].startswith("error: Invalid value")
         assert "4,300 digits" in result.output or "deeper than" in result.output
     assert not marker.exists()
