@@ -140,9 +140,10 @@ def _entry_op(entry: RemoteEntry, reason: str) -> RemoveEntry:
 
 
 def _versions_dropped(survey: BucketSurvey, policy: PrunePolicy) -> dict[str, str]:
-    """Compiler version -> why it goes whole."""
+    """Compiler version -> why it goes whole. `keep_versions` counts only the versions in use (a folder that
+    holds a stray file is no compiler version: counted, it would push a real one out), and removes no other."""
     dropped: dict[str, str] = {}
-    ordered = survey.ordered_versions()
+    ordered = [version for version in survey.ordered_versions() if survey.versions[version].in_use]
     if policy.keep_versions is not None:
         kept = ordered[len(ordered) - policy.keep_versions:] if policy.keep_versions else []
         for version in ordered:

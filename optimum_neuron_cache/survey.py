@@ -114,6 +114,12 @@ class VersionSurvey:
         """The model areas (`<model folder>/<task>`) holding anything: entries or records."""
         return sorted({area for area, _ in self.entries if area} | {r.area for r in self.records})
 
+    @property
+    def in_use(self) -> bool:
+        """A compiler version a reader would use: it holds a complete entry or an export record. A folder with
+        only names the layout does not allow, or content that never got its commit file, is not one."""
+        return bool(self.records) or any(entry.complete for entry in self.entries.values())
+
     def complete_in(self, area: str) -> set[str]:
         """The modules of `area` a reader would install."""
         return {module for (where, module), entry in self.entries.items() if where == area and entry.complete}
