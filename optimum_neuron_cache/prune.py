@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RemoteUnavailableError
 from .survey import BucketSurvey, RemoteEntry, VersionSurvey
 
 #: A record whose entries are gone is removed only when it is older than this: a publisher writes its record
@@ -256,6 +256,10 @@ def plan_prune(survey: BucketSurvey, policy: PrunePolicy, *, now: float | None =
     leave no complete entry, unless `allow_all`."""
     if policy.needs_records and not all(v.records_read for v in survey.versions.values()):
         raise ValueError("this policy needs the survey's export records (survey_bucket(with_records=True))")
+    unread = [path for v in survey.versions.values() for path in v.unread_records]
+    if policy.needs_records and unread:  # what they name is unknown: an entry only they reference would go
+        raise RemoteUnavailableError(f"{len(unread)} export record(s) did not transfer (e.g. {unread[0]}); this prune "
+                                     "needs what they name: run it again")
     now = time.time() if now is None else now
     dropped = _versions_dropped(survey, policy)
     records: list[RemoveFile] = []

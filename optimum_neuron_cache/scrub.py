@@ -155,6 +155,10 @@ def _differs(a: ListedFile, b: ListedFile) -> bool:
 def _check_records(found: VersionSurvey, now: float) -> list[Finding]:
     findings = []
     for record in found.records:
+        if record.record is None and record.file.path in found.unread_records:
+            findings.append(Finding(Problem.UNREADABLE, record.file.path, "did not transfer (asked for twice): its "
+                                    "content is unknown; run `neuron-cache scrub` again"))
+            continue
         if record.record is None:
             findings.append(Finding(Problem.BAD_RECORD, record.file.path, "not a readable export record"))
             continue

@@ -22,8 +22,8 @@ from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_
 from tests.lifecycle_helpers import run, uri
 
 
-def publish(root: Path, ref: BucketRef, version: str, count: int = 3, seed: str = "scrub") -> list[str]:
-    with hub_neuronx_cache("org/s", task="text-generation", export_config={"batch_size": 1}, compiler_version=version,
+def publish(root: Path, ref: BucketRef, version: str, count: int = 3, seed: str = "scrub", model: str = "org/s") -> list[str]:
+    with hub_neuronx_cache(model, task="text-generation", export_config={"batch_size": 1}, compiler_version=version,
                            bucket=ref, cache_dir=root) as run_:
         for graph in make_graphs(count, seed=seed, neff_size=40_000):
             compile_graph(root, version, graph)
@@ -194,3 +194,29 @@ def test_a_file_that_does_not_transfer_is_retried_then_unreadable_and_never_repa
         pass
     assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == modules
     assert run("scrub", "--bucket", uri(ref), "--read").endswith("no problem\n")
+
+
+def test_an_export_record_that_does_not_transfer_is_unreadable_not_bad(tmp_path, http_hub, version, monkeypatch):
+    """The survey's records too: one that never came is reported unreadable (not a bad record), and a prune that
+    needs what records name refuses to plan without it (an entry only it references would go)."""
+    monkeypatch.setenv("NEURON_CACHE_XET_RETRY_DURATION", "1s")
+    monkeypatch.setenv("NEURON_CACHE_RETRY_BUDGET", "2")
+    ref = BucketRef("hf", "test-org/flaky-records")
+    client = BucketClient(ref)
+    client.create()
+    [module] = publish(tmp_path / "a", ref, version, count=1)
+    publish(tmp_path / "b", ref, version, count=1, seed="other", model="org/t")
+    area = f"neuronxcc-{version}/models/org--s/text-generation"
+    client.batch(delete=[item["path"] for item in client.list(f"{area}/{module}", recursive=True)])
+    before = {item["path"]: item for item in client.list("", recursive=True)}
+    record = next(path for path in before if path.startswith(f"{area}/exports/"))  # now the only one naming module
+    http_hub.add_fault("GET", rf"/reconstructions?/{before[record]['xet_hash']}", 500, times=None)
+
+    result = CliRunner().invoke(cli, ["prune", "--bucket", uri(ref), "--unreferenced-older-than", "0s", "--yes"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "did not transfer" in result.output
+    assert {item["path"]: item for item in client.list("", recursive=True)} == before  # the flat entry stays
+    result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(ref), "--json"])
+    assert result.exit_code == 1 and findings(result.output) == [("unreadable", record)]
+
+    http_hub.clear_faults()
+    assert "nothing to prune" in run("prune", "--bucket", uri(ref), "--unreferenced-older-than", "0s", "--yes")
