@@ -228,18 +228,20 @@ def _batches(files: list[tuple[RemoteEntry, ListedFile]], limit: int) -> Iterabl
         yield batch
 
 
-def _read_back(client: BucketClient, batch: list[tuple[RemoteEntry, ListedFile]], records: list[RecordFile]
-               ) -> tuple[dict[str, str], dict[str, str]]:
+def _read_back(client: BucketClient, batch: list[tuple[RemoteEntry, ListedFile]], records: list[RecordFile],
+               errors: list[RemoteUnavailableError]) -> tuple[dict[str, str], dict[str, str]]:
     """Download one batch into a temporary folder (and throw it away): (path -> why its bytes do not match,
-    path -> why it did not transfer). A download the bucket refuses whole leaves every file untransferred."""
+    path -> why it did not transfer). A download the bucket refuses whole leaves every file untransferred (its
+    error added to `errors`)."""
     hashes = {f.xet_hash for _, f in batch if f.xet_hash}
-    manifests = [r.file for r in records if hashes & set(r.record.digests)] if hashes else []  # type: ignore[union-attr]
+    manifests = [r.file for r in records if r.record is not None and hashes & set(r.record.digests)]
     with tempfile.TemporaryDirectory(prefix="neuron-cache-scrub-") as tmp:
         items = [m.download_item(str(Path(tmp) / f"m{i}.json"), manifest=True) for i, m in enumerate(manifests)]
         items += [listed.download_item(str(Path(tmp) / str(i))) for i, (_, listed) in enumerate(batch)]
         try:
             reply: DownloadResult = client.send(DownloadRequest(tuple(items)))
         except RemoteUnavailableError as exc:
+            errors.append(exc)
             return {}, {listed.path: str(exc) for _, listed in batch}
     asked = {listed.path for _, listed in batch}  # a manifest that fails costs only its shortcut
     mismatched: dict[str, str] = {}
@@ -274,8 +276,9 @@ def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubRe
     done = 0
     mismatched: dict[str, str] = {}
     unread: dict[str, str] = {}
+    errors: list[RemoteUnavailableError] = []
     for batch in _batches(files, batch_bytes):
-        bad, missed = _read_back(client, batch, records)
+        bad, missed = _read_back(client, batch, records, errors)
         mismatched.update(bad)
         unread.update(missed)
         done += sum(f.size for _, f in batch)
@@ -286,13 +289,15 @@ def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubRe
         if not again:
             break
         for batch in _batches(again, batch_bytes):
-            bad, missed = _read_back(client, batch, records)
+            bad, missed = _read_back(client, batch, records, errors)
             mismatched.update(bad)
             for _, listed in batch:
                 if listed.path in missed:
                     unread[listed.path] = missed[listed.path]
                 else:
                     del unread[listed.path]
+    if errors and files and len(unread) == len(files):
+        raise errors[0]  # nothing came through at all: the bucket is down, one error says it (not a line per entry)
     report.read_files = sum(1 for _, f in files if f.path not in unread)
     report.read_bytes = sum(f.size for _, f in files if f.path not in unread)
     by_path = {listed.path: entry for entry, listed in files}
@@ -303,11 +308,12 @@ def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubRe
             key = layout.entry_prefix_of(entry.compiler_version, entry.area, entry.module)
             reasons.setdefault(key, (entry, []))[1].append(f"{path.rsplit('/', 1)[-1]}: {why}")
         for entry, why in reasons.values():
-            detail = "; ".join(why)
-            if problem is Problem.UNREADABLE:
-                detail = (f"{detail} (did not transfer in {READ_RETRIES + 1} attempts: its content is unknown, "
-                          "nothing repaired; run `neuron-cache scrub --read` again)")
-            report.findings.append(_entry_finding(entry, problem, detail))
+            finding = _entry_finding(entry, problem, "; ".join(why))
+            if problem is Problem.UNREADABLE:  # a repair has nothing to act on
+                finding = Finding(problem, finding.path, f"{finding.detail} (did not transfer in {READ_RETRIES + 1} "
+                                  "attempts: its content is unknown, nothing repaired; run `neuron-cache scrub "
+                                  "--read` again)")
+            report.findings.append(finding)
 
 
 def scrub(client: BucketClient, *, compiler_version: str | None = None, read: bool = False,
