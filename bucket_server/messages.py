@@ -322,22 +322,36 @@ class CopyFile:
         return wire
 
 
+#: Failure kinds: the bytes came and are not what the bucket lists (MISMATCH: corrupt, or changed since), or
+#: they did not come at all (TRANSFER: an HTTP error, a timeout, a path that is not a regular file; nothing is
+#: known of the content). Only a MISMATCH says anything about the bucket's content.
+MISMATCH = "mismatch"
+TRANSFER = "transfer"
+
+
 @dataclass(frozen=True)
 class Failure:
-    """A downloaded file the server refused (deleted before the client could see it), and why."""
+    """A downloaded file the server refused (deleted before the client could see it), why, and its kind."""
 
     path: str
     reason: str
+    kind: str = MISMATCH
 
     @classmethod
     def from_wire(cls, value: Any) -> "Failure":
-        """A failure of a download reply."""
+        """A failure of a download reply (no `kind`: a mismatch, as every failure was before kinds)."""
         item = wire_object(value, "failure")
-        return cls(bounded_text(item.get("path"), "failed path"), bounded_text(item.get("reason"), "reason"))
+        kind = item.get("kind", MISMATCH)
+        if kind not in (MISMATCH, TRANSFER):
+            raise MessageError(f"failure kind must be {MISMATCH!r} or {TRANSFER!r}, got {_short(kind)}")
+        return cls(bounded_text(item.get("path"), "failed path"), bounded_text(item.get("reason"), "reason"), kind)
 
     def to_wire(self) -> dict[str, Any]:
-        """{"path", "reason"}."""
-        return {"path": self.path, "reason": self.reason}
+        """{"path", "reason", "kind"?}: the kind only when it is not a mismatch."""
+        wire = {"path": self.path, "reason": self.reason}
+        if self.kind != MISMATCH:
+            wire["kind"] = self.kind
+        return wire
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bucket_server.messages import DownloadFile
+from bucket_server.messages import TRANSFER, DownloadFile, DownloadRequest
 from bucket_server.protocol import MAX_RECORD_BYTES
 
 from . import remote_layout as layout
 from .config_fields import ALIASES
 from .buckets import BucketRef, resolve_bucket
 from .client import BucketClient, read_token
-from .errors import CompilerVersionError
+from .errors import CompilerVersionError, RemoteUnavailableError
 from .neuron_sdk import resolve_compiler_version, validate_compiler_version
 from .records import CachedExport, parse_record
 from .records import record_from_pr1102
@@ -90,13 +90,23 @@ def _record_paths(client: BucketClient, version: str, folder: str, tasks: list[s
     return paths
 
 
-def read_records(client: BucketClient, paths: list[str]) -> list[CachedExport]:
-    """Download and parse export records, all in one request; malformed ones are skipped with a warning."""
+def read_records(client: BucketClient, paths: list[str], *, unread: set[str] | None = None) -> list[CachedExport]:
+    """Download and parse export records, all in one request; malformed ones are skipped with a warning. With
+    `unread`, those that did not transfer are asked for once more, and the paths still not read are added to it
+    (a record that never came is not a malformed one: nothing is known of it)."""
     if not paths:
         return []
     with tempfile.TemporaryDirectory(prefix="neuron-cache-records-") as tmp:
         files = [DownloadFile(path, str(Path(tmp) / f"{index}.json")) for index, path in enumerate(paths)]
-        client.download(files)
+        failed = client.send(DownloadRequest(tuple(files))).failed
+        again = {failure.path for failure in failed if failure.kind == TRANSFER}
+        if unread is not None and again:
+            try:
+                failed = client.send(DownloadRequest(tuple(item for item in files if item.path in again))).failed
+                again = {failure.path for failure in failed if failure.kind == TRANSFER}
+            except RemoteUnavailableError:  # none of them came through this time either
+                pass
+            unread.update(again)
         records = [parse_record(Path(item.local_path).read_text(encoding="utf-8", errors="replace"), item.path)
                    for item in files if Path(item.local_path).exists()]
     return [record for record in records if record is not None]

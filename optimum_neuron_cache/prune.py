@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import remote_layout as layout
 from .client import BucketClient
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RemoteUnavailableError
 from .survey import BucketSurvey, RemoteEntry, VersionSurvey
 
 #: A record whose entries are gone is removed only when it is older than this: a publisher writes its record
@@ -140,9 +140,10 @@ def _entry_op(entry: RemoteEntry, reason: str) -> RemoveEntry:
 
 
 def _versions_dropped(survey: BucketSurvey, policy: PrunePolicy) -> dict[str, str]:
-    """Compiler version -> why it goes whole."""
+    """Compiler version -> why it goes whole. `keep_versions` counts only the versions in use (a folder that
+    holds a stray file is no compiler version: counted, it would push a real one out), and removes no other."""
     dropped: dict[str, str] = {}
-    ordered = survey.ordered_versions()
+    ordered = [version for version in survey.ordered_versions() if survey.versions[version].in_use]
     if policy.keep_versions is not None:
         kept = ordered[len(ordered) - policy.keep_versions:] if policy.keep_versions else []
         for version in ordered:
@@ -255,6 +256,10 @@ def plan_prune(survey: BucketSurvey, policy: PrunePolicy, *, now: float | None =
     leave no complete entry, unless `allow_all`."""
     if policy.needs_records and not all(v.records_read for v in survey.versions.values()):
         raise ValueError("this policy needs the survey's export records (survey_bucket(with_records=True))")
+    unread = [path for v in survey.versions.values() for path in v.unread_records]
+    if policy.needs_records and unread:  # what they name is unknown: an entry only they reference would go
+        raise RemoteUnavailableError(f"{len(unread)} export record(s) did not transfer (e.g. {unread[0]}); this prune "
+                                     "needs what they name: run it again")
     now = time.time() if now is None else now
     dropped = _versions_dropped(survey, policy)
     records: list[RemoveFile] = []

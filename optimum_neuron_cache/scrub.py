@@ -15,6 +15,8 @@ Two depths, both on the survey (survey.py):
 
 Repair removes the commit files of entries whose files are missing, short or corrupt: a reader then skips
 them, and the next compile of those graphs publishes them again (a publisher asks for commit files only).
+A file that does not transfer says nothing of its content: it is read again, then reported unreadable,
+never repaired.
 """
 
 from __future__ import annotations
@@ -26,19 +28,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bucket_server.messages import STALE_DIGEST
+from bucket_server.messages import STALE_DIGEST, TRANSFER, DownloadRequest, DownloadResult
 
 from . import remote_layout as layout
 from .client import BucketClient
+from .errors import RemoteUnavailableError
 from .local_cache import NEFF
 from .prune import BATCH_PATHS, RECORD_GRACE
-from .survey import BucketSurvey, ListedFile, RemoteEntry, VersionSurvey
+from .survey import BucketSurvey, ListedFile, RecordFile, RemoteEntry, VersionSurvey
 
 #: An entry without its commit file is a publisher that died once it is this old (a live one commits within
 #: its three batches).
 DEFAULT_STALE_AFTER = 24 * 3600.0
 #: Bytes read back per download request when scrubbing by reading (the temp folder holds at most this much).
 READ_BATCH_BYTES = 2 << 30
+#: Times the files that did not transfer are asked for again (all in one request) before they are reported.
+READ_RETRIES = 2
 
 
 class Problem(str, enum.Enum):
@@ -47,6 +52,7 @@ class Problem(str, enum.Enum):
     MISSING = "missing"
     SHORT = "short"
     CORRUPT = "corrupt"
+    UNREADABLE = "unreadable"
     UNCOMMITTED = "uncommitted"
     BAD_NAME = "bad-name"
     BAD_RECORD = "bad-record"
@@ -149,6 +155,10 @@ def _differs(a: ListedFile, b: ListedFile) -> bool:
 def _check_records(found: VersionSurvey, now: float) -> list[Finding]:
     findings = []
     for record in found.records:
+        if record.record is None and record.file.path in found.unread_records:
+            findings.append(Finding(Problem.UNREADABLE, record.file.path, "did not transfer (asked for twice): its "
+                                    "content is unknown; run `neuron-cache scrub` again"))
+            continue
         if record.record is None:
             findings.append(Finding(Problem.BAD_RECORD, record.file.path, "not a readable export record"))
             continue
@@ -218,10 +228,36 @@ def _batches(files: list[tuple[RemoteEntry, ListedFile]], limit: int) -> Iterabl
         yield batch
 
 
+def _read_back(client: BucketClient, batch: list[tuple[RemoteEntry, ListedFile]], records: list[RecordFile],
+               errors: list[RemoteUnavailableError]) -> tuple[dict[str, str], dict[str, str]]:
+    """Download one batch into a temporary folder (and throw it away): (path -> why its bytes do not match,
+    path -> why it did not transfer). A download the bucket refuses whole leaves every file untransferred (its
+    error added to `errors`)."""
+    hashes = {f.xet_hash for _, f in batch if f.xet_hash}
+    manifests = [r.file for r in records if r.record is not None and hashes & set(r.record.digests)]
+    with tempfile.TemporaryDirectory(prefix="neuron-cache-scrub-") as tmp:
+        items = [m.download_item(str(Path(tmp) / f"m{i}.json"), manifest=True) for i, m in enumerate(manifests)]
+        items += [listed.download_item(str(Path(tmp) / str(i))) for i, (_, listed) in enumerate(batch)]
+        try:
+            reply: DownloadResult = client.send(DownloadRequest(tuple(items)))
+        except RemoteUnavailableError as exc:
+            errors.append(exc)
+            return {}, {listed.path: str(exc) for _, listed in batch}
+    asked = {listed.path for _, listed in batch}  # a manifest that fails costs only its shortcut
+    mismatched: dict[str, str] = {}
+    unread: dict[str, str] = {}
+    for failure in reply.failed:
+        if failure.path in asked:
+            (unread if failure.kind == TRANSFER else mismatched)[failure.path] = failure.reason
+    return mismatched, unread
+
+
 def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubReport, *,
                      batch_bytes: int = READ_BATCH_BYTES, progress: ByteProgress | None = None) -> None:
     """Read every file of every committed entry back through the server's verified download (into a
-    temporary folder, a batch at a time) and add a CORRUPT finding for each file the server refuses. Export
+    temporary folder, a batch at a time) and add a CORRUPT finding for each entry with a file whose bytes do
+    not match. A file that does not transfer is asked for again (READ_RETRIES times, all such files in one
+    request), then reported UNREADABLE: nothing is known of its content, so nothing is repaired. Export
     records whose digests bind a batch's Xet hashes ride along as digest manifests."""
     flagged = {f.path for f in report.findings if f.problem.repairable}
     files: list[tuple[RemoteEntry, ListedFile]] = []
@@ -238,28 +274,46 @@ def check_by_reading(client: BucketClient, survey: BucketSurvey, report: ScrubRe
     records = [r for v in survey.versions.values() for r in v.records if r.record is not None and r.record.digests]
     total = sum(f.size for _, f in files)
     done = 0
-    bad: dict[str, tuple[RemoteEntry, list[str]]] = {}
+    mismatched: dict[str, str] = {}
+    unread: dict[str, str] = {}
+    errors: list[RemoteUnavailableError] = []
     for batch in _batches(files, batch_bytes):
-        hashes = {f.xet_hash for _, f in batch if f.xet_hash}
-        manifests = [r.file for r in records if hashes & set(r.record.digests)] if hashes else []  # type: ignore[union-attr]
-        with tempfile.TemporaryDirectory(prefix="neuron-cache-scrub-") as tmp:
-            items = [m.download_item(str(Path(tmp) / f"m{i}.json"), manifest=True) for i, m in enumerate(manifests)]
-            items += [listed.download_item(str(Path(tmp) / str(i))) for i, (_, listed) in enumerate(batch)]
-            reply = client.download(items) or {}
-        by_path = {listed.path: entry for entry, listed in batch}
-        for failure in reply.get("failed") or []:
-            path, why = failure.get("path"), str(failure.get("reason", "did not match"))
-            if path in by_path:
-                entry = by_path[path]
-                key = layout.entry_prefix_of(entry.compiler_version, entry.area, entry.module)
-                bad.setdefault(key, (entry, []))[1].append(f"{path.rsplit('/', 1)[-1]}: {why}")
-        report.read_files += len(batch)
+        bad, missed = _read_back(client, batch, records, errors)
+        mismatched.update(bad)
+        unread.update(missed)
         done += sum(f.size for _, f in batch)
-        report.read_bytes = done
         if progress is not None:
             progress(done, total)
-    for entry, reasons in bad.values():
-        report.findings.append(_entry_finding(entry, Problem.CORRUPT, "; ".join(reasons)))
+    for _ in range(READ_RETRIES):
+        again = [pair for pair in files if pair[1].path in unread]
+        if not again:
+            break
+        for batch in _batches(again, batch_bytes):
+            bad, missed = _read_back(client, batch, records, errors)
+            mismatched.update(bad)
+            for _, listed in batch:
+                if listed.path in missed:
+                    unread[listed.path] = missed[listed.path]
+                else:
+                    del unread[listed.path]
+    if errors and files and len(unread) == len(files):
+        raise errors[0]  # nothing came through at all: the bucket is down, one error says it (not a line per entry)
+    report.read_files = sum(1 for _, f in files if f.path not in unread)
+    report.read_bytes = sum(f.size for _, f in files if f.path not in unread)
+    by_path = {listed.path: entry for entry, listed in files}
+    for problem, found_bad in ((Problem.CORRUPT, mismatched), (Problem.UNREADABLE, unread)):
+        reasons: dict[str, tuple[RemoteEntry, list[str]]] = {}
+        for path, why in sorted(found_bad.items()):
+            entry = by_path[path]
+            key = layout.entry_prefix_of(entry.compiler_version, entry.area, entry.module)
+            reasons.setdefault(key, (entry, []))[1].append(f"{path.rsplit('/', 1)[-1]}: {why}")
+        for entry, why in reasons.values():
+            finding = _entry_finding(entry, problem, "; ".join(why))
+            if problem is Problem.UNREADABLE:  # a repair has nothing to act on
+                finding = Finding(problem, finding.path, f"{finding.detail} (did not transfer in {READ_RETRIES + 1} "
+                                  "attempts: its content is unknown, nothing repaired; run `neuron-cache scrub "
+                                  "--read` again)")
+            report.findings.append(finding)
 
 
 def scrub(client: BucketClient, *, compiler_version: str | None = None, read: bool = False,

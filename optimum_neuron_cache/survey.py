@@ -109,10 +109,18 @@ class VersionSurvey:
     stamps: dict[str, ListedFile] = field(default_factory=dict)
     #: Whether the records were downloaded and parsed (their `record` is then None only when unreadable).
     records_read: bool = False
+    #: Records that did not transfer (asked for twice): nothing is known of them, not even that they are bad.
+    unread_records: list[str] = field(default_factory=list)
 
     def areas(self) -> list[str]:
         """The model areas (`<model folder>/<task>`) holding anything: entries or records."""
         return sorted({area for area, _ in self.entries if area} | {r.area for r in self.records})
+
+    @property
+    def in_use(self) -> bool:
+        """A compiler version a reader would use: it holds a complete entry or an export record. A folder with
+        only names the layout does not allow, or content that never got its commit file, is not one."""
+        return bool(self.records) or any(entry.complete for entry in self.entries.values())
 
     def complete_in(self, area: str) -> set[str]:
         """The modules of `area` a reader would install."""
@@ -219,7 +227,9 @@ def read_all_records(client: BucketClient, survey: BucketSurvey) -> None:
     from bucket_server.protocol import MAX_RECORD_BYTES
 
     wanted = [r.file.path for v in survey.versions.values() for r in v.records if 0 < r.file.size <= MAX_RECORD_BYTES]
-    parsed = {record.path: record for record in read_records(client, wanted)} if wanted else {}
+    unread: set[str] = set()
+    parsed = {record.path: record for record in read_records(client, wanted, unread=unread)} if wanted else {}
     for version in survey.versions.values():
         version.records = [RecordFile(r.compiler_version, r.area, r.file, parsed.get(r.file.path)) for r in version.records]
+        version.unread_records = sorted(r.file.path for r in version.records if r.file.path in unread)
         version.records_read = True

@@ -291,5 +291,5 @@ def test_a_fifo_where_a_file_should_be_never_blocks_the_server(tmp_path, version
     assert [module.rsplit("/", 1)[1] for module in run.fetched] == [modules[1]] and run.warnings == []
     path = f"{_area(version)}/{modules[0]}/model.neff"
     reply = BucketClient(bucket).download([{"path": path, "local_path": str(tmp_path / "out.neff"), "size": 1}])
-    assert reply["failed"] == [{"path": path, "reason": "is not a regular file: refused"}]
+    assert reply["failed"] == [{"path": path, "reason": "is not a regular file: refused", "kind": "transfer"}]
     assert not (tmp_path / "out.neff").exists()

@@ -284,3 +284,27 @@ def _entries(root: Path, version: str) -> list[Any]:
     from optimum_neuron_cache.local_cache import scan_entries
 
     return [e for e in scan_entries(root, version) if e.state.publishable]
+
+
+def test_keep_versions_counts_only_versions_with_entries_or_records(tmp_path, bucket, version):
+    """A version-named folder holding only a stray file (or content that never got its commit file) is no
+    compiler version: it pushes no real version out of the newest K, and `--keep-versions` leaves it to scrub."""
+    publish_model(tmp_path / "old", bucket, OLD, "org/m", "p", 1)
+    publish_model(tmp_path / "new", bucket, version, "org/m", "p", 1)
+    client = BucketClient(bucket)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"junk")
+    stray = "neuronxcc-2.99.0.0+ffff/notes.txt"  # newer than both real versions
+    uncommitted = "neuronxcc-2.98.0.0+eeee/MODULE_1+2/model.hlo_module.pb"
+    client.batch(add=[{"dest": stray, "local_path": str(junk)}, {"dest": uncommitted, "local_path": str(junk)}])
+    scrubbed = CliRunner().invoke(cli, ["scrub", "--bucket", uri(bucket), "--json"])
+    assert ("bad-name", stray) in [(f["problem"], f["path"]) for f in json.loads(scrubbed.output)["findings"]]
+
+    assert json.loads(run("du", "--bucket", uri(bucket), "--keep-versions", "2", "--json"))["prune"]["entries"] == 0
+    assert "nothing to prune" in run("prune", "--bucket", uri(bucket), "--keep-versions", "2", "--yes")
+    assert len(complete_modules(bucket, OLD)) == 1 and len(complete_modules(bucket, version)) == 1
+
+    out = run("prune", "--bucket", uri(bucket), "--keep-versions", "1", "--yes")
+    assert "removed 2 entries, 1 export records" in out and "2.99.0.0" not in out and "2.98.0.0" not in out
+    assert complete_modules(bucket, OLD) == set() and len(complete_modules(bucket, version)) == 1
+    assert sorted(item["path"] for item in client.paths_info([stray, uncommitted])) == [uncommitted, stray]

@@ -9,20 +9,22 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.cli import cli
-from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.scrub import Problem, check_listing
 from optimum_neuron_cache.survey import survey_bucket
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 from tests.lifecycle_helpers import run, uri
 
 
-def publish(root: Path, ref: BucketRef, version: str, count: int = 3, seed: str = "scrub") -> list[str]:
-    with hub_neuronx_cache("org/s", task="text-generation", export_config={"batch_size": 1}, compiler_version=version,
+def publish(root: Path, ref: BucketRef, version: str, count: int = 3, seed: str = "scrub",
+            model: str = "org/s") -> list[str]:
+    with hub_neuronx_cache(model, task="text-generation", export_config={"batch_size": 1}, compiler_version=version,
                            bucket=ref, cache_dir=root) as run_:
         for graph in make_graphs(count, seed=seed, neff_size=40_000):
             compile_graph(root, version, graph)
@@ -144,3 +146,79 @@ def test_uncommitted_content_bad_names_and_dangling_records(tmp_path, bucket, ve
     report = check_listing(survey_bucket(client, with_records=True), now=time.time() + 7200)
     assert [f.problem for f in report.findings].count(Problem.DANGLING_RECORD) == 1
     run("scrub", "--bucket", uri(bucket), "--stale-after", "soon", code=2)
+
+
+@pytest.fixture
+def http_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Hub emulator whose Xet storage answers over HTTP, as the Hub's does (faults can reach a download)."""
+    from hub_emulator import HubEmulator
+
+    emulator = HubEmulator(tmp_path / "hub", xet="http")
+    emulator.start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+    try:
+        yield emulator
+    finally:
+        stop_server()
+        emulator.stop()
+
+
+def test_a_file_that_does_not_transfer_is_retried_then_unreadable_and_never_repaired(tmp_path, http_hub, version,
+                                                                                      monkeypatch):
+    """A transient HTTP 500 on one file's download says nothing of its content: the good entry keeps its commit
+    files (flat copy and model copy), and once the fault clears a fetch installs it."""
+    monkeypatch.setenv("NEURON_CACHE_XET_RETRY_DURATION", "1s")
+    monkeypatch.setenv("NEURON_CACHE_RETRY_BUDGET", "2")
+    ref = BucketRef("hf", "test-org/flaky")
+    client = BucketClient(ref)
+    client.create()
+    modules = publish(tmp_path / "a", ref, version, count=2)
+    flat = f"neuronxcc-{version}"
+    area = f"{flat}/models/org--s/text-generation"
+    before = {item["path"]: item for item in client.list("", recursive=True)}
+    neff = before[f"{flat}/{modules[0]}/model.neff"]["xet_hash"]
+    tokens = http_hub.requests.count(None, r"/xet-read-token")
+    http_hub.add_fault("GET", rf"/reconstructions?/{neff}", 500, times=None)  # this one file does not transfer
+
+    result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(ref), "--read", "--repair", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert findings(result.output) == [("unreadable", f"{flat}/{modules[0]}"), ("unreadable", f"{area}/{modules[0]}")]
+    assert all("model.neff" in f["detail"] and "nothing repaired" in f["detail"] and f["repair_paths"] == []
+               for f in report["findings"])
+    assert report["repaired"] == [] and report["read_files"] == report["files"] - 2  # all but the 2 copies of the NEFF
+    assert http_hub.requests.count(None, r"/xet-read-token") - tokens >= 2  # asked for again, on a new connection
+
+    http_hub.clear_faults()
+    assert {item["path"]: item for item in client.list("", recursive=True)} == before  # nothing removed
+    with hub_neuronx_cache("org/s", task="text-generation", export_config={"batch_size": 1}, compiler_version=version,
+                           bucket=ref, cache_dir=tmp_path / "b") as fetched:
+        pass
+    assert sorted(key.rsplit("/", 1)[1] for key in fetched.fetched) == modules
+    assert run("scrub", "--bucket", uri(ref), "--read").endswith("no problem\n")
+
+
+def test_an_export_record_that_does_not_transfer_is_unreadable_not_bad(tmp_path, http_hub, version, monkeypatch):
+    """The survey's records too: one that never came is reported unreadable (not a bad record), and a prune that
+    needs what records name refuses to plan without it (an entry only it references would go)."""
+    monkeypatch.setenv("NEURON_CACHE_XET_RETRY_DURATION", "1s")
+    monkeypatch.setenv("NEURON_CACHE_RETRY_BUDGET", "2")
+    ref = BucketRef("hf", "test-org/flaky-records")
+    client = BucketClient(ref)
+    client.create()
+    [module] = publish(tmp_path / "a", ref, version, count=1)
+    publish(tmp_path / "b", ref, version, count=1, seed="other", model="org/t")
+    area = f"neuronxcc-{version}/models/org--s/text-generation"
+    client.batch(delete=[item["path"] for item in client.list(f"{area}/{module}", recursive=True)])
+    before = {item["path"]: item for item in client.list("", recursive=True)}
+    record = next(path for path in before if path.startswith(f"{area}/exports/"))  # now the only one naming module
+    http_hub.add_fault("GET", rf"/reconstructions?/{before[record]['xet_hash']}", 500, times=None)
+
+    result = CliRunner().invoke(cli, ["prune", "--bucket", uri(ref), "--unreferenced-older-than", "0s", "--yes"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "did not transfer" in result.output
+    assert {item["path"]: item for item in client.list("", recursive=True)} == before  # the flat entry stays
+    result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(ref), "--json"])
+    assert result.exit_code == 1 and findings(result.output) == [("unreadable", record)]
+
+    http_hub.clear_faults()
+    assert "nothing to prune" in run("prune", "--bucket", uri(ref), "--unreferenced-older-than", "0s", "--yes")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import abc
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..messages import (
-    AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, DownloadFile, DownloadResult, Failure,
-    FileItem, InfoResult, ListItem, MessageError, StageResult, remote_path,
+    MISMATCH, TRANSFER, AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, DownloadFile,
+    DownloadResult, Failure, FileItem, InfoResult, ListItem, MessageError, StageResult, remote_path,
 )
 from ..protocol import ErrorCode
 
@@ -143,15 +143,17 @@ def local_size(item: AddFile) -> int:
         return 0
 
 
-def reject_mismatched(files: Sequence[DownloadFile], problems: dict[str, str]) -> list[Failure]:
-    """Delete each downloaded file the verifier found wrong (local path -> why), so the client never sees
-    it; the failures to report."""
+def reject_mismatched(files: Sequence[DownloadFile], problems: dict[str, str],
+                      not_transferred: Mapping[str, str] | None = None) -> list[Failure]:
+    """Delete each downloaded file the verifier found wrong (local path -> why), or that did not transfer
+    (likewise; kind TRANSFER), so the client never sees it; the failures to report."""
     failed = []
     for item in files:
-        reason = problems.get(item.local_path)
+        unread = (not_transferred or {}).get(item.local_path)
+        reason = unread or problems.get(item.local_path)
         if reason:
             Path(item.local_path).unlink(missing_ok=True)
-            failed.append(Failure(item.path, reason))
+            failed.append(Failure(item.path, reason, TRANSFER if unread else MISMATCH))
     return failed
 
 

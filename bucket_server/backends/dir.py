@@ -27,7 +27,7 @@ from typing import Any
 
 from ..messages import (
     LEASE_MAX_BYTES, AddFile, BatchResult, CopyFile, CreateResult, Described, DownloadFile, DownloadResult, Failure,
-    STALE_DIGEST, FileItem, FolderItem, InfoResult, ListItem,
+    STALE_DIGEST, TRANSFER, FileItem, FolderItem, InfoResult, ListItem,
 )
 from ..protocol import ErrorCode
 from ..digests import file_digest, mismatch_reason, mismatches, publish_algorithm, split, streaming_hasher
@@ -464,9 +464,9 @@ class DirBackend(Backend):
         open, and the digest to check it against; None (a failure added) when it must not be copied."""
         try:
             src, parts = self._open_source(dirs, item.path)
-        except Refused as exc:
+        except Refused as exc:  # not read: nothing is known of its bytes
             failed.append(Failure(item.path, exc.what if exc.path == item.path else
-                                  f"is under {dirtree.shown(exc.path)}, which {exc.what}"))
+                                  f"is under {dirtree.shown(exc.path)}, which {exc.what}", TRANSFER))
             return None
         try:
             info = os.fstat(src)

@@ -683,8 +683,9 @@ class HfBackend(Backend):
         total = sum(int(item.size or 0) for item in items)
         # hf_xet writes the destination files as it goes: their sizes are the progress.
         with FileSizeWatcher([item.local_path for item in items], total, progress):
-            problems = with_retries(self.policy, f"download from {self.bucket_id}", lambda: self._download_verified(items))
-        return DownloadResult(len(items), total, tuple(reject_mismatched(items, problems)))
+            problems, unread = with_retries(self.policy, f"download from {self.bucket_id}",
+                                            lambda: self._download_verified(items))
+        return DownloadResult(len(items), total, tuple(reject_mismatched(items, problems, unread)))
 
     def _with_xet_info(self, items: list[DownloadFile]) -> list[DownloadFile]:
         """Every file with its Xet hash and size (clients send them from their listing; ask for the rest)."""
@@ -700,8 +701,9 @@ class HfBackend(Backend):
                 replace(item, xet_hash=known[item.path].xet_hash, size=known[item.path].size,
                         digest=item.digest or known[item.path].digest) for item in items]
 
-    def _download_verified(self, items: list[DownloadFile]) -> dict[str, str]:
-        """One attempt: local path -> why it does not match its digest, or did not transfer."""
+    def _download_verified(self, items: list[DownloadFile]) -> tuple[dict[str, str], dict[str, str]]:
+        """One attempt: (local path -> why it does not match its digest, local path -> why it did not
+        transfer)."""
         verifier = Verifier(manifests=[item.local_path for item in items if item.manifest])
         started = time.perf_counter()
         try:  # hf_xet >= 1.6 (SERVER_REQUIREMENTS) has the download groups _download_each uses
@@ -710,10 +712,10 @@ class HfBackend(Backend):
             verifier.finish()
             raise
         landed = time.perf_counter()
-        problems = {**verifier.finish(), **not_transferred}
+        problems = {path: why for path, why in verifier.finish().items() if path not in not_transferred}
         log.info("downloaded %d files in %.3f s, %s", len(items) - len(not_transferred), landed - started,
                  verifier.summary())
-        return problems
+        return problems, not_transferred
 
     def _download_each(self, items: list[DownloadFile], verifier: Verifier) -> dict[str, str]:
         """The transfer as huggingface_hub's download_bucket_files makes it (one Xet download group), but
