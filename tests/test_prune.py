@@ -305,6 +305,6 @@ def test_keep_versions_counts_only_versions_with_entries_or_records(tmp_path, bu
     assert len(complete_modules(bucket, OLD)) == 1 and len(complete_modules(bucket, version)) == 1
 
     out = run("prune", "--bucket", uri(bucket), "--keep-versions", "1", "--yes")
-    assert "removed 2 entries, 1 export records" in out and "2.99.0.0" not in out and "2.98.0.0" not in out
+    assert "removed 2 entries, 1 export record" in out and "export records" not in out and "2.99.0.0" not in out and "2.98.0.0" not in out
     assert complete_modules(bucket, OLD) == set() and len(complete_modules(bucket, version)) == 1
     assert sorted(item["path"] for item in client.paths_info([stray, uncommitted])) == [uncommitted, stray]
