@@ -89,6 +89,20 @@ def plural(count: int, one: str, many: str) -> str:
     return f"{count} {one if count == 1 else many}"
 
 
+def confirmed(yes: bool, question: str, *, ask: bool = True) -> bool:
+    """The one rule of every command that removes, once it has shown its plan: `--yes` acts; on a terminal, ask
+    (`ask=False`, for --json, never does); otherwise the plan was a preview."""
+    if yes:
+        return True
+    if ask and sys.stdin.isatty():
+        return click.confirm(question, default=False, err=True)
+    return False
+
+
+yes_option = click.option("--yes", "-y", is_flag=True, help="Act without asking (default: show the plan, then ask on a "
+                          "terminal; elsewhere only show it).")
+
+
 class Output:
     """Where the CLI writes: results on stdout; progress on stderr, only for a terminal."""
 
@@ -660,9 +674,13 @@ def _configuration(root: CacheRoot) -> list[tuple[str, str, str]]:
 @click.option("--locks", is_flag=True, help="Remove stale locks (refused while neuronx-cc runs).")
 @click.option("--old-versions", is_flag=True, help="Remove entries of other compiler versions than --compiler-version.")
 @version_option
-@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
-def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool, compiler_version: str | None, dry_run: bool) -> None:
-    """Remove poisoned entries, stale locks and leftover downloads (default: --failed --locks)."""
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@yes_option
+def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool, compiler_version: str | None,
+            dry_run: bool, yes: bool) -> None:
+    """Remove poisoned entries, stale locks and leftover downloads (default: --failed --locks).
+
+    Shows the plan, then asks on a terminal; --yes acts without asking; elsewhere the plan is only shown."""
     if not (failed or locks or old_versions):
         failed = locks = True
     keep = resolve_compiler_version(compiler_version) if old_versions else None
@@ -672,10 +690,16 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
     for message in plan.refused:
         echo(f"warning: {message}", err=True)
     for removal in plan.removals:
-        echo(f"{'would remove' if dry_run else 'removed'} {removal.path.relative_to(root)} ({removal.reason})")
-    freed = plan.bytes if dry_run else execute_cleanup(plan)
-    click.echo(f"{'would free' if dry_run else 'freed'} {size(freed)} in {plural(len(plan.removals), 'removal', 'removals')}" if plan.removals else "nothing to clean up")
-    if plan.refused and not dry_run:  # a preview that shows what it would leave alone has done what was asked
+        echo(f"would remove {removal.path.relative_to(root)} ({removal.reason})")
+    summary = f"{size(plan.bytes)} in {plural(len(plan.removals), 'removal', 'removals')}"
+    if not plan.removals:
+        echo("nothing to clean up")
+    elif dry_run or not confirmed(yes, f"remove them ({summary})?"):
+        echo(f"would free {summary}" + ("" if dry_run else "; run again with --yes to remove them"))
+        return
+    else:
+        echo(f"freed {size(execute_cleanup(plan))} in {plural(len(plan.removals), 'removal', 'removals')}")
+    if plan.refused and not dry_run and (yes or plan.removals):  # told to act, and it could not do all of it
         sys.exit(1)
 
 

@@ -18,7 +18,7 @@ from . import remote_layout as layout
 from .client import BucketClient
 from .neuron_sdk import validate_compiler_version
 from .prune import PrunePlan, PrunePolicy, execute_prune, parse_age, plan_prune
-from .scrub import DEFAULT_STALE_AFTER, repair as repair_entries, scrub as run_scrub
+from .scrub import DEFAULT_STALE_AFTER, repair as repair_entries, repair_plan, scrub as run_scrub
 from .survey import survey_bucket
 from .usage import bucket_usage
 
@@ -70,19 +70,22 @@ def _plan_dict(plan: PrunePlan) -> dict[str, Any]:
 
 def register(cli: click.Group) -> None:
     """Add the commands to the `neuron-cache` group."""
-    from .cli import Output, _bucket, _json, _table, bucket_option, echo, plural, size, version_option
+    from .cli import (
+        Output, _bucket, _json, _table, bucket_option, confirmed, echo, plural, size, version_option, yes_option,
+    )
 
     @cli.command()
     @bucket_option
     @policy_options
     @click.option("--all", "allow_all", is_flag=True, help="Allow a plan that removes every complete entry.")
-    @click.option("--yes", "-y", is_flag=True, help="Carry the plan out (default: only show it).")
+    @yes_option
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def prune(out: Output, bucket: str | None, keep_versions: int | None, drop_versions: tuple[str, ...],
               models: tuple[str, ...], task: str | None, model_versions: tuple[str, ...], unreferenced: float | None,
               incomplete: float | None, dangling_records: bool, allow_all: bool, yes: bool, as_json: bool) -> None:
-        """Remove from the bucket what a policy says nobody needs; shows the plan unless --yes.
+        """Remove from the bucket what a policy says nobody needs: shows the plan, then asks on a terminal; --yes acts
+        without asking; elsewhere the plan is only shown.
 
         An entry goes commit file first, then content; export records before the entries they name."""
         policy = _policy(keep_versions, drop_versions, models, task, model_versions, unreferenced, incomplete, dangling_records)
@@ -102,7 +105,7 @@ def register(cli: click.Group) -> None:
             for stray in [*plan.strays, *plan.stamps]:
                 out.info(f"{verb} {stray.path} ({size(stray.bytes)}): {stray.reason}")
         result = None
-        if yes and not plan.empty:
+        if not plan.empty and confirmed(yes, f"remove them from {ref} ({size(plan.bytes)})?", ask=not as_json):
             progress, close = _count_bar(out, "prune")
             try:
                 result = execute_prune(client, plan, progress=progress)
@@ -133,11 +136,13 @@ def register(cli: click.Group) -> None:
     @click.option("--read", is_flag=True, help="Also read every committed file back, hashed against its digest.")
     @click.option("--stale-after", callback=_age, metavar="AGE",
                   help="Report entries without a commit file written more than AGE ago (default 1d).")
-    @click.option("--repair", is_flag=True, help="Remove the commit files of entries found missing, short or corrupt.")
+    @click.option("--repair", is_flag=True, help="Remove the commit files of entries found missing, short or corrupt "
+                  "(shown, then asked on a terminal; --yes acts without asking; elsewhere only shown).")
+    @yes_option
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def scrub(out: Output, bucket: str | None, compiler_version: str | None, read: bool, stale_after: float | None,
-              repair: bool, as_json: bool) -> None:
+              repair: bool, yes: bool, as_json: bool) -> None:
         """Re-check what the bucket holds against its digests; exits 1 when it finds a problem."""
         ref = _bucket(bucket)
         client = BucketClient(ref)
@@ -147,7 +152,14 @@ def register(cli: click.Group) -> None:
                                stale_after=DEFAULT_STALE_AFTER if stale_after is None else stale_after, progress=progress)
         finally:
             close()
-        if repair:
+        to_repair = repair_plan(report) if repair else []
+        if not as_json:
+            for finding in report.findings:
+                echo(f"{finding.problem.value:15} {finding.path}: {finding.detail}")
+            for path in to_repair:
+                echo(f"{'removed' if yes else 'would remove'} {path} (the commit file of a bad entry)")
+        files = plural(len(to_repair), "commit file", "commit files")
+        if to_repair and confirmed(yes, f"remove these {files}?", ask=not as_json):
             repair_entries(client, report)
         if as_json:
             click.echo(_json({"bucket": str(ref), "ok": report.ok, "entries": report.entries, "files": report.files,
@@ -156,8 +168,6 @@ def register(cli: click.Group) -> None:
                               "findings": [{**asdict(f), "problem": f.problem.value} for f in report.findings],
                               "repaired": report.repaired}))
         else:
-            for finding in report.findings:
-                echo(f"{finding.problem.value:15} {finding.path}: {finding.detail}")
             checked = f"checked {report.entries} entries ({report.files} files) and {report.records} export records in {ref}"
             if read:
                 checked += f"; read back {report.read_files} files ({size(report.read_bytes)})"
@@ -167,6 +177,8 @@ def register(cli: click.Group) -> None:
             if report.repaired:
                 click.echo(f"removed {len(report.repaired)} commit files of bad entries: the next compile of those "
                            "graphs publishes them again")
+            elif to_repair:
+                click.echo(f"would remove {files} of bad entries; run again with --repair --yes to remove them")
         if not report.ok:
             sys.exit(1)
 

@@ -328,9 +328,14 @@ def scrub(client: BucketClient, *, compiler_version: str | None = None, read: bo
     return report
 
 
+def repair_plan(report: ScrubReport) -> list[str]:
+    """The commit files a repair removes: those of the entries found missing, short or corrupt (once each)."""
+    return sorted({p for f in report.findings if f.problem.repairable for p in f.repair_paths})
+
+
 def repair(client: BucketClient, report: ScrubReport, *, batch: int = BATCH_PATHS) -> list[str]:
-    """Remove the commit files of the entries found missing, short or corrupt (once each)."""
-    paths = sorted({p for f in report.findings if f.problem.repairable for p in f.repair_paths})
+    """Remove the commit files `repair_plan` names."""
+    paths = repair_plan(report)
     for start in range(0, len(paths), batch):
         client.batch(delete=paths[start:start + batch])
     report.repaired = paths

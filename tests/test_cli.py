@@ -172,7 +172,7 @@ def test_cleanup_removes_failures_and_stale_locks_but_not_while_a_compiler_runs(
     assert states() == {EntryState.SUCCESS, EntryState.LOCKED}
     execute_cleanup(plan_cleanup(root, failed=False, locks=True, old_versions=False, keep_version=None, compilers=[]))
     assert states() == {EntryState.SUCCESS, EntryState.TODO}
-    run("cleanup", "--cache-dir", str(root), "--old-versions", "--compiler-version", version)
+    run("cleanup", "--cache-dir", str(root), "--old-versions", "--compiler-version", version, "--yes")
     assert [v.name for v in root.iterdir() if v.name.startswith("neuronxcc-")] == [f"neuronxcc-{version}"]
 
 
@@ -190,7 +190,7 @@ def test_cleanup_leaves_locks_alone_while_neuronx_cc_runs_and_a_preview_exits_0(
         wait_until(lambda: proc.pid in running_compilers(), "the fake neuronx-cc to show in /proc")
         preview = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root), "--dry-run"])
         assert preview.exit_code == 0 and "neuronx-cc is running" in preview.output, preview.output
-        result = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root)])
+        result = CliRunner().invoke(cli, ["cleanup", "--cache-dir", str(root), "--yes"])
         assert result.exit_code == 1 and "neuronx-cc is running" in result.output
     finally:
         proc.kill()
@@ -475,3 +475,54 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, version):
     proc.stdout.close()  # as `head -1` does
     _, err = proc.communicate(timeout=60)
     assert b"Broken pipe" not in err and b"Traceback" not in err and b"error" not in err, err
+
+
+def _on_a_terminal(args: list[str], answer: bytes) -> tuple[int, str]:
+    """Run the CLI with a terminal for stdin and stdout, answer its question, and return (exit code, output)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = _cli_process(args)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(command[0], command, env)
+    output, answered = b"", False
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], 60)
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if not answered and b"[y/N]" in output:
+            os.write(fd, answer)
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_commands_that_remove_show_the_plan_then_ask_on_a_terminal_and_only_show_it_elsewhere(tmp_path, version):
+    """One rule for cleanup, prune and scrub --repair: the plan first; on a terminal a question (no by default);
+    --yes acts without asking; with no terminal and no --yes, the plan is only shown and the exit code is 0."""
+    root = tmp_path / "cache"
+    for seed in ("one", "two"):
+        with pytest.raises(CompileFailed):
+            compile_graph(root, version, make_graphs(1, seed=seed)[0], outcome="failed")
+    failed = lambda: sum(e.state is EntryState.FAILED for e in scan_entries(root, version))  # noqa: E731
+    out = run("cleanup", "--cache-dir", str(root), "--failed")  # no terminal here: a preview, exit 0
+    assert "would remove" in out and "run again with --yes to remove them" in out and failed() == 2
+    code, text = _on_a_terminal(["cleanup", "--cache-dir", str(root), "--failed"], b"n\n")
+    assert code == 0 and "remove them (" in text and failed() == 2, text
+    code, text = _on_a_terminal(["cleanup", "--cache-dir", str(root), "--failed"], b"y\n")
+    assert code == 0 and "freed " in text and failed() == 0, text
+    bucket = tmp_path / "b"
+    run("create", str(bucket))
+    compile_graph(tmp_path / "A", "2.19.1.0+abc", make_graphs(1, seed="old")[0])
+    run("sync", "--cache-dir", str(tmp_path / "A"), "--compiler-version", "2.19.1.0+abc", "--bucket", str(bucket))
+    compile_graph(tmp_path / "A", version, make_graphs(1, seed="new")[0])
+    run("sync", "--cache-dir", str(tmp_path / "A"), "--compiler-version", version, "--bucket", str(bucket))
+    prune = ["prune", "--keep-versions", "1", "--bucket", str(bucket)]
+    assert "run again with --yes" in run(*prune)
+    code, text = _on_a_terminal(prune, b"y\n")
+    assert code == 0 and "removed 1 entry" in text, text
+    assert "nothing to prune" in run(*prune)

@@ -55,7 +55,12 @@ def test_missing_and_short_files_are_found_and_repair_uncommits_them(tmp_path, b
     result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(bucket), "--json"])
     assert result.exit_code == 1
     assert findings(result.output) == [("missing", f"{flat}/{modules[0]}"), ("short", f"{area}/{modules[1]}")]
+    # One rule for every command that removes: without a terminal and without --yes, the repair is only shown.
     out = CliRunner().invoke(cli, ["scrub", "--bucket", uri(bucket), "--repair"]).output
+    assert f"would remove {flat}/{modules[0]}/model.done (the commit file of a bad entry)" in out
+    assert "would remove 2 commit files of bad entries; run again with --repair --yes to remove them" in out
+    assert len(client.paths_info([f"{flat}/{modules[0]}/model.done", f"{area}/{modules[1]}/model.done"])) == 2
+    out = CliRunner().invoke(cli, ["scrub", "--bucket", uri(bucket), "--repair", "--yes"]).output
     assert f"missing         {flat}/{modules[0]}: model.done is there but model.neff is missing" in out
     assert f"short           {area}/{modules[1]}: model.neff is empty" in out
     assert "removed 2 commit files of bad entries" in out
@@ -180,7 +185,7 @@ def test_a_file_that_does_not_transfer_is_retried_then_unreadable_and_never_repa
     tokens = http_hub.requests.count(None, r"/xet-read-token")
     http_hub.add_fault("GET", rf"/reconstructions?/{neff}", 500, times=None)  # this one file does not transfer
 
-    result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(ref), "--read", "--repair", "--json"])
+    result = CliRunner().invoke(cli, ["scrub", "--bucket", uri(ref), "--read", "--repair", "--yes", "--json"])
     assert result.exit_code == 1
     report = json.loads(result.output)
     assert findings(result.output) == [("unreadable", f"{flat}/{modules[0]}"), ("unreadable", f"{area}/{modules[0]}")]
