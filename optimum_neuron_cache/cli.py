@@ -219,6 +219,7 @@ bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NA
 cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
 version_option = click.option("--compiler-version", callback=_compiler_version, help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
 task_option = click.option("--task", "-t", default=None, help="The task (default: `default`).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @click.group(cls=CacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -376,9 +377,10 @@ def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: s
 @click.option("--model", "model_id", help="Also publish to this model's area.")
 @task_option
 @click.option("--dry-run", is_flag=True, help="Show what would be published.")
+@json_option
 @click.pass_obj
 def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_version: str | None, model_id: str | None,
-         task: str | None, dry_run: bool) -> None:
+         task: str | None, dry_run: bool, as_json: bool) -> None:
     """Publish every local success entry the bucket lacks."""
     if task and not model_id:
         raise click.UsageError("--task goes with --model")
@@ -387,7 +389,7 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
     root = _root(cache_dir)
     ref = _bucket(bucket)
     client = BucketClient(ref)
-    progress, close = (None, lambda: None) if dry_run else out.progress("sync")
+    progress, close = (None, lambda: None) if dry_run or as_json else out.progress("sync")
     try:
         report = sync_cache(client, root, compiler_version=compiler_version, model_folder=model.folder if model else None,
                             task=task_name, dry_run=dry_run, progress=progress)
@@ -397,17 +399,27 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
         record_run(Stats(publishes=sum(len(v.result.published) for v in report if v.result),
                          bytes_uploaded=sum(v.result.bytes_uploaded for v in report if v.result)))
     total_entries = total_bytes = 0
+    items = []
     for version_sync in report:
         plan = version_sync.plan
         if plan.items:
             _warn_unpinned_target(version_sync.compiler_version, ref)
         for item in plan.items:
-            where = " + ".join(["flat"] * item.to_flat + ([item.to_model.split("/models/", 1)[1]] if item.to_model else []))
-            out.info(f"{'would publish' if dry_run else 'published'} neuronxcc-{version_sync.compiler_version}/{item.entry.name} -> {where}")
+            area = item.to_model.split("/models/", 1)[1] if item.to_model else None
+            items.append({"compiler_version": version_sync.compiler_version, "entry": item.entry.name,
+                          "to_flat": item.to_flat, "to_model": area})
+            if not as_json:
+                where = " + ".join(["flat"] * item.to_flat + ([area] if area else []))
+                out.info(f"{'would publish' if dry_run else 'published'} "
+                         f"neuronxcc-{version_sync.compiler_version}/{item.entry.name} -> {where}")
         total_entries += len(plan.items)
         total_bytes += plan.bytes_to_upload
+    if as_json:
+        click.echo(_json({"bucket": str(ref), "cache_dir": str(root), "dry_run": dry_run, "entries": items,
+                          "bytes": total_bytes}))
+        return
     verb = "would publish" if dry_run else "published"
-    out.info(f"{verb} {total_entries} entries ({size(total_bytes)}) to {ref}" if total_entries else f"nothing to publish: {ref} has every success entry of {root}")
+    out.info(f"{verb} {plural(total_entries, 'entry', 'entries')} ({size(total_bytes)}) to {ref}" if total_entries else f"nothing to publish: {ref} has every success entry of {root}")
 
 
 @cli.command()
@@ -421,9 +433,10 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
 @click.option("--dtype", help="e.g. bf16, fp16 (compared with auto_cast_type / torch_dtype / dtype).")
 @click.option("--config", "config_json", help="The whole export config as JSON (fields above override it).")
 @bucket_option
+@json_option
 def explain(model_id: str, task: str | None, compiler_version: str | None, target: str | None, batch_size: int | None,
             sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None, config_json: str | None,
-            bucket: str | None) -> None:
+            bucket: str | None, as_json: bool) -> None:
     """Why MODEL_ID would miss: this machine's compiler, target, flags and export config against the nearest records."""
     try:
         version = resolve_compiler_version(compiler_version)
@@ -438,11 +451,6 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
     if version is not None and not records:
         records = lookup_cache(model_id, task, all_versions=True, bucket=ref)
     flags = compiler_flags()
-    click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
-               f"target {here_target or '(unknown: pass --target)'}; flags {' '.join(flags) or '(none)'}")
-    if not records:
-        click.echo(f"no export records of {model_id} in {ref}: nothing was published for it with an export config")
-        return
     comparisons = []
     for record in records:
         wanted = dict(config)
@@ -452,6 +460,16 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
                 wanted[keys[0]] = value
         comparisons.append((differences(record, version, flags, wanted, here_target), record))
     comparisons.sort(key=lambda item: (len(item[0]), item[1].created_at))
+    if as_json:
+        click.echo(_json({"here": {"compiler_version": version, "target": here_target, "compile_flags": flags},
+                          "nearest": [{"record": record.to_dict(), "differences": diffs}
+                                      for diffs, record in comparisons[:3]]}))
+        return
+    click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
+               f"target {here_target or '(unknown: pass --target)'}; flags {' '.join(flags) or '(none)'}")
+    if not records:
+        click.echo(f"no export records of {model_id} in {ref}: nothing was published for it with an export config")
+        return
     for diffs, record in comparisons[:3]:
         config_text = " ".join(f"{k}={v}" for k, v in sorted(record.export_config.items()))
         echo(f"{'match' if not diffs else f'{len(diffs)} difference(s)'}: neuronxcc-{record.compiler_version} "
@@ -462,7 +480,7 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
 
 @cli.command(name="stats")
 @click.option("--zero", is_flag=True, help="Reset the figures.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def stats_command(zero: bool, as_json: bool) -> None:
     """This host's figures: fetches, hits, misses, publishes, bytes, time saved, remote errors."""
     if zero:
@@ -514,7 +532,7 @@ def _duration(seconds: float) -> str:
 @click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", type=int)
 @click.option("--dtype", help="e.g. bf16, fp16.")
 @bucket_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def lookup(model_id: str, task: str | None, compiler_version: str | None, all_versions: bool, target: str | None,
            batch_size: int | None, sequence_length: int | None, tensor_parallel_size: int | None, dtype: str | None,
            bucket: str | None, as_json: bool) -> None:
@@ -543,7 +561,7 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
 @click.option("--model", "model_id", help="Only this model.")
 @click.option("--target", "--instance-type", "target", help="Only model areas with a record of this target (trn1, trn2, inf2...).")
 @bucket_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def ls(compiler_version: str | None, model_id: str | None, target: str | None, bucket: str | None, as_json: bool) -> None:
     """What the bucket holds, by compiler version and model: entries, sizes, and the targets of the records."""
     from .lookup import read_records
@@ -604,7 +622,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 @cli.command()
 @cache_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def status(cache_dir: str | None, as_json: bool) -> None:
     """What the cache will do here, and what it did: the effective configuration (each value with where it came
     from), the local compile cache by state, the Neuron SDK, and this host's hit rate."""
@@ -676,8 +694,9 @@ def _configuration(root: CacheRoot) -> list[tuple[str, str, str]]:
 @version_option
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
 @yes_option
+@json_option
 def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool, compiler_version: str | None,
-            dry_run: bool, yes: bool) -> None:
+            dry_run: bool, yes: bool, as_json: bool) -> None:
     """Remove poisoned entries, stale locks and leftover downloads (default: --failed --locks).
 
     Shows the plan, then asks on a terminal; --yes acts without asking; elsewhere the plan is only shown."""
@@ -687,8 +706,17 @@ def cleanup(cache_dir: str | None, failed: bool, locks: bool, old_versions: bool
     root = _root(cache_dir)
     plan = plan_cleanup(root, failed=failed, locks=locks, old_versions=old_versions, keep_version=keep,
                         compilers=running_compilers() if locks else [])
-    for message in plan.refused:
+    for message in [] if as_json else plan.refused:
         echo(f"warning: {message}", err=True)
+    if as_json:
+        acted = bool(plan.removals) and not dry_run and yes
+        freed = execute_cleanup(plan) if acted else 0
+        click.echo(_json({"cache_dir": str(root), "executed": acted, "refused": plan.refused, "freed": freed,
+                          "removals": [{"path": str(r.path.relative_to(root)), "reason": r.reason, "bytes": r.bytes}
+                                       for r in plan.removals]}))
+        if plan.refused and not dry_run and yes:
+            sys.exit(1)
+        return
     for removal in plan.removals:
         echo(f"would remove {removal.path.relative_to(root)} ({removal.reason})")
     summary = f"{size(plan.bytes)} in {plural(len(plan.removals), 'removal', 'removals')}"
@@ -817,7 +845,7 @@ def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compil
 @click.option("--sweep", is_flag=True, help="Remove leases whose graph the bucket now holds, or not renewed for --older-than.")
 @click.option("--older-than", type=click.FloatRange(min=0), default=86400.0, show_default=True,
               help="With --sweep: seconds without a renewal, by the bucket's clock against this host's.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, as_json: bool) -> None:
     """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each)."""
     import time as _time
@@ -875,8 +903,9 @@ def shim_install(directory: str) -> None:
 @click.option("--revision", help="A branch, tag or commit sha of the repo (default: main).")
 @bucket_option
 @click.option("--dry-run", is_flag=True, help="Show the plan: each entry and record, what would be done and why.")
+@json_option
 @click.pass_obj
-def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None, dry_run: bool) -> None:
+def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None, dry_run: bool, as_json: bool) -> None:
     """Copy an optimum-neuron cache repo (e.g. aws-neuron/optimum-neuron-cache) into the bucket.
 
     Its entries go to the bucket's flat area (by a server-side copy by Xet hash where the repo's files are
@@ -889,21 +918,34 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
     ref = _bucket(bucket)
     repo_client, bucket_client = RepoClient(repo), BucketClient(ref)
     plan = plan_import(repo_client, bucket_client)
+    planned = [{"action": op.action.value, "compiler_version": op.compiler_version, "name": op.name, "reason": op.reason}
+               for op in plan.ops]
     if dry_run:
+        if as_json:
+            click.echo(_json({"repo": str(plan.repo), "bucket": str(ref), "executed": False, "plan": planned}))
+            return
         for line in describe_plan(plan):
             out.info(line)
         return
-    out.info(describe_plan(plan)[1].strip())
+    if not as_json:
+        out.info(describe_plan(plan)[1].strip())
     total = len(plan.entries) + len(plan.records)
-    bar = None if out.quiet or not sys.stderr.isatty() or not total else \
+    bar = None if as_json or out.quiet or not sys.stderr.isatty() or not total else \
         tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)
     try:
         result = execute_import(plan, repo_client, bucket_client, progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+    if as_json:
+        click.echo(_json({"repo": str(plan.repo), "bucket": str(ref), "executed": True, "plan": planned,
+                          "imported": result.imported, "records": result.records,
+                          "failed": [{"entry": name, "why": why} for name, why in result.failed],
+                          "bytes_copied": result.bytes_copied, "bytes_streamed": result.bytes_streamed}))
+        sys.exit(1 if result.failed else 0)
     out.info(f"imported {plural(len(result.imported), 'entry', 'entries')} ({size(result.bytes_copied)} copied by Xet hash, "
-             f"{size(result.bytes_streamed)} streamed) and {len(result.records)} export records from {plan.repo} into {ref}")
+             f"{size(result.bytes_streamed)} streamed) and {plural(len(result.records), 'export record', 'export records')} "
+             f"from {plan.repo} into {ref}")
     for name, why in result.failed:
         echo(f"warning: {name} not imported: {why} (run the import again to retry)", err=True)
     if result.failed:
@@ -919,7 +961,7 @@ def server() -> None:
 
 
 @server.command(name="status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def server_status(as_json: bool) -> None:
     """Show the running server (pid, socket, version, idle time)."""
     info = running_server()

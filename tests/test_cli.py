@@ -526,3 +526,28 @@ def test_commands_that_remove_show_the_plan_then_ask_on_a_terminal_and_only_show
     code, text = _on_a_terminal(prune, b"y\n")
     assert code == 0 and "removed 1 entry" in text, text
     assert "nothing to prune" in run(*prune)
+
+
+def test_every_command_that_prints_a_result_has_json(tmp_path, version, monkeypatch):
+    """sync, explain and cleanup answer in JSON as lookup, ls and status do (import's is in test_import.py)."""
+    monkeypatch.delenv("NEURON_CC_FLAGS", raising=False)
+    root, bucket = tmp_path / "cache", str(tmp_path / "b")
+    run("create", bucket)
+    compile_graph(root, version, make_graphs(1, seed="json")[0])
+    planned = json.loads(run("sync", "--cache-dir", str(root), "--compiler-version", version, "--dry-run", "--json"))
+    assert planned["dry_run"] is True and [item["to_flat"] for item in planned["entries"]] == [True]
+    done = json.loads(run("sync", "--cache-dir", str(root), "--compiler-version", version, "--model", "org/j",
+                          "--task", "text-generation", "--json"))
+    assert done["entries"][0]["to_model"] == "org--j/text-generation" and done["bytes"] > 0
+    with hub_neuronx_cache("org/j", "text-generation", {"batch_size": 2}, compiler_version=version,
+                           cache_dir=tmp_path / "other"):
+        compile_graph(tmp_path / "other", version, make_graphs(1, seed="json-2")[0])
+    explained = json.loads(run("explain", "org/j", "--compiler-version", version, "--batch-size", "4", "--json"))
+    assert explained["here"]["compiler_version"] == version
+    assert explained["nearest"][0]["differences"] == ["batch_size: bucket 2, here 4"]
+    with pytest.raises(CompileFailed):
+        compile_graph(root, version, make_graphs(1, seed="json-failed")[0], outcome="failed")
+    preview = json.loads(run("cleanup", "--cache-dir", str(root), "--failed", "--json"))  # --json never asks
+    assert preview["executed"] is False and [r["reason"] for r in preview["removals"]] == ["failed compile (cached failure)"]
+    acted = json.loads(run("cleanup", "--cache-dir", str(root), "--failed", "--json", "--yes"))
+    assert acted["executed"] is True and acted["freed"] > 0

@@ -132,9 +132,13 @@ def test_cli_import_dry_run_and_run(hub, cache_repo, tmp_path: Path):
     assert dry.exit_code == 0, dry.output
     assert "2 entries to import" in dry.output and "stream" in dry.output and "MODULE_3+ab" in dry.output
     assert not (bucket_dir / V).exists()
+    planned = json.loads(runner.invoke(cli, ["import", REPO, "--bucket", str(bucket_dir), "--dry-run", "--json"]).output)
+    assert planned["executed"] is False and {op["action"] for op in planned["plan"]} >= {"stream", "record"}
     run = runner.invoke(cli, ["import", REPO, "--revision", cache_repo, "--bucket", str(bucket_dir)])
     assert run.exit_code == 0, run.output
-    assert "imported 2 entries" in run.output and "1 export records" in run.output
+    assert "imported 2 entries" in run.output and "1 export record " in run.output
+    again = json.loads(runner.invoke(cli, ["import", REPO, "--bucket", str(bucket_dir), "--json"]).output)
+    assert again["executed"] is True and again["imported"] == [] and again["failed"] == []  # it has them all
     bad = runner.invoke(cli, ["import", "not a repo", "--bucket", str(bucket_dir)])
     assert bad.exit_code == 2 and "is not `org/name`" in bad.output
     missing = runner.invoke(cli, ["import", "nobody/nothing", "--bucket", str(bucket_dir)])
