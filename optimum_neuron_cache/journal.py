@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import crashpoints
-from .atomic import atomic_write
+from .atomic import RefusedStateFile, atomic_write, read_state_file
 from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
 from .processes import alive, pid_start
 
@@ -50,6 +50,8 @@ SCHEMA = 1
 MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
 #: How the name of a closed record ends (an open one ends with plain `.json`).
 CLOSED_SUFFIX = ".closed.json"
+#: What a refused record file (not a regular file, too large, malformed) is renamed to end with: never read again.
+REFUSED_SUFFIX = ".refused"
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,10 @@ class Journal:
         host = _host_digest()
         for name in names:  # `.<record name>.<pid>.<random>.tmp` (atomic.temp_name), left by a writer killed before its rename
             if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".")[0].split("-"), host):
-                (self.folder / name).unlink(missing_ok=True)
+                try:
+                    (self.folder / name).unlink(missing_ok=True)
+                except OSError:  # a folder of that name is not ours: left alone
+                    pass
         found = []
         for name in names:
             if name.startswith(".") or not name.endswith(".json"):
@@ -216,21 +221,29 @@ class Journal:
             found.append((name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
         return found
 
-    def _read(self, path: Path) -> RunRecord | None:
+    def _read(self, path: Path, *, aside: bool = True) -> RunRecord | None:
+        """The record at `path`, or None when it is gone or refused: anything but a regular file (a FIFO never
+        blocks the reader), too large, or malformed. A file that is not a record costs one warning and, with
+        `aside`, is renamed to end with `REFUSED_SUFFIX` (never read again)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            raw = read_state_file(path, MAX_JOURNAL_FILE_BYTES)
+        except FileNotFoundError:
             return None
-        try:
-            size = os.fstat(fd).st_size
-            if size > MAX_JOURNAL_FILE_BYTES:
-                return None
-            raw = os.read(fd, size + 1)  # one read: the file is small (a larger one is not ours)
-        except OSError:
+        except RefusedStateFile as exc:
+            why = exc.why
+        except OSError as exc:
+            log.warning("optimum-neuron-cache: cannot read the journal record %s: %s", path, exc)
             return None
-        finally:
-            os.close(fd)
-        return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
+        else:
+            return _parse(raw.decode("utf-8", "replace"), path)
+        if aside:
+            try:
+                os.rename(path, path.with_name(path.name + REFUSED_SUFFIX))
+            except OSError:
+                aside = False
+        log.warning("optimum-neuron-cache: ignoring a malformed journal record %s (%s)%s", path, why,
+                    f"; renamed to {path.name}{REFUSED_SUFFIX}, which no run reads: remove it" if aside else "")
+        return None
 
     def _dead(self, parts: list[str], host: str) -> bool:
         """Whether the owner named in a record's file name is a process of this host (`host`: _host_digest()) that
@@ -248,7 +261,7 @@ class Journal:
             return found
         for name, parts, _closed in self._files():
             if parts[0] == key.digest and (mine.path is None or name != mine.path.name):
-                record = self._read(self.folder / name)
+                record = self._read(self.folder / name, aside=False)
                 if record is not None and record.key.digest == key.digest:
                     found |= wanted & set(record.entries)
         return found

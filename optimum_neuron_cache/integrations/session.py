@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -47,7 +48,7 @@ from filelock import FileLock, Timeout
 
 from .. import remote_layout as layout
 from .. import settings
-from ..atomic import atomic_write
+from ..atomic import RefusedStateFile, atomic_write, read_state_json
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
@@ -190,9 +191,17 @@ class TrainingCacheSession:
             self._warn(f"cannot wait for local rank 0's fetch: {exc}; going on without it")
             return
         delay = 0.05
+        refused = False
         while True:
-            status = _read_json(status_path)
-            if status is not None and float(status.get("finished_at", 0)) >= since:
+            try:
+                finished = _finished_at(status_path)
+            except RefusedStateFile as exc:
+                finished = None
+                if not refused:
+                    refused = True
+                    self._warn(f"ignoring {status_path} ({exc.why}): not a status file of this package's; waiting "
+                               "for local rank 0 to write its own")
+            if finished is not None and finished >= since:
                 self.report.wait_outcome = "fetch finished"
                 break
             if time.monotonic() >= deadline:
@@ -295,9 +304,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         log.warning("optimum-neuron-cache: could not write %s: %s (other ranks will wait for their timeout)", path, exc)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _finished_at(path: Path) -> float | None:
+    """When local rank 0's fetch finished, from its status file; None when there is none (yet) or it is not one.
+    A file that is not a regular file (a FIFO would block the read for ever) raises RefusedStateFile."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        status = read_state_json(path)
+    except RefusedStateFile:
+        raise
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
+    finished = status.get("finished_at") if status is not None else None
+    if isinstance(finished, bool) or not isinstance(finished, (int, float)) or not math.isfinite(finished):
+        return None
+    return float(finished)

@@ -1,0 +1,176 @@
+"""The local journal and state folder are hostile input (issue 26, item 6).
+
+Whatever sits in `<root>/.optimum-neuron-cache/` (a FIFO named like a record or a memo, a record whose times are
+not times, thousands of leftovers of models that never run again) costs one line at most: never a hang, never
+another model's entries, never a slow enter. Runs that could hang are run in a child with a time bound (a hang
+guard, not a duration that is asserted); a reader left blocked on a FIFO is released by opening its writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.buckets import BucketRef
+from optimum_neuron_cache.client import BucketClient
+from optimum_neuron_cache.host_state import HostState
+from optimum_neuron_cache.journal import REFUSED_SUFFIX, Journal, JournalKey, RunRecord, _host_digest
+from optimum_neuron_cache.local_cache import STATE_DIR_NAME
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs, module_name
+
+from stress.scenarios import _env
+
+#: How long a child may take before it is taken for hung (the runs below take a second or two).
+HANG_GUARD_S = 120
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def _release(fifos: list[Path]) -> None:
+    """Open each FIFO's writing end once: a reader blocked on it (the code before the fix) gets EOF and goes on."""
+    for fifo in fifos:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+def _bounded(script: str, spec: dict, fifos: list[Path],
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-c", script, json.dumps(spec)], env=env or _env(), capture_output=True,
+                              text=True, timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung on a FIFO in the state folder")
+    finally:
+        _release(fifos)
+
+
+def _dir_bucket(tmp_path: Path) -> BucketRef:
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    BucketClient(ref).create()
+    return ref
+
+
+def _committed(ref: BucketRef) -> set[str]:
+    return {item["path"] for item in BucketClient(ref).list("", recursive=True) if item["path"].endswith("model.done")}
+
+
+ENTER = """
+import json, sys
+from optimum_neuron_cache import hub_neuronx_cache
+from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
+spec = json.loads(sys.argv[1])
+with hub_neuronx_cache(spec["model"], compiler_version=spec["version"], bucket=spec["bucket"],
+                       cache_dir=spec["cache"]) as run:
+    compile_graph(spec["cache"], spec["version"], make_graphs(1, seed="fifo")[0])
+print(json.dumps({"synced": run.synced, "warnings": run.warnings}))
+"""
+
+
+def test_a_fifo_named_like_a_journal_record_never_blocks_an_enter(tmp_path, version):
+    """A FIFO named like a dead run's open record (another model's), and one named like a closed record of the
+    run's own model: the enter reads neither (one line each), renames them aside, and the run publishes."""
+    ref = _dir_bucket(tmp_path)
+    cache = tmp_path / "cache"
+    folder = Journal(cache).folder
+    folder.mkdir(parents=True)
+    dead, host = _dead_pid(), _host_digest()
+    other = JournalKey(str(ref), version, "org--other", "default").digest
+    own = JournalKey(str(ref), version, "org--m", "default").digest
+    fifos = [folder / f"{other}-{host}-{dead}-0-aaaaaaaa.json", folder / f"{own}-{host}-{dead}-0-bbbbbbbb.closed.json"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    done = _bounded(ENTER, {"model": "org/m", "version": version, "bucket": ref.location, "cache": str(cache)}, fifos)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert len(run["synced"]) == 1 and run["warnings"] == []
+    refused = [line for line in done.stderr.splitlines() if "journal record" in line]
+    assert len(refused) == 2 and all("a FIFO" in line and REFUSED_SUFFIX in line for line in refused), done.stderr
+    assert sorted(path.name for path in folder.iterdir()) == sorted(fifo.name + REFUSED_SUFFIX for fifo in fifos)
+
+
+SHIM_COMPILE = """
+import json, sys
+from optimum_neuron_cache.testing.simulated_neuronx_cc import jit_compile
+from optimum_neuron_cache.testing.simulated_compiler import make_graphs
+spec = json.loads(sys.argv[1])
+print(json.dumps({"compiled": jit_compile(spec["cache"], spec["version"], make_graphs(1, seed="memo")[0]).compiled}))
+"""
+
+
+def test_a_fifo_at_the_shims_memo_never_blocks_a_compile(tmp_path):
+    """The shim memoizes `neuronx-cc --version` in its state folder: a FIFO there is refused with one line, the
+    version is probed, the compile goes on, and the memo is written anew."""
+    from optimum_neuron_cache.integrations.compiler_shim import install_compiler_shim
+    from optimum_neuron_cache.testing.simulated_neuronx_cc import DEFAULT_VERSION, install_simulated_compiler
+
+    real_bin, shim_bin, cache = tmp_path / "sdk-bin", tmp_path / "shim-bin", tmp_path / "cache"
+    install_simulated_compiler(real_bin)
+    install_compiler_shim(shim_bin)
+    memo = cache / STATE_DIR_NAME / "shim" / "compiler-versions.json"
+    memo.parent.mkdir(parents=True)
+    # The entry in two version folders: the shim cannot tell its version from the folder, and probes the compiler.
+    module = module_name(DEFAULT_VERSION, make_graphs(1, seed="memo")[0])
+    (cache / "neuronxcc-2.14.227.0+2d4f85be" / module).mkdir(parents=True)
+    os.mkfifo(memo)
+    env = _env({"PATH": os.pathsep.join([str(shim_bin), str(real_bin), os.environ["PATH"]]),
+                "NEURON_CACHE_BUCKET": _dir_bucket(tmp_path).location, "NEURON_COMPILE_CACHE_URL": str(cache),
+                "SIMULATED_NEURONX_CC_LOG": str(tmp_path / "compiles.log")})
+    env.pop("NEURON_CC_VERSION", None)  # the shim probes the compiler's version: it reads its memo
+    done = _bounded(SHIM_COMPILE, {"cache": str(cache), "version": DEFAULT_VERSION}, [memo], env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"compiled": True}
+    assert (tmp_path / "compiles.log").read_text().split() != []
+    assert memo.is_file() and DEFAULT_VERSION in memo.read_text()  # replaced by a regular memo
+
+
+RECORD_RUN = """
+import json, sys
+from pathlib import Path
+from optimum_neuron_cache.stats import Stats, read_stats, record_run
+spec = json.loads(sys.argv[1])
+record_run(Stats(hits=2), Path(spec["stats"]))
+last, total = read_stats(Path(spec["stats"]))
+print(json.dumps({"hits": total.hits}))
+"""
+
+
+def test_a_fifo_at_the_stats_log_never_blocks_a_runs_exit(tmp_path):
+    """Every run's exit appends its figures to the stats log: a FIFO there is removed with one line, and the
+    figures go to a new log."""
+    stats = tmp_path / "stats" / "stats.json"
+    stats.parent.mkdir()
+    log = stats.with_name("stats.log")
+    os.mkfifo(log)
+    done = _bounded(RECORD_RUN, {"stats": str(stats)}, [log])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"hits": 2}
+    assert log.is_file() and "a FIFO" in done.stderr
+
+
+def test_a_publication_marker_is_never_followed(tmp_path):
+    """`published/` markers are replaced, never written through: a dangling symlink there creates nothing where
+    it points, and a symlink to a fresh file never says "published"."""
+    state = HostState(tmp_path / "cache")
+    outside = tmp_path / "outside"
+    marker = state._published_marker("dir:///b", "neuronxcc-1/MODULE_1+a")
+    marker.parent.mkdir(parents=True)
+    marker.symlink_to(outside)
+    state.mark_published("dir:///b", ["neuronxcc-1/MODULE_1+a"])
+    assert not outside.exists() and marker.is_file() and not marker.is_symlink()
+    fresh = tmp_path / "fresh"
+    fresh.write_text("")
+    other = state._published_marker("dir:///b", "neuronxcc-1/MODULE_2+a")
+    other.symlink_to(fresh)
+    assert not state.published_since("dir:///b", "neuronxcc-1/MODULE_2+a", time.time() - 60)
