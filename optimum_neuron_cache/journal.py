@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -52,6 +53,10 @@ MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
 CLOSED_SUFFIX = ".closed.json"
 #: What a refused record file (not a regular file, too large, malformed) is renamed to end with: never read again.
 REFUSED_SUFFIX = ".refused"
+#: No record of this package's was written before this instant (2025-01-01 UTC), and none is written more than
+#: `FUTURE_SLACK` seconds ahead of now (a clock stepped back by that much still reads its records).
+EARLIEST_TIME = 1_735_689_600.0
+FUTURE_SLACK = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,18 @@ def _host_digest() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _parse(text: str, path: Path) -> RunRecord | None:
-    """A record, or None for anything else (a foreign file is skipped, never trusted)."""
+def _time(value: Any, now: float) -> float:
+    """A record's time: a finite number of seconds within the cache's lifetime (ValueError otherwise: `-inf`,
+    `0` or `"nan"` would open a window over every entry of the host)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not EARLIEST_TIME <= value <= now + FUTURE_SLACK:
+        raise ValueError(f"time {value!r} is not within the cache's lifetime")
+    return float(value)
+
+
+def _parse(text: str, path: Path, now: float | None = None) -> RunRecord:
+    """A record; ValueError for anything else (a foreign file is refused, never trusted)."""
+    now = time.time() if now is None else now
     try:
         data = json.loads(text)
         key = JournalKey(str(data["key"]["bucket"]), str(data["key"]["compiler_version"]),
@@ -135,13 +150,14 @@ def _parse(text: str, path: Path) -> RunRecord | None:
         entries = tuple(name for name in data.get("entries", []) if isinstance(name, str) and is_module_name(name))
         config = data.get("export_config")
         sealed = data.get("sealed")
-        return RunRecord(key=key, started=float(data["started"]), model_id=data.get("model_id"),
+        return RunRecord(key=key, started=_time(data["started"], now), model_id=data.get("model_id"),
                          export_config=config if isinstance(config, dict) else None, entries=entries,
-                         window=bool(data.get("window")), sealed=float(sealed) if sealed is not None else None,
+                         window=bool(data.get("window")), sealed=_time(sealed, now) if sealed is not None else None,
                          open=bool(data.get("open")), path=path)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        log.warning("optimum-neuron-cache: ignoring a malformed journal record %s", path)
-        return None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a journal record ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise ValueError("not a journal record (nested too deeply)") from None
 
 
 class Journal:
@@ -223,10 +239,10 @@ class Journal:
 
     def _read(self, path: Path, *, aside: bool = True) -> RunRecord | None:
         """The record at `path`, or None when it is gone or refused: anything but a regular file (a FIFO never
-        blocks the reader), too large, or malformed. A file that is not a record costs one warning and, with
-        `aside`, is renamed to end with `REFUSED_SUFFIX` (never read again)."""
+        blocks the reader), too large, malformed, or with times outside the cache's lifetime. A refused file
+        costs one warning and, with `aside`, is renamed to end with `REFUSED_SUFFIX` (never read again)."""
         try:
-            raw = read_state_file(path, MAX_JOURNAL_FILE_BYTES)
+            return _parse(read_state_file(path, MAX_JOURNAL_FILE_BYTES).decode("utf-8", "replace"), path)
         except FileNotFoundError:
             return None
         except RefusedStateFile as exc:
@@ -234,8 +250,8 @@ class Journal:
         except OSError as exc:
             log.warning("optimum-neuron-cache: cannot read the journal record %s: %s", path, exc)
             return None
-        else:
-            return _parse(raw.decode("utf-8", "replace"), path)
+        except ValueError as exc:
+            why = str(exc)
         if aside:
             try:
                 os.rename(path, path.with_name(path.name + REFUSED_SUFFIX))

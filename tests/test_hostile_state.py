@@ -174,3 +174,38 @@ def test_a_publication_marker_is_never_followed(tmp_path):
     other = state._published_marker("dir:///b", "neuronxcc-1/MODULE_2+a")
     other.symlink_to(fresh)
     assert not state.published_since("dir:///b", "neuronxcc-1/MODULE_2+a", time.time() - 60)
+
+
+def _closed_record(folder: Path, key: JournalKey, dead: int, tag: str, **fields) -> Path:
+    data = json.loads(RunRecord(key=key, started=time.time() - 3600, window=True, open=False,
+                                export_config={"poisoned": tag}).to_json())
+    data.update(fields)
+    path = folder / f"{key.digest}-{_host_digest()}-{dead}-0-{tag}.closed.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("times", [{"started": "-inf"}, {"started": 0}, {"started": "nan"},
+                                   {"started": float("-inf")}, {"sealed": 1e300}],
+                         ids=["started=-inf", "started=0", "started=nan", "started=-Infinity", "sealed=1e300"])
+def test_a_record_whose_times_are_not_within_the_caches_lifetime_is_refused(tmp_path, version, caplog, times):
+    """A closed record with a window from the beginning of time (or to its end) would make the next run of its
+    model publish every entry of the host, other models' included, into its area, with the record's config."""
+    ref = _dir_bucket(tmp_path)
+    cache = tmp_path / "cache"
+    folder = Journal(cache).folder
+    folder.mkdir(parents=True)
+    for graph in make_graphs(2, seed="someone-else"):  # other models' entries, compiled on this host
+        compile_graph(cache, version, graph)
+    path = _closed_record(folder, JournalKey(str(ref), version, "org--x", "default"), _dead_pid(), "poison", **times)
+    with caplog.at_level("WARNING", logger="optimum_neuron_cache"):
+        with hub_neuronx_cache("org/x", compiler_version=version, bucket=ref, cache_dir=cache,
+                               export_config={"batch_size": 1}) as run:
+            pass
+    assert run.recovered == [] and run.synced == []
+    # Nothing in the model's area: no other model's entry, no export record of the poisoned record's config.
+    listed = [item["path"] for item in BucketClient(ref).list("", recursive=True)]
+    assert [path for path in listed if "/models/org--x/" in path] == []
+    refused = [r.getMessage() for r in caplog.records if "journal record" in r.getMessage()]
+    assert len(refused) == 1 and "lifetime" in refused[0]
+    assert path.with_name(path.name + REFUSED_SUFFIX).exists() and not path.exists()
