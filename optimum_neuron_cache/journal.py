@@ -215,9 +215,9 @@ class Journal:
         atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
-    def _files(self) -> list[tuple[str, list[str], bool]]:
-        """(name, parts of the name, whether the name says closed) of every record; temp files of writers that
-        died are removed."""
+    def _names(self) -> list[str]:
+        """The names of every record (open ones end with `.json`, closed ones with `CLOSED_SUFFIX`); temp files
+        of writers that died are removed."""
         try:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
@@ -229,13 +229,7 @@ class Journal:
                     (self.folder / name).unlink(missing_ok=True)
                 except OSError:  # a folder of that name is not ours: left alone
                     pass
-        found = []
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
-            closed = name.endswith(CLOSED_SUFFIX)
-            found.append((name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
-        return found
+        return [name for name in names if name.endswith(".json") and not name.startswith(".")]
 
     def _read(self, path: Path, *, aside: bool = True) -> RunRecord | None:
         """The record at `path`, or None when it is gone or refused: anything but a regular file (a FIFO never
@@ -275,8 +269,9 @@ class Journal:
         wanted, found = set(names), set()
         if not wanted:
             return found
-        for name, parts, _closed in self._files():
-            if parts[0] == key.digest and (mine.path is None or name != mine.path.name):
+        prefix = key.digest + "-"
+        for name in self._names():
+            if name.startswith(prefix) and (mine.path is None or name != mine.path.name):
                 record = self._read(self.folder / name, aside=False)
                 if record is not None and record.key.digest == key.digest:
                     found |= wanted & set(record.entries)
@@ -284,29 +279,44 @@ class Journal:
 
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
-        owner's window (of any key) is sealed on the way, so that what this host compiles from now on is
-        never attributed to a dead run. The record of a live owner is read only when its name says closed:
-        an open one is its owner's business (so 32 ranks entering at once read none of each other's)."""
+        owner's record (of any key) is sealed on the way and renamed closed, so that what this host compiles
+        from now on is never attributed to a dead run. Only two kinds of records are read: closed ones of `key`,
+        and open ones whose owner is dead (once each: sealed, they are closed). An open one of a live owner is
+        its owner's business (32 ranks entering at once read none of each other's), and a closed one of another
+        key is its key's: thousands of leftovers of models that never run again cost an enter their names."""
         now = time.time() if now is None else now
-        found = []
+        found: dict[str, RunRecord] = {}
         host, digest = _host_digest(), key.digest
-        for name, parts, closed in self._files():
-            mine = len(parts) == 5 and parts[0] == digest
-            dead = self._dead(parts, host)
-            if not (mine and closed or dead):
+        names = self._names()
+        closed_names = {name for name in names if name.endswith(CLOSED_SUFFIX)}
+        for name in names:
+            if name in closed_names:
+                if name.startswith(digest + "-") and name.count("-") == 4:
+                    record = self._read(self.folder / name)
+                    if record is not None and record.key.digest == digest and not record.open:
+                        found[name] = record
                 continue
+            parts = name[:-len(".json")].split("-")
+            mine = len(parts) == 5 and parts[0] == digest
+            closed_name = name[:-len(".json")] + CLOSED_SUFFIX
+            if closed_name in closed_names or not self._dead(parts, host):
+                continue  # sealed meanwhile by another enter (its closed copy is read above), or a live run's
             record = self._read(self.folder / name)
             if record is None:
+                record = self._read(self.folder / closed_name)  # sealed by another enter since the listing
+                if record is not None and mine and record.key.digest == digest and not record.open:
+                    found[closed_name] = record
                 continue
-            if dead and record.open:
-                try:  # rewritten by whoever notices first; a lost race rewrites the same seal, give or take
-                    record = replace(record, open=False, sealed=record.sealed or now if record.window else None)
-                    self._write(record)
-                except OSError:
-                    continue
-            if mine and record.key.digest == key.digest and not record.open:
-                found.append(record)
-        return found
+            sealed = replace(record, open=False, sealed=record.sealed or now if record.window else None,
+                             path=self.folder / closed_name)
+            try:  # written closed by whoever notices first (a lost race writes the same seal, give or take), then
+                self._write(sealed)  # the open name goes: no enter reads this record again unless it is its key's
+                (self.folder / name).unlink(missing_ok=True)
+            except OSError:
+                continue
+            if mine and record.key.digest == digest:
+                found[closed_name] = sealed
+        return list(found.values())
 
 
 def explicit_and_window(records: Iterable[RunRecord], entries: Mapping[str, LocalEntry], now: float) -> set[str]:

@@ -209,3 +209,38 @@ def test_a_record_whose_times_are_not_within_the_caches_lifetime_is_refused(tmp_
     refused = [r.getMessage() for r in caplog.records if "journal record" in r.getMessage()]
     assert len(refused) == 1 and "lifetime" in refused[0]
     assert path.with_name(path.name + REFUSED_SUFFIX).exists() and not path.exists()
+
+
+def test_leftovers_of_other_models_cost_an_enter_their_names_only(tmp_path, version, caplog):
+    """Closed records of models that never run again are read by no other model's enter (they are filled with
+    garbage here: a read would say so); a dead run's open record is read, sealed and renamed closed once, and
+    the next run of its own model still publishes its entries into its area."""
+    ref = _dir_bucket(tmp_path)
+    cache = tmp_path / "cache"
+    folder = Journal(cache).folder
+    folder.mkdir(parents=True)
+    dead, host = _dead_pid(), _host_digest()
+    for i in range(50):
+        digest = JournalKey(str(ref), version, f"org--gone{i}", "default").digest
+        (folder / f"{digest}-{host}-{dead}-0-{i:08x}.closed.json").write_text("{not a record")
+    graphs = make_graphs(2, seed="killed")
+    for graph in graphs:
+        compile_graph(cache, version, graph)
+    x = JournalKey(str(ref), version, "org--x", "default")
+    killed = folder / f"{x.digest}-{host}-{dead}-0-cccccccc.json"
+    killed.write_text(RunRecord(key=x, started=time.time() - 60, model_id="org/x", window=True, open=True).to_json())
+    with caplog.at_level("WARNING", logger="optimum_neuron_cache"):
+        with hub_neuronx_cache("org/y", compiler_version=version, bucket=ref, cache_dir=cache) as y:
+            pass
+    assert [r.getMessage() for r in caplog.records if "journal" in r.getMessage()] == []
+    assert y.recovered == [] and not killed.exists()
+    sealed = killed.with_name(killed.name[:-len(".json")] + ".closed.json")
+    record = json.loads(sealed.read_text())
+    assert record["open"] is False and record["sealed"] is not None
+    with hub_neuronx_cache("org/x", compiler_version=version, bucket=ref, cache_dir=cache) as run:
+        pass
+    modules = {module_name(version, graph) for graph in graphs}
+    assert {key.rsplit("/", 1)[1] for key in run.recovered} == modules
+    area = f"neuronxcc-{version}/models/org--x/default"
+    assert {f"{area}/{m}/model.done" for m in modules} <= _committed(ref)
+    assert not sealed.exists() and len(list(folder.iterdir())) == 50  # the leftovers of other models stay theirs
