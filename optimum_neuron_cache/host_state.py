@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pwd
 import shutil
 import socket
 import stat
@@ -35,6 +36,38 @@ from .local_cache import STATE_DIR_NAME, version_dir_name
 from .processes import alive
 
 log = logging.getLogger("optimum_neuron_cache")
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_state(root: Path) -> str | None:
+    """Why this user cannot keep this package's state in the cache root `root`, in one line saying what happens
+    and what to do; None when it can. The state folder is one user's (docs/reliability.md, "The local journal
+    and state folder are hostile input"): it must be this user's, or not exist yet in a root this user can
+    write."""
+    state, me = root / STATE_DIR_NAME, os.geteuid()
+    try:
+        info = os.lstat(state)
+    except FileNotFoundError:
+        try:
+            if os.access(root, os.W_OK | os.X_OK, effective_ids=True):
+                return None
+            whose = f"{root} belongs to {_user(os.stat(root).st_uid)} and is not writable by you ({_user(me)})"
+        except FileNotFoundError:  # no root yet: this run makes it, as this user's
+            return None
+    else:
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == me:
+            return None
+        what = "belongs to" if stat.S_ISDIR(info.st_mode) else "is not a folder; it belongs to"
+        whose = f"its state folder {state} {what} {_user(info.st_uid)}, not to you ({_user(me)})"
+    return (f"the compile cache root {root} is another user's: {whose}. This run neither fetches nor publishes, and "
+            f"what it compiles there is published only by that user (`neuron-cache sync --cache-dir {root}`). "
+            "Use a cache root of your own (NEURON_COMPILE_CACHE_URL, or cache_dir=) to sync your compiles")
 
 
 class HostState:

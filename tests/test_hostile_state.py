@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -244,3 +246,64 @@ def test_leftovers_of_other_models_cost_an_enter_their_names_only(tmp_path, vers
     area = f"neuronxcc-{version}/models/org--x/default"
     assert {f"{area}/{m}/model.done" for m in modules} <= _committed(ref)
     assert not sealed.exists() and len(list(folder.iterdir())) == 50  # the leftovers of other models stay theirs
+
+
+NOBODY = 65534
+
+SHARED_ENTER = """
+import json, os, sys
+from optimum_neuron_cache import hub_neuronx_cache
+spec = json.loads(sys.argv[1])
+os.setgid(spec["uid"])
+os.setuid(spec["uid"])
+with hub_neuronx_cache("org/m", compiler_version=spec["version"], bucket=spec["bucket"],
+                       cache_dir=spec["cache"]) as run:
+    pass
+print(json.dumps({"enabled": run.enabled, "warnings": run.warnings, "fetched": run.fetched}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="playing another user needs root (os.setuid)")
+@pytest.mark.parametrize("state", ["made by its first user", "not made yet"])
+def test_another_users_cache_root_turns_sync_off_with_a_line_that_says_what_to_do(tmp_path, version, state):
+    """A compile cache root made 0755 by its first user: another user's run cannot write its state there. It says
+    so in one line that is true (nothing it compiles is published by a later run of its own) and says what to do,
+    instead of failing at each step and promising a later run will publish; the body runs."""
+    ref = _dir_bucket(tmp_path)
+    shared = Path(tempfile.mkdtemp(prefix="onc-shared-root-", dir="/tmp"))  # tmp_path's parents are root's, 0700
+    try:
+        shared.chmod(0o755)
+        _another_users_run(shared / "cache", ref, version, state)
+    finally:
+        shutil.rmtree(shared)
+
+
+def _another_users_run(cache: Path, ref: BucketRef, version: str, state: str) -> None:
+    cache.mkdir(mode=0o755)
+    if state == "made by its first user":
+        with hub_neuronx_cache("org/m", compiler_version=version, bucket=ref, cache_dir=cache) as first:
+            compile_graph(cache, version, make_graphs(1, seed="first user")[0])
+        assert len(first.synced) == 1 and (cache / STATE_DIR_NAME).stat().st_mode & 0o777 == 0o755
+    spec = {"uid": NOBODY, "version": version, "bucket": ref.location, "cache": str(cache)}
+    done = subprocess.run([sys.executable, "-c", SHARED_ENTER, json.dumps(spec)], env=_env(), capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    [line] = run["warnings"]
+    assert run["enabled"] is False and line.startswith("bucket sync is off: ")
+    assert "another user's" in line and f"uid {NOBODY}" in line and "uid 0" in line
+    assert "neither fetches nor publishes" in line and f"neuron-cache sync --cache-dir {cache}" in line
+    assert "NEURON_COMPILE_CACHE_URL" in line and "later run" not in line
+    if state == "made by its first user":  # nothing of the other user's was written into the first one's state
+        assert {path.stat().st_uid for path in (cache / STATE_DIR_NAME).rglob("*")} == {0}
+
+
+def test_a_cache_root_of_ones_own_is_never_taken_for_another_users(tmp_path, version):
+    from optimum_neuron_cache.host_state import foreign_state
+
+    cache = tmp_path / "cache"
+    assert foreign_state(cache) is None  # not made yet: this run makes it
+    cache.mkdir()
+    assert foreign_state(cache) is None
+    (cache / STATE_DIR_NAME).mkdir()
+    assert foreign_state(cache) is None

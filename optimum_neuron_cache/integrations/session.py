@@ -52,6 +52,7 @@ from ..atomic import RefusedStateFile, atomic_write, read_state_json
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
+from ..host_state import foreign_state
 from ..journal import JournalKey
 from ..local_cache import STATE_DIR_NAME, scan_entries
 from ..publish import publish
@@ -156,7 +157,12 @@ class TrainingCacheSession:
             self._ctx.__enter__()  # a publisher that is not its host's fetcher (unusual launchers) enters too
             self._after_enter()
             return
-        lock_path, status_path = self._coordination_files()
+        try:
+            lock_path, status_path = self._coordination_files()
+        except OSError:  # a state folder this user cannot write (another user's cache root): the context says why
+            self._ctx.__enter__()
+            self._after_enter()
+            return
         lock = FileLock(lock_path)
         try:
             lock.acquire(timeout=self.wait_timeout)
@@ -182,6 +188,9 @@ class TrainingCacheSession:
                 self._baseline = set()
 
     def _wait_for_host_fetch(self) -> None:
+        if (foreign := foreign_state(self._root)) is not None:  # local rank 0 fetches nothing there: no wait
+            self._warn(f"bucket sync is off: {foreign}")
+            return
         started = time.monotonic()
         deadline = started + self.wait_timeout
         since = process_start_time() - _START_SLACK
