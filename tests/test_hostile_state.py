@@ -298,6 +298,45 @@ def _another_users_run(cache: Path, ref: BucketRef, version: str, state: str) ->
         assert {path.stat().st_uid for path in (cache / STATE_DIR_NAME).rglob("*")} == {0}
 
 
+SHARED_SESSION = """
+import json, os, sys
+from optimum_neuron_cache.integrations.ranks import RankInfo
+from optimum_neuron_cache.integrations.session import TrainingCacheSession
+spec = json.loads(sys.argv[1])
+os.setgid(spec["uid"])
+os.setuid(spec["uid"])
+kwargs = dict(bucket=spec["bucket"], cache_dir=spec["cache"], compiler_version=spec["version"], wait_timeout=30)
+rank0 = TrainingCacheSession("org/m", ranks=RankInfo(local_rank=0, world_size=2, local_world_size=2), **kwargs)
+rank0.begin()
+rank1 = TrainingCacheSession("org/m", ranks=RankInfo(rank=1, local_rank=1, world_size=2, local_world_size=2), **kwargs)
+one = rank1.begin()
+print(json.dumps({"zero": rank0.run.warnings, "one": one.warnings, "waited": one.wait_outcome}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="playing another user needs root (os.setuid)")
+def test_a_training_session_on_another_users_cache_root_neither_fails_nor_waits(tmp_path, version):
+    """Local rank 0 of a training session on another user's root goes on with the same line (it raised on the
+    state folder before), and the other ranks do not wait for a fetch that cannot happen."""
+    ref = _dir_bucket(tmp_path)
+    shared = Path(tempfile.mkdtemp(prefix="onc-shared-root-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        cache = shared / "cache"
+        with hub_neuronx_cache("org/m", compiler_version=version, bucket=ref, cache_dir=cache):
+            compile_graph(cache, version, make_graphs(1, seed="first user")[0])
+        spec = {"uid": NOBODY, "version": version, "bucket": ref.location, "cache": str(cache)}
+        done = subprocess.run([sys.executable, "-c", SHARED_SESSION, json.dumps(spec)], env=_env(),
+                              capture_output=True, text=True, timeout=HANG_GUARD_S)
+    finally:
+        shutil.rmtree(shared)
+    assert done.returncode == 0, done.stderr
+    ranks = json.loads(done.stdout)
+    assert ranks["waited"] is None
+    for warnings in (ranks["zero"], ranks["one"]):
+        [line] = warnings
+        assert line.startswith("bucket sync is off: ") and "another user's" in line
+
 def test_a_cache_root_of_ones_own_is_never_taken_for_another_users(tmp_path, version):
     from optimum_neuron_cache.host_state import foreign_state
 
