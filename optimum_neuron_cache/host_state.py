@@ -52,7 +52,7 @@ def foreign_state(root: Path) -> str | None:
     write."""
     state, me = root / STATE_DIR_NAME, os.geteuid()
     try:
-        info = os.lstat(state)
+        info = os.stat(state)  # a state folder symlinked to one of this user's folders is this user's
     except FileNotFoundError:
         try:
             if os.access(root, os.W_OK | os.X_OK, effective_ids=True):
