@@ -7,8 +7,8 @@ One small JSON file per run under `<root>/.optimum-neuron-cache/journal/`, named
 `<key digest>-<host digest>-<pid>-<pid start>-<random>.json`, so that liveness is read from the name and a
 warm run writes and removes one file of its own (no read-modify-write shared by 32 ranks). A closed record is
 named `...-<random>.closed.json` (its owner renames it so as it closes it), so an enter reads only the records
-it may have to act on (closed ones, and those of dead owners), never the open records of the live runs beside
-it: 32 ranks entering together read none of each other's records.
+it may have to act on (closed ones of its key, open ones of dead owners), never the open records of the live runs
+beside it: 32 ranks entering together read none of each other's records.
 A record says:
 
 - **window**: "every entry that became complete while I ran is mine to publish". Written on enter, before the
