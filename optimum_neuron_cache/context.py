@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +23,7 @@ from .buckets import BucketRef, embedded_default, resolve_bucket
 from .client import BucketClient
 from .errors import NeuronCacheError
 from .fetch import FetchNote, FetchPlan, HostFetchGate, fetch_model, heal_line, stamp_request
-from .host_state import HostState
+from .host_state import HostState, foreign_state
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
@@ -176,6 +176,11 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._warn(f"bucket sync is off: {self._root.disabled_reason}")
             return self.run
         root = self._root.path
+        if (foreign := foreign_state(root)) is not None:  # another user's root: nothing here may be written
+            self._root = replace(self._root, path=None, disabled_reason=foreign)
+            self.run.enabled = False
+            self._warn(f"bucket sync is off: {foreign}")
+            return self.run
         gate = self._gate(root)
         leading = gate is None or self._lead(gate)
         if leading:  # this process fetches: its first request runs while it reads its cache below

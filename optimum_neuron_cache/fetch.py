@@ -37,6 +37,7 @@ from bucket_server.protocol import MAX_RECORD_BYTES
 from . import atomic, crashpoints
 from . import remote_layout as layout
 from . import settings
+from .atomic import RefusedStateFile, open_state_file
 from .client import BucketClient, ProgressCallback
 from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError, RemoteUnavailableError
@@ -831,7 +832,13 @@ class HostFetchGate:
 
     def lead(self) -> bool:
         """Take the gate if nobody holds it: True means this process fetches (then `release`)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except RefusedStateFile as exc:  # a FIFO there would block waiters: it goes (a lock file of ours)
+            log.warning("optimum-neuron-cache: removing %s (%s): not a fetch gate of this package's", self.path,
+                        exc.why)
+            os.unlink(self.path)
+            fd = open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             raw = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
@@ -869,7 +876,7 @@ class HostFetchGate:
         fetcher lets go); the thread owns the file, and one that outlives a timed-out wait closes it when it
         gets the lock."""
         began = time.time()
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_state_file(self.path)
         read: list[bytes] = []
         done = threading.Event()
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
+import pwd
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,8 +31,43 @@ from pathlib import Path
 
 from filelock import Timeout
 
+from .atomic import STATE_OPEN_FLAGS, atomic_write
 from .local_cache import STATE_DIR_NAME, version_dir_name
 from .processes import alive
+
+log = logging.getLogger("optimum_neuron_cache")
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_state(root: Path) -> str | None:
+    """Why this user cannot keep this package's state in the cache root `root`, in one line saying what happens
+    and what to do; None when it can. The state folder is one user's (docs/reliability.md, "The local journal
+    and state folder are hostile input"): it must be this user's, or not exist yet in a root this user can
+    write."""
+    state, me = root / STATE_DIR_NAME, os.geteuid()
+    try:
+        info = os.stat(state)  # a state folder symlinked to one of this user's folders is this user's
+    except FileNotFoundError:
+        try:
+            if os.access(root, os.W_OK | os.X_OK, effective_ids=True):
+                return None
+            whose = f"{root} belongs to {_user(os.stat(root).st_uid)} and is not writable by you ({_user(me)})"
+        except FileNotFoundError:  # no root yet: this run makes it, as this user's
+            return None
+    else:
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == me:
+            return None
+        what = "belongs to" if stat.S_ISDIR(info.st_mode) else "is not a folder; it belongs to"
+        whose = f"its state folder {state} {what} {_user(info.st_uid)}, not to you ({_user(me)})"
+    return (f"the compile cache root {root} is another user's: {whose}. This run neither fetches nor publishes, and "
+            f"what it compiles there is published only by that user (`neuron-cache sync --cache-dir {root}`). "
+            "Use a cache root of your own (NEURON_COMPILE_CACHE_URL, or cache_dir=) to sync your compiles")
 
 
 class HostState:
@@ -65,17 +103,26 @@ class HostState:
         """Note that this host just published these entry destinations (bucket folders)."""
         for destination in destinations:
             marker = self._published_marker(bucket, destination)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            os.utime(marker)
+            try:
+                if stat.S_ISREG(os.lstat(marker).st_mode):
+                    os.utime(marker, follow_symlinks=False)
+                    continue
+                log.warning("optimum-neuron-cache: replacing %s: not a regular file (a publication marker)", marker)
+            except FileNotFoundError:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write(marker, b"")  # a symlink or a FIFO there is replaced, never followed or opened
+            except IsADirectoryError:  # a folder is not ours to remove: that entry's marker is lost, nothing else
+                log.warning("optimum-neuron-cache: cannot mark %s published: %s is a folder", destination, marker)
 
     def published_since(self, bucket: str, destination: str, since: float) -> bool:
         """Whether a process of this host published `destination` after `since` (a time.time() value).
         Only a recent publication counts: the bucket itself stays the truth for anything older."""
         try:
-            return self._published_marker(bucket, destination).stat().st_mtime >= since
+            info = os.lstat(self._published_marker(bucket, destination))
         except FileNotFoundError:
             return False
+        return stat.S_ISREG(info.st_mode) and info.st_mtime >= since  # a symlink's target's time says nothing
 
     # ------------------------------------------------------------------------------- temp dirs
     @contextlib.contextmanager
@@ -134,7 +181,7 @@ class EntryLock:
         if self._fd is not None:
             return
         deadline = None if timeout < 0 else time.monotonic() + timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | STATE_OPEN_FLAGS, 0o644)  # only flocked, never read
         try:
             while True:
                 try:

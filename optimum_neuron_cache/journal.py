@@ -7,8 +7,8 @@ One small JSON file per run under `<root>/.optimum-neuron-cache/journal/`, named
 `<key digest>-<host digest>-<pid>-<pid start>-<random>.json`, so that liveness is read from the name and a
 warm run writes and removes one file of its own (no read-modify-write shared by 32 ranks). A closed record is
 named `...-<random>.closed.json` (its owner renames it so as it closes it), so an enter reads only the records
-it may have to act on (closed ones, and those of dead owners), never the open records of the live runs beside
-it: 32 ranks entering together read none of each other's records.
+it may have to act on (closed ones of its key, open ones of dead owners), never the open records of the live runs
+beside it: 32 ranks entering together read none of each other's records.
 A record says:
 
 - **window**: "every entry that became complete while I ran is mine to publish". Written on enter, before the
@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import crashpoints
-from .atomic import atomic_write
+from .atomic import RefusedStateFile, atomic_write, read_state_file
 from .local_cache import STATE_DIR_NAME, LocalEntry, commit_time, is_module_name
 from .processes import alive, pid_start
 
@@ -50,6 +51,12 @@ SCHEMA = 1
 MAX_JOURNAL_FILE_BYTES = 4 * 1024 * 1024
 #: How the name of a closed record ends (an open one ends with plain `.json`).
 CLOSED_SUFFIX = ".closed.json"
+#: What a refused record file (not a regular file, too large, malformed) is renamed to end with: never read again.
+REFUSED_SUFFIX = ".refused"
+#: No record of this package's was written before this instant (2025-01-01 UTC), and none is written more than
+#: `FUTURE_SLACK` seconds ahead of now (a clock stepped back by that much still reads its records).
+EARLIEST_TIME = 1_735_689_600.0
+FUTURE_SLACK = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,18 @@ def _host_digest() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _parse(text: str, path: Path) -> RunRecord | None:
-    """A record, or None for anything else (a foreign file is skipped, never trusted)."""
+def _time(value: Any, now: float) -> float:
+    """A record's time: a finite number of seconds within the cache's lifetime (ValueError otherwise: `-inf`,
+    `0` or `"nan"` would open a window over every entry of the host)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not EARLIEST_TIME <= value <= now + FUTURE_SLACK:
+        raise ValueError(f"time {value!r} is not within the cache's lifetime")
+    return float(value)
+
+
+def _parse(text: str, path: Path, now: float | None = None) -> RunRecord:
+    """A record; ValueError for anything else (a foreign file is refused, never trusted)."""
+    now = time.time() if now is None else now
     try:
         data = json.loads(text)
         key = JournalKey(str(data["key"]["bucket"]), str(data["key"]["compiler_version"]),
@@ -133,13 +150,14 @@ def _parse(text: str, path: Path) -> RunRecord | None:
         entries = tuple(name for name in data.get("entries", []) if isinstance(name, str) and is_module_name(name))
         config = data.get("export_config")
         sealed = data.get("sealed")
-        return RunRecord(key=key, started=float(data["started"]), model_id=data.get("model_id"),
+        return RunRecord(key=key, started=_time(data["started"], now), model_id=data.get("model_id"),
                          export_config=config if isinstance(config, dict) else None, entries=entries,
-                         window=bool(data.get("window")), sealed=float(sealed) if sealed is not None else None,
+                         window=bool(data.get("window")), sealed=_time(sealed, now) if sealed is not None else None,
                          open=bool(data.get("open")), path=path)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        log.warning("optimum-neuron-cache: ignoring a malformed journal record %s", path)
-        return None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a journal record ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise ValueError("not a journal record (nested too deeply)") from None
 
 
 class Journal:
@@ -197,9 +215,9 @@ class Journal:
         atomic_write(record.path, record.to_json(), before_rename=lambda: crashpoints.reached("journal-write"))
 
     # ------------------------------------------------------------------------------------ recovery
-    def _files(self) -> list[tuple[str, list[str], bool]]:
-        """(name, parts of the name, whether the name says closed) of every record; temp files of writers that
-        died are removed."""
+    def _names(self) -> list[str]:
+        """The names of every record (open ones end with `.json`, closed ones with `CLOSED_SUFFIX`); temp files
+        of writers that died are removed."""
         try:
             names = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
@@ -207,30 +225,35 @@ class Journal:
         host = _host_digest()
         for name in names:  # `.<record name>.<pid>.<random>.tmp` (atomic.temp_name), left by a writer killed before its rename
             if name.startswith(".") and name.endswith(".tmp") and self._dead(name[1:].split(".")[0].split("-"), host):
-                (self.folder / name).unlink(missing_ok=True)
-        found = []
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
-            closed = name.endswith(CLOSED_SUFFIX)
-            found.append((name, name[:-len(CLOSED_SUFFIX if closed else ".json")].split("-"), closed))
-        return found
+                try:
+                    (self.folder / name).unlink(missing_ok=True)
+                except OSError:  # a folder of that name is not ours: left alone
+                    pass
+        return [name for name in names if name.endswith(".json") and not name.startswith(".")]
 
-    def _read(self, path: Path) -> RunRecord | None:
+    def _read(self, path: Path, *, aside: bool = True) -> RunRecord | None:
+        """The record at `path`, or None when it is gone or refused: anything but a regular file (a FIFO never
+        blocks the reader), too large, malformed, or with times outside the cache's lifetime. A refused file
+        costs one warning and, with `aside`, is renamed to end with `REFUSED_SUFFIX` (never read again)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            return _parse(read_state_file(path, MAX_JOURNAL_FILE_BYTES).decode("utf-8", "replace"), path)
+        except FileNotFoundError:
             return None
-        try:
-            size = os.fstat(fd).st_size
-            if size > MAX_JOURNAL_FILE_BYTES:
-                return None
-            raw = os.read(fd, size + 1)  # one read: the file is small (a larger one is not ours)
-        except OSError:
+        except RefusedStateFile as exc:
+            why = exc.why
+        except OSError as exc:
+            log.warning("optimum-neuron-cache: cannot read the journal record %s: %s", path, exc)
             return None
-        finally:
-            os.close(fd)
-        return _parse(raw.decode("utf-8", "replace"), path) if len(raw) <= MAX_JOURNAL_FILE_BYTES else None
+        except ValueError as exc:
+            why = str(exc)
+        if aside:
+            try:
+                os.rename(path, path.with_name(path.name + REFUSED_SUFFIX))
+            except OSError:
+                aside = False
+        log.warning("optimum-neuron-cache: ignoring a malformed journal record %s (%s)%s", path, why,
+                    f"; renamed to {path.name}{REFUSED_SUFFIX}, which no run reads: remove it" if aside else "")
+        return None
 
     def _dead(self, parts: list[str], host: str) -> bool:
         """Whether the owner named in a record's file name is a process of this host (`host`: _host_digest()) that
@@ -246,38 +269,54 @@ class Journal:
         wanted, found = set(names), set()
         if not wanted:
             return found
-        for name, parts, _closed in self._files():
-            if parts[0] == key.digest and (mine.path is None or name != mine.path.name):
-                record = self._read(self.folder / name)
+        prefix = key.digest + "-"
+        for name in self._names():
+            if name.startswith(prefix) and (mine.path is None or name != mine.path.name):
+                record = self._read(self.folder / name, aside=False)
                 if record is not None and record.key.digest == key.digest:
                     found |= wanted & set(record.entries)
         return found
 
     def leftovers(self, key: JournalKey, now: float | None = None) -> list[RunRecord]:
         """Records of `key` that nobody will publish: closed ones, and open ones whose owner died. Every dead
-        owner's window (of any key) is sealed on the way, so that what this host compiles from now on is
-        never attributed to a dead run. The record of a live owner is read only when its name says closed:
-        an open one is its owner's business (so 32 ranks entering at once read none of each other's)."""
+        owner's record (of any key) is sealed on the way and renamed closed, so that what this host compiles
+        from now on is never attributed to a dead run. Only two kinds of records are read: closed ones of `key`,
+        and open ones whose owner is dead (once each: sealed, they are closed). An open one of a live owner is
+        its owner's business (32 ranks entering at once read none of each other's), and a closed one of another
+        key is its key's: thousands of leftovers of models that never run again cost an enter their names."""
         now = time.time() if now is None else now
-        found = []
+        found: dict[str, RunRecord] = {}
         host, digest = _host_digest(), key.digest
-        for name, parts, closed in self._files():
-            mine = len(parts) == 5 and parts[0] == digest
-            dead = self._dead(parts, host)
-            if not (mine and closed or dead):
+        names = self._names()
+        closed_names = {name for name in names if name.endswith(CLOSED_SUFFIX)}
+        for name in names:
+            if name in closed_names:
+                if name.startswith(digest + "-") and name.count("-") == 4:
+                    record = self._read(self.folder / name)
+                    if record is not None and record.key.digest == digest and not record.open:
+                        found[name] = record
                 continue
+            parts = name[:-len(".json")].split("-")
+            mine = len(parts) == 5 and parts[0] == digest
+            closed_name = name[:-len(".json")] + CLOSED_SUFFIX
+            if closed_name in closed_names or not self._dead(parts, host):
+                continue  # sealed meanwhile by another enter (its closed copy is read above), or a live run's
             record = self._read(self.folder / name)
             if record is None:
+                record = self._read(self.folder / closed_name)  # sealed by another enter since the listing
+                if record is not None and mine and record.key.digest == digest and not record.open:
+                    found[closed_name] = record
                 continue
-            if dead and record.open:
-                try:  # rewritten by whoever notices first; a lost race rewrites the same seal, give or take
-                    record = replace(record, open=False, sealed=record.sealed or now if record.window else None)
-                    self._write(record)
-                except OSError:
-                    continue
-            if mine and record.key.digest == key.digest and not record.open:
-                found.append(record)
-        return found
+            sealed = replace(record, open=False, sealed=record.sealed or now if record.window else None,
+                             path=self.folder / closed_name)
+            try:  # written closed by whoever notices first (a lost race writes the same seal, give or take), then
+                self._write(sealed)  # the open name goes: no enter reads this record again unless it is its key's
+                (self.folder / name).unlink(missing_ok=True)
+            except OSError:
+                continue
+            if mine and record.key.digest == digest:
+                found[closed_name] = sealed
+        return list(found.values())
 
 
 def explicit_and_window(records: Iterable[RunRecord], entries: Mapping[str, LocalEntry], now: float) -> set[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .atomic import atomic_write
+from .atomic import RefusedStateFile, atomic_write, open_state_file, read_state_json
 from .buckets import user_cache_dir
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -122,10 +122,13 @@ def _folding(path: Path) -> list[Path]:
 def _read_json(path: Path) -> tuple[dict, Stats, Stats]:
     """(the document, last run, total) of stats.json; an unreadable one reads as zeros."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_state_json(path)
+    except RefusedStateFile as exc:
+        log.warning("optimum-neuron-cache: ignoring %s (%s): read as zeros; the next fold replaces it", path, exc.why)
         return {}, Stats(), Stats()
-    if not isinstance(data, dict):
+    except OSError:
+        return {}, Stats(), Stats()
+    if data is None:
         return {}, Stats(), Stats()
     return (data, Stats.from_dict(data.get("last_run"), where=f"{path} (last run)"),
             Stats.from_dict(data.get("total"), where=f"{path} (total)"))
@@ -134,8 +137,11 @@ def _read_json(path: Path) -> tuple[dict, Stats, Stats]:
 def _read_log(log_path: Path) -> list[Stats]:
     """The runs a log holds, in order. A line that is not a run (a torn write, a hand edit) is skipped."""
     try:
-        with open(log_path, "rb") as handle:
+        with open(open_state_file(log_path), "rb") as handle:
             raw = handle.read(MAX_LOG_BYTES)
+    except RefusedStateFile as exc:
+        log.warning("optimum-neuron-cache: ignoring %s (%s): not a log of this package's", log_path, exc.why)
+        return []
     except OSError:
         return []
     runs = []
@@ -177,7 +183,12 @@ def _append(log_path: Path, line: bytes) -> int:
     (bounded by time, not by a count of tries: many writers on one host can make several folds in a row)."""
     deadline = time.monotonic() + APPEND_PATIENCE_S
     while time.monotonic() < deadline:
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = open_state_file(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except RefusedStateFile as exc:  # a FIFO would block the write for ever: it goes, a new log is made
+            log.warning("optimum-neuron-cache: removing %s (%s): not a log of this package's", log_path, exc.why)
+            os.unlink(log_path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
@@ -210,7 +221,7 @@ def _fold(path: Path) -> None:
         pending = [p for p in _folding(path) if p.name not in folded]
         for log_path in pending:
             try:
-                fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = open_state_file(log_path)
             except OSError:
                 continue
             try:

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
@@ -212,13 +213,13 @@ def test_names_another_publisher_journaled_are_seen_open_or_closed(tmp_path, ver
     wrote the name before its first byte): open records of live runs count here, and closed ones too."""
     from optimum_neuron_cache.journal import JournalKey, RunRecord
 
-    journal = Journal(tmp_path / "cache")
+    journal, now = Journal(tmp_path / "cache"), time.time()
     key = JournalKey("dir:///bucket", version, "org--m", "default")
-    mine = journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_1+a", "MODULE_2+a")))
-    journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_2+a", "MODULE_3+a")))  # a live run, open
-    closed = journal.begin(RunRecord(key=key, started=0.0, entries=("MODULE_4+a",)))
+    mine = journal.begin(RunRecord(key=key, started=now, entries=("MODULE_1+a", "MODULE_2+a")))
+    journal.begin(RunRecord(key=key, started=now, entries=("MODULE_2+a", "MODULE_3+a")))  # a live run, open
+    closed = journal.begin(RunRecord(key=key, started=now, entries=("MODULE_4+a",)))
     journal.update(closed, open=False)
-    journal.begin(RunRecord(key=JournalKey("dir:///other", version, "org--m", "default"), started=0.0,
+    journal.begin(RunRecord(key=JournalKey("dir:///other", version, "org--m", "default"), started=now,
                             entries=("MODULE_1+a",)))  # another key's
     names = ["MODULE_1+a", "MODULE_2+a", "MODULE_4+a", "MODULE_5+a"]
     assert journal.listed_elsewhere(key, names, mine) == {"MODULE_2+a", "MODULE_4+a"}

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 from .. import settings
 from ..errors import ConfigurationError
 
-from ..atomic import atomic_write
+from ..atomic import RefusedStateFile, atomic_write, read_state_json
 
 if TYPE_CHECKING:
     from ..client import BucketClient
@@ -643,11 +643,15 @@ def wait_for_graph_here(keeper: "LeaseKeeper", module: str) -> "Waited":
 
 
 def _read_json(path: Path) -> dict[str, object]:
+    """A memo of the shim's state folder: {} when missing or unreadable; one line when it is refused (not a
+    regular file: a FIFO there is never waited on)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return read_state_json(path) or {}
+    except RefusedStateFile as exc:
+        _say(f"ignoring {path} ({exc.why}): not a memo of this package's; the next write replaces it")
+    except OSError:
+        pass
+    return {}
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -47,10 +48,11 @@ from filelock import FileLock, Timeout
 
 from .. import remote_layout as layout
 from .. import settings
-from ..atomic import atomic_write
+from ..atomic import RefusedStateFile, atomic_write, read_state_json
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from ..client import BucketClient
 from ..context import CacheRun, hub_neuronx_cache
+from ..host_state import foreign_state
 from ..journal import JournalKey
 from ..local_cache import STATE_DIR_NAME, scan_entries
 from ..publish import publish
@@ -155,7 +157,12 @@ class TrainingCacheSession:
             self._ctx.__enter__()  # a publisher that is not its host's fetcher (unusual launchers) enters too
             self._after_enter()
             return
-        lock_path, status_path = self._coordination_files()
+        try:
+            lock_path, status_path = self._coordination_files()
+        except OSError:  # a state folder this user cannot write (another user's cache root): the context says why
+            self._ctx.__enter__()
+            self._after_enter()
+            return
         lock = FileLock(lock_path)
         try:
             lock.acquire(timeout=self.wait_timeout)
@@ -181,6 +188,9 @@ class TrainingCacheSession:
                 self._baseline = set()
 
     def _wait_for_host_fetch(self) -> None:
+        if (foreign := foreign_state(self._root)) is not None:  # local rank 0 fetches nothing there: no wait
+            self._warn(f"bucket sync is off: {foreign}")
+            return
         started = time.monotonic()
         deadline = started + self.wait_timeout
         since = process_start_time() - _START_SLACK
@@ -190,9 +200,17 @@ class TrainingCacheSession:
             self._warn(f"cannot wait for local rank 0's fetch: {exc}; going on without it")
             return
         delay = 0.05
+        refused = False
         while True:
-            status = _read_json(status_path)
-            if status is not None and float(status.get("finished_at", 0)) >= since:
+            try:
+                finished = _finished_at(status_path)
+            except RefusedStateFile as exc:
+                finished = None
+                if not refused:
+                    refused = True
+                    self._warn(f"ignoring {status_path} ({exc.why}): not a status file of this package's; waiting "
+                               "for local rank 0 to write its own")
+            if finished is not None and finished >= since:
                 self.report.wait_outcome = "fetch finished"
                 break
             if time.monotonic() >= deadline:
@@ -295,9 +313,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         log.warning("optimum-neuron-cache: could not write %s: %s (other ranks will wait for their timeout)", path, exc)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _finished_at(path: Path) -> float | None:
+    """When local rank 0's fetch finished, from its status file; None when there is none (yet) or it is not one.
+    A file that is not a regular file (a FIFO would block the read for ever) raises RefusedStateFile."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        status = read_state_json(path)
+    except RefusedStateFile:
+        raise
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
+    finished = status.get("finished_at") if status is not None else None
+    if isinstance(finished, bool) or not isinstance(finished, (int, float)) or not math.isfinite(finished):
+        return None
+    return float(finished)
