@@ -234,8 +234,11 @@ def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None
     return watch
 
 
-def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings) -> Decision:
-    """What to do about one graph (pure): fetch, take, wait, take over or compile, with the reason."""
+def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings,
+           since: float | None = None) -> Decision:
+    """What to do about one graph (pure): fetch, take, wait, take over or compile, with the reason. `since`:
+    when this host began waiting for the graph, across lost races and takeovers (default: when it first saw
+    this lease); the max wait counts from then."""
     module = found.module
     if found.committed:
         return Decision(module, Action.FETCH, "the bucket has it")
@@ -247,7 +250,7 @@ def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseS
     silent = now - watch.changed_at
     if silent > lease_settings.stale:
         return Decision(module, Action.TAKEOVER, f"the lease of {who} has had no heartbeat for {silent:.0f}s")
-    waited = now - watch.first_seen
+    waited = now - (watch.first_seen if since is None else min(since, watch.first_seen))
     if waited > lease_settings.max_wait:
         return Decision(module, Action.COMPILE, f"waited {waited:.0f}s for {who} (the most allowed); compiling here")
     return Decision(module, Action.WAIT, f"{who} is compiling it (heartbeat {silent:.0f}s ago)")
@@ -401,19 +404,26 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
     watches: dict[str, Watch] = {}
     waited = False
     history: list[Decision] = []
+    began = clock()
+    lost = 0  # takes and takeovers lost in a row: from the second on, look again only after a poll
     while True:
+        if lost > 1:
+            stop.wait(keeper.settings.poll)
         found = probe(keeper.client, keeper.version, [module])[module]
         now = clock()
         watch = observe(watches, found, now)
         if watch is not None and watch.holder is None:
             watch.holder = keeper.read(module)
-        decision = decide(found, watch, now, keeper.settings)
+        decision = decide(found, watch, now, keeper.settings, since=began)
         history.append(decision)
         if decision.action is Action.TAKE and not keeper.take(module):
+            lost += 1
             continue  # someone took it between the probe and the create: look again
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
+            lost += 1
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for
             continue
+        lost = 0
         if say is not None and (decision.action in (Action.TAKEOVER, Action.COMPILE)
                                 or (decision.action is Action.WAIT and not waited)):
             say(f"{module}: {decision.reason}" + (f"; waiting for its entry (at most {keeper.settings.max_wait:g}s)"
@@ -433,6 +443,7 @@ class LiveLease:
 
     compiler_version: str
     module: str
+    #: None: the lease cannot be read (not a holder of ours, too large, not a regular file): an unknown host's.
     holder: Holder | None
     #: When the file was last written (the bucket's clock), seconds since the epoch.
     mtime: float | None
@@ -454,7 +465,8 @@ def list_leases(client: Any, compiler_version: str | None = None, *, holders: bo
 def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_than: float) -> list[LiveLease]:
     """Remove leases whose graph the flat area now holds (their holder published and died before dropping
     them) or not written for `older_than` seconds by the bucket's clock against ours (generous: clocks
-    differ). Each is removed only if it still names the holder read. Returns those removed."""
+    differ). Each is removed only if it still holds what was read (a lease
+    that cannot be read reads as "", and is removed as such). Returns those removed."""
     leases = list(leases)
     committed: set[tuple[str, str]] = set()
     by_version: dict[str, list[str]] = {}

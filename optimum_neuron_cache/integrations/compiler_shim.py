@@ -552,7 +552,7 @@ def _compile_under_lease(shim: "_Shim", keeper: "LeaseKeeper", real: str, argv: 
     """Take the graph's lease, or wait for the host that holds it and install its entry; compile only when
     this host holds the lease, the wait ran out, or the bucket failed (one line each)."""
     from ..compile_leases import Action
-    from ..errors import NeuronCacheError
+    from ..errors import NeuronCacheError, RemoteInvalidDataError
     from ..stats import Stats, record_run
 
     module = shim.request.module
@@ -562,7 +562,8 @@ def _compile_under_lease(shim: "_Shim", keeper: "LeaseKeeper", real: str, argv: 
         try:
             waited = wait_for_graph_here(keeper, module)
         except (NeuronCacheError, OSError) as exc:
-            shim.note_down(str(keeper.client.bucket))
+            if not isinstance(exc, RemoteInvalidDataError):  # a lease the bucket refused is this graph's problem
+                shim.note_down(str(keeper.client.bucket))
             _say(f"compile lease of {module} skipped, {keeper.client.bucket}: {exc} (compiling)")
         except Exception as exc:
             _say(f"compile lease of {module} failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
