@@ -445,8 +445,9 @@ class LiveLease:
     module: str
     #: None: the lease cannot be read (not a holder of ours, too large, not a regular file): an unknown host's.
     holder: Holder | None
-    #: When the file was last written (the bucket's clock), seconds since the epoch.
-    mtime: float | None
+    #: When the bucket got the file's last write, by the bucket's own clock (the Hub's upload time, never the
+    #: writer's `mtime`: remote_layout.listed_time), seconds since the epoch; None when the listing does not say.
+    uploaded: float | None
 
 
 def list_leases(client: Any, compiler_version: str | None = None, *, holders: bool = True) -> list[LiveLease]:
@@ -458,15 +459,15 @@ def list_leases(client: Any, compiler_version: str | None = None, *, holders: bo
         if where is None:
             continue
         holder = Holder.parse(client.lease(path, "read").get("content")) if holders else None
-        found.append(LiveLease(where.compiler_version, where.module, holder, _number(item.get("mtime"))))
+        found.append(LiveLease(where.compiler_version, where.module, holder, layout.listed_time(item)))
     return sorted(found, key=lambda lease: (lease.compiler_version, lease.module))
 
 
 def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_than: float) -> list[LiveLease]:
     """Remove leases whose graph the flat area now holds (their holder published and died before dropping
-    them) or not written for `older_than` seconds by the bucket's clock against ours (generous: clocks
-    differ). Each is removed only if it still holds what was read (a lease
-    that cannot be read reads as "", and is removed as such). Returns those removed."""
+    them) or not written for `older_than` seconds, by the bucket's own clock against ours (generous: clocks
+    differ), never by the writer's. Each is removed only if it still holds what was read (a lease that cannot
+    be read reads as "", and is removed as such). Returns those removed."""
     leases = list(leases)
     committed: set[tuple[str, str]] = set()
     by_version: dict[str, list[str]] = {}
@@ -476,7 +477,7 @@ def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_
         committed |= {(version, m) for m, p in probe(client, version, modules).items() if p.committed}
     removed = []
     for lease in leases:
-        old = lease.mtime is not None and now - lease.mtime > older_than
+        old = lease.uploaded is not None and now - lease.uploaded > older_than
         if (lease.compiler_version, lease.module) not in committed and not old:
             continue
         expect = lease.holder.text() if lease.holder else None

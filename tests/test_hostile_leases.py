@@ -198,3 +198,32 @@ def test_an_oversized_lease_never_turns_the_bucket_off(tmp_path):
     assert "skipped" not in hosts.stderr(0)
     assert BucketClient(BucketRef("dir", bucket)).list(layout.leases_prefix()) == []
     shutil.rmtree(tmp_path / "publisher")
+
+
+# ---------------------------------------------------------------------------------- the sweep's clock
+
+
+@pytest.mark.parametrize("skew_days", [-2, 2])
+def test_the_sweep_judges_a_lease_by_the_buckets_clock_not_its_writers(hub, tmp_path, version, skew_days):
+    """A host whose clock runs two days behind (or ahead) writes its lease: on the Hub the file's `mtime` is
+    that clock's. The sweep goes by the bucket's upload time: the fresh lease of the host behind is kept by the
+    default sweep (a day), and the lease of the host ahead is old to a sweep of `--older-than 0`."""
+    import time
+
+    ref = BucketRef("hf", "test-org/skewed")
+    client = BucketClient(ref)
+    client.create()
+    holder = Holder(host="skewed-host", pid=77, started=1.0, token="skewed", boot="skewed-boot")
+    written = tmp_path / "lease"
+    written.write_text(holder.text())
+    skewed = time.time() + skew_days * 86400
+    os.utime(written, (skewed, skewed))  # the file time that host's Hub client sends as `mtime`
+    path = layout.lease_path(version, MODULE)
+    client.batch(add=[{"dest": path, "local_path": str(written)}])
+    assert abs(client.paths_info([path])[0]["mtime"] - skewed) < 5  # the writer's clock, as the Hub keeps it
+    if skew_days < 0:
+        data = json.loads(run("leases", "--bucket", uri(ref), "--sweep", "--json"))
+        assert data["swept"] == [] and [lease["holder"]["host"] for lease in data["leases"]] == ["skewed-host"]
+    else:
+        data = json.loads(run("leases", "--bucket", uri(ref), "--sweep", "--older-than", "0", "--json"))
+        assert data == {"leases": [], "swept": [f"{version}/{MODULE}"]}
