@@ -9,7 +9,7 @@ lease on it (`leases/neuronxcc-<ver>/MODULE_<key>.lease`, see remote_layout.py):
 - a live lease of another host: wait for the entry, polling, then fetch it instead of compiling;
 - a lease whose heartbeat stopped for `stale` seconds, or whose holder is a dead process of this host:
   take it over and compile;
-- waiting longer than `max_wait`, or the bucket failing: compile here (one line says why).
+- a run that waited `max_wait` in all (its graphs together), or the bucket failing: compile here (one line).
 
 Leases are advisory: correctness never depends on them. Entries are still published content before commit
 file, so two hosts that both compile a graph publish one correct entry. A holder renews its lease every
@@ -396,15 +396,16 @@ class Waited:
 
 
 def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monotonic,
-                   stop: threading.Event | None = None, say: Any = None) -> Waited:
+                   stop: threading.Event | None = None, say: Any = None, waited_before: float = 0.0) -> Waited:
     """Probe, decide and act for one graph until it is ours to compile (TAKE, TAKEOVER, COMPILE) or the
-    bucket has it (FETCH). `say(line)` hears the first wait and any takeover or give-up. Remote failures
-    raise (the caller compiles, with one line)."""
+    bucket has it (FETCH). `say(line)` hears the first wait and any takeover or give-up. `waited_before`:
+    seconds the run already waited on other graphs' leases (the max wait bounds a run's waits together).
+    Remote failures raise (the caller compiles, with one line)."""
     stop = stop or threading.Event()
     watches: dict[str, Watch] = {}
     waited = False
     history: list[Decision] = []
-    began = clock()
+    began = clock() - max(0.0, waited_before)
     lost = 0  # takes and takeovers lost in a row: from the second on, look again only after a poll
     while True:
         if lost > 1:
@@ -426,8 +427,10 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         lost = 0
         if say is not None and (decision.action in (Action.TAKEOVER, Action.COMPILE)
                                 or (decision.action is Action.WAIT and not waited)):
-            say(f"{module}: {decision.reason}" + (f"; waiting for its entry (at most {keeper.settings.max_wait:g}s)"
-                                                   if decision.action is Action.WAIT else "; compiling here"))
+            say(f"{module}: {decision.reason}"
+                + (f"; waiting for its entry (at most {keeper.settings.max_wait:g}s"
+                   + (f" for the run, {waited_before:.0f}s spent)" if waited_before > 0 else ")")
+                   if decision.action is Action.WAIT else "; compiling here"))
         if decision.action is not Action.WAIT:
             return Waited(decision, waited, history)
         waited = True

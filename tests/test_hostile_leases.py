@@ -227,3 +227,47 @@ def test_the_sweep_judges_a_lease_by_the_buckets_clock_not_its_writers(hub, tmp_
     else:
         data = json.loads(run("leases", "--bucket", uri(ref), "--sweep", "--older-than", "0", "--json"))
         assert data == {"leases": [], "swept": [f"{version}/{MODULE}"]}
+
+
+# ------------------------------------------------------------------- a holder whose compiler hangs
+
+
+def test_the_max_wait_bounds_a_runs_waits_on_a_hung_holder_not_each_graphs(tmp_path):
+    """Another host holds the leases of both graphs of a run and renews them for ever (its heartbeat lives,
+    its compiler hangs). The run waits on the first graph until the max wait, then compiles it; the second
+    graph it does not wait for at all: the max wait bounds the run's waits together. Before, each graph
+    waited the whole max wait (2 h each by default)."""
+    import threading
+
+    from stress.leases import VERSION, Hosts
+    from optimum_neuron_cache.testing.simulated_compiler import make_graphs, module_name
+
+    bucket = _dir_bucket(tmp_path)
+    client = BucketClient(BucketRef("dir", bucket))
+    paths = [layout.lease_path(VERSION, module_name(VERSION, graph)) for graph in make_graphs(2, seed="lease")]
+    holders = {path: Holder(host="hung-host", pid=77, started=1.0, token=f"hung-{i}", boot="hung-boot")
+               for i, path in enumerate(paths)}
+    for path, holder in holders.items():
+        assert client.lease(path, "create", content=holder.text())["ok"]
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.2):
+            for path, holder in list(holders.items()):
+                renewed = holder.renewed()
+                if client.lease(path, "replace", content=renewed.text(), expect=holder.text())["ok"]:
+                    holders[path] = renewed
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        hosts = Hosts(tmp_path / "w", bucket, mode="shim", hosts=1, graphs=2, seconds=0.1,
+                      extra={"NEURON_CACHE_LEASE_STALE": "3600", "NEURON_CACHE_LEASE_MAX_WAIT": "2"})
+        figures = hosts.finish(timeout=60)
+    finally:
+        stop.set()
+        renewer.join()
+    assert figures.notes == [] and figures.complete_hosts == 1 and figures.compiles == 2
+    said = hosts.stderr(0)
+    assert said.count("hung-host pid 77 is compiling it") == 1, said  # one wait, for the first graph only
+    assert said.count("(the most allowed)") == 2, said

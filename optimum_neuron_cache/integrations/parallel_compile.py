@@ -213,6 +213,7 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
     order = random.Random(keeper.holder.token)
     watches: dict[str, Watch] = {}
     since: dict[str, float] = {}  # when this host first saw each graph's lease: the max wait counts from then
+    idle = 0.0  # seconds this run spent only waiting on other hosts: the max wait bounds them too, all graphs together
     waited: set[str] = set()
     key = JournalKey(str(client.bucket), version, None, layout.DEFAULT_TASK)
     with keeper:
@@ -231,7 +232,8 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                         watch.holder = keeper.read(module)
                     if watch is not None:
                         since.setdefault(module, now)
-                    decisions.append(decide(found[module], watch, now, lease_settings, since=since.get(module)))
+                    first = min(since.get(module, now), now - idle)
+                    decisions.append(decide(found[module], watch, now, lease_settings, since=first))
                 report.decisions.extend(decisions)
                 fetchable = [d.module for d in decisions if d.action is Action.FETCH]
                 if fetchable:
@@ -267,7 +269,9 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                     if waiting and say and not waited.issuperset(waiting):
                         say(f"waiting for {len(waiting)} graph(s) other hosts are compiling")
                     waited.update(waiting)
+                    before = clock()
                     stop.wait(lease_settings.poll)  # others hold the graphs, or won every take: look again later
+                    idle += max(0.0, clock() - before)
                     continue
             except (NeuronCacheError, OSError) as exc:
                 report.warnings.append(f"compile leases stopped, bucket {client.bucket}: {exc} (what is left is compiled here)")
