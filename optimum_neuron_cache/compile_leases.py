@@ -427,14 +427,20 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         lost = 0
         if say is not None and (decision.action in (Action.TAKEOVER, Action.COMPILE)
                                 or (decision.action is Action.WAIT and not waited)):
-            say(f"{module}: {decision.reason}"
-                + (f"; waiting for its entry (at most {keeper.settings.max_wait:g}s"
-                   + (f" for the run, {waited_before:.0f}s spent)" if waited_before > 0 else ")")
-                   if decision.action is Action.WAIT else "; compiling here"))
+            say(_line(decision, keeper.settings.max_wait, waited_before))
         if decision.action is not Action.WAIT:
             return Waited(decision, waited, history)
         waited = True
         stop.wait(keeper.settings.poll)
+
+
+def _line(decision: Decision, max_wait: float, waited_before: float) -> str:
+    """What `wait_for_graph` says of a decision."""
+    if decision.action is Action.WAIT:
+        spent = f" for the run, {waited_before:.0f}s spent" if waited_before > 0 else ""
+        return f"{decision.module}: {decision.reason}; waiting for its entry (at most {max_wait:g}s{spent})"
+    ending = "" if decision.reason.endswith("compiling here") else "; compiling here"
+    return f"{decision.module}: {decision.reason}{ending}"
 
 
 # ---------------------------------------------------------------------------------------- listing
