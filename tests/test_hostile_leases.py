@@ -73,7 +73,8 @@ def plant(ref: BucketRef, kind: str, path: str, outside: Path) -> None:
         os.mkfifo(target)
     elif kind == "folder":
         target.mkdir()
-        (target / "inside").write_text("kept out")
+        (target / "inside").write_text("goes with the folder")
+        (target / "out").symlink_to(outside)  # removing the folder removes this link, never what it points to
     else:
         target.write_text("x" * 5000)
 
@@ -89,6 +90,7 @@ def odd(request, tmp_path: Path, version: str):
         ref = BucketRef("dir", str(tmp_path / "bucket"))
     BucketClient(ref).create()
     (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "kept").write_text("a teammate's file")
     plant(ref, kind, layout.lease_path(version, MODULE), tmp_path / "outside")
     return ref, kind
 
@@ -117,12 +119,14 @@ def test_an_odd_lease_is_taken_over_once_stale(odd, version, tmp_path):
     assert client.requests <= 2 * 7 + 3  # a look and a read per second until stale, then read, look, replace
     path = layout.lease_path(version, MODULE)
     assert Holder.parse(BucketClient(ref).lease(path, "read")["content"]) == keeper.holder
-    assert list(tmp_path.joinpath("outside").iterdir()) == []  # nothing was written through the symlink
+    outside = tmp_path / "outside"  # nothing was written, nor removed, through a symlink
+    assert [path.name for path in outside.iterdir()] == ["kept"]
+    assert (outside / "kept").read_text() == "a teammate's file"
     assert keeper.release(MODULE)
     assert BucketClient(ref).list(layout.leases_prefix()) == []
 
 
-def test_the_leases_command_lists_an_odd_lease_and_sweep_removes_it(odd, version):
+def test_the_leases_command_lists_an_odd_lease_and_sweep_removes_it(odd, version, tmp_path):
     ref, kind = odd
     listed = run("leases", "--bucket", uri(ref))
     assert MODULE in listed and "(unreadable)" in listed
@@ -133,6 +137,7 @@ def test_the_leases_command_lists_an_odd_lease_and_sweep_removes_it(odd, version
     assert BucketClient(ref).list(layout.leases_prefix()) == []
     if ref.kind == "dir":
         assert not os.path.lexists(Path(ref.location) / layout.lease_path(version, MODULE))
+        assert (tmp_path / "outside" / "kept").read_text() == "a teammate's file"
     # The path is free again: a host takes it at once.
     keeper = LeaseKeeper(BucketClient(ref), version, LeaseSettings())
     assert keeper.take(MODULE) and keeper.release(MODULE)
@@ -147,6 +152,24 @@ def test_the_max_wait_counts_from_the_first_look_across_lost_takeovers():
     assert decide(found, fresh, 160.0, settings).action is Action.WAIT
     late = decide(found, fresh, 160.0, settings, since=0.0)
     assert late.action is Action.COMPILE and "waited 160s" in late.reason
+
+
+def test_a_lease_path_symlinked_to_a_folder_is_listed_never_followed(tmp_path, version):
+    ref = BucketRef("dir", str(tmp_path / "bucket"))
+    client = BucketClient(ref)
+    client.create()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not the bucket's")
+    path = layout.lease_path(version, MODULE)
+    (Path(ref.location) / path).parent.mkdir(parents=True)
+    (Path(ref.location) / path).symlink_to(outside)
+    for listed in (client.list(layout.leases_prefix()), client.paths_info([path])):
+        assert [(item["path"], item["size"], item["digest"]) for item in listed] == [(path, 0, "stale")]
+    assert client.lease(path, "read")["content"] == ""
+    assert not client.lease(path, "delete", expect="someone's lease")["ok"]
+    assert client.lease(path, "delete", expect="")["ok"]
+    assert not os.path.lexists(Path(ref.location) / path) and (outside / "secret").read_text() == "not the bucket's"
 
 
 # ------------------------------------------------------------------------- hosts through the shim
