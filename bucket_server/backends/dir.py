@@ -103,8 +103,9 @@ def _pid_alive(pid: int) -> bool:
 
 def lease_occupant(path: str) -> bool:
     """Whether `path` is a compile lease's (`leases/<folder>/<name>.lease`): listed whatever it holds."""
-    parts = path.split("/")
-    return len(parts) == 3 and parts[0] == LEASES and parts[2].endswith(LEASE_SUFFIX)
+    if not (path.startswith(LEASES + "/") and path.endswith(LEASE_SUFFIX)):  # cheap: asked of every listed name
+        return False
+    return path.count("/") == 2
 
 
 def _abandoned(name: str, info: os.stat_result, now: float) -> bool:
