@@ -294,3 +294,30 @@ def test_the_max_wait_bounds_a_runs_waits_on_a_hung_holder_not_each_graphs(tmp_p
     said = hosts.stderr(0)
     assert said.count("hung-host pid 77 is compiling it") == 1, said  # one wait, for the first graph only
     assert said.count("(the most allowed)") == 2, said
+
+
+def test_a_host_takes_over_an_oversized_lease_on_a_hub_bucket(tmp_path, monkeypatch):
+    """Before, its takeover read nothing, failed, and restarted the host's wait: it waited for ever."""
+    from hub_emulator import HubEmulator
+
+    from stress.leases import VERSION, Hosts
+    from optimum_neuron_cache.client import stop_server
+    from optimum_neuron_cache.testing.simulated_compiler import make_graphs, module_name
+
+    emulator = HubEmulator(tmp_path / "hub", xet="http").start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+    ref = BucketRef("hf", "team/oversized")
+    try:
+        BucketClient(ref).create()
+        plant(ref, "oversized", layout.lease_path(VERSION, module_name(VERSION, make_graphs(1, seed="lease")[0])),
+              tmp_path)
+        hosts = Hosts(tmp_path / "w", ref.location, mode="shim", hosts=1, graphs=1, seconds=0.1,
+                      extra={"NEURON_CACHE_LEASE_STALE": "1", "NEURON_CACHE_LEASE_MAX_WAIT": "3600"})
+        figures = hosts.finish(timeout=60)
+        assert figures.notes == [] and figures.complete_hosts == 1
+        assert figures.compiles == 1 and figures.lease_compiled == 1
+        assert "no heartbeat" in hosts.stderr(0)  # taken over once stale, not compiled after the max wait
+        assert BucketClient(ref).list(layout.leases_prefix()) == []
+    finally:
+        stop_server()
+        emulator.stop()
