@@ -172,6 +172,16 @@ def test_a_lease_path_symlinked_to_a_folder_is_listed_never_followed(tmp_path, v
     assert not os.path.lexists(Path(ref.location) / path) and (outside / "secret").read_text() == "not the bucket's"
 
 
+def test_an_empty_lease_file_is_one_that_cannot_be_read(bucket, version):
+    client = BucketClient(bucket)
+    path = layout.lease_path(version, MODULE)
+    client.batch(add=[{"dest": path, "content": ""}])
+    assert client.lease(path, "read")["content"] == ""
+    assert not client.lease(path, "replace", content="mine", expect="someone's lease")["ok"]
+    assert client.lease(path, "replace", content="mine", expect="")["ok"]
+    assert client.lease(path, "read")["content"] == "mine"
+
+
 # ------------------------------------------------------------------------- hosts through the shim
 
 

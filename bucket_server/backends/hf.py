@@ -958,8 +958,8 @@ class HfBackend(Backend):
 
         def current() -> str | None:
             found = self.paths_info([path])
-            if found and expect == "" and found[0].size > LEASE_MAX_BYTES:
-                return xet_hash_of_one_chunk(b"")  # too large to be a lease: what `expect=""` (unreadable) names
+            if found and expect == "" and not 0 < found[0].size <= LEASE_MAX_BYTES:
+                return xet_hash_of_one_chunk(b"")  # empty or too large: what `expect=""` (no lease to read) names
             return str(found[0].xet_hash or "") if found else None
 
         if mode == "read":
