@@ -1023,7 +1023,7 @@ class LeaseRequest:
         if mode not in LEASE_MODES:
             raise MessageError(f"lease mode must be one of {', '.join(LEASE_MODES)}, got {_short(mode)}")
         content, expect = _lease_text(args.get("content"), "content"), _lease_text(args.get("expect"), "expect")
-        if mode in ("create", "replace") and content is None:
+        if mode in ("create", "replace") and not content:  # "" is what a lease that cannot be read reads as
             raise MessageError(f"lease {mode} needs content")
         if mode == "replace" and expect is None:
             raise MessageError("lease replace needs expect")

@@ -844,7 +844,7 @@ def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compil
 @version_option
 @click.option("--sweep", is_flag=True, help="Remove leases whose graph the bucket now holds, or not renewed for --older-than.")
 @click.option("--older-than", type=click.FloatRange(min=0), default=86400.0, show_default=True,
-              help="With --sweep: seconds without a renewal, by the bucket's clock against this host's.")
+              help="With --sweep: seconds since the bucket got the lease's last write (by the bucket's clock).")
 @json_option
 def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, as_json: bool) -> None:
     """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each)."""
@@ -859,7 +859,8 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
     found = [lease for lease in found if (lease.compiler_version, lease.module) not in gone]
     if as_json:
         click.echo(_json({"leases": [{"compiler_version": lease.compiler_version, "module": lease.module,
-                                      "holder": asdict(lease.holder) if lease.holder else None, "mtime": lease.mtime}
+                                      "holder": asdict(lease.holder) if lease.holder else None,
+                                      "uploaded": lease.uploaded}
                                      for lease in found],
                           "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
         return
@@ -874,7 +875,7 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
         holder = lease.holder
         rows.append((lease.compiler_version, lease.module, holder.describe() if holder else "(unreadable)",
                      _duration(max(0.0, now - holder.started)) if holder else "-",
-                     f"{_duration(max(0.0, now - lease.mtime))} ago" if lease.mtime is not None else "-"))
+                     f"{_duration(max(0.0, now - lease.uploaded))} ago" if lease.uploaded is not None else "-"))
     _table(rows)
 
 

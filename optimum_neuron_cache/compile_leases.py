@@ -9,7 +9,7 @@ lease on it (`leases/neuronxcc-<ver>/MODULE_<key>.lease`, see remote_layout.py):
 - a live lease of another host: wait for the entry, polling, then fetch it instead of compiling;
 - a lease whose heartbeat stopped for `stale` seconds, or whose holder is a dead process of this host:
   take it over and compile;
-- waiting longer than `max_wait`, or the bucket failing: compile here (one line says why).
+- a run that waited `max_wait` in all (its graphs together), or the bucket failing: compile here (one line).
 
 Leases are advisory: correctness never depends on them. Entries are still published content before commit
 file, so two hosts that both compile a graph publish one correct entry. A holder renews its lease every
@@ -234,8 +234,11 @@ def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None
     return watch
 
 
-def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings) -> Decision:
-    """What to do about one graph (pure): fetch, take, wait, take over or compile, with the reason."""
+def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings,
+           since: float | None = None) -> Decision:
+    """What to do about one graph (pure): fetch, take, wait, take over or compile, with the reason. `since`:
+    when this host began waiting for the graph, across lost races and takeovers (default: when it first saw
+    this lease); the max wait counts from then."""
     module = found.module
     if found.committed:
         return Decision(module, Action.FETCH, "the bucket has it")
@@ -247,7 +250,7 @@ def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseS
     silent = now - watch.changed_at
     if silent > lease_settings.stale:
         return Decision(module, Action.TAKEOVER, f"the lease of {who} has had no heartbeat for {silent:.0f}s")
-    waited = now - watch.first_seen
+    waited = now - (watch.first_seen if since is None else min(since, watch.first_seen))
     if waited > lease_settings.max_wait:
         return Decision(module, Action.COMPILE, f"waited {waited:.0f}s for {who} (the most allowed); compiling here")
     return Decision(module, Action.WAIT, f"{who} is compiling it (heartbeat {silent:.0f}s ago)")
@@ -393,35 +396,51 @@ class Waited:
 
 
 def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monotonic,
-                   stop: threading.Event | None = None, say: Any = None) -> Waited:
+                   stop: threading.Event | None = None, say: Any = None, waited_before: float = 0.0) -> Waited:
     """Probe, decide and act for one graph until it is ours to compile (TAKE, TAKEOVER, COMPILE) or the
-    bucket has it (FETCH). `say(line)` hears the first wait and any takeover or give-up. Remote failures
-    raise (the caller compiles, with one line)."""
+    bucket has it (FETCH). `say(line)` hears the first wait and any takeover or give-up. `waited_before`:
+    seconds the run already waited on other graphs' leases (the max wait bounds a run's waits together).
+    Remote failures raise (the caller compiles, with one line)."""
     stop = stop or threading.Event()
     watches: dict[str, Watch] = {}
     waited = False
     history: list[Decision] = []
+    began = clock() - max(0.0, waited_before)
+    lost = 0  # takes and takeovers lost in a row: from the second on, look again only after a poll
     while True:
+        if lost > 1:
+            stop.wait(keeper.settings.poll)
         found = probe(keeper.client, keeper.version, [module])[module]
         now = clock()
         watch = observe(watches, found, now)
         if watch is not None and watch.holder is None:
             watch.holder = keeper.read(module)
-        decision = decide(found, watch, now, keeper.settings)
+        decision = decide(found, watch, now, keeper.settings, since=began)
         history.append(decision)
         if decision.action is Action.TAKE and not keeper.take(module):
+            lost += 1
             continue  # someone took it between the probe and the create: look again
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
+            lost += 1
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for
             continue
+        lost = 0
         if say is not None and (decision.action in (Action.TAKEOVER, Action.COMPILE)
                                 or (decision.action is Action.WAIT and not waited)):
-            say(f"{module}: {decision.reason}" + (f"; waiting for its entry (at most {keeper.settings.max_wait:g}s)"
-                                                   if decision.action is Action.WAIT else "; compiling here"))
+            say(_line(decision, keeper.settings.max_wait, waited_before))
         if decision.action is not Action.WAIT:
             return Waited(decision, waited, history)
         waited = True
         stop.wait(keeper.settings.poll)
+
+
+def _line(decision: Decision, max_wait: float, waited_before: float) -> str:
+    """What `wait_for_graph` says of a decision."""
+    if decision.action is Action.WAIT:
+        spent = f" for the run, {waited_before:.0f}s spent" if waited_before > 0 else ""
+        return f"{decision.module}: {decision.reason}; waiting for its entry (at most {max_wait:g}s{spent})"
+    ending = "" if decision.reason.endswith("compiling here") else "; compiling here"
+    return f"{decision.module}: {decision.reason}{ending}"
 
 
 # ---------------------------------------------------------------------------------------- listing
@@ -433,9 +452,11 @@ class LiveLease:
 
     compiler_version: str
     module: str
+    #: None: the lease cannot be read (not a holder of ours, too large, not a regular file): an unknown host's.
     holder: Holder | None
-    #: When the file was last written (the bucket's clock), seconds since the epoch.
-    mtime: float | None
+    #: When the bucket got the file's last write, by the bucket's own clock (the Hub's upload time, never the
+    #: writer's `mtime`: remote_layout.listed_time), seconds since the epoch; None when the listing does not say.
+    uploaded: float | None
 
 
 def list_leases(client: Any, compiler_version: str | None = None, *, holders: bool = True) -> list[LiveLease]:
@@ -447,14 +468,15 @@ def list_leases(client: Any, compiler_version: str | None = None, *, holders: bo
         if where is None:
             continue
         holder = Holder.parse(client.lease(path, "read").get("content")) if holders else None
-        found.append(LiveLease(where.compiler_version, where.module, holder, _number(item.get("mtime"))))
+        found.append(LiveLease(where.compiler_version, where.module, holder, layout.listed_time(item)))
     return sorted(found, key=lambda lease: (lease.compiler_version, lease.module))
 
 
 def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_than: float) -> list[LiveLease]:
     """Remove leases whose graph the flat area now holds (their holder published and died before dropping
-    them) or not written for `older_than` seconds by the bucket's clock against ours (generous: clocks
-    differ). Each is removed only if it still names the holder read. Returns those removed."""
+    them) or not written for `older_than` seconds, by the bucket's own clock against ours (generous: clocks
+    differ), never by the writer's. Each is removed only if it still holds what was read (a lease that cannot
+    be read reads as "", and is removed as such). Returns those removed."""
     leases = list(leases)
     committed: set[tuple[str, str]] = set()
     by_version: dict[str, list[str]] = {}
@@ -464,7 +486,7 @@ def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_
         committed |= {(version, m) for m, p in probe(client, version, modules).items() if p.committed}
     removed = []
     for lease in leases:
-        old = lease.mtime is not None and now - lease.mtime > older_than
+        old = lease.uploaded is not None and now - lease.uploaded > older_than
         if (lease.compiler_version, lease.module) not in committed and not old:
             continue
         expect = lease.holder.text() if lease.holder else None

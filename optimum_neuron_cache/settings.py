@@ -306,7 +306,7 @@ def lease_stale(environ: Environ = None) -> float:
 
 
 def lease_max_wait(environ: Environ = None) -> float:
-    """Seconds a host waits at most for another host's compile of a graph before compiling it itself."""
+    """Seconds a run waits at most on other hosts' compiles, its graphs together, before compiling itself."""
     return _seconds(LEASE_MAX_WAIT, 7200.0, environ, zero_ok=True)
 
 

@@ -51,6 +51,11 @@ STALE = STALE_DIGEST
 SIDECAR_MAX_BYTES = 4096
 #: `.incoming/` files of a dead writer of this host are swept at once; any writer's after this long.
 INCOMING_MAX_AGE = 24 * 3600.0
+#: The compile leases' folder (remote_layout.LEASES_DIR). A lease path that holds anything but a regular file
+#: (a symlink, a FIFO, a folder) is listed as a file of size 0 with a STALE digest, so that hosts see a lease
+#: held by an unknown host (taken over once stale) instead of a path where no lease can be created.
+LEASES = "leases"
+LEASE_SUFFIX = ".lease"
 SWEEP_INTERVAL = 60.0
 _HOST = socket.gethostname().replace("/", "_") or "host"
 _last_sweep: dict[str, float] = {}
@@ -94,6 +99,13 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return pid > 0
     return True
+
+
+def lease_occupant(path: str) -> bool:
+    """Whether `path` is a compile lease's (`leases/<folder>/<name>.lease`): listed whatever it holds."""
+    if not (path.startswith(LEASES + "/") and path.endswith(LEASE_SUFFIX)):  # cheap: asked of every listed name
+        return False
+    return path.count("/") == 2
 
 
 def _abandoned(name: str, info: os.stat_result, now: float) -> bool:
@@ -278,6 +290,8 @@ class DirBackend(Backend):
                         "(%s%s)", self.root, len(skipped), examples, ", ..." if len(skipped) > 3 else "")
 
     def _file_item(self, path: str, info: os.stat_result, shadow: int | None) -> FileItem:
+        if not stat.S_ISREG(info.st_mode):  # a lease path's odd occupant (lease_occupant): never handed over
+            return FileItem(path, 0, None, info.st_mtime, STALE, uploaded=info.st_mtime)
         raw = dirtree.read_small(shadow, path.rsplit("/", 1)[-1], SIDECAR_MAX_BYTES)
         # Every write lands by a rename of a new file: its mtime is when it was written to the bucket.
         return FileItem(path, info.st_size, None, info.st_mtime, sidecar_digest(raw, info), uploaded=info.st_mtime)
@@ -298,7 +312,8 @@ class DirBackend(Backend):
         skipped: list[str] = []
         for path, info, shadow in dirtree.walk_files(top, "/".join(parts), skipped=skipped,
                                                      hidden=HIDDEN if not parts else (),
-                                                     shadow=dirs.find([DIGESTS, *parts]), with_dirs=with_dirs):
+                                                     shadow=dirs.find([DIGESTS, *parts]), with_dirs=with_dirs,
+                                                     keep=lease_occupant):
             yield self._file_item(path, info, shadow)
         self._warn_skipped(skipped)
 
@@ -404,7 +419,7 @@ class DirBackend(Backend):
                 parts = _parts(path)
                 parent = dirs.find(parts[:-1])
                 info = dirtree.lstat(parent, parts[-1]) if parent is not None else None
-                if info is not None and stat.S_ISREG(info.st_mode):
+                if info is not None and (stat.S_ISREG(info.st_mode) or lease_occupant(path)):
                     found.append(self._file_item(path, info, dirs.find([DIGESTS, *parts[:-1]])))
         return found
 
@@ -623,11 +638,15 @@ class DirBackend(Backend):
                     return {"ok": True, "content": None}
                 return self._lease_link(incoming, parent, parts[-1], str(content))
             finally:
-                dirtree.unlink(incoming, grabbed)
+                dirtree.remove(incoming, grabbed)  # a folder that sat at the lease path goes whole
 
     def _lease_text(self, parent: int | None, name: str) -> str | None:
+        """The lease's text; "" when something is there that cannot be a lease (a symlink, a FIFO, a folder, a
+        file over LEASE_MAX_BYTES or unreadable): `expect=""` replaces or deletes it."""
         raw = dirtree.read_small(parent, name, LEASE_MAX_BYTES + 1)
-        return None if raw is None else raw.decode("utf-8", "replace")
+        if raw is None:
+            return None
+        return "" if len(raw) > LEASE_MAX_BYTES else raw.decode("utf-8", "replace")
 
     def _lease_link(self, incoming: int, parent: int, name: str, content: str) -> dict[str, Any]:
         tmp = incoming_name()
@@ -649,4 +668,6 @@ class DirBackend(Backend):
         try:
             os.link(grabbed, name, src_dir_fd=incoming, dst_dir_fd=parent, follow_symlinks=False)
         except FileExistsError:
+            pass
+        except PermissionError:  # a folder (no hard link): it could not be a lease anyway; it goes
             pass

@@ -112,6 +112,30 @@ def unlink(parent: int, name: str) -> None:
         pass
 
 
+def remove(parent: int, name: str, depth: int = 0) -> None:
+    """Remove whatever `name` is in `parent`: a file, a symlink (never its target), or a folder with all it
+    holds, walked by descriptors (a folder deeper than MAX_DEPTH is left). A missing one is fine."""
+    info = lstat(parent, name)
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        unlink(parent, name)
+        return
+    if depth >= MAX_DEPTH:
+        return
+    try:
+        fd = open_dir(parent, name, shown=name)
+    except (OSError, Refused):  # gone, or swapped for something else meanwhile
+        return
+    try:
+        for entry in os.listdir(fd):
+            remove(fd, entry, depth + 1)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=parent)
+    except OSError:
+        pass
+
+
 def safe_name(name: str) -> bool:
     """A name a remote path may hold: valid UTF-8 (Python shows other bytes as surrogate escapes, which no
     JSON frame can carry), no backslash, no control character."""
@@ -132,7 +156,8 @@ Found = tuple[str, os.stat_result, "int | None"]
 
 
 def walk_files(top: int, prefix: str, *, skipped: list[str], hidden: Sequence[str] = (), shadow: int | None = None,
-               depth: int = 0, with_dirs: Callable[[str], None] | None = None) -> Iterator[Found]:
+               depth: int = 0, with_dirs: Callable[[str], None] | None = None,
+               keep: Callable[[str], bool] | None = None) -> Iterator[Found]:
     """The regular files under the folder `top` (bucket path `prefix`), sorted, each with the descriptor of
     its folder's twin under `shadow` (the sidecar tree), when there is one.
 
@@ -140,7 +165,8 @@ def walk_files(top: int, prefix: str, *, skipped: list[str], hidden: Sequence[st
     and special files are left out. (os.fwalk would open a symlink's target before refusing it.) Names that
     are not safe_name, paths too long or too deep are left out and appended to `skipped`. `hidden` names
     are left out at this level. with_dirs, if given, is called with each subfolder and nothing is walked
-    below it (a one-level listing)."""
+    below it (a one-level listing). A path that `keep` accepts is yielded whatever it is (a symlink, a FIFO,
+    a folder: never opened nor walked)."""
     try:
         entries = sorted(os.scandir(top), key=lambda entry: entry.name)
     except OSError:
@@ -157,7 +183,7 @@ def walk_files(top: int, prefix: str, *, skipped: list[str], hidden: Sequence[st
             info = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode):
+        if stat.S_ISREG(info.st_mode) or (keep is not None and keep(path)):
             yield path, info, shadow
         elif stat.S_ISDIR(info.st_mode):
             if with_dirs is not None:
@@ -177,7 +203,7 @@ def walk_files(top: int, prefix: str, *, skipped: list[str], hidden: Sequence[st
                 except (OSError, Refused):
                     pass
             try:
-                yield from walk_files(child, path, skipped=skipped, shadow=child_shadow, depth=depth + 1)
+                yield from walk_files(child, path, skipped=skipped, shadow=child_shadow, depth=depth + 1, keep=keep)
             finally:
                 os.close(child)
                 if child_shadow is not None:

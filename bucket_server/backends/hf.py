@@ -960,6 +960,8 @@ class HfBackend(Backend):
 
         def current() -> str | None:
             found = self.paths_info([path])
+            if found and expect == "" and not 0 < found[0].size <= LEASE_MAX_BYTES:
+                return xet_hash_of_one_chunk(b"")  # empty or too large: what `expect=""` (no lease to read) names
             return str(found[0].xet_hash or "") if found else None
 
         if mode == "read":
@@ -988,12 +990,15 @@ class HfBackend(Backend):
         return {"ok": ours, "content": content if ours else None}
 
     def _read_small(self, path: str) -> str | None:
-        """The text of a small file (a lease), or None when it is absent or too large to be one."""
+        """The text of a small file (a lease), None when it is absent, "" when it is too large to be one (a
+        lease that cannot be read: `expect=""` replaces or deletes it)."""
         import tempfile
 
         found = self.paths_info([path])
-        if not found or found[0].size > LEASE_MAX_BYTES:
+        if not found:
             return None
+        if found[0].size > LEASE_MAX_BYTES:
+            return ""
         with tempfile.TemporaryDirectory(prefix="lease-") as folder:
             local = os.path.join(folder, "lease")
             result = self.download([DownloadFile(path, local, found[0].size, found[0].xet_hash, found[0].digest)])

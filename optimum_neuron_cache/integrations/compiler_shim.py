@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 from .. import settings
 from ..errors import ConfigurationError
 
-from ..atomic import RefusedStateFile, atomic_write, read_state_json
+from ..atomic import RefusedStateFile, atomic_write, open_state_file, read_state_file, read_state_json
+from ..processes import alive, pid_start
 
 if TYPE_CHECKING:
     from ..client import BucketClient
@@ -289,6 +290,51 @@ class _Shim:
     def note_down(self, bucket: str) -> None:
         with contextlib.suppress(OSError):
             self._breaker(bucket).touch()
+
+    # -- the run's waits on other hosts' leases: NEURON_CACHE_LEASE_MAX_WAIT bounds them all together
+    def _waits(self) -> Path | None:
+        """The note of the seconds this run waited (one line per wait). The run is the process that calls the
+        compiler (libneuronxla's, or neuron_parallel_compile's), known by its pid and start time."""
+        parent = os.getppid()
+        start = pid_start(parent)
+        try:
+            return None if start is None else self._state_dir() / "waits" / f"{parent}-{start}"
+        except OSError:  # no state folder: each graph's wait is bounded alone
+            return None
+
+    def run_waited(self) -> float:
+        """Seconds this run already waited on other hosts' leases (a note that cannot be read counts as 0)."""
+        path = self._waits()
+        try:
+            raw = read_state_file(path, 1 << 16) if path is not None else b""
+        except OSError:  # missing, or not a note of ours
+            raw = b""
+        total = 0.0
+        for line in raw.split(b"\n"):
+            with contextlib.suppress(ValueError):
+                seconds = float(line)
+                if 0.0 <= seconds <= 1e7:  # also false for NaN
+                    total += seconds
+        return total
+
+    def note_run_wait(self, seconds: float) -> None:
+        """Add a wait to the run's note (appended: concurrent compiles of the run each add theirs), and drop
+        the notes of runs that are gone."""
+        path = self._waits()
+        if path is None or seconds <= 0:
+            return
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(exist_ok=True)
+            fd = open_state_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, f"{seconds:.3f}\n".encode())
+            finally:
+                os.close(fd)
+            for name in os.listdir(path.parent):
+                pid, _, start = name.partition("-")
+                if pid.isdecimal() and start.isdecimal() and not alive(int(pid), int(start)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path.parent / name)
 
     # -- lookup
     def try_install(self) -> bool:
@@ -586,17 +632,21 @@ def _compile_under_lease(shim: "_Shim", keeper: "LeaseKeeper", real: str, argv: 
     """Take the graph's lease, or wait for the host that holds it and install its entry; compile only when
     this host holds the lease, the wait ran out, or the bucket failed (one line each)."""
     from ..compile_leases import Action
-    from ..errors import NeuronCacheError
+    from ..errors import NeuronCacheError, RemoteInvalidDataError
     from ..stats import Stats, record_run
 
     module = shim.request.module
     figures = Stats()
     with keeper:
         waited = None
+        began = time.monotonic()
         try:
-            waited = wait_for_graph_here(keeper, module)
+            waited = wait_for_graph_here(keeper, module, shim.run_waited())
+            if waited.waited:
+                shim.note_run_wait(time.monotonic() - began)
         except (NeuronCacheError, OSError) as exc:
-            shim.note_down(str(keeper.client.bucket))
+            if not isinstance(exc, RemoteInvalidDataError):  # a lease the bucket refused is this graph's problem
+                shim.note_down(str(keeper.client.bucket))
             _say(f"compile lease of {module} skipped, {keeper.client.bucket}: {exc} (compiling)")
         except Exception as exc:
             _say(f"compile lease of {module} failed unexpectedly ({type(exc).__name__}: {exc}); compiling")
@@ -635,11 +685,11 @@ def _publish_upstream_hit(shim: _Shim, env: Mapping[str, str]) -> None:
         _say(f"publication of the upstream's entry failed unexpectedly ({type(exc).__name__}: {exc})")
 
 
-def wait_for_graph_here(keeper: "LeaseKeeper", module: str) -> "Waited":
+def wait_for_graph_here(keeper: "LeaseKeeper", module: str, waited_before: float = 0.0) -> "Waited":
     """`compile_leases.wait_for_graph`, saying its waits, takeovers and give-ups on stderr."""
     from ..compile_leases import wait_for_graph
 
-    return wait_for_graph(keeper, module, say=_say)
+    return wait_for_graph(keeper, module, say=_say, waited_before=waited_before)
 
 
 def _read_json(path: Path) -> dict[str, object]:

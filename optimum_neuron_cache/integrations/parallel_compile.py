@@ -212,6 +212,8 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
     keeper = LeaseKeeper(client, version, lease_settings)
     order = random.Random(keeper.holder.token)
     watches: dict[str, Watch] = {}
+    since: dict[str, float] = {}  # when this host first saw each graph's lease: the max wait counts from then
+    idle = 0.0  # seconds this run spent only waiting on other hosts: the max wait bounds them too, all graphs together
     waited: set[str] = set()
     key = JournalKey(str(client.bucket), version, None, layout.DEFAULT_TASK)
     with keeper:
@@ -228,7 +230,10 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                     watch = observe(watches, found[module], now)
                     if watch is not None and watch.holder is None:
                         watch.holder = keeper.read(module)
-                    decisions.append(decide(found[module], watch, now, lease_settings))
+                    if watch is not None:
+                        since.setdefault(module, now)
+                    first = min(since.get(module, now), now - idle)
+                    decisions.append(decide(found[module], watch, now, lease_settings, since=first))
                 report.decisions.extend(decisions)
                 fetchable = [d.module for d in decisions if d.action is Action.FETCH]
                 if fetchable:
@@ -261,11 +266,12 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                         say(next(f"{d.module}: {d.reason}" for d in decisions if d.module == module))
                 waiting = [d.module for d in decisions if d.action is Action.WAIT]
                 if not mine and not unleased:
-                    if waiting:
-                        if say and not waited.issuperset(waiting):
-                            say(f"waiting for {len(waiting)} graph(s) other hosts are compiling")
-                        waited.update(waiting)
-                        stop.wait(lease_settings.poll)
+                    if waiting and say and not waited.issuperset(waiting):
+                        say(f"waiting for {len(waiting)} graph(s) other hosts are compiling")
+                    waited.update(waiting)
+                    before = clock()
+                    stop.wait(lease_settings.poll)  # others hold the graphs, or won every take: look again later
+                    idle += max(0.0, clock() - before)
                     continue
             except (NeuronCacheError, OSError) as exc:
                 report.warnings.append(f"compile leases stopped, bucket {client.bucket}: {exc} (what is left is compiled here)")
