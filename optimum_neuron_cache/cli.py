@@ -29,6 +29,7 @@ from .buckets import (
     BucketRef, bucket_and_source, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path,
 )
 from .client import BucketClient, ProgressCallback, running_server, stop_server
+from .cli_lifecycle import age
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import FetchPlan, execute_fetch, heal_line, plan_fetch
@@ -843,18 +844,29 @@ def parallel_compile_fill_todo(bucket: str | None, cache_dir: str | None, compil
 @bucket_option
 @version_option
 @click.option("--sweep", is_flag=True, help="Remove leases whose graph the bucket now holds, or not renewed for --older-than.")
-@click.option("--older-than", type=click.FloatRange(min=0), default=86400.0, show_default=True,
-              help="With --sweep: seconds since the bucket got the lease's last write (by the bucket's clock).")
+@click.option("--older-than", callback=age, default="1d", show_default=True, metavar="AGE",
+              help="With --sweep: the age since the bucket got the lease's last write (by the bucket's clock).")
+@yes_option
 @json_option
-def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, as_json: bool) -> None:
-    """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each)."""
+def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_than: float, yes: bool,
+           as_json: bool) -> None:
+    """The compile leases of a bucket: which host compiles which graph right now (one listing, one read each).
+
+    --sweep removes those whose graph the bucket holds or that nobody renewed: it shows them, then asks on a
+    terminal; --yes acts without asking; elsewhere they are only shown."""
     import time as _time
 
-    from .compile_leases import list_leases, sweep_leases
+    from .compile_leases import list_leases, plan_sweep, sweep_leases
 
     client = BucketClient(_bucket(bucket))
     found = list_leases(client, compiler_version)
-    removed = sweep_leases(client, found, now=_time.time(), older_than=older_than) if sweep else []
+    planned = plan_sweep(client, found, now=_time.time(), older_than=older_than) if sweep else []
+    if not as_json:
+        for item in planned:
+            echo(f"{'sweeping' if yes else 'would sweep'} {item.lease.compiler_version}/{item.lease.module} "
+                 f"({item.reason})")
+    removed = sweep_leases(client, planned) if planned and confirmed(
+        yes, f"remove {plural(len(planned), 'lease', 'leases')}?", ask=not as_json) else []
     gone = {(lease.compiler_version, lease.module) for lease in removed}
     found = [lease for lease in found if (lease.compiler_version, lease.module) not in gone]
     if as_json:
@@ -862,10 +874,14 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
                                       "holder": asdict(lease.holder) if lease.holder else None,
                                       "uploaded": lease.uploaded}
                                      for lease in found],
+                          "sweep": [{"lease": f"{item.lease.compiler_version}/{item.lease.module}",
+                                     "reason": item.reason} for item in planned],
                           "swept": [f"{lease.compiler_version}/{lease.module}" for lease in removed]}))
         return
-    for lease in removed:
-        echo(f"swept {lease.compiler_version}/{lease.module}")
+    if planned and not removed:
+        echo(f"would sweep {plural(len(planned), 'lease', 'leases')}; run again with --sweep --yes to remove them")
+    elif removed:
+        echo(f"swept {plural(len(removed), 'lease', 'leases')}")
     if not found:
         click.echo(f"{client.bucket} holds no compile leases")
         return

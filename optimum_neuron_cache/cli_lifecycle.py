@@ -15,16 +15,25 @@ import click
 from tqdm import tqdm
 
 from . import remote_layout as layout
+from . import settings
 from .client import BucketClient
+from .errors import ConfigurationError
 from .neuron_sdk import validate_compiler_version
-from .prune import PrunePlan, PrunePolicy, execute_prune, parse_age, plan_prune
+from .prune import PrunePlan, PrunePolicy, execute_prune, plan_prune
 from .scrub import DEFAULT_STALE_AFTER, repair as repair_entries, repair_plan, scrub as run_scrub
 from .survey import survey_bucket
 from .usage import bucket_usage
 
 
-def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    return None if value is None else parse_age(value)
+def age(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """An option's age in seconds: `3600`, `90s`, `15m`, `12h`, `30d`, `2w` (settings.duration, as everywhere)."""
+    if value is None:
+        return None
+    seconds = settings.duration(value)
+    if seconds is None:
+        raise ConfigurationError(f"{param.opts[0] if param.opts else 'age'} {value!r} is not an age: give seconds "
+                                 "(3600), or a number followed by s, m, h, d or w (e.g. 30d)")
+    return seconds
 
 
 def _versions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -40,9 +49,9 @@ def policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--task", "-t", default=None, help="With --model: only this task's area."),
         click.option("--model-version", "model_versions", multiple=True, callback=_versions,
                      help="With --model: only under this compiler version (repeatable; default: every version)."),
-        click.option("--unreferenced-older-than", "unreferenced", callback=_age, metavar="AGE",
+        click.option("--unreferenced-older-than", "unreferenced", callback=age, metavar="AGE",
                      help="Remove flat entries no model area or export record references, written more than AGE ago (e.g. 30d)."),
-        click.option("--incomplete-older-than", "incomplete", callback=_age, metavar="AGE",
+        click.option("--incomplete-older-than", "incomplete", callback=age, metavar="AGE",
                      help="Remove entries that never got their commit file (a publisher that died), written more than AGE ago."),
         click.option("--dangling-records", is_flag=True, help="Remove export records naming entries their area no longer holds."),
     ]):
@@ -134,7 +143,7 @@ def register(cli: click.Group) -> None:
     @bucket_option
     @version_option
     @click.option("--read", is_flag=True, help="Also read every committed file back, hashed against its digest.")
-    @click.option("--stale-after", callback=_age, metavar="AGE",
+    @click.option("--stale-after", callback=age, metavar="AGE",
                   help="Report entries without a commit file written more than AGE ago (default 1d).")
     @click.option("--repair", is_flag=True, help="Remove the commit files of entries found missing, short or corrupt "
                   "(shown, then asked on a terminal; --yes acts without asking; elsewhere only shown).")

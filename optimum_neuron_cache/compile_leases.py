@@ -472,11 +472,18 @@ def list_leases(client: Any, compiler_version: str | None = None, *, holders: bo
     return sorted(found, key=lambda lease: (lease.compiler_version, lease.module))
 
 
-def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_than: float) -> list[LiveLease]:
-    """Remove leases whose graph the flat area now holds (their holder published and died before dropping
-    them) or not written for `older_than` seconds, by the bucket's own clock against ours (generous: clocks
-    differ), never by the writer's. Each is removed only if it still holds what was read (a lease that cannot
-    be read reads as "", and is removed as such). Returns those removed."""
+@dataclass(frozen=True)
+class Sweep:
+    """A lease `neuron-cache leases --sweep` would remove, and why."""
+
+    lease: LiveLease
+    reason: str
+
+
+def plan_sweep(client: Any, leases: Iterable[LiveLease], *, now: float, older_than: float) -> list[Sweep]:
+    """The leases to remove: those whose graph the flat area now holds (their holder published and died before
+    dropping them), and those not written for `older_than` seconds by the bucket's own clock against ours
+    (generous: clocks differ), never by the writer's. One paths-info per compiler version."""
     leases = list(leases)
     committed: set[tuple[str, str]] = set()
     by_version: dict[str, list[str]] = {}
@@ -484,11 +491,21 @@ def sweep_leases(client: Any, leases: Iterable[LiveLease], *, now: float, older_
         by_version.setdefault(lease.compiler_version, []).append(lease.module)
     for version, modules in by_version.items():
         committed |= {(version, m) for m, p in probe(client, version, modules).items() if p.committed}
-    removed = []
+    planned = []
     for lease in leases:
-        old = lease.uploaded is not None and now - lease.uploaded > older_than
-        if (lease.compiler_version, lease.module) not in committed and not old:
-            continue
+        if (lease.compiler_version, lease.module) in committed:
+            planned.append(Sweep(lease, "the bucket holds its graph"))
+        elif lease.uploaded is not None and now - lease.uploaded > older_than:
+            planned.append(Sweep(lease, f"not written for {now - lease.uploaded:.0f}s by the bucket's clock"))
+    return planned
+
+
+def sweep_leases(client: Any, planned: Iterable[Sweep]) -> list[LiveLease]:
+    """Remove the planned leases, each only if it still holds what was read (a lease that cannot be read
+    reads as "", and is removed as such). Returns those removed."""
+    removed = []
+    for item in planned:
+        lease = item.lease
         expect = lease.holder.text() if lease.holder else None
         path = layout.lease_path(lease.compiler_version, lease.module)
         if expect is None:

@@ -343,12 +343,3 @@ def _settle_races(client: BucketClient, removed: Iterable[RemoveEntry], batch: i
         for start in range(0, len(again), batch):
             client.batch(delete=again[start:start + batch])
         result.rewritten_removed += again
-
-
-def parse_age(text: str) -> float:
-    """`30d`, `12h`, `90m` or `3600s` -> seconds; anything else raises ConfigurationError (one line)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    value, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not value.isdecimal():
-        raise ConfigurationError(f"age {text!r} is not a whole number followed by s, m, h, d or w (e.g. 30d)")
-    return int(value) * units[unit]

@@ -77,28 +77,40 @@ def _raw(name: str, environ: Environ) -> str | None:
     return value.strip()
 
 
-def _parse_seconds(name: str, text: str, example: str, *, zero_ok: bool = False, unit_ok: bool = False) -> float:
-    number = text[:-1].strip() if unit_ok and text.endswith("s") else text
+#: A duration's suffixes: `90` and `90s` are seconds; `15m`, `12h`, `30d`, `2w`.
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def duration(text: str) -> float | None:
+    """Seconds from `90`, `90s`, `15m`, `12h`, `30d` or `2w`: the one format of every age and timeout a user
+    gives, in a variable or on the command line; None when the text is not one (or negative, or not finite)."""
+    text = text.strip().lower()
+    factor = DURATION_UNITS.get(text[-1:])
     try:
-        value = float(number)
+        value = float(text[:-1] if factor else text) * (factor or 1.0)
     except ValueError:
-        value = math.nan
-    low_ok = value >= 0 if zero_ok else value > 0
-    if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _parse_seconds(name: str, text: str, example: str, *, zero_ok: bool = False) -> float:
+    value = duration(text)
+    if value is None or not (value >= 0 if zero_ok else value > 0) or value > MAX_SECONDS:
         lowest = "0 or more" if zero_ok else "more than 0"
         raise ConfigurationError(
-            f"{name}={text!r} is not a number of seconds ({lowest}, at most {MAX_SECONDS:.0f}); set it to e.g. {example}")
+            f"{name}={text!r} is not a duration ({lowest}, at most 30d: seconds, or a number followed by s, m, h, d "
+            f"or w); set it to e.g. {example}")
     return value
 
 
-def _seconds(name: str, default: float, environ: Environ, *, zero_ok: bool = False, unit_ok: bool = False) -> float:
+def _seconds(name: str, default: float, environ: Environ, *, zero_ok: bool = False) -> float:
     text = _raw(name, environ)
-    return default if text is None else _parse_seconds(name, text, f"{default:g}", zero_ok=zero_ok, unit_ok=unit_ok)
+    return default if text is None else _parse_seconds(name, text, f"{default:g}", zero_ok=zero_ok)
 
 
-def _optional_seconds(name: str, example: str, environ: Environ, *, unit_ok: bool = False) -> float | None:
+def _optional_seconds(name: str, example: str, environ: Environ) -> float | None:
     text = _raw(name, environ)
-    return None if text is None else _parse_seconds(name, text, example, unit_ok=unit_ok)
+    return None if text is None else _parse_seconds(name, text, example)
 
 
 def _flag(name: str, default: bool, environ: Environ) -> bool:
@@ -219,7 +231,7 @@ def metadata_timeout(environ: Environ = None) -> float | None:
 
 def xet_retry_duration(environ: Environ = None) -> float | None:
     """Bound on hf_xet's own retries, in seconds (`10` or `10s`); None: the server's default."""
-    return _optional_seconds(XET_RETRY_DURATION, "10", environ, unit_ok=True)
+    return _optional_seconds(XET_RETRY_DURATION, "10", environ)
 
 
 def server_log_level(environ: Environ = None) -> str | None:

@@ -378,7 +378,7 @@ def test_a_bad_duration_in_the_environment_is_one_line(tmp_path, version, variab
     bucket = str(tmp_path / "bucket")
     line = _refused(["fetch", "org/m", "--bucket", bucket, "--compiler-version", version, "--cache-dir", str(tmp_path / "c")],
                     env={variable: "abc"})
-    assert line.startswith(f"error: {variable}='abc' is not a number of seconds") and "set it to e.g." in line
+    assert line.startswith(f"error: {variable}='abc' is not a duration") and "set it to e.g." in line
 
 
 def test_bad_input_through_the_installed_entry_point(tmp_path):
@@ -551,3 +551,14 @@ def test_every_command_that_prints_a_result_has_json(tmp_path, version, monkeypa
     assert preview["executed"] is False and [r["reason"] for r in preview["removals"]] == ["failed compile (cached failure)"]
     acted = json.loads(run("cleanup", "--cache-dir", str(root), "--failed", "--json", "--yes"))
     assert acted["executed"] is True and acted["freed"] > 0
+
+
+def test_ages_are_written_one_way_in_every_command(tmp_path):
+    """prune took `30d` and refused `86400`, `leases --older-than` the reverse: both take both now."""
+    bucket = str(tmp_path / "b")
+    run("create", bucket)
+    for age in ("86400", "1d", "24h"):
+        assert "nothing to prune" in run("prune", "--incomplete-older-than", age, "--bucket", bucket)
+        assert "holds no compile leases" in run("leases", "--sweep", "--older-than", age, "--bucket", bucket, "--yes")
+    result = CliRunner().invoke(cli, ["prune", "--incomplete-older-than", "soon", "--bucket", bucket])
+    assert result.exit_code == 2 and "--incomplete-older-than 'soon' is not an age" in result.output

@@ -327,10 +327,14 @@ def test_the_leases_command_lists_holders_and_sweeps_what_is_left(tmp_path, buck
     listed = cli("leases")
     assert listed.returncode == 0, listed.stderr
     assert f"{keeper.holder.host} pid {os.getpid()}" in listed.stdout and committed in listed.stdout and live in listed.stdout
-    swept = cli("leases", "--sweep", "--json")
-    assert swept.returncode == 0, swept.stderr
     import json
 
+    preview = json.loads(cli("leases", "--sweep", "--json").stdout)  # no terminal, no --yes: only shown
+    assert preview["swept"] == [] and preview["sweep"] == [{"lease": f"{version}/{committed}",
+                                                            "reason": "the bucket holds its graph"}]
+    assert len(BucketClient(bucket).list(layout.leases_prefix())) == 2
+    swept = cli("leases", "--sweep", "--yes", "--json")
+    assert swept.returncode == 0, swept.stderr
     data = json.loads(swept.stdout)
     assert data["swept"] == [f"{version}/{committed}"]
     assert [lease["module"] for lease in data["leases"]] == [live] and data["leases"][0]["holder"]["pid"] == os.getpid()

@@ -31,7 +31,7 @@ OPTIONAL_DURATIONS = [
     (settings.metadata_timeout, settings.METADATA_TIMEOUT),
     (settings.xet_retry_duration, settings.XET_RETRY_DURATION),
 ]
-NOT_SECONDS = ["abc", "-1", "0", "inf", "nan", "1e309", "1e9", "10m", "0x10"]
+NOT_SECONDS = ["abc", "-1", "0", "inf", "nan", "1e309", "1e9", "31d", "10x", "0x10"]
 
 
 def _refused(read, name: str, value: str) -> str:
@@ -61,7 +61,8 @@ def test_server_durations_are_absent_or_positive_finite_seconds(read, name):
 
 def test_the_issue_s_example_message():
     assert _refused(settings.lock_timeout, "NEURON_CACHE_LOCK_TIMEOUT", "abc") == (
-        "NEURON_CACHE_LOCK_TIMEOUT='abc' is not a number of seconds (more than 0, at most 2592000); set it to e.g. 600")
+        "NEURON_CACHE_LOCK_TIMEOUT='abc' is not a duration (more than 0, at most 30d: seconds, or a number followed by "
+        "s, m, h, d or w); set it to e.g. 600")
 
 
 def test_counts_choices_and_flags():
@@ -166,3 +167,11 @@ def test_the_shim_never_fails_a_compile_over_a_setting(tmp_path, version, toolch
     use(bucket, tmp_path / "C", monkeypatch)
     jit_compile(tmp_path / "C", version, graph)
     assert len(compiles(toolchain)) == 2 and running_server() is not None
+
+
+def test_one_duration_format_for_variables_and_options():
+    """`90` and `90s` are seconds, then `15m`, `12h`, `30d`, `2w`, in every variable and every age option."""
+    assert [settings.duration(text) for text in ("90", "90s", "1.5m", "12h", "30d", "2w", " 3H ")] == [
+        90.0, 90.0, 90.0, 43200.0, 2592000.0, 1209600.0, 10800.0]
+    assert [settings.duration(text) for text in ("", "d", "-1s", "nan", "inf", "1e999h", "1x", "ten")] == [None] * 8
+    assert settings.lease_max_wait({settings.LEASE_MAX_WAIT: "2h"}) == 7200.0
