@@ -31,7 +31,7 @@ from .buckets import (
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import FetchPlan, execute_fetch, heal_line, plan_fetch
+from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, plan_fetch
 from .journal import JournalKey
 from .publish import publish_leftovers
 from .host_state import HostState
@@ -39,7 +39,7 @@ from .inventory import bucket_inventory
 from .local_cache import CacheRoot, resolve_cache_root, scan_entries, version_dir_name
 from .explain import differences, why_nothing
 from .lookup import FILTER_KEYS, lookup_cache
-from .records import compiler_flags
+from .records import ExportFilter, compiler_flags
 from .stats import Stats, read_stats, record_run, stats_path, zero_stats
 from .maintenance import cache_status, execute_cleanup, plan_cleanup
 from .neuron_sdk import (
@@ -284,53 +284,97 @@ def _set_upstreams(specs: tuple[str, ...]) -> None:
 @cache_dir_option
 @bucket_option
 @version_option
+@click.option("--target", "--instance-type", "target", help="Only entries of configurations compiled for this target "
+              "(trn1, trn2, inf2...).")
+@click.option("--batch-size", type=int, help="Only entries of configurations with this batch size.")
+@click.option("--sequence-length", type=int, help="Only entries of configurations with this sequence length.")
+@click.option("--tensor-parallel-size", "--tp", "tensor_parallel_size", type=int, help="Only entries of "
+              "configurations with this tensor parallel size.")
+@click.option("--dtype", help="Only entries of configurations of this dtype (bf16 = bfloat16 = torch.bfloat16).")
+@click.option("--config", "config_json", help="An export config as JSON: only entries of configurations that match "
+              "each of its fields (the options above override it).")
 @click.option("--dry-run", is_flag=True, help="Show the plan: each entry, what would be done and why.")
 @click.pass_obj
 def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None,
-          compiler_version: str | None, dry_run: bool) -> None:
+          compiler_version: str | None, target: str | None, batch_size: int | None, sequence_length: int | None,
+          tensor_parallel_size: int | None, dtype: str | None, config_json: str | None, dry_run: bool) -> None:
     """Warm the local compile cache with MODEL_ID's entries from the bucket.
 
-    Also publishes what earlier runs of this model and task on this host compiled and left unpublished
-    (killed, or the bucket was down)."""
+    With a filter (--batch-size, --dtype, --config...), only the entries that the matching export records
+    list (the whole area where none matches). Also publishes what earlier runs of this model and task on this
+    host compiled and left unpublished (killed, or the bucket was down)."""
     model = layout.model_ref(model_id)
-    task_name = layout.task_name(task)
+    config = _json_object(click.get_current_context(), None, config_json, "--config")
+    wanted = ExportFilter.of(config, target=_target_option(target), batch_size=batch_size,
+                             sequence_length=sequence_length, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
     root = _root(cache_dir, create=not dry_run)
     version = resolve_compiler_version(compiler_version)
     ref = _bucket(bucket)
     _warn_unpinned_target(version, ref)
     client = BucketClient(ref)
     local = {entry.name: entry for entry in scan_entries(root, version)}
-    plan = plan_fetch(client, version, model.folder, task_name, local)
+    tasks = [layout.task_name(task)]
+    plans = []
+    for task_name in tasks:
+        plan = plan_fetch(client, version, model.folder, task_name, local)
+        plans.append((task_name, choose(client, plan, wanted) if wanted else plan))
+    whose = ""
+    chosen = _chosen(plans, wanted)
     if dry_run:
-        for op in plan.ops:
-            size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
-            out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{size_text}: {op.reason}")
-        out.info(f"would fetch {plural(len(plan.items), 'entry', 'entries')} ({size(plan.bytes_needed)})" if plan.items else "nothing to fetch")
+        for task_name, plan in plans:
+            where = ""
+            for op in plan.ops:
+                size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
+                out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{where}{size_text}: {op.reason}")
+        items = [item for _, plan in plans for item in plan.items]
+        needed = sum(plan.bytes_needed for _, plan in plans)
+        out.info(f"would fetch {plural(len(items), 'entry', 'entries')} ({size(needed)}){chosen}{whose}" if items
+                 else f"nothing to fetch{chosen}{whose}")
         return
     HostState(root).remove_stale_temp_dirs()
     progress, close = out.progress("fetch")
+    results = []
     try:
-        result = execute_fetch(client, root, plan, progress)
+        for _, plan in plans:
+            results.append(execute_fetch(client, root, plan, progress))
     finally:
         close()
-    target = root / version_dir_name(version)
-    record_run(Stats(fetches=1, hits=len(result.fetched), bytes_downloaded=result.bytes))
-    if not plan.remote_modules and not plan.items:
-        out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task_name, model.model_id)}")
+    target_dir = root / version_dir_name(version)
+    fetched = [module for result in results for module in result.fetched]
+    fetched_bytes = sum(result.bytes for result in results)
+    record_run(Stats(fetches=1, hits=len(fetched), bytes_downloaded=fetched_bytes))
+    if not any(plan.remote_modules or plan.items for _, plan in plans):
+        out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, tasks[0], model.model_id)}")
     else:
-        present = len(plan.remote_modules) - len(plan.items)
-        out.info(f"fetched {plural(len(result.fetched), 'entry', 'entries')} ({size(result.bytes)}) into {target}; "
-                 f"{present + len(result.installed_by_others)} already present")
-    if line := heal_line(result.healed, version):
+        present = sum(op.action is Action.PRESENT for _, plan in plans for op in plan.ops) + \
+            sum(len(result.installed_by_others) for result in results)
+        unlisted = sum(op.action is Action.UNLISTED for _, plan in plans for op in plan.ops)
+        left_out = f"; {unlisted} left out (not listed by the matching export records)" if unlisted else ""
+        out.info(f"fetched {plural(len(fetched), 'entry', 'entries')} ({size(fetched_bytes)}){chosen}{whose} into "
+                 f"{target_dir}; {present} already present{left_out}")
+    for task_name, plan in plans:
+        if plan.choice is not None and plan.choice.modules is None and plan.remote_modules:
+            out.info(f"{task_name}: {plan.choice.line()}")
+    if line := heal_line([module for result in results for module in result.healed], version):
         out.info(line)
-    for module, why in result.failed:
+    for module, why in (failure for result in results for failure in result.failed):
         echo(f"warning: {module} not fetched: {why}", err=True)
-    for module, why in plan.stranded:
+    for module, why in (stranded for _, plan in plans for stranded in plan.stranded):
         echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
                    "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
-    _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
-    if result.failed:
+    for task_name, plan in plans:
+        _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
+    if any(result.failed for result in results):
         sys.exit(1)
+
+
+def _chosen(plans: list[tuple[str, FetchPlan]], wanted: ExportFilter) -> str:
+    """What the filters chose, for the summary line: " of 1 matching configuration (batch_size=1)"."""
+    if not wanted:
+        return ""
+    choices = [plan.choice for _, plan in plans if plan.choice is not None and plan.choice.modules is not None]
+    matching = sum(len(choice.matching) for choice in choices)
+    return f" of {plural(matching, 'matching configuration', 'matching configurations')} ({wanted})"
 
 
 def _warn_unpinned_target(version: str, ref: BucketRef) -> None:
