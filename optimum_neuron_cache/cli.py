@@ -31,7 +31,7 @@ from .buckets import (
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
-from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, plan_fetch
+from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, model_tasks, plan_fetch
 from .journal import JournalKey
 from .publish import publish_leftovers
 from .host_state import HostState
@@ -204,7 +204,8 @@ def _json(data: Any) -> str:
 bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NAME or a directory (default: NEURON_CACHE_BUCKET, `set`, the embedded default).")
 cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
 version_option = click.option("--compiler-version", callback=_compiler_version, help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
-task_option = click.option("--task", "-t", default=None, help="The task (default: `default`).")
+task_option = click.option("--task", "-t", default=None, help="The task of --model's area (default: `default`).")
+read_task_option = click.option("--task", "-t", default=None, help="Only this task (default: every task of the model).")
 
 
 @click.group(cls=CacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -280,7 +281,7 @@ def _set_upstreams(specs: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("model_id")
-@task_option
+@read_task_option
 @cache_dir_option
 @bucket_option
 @version_option
@@ -300,9 +301,10 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
           tensor_parallel_size: int | None, dtype: str | None, config_json: str | None, dry_run: bool) -> None:
     """Warm the local compile cache with MODEL_ID's entries from the bucket.
 
-    With a filter (--batch-size, --dtype, --config...), only the entries that the matching export records
-    list (the whole area where none matches). Also publishes what earlier runs of this model and task on this
-    host compiled and left unpublished (killed, or the bucket was down)."""
+    Without --task, every task the bucket holds the model under. With a filter (--batch-size, --dtype,
+    --config...), only the entries that the matching export records list (the whole area of a task where
+    none matches). Also publishes what earlier runs of this model on this host compiled and left
+    unpublished (killed, or the bucket was down)."""
     model = layout.model_ref(model_id)
     config = _json_object(click.get_current_context(), None, config_json, "--config")
     wanted = ExportFilter.of(config, target=_target_option(target), batch_size=batch_size,
@@ -313,16 +315,16 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     _warn_unpinned_target(version, ref)
     client = BucketClient(ref)
     local = {entry.name: entry for entry in scan_entries(root, version)}
-    tasks = [layout.task_name(task)]
+    tasks = [layout.task_name(task)] if task else model_tasks(client, version, model) or [layout.DEFAULT_TASK]
     plans = []
     for task_name in tasks:
         plan = plan_fetch(client, version, model.folder, task_name, local)
         plans.append((task_name, choose(client, plan, wanted) if wanted else plan))
-    whose = ""
+    whose = f" of {model.model_id} (every task: {', '.join(tasks)})" if task is None else ""
     chosen = _chosen(plans, wanted)
     if dry_run:
         for task_name, plan in plans:
-            where = ""
+            where = f" [{task_name}]" if task is None else ""
             for op in plan.ops:
                 size_text = f" ({size(sum(f.size for f in op.files))})" if op.files else ""
                 out.info(f"{op.action.value:8} neuronxcc-{version}/{op.module}{where}{size_text}: {op.reason}")
@@ -344,7 +346,7 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     fetched_bytes = sum(result.bytes for result in results)
     record_run(Stats(fetches=1, hits=len(fetched), bytes_downloaded=fetched_bytes))
     if not any(plan.remote_modules or plan.items for _, plan in plans):
-        out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, tasks[0], model.model_id)}")
+        out.info(f"nothing to fetch: {why_nothing(client, version, model.folder, task and tasks[0], model.model_id)}")
     else:
         present = sum(op.action is Action.PRESENT for _, plan in plans for op in plan.ops) + \
             sum(len(result.installed_by_others) for result in results)
@@ -362,6 +364,9 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     for module, why in (stranded for _, plan in plans for stranded in plan.stranded):
         echo(f"warning: {module} is locked here and the lock cannot be told stale ({why}); if no compile is "
                    "running, run `neuron-cache cleanup --locks` and fetch again", err=True)
+    if task is None and layout.DEFAULT_TASK not in tasks:  # what killed runs without a task left is published too
+        plans.append((layout.DEFAULT_TASK, FetchPlan(version, layout.model_area_prefix(version, model.folder,
+                                                                                       layout.DEFAULT_TASK))))
     for task_name, plan in plans:
         _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
     if any(result.failed for result in results):
@@ -442,7 +447,7 @@ def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_versio
 
 @cli.command()
 @click.argument("model_id")
-@task_option
+@read_task_option
 @version_option
 @click.option("--target", "--instance-type", "target", help="e.g. trn1, trn2, inf2.")
 @click.option("--batch-size", type=int)
@@ -471,7 +476,8 @@ def explain(model_id: str, task: str | None, compiler_version: str | None, targe
     click.echo(f"here: compiler {version or '(unknown: no Neuron SDK; pass --compiler-version)'}; "
                f"target {here_target or '(unknown: pass --target)'}; flags {' '.join(flags) or '(none)'}")
     if not records:
-        click.echo(f"no export records of {model_id} in {ref}: nothing was published for it with an export config")
+        click.echo(f"no export records of {model_id} in {ref}" + ("" if task else " (any task)") +
+                   ": nothing was published for it with an export config")
         return
     comparisons = []
     for record in records:
@@ -535,7 +541,7 @@ def _duration(seconds: float) -> str:
 
 @cli.command()
 @click.argument("model_id")
-@task_option
+@read_task_option
 @version_option
 @click.option("--all-versions", is_flag=True, help="Every compiler version in the bucket.")
 @click.option("--target", "--instance-type", "target", help="e.g. trn1, trn2, inf2.")
@@ -559,7 +565,7 @@ def lookup(model_id: str, task: str | None, compiler_version: str | None, all_ve
         click.echo(_json([record.to_dict() for record in records]))
         return
     if not records:
-        click.echo(f"no cached configuration of {model_id} matches")
+        click.echo(f"no cached configuration of {model_id} matches" + ("" if task else " in any task"))
         return
     for record in records:
         config = " ".join(f"{key}={value}" for key, value in sorted(record.export_config.items()))
@@ -774,7 +780,8 @@ def parallel_compile() -> None:
 
 @parallel_compile.command(name="run", context_settings={"ignore_unknown_options": True})
 @click.option("--model", "model_id", help="Hub model id or local model directory (default: the flat area only).")
-@click.option("--task", default="training", show_default=True, help="The task.")
+@click.option("--task", default="training", show_default=True, help="The area the run fetches from and publishes to "
+              "(one task: unlike fetch, lookup and explain, which read every task without --task).")
 @click.option("--export-config", callback=_json_object, help='JSON, e.g. \'{"batch_size": 1}\': writes an export record.')
 @click.option("--no-shim", is_flag=True, help="Do not put the compiler shim on PATH.")
 @click.option("--phases", is_flag=True,

@@ -363,6 +363,20 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
     return area, client.list(area, recursive=True), existing
 
 
+def model_tasks(client: BucketClient, compiler_version: str, model: layout.ModelRef) -> list[str]:
+    """The tasks the bucket holds the model under for this compiler (what a fetch without a task reads): one
+    listing of the model's folder; `models/` once more when the casing differs, and the model's folder in
+    optimum-neuron PR #1102's layout when this layout has none."""
+    tasks = client.folders(layout.model_folder_prefix(compiler_version, model.folder))
+    if not tasks:
+        cased = layout.reuse_casing(model.folder, client.folders(layout.models_prefix(compiler_version)))
+        if cased != model.folder:
+            tasks = client.folders(layout.model_folder_prefix(compiler_version, cased))
+    if not tasks and not model.is_local:
+        tasks = client.folders(f"{layout.version_prefix(compiler_version)}/{model.model_id}")
+    return sorted({task for task in tasks if layout.is_task_name(task)})  # listed names are hostile input
+
+
 def pr1102_model_area(client: BucketClient, compiler_version: str, folder: str,
                       task: str) -> tuple[str, list[dict[str, Any]]] | None:
     """The model's area in the layout of optimum-neuron's bucket PR (#1102: `neuronxcc-<ver>/<org>/<name>/<task>/`)

@@ -1,4 +1,4 @@
-"""A fetch for one configuration installs what its export records list.
+"""A fetch for one configuration installs what its export records list; without a task, a fetch reads every task.
 
 On both bucket kinds (hf on the emulator, a directory), through the real bucket server and the real CLI.
 """
@@ -16,8 +16,10 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.fetch import FetchNote, memo_applies
+from optimum_neuron_cache.journal import JournalKey
 from optimum_neuron_cache.local_cache import EntryState, LocalEntry, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
+from optimum_neuron_cache.publish import defer
 from optimum_neuron_cache.records import ExportFilter
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
@@ -125,3 +127,32 @@ def test_a_note_of_another_configuration_does_not_stand_in(version):
     assert memo_applies(note, version, local, 101.0, wanted)
     assert not memo_applies(note, version, local, 101.0, ExportFilter.of(LARGE))
     assert not memo_applies(note, version, local, 101.0, None)
+
+
+def test_fetch_without_a_task_installs_every_tasks_entries_and_says_which(tmp_path, bucket, version):
+    generation = _publish(tmp_path / "g", bucket, version, None, "gen", task="text-generation")
+    features = _publish(tmp_path / "f", bucket, version, None, "feat", task="feature-extraction", count=1)
+    # What a killed run without a task (so of `default`) left unpublished here goes up too, as before.
+    job = tmp_path / "job"
+    leftover = compile_graph(job, version, make_graphs(1, seed="left")[0]).path.name
+    defer(job, JournalKey(str(bucket), version, "org--filtered", layout.DEFAULT_TASK), [leftover])
+    out = _fetch(job, bucket, version)
+    assert _here(job, version) == sorted([*generation, *features, leftover])
+    assert "fetched 3 entries" in out and f"of {MODEL} (every task: feature-extraction, text-generation)" in out
+    assert "published 1 entry that earlier runs of org--filtered left unpublished" in out
+    # lookup and explain read every task too, and say so in their help.
+    for command in ("lookup", "explain"):
+        assert "default: every task of the model" in " ".join(run(command, "--help").split())
+    assert "in any task" in run("lookup", "org/absent", "--bucket", bucket.location, "--compiler-version", version)
+
+
+def test_an_area_with_a_record_and_no_entries_is_not_called_another_task(tmp_path, bucket, version):
+    area = layout.model_area_prefix(version, "org--filtered", "default")
+    record = {"model_id": MODEL, "task": "default", "compiler_version": version, "export_config": SMALL,
+              "compile_flags": [], "modules": []}
+    BucketClient(bucket).batch(add=[{"dest": layout.area_record_path(area, "0123456789abcdef.json"),
+                                     "content": json.dumps(record)}])
+    for args in (("--task", "default"), ()):
+        out = _fetch(tmp_path / "job", bucket, version, *args)
+        assert "nothing to fetch" in out and "other tasks" not in out, out
+        assert "holds no complete entry" in out or "hold no complete entry" in out, out
