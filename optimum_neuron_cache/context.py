@@ -223,7 +223,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._plan = fetched.plan
             if fetched.plan.choice is not None:
                 self._chosen = fetched.plan.choice.modules
-                log.info("optimum-neuron-cache: fetch for %s", fetched.plan.choice.line())
+                if fetched.plan.choice.records:  # chosen now, from the records (not from this host's note)
+                    log.info("optimum-neuron-cache: fetched %d entries for %s", len(fetched.result.fetched),
+                             fetched.plan.choice.line())
             self._records_read = fetched.result.exports_read
             note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)

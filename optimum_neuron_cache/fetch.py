@@ -2,7 +2,8 @@
 
 `plan_fetch` reads one listing of the model's area (plus one paths-info for local todo entries) and returns an
 immutable `FetchPlan`: one typed operation per entry, each with its reason (install, fill a todo entry,
-replace an entry a dead compile left locked, heal a cached failure; or why nothing is done). `execute_fetch`
+replace an entry a dead compile left locked, heal a cached failure; or why nothing is done); `narrow_plan`
+leaves out what the export records matching a configuration do not list (`choose_entries`). `execute_fetch`
 carries out the operations that move bytes: every needed file in one download request, into a temporary
 folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
 existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file

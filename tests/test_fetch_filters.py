@@ -15,12 +15,13 @@ from optimum_neuron_cache import remote_layout as layout
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.cli import cli
 from optimum_neuron_cache.client import BucketClient
-from optimum_neuron_cache.fetch import FetchNote, memo_applies
+from optimum_neuron_cache.fetch import (UNLISTED_REASON, Action, FetchNote, FetchOp, FetchPlan, choose_entries,
+                                        memo_applies, narrow_plan)
 from optimum_neuron_cache.journal import JournalKey
 from optimum_neuron_cache.local_cache import EntryState, LocalEntry, scan_entries
 from optimum_neuron_cache.lookup import clear_lookup_cache, lookup_cache
 from optimum_neuron_cache.publish import defer
-from optimum_neuron_cache.records import ExportFilter
+from optimum_neuron_cache.records import CachedExport, ExportFilter
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
 
 MODEL = "org/filtered"
@@ -156,3 +157,26 @@ def test_an_area_with_a_record_and_no_entries_is_not_called_another_task(tmp_pat
         out = _fetch(tmp_path / "job", bucket, version, *args)
         assert "nothing to fetch" in out and "other tasks" not in out, out
         assert "holds no complete entry" in out or "hold no complete entry" in out, out
+
+
+def test_the_planner_leaves_out_what_no_matching_record_lists_and_says_why(version):
+    """Pure: the records that match choose; a record listing no entries (an optimum-neuron registry import)
+    chooses nothing, so the whole area is planned, as when nothing matches."""
+    def record(config: dict, modules: list[str], name: str) -> CachedExport:
+        return CachedExport(MODEL, "default", version, config, [], modules, path=f"exports/{name}.json")
+
+    small, large = record(SMALL, ["MODULE_a"], "small"), record(LARGE, ["MODULE_b"], "large")
+    imported = record({"batch_size": 8, "torch_dtype": "bfloat16"}, [], "imported")
+    plan = FetchPlan(version, "area", (FetchOp("MODULE_a", Action.INSTALL, "missing here"),
+                                       FetchOp("MODULE_b", Action.INSTALL, "missing here"),
+                                       FetchOp("MODULE_c", Action.PRESENT, "complete here")))
+    narrowed = narrow_plan(plan, choose_entries([small, large, imported], ExportFilter.of(dtype="bfloat16",
+                                                                                        batch_size=1)))
+    assert [(op.module, op.action, op.reason) for op in narrowed.ops] == [
+        ("MODULE_a", Action.INSTALL, "missing here"), ("MODULE_b", Action.UNLISTED, UNLISTED_REASON),
+        ("MODULE_c", Action.PRESENT, "complete here")]
+    assert narrowed.choice is not None
+    assert narrowed.choice.line() == "1 matching configuration (batch_size=1 dtype=bfloat16)"
+    for wanted in (ExportFilter.of(batch_size=8, dtype="bf16"), ExportFilter.of(batch_size=2)):
+        whole = narrow_plan(plan, choose_entries([small, large, imported], wanted))
+        assert whole.ops == plan.ops and whole.choice is not None and "the whole area" in whole.choice.line()
