@@ -315,12 +315,13 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
     _warn_unpinned_target(version, ref)
     client = BucketClient(ref)
     local = {entry.name: entry for entry in scan_entries(root, version)}
-    tasks = [layout.task_name(task)] if task else model_tasks(client, version, model) or [layout.DEFAULT_TASK]
+    found = [] if task else model_tasks(client, version, model)
+    tasks = [layout.task_name(task)] if task else found or [layout.DEFAULT_TASK]
     plans = []
     for task_name in tasks:
         plan = plan_fetch(client, version, model.folder, task_name, local)
         plans.append((task_name, choose(client, plan, wanted) if wanted else plan))
-    whose = f" of {model.model_id} (every task: {', '.join(tasks)})" if task is None else ""
+    whose = f" of {model.model_id} (every task: {', '.join(found)})" if found else ""
     chosen = _chosen(plans, wanted)
     if dry_run:
         for task_name, plan in plans:
