@@ -30,7 +30,7 @@ from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
 from .publish import close, publish
-from .records import CachedExport, compiler_flags, exit_records, record_id_for
+from .records import CachedExport, ExportFilter, compiler_flags, exit_records, record_id_for
 from .sigterm import SigtermHook
 from .stats import Stats, record_run
 from .sync import RecordWrite
@@ -114,6 +114,8 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._area: str | None = None
         self._area_modules: set[str] = set()
         self._area_records: set[str] = set()
+        #: The area's entries this run's configuration needs, as its export records list them (None: all).
+        self._chosen: frozenset[str] | None = None
         self._before: dict[str, EntryState] = {}
         self._local: dict[str, LocalEntry] = {}
         self._records_read: list[CachedExport] = []
@@ -209,7 +211,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
                 self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
                                   self._task, local, missing_bucket_is_empty=self._embedded,
-                                  memo=gate.previous if gate is not None else None)
+                                  memo=gate.previous if gate is not None else None, wanted=self._wanted())
         except NeuronCacheError as exc:
             self._remote_failed("fetch", exc)
             note = self._note(ok=False, error=str(exc))
@@ -224,6 +226,11 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
             self._known_models = fetched.plan.known_models
             self._plan = fetched.plan
+            if fetched.plan.choice is not None:
+                self._chosen = fetched.plan.choice.modules
+                if fetched.plan.choice.records:  # chosen now, from the records (not from this host's note)
+                    log.info("optimum-neuron-cache: fetched %d entries for %s", len(fetched.result.fetched),
+                             fetched.plan.choice.line())
             self._records_read = fetched.result.exports_read
             note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)
@@ -296,9 +303,17 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         if not ok:
             return FetchNote(text, time.time(), False, error)
         plan = self._plan
+        choice = plan.choice if plan is not None else None
+        needed = None if choice is None or choice.modules is None else \
+            tuple(sorted(choice.modules & self._area_modules))
         return FetchNote(text, time.time(), True, "", self._area, tuple(sorted(self._area_modules)),
                          tuple(sorted(self._area_records)), self._known_models,
-                         plan.stamp if plan is not None else None, plan.listed_at if plan is not None else 0.0)
+                         plan.stamp if plan is not None else None, plan.listed_at if plan is not None else 0.0,
+                         choice.wanted.key if choice is not None else None, needed)
+
+    def _wanted(self) -> ExportFilter | None:
+        """The configuration this run fetches for: its export config, when known on enter (None: the whole area)."""
+        return ExportFilter.of(self._export_config) if self._export_config else None
 
     def _take_note(self, note: FetchNote) -> None:
         """Another process of this host fetched this area while this one waited: what it found stands for this
@@ -313,6 +328,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         self._client_later = True  # made on exit, only if there is something to publish or explain: connecting
         self._area, self._known_models = note.area, note.known_models  # costs the server a handshake per rank
         self._area_modules, self._area_records = frozenset(note.remote_modules), frozenset(note.record_names)
+        wanted = self._wanted()
+        if wanted is not None and note.wanted == wanted.key and note.needed is not None:
+            self._chosen = frozenset(note.needed)
         self._local = self._exit_entries()  # what exit compares with; entries complete at enter are not read again
         for entry in self._local.values():
             if entry.state.publishable:
@@ -478,7 +496,9 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             return []
         earlier = [(leftover.export_config, explicit_and_window([leftover], entries, time.time()) & recovered)
                    for leftover in self._leftovers if leftover.export_config is not None]
-        used = set(self._area_modules) | {layout.module_of(key) for key in self.run.fetched}
+        # A run that compiled nothing used what its fetch chose: the entries its configuration's records list.
+        area = set(self._area_modules) if self._chosen is None else set(self._area_modules) & self._chosen
+        used = area | {layout.module_of(key) for key in self.run.fetched}
         return exit_records(self._model.model_id, self._task, self._version, self._area, entries,
                             config=self._export_config, compiled=new, used=used, earlier=earlier,
                             recorded=self._area_records, previous=self._records_read)

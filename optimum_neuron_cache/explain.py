@@ -86,16 +86,23 @@ def why_area_empty(client: BucketClient, compiler_version: str, folder: str, tas
             f"(`neuron-cache explain {model_id}` compares the other compiler versions)")
 
 
-def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: str, model_id: str) -> str:
-    """One line: why the model's area under this compiler version holds nothing, looking across compiler
-    versions (a listing per version, at most MAX_VERSIONS_PROBED): for `neuron-cache fetch`, never a run."""
+def why_nothing(client: BucketClient, compiler_version: str, folder: str, task: str | None, model_id: str) -> str:
+    """One line: why the model's areas under this compiler version (of `task`, or of every task: None) hold
+    nothing, looking across compiler versions (a listing per version, at most MAX_VERSIONS_PROBED): for
+    `neuron-cache fetch`, never a run."""
     wanted = folder.lower()
     tasks_here = []
     here = [name for name in client.folders(layout.models_prefix(compiler_version)) if name.lower() == wanted]
     if here:
         tasks_here = client.folders(layout.model_folder_prefix(compiler_version, here[0]))
-    if tasks_here:
-        return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(sorted(tasks_here))}"
+    others = sorted(name for name in tasks_here if name != task)
+    if task is not None and task in tasks_here:
+        also = f"; the bucket has it for other tasks: {', '.join(others)}" if others else ""
+        return f"the area of {model_id} task {task} holds no complete entry (records or unfinished uploads only){also}"
+    if task is None and tasks_here:
+        return f"the areas of {model_id} (every task: {', '.join(others)}) hold no complete entry"
+    if others:
+        return f"no entries for {model_id} task {task}; the bucket has it for other tasks: {', '.join(others)}"
     versions = [v for v in layout.versions_in(client.folders("")) if v != compiler_version]
     others = [v for v in versions[-MAX_VERSIONS_PROBED:]
               if any(name.lower() == wanted for name in client.folders(layout.models_prefix(v)))]

@@ -2,7 +2,8 @@
 
 `plan_fetch` reads one listing of the model's area (plus one paths-info for local todo entries) and returns an
 immutable `FetchPlan`: one typed operation per entry, each with its reason (install, fill a todo entry,
-replace an entry a dead compile left locked, heal a cached failure; or why nothing is done). `execute_fetch`
+replace an entry a dead compile left locked, heal a cached failure; or why nothing is done); `narrow_plan`
+leaves out what the export records matching a configuration do not list (`choose_entries`). `execute_fetch`
 carries out the operations that move bytes: every needed file in one download request, into a temporary
 folder on the cache's filesystem, sizes checked against the listing, each entry renamed into place. An
 existing complete entry is never overwritten. Per-entry node-wide locks make 32 ranks download each file
@@ -43,7 +44,8 @@ from .compile_locks import running_compilers, why_not_stale
 from .errors import BucketNotFoundError, RemoteError, RemoteUnavailableError
 from .host_state import HostState
 from .local_cache import LOCK_SUFFIX, EntryState, LocalEntry, read_entry, version_dir_name
-from .records import CachedExport, parse_record
+from .lookup import read_records
+from .records import CachedExport, ExportFilter, parse_record
 from .remote_layout import RemoteFile, complete_remote_entry
 
 log = logging.getLogger("optimum_neuron_cache")
@@ -60,6 +62,7 @@ class Action(str, enum.Enum):
     PRESENT = "present"  # complete here already
     LOCKED = "locked"  # a compile lock here that cannot be told stale: left alone, and said
     KEEP = "keep"  # anything else here (an incomplete entry): never overwritten
+    UNLISTED = "unlisted"  # the bucket's, but no export record matching the configuration asked for lists it
 
 
 #: The actions that download files.
@@ -77,6 +80,31 @@ class FetchOp:
     files: tuple[RemoteFile, ...] = ()
     #: Where they come from: the model's area (whole entries) or the flat area (filling todo entries).
     source: Literal["model", "flat"] = "model"
+
+
+#: Why an entry is left out of a fetch asked for one configuration.
+UNLISTED_REASON = "not listed by the matching export record"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which entries of the model's area a configuration needs, from its export records (`choose_entries`)."""
+
+    wanted: ExportFilter
+    #: The records that match `wanted`, and every record read (for digests, durations, miss reasons).
+    matching: tuple[CachedExport, ...] = ()
+    records: tuple[CachedExport, ...] = ()
+    #: The entries the matching records list; None: the whole area (no record matches, or those that match
+    #: list no entries, as records imported from optimum-neuron's registry).
+    modules: frozenset[str] | None = None
+
+    def line(self) -> str:
+        """What was chosen, for the one line a fetch prints."""
+        if self.modules is None:
+            return f"no export record matches {self.wanted}: the whole area" if not self.matching else \
+                f"the matching records of {self.wanted} list no entries: the whole area"
+        count = len(self.matching)
+        return f"{count} matching configuration{'s' if count != 1 else ''} ({self.wanted})"
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,8 @@ class FetchPlan:
     #: when that listing was made: what a later run of this host compares to skip the listing (`memo_plan`).
     stamp: str | None = None
     listed_at: float = 0.0
+    #: The configuration asked for and what its records chose (`narrow_plan`); None: every entry of the area.
+    choice: Choice | None = None
 
     @property
     def items(self) -> tuple[FetchOp, ...]:
@@ -280,6 +310,41 @@ def plan_todo_fill(plan: FetchPlan, entries: Iterable[LocalEntry],
     return replace(plan, ops=plan.ops + tuple(fills), manifest_files=plan.manifest_files + manifests)
 
 
+def choose_entries(records: Iterable[CachedExport], wanted: ExportFilter) -> Choice:
+    """The entries a configuration needs (pure): those the records matching `wanted` list; the whole area when
+    none matches, or when those that match list no entries."""
+    records = tuple(records)
+    matching = tuple(record for record in records if wanted.matches(record))
+    listed = frozenset(module for record in matching for module in record.modules)
+    return Choice(wanted, matching, records, listed if listed else None)
+
+
+def narrow_plan(plan: FetchPlan, choice: Choice) -> FetchPlan:
+    """`plan` for the entries `choice` lists only (pure): the model area's other entries that would be transferred
+    (or are locked here) are left out, each with its reason; todo entries filled from the flat area stay (this
+    host started them). Only the matching records ride along with the download, as digest manifests."""
+    if choice.modules is None:
+        return replace(plan, choice=choice)
+    left_out = TRANSFERS | {Action.LOCKED}
+    ops = tuple(FetchOp(op.module, Action.UNLISTED, UNLISTED_REASON)
+                if op.source == "model" and op.action in left_out and op.module not in choice.modules else op
+                for op in plan.ops)
+    paths = {record.path for record in choice.matching}
+    return replace(plan, ops=ops, choice=choice, record_files=tuple(f for f in plan.record_files if f.path in paths))
+
+
+def needs_choice(plan: FetchPlan) -> bool:
+    """Whether choosing could change `plan` (pure): it would transfer (or leaves locked) entries of the model's
+    area, and the area has records to choose by. A warm plan reads no record."""
+    return plan.choice is None and bool(plan.record_files) and \
+        any(op.source == "model" and op.action in TRANSFERS | {Action.LOCKED} for op in plan.ops)
+
+
+def choose(client: BucketClient, plan: FetchPlan, wanted: ExportFilter) -> FetchPlan:
+    """`plan` narrowed to what `wanted` needs: the area's records in one download, then `narrow_plan`."""
+    return narrow_plan(plan, choose_entries(read_records(client, [f.path for f in plan.record_files]), wanted))
+
+
 def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
                        task: str) -> tuple[str, list[dict[str, Any]], tuple[str, ...] | None]:
     """List the model's area; reuse the casing the bucket already has for the model (ids are case-insensitive).
@@ -298,6 +363,20 @@ def resolve_model_area(client: BucketClient, compiler_version: str, folder: str,
         return area, [], existing
     area = layout.model_area_prefix(compiler_version, cased, task)
     return area, client.list(area, recursive=True), existing
+
+
+def model_tasks(client: BucketClient, compiler_version: str, model: layout.ModelRef) -> list[str]:
+    """The tasks the bucket holds the model under for this compiler (what a fetch without a task reads): one
+    listing of the model's folder; `models/` once more when the casing differs, and the model's folder in
+    optimum-neuron PR #1102's layout when this layout has none."""
+    tasks = client.folders(layout.model_folder_prefix(compiler_version, model.folder))
+    if not tasks:
+        cased = layout.reuse_casing(model.folder, client.folders(layout.models_prefix(compiler_version)))
+        if cased != model.folder:
+            tasks = client.folders(layout.model_folder_prefix(compiler_version, cased))
+    if not tasks and not model.is_local:
+        tasks = client.folders(f"{layout.version_prefix(compiler_version)}/{model.model_id}")
+    return sorted({task for task in tasks if layout.is_task_name(task)})  # listed names are hostile input
 
 
 def pr1102_model_area(client: BucketClient, compiler_version: str, folder: str,
@@ -341,12 +420,22 @@ def memo_fresh(memo: FetchNote | None, compiler_version: str, now: float) -> boo
             and 0 <= now - memo.listed_at < MEMO_SECONDS)
 
 
-def memo_applies(memo: FetchNote | None, compiler_version: str, local: Mapping[str, LocalEntry], now: float) -> bool:
+def memo_needed(memo: FetchNote, wanted: ExportFilter | None) -> tuple[str, ...]:
+    """The entries of the note's area a fetch asked for `wanted` needs (pure): those its records chose when the
+    note's fetch was asked the same, else every complete entry it found."""
+    if memo.needed is not None and wanted is not None and memo.wanted == wanted.key:
+        return memo.needed
+    return memo.remote_modules
+
+
+def memo_applies(memo: FetchNote | None, compiler_version: str, local: Mapping[str, LocalEntry], now: float,
+                 wanted: ExportFilter | None = None) -> bool:
     """Whether this host's last fetch of the area (its note) may stand in for a listing, provided the area's stamp
-    is still the one it saw (pure): the note is fresh (`memo_fresh`), and every complete entry it found is
-    complete here (else there is something to install or replace)."""
+    is still the one it saw (pure): the note is fresh (`memo_fresh`), and every entry it found that this fetch
+    needs (`memo_needed`) is complete here (else there is something to install or replace)."""
     return (memo_fresh(memo, compiler_version, now) and memo is not None
-            and all((entry := local.get(module)) is not None and entry.state.publishable for module in memo.remote_modules))
+            and all((entry := local.get(module)) is not None and entry.state.publishable
+                    for module in memo_needed(memo, wanted)))
 
 
 def stamp_request(memo: FetchNote | None, compiler_version: str, now: float) -> PathsInfoRequest | None:
@@ -360,13 +449,18 @@ def stamp_request(memo: FetchNote | None, compiler_version: str, now: float) -> 
     return PathsInfoRequest((layout.area_stamp_path(memo.area),))
 
 
-def memo_plan(memo: FetchNote, compiler_version: str) -> FetchPlan:
+def memo_plan(memo: FetchNote, compiler_version: str, wanted: ExportFilter | None = None) -> FetchPlan:
     """The plan for an area whose stamp is the one `memo`'s listing saw, when `memo_applies` (pure): everything
-    that listing found complete is complete here."""
+    that listing found complete and this fetch needs is complete here; the rest, its records did not list."""
     assert memo.area is not None
     why = "complete here (the area's stamp is unchanged since this host listed it)"
-    return FetchPlan(compiler_version, memo.area, tuple(FetchOp(module, Action.PRESENT, why) for module in sorted(memo.remote_modules)),
-                     frozenset(memo.remote_modules), frozenset(memo.record_names), stamp=memo.stamp, listed_at=memo.listed_at)
+    needed = set(memo_needed(memo, wanted))
+    ops = tuple(FetchOp(module, Action.PRESENT, why) if module in needed
+                else FetchOp(module, Action.UNLISTED, UNLISTED_REASON) for module in sorted(memo.remote_modules))
+    choice = Choice(wanted, modules=frozenset(needed)) if wanted is not None and memo.wanted == wanted.key \
+        and memo.needed is not None else None
+    return FetchPlan(compiler_version, memo.area, ops, frozenset(memo.remote_modules), frozenset(memo.record_names),
+                     stamp=memo.stamp, listed_at=memo.listed_at, choice=choice)
 
 
 def read_stamp(client: BucketClient, area: str) -> str | None:
@@ -377,20 +471,21 @@ def read_stamp(client: BucketClient, area: str) -> str | None:
 
 def plan_fetch(client: BucketClient, compiler_version: str, model_folder: str | None, task: str,
                local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
-               memo: FetchNote | None = None) -> FetchPlan:
+               memo: FetchNote | None = None, wanted: ExportFilter | None = None) -> FetchPlan:
     """Ask the bucket what the model's area holds, and plan. Requests: one listing of the model's area
     (three when the casing differs from the bucket's), one paths-info when there are todo entries. With
-    `memo` (this host's last fetch of the area, see `memo_applies`), one paths-info of the area's stamp first:
-    unchanged, it replaces the listing."""
+    `memo` (this host's last fetch of the area, see `memo_applies`; `wanted`: the configuration this fetch is
+    for, as that fetch's), one paths-info of the area's stamp first: unchanged, it replaces the listing."""
     plan = FetchPlan(compiler_version)
     if model_folder is not None:
         asked_at = time.time()  # before any request: a change after this instant changes the stamp read below
         try:
             pre_read = None
-            if memo is not None and memo.area is not None and memo_applies(memo, compiler_version, local, asked_at):
+            if memo is not None and memo.area is not None and \
+                    memo_applies(memo, compiler_version, local, asked_at, wanted):
                 pre_read = (memo.area, read_stamp(client, memo.area))
             if memo is not None and pre_read is not None and pre_read[1] is not None and pre_read[1] == memo.stamp:
-                plan = memo_plan(memo, compiler_version)
+                plan = memo_plan(memo, compiler_version, wanted)
             else:
                 plan = _plan_listed(client, compiler_version, model_folder, task, local, asked_at, pre_read)
         except BucketNotFoundError:
@@ -750,15 +845,23 @@ class ModelFetch:
 
 def fetch_model(client: BucketClient, root: Path, compiler_version: str, model_folder: str | None, task: str,
                 local: Mapping[str, LocalEntry], *, missing_bucket_is_empty: bool = False,
-                progress: ProgressCallback | None = None, memo: FetchNote | None = None) -> ModelFetch:
-    """Plan, then execute: install the model's entries the local cache lacks, and fill local todo entries
-    from the flat area. Requests: those of `plan_fetch`, then one download (none when nothing is needed)."""
+                progress: ProgressCallback | None = None, memo: FetchNote | None = None,
+                wanted: ExportFilter | None = None) -> ModelFetch:
+    """Plan, then execute: install the model's entries the local cache lacks (with `wanted`, those its matching
+    export records list: `choose`), and fill local todo entries from the flat area. Requests: those of
+    `plan_fetch`, one download of the records when there is something to choose, then one download (none when
+    nothing is needed)."""
     plan = plan_fetch(client, compiler_version, model_folder, task, local, missing_bucket_is_empty=missing_bucket_is_empty,
-                      memo=memo)
+                      memo=memo, wanted=wanted)
     if plan.ignored:
         log.warning("optimum-neuron-cache: skipped %d name(s) the layout does not allow in %s (e.g. %r)",
                     len(plan.ignored), plan.area, plan.ignored[0][:200])
-    return ModelFetch(plan.area, plan, execute_fetch(client, root, plan, progress))
+    if wanted and needs_choice(plan):
+        plan = choose(client, plan, wanted)
+    result = execute_fetch(client, root, plan, progress)
+    if plan.choice is not None and plan.choice.records:
+        result.exports_read = list(plan.choice.records)  # every record, read before the entries
+    return ModelFetch(plan.area, plan, result)
 
 
 # ------------------------------------------------------------------------------ one fetch per host
@@ -782,6 +885,10 @@ class FetchNote:
     #: host compares the stamp instead of listing again (`memo_applies`).
     stamp: str | None = None
     listed_at: float = 0.0
+    #: The configuration that fetch was asked for (`ExportFilter.key`), and the entries its records listed
+    #: (None: every complete entry of the area): the next run asked the same needs only those (`memo_needed`).
+    wanted: str | None = None
+    needed: tuple[str, ...] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":")).encode()
@@ -802,9 +909,14 @@ class FetchNote:
                     not (data.get("stamp") is None or isinstance(data["stamp"], str)) or \
                     isinstance(data.get("listed_at", 0.0), bool) or not isinstance(data.get("listed_at", 0.0), (int, float)):
                 return None
+            wanted, needed = data.get("wanted"), data.get("needed")
+            if not (wanted is None or isinstance(wanted, str)) or \
+                    not (needed is None or (isinstance(needed, list) and all(isinstance(n, str) for n in needed))):
+                return None
             return cls(key, float(data["finished_at"]), data["ok"], data.get("error", ""), data.get("area"),
                        tuple(names[0]), tuple(names[1]), tuple(known) if known is not None else None,
-                       data.get("stamp"), float(data.get("listed_at", 0.0)))
+                       data.get("stamp"), float(data.get("listed_at", 0.0)), wanted,
+                       tuple(needed) if needed is not None else None)
         except (ValueError, TypeError):
             return None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import remote_layout as layout
 from ._version import __version__
-from .config_fields import names_of, same_value, value_of
+from .config_fields import canonical, names_of, same_value, value_of
 from .local_cache import ENV_CC_FLAGS, split_flags
 from .neuron_sdk import compile_target, normalize_target
 from .remote_layout import area_record_path
@@ -201,15 +201,49 @@ class CachedExport(ExportRecord):
         for name, wanted in filters.items():
             if wanted is None:
                 continue
-            if name == "target":
+            if canonical(name) == "target":
                 if self.effective_target != (normalize_target(wanted) or str(wanted).strip().lower()):
                     return False
                 continue
-            keys = names_of(name)
+            keys = names_of(canonical(name))
             values = [self.export_config[key] for key in keys if key in self.export_config]
             if not any(same_value(value, wanted, name) for value in values):
                 return False
         return True
+
+
+@dataclass(frozen=True)
+class ExportFilter:
+    """What a fetch asks of export records, parsed once: (field, wanted value) pairs, each field under its
+    canonical name (`tp_degree` -> `tensor_parallel_size`), values JSON-canonical. A record matches when each
+    field matches by meaning (`CachedExport.matches`: `bf16` = `bfloat16`, an instance type = its family)."""
+
+    fields: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any] | None = None, **stated: Any) -> ExportFilter:
+        """A whole export config (`--config`, a run's export_config) and the fields stated one by one, which
+        override the config's; fields given as None are not asked."""
+        wanted: dict[str, Any] = {}
+        for name, value in [*_canonical(dict(config or {})).items(), *stated.items()]:
+            if value is not None:
+                wanted[canonical(name)] = value
+        return cls(tuple(sorted(wanted.items())))
+
+    def __bool__(self) -> bool:
+        return bool(self.fields)
+
+    @property
+    def key(self) -> str:
+        """A stable text of the filter (what a host's fetch note keeps, to know it was asked the same)."""
+        return json.dumps(self.fields, sort_keys=True, default=str)
+
+    def matches(self, record: CachedExport) -> bool:
+        return record.matches(dict(self.fields))
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
+                        for name, value in self.fields)
 
 
 def _finite(text: str) -> float:

@@ -143,6 +143,11 @@ def reuse_casing(folder: str, existing: Iterable[str]) -> str:
     return matches[0] if matches else folder
 
 
+def is_task_name(name: str) -> bool:
+    """Whether a listed folder name can be a task (`task_name` would take it)."""
+    return bool(_TASK_RE.match(name))
+
+
 def task_name(task: str | None) -> str:
     """A validated task name (`default` when none is given); bad input raises ConfigurationError."""
     if task is None or task == "":

@@ -246,7 +246,7 @@ def test_a_hostile_compile_time_in_a_record_never_reaches_the_stats(tmp_path, bu
     assert data["total"]["hits"] == 2 and data["total"]["seconds_saved"] == 0.0
     assert CliRunner().invoke(cli, ["stats"]).exit_code == 0
     assert CliRunner().invoke(cli, ["lookup", "org/m", "--bucket", bucket.location, "--compiler-version", version]).output \
-        == "no cached configuration of org/m matches\n"
+        == "no cached configuration of org/m matches in any task\n"
 
 
 @pytest.mark.parametrize("value", ["1e309", "-1e309", "NaN", "Infinity", "-5", "1e12", "true", '"12"', "[1]"])
