@@ -311,16 +311,20 @@ def _set_upstreams(specs: tuple[str, ...]) -> None:
 @click.option("--config", "config_json", help="An export config as JSON: only entries of configurations that match "
               "each of its fields (the options above override it).")
 @click.option("--dry-run", is_flag=True, help="Show the plan: each entry, what would be done and why.")
+@json_option
 @click.pass_obj
 def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, bucket: str | None,
           compiler_version: str | None, target: str | None, batch_size: int | None, sequence_length: int | None,
-          tensor_parallel_size: int | None, dtype: str | None, config_json: str | None, dry_run: bool) -> None:
+          tensor_parallel_size: int | None, dtype: str | None, config_json: str | None, dry_run: bool,
+          as_json: bool) -> None:
     """Warm the local compile cache with MODEL_ID's entries from the bucket.
 
     Without --task, every task the bucket holds the model under. With a filter (--batch-size, --dtype,
     --config...), only the entries that the matching export records list (the whole area of a task where
     none matches). Also publishes what earlier runs of this model on this host compiled and left
     unpublished (killed, or the bucket was down)."""
+    if as_json:
+        out.quiet = True  # the lines below become one JSON object at the end
     model = layout.model_ref(model_id)
     config = _json_object(click.get_current_context(), None, config_json, "--config")
     wanted = ExportFilter.of(config, target=_target_option(target), batch_size=batch_size,
@@ -349,6 +353,8 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
         needed = sum(plan.bytes_needed for _, plan in plans)
         out.info(f"would fetch {plural(len(items), 'entry', 'entries')} ({size(needed)}){chosen}{whose}" if items
                  else f"nothing to fetch{chosen}{whose}")
+        if as_json:
+            click.echo(_json({**_fetch_plan_json(ref, version, plans), "executed": False, "bytes_needed": needed}))
         return
     HostState(root).remove_stale_temp_dirs()
     progress, close = out.progress("fetch")
@@ -386,8 +392,21 @@ def fetch(out: Output, model_id: str, task: str | None, cache_dir: str | None, b
                                                                                        layout.DEFAULT_TASK))))
     for task_name, plan in plans:
         _publish_leftovers(out, client, root, version, model.folder, task_name, plan)
+    if as_json:
+        click.echo(_json({**_fetch_plan_json(ref, version, plans), "executed": True, "cache_dir": str(root),
+                          "fetched": fetched, "bytes": fetched_bytes,
+                          "healed": [module for result in results for module in result.healed],
+                          "failed": [{"entry": module, "why": why} for result in results
+                                     for module, why in result.failed]}))
     if any(result.failed for result in results):
         sys.exit(1)
+
+
+def _fetch_plan_json(ref: BucketRef, version: str, plans: list[tuple[str, FetchPlan]]) -> dict[str, Any]:
+    """The plan of `fetch --json`: each task's operations with their reasons."""
+    return {"bucket": str(ref), "compiler_version": version,
+            "tasks": {task: [{"entry": op.module, "action": op.action.value, "reason": op.reason,
+                              "bytes": sum(f.size for f in op.files)} for op in plan.ops] for task, plan in plans}}
 
 
 def _chosen(plans: list[tuple[str, FetchPlan]], wanted: ExportFilter) -> str:

@@ -562,3 +562,18 @@ def test_ages_are_written_one_way_in_every_command(tmp_path):
         assert "holds no compile leases" in run("leases", "--sweep", "--older-than", age, "--bucket", bucket, "--yes")
     result = CliRunner().invoke(cli, ["prune", "--incomplete-older-than", "soon", "--bucket", bucket])
     assert result.exit_code == 2 and "--incomplete-older-than 'soon' is not an age" in result.output
+
+
+def test_fetch_answers_in_json_too(tmp_path, version):
+    """`fetch --json`: the plan per task, each entry's action and reason, and what was fetched; nothing else on
+    stdout."""
+    bucket = str(tmp_path / "b")
+    run("create", bucket)
+    with hub_neuronx_cache("org/f", "text-generation", {"batch_size": 1}, compiler_version=version,
+                           cache_dir=tmp_path / "A", bucket=bucket):
+        compile_graph(tmp_path / "A", version, make_graphs(1, seed="fetch-json")[0])
+    args = ["fetch", "org/f", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version, "--bucket", bucket]
+    planned = json.loads(run(*args, "--dry-run", "--json"))
+    assert planned["executed"] is False and [op["action"] for op in planned["tasks"]["text-generation"]] == ["install"]
+    done = json.loads(run(*args, "--json"))
+    assert done["executed"] is True and len(done["fetched"]) == 1 and done["bytes"] > 0 and done["failed"] == []
