@@ -7,6 +7,7 @@ explaining a miss and answering in optimum-neuron's names all compare through th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,10 +53,22 @@ def value_of(config: Mapping[str, Any], field: str) -> Any:
 
 def same_value(value: Any, wanted: Any, field: str = "") -> bool:
     """Whether a config value matches a wanted one for `field` (any of its names): dtypes by meaning, else as
-    integers when both are numbers, else as trimmed case-insensitive text (`BF16` matches `bf16`, `4` matches 4)."""
+    numbers when both are (`4` matches 4 and 4.0, never 4.5), else as trimmed case-insensitive text (`BF16`
+    matches `bf16`)."""
     if canonical(field) == "dtype":
         return normalize_dtype(value) == normalize_dtype(wanted)
+    numbers = [_number(value), _number(wanted)]
+    if None not in numbers:
+        return numbers[0] == numbers[1]
+    return str(value).strip().lower() == str(wanted).strip().lower()
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a finite number (an int, a float or their text), or None (booleans are not numbers here)."""
+    if isinstance(value, bool):
+        return None
     try:
-        return int(value) == int(wanted)
+        number = float(value)
     except (TypeError, ValueError):
-        return str(value).strip().lower() == str(wanted).strip().lower()
+        return None
+    return number if math.isfinite(number) else None

@@ -342,3 +342,12 @@ def test_dtypes_and_field_names_match_by_meaning_in_lookup_and_explain(tmp_path,
     assert out.splitlines()[1].startswith(f"match: neuronxcc-{version} default"), out
     selected = select_hub_cached_entries("org/m", bucket_id=bucket, compiler_version=version, torch_dtype="bf16")
     assert sorted(entry["batch_size"] for entry in selected) == [1, 4]
+
+
+def test_numbers_match_as_numbers_never_truncated():
+    """A filter of 0.5 never matches a record of 0.9 (they were compared as integers, 0 = 0)."""
+    from optimum_neuron_cache.config_fields import same_value
+
+    assert same_value(4, "4") and same_value("4.0", 4) and same_value(2048, 2048.0)
+    assert not same_value(0.9, 0.5) and not same_value("4.5", 4) and not same_value(True, 1)
+    assert same_value("BF16", "bfloat16", "auto_cast_type") and not same_value("bf16", "fp16", "dtype")
