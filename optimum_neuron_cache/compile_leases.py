@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
+from bucket_server import pauses
+
 from . import remote_layout as layout
 from . import settings
 from .processes import alive
@@ -222,7 +224,8 @@ class Decision:
 
 def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None:
     """Note what a probe showed of a graph's lease: the time its signature last changed (heartbeats). None
-    when there is no lease."""
+    when there is no lease. A changed signature forgets the holder read before: the bytes may name a new
+    holder (a takeover), never to be judged by what was known of the old one; the caller reads it again."""
     if found.lease is None:
         watches.pop(found.module, None)
         return None
@@ -230,7 +233,7 @@ def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None
     if watch is None:
         watch = watches[found.module] = Watch(found.lease, now, now)
     elif watch.signature != found.lease:
-        watch.signature, watch.changed_at = found.lease, now
+        watch.signature, watch.changed_at, watch.holder = found.lease, now, None
     return watch
 
 
@@ -409,6 +412,8 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
             watch.holder = keeper.read(module)
         decision = decide(found, watch, now, keeper.settings)
         history.append(decision)
+        if decision.action in (Action.TAKE, Action.TAKEOVER):
+            pauses.reached("lease-look")
         if decision.action is Action.TAKE and not keeper.take(module):
             continue  # someone took it between the probe and the create: look again
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,10 +112,11 @@ def plant_dead_leases(bucket: str, modules: list[str]) -> None:
 
 
 class Hosts:
-    """`hosts` simulated hosts started at once on the same `graphs` graphs; `finish()` waits and counts."""
+    """`hosts` simulated hosts on the same `graphs` graphs, started at once (or, with `start=False`, each when
+    `launch` says); `kill` SIGKILLs one's process group; `finish()` waits and counts."""
 
     def __init__(self, work: Path, bucket: str, *, mode: str, hosts: int, graphs: int, seconds: float, batch: int = 2,
-                 dead: int = 0, seed: str = "lease", extra: dict[str, str] | None = None) -> None:
+                 dead: int = 0, seed: str = "lease", extra: dict[str, str] | None = None, start: bool = True) -> None:
         self.work, self.figures = work, LeaseFigures(mode, hosts, graphs, seconds, dead=dead)
         self.log = work / "compiles.log"
         install_tools(work / "tools")
@@ -123,34 +125,59 @@ class Hosts:
             plant_dead_leases(bucket, self.modules[:dead])
         self.envs = [host_env(work / f"host-{i}", bucket, seconds=seconds, log=self.log, tools=work / "tools", extra=extra)
                      for i in range(hosts)]
-        command = host_command(mode, graphs, seed, batch)
+        self.command = host_command(mode, graphs, seed, batch)
         self.started = time.monotonic()
-        self.processes = []
-        for index, env in enumerate(self.envs):
-            with open(work / f"host-{index}.err", "w") as errors:
-                self.processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors))
+        self.processes: list[subprocess.Popen | None] = [None] * hosts
+        self.killed: set[int] = set()
+        if start:
+            for index in range(hosts):
+                self.launch(index)
+
+    def launch(self, index: int, extra: dict[str, str] | None = None) -> None:
+        """Start host `index` (its own process group), with `extra` on top of its environment."""
+        with open(self.work / f"host-{index}.err", "w") as errors:
+            self.processes[index] = subprocess.Popen(self.command, env={**self.envs[index], **(extra or {})},
+                                                     stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL host `index`'s whole process group (its training script, shim and compiler), as a host dies."""
+        process = self.processes[index]
+        assert process is not None
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.killed.add(index)
+
+    def compiles(self) -> int:
+        """Real compiles so far, over all hosts."""
+        return len(self.log.read_text().split()) if self.log.exists() else 0
 
     def stderr(self, index: int) -> str:
         """What host `index` said so far."""
-        return (self.work / f"host-{index}.err").read_text()
+        path = self.work / f"host-{index}.err"
+        return path.read_text() if path.exists() else ""
 
     def finish(self, timeout: float = 600.0) -> LeaseFigures:
-        """Wait for every host (killing any left at `timeout`), stop their servers, and count."""
+        """Wait for every host (killing any left at `timeout`), stop their servers, and count (killed hosts
+        are not counted among the hosts expected to end complete)."""
         figures = self.figures
+        launched = [(index, process) for index, process in enumerate(self.processes) if process is not None]
+        deadline = time.monotonic() + timeout
         try:
-            codes = [process.wait(timeout=timeout) for process in self.processes]
+            codes = {index: process.wait(timeout=max(0.1, deadline - time.monotonic())) for index, process in launched}
         finally:
-            for process in self.processes:
+            for _, process in launched:
                 if process.poll() is None:
-                    process.kill()
+                    os.killpg(process.pid, signal.SIGKILL)
         figures.wall_seconds = round(time.monotonic() - self.started, 2)
         for env in self.envs:
             stop_server(env)
             shutil.rmtree(env["NEURON_CACHE_RUNTIME_DIR"], ignore_errors=True)
-        figures.ok_hosts = sum(code == 0 for code in codes)
-        figures.compiles = len(self.log.read_text().split()) if self.log.exists() else 0
+        figures.compiles = self.compiles()
         figures.duplicates = max(0, figures.compiles - figures.graphs)
-        for index, code in enumerate(codes):
+        for index, code in codes.items():
+            if index in self.killed:
+                continue
+            figures.ok_hosts += code == 0
             home = self.work / f"host-{index}"
             states = {entry.name: entry.state for entry in scan_entries(home / "cache", VERSION)}
             figures.complete_hosts += all(states.get(module) is EntryState.SUCCESS for module in self.modules)
@@ -166,6 +193,34 @@ class Hosts:
 def run_hosts(work: Path, bucket: str, *, timeout: float = 600.0, **options) -> LeaseFigures:
     """Start the hosts at once, wait for all, count (see Hosts)."""
     return Hosts(work, bucket, **options).finish(timeout)
+
+
+def _wait_until(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def run_killed_holder(work: Path, bucket: str, *, waiters: int = 3, seconds: float = 1.0,
+                      extra: dict[str, str] | None = None, timeout: float = 300.0) -> LeaseFigures:
+    """Host 0 takes the one graph's lease and compiles it (for ever); `waiters` hosts start and wait on that
+    lease; then host 0's process group is killed. `duplicates` counts compiles beyond host 0's and one
+    waiter's (target 0: one waiter takes the lease over, the others wait for its entry)."""
+    hosts = Hosts(work, bucket, mode="shim", hosts=waiters + 1, graphs=1, seconds=seconds, extra=extra, start=False)
+    hosts.launch(0, {"SIMULATED_NEURONX_CC_SECONDS": "600"})
+    try:
+        _wait_until(lambda: hosts.compiles() == 1, "host 0 to take the lease and compile")
+        for index in range(1, waiters + 1):
+            hosts.launch(index)
+        _wait_until(lambda: all("is compiling it" in hosts.stderr(index) for index in range(1, waiters + 1)),
+                    "every waiter to wait on host 0's lease")
+        hosts.kill(0)
+    finally:
+        figures = hosts.finish(timeout)
+    figures.duplicates = max(0, figures.compiles - 2)
+    return figures
 
 
 @dataclass

@@ -375,3 +375,61 @@ def test_a_lease_taken_over_by_one_waiter_is_not_taken_over_again_by_another(buc
     assert Holder.parse(client.lease(layout.lease_path(version, MODULE), "read")["content"]) == first.holder
     assert first.release(MODULE)
     assert not second.take_over(MODULE, stale)  # gone: the next look decides (the entry may be committed)
+
+
+# ------------------------------------------------------------------ issue 26: one compile per graph, always
+
+
+@pytest.mark.parametrize("backend", ["dir", "hf"])
+def test_a_killed_holder_watched_by_several_waiters_is_taken_over_by_one(tmp_path, backend, request):
+    """Host 0 holds the lease and compiles; three hosts wait on it; host 0 is killed (its process group). One
+    waiter takes the lease over and compiles; the two others wait for its entry, even though they first saw
+    the dead holder (a waiter must never take the new holder's lease over as if it were the dead one's)."""
+    from stress.leases import run_killed_holder
+
+    bucket = request.getfixturevalue("dir_bucket") if backend == "dir" else request.getfixturevalue("hub_http")[1]
+    figures = run_killed_holder(tmp_path / "w", bucket, waiters=3, seconds=1.0, timeout=300)
+    assert figures.notes == [] and figures.complete_hosts == 3
+    assert figures.compiles == 2  # host 0's, killed, and one waiter's: not one per waiter
+
+
+def _delayed_contender(tmp_path, bucket: str, phase: str, *, until_holder_exits: bool):
+    """Host 1 looks first (nobody holds the lease, the bucket lacks the entry) and is held at `phase`; host 0
+    then takes the lease and compiles (and, with `until_holder_exits`, publishes and drops the lease); host 1
+    goes on. Returns the figures."""
+    from stress.leases import Hosts
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    hosts = Hosts(tmp_path / "w", bucket, mode="shim", hosts=2, graphs=1, seconds=1.0, start=False)
+    try:
+        hosts.launch(1, {"NEURON_CACHE_TEST_PAUSE": f"{phase}:{gates}"})
+        wait_until(lambda: any(gates.glob(f"{phase}.*.reached")), f"host 1 to reach {phase}", timeout=120)
+        hosts.launch(0)
+        if until_holder_exits:
+            wait_until(lambda: hosts.processes[0].poll() is not None, "host 0 to compile and publish", timeout=120)
+        else:
+            wait_until(lambda: hosts.compiles() == 1, "host 0 to take the lease and compile", timeout=120)
+    finally:
+        (gates / f"{phase}.go").touch()
+        figures = hosts.finish(timeout=300)
+    return figures
+
+
+def test_a_contender_delayed_between_its_servers_look_and_write_never_compiles_a_second_time(tmp_path, hub_http):
+    """On a Hub bucket (no conditional write) a contender's server looks (no lease), is delayed, and writes
+    only once another host holds the lease and compiles: it must not take the lease from under that host."""
+    figures = _delayed_contender(tmp_path, hub_http[1], "lease-write", until_holder_exits=False)
+    assert figures.notes == [] and figures.complete_hosts == 2
+    assert figures.compiles == 1
+
+
+@pytest.mark.parametrize("backend", ["dir", "hf"])
+def test_a_contender_delayed_between_its_probe_and_its_take_never_compiles_a_second_time(tmp_path, backend, request):
+    """A host probes (no entry, no lease) and is delayed; meanwhile another host takes the lease, compiles,
+    publishes and drops the lease. The delayed host's take then succeeds: it finds the entry committed and
+    fetches it instead of compiling."""
+    bucket = request.getfixturevalue("dir_bucket") if backend == "dir" else request.getfixturevalue("hub_http")[1]
+    figures = _delayed_contender(tmp_path, bucket, "lease-look", until_holder_exits=True)
+    assert figures.notes == [] and figures.complete_hosts == 2
+    assert figures.compiles == 1

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import pauses
 from ..digests import Verifier, file_digest, publish_algorithm
 from ..messages import (
     LEASE_MAX_BYTES, AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, Described, DownloadFile,
@@ -963,6 +964,8 @@ class HfBackend(Backend):
         if mode == "read":
             return {"ok": True, "content": self._read_small(path)}
         held = current()
+        if mode != "delete":
+            pauses.reached("lease-write")
         if mode == "create":
             if held is not None:
                 return {"ok": held == xet_hash_of_one_chunk(str(content).encode("utf-8")), "content": None}
