@@ -15,8 +15,9 @@ Leases are advisory: correctness never depends on them. Entries are still publis
 file, so two hosts that both compile a graph publish one correct entry. A holder renews its lease every
 `heartbeat` seconds (the file's bytes change, so a waiter sees the change in a paths-info: staleness is
 judged on the waiter's own clock, never by comparing clocks across hosts). On a directory bucket a lease is
-taken atomically (exclusive create); a Hub bucket has no conditional write, so there the server writes, then
-reads back, and two hosts writing in the same instant can both compile (docs/performance.md measures it).
+taken atomically (exclusive create); a Hub bucket has no conditional write, so there a take or takeover is won
+by claim, ordered by the bucket's own upload times (HfBackend._claim; docs/integrations.md says why it holds).
+A take won after another host committed the graph and dropped its lease is dropped at once: fetch instead.
 
 Plan, then execute: `decide` is pure (what the bucket said, what this host saw, the clock -> a `Decision`
 with its reason); `LeaseKeeper` carries out takes, takeovers, heartbeats and releases.
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -303,12 +305,19 @@ class LeaseKeeper:
         return layout.lease_path(self.version, module)
 
     def take(self, module: str) -> bool:
-        """Create the lease if nobody holds one; True when it is ours."""
+        """Create the lease if nobody holds one; True when it is ours and the graph still to compile."""
         reply = self.client.lease(self.path(module), "create", content=self.holder.text())
-        if reply.get("ok"):
-            with self._lock:
-                self.held[module] = _Held(self.holder)
-        return bool(reply.get("ok"))
+        return bool(reply.get("ok")) and self._hold(module)
+
+    def _hold(self, module: str) -> bool:
+        """Note a lease won, unless the bucket now holds the graph: a holder that committed it and dropped its
+        lease between our look and our take (it commits before it drops). Then drop ours: False."""
+        with self._lock:
+            self.held[module] = _Held(self.holder)
+        if probe(self.client, self.version, [module])[module].committed:
+            self.release(module)
+            return False
+        return True
 
     def read(self, module: str) -> Holder | None:
         """The holder a lease names (None: no lease, or not one of ours)."""
@@ -325,11 +334,8 @@ class LeaseKeeper:
             return False
         if stale is not None and probe(self.client, self.version, [module])[module].lease != stale:
             return False
-        reply = self.client.lease(self.path(module), "replace", content=self.holder.text(), expect=current)
-        if reply.get("ok"):
-            with self._lock:
-                self.held[module] = _Held(self.holder)
-        return bool(reply.get("ok"))
+        reply = self.client.lease(self.path(module), "takeover", content=self.holder.text(), expect=current)
+        return bool(reply.get("ok")) and self._hold(module)
 
     def release(self, module: str) -> bool:
         """Drop our lease; False when it was no longer ours (taken over, or overwritten on a Hub bucket): then
@@ -415,7 +421,10 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         if decision.action in (Action.TAKE, Action.TAKEOVER):
             pauses.reached("lease-look")
         if decision.action is Action.TAKE and not keeper.take(module):
-            continue  # someone took it between the probe and the create: look again
+            # Someone took it between the probe and the create, or committed it; or, on a Hub bucket, claims in the
+            # same instant all withdrew: look again soon, at a random moment, so that those do not meet again.
+            stop.wait(random.uniform(0.0, min(keeper.settings.poll, 1.0) / 2))
+            continue
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for
             continue

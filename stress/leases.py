@@ -229,6 +229,10 @@ class RaceFigures:
 
     takers: int
     trials: int
+    #: "create" (nobody holds the lease) or "takeover" (of a dead holder's lease, all expecting its bytes).
+    kind: str = "create"
+    #: Each server waited a random time of up to this between its look at the lease and its write (seconds).
+    delay: float = 0.0
     #: Trials where more than one taker thought the lease was its own (each would compile the graph).
     trials_with_duplicates: int = 0
     #: Trials nobody won (everyone would look again, then wait or take it).
@@ -237,27 +241,36 @@ class RaceFigures:
     mean_winners: float = 0.0
 
 
-def race_takes(bucket: str, takers: int, trials: int) -> RaceFigures:
+def race_takes(bucket: str, takers: int, trials: int, *, kind: str = "create", delay: float = 0.0) -> RaceFigures:
     """`takers` clients, each with its own bucket server (as separate hosts), released by a barrier onto the
-    same lease, `trials` times (a new graph each time)."""
+    same lease, `trials` times (a new graph each time); with `delay`, each server waits a random time of up
+    to `delay` seconds between its look at the lease and its write (NEURON_CACHE_TEST_DELAY)."""
     import threading
 
-    figures = RaceFigures(takers, trials)
-    envs = [{**os.environ, "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-r")} for _ in range(takers)]
+    figures = RaceFigures(takers, trials, kind, delay)
+    extra = {"NEURON_CACHE_TEST_DELAY": f"lease-write:{delay}"} if delay else {}
+    envs = [{**os.environ, "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-r"), **extra} for _ in range(takers)]
     clients = [BucketClient(parse_bucket(bucket), env) for env in envs]
+    dead = Holder(host="dead-host", pid=4242, started=time.time(), token="dead", boot="dead-host-boot").text()
     try:
         for client in clients:
             client.info()  # every server started before the races
         total = 0
         for trial in range(trials):
-            path = layout.lease_path(VERSION, f"MODULE_{trial}+race{takers}")
+            path = layout.lease_path(VERSION, f"MODULE_{trial}+race{takers}{kind}")
+            if kind == "takeover":
+                clients[0].lease(path, "create", content=dead)
             barrier = threading.Barrier(takers)
             winners: list[int] = []
 
             def take(index: int) -> None:
                 holder = Holder(host=f"host-{index}", pid=index + 1, started=time.time(), token=f"t{index}-{trial}")
                 barrier.wait()
-                if clients[index].lease(path, "create", content=holder.text()).get("ok"):
+                if kind == "takeover":
+                    reply = clients[index].lease(path, "takeover", content=holder.text(), expect=dead)
+                else:
+                    reply = clients[index].lease(path, "create", content=holder.text())
+                if reply.get("ok"):
                     winners.append(index)
 
             threads = [threading.Thread(target=take, args=(index,)) for index in range(takers)]

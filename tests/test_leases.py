@@ -44,6 +44,10 @@ def test_the_lease_operation_is_conditional_and_idempotent(bucket, version):
     assert client.lease(path, "read")["content"] == "a"
     assert client.lease(path, "replace", content="b", expect="a")["ok"]
     assert client.lease(path, "replace", content="b", expect="a")["ok"]  # resent: it holds our bytes
+    assert not client.lease(path, "takeover", content="c", expect="x")["ok"]  # a takeover is conditional too
+    assert client.lease(path, "takeover", content="c", expect="b")["ok"]
+    assert client.lease(path, "takeover", content="c", expect="b")["ok"]  # resent
+    assert client.lease(path, "replace", content="b", expect="c")["ok"]
     assert not client.lease(path, "delete", expect="a")["ok"]
     assert client.lease(path, "delete", expect="b")["ok"]
     assert client.lease(path, "delete", expect="b")["ok"]  # already gone
@@ -433,3 +437,13 @@ def test_a_contender_delayed_between_its_probe_and_its_take_never_compiles_a_sec
     figures = _delayed_contender(tmp_path, bucket, "lease-look", until_holder_exits=True)
     assert figures.notes == [] and figures.complete_hosts == 2
     assert figures.compiles == 1
+
+
+@pytest.mark.parametrize("kind", ["create", "takeover"])
+def test_hosts_racing_for_a_hub_lease_with_delays_between_look_and_write_never_both_win(tmp_path, hub_http, kind):
+    """Four hosts (their own servers) race for one lease, each server waiting a random time between its look
+    and its write: at most one wins each race, for a new lease and for the takeover of a dead holder's."""
+    from stress.leases import race_takes
+
+    figures = race_takes(hub_http[1], 4, 4, kind=kind, delay=1.5)
+    assert figures.trials_with_duplicates == 0 and figures.max_winners <= 1
