@@ -2,8 +2,8 @@
 
 `NEURON_CACHE_TEST_PAUSE=<phase>:<folder>`: the first time the process reaches `<phase>` it creates
 `<folder>/<phase>.<pid>.reached` and waits (at most 300 s) until `<folder>/<phase>.go` exists.
-`NEURON_CACHE_TEST_DELAY=<phase>:<seconds>`: at every arrival it sleeps a random time of up to `<seconds>`.
-Unset, `reached` is one dictionary lookup. For tests and `python -m stress.leases` only; PHASES lists the phases.
+`NEURON_CACHE_TEST_DELAY=<phase>:<seconds>[,...]`: at every arrival it sleeps a random time of up to `<seconds>`.
+Unset, `reached` is two dictionary lookups. For tests and `python -m stress.leases` only; PHASES lists the phases.
 """
 
 from __future__ import annotations
@@ -26,29 +26,30 @@ _paused: set[str] = set()
 _lock = threading.Lock()
 
 
-def _spec(name: str) -> tuple[str, str] | None:
+def _spec(name: str, phase: str) -> str | None:
+    """The argument `name` gives `phase` (it may name several: `<phase>:<argument>,...`), or None."""
     value = os.environ.get(name)
-    if not value:
-        return None
-    phase, _, arg = value.partition(":")
-    if phase not in PHASES or not arg:
-        raise ValueError(f"{name}={value!r}: use <phase>:<argument> with a phase among {', '.join(PHASES)}")
-    return phase, arg
+    for spec in value.split(",") if value else ():
+        named, _, arg = spec.partition(":")
+        if named not in PHASES or not arg:
+            raise ValueError(f"{name}={value!r}: use <phase>:<argument>[,...] with phases among {', '.join(PHASES)}")
+        if named == phase:
+            return arg
+    return None
 
 
 def reached(phase: str) -> None:
     """Hold this process back here if a test asked for it (see the module docstring)."""
-    delay = _spec(ENV_DELAY)
-    if delay is not None and delay[0] == phase:
-        time.sleep(random.uniform(0.0, float(delay[1])))
-    pause = _spec(ENV_PAUSE)
-    if pause is None or pause[0] != phase:
+    delay = _spec(ENV_DELAY, phase)
+    if delay is not None:
+        time.sleep(random.uniform(0.0, float(delay)))
+    folder = _spec(ENV_PAUSE, phase)
+    if folder is None:
         return
     with _lock:
         if phase in _paused:
             return
         _paused.add(phase)
-    folder = pause[1]
     with open(os.path.join(folder, f"{phase}.{os.getpid()}.reached"), "w", encoding="utf-8"):
         pass
     deadline = time.monotonic() + _MAX_PAUSE

@@ -1,7 +1,8 @@
 """Hosts compiling the same graphs at once, sharing the work through compile leases (compile_leases.py).
 
     uv run --extra test python -m stress.leases [--hosts 2,4,8,16] [--graphs 16] [--seconds 2] [--batch 2]
-        [--modes shim,phases] [--dead 2] [--race-trials 20] [--hf | --backends hf] [--json out.json]
+        [--modes shim,phases] [--dead 2] [--race-trials 20] [--race-kinds create,takeover] [--delay 1]
+        [--killed 4] [--waiters 3] [--hf | --backends hf] [--json out.json]
 
 Each simulated host is a process tree of its own: its own compile cache, its own bucket server (its own
 runtime dir) and its own stats, against one bucket (a directory, or a Hub bucket on the local emulator with
@@ -15,6 +16,8 @@ so the compile count is counted, not inferred. Modes:
 
 Figures: total compiles (target G, naive H x G), wall time against one host alone, duplicates, and with
 `--dead` graphs leased by a host that died, what the dead holder cost (target: about the stale timeout).
+`--delay D` holds each server up to D s between its look at a lease and its write, and each host as long between
+its probe and its take; `--killed N` kills a compiling holder N times while `--waiters` hosts wait on it.
 `tests/test_leases.py` runs the same scenarios with small H, G and T.
 """
 
@@ -325,6 +328,12 @@ def main() -> int:
     parser.add_argument("--hf", action="store_true", help="also on a Hub bucket (local emulator)")
     parser.add_argument("--backends", help="comma-separated, e.g. hf (default: dir, and hf with --hf)")
     parser.add_argument("--race-trials", type=int, default=20, help="lease races per number of takers (0: none)")
+    parser.add_argument("--race-kinds", default="create", help="create, takeover (of a dead holder's lease), or both")
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="each server waits up to this between its look at a lease and its write, and each host "
+                             "between its probe and its take (seconds; NEURON_CACHE_TEST_DELAY)")
+    parser.add_argument("--killed", type=int, default=0, help="runs where a holder is killed while --waiters wait on it")
+    parser.add_argument("--waiters", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="neuron-cache-leases-"))
@@ -335,18 +344,34 @@ def main() -> int:
         for backend in (args.backends.split(",") if args.backends else ["dir", *(["hf"] if args.hf else [])]):
             bucket_for, emulator = _buckets(backend, work / backend)
             try:
-                for takers in ([int(h) for h in args.hosts.split(",")] if args.race_trials else []):
-                    race = race_takes(bucket_for(f"race-{takers}"), takers, args.race_trials)
-                    rows.append({"backend": backend, "mode": "race", **asdict(race)})
-                    print(f"{backend:4} race   takers={takers:<2} trials={race.trials}: more than one winner in "
-                          f"{race.trials_with_duplicates}, none in {race.trials_without_winner}, winners mean "
-                          f"{race.mean_winners} max {race.max_winners}", flush=True)
+                for kind in [kind for kind in args.race_kinds.split(",") if kind]:
+                    for takers in ([int(h) for h in args.hosts.split(",")] if args.race_trials else []):
+                        race = race_takes(bucket_for(f"race-{kind}-{takers}"), takers, args.race_trials, kind=kind,
+                                          delay=args.delay)
+                        rows.append({"backend": backend, "mode": "race", **asdict(race)})
+                        print(f"{backend:4} race {kind:8} takers={takers:<2} trials={race.trials} delay={args.delay:g}s: "
+                              f"more than one winner in {race.trials_with_duplicates}, none in "
+                              f"{race.trials_without_winner}, winners mean {race.mean_winners} max {race.max_winners}",
+                              flush=True)
+                delays = {"NEURON_CACHE_TEST_DELAY": f"lease-look:{args.delay},lease-write:{args.delay}"} if args.delay else {}
+                for run in range(args.killed):
+                    name = f"killed-{run}"
+                    figures = run_killed_holder(work / backend / name, bucket_for(name), waiters=args.waiters,
+                                                seconds=args.seconds, extra=delays)
+                    rows.append({"backend": backend, **asdict(figures), "mode": "killed"})
+                    print(f"{backend:4} killed holder, {args.waiters} waiters, T={args.seconds:g}s: compiles after the kill "
+                          f"{figures.compiles - 1}, duplicates {figures.duplicates}, complete waiters "
+                          f"{figures.complete_hosts}/{args.waiters}", flush=True)
+                    for note in figures.notes[:3]:
+                        print(f"     {note}")
                 for mode in [mode for mode in args.modes.split(",") if mode]:
-                    runs = [(1, 0), *((int(h), 0) for h in args.hosts.split(",")), (max(2, int(args.hosts.split(",")[0])), args.dead)]
+                    runs = [(1, 0), *((int(h), 0) for h in args.hosts.split(","))]
+                    runs += [(max(2, int(args.hosts.split(",")[0])), args.dead)] if args.dead else []
                     for hosts, dead in runs:
                         name = f"{mode}-{hosts}-{dead}"
                         figures = run_hosts(work / backend / name, bucket_for(name), mode=mode, hosts=hosts,
-                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch, dead=dead)
+                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch, dead=dead,
+                                            extra=delays)
                         row = {"backend": backend, **asdict(figures)}
                         rows.append(row)
                         print(f"{backend:4} {mode:6} H={hosts:<2} G={args.graphs} T={args.seconds:g}s dead={dead}: compiles "
@@ -363,7 +388,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    return 1 if any(row.get("complete_hosts") != row.get("hosts") for row in rows if row["mode"] != "race") else 0
+    incomplete = any(row["complete_hosts"] != row["hosts"] - (row["mode"] == "killed") for row in rows if row["mode"] != "race")
+    return 1 if incomplete or any(row.get("duplicates") or row.get("trials_with_duplicates") for row in rows) else 0
 
 
 if __name__ == "__main__":
