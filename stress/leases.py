@@ -334,6 +334,8 @@ def main() -> int:
                              "between its probe and its take (seconds; NEURON_CACHE_TEST_DELAY)")
     parser.add_argument("--killed", type=int, default=0, help="runs where a holder is killed while --waiters wait on it")
     parser.add_argument("--waiters", type=int, default=3)
+    parser.add_argument("--bare", action="store_true",
+                        help="shim mode: also one host without the shim on PATH (the cost of the cache per graph)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="neuron-cache-leases-"))
@@ -367,13 +369,22 @@ def main() -> int:
                 for mode in [mode for mode in args.modes.split(",") if mode]:
                     runs = [(1, 0), *((int(h), 0) for h in args.hosts.split(","))]
                     runs += [(max(2, int(args.hosts.split(",")[0])), args.dead)] if args.dead else []
+                    runs += [(1, -1)] if args.bare and mode == "shim" else []
                     for hosts, dead in runs:
                         name = f"{mode}-{hosts}-{dead}"
+                        # dead -1: the same host without the shim on PATH (the bare compiler: no cache at all).
+                        bare = {"PATH": os.pathsep.join([str(work / backend / name / "tools" / "sdk"), os.environ["PATH"]])}
                         figures = run_hosts(work / backend / name, bucket_for(name), mode=mode, hosts=hosts,
-                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch, dead=dead,
-                                            extra=delays)
-                        row = {"backend": backend, **asdict(figures)}
+                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch, dead=max(0, dead),
+                                            extra={**delays, **(bare if dead < 0 else {})})
+                        row = {"backend": backend, **asdict(figures), **({"mode": "bare"} if dead < 0 else {})}
                         rows.append(row)
+                        if dead < 0:
+                            alone = next((r for r in rows if r["backend"] == backend and r["mode"] == mode and r["hosts"] == 1), None)
+                            added = (alone["wall_seconds"] - figures.wall_seconds) / args.graphs if alone else float("nan")
+                            print(f"{backend:4} bare   H=1  G={args.graphs} T={args.seconds:g}s (no shim): wall "
+                                  f"{figures.wall_seconds}s; the cache adds {added:.2f}s per graph", flush=True)
+                            continue
                         print(f"{backend:4} {mode:6} H={hosts:<2} G={args.graphs} T={args.seconds:g}s dead={dead}: compiles "
                               f"{figures.compiles} (naive {hosts * args.graphs}), duplicates {figures.duplicates}, wall "
                               f"{figures.wall_seconds}s, complete hosts {figures.complete_hosts}/{hosts}, "
