@@ -1002,10 +1002,16 @@ class HfBackend(Backend):
         claim = f"{round_}/{uuid.uuid4().hex}"
         self.batch(add=(AddFile(claim, content=content),), copy=(), delete=())
         try:
-            claims = [item for item in self.list(round_, recursive=False) if isinstance(item, FileItem)]
-            ours = next((item for item in claims if item.path == claim), None)
-            if ours is None or ours.uploaded is None or not ours.xet_hash:  # the listing cannot order it: withdraw
-                return {"ok": False, "content": None}
+            for attempt in range(3):
+                claims = [item for item in self.list(round_, recursive=False) if isinstance(item, FileItem)]
+                ours = next((item for item in claims if item.path == claim), None)
+                if ours is not None or attempt == 2:
+                    break
+                time.sleep(0.2)
+            if ours is None or not isinstance(ours.uploaded, (int, float)) or not ours.xet_hash:
+                # Nothing can be ordered then: an error (the host compiles, with one line), never a loop of claims.
+                raise BackendError(ErrorCode.INVALID_DATA, f"lease on {self.bucket_id}: the listing of {round_} does not "
+                                                           "show our claim with its upload time; cannot order claims")
             oldest = ours.uploaded - LEASE_CLAIM_TTL
             if any(item.path != claim and isinstance(item.uploaded, (int, float)) and oldest <= item.uploaded <= ours.uploaded
                    for item in claims):
