@@ -252,7 +252,8 @@ def race_takes(bucket: str, takers: int, trials: int, *, kind: str = "create", d
 
     figures = RaceFigures(takers, trials, kind, delay)
     extra = {"NEURON_CACHE_TEST_DELAY": f"lease-write:{delay}"} if delay else {}
-    envs = [{**os.environ, "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-r"), **extra} for _ in range(takers)]
+    envs = [{**os.environ, "NEURON_CACHE_RUNTIME_DIR": tempfile.mkdtemp(prefix="onc-r"), **extra}
+            for _ in range(takers)]
     clients = [BucketClient(parse_bucket(bucket), env) for env in envs]
     dead = Holder(host="dead-host", pid=4242, started=time.time(), token="dead", boot="dead-host-boot").text()
     try:
@@ -332,7 +333,8 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0,
                         help="each server waits up to this between its look at a lease and its write, and each host "
                              "between its probe and its take (seconds; NEURON_CACHE_TEST_DELAY)")
-    parser.add_argument("--killed", type=int, default=0, help="runs where a holder is killed while --waiters wait on it")
+    parser.add_argument("--killed", type=int, default=0,
+                        help="runs where a holder is killed while --waiters wait on it")
     parser.add_argument("--waiters", type=int, default=3)
     parser.add_argument("--bare", action="store_true",
                         help="shim mode: also one host without the shim on PATH (the cost of the cache per graph)")
@@ -351,17 +353,20 @@ def main() -> int:
                         race = race_takes(bucket_for(f"race-{kind}-{takers}"), takers, args.race_trials, kind=kind,
                                           delay=args.delay)
                         rows.append({"backend": backend, "mode": "race", **asdict(race)})
-                        print(f"{backend:4} race {kind:8} takers={takers:<2} trials={race.trials} delay={args.delay:g}s: "
+                        print(f"{backend:4} race {kind:8} takers={takers:<2} trials={race.trials} "
+                              f"delay={args.delay:g}s: "
                               f"more than one winner in {race.trials_with_duplicates}, none in "
                               f"{race.trials_without_winner}, winners mean {race.mean_winners} max {race.max_winners}",
                               flush=True)
-                delays = {"NEURON_CACHE_TEST_DELAY": f"lease-look:{args.delay},lease-write:{args.delay}"} if args.delay else {}
+                delays = ({"NEURON_CACHE_TEST_DELAY": f"lease-look:{args.delay},lease-write:{args.delay}"}
+                          if args.delay else {})
                 for run in range(args.killed):
                     name = f"killed-{run}"
                     figures = run_killed_holder(work / backend / name, bucket_for(name), waiters=args.waiters,
                                                 seconds=args.seconds, extra=delays)
                     rows.append({"backend": backend, **asdict(figures), "mode": "killed"})
-                    print(f"{backend:4} killed holder, {args.waiters} waiters, T={args.seconds:g}s: compiles after the kill "
+                    print(f"{backend:4} killed holder, {args.waiters} waiters, T={args.seconds:g}s: compiles after "
+                          f"the kill "
                           f"{figures.compiles - 1}, duplicates {figures.duplicates}, complete waiters "
                           f"{figures.complete_hosts}/{args.waiters}", flush=True)
                     for note in figures.notes[:3]:
@@ -373,15 +378,19 @@ def main() -> int:
                     for hosts, dead in runs:
                         name = f"{mode}-{hosts}-{dead}"
                         # dead -1: the same host without the shim on PATH (the bare compiler: no cache at all).
-                        bare = {"PATH": os.pathsep.join([str(work / backend / name / "tools" / "sdk"), os.environ["PATH"]])}
+                        sdk = work / backend / name / "tools" / "sdk"
+                        bare = {"PATH": os.pathsep.join([str(sdk), os.environ["PATH"]])}
                         figures = run_hosts(work / backend / name, bucket_for(name), mode=mode, hosts=hosts,
-                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch, dead=max(0, dead),
+                                            graphs=args.graphs, seconds=args.seconds, batch=args.batch,
+                                            dead=max(0, dead),
                                             extra={**delays, **(bare if dead < 0 else {})})
                         row = {"backend": backend, **asdict(figures), **({"mode": "bare"} if dead < 0 else {})}
                         rows.append(row)
                         if dead < 0:
-                            alone = next((r for r in rows if r["backend"] == backend and r["mode"] == mode and r["hosts"] == 1), None)
-                            added = (alone["wall_seconds"] - figures.wall_seconds) / args.graphs if alone else float("nan")
+                            alone = next((r for r in rows if r["backend"] == backend and r["mode"] == mode
+                                          and r["hosts"] == 1), None)
+                            added = ((alone["wall_seconds"] - figures.wall_seconds) / args.graphs if alone
+                                     else float("nan"))
                             print(f"{backend:4} bare   H=1  G={args.graphs} T={args.seconds:g}s (no shim): wall "
                                   f"{figures.wall_seconds}s; the cache adds {added:.2f}s per graph", flush=True)
                             continue
@@ -399,7 +408,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    incomplete = any(row["complete_hosts"] != row["hosts"] - (row["mode"] == "killed") for row in rows if row["mode"] != "race")
+    incomplete = any(row["complete_hosts"] != row["hosts"] - (row["mode"] == "killed")
+                     for row in rows if row["mode"] not in ("race", "bare"))
     return 1 if incomplete or any(row.get("duplicates") or row.get("trials_with_duplicates") for row in rows) else 0
 
 

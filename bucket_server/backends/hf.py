@@ -1010,11 +1010,11 @@ class HfBackend(Backend):
                 time.sleep(0.2)
             if ours is None or not isinstance(ours.uploaded, (int, float)) or not ours.xet_hash:
                 # Nothing can be ordered then: an error (the host compiles, with one line), never a loop of claims.
-                raise BackendError(ErrorCode.INVALID_DATA, f"lease on {self.bucket_id}: the listing of {round_} does not "
-                                                           "show our claim with its upload time; cannot order claims")
+                raise BackendError(ErrorCode.INVALID_DATA, f"lease on {self.bucket_id}: the listing of {round_} "
+                                                           "does not show our claim with its upload time")
             oldest = ours.uploaded - LEASE_CLAIM_TTL
-            if any(item.path != claim and isinstance(item.uploaded, (int, float)) and oldest <= item.uploaded <= ours.uploaded
-                   for item in claims):
+            if any(item.path != claim and isinstance(item.uploaded, (int, float))
+                   and oldest <= item.uploaded <= ours.uploaded for item in claims):
                 return {"ok": False, "content": None}
             if self._lease_hash(path) != held:  # another round's winner wrote it after our look
                 return {"ok": False, "content": None}
