@@ -447,3 +447,26 @@ def test_hosts_racing_for_a_hub_lease_with_delays_between_look_and_write_never_b
 
     figures = race_takes(hub_http[1], 4, 4, kind=kind, delay=1.5)
     assert figures.trials_with_duplicates == 0 and figures.max_winners <= 1
+
+
+def test_a_hub_claim_left_by_a_dead_claimant_holds_a_lease_back_for_a_bounded_time(hub_http, version):
+    """A claimant killed between its claim and its lease write leaves a claim that beats later ones: takes
+    fail while it is younger than LEASE_CLAIM_TTL (by the Hub's clock), then succeed and remove it."""
+    from bucket_server.backends.hf import LEASE_CLAIM_TTL, LEASE_CLAIMS
+    from bucket_server.messages import AddFile
+
+    from optimum_neuron_cache.compile_leases import LeaseKeeper
+
+    emulator, bucket = hub_http
+    client = BucketClient(layout_ref(bucket))
+    path = layout.lease_path(version, MODULE)
+    leftover = f"{path}{LEASE_CLAIMS}/new/dead-claimant"
+    client.batch(add=[AddFile(leftover, content="dead")])
+    keeper = LeaseKeeper(client, version, LeaseSettings())
+    assert not keeper.take(MODULE)
+    assert client.lease(path, "read")["content"] is None
+    with emulator._lock:  # the Hub's clock moves on: the claim is now older than the TTL
+        emulator._buckets[bucket].files[leftover]["uploadedAt"] -= LEASE_CLAIM_TTL + 5
+    assert keeper.take(MODULE)
+    assert [item["path"] for item in client.list(layout.leases_prefix())] == [path]
+    assert keeper.release(MODULE)

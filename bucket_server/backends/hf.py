@@ -1001,6 +1001,7 @@ class HfBackend(Backend):
         round_ = f"{path}{LEASE_CLAIMS}/{held or 'new'}"
         claim = f"{round_}/{uuid.uuid4().hex}"
         self.batch(add=(AddFile(claim, content=content),), copy=(), delete=())
+        leftovers: tuple[str, ...] = ()
         try:
             for attempt in range(3):
                 claims = [item for item in self.list(round_, recursive=False) if isinstance(item, FileItem)]
@@ -1013,6 +1014,9 @@ class HfBackend(Backend):
                 raise BackendError(ErrorCode.INVALID_DATA, f"lease on {self.bucket_id}: the listing of {round_} "
                                                            "does not show our claim with its upload time")
             oldest = ours.uploaded - LEASE_CLAIM_TTL
+            # Claims of claimants that died before removing theirs: ignored, and removed with ours.
+            leftovers = tuple(item.path for item in claims if isinstance(item.uploaded, (int, float))
+                              and item.uploaded < oldest)
             if any(item.path != claim and isinstance(item.uploaded, (int, float))
                    and oldest <= item.uploaded <= ours.uploaded for item in claims):
                 return {"ok": False, "content": None}
@@ -1023,7 +1027,7 @@ class HfBackend(Backend):
             return {"ok": won, "content": content if won else None}
         finally:
             try:
-                self.batch(add=(), copy=(), delete=(claim,))
+                self.batch(add=(), copy=(), delete=(claim, *leftovers))
             except BackendError as exc:  # left behind: later claimants ignore it after LEASE_CLAIM_TTL
                 log.info("could not remove lease claim %s: %s", claim, exc)
 
