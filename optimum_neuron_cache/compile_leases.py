@@ -205,6 +205,8 @@ class Watch:
     changed_at: float
     first_seen: float
     holder: Holder | None = None
+    #: Whether `holder` was read since the signature last changed (a takeover changes both).
+    holder_current: bool = True
 
 
 class Action(Enum):
@@ -226,8 +228,8 @@ class Decision:
 
 def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None:
     """Note what a probe showed of a graph's lease: the time its signature last changed (heartbeats). None
-    when there is no lease. A changed signature forgets the holder read before: the bytes may name a new
-    holder (a takeover), never to be judged by what was known of the old one; the caller reads it again."""
+    when there is no lease. A changed signature makes the holder read before no longer current: the bytes may
+    name a new holder (a takeover), never to be judged dead as the old one was (see `refresh_holder`)."""
     if found.lease is None:
         watches.pop(found.module, None)
         return None
@@ -235,8 +237,16 @@ def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None
     if watch is None:
         watch = watches[found.module] = Watch(found.lease, now, now)
     elif watch.signature != found.lease:
-        watch.signature, watch.changed_at, watch.holder = found.lease, now, None
+        watch.signature, watch.changed_at, watch.holder_current = found.lease, now, False
     return watch
+
+
+def refresh_holder(keeper: "LeaseKeeper", module: str, watch: Watch | None) -> None:
+    """Read the lease's holder when this host has none for it, or when the one it has is a dead process of
+    this machine and the lease changed since (a takeover): only then does the holder decide anything. A live
+    holder's heartbeats cost no read."""
+    if watch is not None and (watch.holder is None or (not watch.holder_current and watch.holder.dead_here())):
+        watch.holder, watch.holder_current = keeper.read(module), True
 
 
 def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings) -> Decision:
@@ -247,7 +257,7 @@ def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseS
     if found.lease is None or watch is None:
         return Decision(module, Action.TAKE, "nobody holds a lease on it")
     who = watch.holder.describe() if watch.holder else "another host"
-    if watch.holder is not None and watch.holder.dead_here():
+    if watch.holder is not None and watch.holder_current and watch.holder.dead_here():
         return Decision(module, Action.TAKEOVER, f"its lease holder ({who}) is a dead process of this host")
     silent = now - watch.changed_at
     if silent > lease_settings.stale:
@@ -414,8 +424,7 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         found = probe(keeper.client, keeper.version, [module])[module]
         now = clock()
         watch = observe(watches, found, now)
-        if watch is not None and watch.holder is None:
-            watch.holder = keeper.read(module)
+        refresh_holder(keeper, module, watch)
         decision = decide(found, watch, now, keeper.settings)
         history.append(decision)
         if decision.action in (Action.TAKE, Action.TAKEOVER):

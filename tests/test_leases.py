@@ -134,6 +134,9 @@ def test_the_planner_decides_with_reasons():
     child.wait()
     watch = Watch((1,), 0.0, 0.0, holder=Holder(dead.host, child.pid, 1.0, "t", dead.boot))
     assert decide(Probe(MODULE, False, (1,)), watch, 0.1, SETTINGS).action is Action.TAKEOVER
+    # Another waiter took it over: the lease's bytes changed. The dead holder no longer decides anything.
+    observe({MODULE: watch}, Probe(MODULE, False, (2,)), now=0.2)
+    assert decide(Probe(MODULE, False, (2,)), watch, 0.3, SETTINGS).action is Action.WAIT
 
 
 @pytest.mark.parametrize("text", ["", "nan", "[]", '{"host": "h"}', '{"host": "h", "pid": -1, "started": 1, "token": "t", "boot": "", "beat": 0}',
