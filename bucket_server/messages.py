@@ -993,7 +993,7 @@ class RepoCopyResult:
 # ---------------------------------------------------------------------------------------------- the registry
 # ---------------------------------------------------------------------------------------------- compile leases
 #: What a lease operation may do (see Backend.lease); a lease file holds at most LEASE_MAX_BYTES.
-LEASE_MODES = ("read", "create", "replace", "delete")
+LEASE_MODES = ("read", "create", "replace", "takeover", "delete")
 LEASE_MAX_BYTES = 4096
 
 
@@ -1023,10 +1023,10 @@ class LeaseRequest:
         if mode not in LEASE_MODES:
             raise MessageError(f"lease mode must be one of {', '.join(LEASE_MODES)}, got {_short(mode)}")
         content, expect = _lease_text(args.get("content"), "content"), _lease_text(args.get("expect"), "expect")
-        if mode in ("create", "replace") and not content:  # "" is what a lease that cannot be read reads as
+        if mode in ("create", "replace", "takeover") and not content:  # "" is what an unreadable lease reads as
             raise MessageError(f"lease {mode} needs content")
-        if mode == "replace" and expect is None:
-            raise MessageError("lease replace needs expect")
+        if mode in ("replace", "takeover") and expect is None:
+            raise MessageError(f"lease {mode} needs expect")
         return cls(remote_path(args.get("path"), "lease path"), mode, content, expect)
 
     def to_wire(self) -> dict[str, Any]:

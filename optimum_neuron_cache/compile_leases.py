@@ -15,8 +15,9 @@ Leases are advisory: correctness never depends on them. Entries are still publis
 file, so two hosts that both compile a graph publish one correct entry. A holder renews its lease every
 `heartbeat` seconds (the file's bytes change, so a waiter sees the change in a paths-info: staleness is
 judged on the waiter's own clock, never by comparing clocks across hosts). On a directory bucket a lease is
-taken atomically (exclusive create); a Hub bucket has no conditional write, so there the server writes, then
-reads back, and two hosts writing in the same instant can both compile (docs/performance.md measures it).
+taken atomically (exclusive create); a Hub bucket has no conditional write, so there a take or takeover is won
+by claim, ordered by the bucket's own upload times (HfBackend._claim; docs/integrations.md says why it holds).
+A take won after another host committed the graph and dropped its lease is dropped at once: fetch instead.
 
 Plan, then execute: `decide` is pure (what the bucket said, what this host saw, the clock -> a `Decision`
 with its reason); `LeaseKeeper` carries out takes, takeovers, heartbeats and releases.
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -37,6 +39,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
+
+from bucket_server import pauses
 
 from . import remote_layout as layout
 from . import settings
@@ -201,6 +205,8 @@ class Watch:
     changed_at: float
     first_seen: float
     holder: Holder | None = None
+    #: Whether `holder` was read since the signature last changed (a takeover changes both).
+    holder_current: bool = True
 
 
 class Action(Enum):
@@ -222,7 +228,8 @@ class Decision:
 
 def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None:
     """Note what a probe showed of a graph's lease: the time its signature last changed (heartbeats). None
-    when there is no lease."""
+    when there is no lease. A changed signature makes the holder read before no longer current: the bytes may
+    name a new holder (a takeover), never to be judged dead as the old one was (see `refresh_holder`)."""
     if found.lease is None:
         watches.pop(found.module, None)
         return None
@@ -230,8 +237,16 @@ def observe(watches: dict[str, Watch], found: Probe, now: float) -> Watch | None
     if watch is None:
         watch = watches[found.module] = Watch(found.lease, now, now)
     elif watch.signature != found.lease:
-        watch.signature, watch.changed_at = found.lease, now
+        watch.signature, watch.changed_at, watch.holder_current = found.lease, now, False
     return watch
+
+
+def refresh_holder(keeper: "LeaseKeeper", module: str, watch: Watch | None) -> None:
+    """Read the lease's holder when this host has none for it, or when the one it has is a dead process of
+    this machine and the lease changed since (a takeover): only then does the holder decide anything. A live
+    holder's heartbeats cost no read."""
+    if watch is not None and (watch.holder is None or (not watch.holder_current and watch.holder.dead_here())):
+        watch.holder, watch.holder_current = keeper.read(module), True
 
 
 def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseSettings,
@@ -245,7 +260,7 @@ def decide(found: Probe, watch: Watch | None, now: float, lease_settings: LeaseS
     if found.lease is None or watch is None:
         return Decision(module, Action.TAKE, "nobody holds a lease on it")
     who = watch.holder.describe() if watch.holder else "another host"
-    if watch.holder is not None and watch.holder.dead_here():
+    if watch.holder is not None and watch.holder_current and watch.holder.dead_here():
         return Decision(module, Action.TAKEOVER, f"its lease holder ({who}) is a dead process of this host")
     silent = now - watch.changed_at
     if silent > lease_settings.stale:
@@ -303,12 +318,19 @@ class LeaseKeeper:
         return layout.lease_path(self.version, module)
 
     def take(self, module: str) -> bool:
-        """Create the lease if nobody holds one; True when it is ours."""
+        """Create the lease if nobody holds one; True when it is ours and the graph still to compile."""
         reply = self.client.lease(self.path(module), "create", content=self.holder.text())
-        if reply.get("ok"):
-            with self._lock:
-                self.held[module] = _Held(self.holder)
-        return bool(reply.get("ok"))
+        return bool(reply.get("ok")) and self._hold(module)
+
+    def _hold(self, module: str) -> bool:
+        """Note a lease won, unless the bucket now holds the graph: a holder that committed it and dropped its
+        lease between our look and our take (it commits before it drops). Then drop ours: False."""
+        with self._lock:
+            self.held[module] = _Held(self.holder)
+        if probe(self.client, self.version, [module])[module].committed:
+            self.release(module)
+            return False
+        return True
 
     def read(self, module: str) -> Holder | None:
         """The holder a lease names (None: no lease, or not one of ours)."""
@@ -325,11 +347,8 @@ class LeaseKeeper:
             return False
         if stale is not None and probe(self.client, self.version, [module])[module].lease != stale:
             return False
-        reply = self.client.lease(self.path(module), "replace", content=self.holder.text(), expect=current)
-        if reply.get("ok"):
-            with self._lock:
-                self.held[module] = _Held(self.holder)
-        return bool(reply.get("ok"))
+        reply = self.client.lease(self.path(module), "takeover", content=self.holder.text(), expect=current)
+        return bool(reply.get("ok")) and self._hold(module)
 
     def release(self, module: str) -> bool:
         """Drop our lease; False when it was no longer ours (taken over, or overwritten on a Hub bucket): then
@@ -413,13 +432,18 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         found = probe(keeper.client, keeper.version, [module])[module]
         now = clock()
         watch = observe(watches, found, now)
-        if watch is not None and watch.holder is None:
-            watch.holder = keeper.read(module)
+        refresh_holder(keeper, module, watch)
         decision = decide(found, watch, now, keeper.settings, since=began)
         history.append(decision)
+        if decision.action in (Action.TAKE, Action.TAKEOVER):
+            pauses.reached("lease-look")
         if decision.action is Action.TAKE and not keeper.take(module):
+            # Someone took it between the probe and the create, or committed it; or, on a Hub bucket, claims in the
+            # same instant all withdrew: look again soon, at a random moment, so that those do not meet again
+            # (from the second loss in a row, after a poll).
             lost += 1
-            continue  # someone took it between the probe and the create: look again
+            stop.wait(random.uniform(0.0, min(keeper.settings.poll, 1.0) / 2))
+            continue
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
             lost += 1
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for

@@ -117,11 +117,13 @@ class Backend(abc.ABC):
         """A small advisory lease file (compile leases): {"ok": bool, "content": str | None}, the args already
         checked by messages.LeaseRequest.
 
-        read: its content (None when absent). create: write `content` only if no file is there. replace:
-        write `content` only if the file holds `expect`. delete: remove it only if it holds `expect` (any
-        content when `expect` is None). Each is idempotent: redoing one that took effect answers ok (a file
-        that already holds `content`; a file already gone). `content` in the reply is the file's content
-        after the operation, when the backend knows it without another transfer, else None.
+        read: its content (None when absent). create: write `content` only if no file is there. replace (a
+        renewal by the holder) and takeover (of an abandoned lease): write `content` only if the file holds
+        `expect`; of takeovers racing on one lease, one wins (on a Hub bucket too, by claim). delete: remove
+        it only if it holds `expect` (any content when `expect` is None). Each is idempotent: redoing one that
+        took effect answers ok (a file that already holds `content`; a file already gone). `content` in the
+        reply is the file's content after the operation, when the backend knows it without another transfer,
+        else None.
         """
         raise BackendError(ErrorCode.BAD_REQUEST, f"{type(self).__name__} has no leases")
 

@@ -631,7 +631,7 @@ class DirBackend(Backend):
                 return {"ok": mode == "delete", "content": None}
             try:
                 held = self._lease_text(incoming, grabbed)
-                if expect is not None and held != expect and not (mode == "replace" and held == content):
+                if expect is not None and held != expect and not (mode in ("replace", "takeover") and held == content):
                     self._lease_put_back(incoming, grabbed, parent, parts[-1])
                     return {"ok": False, "content": self._lease_text(parent, parts[-1])}
                 if mode == "delete":

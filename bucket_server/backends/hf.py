@@ -16,6 +16,7 @@ import queue
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -24,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import pauses
 from ..digests import Verifier, file_digest, publish_algorithm
 from ..messages import (
     LEASE_MAX_BYTES, AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, Described, DownloadFile,
@@ -585,9 +587,12 @@ def _file_item(bucket_file: Any) -> FileItem:
                     uploaded=uploaded.timestamp() if uploaded is not None else None)
 
 
-#: Seconds between a new lease's read back and a second one (see HfBackend.lease): longer than the gap
-#: between a racing taker's look and its write (one metadata request), short next to a compile.
-LEASE_SETTLE = 0.5
+#: The folder of a lease's claims, next to it (`<lease path>.claims/<round>/<claim id>`; see HfBackend._claim).
+LEASE_CLAIMS = ".claims"
+#: Seconds after which a claim is taken for its claimant's, dead before it finished (by the bucket's clock,
+#: against the later claim's upload time): far longer than a claimant's three requests between its claim and
+#: its lease write.
+LEASE_CLAIM_TTL = 60.0
 
 
 class HfBackend(Backend):
@@ -951,43 +956,87 @@ class HfBackend(Backend):
 
     # ------------------------------------------------------------------------------------ leases
     def lease(self, path: str, mode: str, *, content: str | None = None, expect: str | None = None) -> dict[str, Any]:
-        """Compile leases on a Hub bucket, which has no conditional write: look (one paths-info), write, then
-        read back. A lease is whatever the bucket holds when read back: two hosts writing in the same instant
-        can both read their own bytes back (the later write wins afterwards), so both may compile; leases
-        are advisory and docs/performance.md measures how often. Contents are compared by Xet hash, so only
-        `read` transfers the file."""
+        """Compile leases on a Hub bucket, which has no conditional write. A create or a takeover is won by
+        claim (`_claim`, docs/integrations.md "Compile leases on a Hub bucket"); a renewal (replace) and a
+        delete check the lease holds `expect`, then write. Contents are compared by Xet hash, so only `read`
+        transfers the file."""
         from ..digests import xet_hash_of_one_chunk
 
-        def current() -> str | None:
-            found = self.paths_info([path])
-            if found and expect == "" and not 0 < found[0].size <= LEASE_MAX_BYTES:
-                return xet_hash_of_one_chunk(b"")  # empty or too large: what `expect=""` (no lease to read) names
-            return str(found[0].xet_hash or "") if found else None
+        def hashed(text: str) -> str:
+            return xet_hash_of_one_chunk(text.encode("utf-8"))
 
         if mode == "read":
             return {"ok": True, "content": self._read_small(path)}
-        held = current()
+        held = self._lease_hash(path)
         if mode == "create":
             if held is not None:
-                return {"ok": held == xet_hash_of_one_chunk(str(content).encode("utf-8")), "content": None}
-        elif held is None:
+                return {"ok": held == hashed(str(content)), "content": None}
+            return self._claim(path, str(content), None)
+        if held is None:
             return {"ok": mode == "delete", "content": None}
-        elif mode == "replace" and held == xet_hash_of_one_chunk(str(content).encode("utf-8")):
+        if mode in ("replace", "takeover") and held == hashed(str(content)):
             return {"ok": True, "content": content}
-        elif expect is not None and held != xet_hash_of_one_chunk(expect.encode("utf-8")):
+        if expect is not None and held != hashed(expect):
             return {"ok": False, "content": None}
         if mode == "delete":
             self.batch(add=(), copy=(), delete=(path,))
             return {"ok": True, "content": None}
-        mine = xet_hash_of_one_chunk(str(content).encode("utf-8"))
+        if mode == "takeover":
+            return self._claim(path, str(content), held)
         self.batch(add=(AddFile(path, content=str(content)),), copy=(), delete=())
-        ours = current() == mine
-        if ours and mode == "create" and LEASE_SETTLE > 0:
-            # Takers that looked in the same instant write within a request or two of each other: the last write
-            # stands. Reading again once they have all landed leaves (nearly always) that one writer the lease.
-            time.sleep(LEASE_SETTLE)
-            ours = current() == mine
+        ours = self._lease_hash(path) == hashed(str(content))
         return {"ok": ours, "content": content if ours else None}
+
+    def _lease_hash(self, path: str) -> str | None:
+        """The Xet hash of the lease at `path` ("" when the Hub gives none), None when there is none. An empty or
+        oversized file, which cannot be read as a lease, has the hash of "": what `expect=""` names."""
+        from ..digests import xet_hash_of_one_chunk
+
+        found = self.paths_info([path])
+        if found and not 0 < found[0].size <= LEASE_MAX_BYTES:
+            return xet_hash_of_one_chunk(b"")
+        return str(found[0].xet_hash or "") if found else None
+
+    def _claim(self, path: str, content: str, held: str | None) -> dict[str, Any]:
+        """Write the lease `content` if this caller wins the claim round of the lease as it was seen (`held`: its
+        Xet hash, None for no lease). Each contender writes a claim file of its own (a new path: nothing to
+        overwrite), then lists the round's claims: a claim uploaded before ours or in the same instant (the
+        bucket's clock, `uploaded_at`) beats ours, unless it is more than LEASE_CLAIM_TTL older (its claimant
+        died before finishing). The winner checks the lease is still as seen, copies its claim onto it, and
+        only then removes its claim; losers remove theirs and answer not ok."""
+        pauses.reached("lease-write")
+        round_ = f"{path}{LEASE_CLAIMS}/{held or 'new'}"
+        claim = f"{round_}/{uuid.uuid4().hex}"
+        self.batch(add=(AddFile(claim, content=content),), copy=(), delete=())
+        leftovers: tuple[str, ...] = ()
+        try:
+            for attempt in range(3):
+                claims = [item for item in self.list(round_, recursive=False) if isinstance(item, FileItem)]
+                ours = next((item for item in claims if item.path == claim), None)
+                if ours is not None or attempt == 2:
+                    break
+                time.sleep(0.2)
+            if ours is None or not isinstance(ours.uploaded, (int, float)) or not ours.xet_hash:
+                # Nothing can be ordered then: an error (the host compiles, with one line), never a loop of claims.
+                raise BackendError(ErrorCode.INVALID_DATA, f"lease on {self.bucket_id}: the listing of {round_} "
+                                                           "does not show our claim with its upload time")
+            oldest = ours.uploaded - LEASE_CLAIM_TTL
+            # Claims of claimants that died before removing theirs: ignored, and removed with ours.
+            leftovers = tuple(item.path for item in claims if isinstance(item.uploaded, (int, float))
+                              and item.uploaded < oldest)
+            if any(item.path != claim and isinstance(item.uploaded, (int, float))
+                   and oldest <= item.uploaded <= ours.uploaded for item in claims):
+                return {"ok": False, "content": None}
+            if self._lease_hash(path) != held:  # another round's winner wrote it after our look
+                return {"ok": False, "content": None}
+            self.batch(add=(), copy=(CopyFile(claim, path, ours.xet_hash),), delete=())
+            won = self._lease_hash(path) == ours.xet_hash
+            return {"ok": won, "content": content if won else None}
+        finally:
+            try:
+                self.batch(add=(), copy=(), delete=(claim, *leftovers))
+            except BackendError as exc:  # left behind: later claimants ignore it after LEASE_CLAIM_TTL
+                log.info("could not remove lease claim %s: %s", claim, exc)
 
     def _read_small(self, path: str) -> str | None:
         """The text of a small file (a lease), None when it is absent, "" when it is too large to be one (a

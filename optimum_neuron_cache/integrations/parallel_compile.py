@@ -50,7 +50,8 @@ from .. import remote_layout as layout
 from ..buckets import BucketRef, embedded_default, resolve_bucket
 from .. import settings
 from ..client import BucketClient
-from ..compile_leases import Action, Decision, LeaseKeeper, LeaseSettings, LeaseTally, Watch, decide, observe, probe
+from ..compile_leases import (Action, Decision, LeaseKeeper, LeaseSettings, LeaseTally, Watch, decide, observe, probe,
+                              refresh_holder)
 from ..context import CacheRun, hub_neuronx_cache
 from ..errors import BucketNotFoundError, NeuronCacheError
 from ..fetch import fetch_model
@@ -228,8 +229,7 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                 decisions = []
                 for module in sorted(todo):
                     watch = observe(watches, found[module], now)
-                    if watch is not None and watch.holder is None:
-                        watch.holder = keeper.read(module)
+                    refresh_holder(keeper, module, watch)
                     if watch is not None:
                         since.setdefault(module, now)
                     first = min(since.get(module, now), now - idle)
