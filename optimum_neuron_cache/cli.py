@@ -34,6 +34,7 @@ from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, model_tasks, plan_fetch
 from .journal import JournalKey
+from .progress import size_text, terminal_progress
 from .publish import publish_leftovers
 from .host_state import HostState
 from .inventory import bucket_inventory
@@ -82,7 +83,7 @@ def echo(message: Any, err: bool = False) -> None:
 
 def size(count: int) -> str:
     """A byte count for people (kB, MB, GB: powers of 1000)."""
-    return tqdm.format_sizeof(count, suffix="B", divisor=1000)
+    return size_text(count)
 
 
 def plural(count: int, one: str, many: str) -> str:
@@ -113,16 +114,7 @@ class Output:
 
     def progress(self, description: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
         """A progress callback and its closer: a tqdm bar on a terminal, nothing otherwise or with --quiet."""
-        if self.quiet or not sys.stderr.isatty():
-            return None, lambda: None
-        bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, leave=False, total=0)
-
-        def update(done: int, total: int) -> None:
-            if total and bar.total != total:
-                bar.total = total
-            bar.update(max(0, done - bar.n))
-
-        return update, bar.close
+        return terminal_progress(description, quiet=self.quiet)
 
     def info(self, message: str) -> None:
         """A result line on stdout, unless --quiet."""

@@ -27,6 +27,7 @@ from .host_state import HostState, foreign_state
 from .journal import Journal, JournalKey, RunRecord, explicit_and_window
 from .local_cache import EntryState, LocalEntry, is_module_name, read_entry, resolve_cache_root, scan_entries, version_dir_name
 from .neuron_sdk import resolve_compiler_version, unpinned_target_warning
+from .progress import BAR_MIN_BYTES, terminal_progress, transfer_line
 from .explain import nearest, time_saved, why_area_empty
 from .lookup import read_records
 from .publish import close, publish
@@ -206,12 +207,16 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             gate = gate if self._lead(gate) else None  # it died or gave up: fetch here
         upstreams = self._upstreams()  # read while the request sent ahead is out, not after its reply
         note: FetchNote | None = None
+        progress, end_bar = terminal_progress("neuron-cache fetch", min_total=BAR_MIN_BYTES)  # this host's one bar
+        started = time.monotonic()
         try:
             if self._client is None:
                 self._client = BucketClient(self._bucket)  # refuses a Hub bucket under HF_HUB_OFFLINE
             fetched = fetch_model(self._client, root, self._version, self._model.folder if self._model else None,
                                   self._task, local, missing_bucket_is_empty=self._embedded,
-                                  memo=gate.previous if gate is not None else None, wanted=self._wanted())
+                                  memo=gate.previous if gate is not None else None, wanted=self._wanted(),
+                                  progress=progress)
+            end_bar()
         except NeuronCacheError as exc:
             self._remote_failed("fetch", exc)
             note = self._note(ok=False, error=str(exc))
@@ -226,11 +231,15 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             self._area_modules, self._area_records = fetched.plan.remote_modules, fetched.plan.record_names
             self._known_models = fetched.plan.known_models
             self._plan = fetched.plan
+            chosen = ""
             if fetched.plan.choice is not None:
                 self._chosen = fetched.plan.choice.modules
                 if fetched.plan.choice.records:  # chosen now, from the records (not from this host's note)
-                    log.info("optimum-neuron-cache: fetched %d entries for %s", len(fetched.result.fetched),
-                             fetched.plan.choice.line())
+                    chosen = f" for {fetched.plan.choice.line()}"
+            if fetched.result.fetched or chosen:
+                result = fetched.result
+                line = transfer_line("fetched", len(result.fetched), result.bytes, time.monotonic() - started)
+                log.info("optimum-neuron-cache: %s%s", line, chosen)
             self._records_read = fetched.result.exports_read
             note = self._note(ok=True)
             prefix = layout.version_prefix(self._version)
@@ -253,6 +262,7 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
             except Exception as exc:  # upstreams are a bonus: never a reason to stop the user's compile
                 self._warn(f"upstreams not read: {exc}")
         finally:
+            end_bar()
             if gate is not None:
                 gate.release(note)
         self.run.stats.fetches = 1 if self._client is not None else 0
@@ -555,9 +565,18 @@ class hub_neuronx_cache:  # noqa: N801 - a context manager used like a function,
         writes = self._export_records(entries, new, recovered)
         if not candidates and not writes:
             return
-        publication = publish(self._client, root, self._journal_key(), candidates, area=self._area,
-                              known_in_area=self._area_modules, records=writes, record=self._journal_record,
-                              create_bucket=self._embedded)
+        progress, end_bar = terminal_progress("neuron-cache publish", min_total=BAR_MIN_BYTES)
+        started = time.monotonic()
+        try:
+            publication = publish(self._client, root, self._journal_key(), candidates, area=self._area,
+                                  known_in_area=self._area_modules, records=writes, record=self._journal_record,
+                                  create_bucket=self._embedded, progress=progress)
+        finally:
+            end_bar()
+        result = publication.result
+        if result.published:
+            line = transfer_line("published", len(result.published), result.bytes_uploaded, time.monotonic() - started)
+            log.info("optimum-neuron-cache: %s", line)
         self._journal_record = publication.record
         self.run.synced = [layout.flat_entry_prefix(self._version, name) for name in sorted(publication.result.published)]
         self.run.bytes_uploaded = publication.result.bytes_uploaded

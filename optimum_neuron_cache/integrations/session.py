@@ -55,6 +55,7 @@ from ..context import CacheRun, hub_neuronx_cache
 from ..host_state import foreign_state
 from ..journal import JournalKey
 from ..local_cache import STATE_DIR_NAME, scan_entries
+from ..progress import transfer_line
 from ..publish import publish
 from .ranks import RankInfo, process_start_time
 
@@ -263,6 +264,7 @@ class TrainingCacheSession:
             if area is None and self._model_folder:
                 area = layout.model_area_prefix(run.compiler_version, self._model_folder, run.task)
             key = JournalKey(str(bucket), run.compiler_version, self._model_folder, run.task)
+            started = time.monotonic()
             publication = publish(client, self._root, key, new, area=area, create_bucket=bucket == embedded_default())
         except Exception as exc:  # never let a checkpoint publication disturb training
             self._checkpoint_failed = True
@@ -274,6 +276,10 @@ class TrainingCacheSession:
         skipped = {name for name, _ in publication.result.skipped}
         self._published |= published | ({entry.name for entry in new} - planned)
         self.report.checkpoint_published.extend(layout.flat_entry_prefix(run.compiler_version, name) for name in sorted(published))
+        if published:  # in the background, beside the trainer's own bar: one line, never a bar
+            seconds = time.monotonic() - started
+            line = transfer_line("published", len(published), publication.result.bytes_uploaded, seconds)
+            log.info("optimum-neuron-cache: checkpoint %s", line)
         if skipped:
             log.info("optimum-neuron-cache: %d entries left to another publisher of this host", len(skipped))
 
