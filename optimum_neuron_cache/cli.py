@@ -29,7 +29,7 @@ from .buckets import (
     BucketRef, bucket_and_source, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path,
 )
 from .client import BucketClient, ProgressCallback, running_server, stop_server
-from .cli_lifecycle import age
+from .cli_lifecycle import age, renamed
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, model_tasks, plan_fetch
@@ -219,7 +219,7 @@ def _json(data: Any) -> str:
 bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NAME or a directory (default: NEURON_CACHE_BUCKET, `set`, the embedded default).")
 cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
 version_option = click.option("--compiler-version", callback=_compiler_version, help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
-task_option = click.option("--task", "-t", default=None, help="The task of --model's area (default: `default`).")
+task_option = click.option("--task", "-t", default=None, help="The task of --to-model's area (default: `default`).")
 read_task_option = click.option("--task", "-t", default=None, help="Only this task (default: every task of the model).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -444,16 +444,17 @@ def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: s
 @cache_dir_option
 @bucket_option
 @version_option
-@click.option("--model", "model_id", help="Also publish to this model's area.")
+@click.option("--to-model", "model_id", help="Also publish every entry to this model's area (use a cache dir of that model only).")
 @task_option
 @click.option("--dry-run", is_flag=True, help="Show what would be published.")
 @json_option
+@renamed("--model", "--to-model", "model_id")
 @click.pass_obj
 def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_version: str | None, model_id: str | None,
          task: str | None, dry_run: bool, as_json: bool) -> None:
     """Publish every local success entry the bucket lacks."""
     if task and not model_id:
-        raise click.UsageError("--task goes with --model")
+        raise click.UsageError("--task goes with --to-model")
     model = layout.model_ref(model_id) if model_id else None
     task_name = layout.task_name(task)
     root = _root(cache_dir)
