@@ -1013,11 +1013,11 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
         if as_json:
             click.echo(_json({"repo": str(plan.repo), "bucket": str(ref), "executed": False, "plan": planned}))
             return
-        for line in describe_plan(plan):
+        for line in describe_plan(plan, size):
             out.info(line)
         return
     if not as_json:
-        out.info(describe_plan(plan)[1].strip())
+        out.info(describe_plan(plan, size)[1].strip())
     total = len(plan.entries) + len(plan.records)
     bar = None if as_json or out.quiet or not sys.stderr.isatty() or not total else \
         tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)
