@@ -888,7 +888,8 @@ def parallel_compile_run(model_id: str | None, task: str, export_config: dict[st
         report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
                                       bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
     run = report.run
-    click.echo(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
+    click.echo(f"neuron-cache: fetched {len(run.fetched) + len(report.served)} ({len(run.fetched)} before the command, "
+               f"{len(report.served)} while it ran), compiled {len(report.compiled)}, published {len(run.synced)}"
                + (f", record {run.record}" if run.record else ""), err=True)
     if report.leases is not None:
         tally = report.leases.tally
