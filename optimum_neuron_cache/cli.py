@@ -444,7 +444,8 @@ def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: s
 @cache_dir_option
 @bucket_option
 @version_option
-@click.option("--to-model", "model_id", help="Also publish every entry to this model's area (use a cache dir of that model only).")
+@click.option("--to-model", "model_id",
+              help="Also publish every entry to this model's area (use a cache dir of that model only).")
 @task_option
 @click.option("--dry-run", is_flag=True, help="Show what would be published.")
 @json_option
