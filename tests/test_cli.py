@@ -336,7 +336,8 @@ def _refused(args: list[str], env: dict[str, str] | None = None) -> str:
     return lines[0]
 
 
-VERSION_COMMANDS = [["fetch", "org/m"], ["lookup", "org/m"], ["ls"], ["explain", "org/m"], ["sync"], ["cleanup"]]
+VERSION_COMMANDS = [["fetch", "org/m"], ["lookup", "org/m"], ["ls"], ["explain", "org/m"], ["sync"], ["cleanup"],
+                    ["prune", "--drop-model", "org/m"]]
 
 
 def test_compiler_version_latest_is_refused_the_same_way_by_every_command_that_takes_it():
