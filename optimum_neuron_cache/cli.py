@@ -29,7 +29,7 @@ from .buckets import (
     BucketRef, bucket_and_source, embedded_default, parse_bucket, resolve_bucket, save_bucket, setting_path,
 )
 from .client import BucketClient, ProgressCallback, running_server, stop_server
-from .cli_lifecycle import age
+from .cli_lifecycle import age, renamed
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, model_tasks, plan_fetch
@@ -211,7 +211,7 @@ def _json(data: Any) -> str:
 bucket_option = click.option("--bucket", "-b", help="hf://buckets/NS/NAME, NS/NAME or a directory (default: NEURON_CACHE_BUCKET, `set`, the embedded default).")
 cache_dir_option = click.option("--cache-dir", help="The local compile cache (default: as libneuronxla resolves it).")
 version_option = click.option("--compiler-version", callback=_compiler_version, help="neuronx-cc version (default: the installed one, or NEURON_CC_VERSION).")
-task_option = click.option("--task", "-t", default=None, help="The task of --model's area (default: `default`).")
+task_option = click.option("--task", "-t", default=None, help="The task of --to-model's area (default: `default`).")
 read_task_option = click.option("--task", "-t", default=None, help="Only this task (default: every task of the model).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -436,16 +436,18 @@ def _publish_leftovers(out: Output, client: BucketClient, root: Path, version: s
 @cache_dir_option
 @bucket_option
 @version_option
-@click.option("--model", "model_id", help="Also publish to this model's area.")
+@click.option("--to-model", "model_id",
+              help="Also publish every entry to this model's area (use a cache dir of that model only).")
 @task_option
 @click.option("--dry-run", is_flag=True, help="Show what would be published.")
 @json_option
+@renamed("--model", "--to-model", "model_id")
 @click.pass_obj
 def sync(out: Output, cache_dir: str | None, bucket: str | None, compiler_version: str | None, model_id: str | None,
          task: str | None, dry_run: bool, as_json: bool) -> None:
     """Publish every local success entry the bucket lacks."""
     if task and not model_id:
-        raise click.UsageError("--task goes with --model")
+        raise click.UsageError("--task goes with --to-model")
     model = layout.model_ref(model_id) if model_id else None
     task_name = layout.task_name(task)
     root = _root(cache_dir)
@@ -879,7 +881,8 @@ def parallel_compile_run(model_id: str | None, task: str, export_config: dict[st
         report = run_parallel_compile(list(command), model_id=model_id, task=task, export_config=export_config,
                                       bucket=bucket, cache_dir=cache_dir, compiler_version=compiler_version, shim=not no_shim)
     run = report.run
-    click.echo(f"neuron-cache: fetched {len(run.fetched)}, compiled {len(run.compiled)}, published {len(run.synced)}"
+    click.echo(f"neuron-cache: fetched {len(run.fetched) + len(report.served)} ({len(run.fetched)} before the command, "
+               f"{len(report.served)} while it ran), compiled {len(report.compiled)}, published {len(run.synced)}"
                + (f", record {run.record}" if run.record else ""), err=True)
     if report.leases is not None:
         tally = report.leases.tally
@@ -1004,11 +1007,11 @@ def import_(out: Output, repo_id: str, revision: str | None, bucket: str | None,
         if as_json:
             click.echo(_json({"repo": str(plan.repo), "bucket": str(ref), "executed": False, "plan": planned}))
             return
-        for line in describe_plan(plan):
+        for line in describe_plan(plan, size):
             out.info(line)
         return
     if not as_json:
-        out.info(describe_plan(plan)[1].strip())
+        out.info(describe_plan(plan, size)[1].strip())
     total = len(plan.entries) + len(plan.records)
     bar = None if as_json or out.quiet or not sys.stderr.isatty() or not total else \
         tqdm(desc="import", total=total, unit="entry", file=sys.stderr, leave=False)

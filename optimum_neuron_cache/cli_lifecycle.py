@@ -6,6 +6,7 @@ job can alert on it. Each has `--json` (always valid JSON).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -36,19 +37,48 @@ def age(ctx: click.Context, param: click.Parameter, value: str | None) -> float 
     return seconds
 
 
+def renamed(old: str, new: str, dest: str, *, multiple: bool = False,
+            callback: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`old`, the former spelling of option `new` (parameter `dest`), kept as a hidden alias: it still works, and
+    says the new name in one line on stderr. With both spellings, a repeatable option takes both; a single one
+    must agree. It goes among the command's option decorators."""
+    alias = f"renamed_{dest}"
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def run(*args: Any, **params: Any) -> Any:
+            value = params.pop(alias)
+            if value:
+                click.echo(f"note: {old} is now {new} (the old name still works)", err=True)
+                if multiple:
+                    params[dest] = (*params.get(dest, ()), *value)
+                elif params.get(dest) is not None and params[dest] != value:
+                    raise click.UsageError(f"{old} and {new} name different values: give {new} only")
+                else:
+                    params[dest] = value
+            return command(*args, **params)
+
+        return click.option(old, alias, hidden=True, multiple=multiple, callback=callback)(run)
+
+    return decorate
+
+
 def _versions(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(validate_compiler_version(v, source=param.opts[0]) for v in value)
 
 
 def policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The prune policy, shared by `prune` (what to remove) and `du` (what that would free)."""
+    """The prune policy, shared by `prune` (what to remove) and `du` (what that would free). `--model` (a filter
+    everywhere else) is `--drop-model` here, as `--drop-version`; `prune --compiler-version` scopes `--drop-model`
+    (`du --compiler-version` scopes the whole report); the old spellings are hidden aliases."""
     for option in reversed([
+        renamed("--model", "--drop-model", "models", multiple=True),
+        renamed("--model-version", "--compiler-version", "model_versions", multiple=True, callback=_versions),
         click.option("--keep-versions", type=click.IntRange(min=0), help="Keep the newest K compiler versions, remove the others."),
         click.option("--drop-version", "drop_versions", multiple=True, callback=_versions, help="Remove this compiler version (repeatable)."),
-        click.option("--model", "models", multiple=True, help="Remove this model's areas and export records (repeatable)."),
-        click.option("--task", "-t", default=None, help="With --model: only this task's area."),
-        click.option("--model-version", "model_versions", multiple=True, callback=_versions,
-                     help="With --model: only under this compiler version (repeatable; default: every version)."),
+        click.option("--drop-model", "models", multiple=True,
+                     help="Remove this model's areas and export records (repeatable)."),
+        click.option("--task", "-t", default=None, help="With --drop-model: only this task's area."),
         click.option("--unreferenced-older-than", "unreferenced", callback=age, metavar="AGE",
                      help="Remove flat entries no model area or export record references, written more than AGE ago (e.g. 30d)."),
         click.option("--incomplete-older-than", "incomplete", callback=age, metavar="AGE",
@@ -63,7 +93,7 @@ def _policy(keep_versions: int | None, drop_versions: tuple[str, ...], models: t
             model_versions: tuple[str, ...], unreferenced: float | None, incomplete: float | None,
             dangling_records: bool) -> PrunePolicy:
     if (task or model_versions) and not models:
-        raise click.UsageError("--task and --model-version go with --model")
+        raise click.UsageError("--task and prune's --compiler-version go with --drop-model")
     folders = tuple(layout.model_ref(model).folder for model in models)
     return PrunePolicy(keep_versions=keep_versions, drop_versions=drop_versions, models=folders,
                        task=layout.task_name(task) if task else None, model_versions=model_versions,
@@ -86,6 +116,8 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @bucket_option
     @policy_options
+    @click.option("--compiler-version", "model_versions", multiple=True, callback=_versions,
+                  help="With --drop-model: only under this compiler version (repeatable; default: every version).")
     @click.option("--all", "allow_all", is_flag=True, help="Allow a plan that removes every complete entry.")
     @yes_option
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -99,7 +131,7 @@ def register(cli: click.Group) -> None:
         An entry goes commit file first, then content; export records before the entries they name."""
         policy = _policy(keep_versions, drop_versions, models, task, model_versions, unreferenced, incomplete, dangling_records)
         if policy.empty:
-            raise click.UsageError("say what to remove: --keep-versions, --drop-version, --model, "
+            raise click.UsageError("say what to remove: --keep-versions, --drop-version, --drop-model, "
                                    "--unreferenced-older-than, --incomplete-older-than or --dangling-records")
         ref = _bucket(bucket)
         client = BucketClient(ref)
@@ -197,8 +229,8 @@ def register(cli: click.Group) -> None:
     @policy_options
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def du(bucket: str | None, compiler_version: str | None, keep_versions: int | None, drop_versions: tuple[str, ...],
-           models: tuple[str, ...], task: str | None, model_versions: tuple[str, ...], unreferenced: float | None,
-           incomplete: float | None, dangling_records: bool, as_json: bool) -> None:
+           models: tuple[str, ...], task: str | None, unreferenced: float | None, incomplete: float | None,
+           dangling_records: bool, as_json: bool, model_versions: tuple[str, ...] = ()) -> None:
         """Bytes per compiler version, per model, unreferenced; with prune options, what that prune would free."""
         policy = _policy(keep_versions, drop_versions, models, task, model_versions, unreferenced, incomplete, dangling_records)
         ref = _bucket(bucket)

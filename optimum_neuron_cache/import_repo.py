@@ -311,12 +311,13 @@ def execute_import(plan: ImportPlan, repo: RepoClient, bucket: BucketClient, *, 
     return result
 
 
-def describe_plan(plan: ImportPlan) -> list[str]:
-    """The plan in lines, for a dry run and the report before executing."""
+def describe_plan(plan: ImportPlan, size: Callable[[int], str]) -> list[str]:
+    """The plan in lines, for a dry run and the report before executing; `size` writes a byte count (the CLI's,
+    so that a dry run says sizes as the run does)."""
     lines = [f"import {plan.repo} into {plan.bucket}:",
              f"  {len(plan.entries)} entries to import ({sum(op.action is ImportAction.COPY for op in plan.entries)} by "
              f"server-side copy), {len(plan.records)} export records to write, {len(plan.skipped)} already in the bucket",
-             f"  {plan.bytes_copied} bytes copied by Xet hash, {plan.bytes_streamed} bytes streamed"]
+             f"  {size(plan.bytes_copied)} copied by Xet hash, {size(plan.bytes_streamed)} streamed"]
     if plan.incomplete:
         lines.append(f"  {len(plan.incomplete)} incomplete entries of the repo left out (e.g. {plan.incomplete[0]})")
     if plan.ignored:

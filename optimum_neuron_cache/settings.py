@@ -43,6 +43,8 @@ SHIM = "NEURON_CACHE_SHIM"
 SHIM_PUBLISH = "NEURON_CACHE_SHIM_PUBLISH"
 SHIM_BACKOFF = "NEURON_CACHE_SHIM_BACKOFF"
 SHIM_INSIDE = "NEURON_CACHE_SHIM_INSIDE"
+#: Set by `parallel-compile run` for its command: where the shim notes each graph it served without a compile.
+SHIM_REPORT = "NEURON_CACHE_SHIM_REPORT"
 REAL_COMPILER = "NEURON_CACHE_REAL_COMPILER"
 # Compile leases (compile_leases.py): the shim and the parallel-compile flow.
 LEASES = "NEURON_CACHE_LEASES"

@@ -48,7 +48,7 @@ def seed_bucket(workdir: Path, bucket: str, model: str, graphs: int, neff_size: 
     for graph in make_graphs(graphs, seed=seed, neff_size=neff_size):
         compile_graph(source, VERSION, graph)
     subprocess.run([sys.executable, "-m", "optimum_neuron_cache", "-q", "sync", "--cache-dir", str(source),
-                    "--bucket", bucket, "--model", model], env=_env(), check=True)
+                    "--bucket", bucket, "--to-model", model], env=_env(), check=True)
     return source
 
 
@@ -105,7 +105,7 @@ def hosts_syncing_the_same_entries(workdir: Path, bucket: str, hosts: int, graph
             compile_graph(cache, VERSION, graph)
         caches.append(cache)
     procs = [subprocess.Popen([sys.executable, "-m", "optimum_neuron_cache", "-q", "sync", "--cache-dir", str(cache),
-                               "--bucket", bucket, "--model", "org/hosts"],
+                               "--bucket", bucket, "--to-model", "org/hosts"],
                               env=_env({"NEURON_CACHE_RUNTIME_DIR": str(workdir / f"rt-{index}")}),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for index, cache in enumerate(caches)]
@@ -240,7 +240,7 @@ def crash_sync(workdir: Path, trials: int, seed: int = 0, graphs: int = 5, neff_
         client = BucketClient(_ref(bucket))
         client.create()
         command = [sys.executable, "-m", "optimum_neuron_cache", "-q", "sync", "--cache-dir", str(source),
-                   "--bucket", bucket, "--model", "org/crash-sync"]
+                   "--bucket", bucket, "--to-model", "org/crash-sync"]
         _kill_at_random(command, rng, window, kill_server=rng.random() < 0.5)
         problems = bucket_violations(_listing(bucket), VERSION, sizes)
         if problems:

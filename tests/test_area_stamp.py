@@ -110,7 +110,7 @@ def test_a_prune_of_the_area_removes_its_stamp_and_hosts_list_again(tmp_path, bu
     _run(tmp_path / "publisher", bucket, version, make_graphs(2, seed="pruned"))
     mine = tmp_path / "mine"
     _run(mine, bucket, version)
-    out = cli("prune", "--bucket", uri(bucket), "--model", MODEL, "--yes")
+    out = cli("prune", "--bucket", uri(bucket), "--drop-model", MODEL, "--yes")
     assert layout.AREA_STAMP in out
     assert BucketClient(bucket).paths_info([layout.area_stamp_path(_area(version))]) == []
     if hub is not None:

@@ -67,10 +67,14 @@ def test_sync_fetch_ls_and_status(tmp_path, bucket, version):
         compile_graph(a, version, graph)
     with pytest.raises(CompileFailed):
         compile_graph(a, version, make_graphs(1, seed="bad")[0], outcome="failed")
-    out = run("sync", "--cache-dir", str(a), "--model", "Org/CLI-Model", "--task", "text-generation", "--dry-run")
+    out = run("sync", "--cache-dir", str(a), "--to-model", "Org/CLI-Model", "--task", "text-generation", "--dry-run")
     assert out.count("would publish neuronxcc-") == 3 and "-> flat + Org--CLI-Model/text-generation" in out
+    # sync's --model attributed entries (a filter elsewhere): --to-model now; the old name works and says so.
+    assert run("sync", "--cache-dir", str(a), "--model", "Org/CLI-Model", "--task", "text-generation",
+               "--dry-run") == "note: --model is now --to-model (the old name still works)\n" + out
+    run("sync", "--cache-dir", str(a), "--model", "org/x", "--to-model", "org/y", "--dry-run", code=2)
     assert BucketClient(_ref(bucket)).list("", recursive=True) == []  # a dry run changes nothing
-    out = run("sync", "--cache-dir", str(a), "--model", "Org/CLI-Model", "--task", "text-generation")
+    out = run("sync", "--cache-dir", str(a), "--to-model", "Org/CLI-Model", "--task", "text-generation")
     assert "published 3 entries" in out
     assert "nothing to publish" in run("sync", "--cache-dir", str(a))
 
@@ -215,7 +219,7 @@ def test_server_status_and_stop(tmp_path):
         (["fetch", "org/m", "--compiler-version", "latest"], "not a neuronx-cc version"),
         (["create", "s3://nope/x"], "unsupported scheme"),
         (["lookup", "org/m", "--bucket", "just-a-name"], "is not a Hub bucket id"),
-        (["sync", "--task", "x"], "--task goes with --model"),
+        (["sync", "--task", "x"], "--task goes with --to-model"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(args, message):
@@ -242,7 +246,7 @@ def test_progress_bars_on_a_terminal_and_plain_output_otherwise(tmp_path, versio
     run("create", str(bucket))
     graph = make_graphs(1, seed="big", neff_size=64 * 1024 * 1024)[0]
     compile_graph(tmp_path / "A", version, graph)
-    run("sync", "--cache-dir", str(tmp_path / "A"), "--model", "org/big")
+    run("sync", "--cache-dir", str(tmp_path / "A"), "--to-model", "org/big")
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
     args = _cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version])
     pid, fd = pty.fork()
@@ -277,7 +281,7 @@ def test_ctrl_c_during_fetch_leaves_no_partial_entry(tmp_path, hub, version):
     run("create", "test/ctrlc")
     for graph in make_graphs(2, seed="ctrl-c"):
         compile_graph(tmp_path / "A", version, graph)
-    run("sync", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "A"), "--model", "org/m")
+    run("sync", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "A"), "--to-model", "org/m")
     hub.add_fault("HEAD", r"/resolve/", 0, delay=5.0, times=None)  # the transfer hangs: the user presses Ctrl-C
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_cli_process(["fetch", "org/m", "--bucket", "test/ctrlc", "--cache-dir", str(tmp_path / "B"),
@@ -332,7 +336,8 @@ def _refused(args: list[str], env: dict[str, str] | None = None) -> str:
     return lines[0]
 
 
-VERSION_COMMANDS = [["fetch", "org/m"], ["lookup", "org/m"], ["ls"], ["explain", "org/m"], ["sync"], ["cleanup"]]
+VERSION_COMMANDS = [["fetch", "org/m"], ["lookup", "org/m"], ["ls"], ["explain", "org/m"], ["sync"], ["cleanup"],
+                    ["prune", "--drop-model", "org/m"]]
 
 
 def test_compiler_version_latest_is_refused_the_same_way_by_every_command_that_takes_it():
@@ -536,7 +541,7 @@ def test_every_command_that_prints_a_result_has_json(tmp_path, version, monkeypa
     compile_graph(root, version, make_graphs(1, seed="json")[0])
     planned = json.loads(run("sync", "--cache-dir", str(root), "--compiler-version", version, "--dry-run", "--json"))
     assert planned["dry_run"] is True and [item["to_flat"] for item in planned["entries"]] == [True]
-    done = json.loads(run("sync", "--cache-dir", str(root), "--compiler-version", version, "--model", "org/j",
+    done = json.loads(run("sync", "--cache-dir", str(root), "--compiler-version", version, "--to-model", "org/j",
                           "--task", "text-generation", "--json"))
     assert done["entries"][0]["to_model"] == "org--j/text-generation" and done["bytes"] > 0
     with hub_neuronx_cache("org/j", "text-generation", {"batch_size": 2}, compiler_version=version,

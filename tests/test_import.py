@@ -4,6 +4,7 @@ on the Hub emulator, imported into Hub and directory buckets with the real huggi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,10 @@ def test_cli_import_dry_run_and_run(hub, cache_repo, tmp_path: Path):
     run = runner.invoke(cli, ["import", REPO, "--revision", cache_repo, "--bucket", str(bucket_dir)])
     assert run.exit_code == 0, run.output
     assert "imported 2 entries" in run.output and "1 export record " in run.output
+    # The dry run says its sizes as the run does (kB, MB...), not in raw bytes.
+    sizes = re.compile(r"([\d.]+[kMGT]?B) copied by Xet hash, ([\d.]+[kMGT]?B) streamed")
+    assert sizes.search(dry.output).groups() == sizes.search(run.output).groups()
+    assert sizes.search(dry.output)[2].endswith("kB") and "bytes" not in dry.output
     again = json.loads(runner.invoke(cli, ["import", REPO, "--bucket", str(bucket_dir), "--json"]).output)
     assert again["executed"] is True and again["imported"] == [] and again["failed"] == []  # it has them all
     bad = runner.invoke(cli, ["import", "not a repo", "--bucket", str(bucket_dir)])

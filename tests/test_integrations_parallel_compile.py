@@ -69,6 +69,9 @@ def test_one_neuron_parallel_compile_call_fetches_hits_through_the_shim_and_publ
     assert {e.state for e in scan_entries(tmp_path / "B", version)} == {EntryState.SUCCESS}
     run = report.run
     assert run.fetched == [] and len(run.compiled) == 3 and len(run.synced) == 3 and run.record
+    # Of the three that became complete, the shim served two from the bucket: one was compiled.
+    assert len(report.served) == 2 and report.compiled == [key for key in run.compiled if key not in report.served]
+    assert len(report.compiled) == 1
     # Another host of the same job: the per-model fetch before extraction makes everything local.
     report = run_parallel_compile(command, model_id="org/b", export_config={"batch_size": 1}, bucket=bucket,
                                   cache_dir=tmp_path / "C", compiler_version=version)
@@ -86,6 +89,7 @@ def test_explicit_phases_fill_todo_entries_between_collection_and_compilation(tm
     assert report.returncode == 0 and compiled(sdk) == 1
     assert report.fill is not None and len(report.fill.todo) == 3 and len(report.fill.filled) == 2
     assert len(report.run.synced) == 3
+    assert sorted(report.served) == sorted(report.fill.filled) and len(report.compiled) == 1
 
 
 def test_a_failing_command_keeps_its_exit_code_and_what_compiled_is_published(tmp_path, bucket, version, sdk, monkeypatch):
@@ -121,11 +125,16 @@ def test_fill_todo_on_its_own_and_from_the_command_line(tmp_path, bucket, versio
 
 
 def test_the_run_command_line(tmp_path, bucket, version, sdk):
+    """What the shim served from the bucket while the command ran is said as fetched, not as compiled."""
+    another_model_published_the_shared_graphs(tmp_path, bucket, version)
     done = subprocess.run([sys.executable, "-m", "optimum_neuron_cache.integrations.parallel_compile", "run", "--model",
                            "org/cli", "--bucket", str(bucket), "--cache-dir", str(tmp_path / "G"), "--compiler-version", version,
-                           "--export-config", '{"batch_size": 1}', "--", "neuron_parallel_compile", *TRAIN, "--seed", "g:2"], capture_output=True, text=True, timeout=120)
+                           "--export-config", '{"batch_size": 1}', "--", "neuron_parallel_compile", *TRAIN,
+                           "--seed", "g:2", "--seed", "shared:2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "fetched 0, compiled 2, published 2, record neuronxcc-" in done.stderr
+    assert compiled(sdk) == 2
+    assert ("neuron-cache: fetched 2 (0 before the command, 2 while it ran), compiled 2, published 4, record neuronxcc-"
+            in done.stderr)
     listing = {item["path"] for item in BucketClient(bucket).list(f"neuronxcc-{version}/models/org--cli/training/exports")}
     assert len(listing) == 1
     record = tmp_path / "r.json"

@@ -161,7 +161,7 @@ def test_neuron_cache_sync_publishes_each_entry_once_with_a_killed_runs_leftover
     cache = tmp_path / "cache"
     spec = {"model": "org/x", "version": version, "bucket": ref.location, "cache": str(cache), "seed": "sync"}
     assert subprocess.run([sys.executable, "-c", KILLED_IN_BODY, json.dumps(spec)], env=_env()).returncode == -signal.SIGKILL
-    done = CliRunner().invoke(cli, ["sync", "--bucket", ref.location, "--cache-dir", str(cache), "--model", "org/x"])
+    done = CliRunner().invoke(cli, ["sync", "--bucket", ref.location, "--cache-dir", str(cache), "--to-model", "org/x"])
     assert done.exit_code == 0, done.output
     assert done.output.count("published neuronxcc-") == 2 and "published 2 entries" in done.output
     assert list(Journal(cache).folder.iterdir()) == []

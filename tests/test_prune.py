@@ -76,7 +76,7 @@ def test_a_named_model_goes_with_its_records_and_the_flat_entries_only_it_used(t
     a = publish_model(tmp_path / "a", bucket, version, "org/a", "shared", 3)
     b = publish_model(tmp_path / "b", bucket, version, "org/b", "shared", 1)  # b's one graph is also a's
     assert b[0] in a
-    out = run("prune", "--bucket", uri(bucket), "--model", "ORG/A", "--unreferenced-older-than", "0s", "--yes")
+    out = run("prune", "--bucket", uri(bucket), "--drop-model", "ORG/A", "--unreferenced-older-than", "0s", "--yes")
     assert "removed 5 entries, 1 export record" in out and "export records" not in out  # a's 3 area copies, a's 2 flat entries b does not use
     assert complete_modules(bucket, version, "org--a/text-generation") == set()
     assert complete_modules(bucket, version, "") == set(b)  # the shared one stays: b's area references it
@@ -85,6 +85,39 @@ def test_a_named_model_goes_with_its_records_and_the_flat_entries_only_it_used(t
     assert lookup_cache("org/a", "text-generation", compiler_version=version, bucket=bucket) == []
     assert bucket_violations(BucketClient(bucket).list("", recursive=True), version,
                              reference_sizes(tmp_path / "a", version)) == []
+
+
+def test_drop_model_and_its_compiler_version_and_the_old_spellings_that_still_work(tmp_path, bucket, version):
+    """One meaning per flag: `--model` filters elsewhere, so prune and du remove with `--drop-model` (as
+    `--drop-version`), scoped by `--compiler-version`; `--model` and `--model-version` still work, each saying
+    its new name in one line on stderr."""
+    publish_model(tmp_path / "old", bucket, OLD, "org/a", "v", 1)
+    publish_model(tmp_path / "new", bucket, version, "org/a", "v", 1)
+    publish_model(tmp_path / "b", bucket, version, "org/b", "b", 1)
+
+    def invoke(*args: str) -> tuple[dict[str, Any], str]:
+        result = CliRunner().invoke(cli, ["prune", "--bucket", uri(bucket), "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout), result.stderr
+
+    plan, said = invoke("--drop-model", "org/a", "--compiler-version", OLD)
+    assert said == ""
+    assert {(e["compiler_version"], e["area"]) for e in plan["plan"]["entries"]} == {(OLD, "org--a/text-generation")}
+    assert [r["path"].split("/")[0] for r in plan["plan"]["records"]] == [f"neuronxcc-{OLD}"]
+    old_plan, said = invoke("--model", "org/a", "--model-version", OLD)
+    assert old_plan["plan"] == plan["plan"]
+    assert said.splitlines() == ["note: --model is now --drop-model (the old name still works)",
+                                 "note: --model-version is now --compiler-version (the old name still works)"]
+    every_version, _ = invoke("--drop-model", "org/a")
+    assert {e["compiler_version"] for e in every_version["plan"]["entries"]} == {OLD, version}
+    run("prune", "--bucket", uri(bucket), "--compiler-version", OLD, code=2)  # scopes --drop-model only
+    run("prune", "--bucket", uri(bucket), "--drop-model", "org/a", "--compiler-version", "latest", code=2)
+    du = CliRunner().invoke(cli, ["du", "--bucket", uri(bucket), "--json", "--model", "org/a"])
+    assert du.exit_code == 0 and du.stderr == "note: --model is now --drop-model (the old name still works)\n"
+    assert json.loads(du.stdout)["prune"] == json.loads(run("du", "--bucket", uri(bucket), "--json",
+                                                            "--drop-model", "org/a"))["prune"]
+    assert json.loads(du.stdout)["prune"]["entries"] == 2
+    assert "--model" not in CliRunner().invoke(cli, ["prune", "--help"]).output.replace("--drop-model", "")
 
 
 def test_unreferenced_flat_entries_go_only_once_old_enough(tmp_path, bucket, version):
@@ -116,7 +149,7 @@ def test_a_plan_that_removes_everything_is_refused_unless_told(tmp_path, bucket,
     assert BucketClient(bucket).list("", recursive=True) == []
     run("prune", "--bucket", uri(bucket), code=2)  # no policy: say what to remove
     run("prune", "--bucket", uri(bucket), "--unreferenced-older-than", "30 days", code=2)
-    run("prune", "--bucket", uri(bucket), "--task", "x", code=2)  # --task goes with --model
+    run("prune", "--bucket", uri(bucket), "--task", "x", code=2)  # --task goes with --drop-model
     run("prune", "--bucket", uri(bucket), "--drop-version", "latest", code=2)
 
 

@@ -67,7 +67,7 @@ def test_missing_and_short_files_are_found_and_repair_uncommits_them(tmp_path, b
     assert client.paths_info([f"{flat}/{modules[0]}/model.done", f"{area}/{modules[1]}/model.done"]) == []
     assert run("scrub", "--bucket", uri(bucket)).endswith("no problem\n")  # uncommitted, and too young to report
     # A publisher asks for commit files only: the next one that has them publishes them again, whole.
-    out = run("sync", "--bucket", uri(bucket), "--cache-dir", str(tmp_path / "a"), "--model", "org/s", "--task", "text-generation")
+    out = run("sync", "--bucket", uri(bucket), "--cache-dir", str(tmp_path / "a"), "--to-model", "org/s", "--task", "text-generation")
     assert f"published neuronxcc-{version}/{modules[0]} -> flat\n" in out
     assert f"published neuronxcc-{version}/{modules[1]} -> org--s/text-generation\n" in out
     assert run("scrub", "--bucket", uri(bucket), "--read").endswith("no problem\n")

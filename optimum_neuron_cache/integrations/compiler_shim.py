@@ -397,8 +397,24 @@ class _Shim:
                 leftover.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 staging.rmdir()
+        self.note_served()
         _say(f"{self.request.module}: cached NEFF from {bucket} (neuronxcc-{self.version}), no compile")
         return True
+
+    def note_served(self) -> None:
+        """One line `MODULE` appended to NEURON_CACHE_SHIM_REPORT when set (`parallel-compile run` sets it): the
+        graphs served without a compile, which the run reports as fetched, not compiled. Best effort."""
+        path = self.env.get(settings.SHIM_REPORT)
+        if not path:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, f"{self.request.module}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _say(f"{self.request.module} not noted in {settings.SHIM_REPORT} ({exc})")
 
     # -- cached failures of this host, healed by the flat area (asked in the lookup's paths-info)
     def cached_failures(self) -> "list[LocalEntry]":
@@ -460,6 +476,7 @@ class _Shim:
             if problem:
                 _say(f"{problem} (upstream {upstream})")
                 continue
+            self.note_served()
             _say(f"{self.request.module}: cached NEFF from upstream {upstream} (neuronxcc-{self.version}), no compile")
             return True
         return False

@@ -129,6 +129,8 @@ class LeaseReport:
     tally: LeaseTally = field(default_factory=LeaseTally)
     rounds: int = 0
     decisions: list[Decision] = field(default_factory=list)
+    #: Entry keys (`neuronxcc-<ver>/MODULE_...`) fetched from the bucket instead of compiled here.
+    fetched: list[str] = field(default_factory=list)
     #: One line each: why leases stopped (the bucket failed), entries that could not be installed.
     warnings: list[str] = field(default_factory=list)
 
@@ -238,6 +240,7 @@ def compile_with_leases(compile_command: Sequence[str], *, root: Path, version: 
                 fetchable = [d.module for d in decisions if d.action is Action.FETCH]
                 if fetchable:
                     fetched = fetch_model(client, root, version, None, layout.DEFAULT_TASK, todo).result
+                    report.fetched += [layout.flat_entry_prefix(version, module) for module in fetched.fetched]
                     report.tally.fetched_after_wait += len(set(fetched.fetched) & waited)
                     report.warnings.extend(f"{module} not filled: {why}" for module, why in fetched.failed)
                     if fetched.failed or not fetched.fetched:
@@ -310,6 +313,15 @@ class ParallelCompileReport:
     fill: FillResult | None = None
     #: The compile split across hosts through leases (phases apart, leases on), else None.
     leases: LeaseReport | None = None
+    #: Entry keys of `run.compiled` that the command did not compile: served by the bucket or an upstream while
+    #: it ran (the compiler shim's hits, todo entries filled, graphs fetched after another host's lease).
+    served: list[str] = field(default_factory=list)
+
+    @property
+    def compiled(self) -> list[str]:
+        """Entry keys that became complete during the command and were compiled, not served."""
+        served = set(self.served)
+        return [key for key in self.run.compiled if key not in served]
 
 
 def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str | os.PathLike[str] | None = None,
@@ -335,6 +347,7 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
     use_leases = settings.leases_enabled(base_env) if leases is None else leases
     lease_settings = LeaseSettings.from_env(base_env)
     fill = lease_report = None
+    served: set[str] = set()
     with hub_neuronx_cache(model_id, task, export_config, compiler_version=compiler_version, bucket=bucket,
                            cache_dir=cache_dir) as run:
         # The command (libneuronxla, the shim) must use the cache dir, bucket and compiler this run uses.
@@ -345,9 +358,11 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
             if shim and run.enabled:
                 with tempfile.TemporaryDirectory(prefix="neuron-cache-shim-") as folder:
                     shim_path = install_compiler_shim(folder)
+                    report_path = Path(folder) / "served"
                     child_env = {**base_env, "PATH": f"{shim_path.parent}{os.pathsep}{base_env.get('PATH', '')}",
-                                 "NEURON_CACHE_BUCKET": run.bucket}
+                                 "NEURON_CACHE_BUCKET": run.bucket, settings.SHIM_REPORT: str(report_path)}
                     code = subprocess.run(list(command), env=child_env, check=False).returncode
+                    served.update(_served_by_shim(report_path, run.compiler_version))
             else:
                 code = subprocess.run(list(command), env=base_env, check=False).returncode
         else:
@@ -355,10 +370,27 @@ def run_parallel_compile(command: Sequence[str] | None = None, *, model_id: str 
             code = subprocess.run(list(collect_command), env=base_env, check=False).returncode
             if code == 0:
                 fill = fill_todo_entries(bucket=bucket, cache_dir=cache_dir, compiler_version=run.compiler_version)
+                served.update(fill.filled)
                 if use_leases and run.enabled and run.cache_dir is not None:
                     lease_report = _compile_with_leases_here(compile_command, run, base_env, lease_settings, lease_batch)
+                    served.update(lease_report.fetched if lease_report else ())
                 code = subprocess.run(list(compile_command), env=base_env, check=False).returncode
-    return ParallelCompileReport(returncode=code, run=run, fill=fill, leases=lease_report)
+    return ParallelCompileReport(returncode=code, run=run, fill=fill, leases=lease_report,
+                                 served=[key for key in run.compiled if key in served])
+
+
+def _served_by_shim(report: Path, version: str) -> set[str]:
+    """The entry keys the compiler shim noted as served without a compile (settings.SHIM_REPORT); only those
+    that became complete count (the caller keeps `run.compiled`'s), so whatever else the file holds is ignored."""
+    try:
+        with open(report, "rb") as lines:
+            text = lines.read(1 << 24).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        _say(f"what the compiler shim served is unknown ({exc}): counted as compiled")
+        return set()
+    return {layout.flat_entry_prefix(version, line.strip()) for line in text.splitlines() if line.strip()}
 
 
 def split_phases(command: Sequence[str]) -> tuple[list[str], list[str]]:
