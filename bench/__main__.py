@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--link-rate", type=float, help="bytes/s of the link in hf.verify_cost_link (default 250e6)")
     parser.add_argument("--lease-reps", type=int, help="repetitions of each side of the lease figures (default 3)")
     parser.add_argument("--lease-hosts", type=int, help="hosts of the second lease figure (default 4)")
+    parser.add_argument("--lease-graphs", type=int, help="graphs each host compiles in the lease figures (default 4)")
+    parser.add_argument("--lease-seconds", type=float, help="simulated compile time of a graph in the lease figures (default 1)")
     parser.add_argument("--cold-modes", type=_names, help="server start modes for the cold figure: uv,current")
     parser.add_argument("--backends", type=_names, help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--only", type=_names, help=f"subset of the figure groups: {','.join(FIGURES)}")
@@ -77,7 +79,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                          lookup_models=args.lookup_models, procs=args.procs, neff_median=args.neff_median,
                          neff_max=args.neff_max, verify_reps=args.verify_reps, link_rate=args.link_rate,
                          cold_modes=args.cold_modes, backends=args.backends, xet=args.xet,
-                         lease_reps=args.lease_reps, lease_hosts=args.lease_hosts)
+                         lease_reps=args.lease_reps, lease_hosts=args.lease_hosts, lease_graphs=args.lease_graphs,
+                         lease_seconds=args.lease_seconds)
     groups = args.only or tuple(FIGURES)
     unknown = set(groups) - set(FIGURES)
     if unknown:
