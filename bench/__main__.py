@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--neff-max", type=int, help="largest NEFF in bytes")
     parser.add_argument("--verify-reps", type=int, help="repetitions of each side of the verification-cost figure")
     parser.add_argument("--link-rate", type=float, help="bytes/s of the link in hf.verify_cost_link (default 250e6)")
+    parser.add_argument("--lease-reps", type=int, help="repetitions of each side of the lease figures (default 3)")
+    parser.add_argument("--lease-hosts", type=int, help="hosts of the second lease figure (default 4)")
+    parser.add_argument("--lease-graphs", type=int, help="graphs each host compiles in the lease figures (default 4)")
+    parser.add_argument("--lease-seconds", type=float, help="simulated compile time of a graph in the lease figures (default 1)")
     parser.add_argument("--cold-modes", type=_names, help="server start modes for the cold figure: uv,current")
     parser.add_argument("--backends", type=_names, help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--only", type=_names, help=f"subset of the figure groups: {','.join(FIGURES)}")
@@ -74,7 +78,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = with_overrides(base, reps=args.reps, fetch_reps=args.fetch_reps, slow_reps=args.slow_reps, fast_reps=args.fast_reps, entries=args.entries, models=args.models,
                          lookup_models=args.lookup_models, procs=args.procs, neff_median=args.neff_median,
                          neff_max=args.neff_max, verify_reps=args.verify_reps, link_rate=args.link_rate,
-                         cold_modes=args.cold_modes, backends=args.backends, xet=args.xet)
+                         cold_modes=args.cold_modes, backends=args.backends, xet=args.xet,
+                         lease_reps=args.lease_reps, lease_hosts=args.lease_hosts, lease_graphs=args.lease_graphs,
+                         lease_seconds=args.lease_seconds)
     groups = args.only or tuple(FIGURES)
     unknown = set(groups) - set(FIGURES)
     if unknown:
@@ -93,11 +99,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     figures: list[dict[str, Any]] = []
     with BenchEnv(keep=args.keep, nodelay=not args.emulator_nagle) as env:
         log(f"temp dir {env.root}")
-        world = sc.build_world(env, cfg, log)
-        log(f"benchmarked model: {len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB")
+        world = None
+        if set(groups) - {"leases"}:  # the lease figure brings its own bucket and graphs
+            world = sc.build_world(env, cfg, log)
+            log(f"benchmarked model: {len(world.target_modules)} entries, {world.target_bytes / 1e6:.1f} MB")
         for backend in cfg.backends:
             site_groups = [g for g in ("fetch", "verify", "sync", "noop", "cold", "concurrent") if g in groups]
-            if site_groups:
+            if site_groups and world is not None:
                 if backend == "dir":
                     site_groups = [g for g in site_groups if g != "cold"]
                 site = sc.Site(world, backend, cfg.models)
@@ -123,6 +131,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             if "lookup" in groups:
                 log(f"{backend}: lookup")
                 figures.append(sc.lookup_figure(world, backend, log))
+            if "leases" in groups and backend == "hf":
+                log(f"{backend}: leases")
+                figures.extend(sc.lease_cost(env, cfg, log))
     results = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "smoke": cfg.smoke,

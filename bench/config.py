@@ -42,6 +42,13 @@ class Config:
     #: Xet storage of the Hub emulator: "http" (its HTTP CAS: bytes travel over HTTP as on the Hub, and the
     #: emulator counts the bytes it serves) or "local" (hf_xet's local:// store, read from disk).
     xet: str = "http"
+    #: The compile-lease figure (hf only): hosts of its second figure (its first is one host), graphs each
+    #: host compiles through the compiler shim, the simulated compile time of one graph (seconds), and the
+    #: repetitions of each side (one repetition of both host counts costs about 30 s).
+    lease_hosts: int = 4
+    lease_graphs: int = 4
+    lease_seconds: float = 1.0
+    lease_reps: int = 3
     smoke: bool = False
 
 
@@ -59,6 +66,10 @@ SMOKE = Config(
     fast_reps=1,
     verify_reps=1,
     cold_modes=("current",),
+    lease_hosts=2,
+    lease_graphs=2,
+    lease_seconds=0.2,
+    lease_reps=1,
     smoke=True,
 )
 

@@ -28,6 +28,7 @@ from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient, stop_server
 from optimum_neuron_cache.local_cache import scan_entries, version_dir_name
 from optimum_neuron_cache.records import make_record
+from stress.leases import Hosts
 
 from . import lookup as lookups
 from .config import Config
@@ -1299,3 +1300,82 @@ def _ours_lookup(world: World, site: Site, client: BucketClient, *, all_versions
     # TODO(lookup): interim, until lookup_cache lands (see bench/lookup.py)
     records = lookups.interim_lookup(client, TARGET_MODEL, TASK)
     return records if all_versions else [r for r in records if r.get("compiler_version") == world.version]
+
+
+# ------------------------------------------------------------------------------------ compile leases
+
+
+#: What stress.leases tunes for its own speed: the figure runs the defaults a user gets.
+_STRESS_LEASE_SETTINGS = ("NEURON_CACHE_LEASE_HEARTBEAT", "NEURON_CACHE_LEASE_STALE", "NEURON_CACHE_LEASE_POLL")
+
+
+def lease_cost(env: BenchEnv, cfg: Config, log) -> list[dict[str, Any]]:
+    """Hosts compiling the same `lease_graphs` graphs of `lease_seconds` each through the compiler shim against
+    one Hub bucket (each host its own cache, bucket server and stats: stress.leases), against the same hosts
+    compiling without the cache (the real compiler first on PATH). One host, then `lease_hosts`; the sides
+    alternate, a fresh bucket per run. The figure: seconds the cache adds per graph (difference of medians)."""
+    emulator = env.start_emulator(env.path("hub-leases"), cfg.xet)
+    env.use(emulator)
+    try:
+        return [_lease_figure(env, cfg, hosts, name, log)
+                for hosts, name in ((1, "lease_one"), (cfg.lease_hosts, "lease_many"))]
+    finally:
+        env.stop_emulator(emulator)
+
+
+def _lease_figure(env: BenchEnv, cfg: Config, hosts: int, name: str, log) -> dict[str, Any]:
+    graphs, seconds = cfg.lease_graphs, cfg.lease_seconds
+    checks: list[str] = []
+    ours: list[Sample] = []
+    bare: list[Sample] = []
+    for rep in range(cfg.lease_reps):
+        log(f"hf: {name}, repetition {rep + 1} of {cfg.lease_reps}")
+        a, b = _alternated(rep, lambda: _lease_run(env, hosts, graphs, seconds, checks, bare=False, rep=rep),
+                           lambda: _lease_run(env, hosts, graphs, seconds, checks, bare=True, rep=rep))
+        ours.append(a)
+        bare.append(b)
+    ours_stats, bare_stats = summarize(ours), summarize(bare)
+    added = (ours_stats["median_s"] - bare_stats["median_s"]) / graphs
+    by_pairs = statistics.median((a.seconds - b.seconds) / graphs for a, b in zip(ours, bare))
+    limit = 0.3 if hosts == 1 else 0.6
+    who = "one host" if hosts == 1 else f"{hosts} hosts at once"
+    notes = (f"{who}, {graphs} graphs of {seconds:g} s each through the shim on a Hub bucket (emulator), lease "
+             f"settings at their defaults: the cache adds {added:.2f} s per graph (difference of medians), "
+             f"{by_pairs:.2f} s by pairs; ours {[round(s.seconds, 2) for s in ours]} s, "
+             f"bare {[round(s.seconds, 2) for s in bare]} s")
+    return figure(f"hf.{name}", "hf", f"{who} compile {graphs} graphs of {seconds:g} s through the compiler shim",
+                  ours_stats, {"bare compiler": bare_stats},
+                  {"ours/bare compiler": ratio(ours_stats["median_s"], bare_stats["median_s"])},
+                  [target(f"the cache adds at most {limit:g} s per graph, {who} ((ours - bare) / graphs, medians)",
+                          added <= limit, round(added, 3))],
+                  checks, notes)
+
+
+def _lease_run(env: BenchEnv, hosts: int, graphs: int, seconds: float, checks: list[str], *, bare: bool,
+               rep: int) -> Sample:
+    """One run of `hosts` hosts (stress.leases.Hosts), timed from their start to the last one's exit; what
+    went wrong (a compile more or less than expected, a host that failed) goes to `checks`."""
+    side = "bare" if bare else "ours"
+    bucket = f"bench-org/leases-{hosts}-{rep}"
+    if not bare:
+        BucketClient(BucketRef("hf", bucket)).create()
+    work = fresh(env, f"lease-{side}-{hosts}")
+    extra = ({"PATH": os.pathsep.join([str(work / "tools" / "sdk"), os.environ.get("PATH", "")])} if bare else None)
+    run = Hosts(work, bucket, mode="shim", hosts=hosts, graphs=graphs, seconds=seconds, seed="bench", extra=extra,
+                start=False)
+    for host_env in run.envs:
+        for setting in _STRESS_LEASE_SETTINGS:
+            host_env.pop(setting, None)
+    gc.collect()
+    os.sync()
+    run.started = time.monotonic()
+    for index in range(hosts):
+        run.launch(index)
+    figures = run.finish(timeout=300.0)
+    expected = hosts * graphs if bare else graphs
+    if figures.compiles != expected or figures.ok_hosts != hosts or figures.complete_hosts != hosts:
+        checks.append(f"{side}, {hosts} hosts: {figures.compiles} compiles (expected {expected}), "
+                      f"{figures.ok_hosts} hosts exited 0 and {figures.complete_hosts} ended complete of {hosts}"
+                      + (f": {figures.notes[0]}" if figures.notes else ""))
+    return Sample(figures.wall_seconds, {"compiles": figures.compiles,
+                                         "fetched_after_wait": figures.lease_fetched_after_wait})

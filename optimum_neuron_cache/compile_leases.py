@@ -6,7 +6,7 @@ lease on it (`leases/neuronxcc-<ver>/MODULE_<key>.lease`, see remote_layout.py):
 
 - the entry is there: fetch it;
 - no lease: take one (the bucket server creates it only if none exists), compile, publish, drop it;
-- a live lease of another host: wait for the entry, polling, then fetch it instead of compiling;
+- a live lease of another host: wait for the entry, polling (soon at first, then every `poll`), then fetch it;
 - a lease whose heartbeat stopped for `stale` seconds, or whose holder is a dead process of this host:
   take it over and compile;
 - a run that waited `max_wait` in all (its graphs together), or the bucket failing: compile here (one line).
@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
@@ -405,6 +405,19 @@ class LeaseKeeper:
                 self.release(module)
 
 
+#: A waiter's first look again comes this soon (seconds); each next one twice as late, up to the poll setting:
+#: a short graph's entry is seen about when it lands, a long one's costs one look every `poll` seconds.
+FIRST_POLL = 0.25
+
+
+def poll_intervals(poll: float) -> Iterator[float]:
+    """The waits between a waiter's looks at a lease: FIRST_POLL, doubling, then `poll` for ever."""
+    interval = min(FIRST_POLL, poll)
+    while True:
+        yield interval
+        interval = min(poll, interval * 2)
+
+
 @dataclass
 class Waited:
     """How one graph's wait ended: the final decision, and whether this host waited on another's lease."""
@@ -426,6 +439,7 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
     history: list[Decision] = []
     began = clock() - max(0.0, waited_before)
     lost = 0  # takes and takeovers lost in a row: from the second on, look again only after a poll
+    pace = poll_intervals(keeper.settings.poll)
     while True:
         if lost > 1:
             stop.wait(keeper.settings.poll)
@@ -442,10 +456,12 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
             # same instant all withdrew: look again soon, at a random moment, so that those do not meet again
             # (from the second loss in a row, after a poll).
             lost += 1
+            pace = poll_intervals(keeper.settings.poll)  # a new holder: its compile starts now
             stop.wait(random.uniform(0.0, min(keeper.settings.poll, 1.0) / 2))
             continue
         if decision.action is Action.TAKEOVER and not keeper.take_over(module, found.lease):
             lost += 1
+            pace = poll_intervals(keeper.settings.poll)
             watches.pop(module, None)  # another waiter took it over first: a new holder to wait for
             continue
         lost = 0
@@ -455,7 +471,7 @@ def wait_for_graph(keeper: LeaseKeeper, module: str, *, clock: Any = time.monoto
         if decision.action is not Action.WAIT:
             return Waited(decision, waited, history)
         waited = True
-        stop.wait(keeper.settings.poll)
+        stop.wait(next(pace))
 
 
 def _line(decision: Decision, max_wait: float, waited_before: float) -> str:

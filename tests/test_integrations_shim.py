@@ -249,6 +249,34 @@ def test_the_real_compiler_is_found_after_any_number_of_shims(tmp_path, monkeypa
     assert done.returncode == 127 and done.stderr.count("no real neuronx-cc") == 1
 
 
+def test_the_shim_keeps_its_bytecode_where_pythondontwritebytecode_is_set(tmp_path):
+    """The shim is one process per graph: where PYTHONDONTWRITEBYTECODE is set (as in Neuron container images),
+    it keeps the bytecode of what it imports under the user's cache folder, so that the next graph's shim does
+    not compile the package from source again; the real compiler's environment keeps the setting."""
+    real_bin = tmp_path / "sdk"
+    install_simulated_compiler(real_bin)
+    shim = install_compiler_shim(tmp_path / "shim")
+    cache = tmp_path / "xdg"
+    env = {**os.environ, "PATH": os.pathsep.join([str(shim.parent), str(real_bin), os.environ["PATH"]]),
+           "PYTHONDONTWRITEBYTECODE": "1", "XDG_CACHE_HOME": str(cache)}
+    probe = ("import os, sys; print(os.environ.get('PYTHONDONTWRITEBYTECODE'), sys.dont_write_bytecode)")
+    env["NEURON_CACHE_REAL_COMPILER"] = str(_python_compiler(tmp_path, probe))
+    done = subprocess.run([str(shim), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True"]  # the real compiler runs as the user set it
+    kept = {path.name.split(".")[0] for path in (cache / "optimum-neuron-cache" / "bytecode").rglob("*.pyc")}
+    assert {"compiler_shim", "settings", "atomic"} <= kept
+
+
+def _python_compiler(tmp_path: Path, code: str) -> Path:
+    """An executable `neuronx-cc` that runs `code` (a Python one-liner) with this interpreter."""
+    path = tmp_path / "probe-bin" / "neuronx-cc"
+    path.parent.mkdir()
+    path.write_text(f"#!{sys.executable}\n{code}\n")
+    path.chmod(0o755)
+    return path
+
+
 def test_compile_requests_are_recognized_only_exactly(tmp_path):
     source = tmp_path / "model.MODULE_123+abcdef12.hlo_module.pb"
     source.write_bytes(b"x")

@@ -314,6 +314,41 @@ def test_a_lease_whose_heartbeat_goes_on_is_never_taken_over(bucket, version):
     assert waiter.release(MODULE)
 
 
+class _PacedStop(threading.Event):
+    """A waiter's stop event that notes each wait it is asked for, and lets the waiter look again at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout)
+        return super().wait(0.005)
+
+
+def test_a_waiter_looks_again_soon_at_first_then_every_poll(bucket, version):
+    """A short graph's waiter must not lose a whole poll: its first looks again come soon (a quarter second),
+    each next one twice as late, up to NEURON_CACHE_LEASE_POLL; and it still takes the lease once dropped."""
+    from optimum_neuron_cache.compile_leases import LeaseKeeper, wait_for_graph
+
+    client = BucketClient(bucket)
+    holder = LeaseKeeper(client, version, LeaseSettings(heartbeat=0.05, stale=60.0, max_wait=600.0, poll=0.05))
+    waiter = LeaseKeeper(client, version, LeaseSettings(heartbeat=1.0, stale=60.0, max_wait=600.0, poll=2.0))
+    stop = _PacedStop()
+    with holder:
+        assert holder.take(MODULE)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(wait_for_graph(waiter, MODULE, stop=stop)))
+        thread.start()
+        wait_until(lambda: len(stop.asked) >= 7, "seven looks of the waiter")
+        assert holder.release(MODULE)
+        thread.join()
+    assert stop.asked[:6] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+    assert set(stop.asked[6:]) <= {2.0}
+    assert outcome[0].waited and outcome[0].decision.action is Action.TAKE
+    assert waiter.release(MODULE)
+
+
 def test_the_leases_command_lists_holders_and_sweeps_what_is_left(tmp_path, bucket, version):
     from optimum_neuron_cache.compile_leases import LeaseKeeper
     from optimum_neuron_cache.testing.simulated_compiler import compile_graph

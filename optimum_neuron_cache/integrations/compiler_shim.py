@@ -98,9 +98,20 @@ def _setting(read: Callable[[Mapping[str, str]], _T], environ: Mapping[str, str]
 # ------------------------------------------------------------------------------------ installation
 
 
+#: Where the shim keeps the bytecode of what it imports when PYTHONDONTWRITEBYTECODE is set (under the user's cache
+#: folder, as `$XDG_CACHE_HOME/optimum-neuron-cache/bytecode`, named by its source paths): the shim is one process
+#: per graph, and without it each one compiled the package from source again (docs/performance.md).
+BYTECODE_FOLDER = ("optimum-neuron-cache", "bytecode")
+
+
 def _shim_script(python: str) -> str:
+    folder = ", ".join(repr(part) for part in BYTECODE_FOLDER)
     return (f"#!{python}\n# {SHIM_MARKER}: looks compiled graphs up in the bucket before running the real neuronx-cc\n"
-            "import sys\nfrom optimum_neuron_cache.integrations.compiler_shim import main\nsys.exit(main())\n")
+            "import os, sys\n"
+            "if sys.dont_write_bytecode and sys.pycache_prefix is None:  # one process per graph: keep its bytecode\n"
+            "    cache = os.path.abspath(os.path.expanduser(os.environ.get('XDG_CACHE_HOME') or '~/.cache'))\n"
+            f"    sys.pycache_prefix, sys.dont_write_bytecode = os.path.join(cache, {folder}), False\n"
+            "from optimum_neuron_cache.integrations.compiler_shim import main\nsys.exit(main())\n")
 
 
 def install_compiler_shim(directory: str | os.PathLike[str], python: str | None = None) -> Path:
