@@ -30,6 +30,7 @@ from .buckets import (
 )
 from .client import BucketClient, ProgressCallback, running_server, stop_server
 from .cli_lifecycle import age, renamed
+from .compile_leases import list_leases, plan_sweep, sweep_leases
 from .compile_locks import running_compilers
 from .errors import ConfigurationError, NeuronCacheError
 from .fetch import Action, FetchPlan, choose, execute_fetch, heal_line, model_tasks, plan_fetch
@@ -921,8 +922,6 @@ def leases(bucket: str | None, compiler_version: str | None, sweep: bool, older_
     --sweep removes those whose graph the bucket holds or that nobody renewed: it shows them, then asks on a
     terminal; --yes acts without asking; elsewhere they are only shown."""
     import time as _time
-
-    from .compile_leases import list_leases, plan_sweep, sweep_leases
 
     client = BucketClient(_bucket(bucket))
     found = list_leases(client, compiler_version)

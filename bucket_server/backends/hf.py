@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import pauses
-from ..digests import Verifier, file_digest, publish_algorithm
+from ..digests import Verifier, file_digest, publish_algorithm, xet_hash_of_one_chunk
 from ..messages import (
     LEASE_MAX_BYTES, AddFile, BatchRequest, BatchResult, CommitResult, CopyFile, CreateResult, Described, DownloadFile,
     DownloadResult, FileItem, FolderItem, InfoResult, ListItem, StageResult,
@@ -960,8 +960,6 @@ class HfBackend(Backend):
         claim (`_claim`, docs/integrations.md "Compile leases on a Hub bucket"); a renewal (replace) and a
         delete check the lease holds `expect`, then write. Contents are compared by Xet hash, so only `read`
         transfers the file."""
-        from ..digests import xet_hash_of_one_chunk
-
         def hashed(text: str) -> str:
             return xet_hash_of_one_chunk(text.encode("utf-8"))
 
@@ -990,8 +988,6 @@ class HfBackend(Backend):
     def _lease_hash(self, path: str) -> str | None:
         """The Xet hash of the lease at `path` ("" when the Hub gives none), None when there is none. An empty or
         oversized file, which cannot be read as a lease, has the hash of "": what `expect=""` names."""
-        from ..digests import xet_hash_of_one_chunk
-
         found = self.paths_info([path])
         if found and not 0 < found[0].size <= LEASE_MAX_BYTES:
             return xet_hash_of_one_chunk(b"")
