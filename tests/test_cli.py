@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
@@ -29,6 +24,7 @@ from optimum_neuron_cache.maintenance import execute_cleanup, plan_cleanup
 from optimum_neuron_cache.stats import Stats, record_run
 from optimum_neuron_cache.testing.simulated_compiler import CompileFailed, compile_graph, make_graphs
 from tests.polling import wait_until
+from tests.terminal import on_terminal
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -248,24 +244,9 @@ def test_progress_bars_on_a_terminal_and_plain_output_otherwise(tmp_path, versio
     compile_graph(tmp_path / "A", version, graph)
     run("sync", "--cache-dir", str(tmp_path / "A"), "--to-model", "org/big")
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
-    args = _cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "B"), "--compiler-version", version])
-    pid, fd = pty.fork()
-    if pid == 0:  # the child runs the CLI on a terminal of 40x120 (a pty starts with no size)
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        os.execve(args[0], args, env)
-    output = b""
-    while True:
-        try:
-            ready, _, _ = select.select([fd], [], [], 60)
-            chunk = os.read(fd, 4096) if ready else b""
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    _, status = os.waitpid(pid, 0)
-    text = output.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    code, text = on_terminal(_cli_process(["fetch", "org/big", "--cache-dir", str(tmp_path / "B"),
+                                           "--compiler-version", version]), env)
+    assert code == 0, text
     assert "fetched 1 entry " in text
     assert "B/s" in text  # a tqdm bar with a rate was drawn
     # Not a terminal: plain lines only.
@@ -483,27 +464,8 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, version):
 
 
 def _on_a_terminal(args: list[str], answer: bytes) -> tuple[int, str]:
-    """Run the CLI with a terminal for stdin and stdout, answer its question, and return (exit code, output)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = _cli_process(args)
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(command[0], command, env)
-    output, answered = b"", False
-    while True:
-        try:
-            ready, _, _ = select.select([fd], [], [], 60)
-            chunk = os.read(fd, 4096) if ready else b""
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-        if not answered and b"[y/N]" in output:
-            os.write(fd, answer)
-            answered = True
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+    """Run the CLI on a terminal, answer its question, and return (exit code, output)."""
+    return on_terminal(_cli_process(args), {**os.environ, "PYTHONPATH": str(REPO)}, answer=answer, timeout=60)
 
 
 def test_commands_that_remove_show_the_plan_then_ask_on_a_terminal_and_only_show_it_elsewhere(tmp_path, version):

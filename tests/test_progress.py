@@ -3,14 +3,9 @@ bar per host however many ranks enter. Runs are subprocesses, on a pseudo-termin
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
-import select
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import pytest
 from optimum_neuron_cache.buckets import BucketRef
 from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.progress import BAR_MIN_BYTES
+from tests.terminal import on_terminal as run_on_terminal
 
 REPO = Path(__file__).resolve().parent.parent
 #: Two entries whose NEFFs together pass the bar's threshold, and two far below it.
@@ -91,23 +87,8 @@ def _env() -> dict[str, str]:
 
 def on_terminal(args: list[str]) -> str:
     """Run `args` with stdout and stderr a terminal of 40x120; what the terminal showed."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child (a pty starts with no size)
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        os.execve(sys.executable, [sys.executable, *args], _env())
-    output = b""
-    while True:
-        try:
-            ready, _, _ = select.select([fd], [], [], 120)
-            chunk = os.read(fd, 4096) if ready else b""
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    _, status = os.waitpid(pid, 0)
-    text = output.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    code, text = run_on_terminal([sys.executable, *args], _env())
+    assert code == 0, text
     return text
 
 
