@@ -65,6 +65,21 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         emulator.stop()
 
 
+@pytest.fixture
+def http_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Hub emulator whose Xet storage answers over HTTP, as the Hub's does (faults can reach a download)."""
+    from hub_emulator import HubEmulator
+
+    emulator = HubEmulator(tmp_path / "hub", xet="http")
+    emulator.start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
+    try:
+        yield emulator
+    finally:
+        stop_server()
+        emulator.stop()
+
+
 @pytest.fixture(params=["hf", "dir"])
 def bucket(request, tmp_path: Path):
     """A created bucket of each backend: a Hub bucket on the emulator, and a directory. Modules that need

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 
 from optimum_neuron_cache import hub_neuronx_cache
 from optimum_neuron_cache.buckets import BucketRef
-from optimum_neuron_cache.client import BucketClient, stop_server
+from optimum_neuron_cache.client import BucketClient
 from optimum_neuron_cache.local_cache import scan_entries
 from optimum_neuron_cache.testing.invariants import local_violations, reference_entries
 from optimum_neuron_cache.testing.simulated_compiler import compile_graph, make_graphs
@@ -28,21 +27,6 @@ def _fetch(cache: Path, bucket: str | BucketRef, version: str, model: str = "org
     with hub_neuronx_cache(model, compiler_version=version, bucket=bucket, cache_dir=cache) as run:
         pass
     return run
-
-
-@pytest.fixture
-def http_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A Hub emulator whose Xet storage answers over HTTP, as the Hub's does (faults can reach it)."""
-    from hub_emulator import HubEmulator
-
-    emulator = HubEmulator(tmp_path / "hub", xet="http")
-    emulator.start()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
-    try:
-        yield emulator
-    finally:
-        stop_server()
-        emulator.stop()
 
 
 def test_later_fetches_reuse_the_buckets_xet_connection_and_a_failure_drops_it(tmp_path, http_hub, version, monkeypatch):

@@ -9,7 +9,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from optimum_neuron_cache import hub_neuronx_cache
@@ -111,7 +110,6 @@ def test_hub_storage_damage_is_found_by_reading(tmp_path, hub, version, monkeypa
     ref = BucketRef("hf", "test-org/rot")
     BucketClient(ref).create()
     publish(tmp_path / "a", ref, version, count=2)
-    from optimum_neuron_cache.client import stop_server
 
     stop_server()  # no chunk cached by the server from the upload
     xorbs = [p for p in hub.cas_dir.rglob("*") if p.is_file() and "xorb" in str(p.relative_to(hub.cas_dir)).lower()
@@ -151,21 +149,6 @@ def test_uncommitted_content_bad_names_and_dangling_records(tmp_path, bucket, ve
     report = check_listing(survey_bucket(client, with_records=True), now=time.time() + 7200)
     assert [f.problem for f in report.findings].count(Problem.DANGLING_RECORD) == 1
     run("scrub", "--bucket", uri(bucket), "--stale-after", "soon", code=2)
-
-
-@pytest.fixture
-def http_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A Hub emulator whose Xet storage answers over HTTP, as the Hub's does (faults can reach a download)."""
-    from hub_emulator import HubEmulator
-
-    emulator = HubEmulator(tmp_path / "hub", xet="http")
-    emulator.start()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.endpoint)
-    try:
-        yield emulator
-    finally:
-        stop_server()
-        emulator.stop()
 
 
 def test_a_file_that_does_not_transfer_is_retried_then_unreadable_and_never_repaired(tmp_path, http_hub, version,
